@@ -1,0 +1,1 @@
+"""What every part of vmsuper shares: KVM bindings, wire framing, the schema, shared memory."""

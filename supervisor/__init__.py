@@ -1,0 +1,1 @@
+"""The supervisor: config, VM set-up, process lifecycle and the event loop."""

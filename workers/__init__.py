@@ -1,0 +1,1 @@
+"""Request handlers: the main worker (in the supervisor) and the per-VCPU workers."""
