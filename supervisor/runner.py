@@ -1,0 +1,408 @@
+"""`vmsuper run`: set up the VM, start the plugin, serve it, and shut everything down.
+
+One thread, one selector: main sockets, the plugin's exit (pidfd) and stderr, the VCPU
+workers' exits (pidfds) and SIGTERM/SIGINT (through the wakeup fd). The VCPUs' runner threads
+start only at Start, after the workers are forked, so nothing is ever forked with threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmsuper.shared import kvm, logs, wire
+from vmsuper.shared.plugin_pb2 import MainResponse
+from vmsuper.shared.shm import SharedRegion
+from vmsuper.supervisor import outcome
+from vmsuper.supervisor.config import Config
+from vmsuper.supervisor.net import NetSettings, Tap, unique_tap_name
+from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
+from vmsuper.supervisor.vcpus import VcpuSet
+from vmsuper.workers.main_worker import MainWorker, NetInfo
+
+# Where KVM needs three pages for the real-mode TSS on Intel hosts; high and out of the way,
+# as other VMMs place it.
+TSS_ADDRESS = 0xFFFBD000
+STDERR_CHUNK = 65536
+
+
+class SetupError(Exception):
+    """The VM could not be set up; the message says which step and why."""
+
+
+@dataclass
+class Run:
+    """Everything one VM run owns, released in reverse order by `close()`."""
+
+    config: Config
+    log: Any
+    system: kvm.Kvm | None = None
+    vm: kvm.Vm | None = None
+    region: SharedRegion | None = None
+    vcpus: VcpuSet | None = None
+    tap: Tap | None = None
+    shutdown_eventfd: int = -1
+    latency_fd: int = -1
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for closer in reversed(self.closers):
+            try:
+                closer()
+            except Exception as exc:  # keep releasing the rest
+                self.log.error("release_failed", error=repr(exc))
+        self.closers.clear()
+
+
+def _set_up(run: Run) -> None:
+    cfg = run.config
+    try:
+        run.system = kvm.Kvm()
+    except OSError as exc:
+        raise SetupError(f"cannot open /dev/kvm: {exc}") from exc
+    run.closers.append(run.system.close)
+    try:
+        run.vm = run.system.create_vm()
+        run.closers.append(run.vm.close)
+        run.vm.set_tss_addr(TSS_ADDRESS)
+        run.vm.create_irqchip()
+        run.vm.create_pit2()
+    except OSError as exc:
+        raise SetupError(f"cannot create the VM: {exc}") from exc
+    run.region = SharedRegion.create(cfg.vm.vcpus)
+    run.closers.append(run.region.close)
+    run.vcpus = VcpuSet(
+        run.vm,
+        count=cfg.vm.vcpus,
+        transport=cfg.plugin.vcpu_transport,
+        region=run.region,
+        mmap_size=run.system.vcpu_mmap_size(),
+        log_dir=cfg.log.dir,
+        log_level=cfg.log.level,
+    )
+    run.closers.append(run.vcpus.shutdown)
+    run.closers.append(run.vcpus.close_plugin_fds)
+    run.shutdown_eventfd = os.eventfd(0, os.EFD_CLOEXEC)
+    run.closers.append(lambda: os.close(run.shutdown_eventfd))
+    if cfg.net is not None:
+        settings = NetSettings(host_ip=cfg.net.host_ip, netmask=cfg.net.netmask, mac=cfg.net.mac)
+        try:
+            run.tap = Tap.create(settings, name=unique_tap_name())
+        except Exception as exc:
+            raise SetupError(str(exc)) from exc
+        run.closers.append(run.tap.close)
+    if cfg.vm.low_latency:
+        run.latency_fd = _hold_low_latency(run.log)
+        if run.latency_fd >= 0:
+            run.closers.append(lambda: os.close(run.latency_fd))
+
+
+def _hold_low_latency(log: Any) -> int:
+    """Ask the idle governor for shallow C-states while the fd stays open."""
+    try:
+        fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY | os.O_CLOEXEC)
+        os.write(fd, struct.pack("<i", 0))
+    except OSError as exc:
+        log.warning("low_latency_unavailable", error=str(exc))
+        return -1
+    return fd
+
+
+class Supervisor:
+    """The event loop of one run."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.log = run.log
+        self.sel = selectors.DefaultSelector()
+        self.connections: dict[int, socket.socket] = {}
+        self.failure: outcome.Failure | None = None
+        self.shutting_down = False
+        self.deadline: float | None = None
+        self.plugin: PluginProcess | None = None
+        self.worker_pidfds: dict[int, int] = {}
+        self._stderr_tail = b""
+        self._signals: list[int] = []
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert run.vm is not None and run.system is not None and run.vcpus is not None
+        assert run.region is not None
+        net = None
+        if run.tap is not None:
+            s = run.tap.settings
+            net = NetInfo(run.tap.fd, s.mac, int(s.host_ip), int(s.netmask))
+        self.worker = MainWorker(
+            vm=run.vm,
+            system=run.system,
+            vcpus=run.vcpus,
+            publisher=run.region.table,
+            shutdown_eventfd=run.shutdown_eventfd,
+            net=net,
+            on_error=self._request_failed,
+        )
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def _request_failed(self, case: str, reason: str, err: int) -> None:
+        self.log.info("main_request_failed", request=case, errno=err, reason=reason)
+
+    def _install_signals(self) -> None:
+        def note(signum: int, frame: object) -> None:
+            self._signals.append(signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, note)
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        self.sel.register(self._wakeup_r, selectors.EVENT_READ, self._on_signal)
+
+    def _restore_signals(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+
+    def _add_connection(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        self.connections[sock.fileno()] = sock
+        self.sel.register(sock, selectors.EVENT_READ, self._on_main_socket)
+
+    def _drop_connection(self, sock: socket.socket, why: str) -> None:
+        self.log.info("connection_closed", fd=sock.fileno(), reason=why)
+        self.sel.unregister(sock)
+        del self.connections[sock.fileno()]
+        sock.close()
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    def _on_main_socket(self, sock: socket.socket) -> None:
+        try:
+            dgram = wire.recv_datagram(sock)
+        except wire.MessageTooLarge as exc:
+            self._send(sock, _error_response(errno.EMSGSIZE), [])
+            self.log.warning("main_request_refused", reason=str(exc))
+            return
+        except wire.WireError as exc:
+            self._send(sock, _error_response(errno.EINVAL), [])
+            self.log.warning("main_request_refused", reason=str(exc))
+            return
+        except OSError as exc:
+            self._drop_connection(sock, f"receive failed: {exc}")
+            return
+        if dgram is None:
+            self._drop_connection(sock, "hang-up")
+            return
+        reply = self.worker.handle(dgram.data, dgram.fds)
+        if reply.hang_up:
+            self._drop_connection(sock, reply.error or "undecodable request")
+            return
+        self._send(sock, reply.data, reply.fds)
+        for fd in reply.close_after_send:
+            os.close(fd)
+        if reply.new_connection is not None:
+            self._add_connection(reply.new_connection)
+        if self.run.vcpus is not None and self.run.vcpus.started and not self.worker_pidfds:
+            self._watch_workers()
+
+    def _send(self, sock: socket.socket, data: bytes, fds: list[int]) -> None:
+        try:
+            wire.send_datagram(sock, data, fds)
+        except OSError as exc:
+            self._drop_connection(sock, f"send failed: {exc}")
+
+    def _watch_workers(self) -> None:
+        assert self.run.vcpus is not None
+        self.worker_pidfds = dict(self.run.vcpus.worker_pidfds())
+        for vcpu, pidfd in self.worker_pidfds.items():
+            self.sel.register(pidfd, selectors.EVENT_READ, lambda _fd, v=vcpu: self._on_worker(v))
+        self.log.info("vcpus_started", vcpus=len(self.worker_pidfds))
+
+    def _on_worker(self, vcpu: int) -> None:
+        assert self.run.vcpus is not None
+        pidfd = self.worker_pidfds.pop(vcpu)
+        self.sel.unregister(pidfd)
+        reason = self.run.vcpus.worker_exited(vcpu)
+        if reason is None:
+            self.log.info("vcpu_stopped", vcpu=vcpu)
+            self.begin_shutdown(None, f"vcpu {vcpu} stopped")
+        else:
+            self.log.error("vcpu_failed", vcpu=vcpu, reason=reason)
+            self.begin_shutdown(outcome.vcpu_failure(f"vcpu {vcpu}: {reason}"), "vcpu failed")
+
+    def _on_plugin_exit(self, _fd: int) -> None:
+        assert self.plugin is not None
+        self.sel.unregister(self.plugin.pidfd)
+        status = self.plugin.poll()
+        _, described = outcome.plugin_status(status)
+        self.log.info("plugin_exited", pid=self.plugin.pid, outcome=described)
+        self.begin_shutdown(None, described)
+
+    def _on_plugin_stderr(self, fd: int) -> None:
+        try:
+            chunk = os.read(fd, STDERR_CHUNK)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self.sel.unregister(fd)
+            self._flush_stderr(final=True)
+            return
+        self._stderr_tail += chunk
+        self._flush_stderr(final=False)
+
+    def _flush_stderr(self, *, final: bool) -> None:
+        *lines, self._stderr_tail = self._stderr_tail.split(b"\n")
+        if final and self._stderr_tail:
+            lines.append(self._stderr_tail)
+            self._stderr_tail = b""
+        for line in lines:
+            text = line.decode("utf-8", "replace")
+            self.log.info("plugin_stderr", line=text)
+            with contextlib.suppress(OSError):
+                os.write(2, line + b"\n")
+
+    def _on_signal(self, fd: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(fd, 512)
+        signals, self._signals = self._signals, []
+        for signum in signals:
+            self.log.info("signal_received", signal=signal.Signals(signum).name)
+            self.begin_shutdown(outcome.stopped_by_signal(signum), "signal")
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def begin_shutdown(self, failure: outcome.Failure | None, why: str) -> None:
+        if failure is not None and self.failure is None:
+            self.failure = failure
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        self.log.info("shutdown_started", reason=why)
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self.run.shutdown_eventfd, 1)
+        vcpus = self.run.vcpus
+        assert vcpus is not None
+        for pidfd in self.worker_pidfds.values():
+            self.sel.unregister(pidfd)
+        self.worker_pidfds.clear()
+        vcpus.shutdown()
+        vcpus.close_plugin_fds()
+        self.deadline = time.monotonic() + self.run.config.plugin.grace_period
+
+    def serve(self) -> tuple[int, str]:
+        """Start the plugin and serve until the run ends; returns (exit status, reason)."""
+        run = self.run
+        cfg = run.config
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._install_signals()
+        try:
+            try:
+                self.plugin = PluginProcess.spawn(
+                    cfg.plugin.path, cfg.plugin.args, cfg.plugin.env, theirs.fileno()
+                )
+            except PluginStartError as exc:
+                self.failure = outcome.supervisor_failure(str(exc))
+                self.log.error("plugin_start_failed", error=str(exc))
+                return self._finish()
+            finally:
+                theirs.close()
+            self.log.info("plugin_started", pid=self.plugin.pid, path=str(cfg.plugin.path))
+            self._add_connection(ours)
+            self.sel.register(self.plugin.pidfd, selectors.EVENT_READ, self._on_plugin_exit)
+            self.sel.register(self.plugin.stderr_fd, selectors.EVENT_READ, self._on_plugin_stderr)
+            self._loop()
+            return self._finish()
+        finally:
+            self._restore_signals()
+
+    def _loop(self) -> None:
+        assert self.plugin is not None
+        while True:
+            timeout = None
+            if self.deadline is not None:
+                if self.plugin.poll() is not None:
+                    return
+                timeout = max(0.0, self.deadline - time.monotonic())
+                if timeout == 0.0:
+                    self.log.warning("plugin_killed", reason="grace period over")
+                    self.plugin.kill()
+                    self.plugin.wait()
+                    return
+            for key, _ in self.sel.select(timeout):
+                callback = key.data
+                try:
+                    callback(key.fileobj)
+                except Exception as exc:
+                    self.log.exception("internal_error", error=repr(exc))
+                    self.begin_shutdown(
+                        outcome.supervisor_failure(f"internal error: {exc!r}"), "bug"
+                    )
+
+    def _finish(self) -> tuple[int, str]:
+        if self.plugin is not None:
+            self.plugin.kill()
+            self.plugin.wait()
+            # Whatever the plugin wrote last.
+            while True:
+                try:
+                    chunk = os.read(self.plugin.stderr_fd, STDERR_CHUNK)
+                except (BlockingIOError, OSError):
+                    break
+                if not chunk:
+                    break
+                self._stderr_tail += chunk
+            self._flush_stderr(final=True)
+        if not self.shutting_down:
+            self.begin_shutdown(None, "finishing")
+        for failure in self.worker.destroy_all():
+            self.log.error("destroy_failed", error=failure)
+        for sock in list(self.connections.values()):
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(sock)
+            sock.close()
+        self.connections.clear()
+        self.sel.close()
+        os.close(self._wakeup_r)
+        os.close(self._wakeup_w)
+        status, reason = outcome.decide(
+            self.failure, self.plugin.wait_status if self.plugin is not None else None
+        )
+        if self.plugin is not None:
+            self.plugin.close()
+        return status, reason
+
+
+def _error_response(err: int) -> bytes:
+    response = MainResponse()
+    response.errno = err
+    return response.SerializeToString()
+
+
+def run(config: Config) -> int:
+    """Run one VM to the end; returns vmsuper's exit status (see supervisor/outcome.py)."""
+    config.log.dir.mkdir(parents=True, exist_ok=True)
+    log = logs.configure_logging(config.log.dir / "supervisor.jsonl", level=config.log.level)
+    log.info("run_started", vcpus=config.vm.vcpus, transport=config.plugin.vcpu_transport)
+    run_state = Run(config=config, log=log)
+    status, reason = outcome.EXIT_SUPERVISOR_FAILED, "set-up failed"
+    try:
+        try:
+            _set_up(run_state)
+        except (SetupError, OSError) as exc:
+            reason = f"set-up failed: {exc}"
+            log.error("setup_failed", error=str(exc))
+            print(f"vmsuper: {reason}", file=sys.stderr)
+        else:
+            status, reason = Supervisor(run_state).serve()
+    finally:
+        run_state.close()
+    log.info("run_finished", status=status, reason=reason)
+    if status != 0:
+        print(f"vmsuper: {reason} (exit status {status})", file=sys.stderr)
+    return status

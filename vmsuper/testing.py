@@ -1,0 +1,186 @@
+"""Run a whole VM — `vmsuper run` as a real process — from a test, and collect what it left.
+
+This is what the pytest plugin (`vmsuper.pytest_plugin`) publishes to users; vmsuper's own
+end-to-end tests use it too. Each run gets its own folder (config, logs), so parallel test
+processes never share anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TIMEOUT = 60.0
+
+
+@dataclass
+class VmResult:
+    """What one run produced: exit status, the plugin's output and the run's logs."""
+
+    status: int
+    stdout: str
+    stderr: str
+    log_dir: Path
+    config_path: Path
+
+    def records(self, name: str = "supervisor") -> list[dict[str, Any]]:
+        """The JSON-lines records of `supervisor` or `vcpu-N`."""
+        path = self.log_dir / f"{name}.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def vcpu_records(self, vcpu: int) -> list[dict[str, Any]]:
+        return self.records(f"vcpu-{vcpu}")
+
+    def events(self, name: str = "supervisor") -> list[str]:
+        return [r.get("event", "") for r in self.records(name)]
+
+
+@dataclass
+class VmSpec:
+    """The config of a test run, written as TOML into the run's folder."""
+
+    vcpus: int = 1
+    transport: str = "socket"
+    grace_period: float = 1.0
+    log_level: str = "info"
+    args: Sequence[str] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    net: Mapping[str, str] | None = None
+    extra_toml: str = ""
+
+    def to_toml(self, plugin_path: Path, log_dir: Path) -> str:
+        lines = [
+            "[vm]",
+            f"vcpus = {self.vcpus}",
+            "[plugin]",
+            f"path = {json.dumps(str(plugin_path))}",
+            f"args = {json.dumps(list(self.args))}",
+            f"vcpu_transport = {json.dumps(self.transport)}",
+            f"grace_period = {self.grace_period}",
+        ]
+        if self.env:
+            pairs = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in self.env.items())
+            lines.append(f"env = {{ {pairs} }}")
+        if self.net is not None:
+            lines.append("[net]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in self.net.items()]
+        lines += [
+            "[log]",
+            f"dir = {json.dumps(str(log_dir))}",
+            f"level = {json.dumps(self.log_level)}",
+        ]
+        return "\n".join(lines) + "\n" + self.extra_toml
+
+
+def write_python_plugin(folder: Path, source: str, name: str = "plugin.py") -> Path:
+    """Write an executable Python plugin that runs with this interpreter."""
+    path = folder / name
+    path.write_text(f"#!{sys.executable}\n" + textwrap.dedent(source))
+    path.chmod(0o755)
+    return path
+
+
+def _callable_plugin(folder: Path, func: Callable[..., Any]) -> Path:
+    module = sys.modules[func.__module__]
+    module_file = getattr(module, "__file__", None)
+    if module_file is None or "<" in func.__qualname__:
+        raise ValueError("a callable plugin must be a module-level function in a real file")
+    source = f"""
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location("_vmsuper_plugin_module", {module_file!r})
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        result = getattr(module, {func.__name__!r})()
+        sys.exit(0 if result is None else int(result))
+    """
+    return write_python_plugin(folder, source, name=f"{func.__name__}_plugin.py")
+
+
+@dataclass
+class VmRunner:
+    """Starts VMs for tests; one folder per run below `base`."""
+
+    base: Path
+    timeout: float = DEFAULT_TIMEOUT
+    _count: int = 0
+
+    def folder(self) -> Path:
+        self._count += 1
+        path = self.base / f"run{self._count}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def start(
+        self, plugin: Path | str | Callable[..., Any], spec: VmSpec | None = None
+    ) -> tuple[subprocess.Popen[str], Path, Path]:
+        """Start `vmsuper run` without waiting; returns (process, config path, log dir)."""
+        spec = spec or VmSpec()
+        folder = self.folder()
+        if callable(plugin):
+            plugin_path = _callable_plugin(folder, plugin)
+        else:
+            plugin_path = Path(plugin)
+        log_dir = folder / "logs"
+        config_path = folder / "vm.toml"
+        config_path.write_text(spec.to_toml(plugin_path.resolve(), log_dir))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vmsuper", "run", str(config_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=os.environ.copy(),
+        )
+        return proc, config_path, log_dir
+
+    def run(
+        self,
+        plugin: Path | str | Callable[..., Any],
+        spec: VmSpec | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> VmResult:
+        """Run a VM to the end. On a timeout vmsuper gets SIGTERM, then SIGKILL."""
+        proc, config_path, log_dir = self.start(plugin, spec)
+        return finish(proc, config_path, log_dir, timeout or self.timeout)
+
+
+def finish(
+    proc: subprocess.Popen[str], config_path: Path, log_dir: Path, timeout: float
+) -> VmResult:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        raise TimeoutError(f"vmsuper run did not finish in {timeout} s; stderr:\n{err}") from None
+    return VmResult(proc.returncode, out, err, log_dir, config_path)
+
+
+def iter_processes_with_env(key: str, value: str) -> Iterator[int]:
+    """Pids of processes whose environment holds key=value (to find leftovers of a run)."""
+    needle = f"{key}={value}".encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    yield int(entry.name)
+        except OSError:
+            continue

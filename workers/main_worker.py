@@ -1,0 +1,462 @@
+"""Handlers for every MainRequest, run in the supervisor process by its event loop.
+
+The worker is fed one decoded datagram (bytes + fds) and returns a `Reply` (bytes + fds to
+send, and what the loop must do next); it never touches a socket itself. Every request gets a
+response carrying the request's oneof case and a positive errno on failure (crosvm's client
+negates it). Fds that arrive with a request that does not take them are closed, never kept.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from google.protobuf.message import DecodeError
+from vmsuper.shared import kvm
+from vmsuper.shared.plugin_pb2 import MainRequest, MainResponse
+from vmsuper.shared.ranges import CallHint, RangeTable, RegHint, Space
+from vmsuper.workers.vm_objects import (
+    IoEventObject,
+    IrqEventObject,
+    MemoryObject,
+    ObjectError,
+    ObjectTable,
+    create_memory,
+    new_eventfd,
+)
+
+
+class VcpuControl(Protocol):
+    """What the main worker needs of the VCPU side (the supervisor's VcpuSet)."""
+
+    started: bool
+
+    def plugin_fds(self) -> list[int]: ...
+
+    def start(self) -> None: ...
+
+    def pause(self, mask: int, token: int) -> None: ...
+
+
+class TablePublisher(Protocol):
+    """Where reserved ranges and the call hint go so that every VCPU worker sees them."""
+
+    def publish(self, table: RangeTable, hint: CallHint | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class NetInfo:
+    """The tap handed out by GetNetConfig."""
+
+    tap_fd: int
+    host_mac: bytes
+    host_ipv4: int  # host byte order; sent as fixed32 in network byte order
+    netmask: int
+
+
+class RequestFailed(Exception):
+    """A request refused with `err` (positive errno) and a reason for the log."""
+
+    def __init__(self, err: int, reason: str) -> None:
+        super().__init__(reason)
+        self.errno = err
+        self.reason = reason
+
+
+@dataclass
+class Reply:
+    """What the event loop sends back, and what it must do afterwards."""
+
+    data: bytes
+    fds: list[int] = field(default_factory=list)
+    # Our copies of fds that were sent only for the plugin (e.g. a new connection's far end).
+    close_after_send: list[int] = field(default_factory=list)
+    new_connection: socket.socket | None = None
+    # Set when nothing could be decoded: the loop closes this connection.
+    hang_up: bool = False
+    error: str | None = None
+
+
+STATE_SIZES = {
+    MainRequest.PIC0: ctypes.sizeof(kvm.kvm_pic_state),
+    MainRequest.PIC1: ctypes.sizeof(kvm.kvm_pic_state),
+    MainRequest.IOAPIC: ctypes.sizeof(kvm.kvm_ioapic_state),
+    MainRequest.PIT: ctypes.sizeof(kvm.kvm_pit_state2),
+    MainRequest.CLOCK: ctypes.sizeof(kvm.kvm_clock_data),
+}
+MAX_ROUTES = 4096
+U64_LIMIT = 1 << 64
+
+
+@dataclass
+class MainWorker:
+    """Every MainRequest handler; state shared by all main connections of one VM."""
+
+    vm: kvm.Vm
+    system: kvm.Kvm
+    vcpus: VcpuControl
+    publisher: TablePublisher
+    shutdown_eventfd: int
+    net: NetInfo | None = None
+    objects: ObjectTable = field(default_factory=ObjectTable)
+    ranges: RangeTable = field(default_factory=RangeTable)
+    hint: CallHint | None = None
+    max_routes: int = MAX_ROUTES
+    on_error: Callable[[str, str, int], None] | None = None
+
+    def __post_init__(self) -> None:
+        self._handlers: dict[
+            str, Callable[[MainRequest, MainResponse, list[int]], Reply | None]
+        ] = {
+            "create": self._create,
+            "destroy": self._destroy,
+            "new_connection": self._new_connection,
+            "get_shutdown_eventfd": self._get_shutdown_eventfd,
+            "check_extension": self._check_extension,
+            "get_supported_cpuid": self._get_supported_cpuid,
+            "get_emulated_cpuid": self._get_emulated_cpuid,
+            "get_msr_index_list": self._get_msr_index_list,
+            "get_net_config": self._get_net_config,
+            "reserve_range": self._reserve_range,
+            "set_irq": self._set_irq,
+            "set_irq_routing": self._set_irq_routing,
+            "get_state": self._get_state,
+            "set_state": self._set_state,
+            "set_identity_map_addr": self._set_identity_map_addr,
+            "pause_vcpus": self._pause_vcpus,
+            "get_vcpus": self._get_vcpus,
+            "start": self._start,
+            "set_call_hint": self._set_call_hint,
+            "dirty_log": self._dirty_log,
+        }
+
+    # -- entry point -------------------------------------------------------------------------
+
+    def handle(self, data: bytes, fds: Sequence[int]) -> Reply:
+        """Answer one datagram. Owns `fds`: each is either kept by an object or closed."""
+        fds = list(fds)
+        request = MainRequest()
+        try:
+            request.ParseFromString(data)
+        except DecodeError as exc:
+            _close_all(fds)
+            return Reply(b"", hang_up=True, error=f"undecodable main request: {exc}")
+        response = MainResponse()
+        case = request.WhichOneof("message")
+        if case is None:
+            _close_all(fds)
+            response.errno = errno.ENOTTY
+            return Reply(response.SerializeToString(), error="main request with no message")
+        getattr(response, case).SetInParent()
+        takes_fd = case == "create" and request.create.WhichOneof("constructor") == "memory"
+        if fds and not takes_fd:
+            _close_all(fds)
+            response.errno = errno.EINVAL
+            return Reply(response.SerializeToString(), error=f"{case}: unexpected fds")
+        try:
+            reply = self._handlers[case](request, response, fds)
+        except RequestFailed as exc:
+            return self._failed(response, case, exc.errno, exc.reason)
+        except OSError as exc:  # KvmError, ObjectError, RangeError all carry the errno
+            return self._failed(response, case, exc.errno or errno.EIO, str(exc))
+        if reply is not None:
+            return reply
+        return Reply(response.SerializeToString())
+
+    def _failed(self, response: MainResponse, case: str, err: int, reason: str) -> Reply:
+        response.errno = err
+        if self.on_error is not None:
+            self.on_error(case, reason, err)
+        return Reply(response.SerializeToString(), error=f"{case}: {reason}")
+
+    # -- objects -----------------------------------------------------------------------------
+
+    def _create(self, request: MainRequest, response: MainResponse, fds: list[int]) -> Reply | None:
+        create = request.create
+        constructor = create.WhichOneof("constructor")
+        if constructor == "memory":
+            return self._create_memory(create, response, fds)
+        if constructor is None:
+            raise RequestFailed(errno.ENOTTY, "create without a constructor")
+        self.objects.check_new(create.id)
+        if constructor == "io_event":
+            return self._create_io_event(create, response)
+        return self._create_irq_event(create, response)
+
+    def _create_memory(
+        self, create: MainRequest.Create, response: MainResponse, fds: list[int]
+    ) -> Reply | None:
+        if not fds:
+            raise RequestFailed(errno.EBADF, "create memory without a memfd")
+        if len(fds) > 1:
+            _close_all(fds)
+            raise RequestFailed(errno.EINVAL, f"create memory with {len(fds)} fds")
+        memfd = fds[0]
+        try:
+            self.objects.check_new(create.id)
+            mem = create.memory
+            obj = create_memory(
+                self.vm,
+                self.objects,
+                memfd,
+                offset=mem.offset,
+                start=mem.start,
+                length=mem.length,
+                read_only=mem.read_only,
+                dirty_log=mem.dirty_log,
+            )
+        finally:
+            os.close(memfd)  # the mapping keeps the memory alive
+        self.objects.add(create.id, obj)
+        return None
+
+    def _create_io_event(self, create: MainRequest.Create, response: MainResponse) -> Reply:
+        io = create.io_event
+        if io.length not in (0, 1, 2, 4, 8):
+            raise RequestFailed(errno.EINVAL, f"io_event length {io.length} is not 0/1/2/4/8")
+        if io.address >= U64_LIMIT:
+            raise RequestFailed(errno.EINVAL, "io_event address out of range")
+        fd = new_eventfd()
+        obj = IoEventObject(fd, Space(io.space), io.address, io.length, io.datamatch)
+        try:
+            obj.register(self.vm)
+        except OSError:
+            os.close(fd)
+            raise
+        self.objects.add(create.id, obj)
+        return Reply(response.SerializeToString(), fds=[fd])
+
+    def _create_irq_event(self, create: MainRequest.Create, response: MainResponse) -> Reply:
+        trigger, resample = new_eventfd(), new_eventfd()
+        obj = IrqEventObject(create.irq_event.irq_id, trigger, resample)
+        try:
+            obj.register(self.vm)
+        except OSError:
+            os.close(trigger)
+            os.close(resample)
+            raise
+        self.objects.add(create.id, obj)
+        return Reply(response.SerializeToString(), fds=[trigger, resample])
+
+    def _destroy(self, request: MainRequest, response: MainResponse, fds: list[int]) -> None:
+        obj = self.objects.remove(request.destroy.id)
+        obj.destroy(self.vm)
+
+    def destroy_all(self) -> list[str]:
+        """Undo every object (at shutdown); returns the failures, if any, for the log."""
+        failures = []
+        for obj_id, _ in self.objects.items():
+            obj = self.objects.remove(obj_id)
+            try:
+                obj.destroy(self.vm)
+            except OSError as exc:
+                failures.append(f"{obj.kind} {obj_id}: {exc}")
+        return failures
+
+    def _dirty_log(self, request: MainRequest, response: MainResponse, fds: list[int]) -> None:
+        obj = self.objects.get(request.dirty_log.id)
+        if not isinstance(obj, MemoryObject):
+            raise RequestFailed(errno.ENOENT, f"no memory object with id {request.dirty_log.id}")
+        try:
+            response.dirty_log.bitmap = obj.dirty_bitmap(self.vm)
+        except ObjectError as exc:
+            raise RequestFailed(exc.errno or errno.EINVAL, str(exc)) from exc
+
+    # -- connections and fds -------------------------------------------------------------------
+
+    def _new_connection(
+        self, request: MainRequest, response: MainResponse, fds: list[int]
+    ) -> Reply:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.set_inheritable(False)
+        fd = theirs.detach()
+        return Reply(
+            response.SerializeToString(), fds=[fd], close_after_send=[fd], new_connection=ours
+        )
+
+    def _get_shutdown_eventfd(
+        self, request: MainRequest, response: MainResponse, fds: list[int]
+    ) -> Reply:
+        return Reply(response.SerializeToString(), fds=[self.shutdown_eventfd])
+
+    def _get_net_config(
+        self, request: MainRequest, response: MainResponse, fds: list[int]
+    ) -> Reply:
+        if self.net is None:
+            raise RequestFailed(errno.ENODATA, "no [net] section in the config")
+        cfg = response.get_net_config
+        cfg.host_mac_address = self.net.host_mac
+        # fixed32 fields hold the address in network byte order, as crosvm did.
+        cfg.host_ipv4_address = struct.unpack("<I", struct.pack(">I", self.net.host_ipv4))[0]
+        cfg.netmask = struct.unpack("<I", struct.pack(">I", self.net.netmask))[0]
+        return Reply(response.SerializeToString(), fds=[self.net.tap_fd])
+
+    # -- capabilities ---------------------------------------------------------------------------
+
+    def _check_extension(
+        self, request: MainRequest, response: MainResponse, fds: list[int]
+    ) -> None:
+        ret = kvm.ioctl(self.vm.fd, kvm.KVM_CHECK_EXTENSION, request.check_extension.extension)
+        response.check_extension.has_extension = ret > 0
+
+    def _fill_cpuid(
+        self, target: MainResponse.CpuidResponse, entries: Sequence[kvm.kvm_cpuid_entry2]
+    ) -> None:
+        for e in entries:
+            out = target.entries.add()
+            out.function = e.function
+            out.index = e.index
+            out.has_index = bool(e.flags & kvm.KVM_CPUID_FLAG_SIGNIFCANT_INDEX)
+            out.eax, out.ebx, out.ecx, out.edx = e.eax, e.ebx, e.ecx, e.edx
+
+    def _get_supported_cpuid(
+        self, request: MainRequest, response: MainResponse, fds: list[int]
+    ) -> None:
+        self._fill_cpuid(response.get_supported_cpuid, self.system.get_supported_cpuid())
+
+    def _get_emulated_cpuid(
+        self, request: MainRequest, response: MainResponse, fds: list[int]
+    ) -> None:
+        self._fill_cpuid(response.get_emulated_cpuid, self.system.get_emulated_cpuid())
+
+    def _get_msr_index_list(
+        self, request: MainRequest, response: MainResponse, fds: list[int]
+    ) -> None:
+        response.get_msr_index_list.indices.extend(self.system.get_msr_index_list())
+
+    # -- ranges and hints -------------------------------------------------------------------------
+
+    def _reserve_range(self, request: MainRequest, response: MainResponse, fds: list[int]) -> None:
+        r = request.reserve_range
+        self.ranges.reserve(Space(r.space), r.start, r.length, async_write=r.async_write)
+        self.publisher.publish(self.ranges, self.hint)
+
+    def _set_call_hint(self, request: MainRequest, response: MainResponse, fds: list[int]) -> None:
+        h = request.set_call_hint
+        if h.address == 0:
+            self.hint = None
+        else:
+            hints = tuple(
+                RegHint(
+                    match_rax=x.match_rax,
+                    match_rbx=x.match_rbx,
+                    match_rcx=x.match_rcx,
+                    match_rdx=x.match_rdx,
+                    rax=x.rax,
+                    rbx=x.rbx,
+                    rcx=x.rcx,
+                    rdx=x.rdx,
+                    send_sregs=x.send_sregs,
+                    send_debugregs=x.send_debugregs,
+                )
+                for x in h.hints
+            )
+            self.hint = CallHint(Space(h.space), h.address, h.on_write, hints)
+        self.publisher.publish(self.ranges, self.hint)
+
+    # -- interrupts -------------------------------------------------------------------------------
+
+    def _set_irq(self, request: MainRequest, response: MainResponse, fds: list[int]) -> None:
+        level = kvm.kvm_irq_level(irq=request.set_irq.irq_id, level=int(request.set_irq.active))
+        kvm.ioctl(self.vm.fd, kvm.KVM_IRQ_LINE, level)
+
+    def _set_irq_routing(
+        self, request: MainRequest, response: MainResponse, fds: list[int]
+    ) -> None:
+        routes = request.set_irq_routing.routes
+        entries = []
+        for route in routes:
+            entry = kvm.kvm_irq_routing_entry(gsi=route.irq_id)
+            kind = route.WhichOneof("route")
+            if kind == "irqchip":
+                entry.type = kvm.KVM_IRQ_ROUTING_IRQCHIP
+                entry.u.irqchip.irqchip = route.irqchip.irqchip
+                entry.u.irqchip.pin = route.irqchip.pin
+            elif kind == "msi":
+                entry.type = kvm.KVM_IRQ_ROUTING_MSI
+                entry.u.msi.address_lo = route.msi.address & 0xFFFFFFFF
+                entry.u.msi.address_hi = route.msi.address >> 32
+                entry.u.msi.data = route.msi.data
+            else:
+                raise RequestFailed(errno.EINVAL, f"route for irq {route.irq_id} has no target")
+            entries.append(entry)
+        self.vm.set_gsi_routing(entries)
+
+    # -- VM state ------------------------------------------------------------------------------
+
+    def _get_state(self, request: MainRequest, response: MainResponse, fds: list[int]) -> None:
+        which = request.get_state.set
+        if which not in STATE_SIZES:
+            raise RequestFailed(errno.EINVAL, f"unknown VM state set {which}")
+        response.get_state.state = self._read_state(which)
+
+    def _read_state(self, which: int) -> bytes:
+        if which in (MainRequest.PIC0, MainRequest.PIC1, MainRequest.IOAPIC):
+            chip = kvm.kvm_irqchip(chip_id=_CHIP_IDS[which])
+            kvm.ioctl(self.vm.fd, kvm.KVM_GET_IRQCHIP, chip)
+            return bytes(chip.chip)[: STATE_SIZES[which]]
+        if which == MainRequest.PIT:
+            pit = kvm.kvm_pit_state2()
+            kvm.ioctl(self.vm.fd, kvm.KVM_GET_PIT2, pit)
+            return bytes(pit)
+        clock = kvm.kvm_clock_data()
+        kvm.ioctl(self.vm.fd, kvm.KVM_GET_CLOCK, clock)
+        return bytes(clock)
+
+    def _set_state(self, request: MainRequest, response: MainResponse, fds: list[int]) -> None:
+        which, blob = request.set_state.set, request.set_state.state
+        size = STATE_SIZES.get(which)
+        if size is None:
+            raise RequestFailed(errno.EINVAL, f"unknown VM state set {which}")
+        if len(blob) != size:
+            raise RequestFailed(errno.EINVAL, f"state blob of {len(blob)} bytes, expected {size}")
+        if which in (MainRequest.PIC0, MainRequest.PIC1, MainRequest.IOAPIC):
+            chip = kvm.kvm_irqchip(chip_id=_CHIP_IDS[which])
+            ctypes.memmove(ctypes.addressof(chip.chip), blob, size)
+            kvm.ioctl(self.vm.fd, kvm.KVM_SET_IRQCHIP, chip)
+        elif which == MainRequest.PIT:
+            kvm.ioctl(self.vm.fd, kvm.KVM_SET_PIT2, kvm.kvm_pit_state2.from_buffer_copy(blob))
+        else:
+            kvm.ioctl(self.vm.fd, kvm.KVM_SET_CLOCK, kvm.kvm_clock_data.from_buffer_copy(blob))
+
+    def _set_identity_map_addr(
+        self, request: MainRequest, response: MainResponse, fds: list[int]
+    ) -> None:
+        if self.vcpus.started:
+            raise RequestFailed(errno.EINVAL, "SetIdentityMapAddr after Start")
+        addr = ctypes.c_uint64(request.set_identity_map_addr.address)
+        kvm.ioctl(self.vm.fd, kvm.KVM_SET_IDENTITY_MAP_ADDR, addr)
+
+    # -- VCPUs ---------------------------------------------------------------------------------
+
+    def _pause_vcpus(self, request: MainRequest, response: MainResponse, fds: list[int]) -> None:
+        self.vcpus.pause(request.pause_vcpus.cpu_mask, request.pause_vcpus.user)
+
+    def _get_vcpus(self, request: MainRequest, response: MainResponse, fds: list[int]) -> Reply:
+        return Reply(response.SerializeToString(), fds=self.vcpus.plugin_fds())
+
+    def _start(self, request: MainRequest, response: MainResponse, fds: list[int]) -> None:
+        if self.vcpus.started:
+            raise RequestFailed(errno.EINVAL, "second Start")
+        self.vcpus.start()
+
+
+_CHIP_IDS = {
+    MainRequest.PIC0: kvm.KVM_IRQCHIP_PIC_MASTER,
+    MainRequest.PIC1: kvm.KVM_IRQCHIP_PIC_SLAVE,
+    MainRequest.IOAPIC: kvm.KVM_IRQCHIP_IOAPIC,
+}
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
