@@ -7,6 +7,7 @@ vmsuper never leaves a plugin behind.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -79,10 +80,8 @@ class PluginProcess:
 
     def kill(self) -> None:
         if self.wait_status is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def wait(self) -> int:
         if self.wait_status is None:

@@ -127,10 +127,7 @@ class VmRunner:
         """Start `vmsuper run` without waiting; returns (process, config path, log dir)."""
         spec = spec or VmSpec()
         folder = self.folder()
-        if callable(plugin):
-            plugin_path = _callable_plugin(folder, plugin)
-        else:
-            plugin_path = Path(plugin)
+        plugin_path = _callable_plugin(folder, plugin) if callable(plugin) else Path(plugin)
         log_dir = folder / "logs"
         config_path = folder / "vm.toml"
         config_path.write_text(spec.to_toml(plugin_path.resolve(), log_dir))

@@ -8,6 +8,7 @@ negates it). Fds that arrive with a request that does not take them are closed, 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -456,7 +457,5 @@ _CHIP_IDS = {
 
 def _close_all(fds: Sequence[int]) -> None:
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
