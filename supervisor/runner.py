@@ -25,7 +25,7 @@ from vmsuper.shared.plugin_pb2 import MainResponse
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.supervisor import outcome
 from vmsuper.supervisor.config import Config
-from vmsuper.supervisor.net import NetSettings, Tap, unique_tap_name
+from vmsuper.supervisor.net import NetSettings, Tap, parse_mac, unique_tap_name
 from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
 from vmsuper.supervisor.vcpus import VcpuSet
 from vmsuper.workers.main_worker import MainWorker, NetInfo
@@ -95,7 +95,9 @@ def _set_up(run: Run) -> None:
     run.shutdown_eventfd = os.eventfd(0, os.EFD_CLOEXEC)
     run.closers.append(lambda: os.close(run.shutdown_eventfd))
     if cfg.net is not None:
-        settings = NetSettings(host_ip=cfg.net.host_ip, netmask=cfg.net.netmask, mac=cfg.net.mac)
+        settings = NetSettings(
+            host_ip=cfg.net.host_ip, netmask=cfg.net.netmask, mac=parse_mac(cfg.net.mac)
+        )
         try:
             run.tap = Tap.create(settings, name=unique_tap_name())
         except Exception as exc:

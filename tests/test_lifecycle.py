@@ -1,0 +1,177 @@
+"""The VM's life and end: exit statuses, the grace period, signals, and nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from rawplugin import plugin_source
+
+from vmsuper.testing import VmRunner, VmSpec, finish, write_python_plugin
+
+pytestmark = pytest.mark.kvm
+
+
+def descendants_gone(pid_list: list[int]) -> bool:
+    return not [p for p in pid_list if psutil.pid_exists(p) and _not_zombie(p)]
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("sys.exit(0)", 0),
+        ("sys.exit(3)", 3),
+        ("os.kill(os.getpid(), signal.SIGKILL)", 128 + 9),
+        ("import signal as s; os.kill(os.getpid(), s.SIGSEGV)", 128 + 11),
+    ],
+)
+def test_plugin_exit_maps_to_status(tmp_path: Path, body: str, expected: int) -> None:
+    plugin = write_python_plugin(tmp_path, "import os, sys, signal\n" + body + "\n")
+    result = VmRunner(tmp_path / "runs").run(plugin)
+    assert result.status == expected, result.stderr
+    finished = [r for r in result.records() if r["event"] == "run_finished"]
+    assert finished and finished[-1]["status"] == expected
+
+
+def test_plugin_stderr_is_echoed_and_logged_and_stdout_passes(tmp_path: Path) -> None:
+    plugin = write_python_plugin(
+        tmp_path,
+        "import sys\nprint('to stdout')\nprint('first line', file=sys.stderr)\n"
+        "sys.stderr.write('no newline at end')\n",
+    )
+    result = VmRunner(tmp_path / "runs").run(plugin)
+    assert result.status == 0
+    assert "to stdout" in result.stdout
+    assert "first line" in result.stderr and "no newline at end" in result.stderr
+    lines = [r["line"] for r in result.records() if r["event"] == "plugin_stderr"]
+    assert lines == ["first line", "no newline at end"]
+
+
+def test_missing_plugin_is_a_clear_config_error(tmp_path: Path) -> None:
+    result = VmRunner(tmp_path / "runs").run(tmp_path / "nope.py")
+    assert result.status == 2
+    assert "[plugin] path" in result.stderr
+
+
+def test_plugin_is_a_direct_child_and_may_signal_its_parent(tmp_path: Path) -> None:
+    body = """
+    RESULTS["parent_cmdline"] = open(f"/proc/{os.getppid()}/cmdline").read()
+    os.kill(os.getppid(), signal.SIGTERM)
+    time.sleep(30)
+    """
+    plugin = write_python_plugin(tmp_path, "import signal\n" + plugin_source(body))
+    result = VmRunner(tmp_path / "runs").run(plugin, VmSpec(grace_period=0.5))
+    assert result.status == 128 + signal.SIGTERM
+    events = result.events()
+    assert "signal_received" in events and "plugin_killed" in events
+
+
+def test_grace_period_then_sigkill_when_plugin_ignores_shutdown(tmp_path: Path) -> None:
+    body = """
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+    while True:
+        time.sleep(1)
+    """
+    plugin = write_python_plugin(tmp_path, plugin_source(body))
+    proc, config, logs = VmRunner(tmp_path / "runs").start(plugin, VmSpec(grace_period=0.3))
+    assert proc.stdout is not None
+    plugin_pid = json.loads(proc.stdout.readline())["pid"]
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    result = finish(proc, config, logs, timeout=30)
+    assert result.status == 128 + signal.SIGTERM
+    assert time.monotonic() - started >= 0.3
+    assert not _not_zombie(plugin_pid)
+    assert "plugin_killed" in result.events()
+
+
+def test_sigint_shuts_down_cleanly_with_all_children_reaped(tmp_path: Path) -> None:
+    body = """
+    call(req(start=pb.MainRequest.Start()))
+    _, fds = call(req(get_shutdown_eventfd=pb.MainRequest.GetShutdownEventfd()))
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+    os.eventfd_read(fds[0])  # blocks until the VM shuts down
+    sys.exit(0)
+    """
+    plugin = write_python_plugin(tmp_path, plugin_source(body))
+    proc, config, logs = VmRunner(tmp_path / "runs").start(plugin, VmSpec(vcpus=2))
+    assert proc.stdout is not None
+    json.loads(proc.stdout.readline())
+    children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    assert len(children) == 3  # the plugin and two VCPU workers
+    proc.send_signal(signal.SIGINT)
+    result = finish(proc, config, logs, timeout=30)
+    assert result.status == 128 + signal.SIGINT
+    assert descendants_gone(children)
+
+
+def test_plugin_exit_with_running_vcpus_reaps_workers(tmp_path: Path) -> None:
+    body = """
+    call(req(start=pb.MainRequest.Start()))
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+    time.sleep(0.3)
+    sys.exit(4)
+    """
+    plugin = write_python_plugin(tmp_path, plugin_source(body))
+    proc, config, logs = VmRunner(tmp_path / "runs").start(plugin, VmSpec(vcpus=2))
+    assert proc.stdout is not None
+    json.loads(proc.stdout.readline())
+    children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    result = finish(proc, config, logs, timeout=30)
+    assert result.status == 4
+    assert descendants_gone(children)
+    assert not [p for p in psutil.pids() if p == proc.pid]  # vmsuper itself exited
+
+
+def test_no_fd_of_the_run_reaches_the_plugin_except_its_socket(tmp_path: Path) -> None:
+    body = """
+    links = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            links[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the directory fd of listdir itself
+    RESULTS["fds"] = {str(fd): link for fd, link in links.items() if fd > 2}
+    RESULTS["socket_fd"] = MAIN.fileno()
+    report()
+    """
+    plugin = write_python_plugin(tmp_path, plugin_source(body))
+    result = VmRunner(tmp_path / "runs").run(plugin)
+    assert result.status == 0, result.stderr
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert list(found["fds"]) == [str(found["socket_fd"])]
+    assert found["fds"][str(found["socket_fd"])].startswith("socket:")
+
+
+def test_vmsuper_sigkill_takes_the_plugin_and_workers_with_it(tmp_path: Path) -> None:
+    body = """
+    call(req(start=pb.MainRequest.Start()))
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+    while True:
+        time.sleep(1)
+    """
+    plugin = write_python_plugin(tmp_path, plugin_source(body))
+    proc, config, logs = VmRunner(tmp_path / "runs").start(plugin, VmSpec(vcpus=2))
+    assert proc.stdout is not None
+    json.loads(proc.stdout.readline())
+    children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while not descendants_gone(children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert descendants_gone(children)
