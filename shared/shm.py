@@ -1,0 +1,695 @@
+"""The shared-memory region between the supervisor and its forked VCPU workers.
+
+One anonymous `MAP_SHARED` mapping, made before the workers are forked, so every process sees
+the same pages at the same address. It holds:
+
+- the reserved ranges and the call hint (`SharedTable` writes, `TableReader` reads), published
+  under a seqlock so a worker keeps a parsed copy and pays one integer read per exit to know it
+  is still current;
+- one `VcpuSlot` per VCPU: the pending pause token, the run state, exit counters;
+- one `Mailbox` per VCPU: the ioctl a worker asks its runner thread to make, with an argument
+  area whose address the runner hands straight to the kernel.
+
+Memory ordering. Every field has a single writer process (the table, `pause_seq` and the pause
+tokens: the supervisor; `delivered_seq`, the run state and the counters: the VCPU's worker). The
+protocols below rely on x86-64's TSO model: a CPU's stores become visible to others in program
+order, and loads are not reordered with older loads. Every 64-bit cell is 8-byte aligned and
+read or written through a ``memoryview`` cast to ``Q``, which CPython does as one 8-byte
+``memcpy`` (a single ``mov``), so no cell is ever seen half-written. Distinct Python operations
+are separate calls into C, so the compiler cannot reorder them either. Hand-offs through the
+mailbox are ordered by the eventfd syscalls between them.
+
+Everything is little-endian (the host's order; checked at import).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import mmap
+import os
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Final
+
+from vmsuper.shared.ranges import CallHint, Range, RangeError, RangeTable, RegHint, Space
+from vmsuper.shared.ranges import find_range as _find_range
+
+if sys.byteorder != "little":  # pragma: no cover - vmsuper runs on x86-64 only
+    raise ImportError("vmsuper's shared-memory layout assumes a little-endian host")
+
+MAGIC: Final = 0x48534D56  # "VMSH"
+VERSION: Final = 1
+DEFAULT_MAX_RANGES: Final = 1024
+DEFAULT_MAX_HINTS: Final = 16
+MAILBOX_ARG_SIZE: Final = 64 * 1024
+"""Bytes of ioctl argument a mailbox carries: more than `kvm_cpuid2` with KVM's 256 entries
+(10 KiB), `kvm_msrs` with 4000 entries, `kvm_lapic_state` or `kvm_xsave`."""
+OP_RUN: Final = 0
+"""Mailbox op meaning KVM_RUN; any other op is the ioctl request number itself."""
+STOP_REASON_SIZE: Final = 128
+
+_U64_MASK: Final = (1 << 64) - 1
+_CACHE_LINE: Final = 64
+
+# Header: magic, version, vcpus, max_ranges, max_hints, (pad), size, table, slots, mailboxes.
+_HEADER = struct.Struct("<IIIIIIQQQQ")
+
+# Table area: the seqlock generation alone on a line, then the payload.
+_PAYLOAD_OFF: Final = _CACHE_LINE
+# count, number of reg hints, hint space, hint flags, hint address.
+_PAYLOAD_HEAD = struct.Struct("<IHBBQ")
+_HINT_SET: Final = 1
+_HINT_ON_WRITE: Final = 2
+# flags (match rax..rdx = bits 0-3, send_sregs = bit 4, send_debugregs = bit 5), rax..rdx.
+_REG_HINT = struct.Struct("<B7xQQQQ")
+# space, async_write, start, length.
+_RANGE = struct.Struct("<BBQQ")
+
+# Slot: 64-bit cells, then the stop reason text.
+_SLOT_SIZE: Final = 256
+_C_PAUSE_SEQ: Final = 0
+_C_PAUSE_TOKEN: Final = 1  # two cells: the token for seq s is at index s & 1
+_C_DELIVERED: Final = 3
+_C_RUN_STATE: Final = 4
+_C_COUNTERS: Final = 5
+_STOP_REASON_OFF: Final = _SLOT_SIZE - STOP_REASON_SIZE
+
+# Mailbox: op, arg_len, ret, errno; the argument area starts on the next cache line.
+_MAIL_HEAD = struct.Struct("<IIqi")
+_MAIL_ARG_OFF: Final = _CACHE_LINE
+_MAIL_STRIDE: Final = _MAIL_ARG_OFF + MAILBOX_ARG_SIZE
+
+
+class ShmError(Exception):
+    """The region is malformed or was asked for something its layout cannot hold."""
+
+
+class RunState(enum.IntEnum):
+    """What a VCPU is doing, as its worker last reported (for logs and shutdown)."""
+
+    NOT_STARTED = 0
+    INIT = 1
+    RUNNING = 2
+    WAITING_PLUGIN = 3
+    PAUSED = 4
+    STOPPED = 5
+
+
+class ExitKind(enum.IntEnum):
+    """Exit categories a worker counts; `VcpuSlot.counters()` names them in lower case."""
+
+    IO_IN = 0
+    IO_OUT = 1
+    MMIO_READ = 2
+    MMIO_WRITE = 3
+    ASYNC_WRITE = 4
+    UNRESERVED = 5
+    USER = 6
+    HYPERV = 7
+    OTHER = 8
+
+
+assert _C_COUNTERS + len(ExitKind) <= _STOP_REASON_OFF // 8
+
+
+def _round_up(value: int, align: int) -> int:
+    return (value + align - 1) // align * align
+
+
+class _Layout:
+    """Offsets of every part of the region, computed once from its dimensions."""
+
+    def __init__(self, vcpus: int, max_ranges: int, max_hints: int) -> None:
+        if vcpus <= 0:
+            raise ValueError(f"a region needs at least one VCPU, got {vcpus}")
+        if not 0 <= max_ranges < 1 << 32:
+            raise ValueError(f"max_ranges out of range: {max_ranges}")
+        if not 0 <= max_hints < 1 << 16:
+            raise ValueError(f"max_hints out of range: {max_hints}")
+        self.vcpus = vcpus
+        self.max_ranges = max_ranges
+        self.max_hints = max_hints
+        self.table = _CACHE_LINE
+        self.hints = self.table + _PAYLOAD_OFF + _PAYLOAD_HEAD.size
+        self.ranges = self.hints + max_hints * _REG_HINT.size
+        table_end = self.ranges + max_ranges * _RANGE.size
+        self.slots = _round_up(table_end, _CACHE_LINE)
+        self.mailboxes = _round_up(self.slots + vcpus * _SLOT_SIZE, mmap.PAGESIZE)
+        self.size = self.mailboxes + vcpus * _MAIL_STRIDE
+
+    def header(self) -> bytes:
+        return _HEADER.pack(
+            MAGIC,
+            VERSION,
+            self.vcpus,
+            self.max_ranges,
+            self.max_hints,
+            0,
+            self.size,
+            self.table,
+            self.slots,
+            self.mailboxes,
+        )
+
+
+class TableSnapshot:
+    """One published version of the ranges and hint, parsed; immutable once built."""
+
+    __slots__ = ("_ranges", "_starts", "count", "gen", "hint")
+
+    def __init__(self, gen: int, ranges: list[Range], hint: CallHint | None) -> None:
+        self.gen = gen
+        self.hint = hint
+        self.count = len(ranges)
+        self._ranges: dict[Space, list[Range]] = {
+            space: sorted((r for r in ranges if r.space == space), key=lambda r: r.start)
+            for space in Space
+        }
+        self._starts = {space: [r.start for r in rs] for space, rs in self._ranges.items()}
+
+    def lookup(self, space: Space, addr: int) -> Range | None:
+        return _find_range(self._starts[space], self._ranges[space], addr)
+
+    def ranges(self, space: Space | None = None) -> Iterator[Range]:
+        for sp in Space if space is None else (space,):
+            yield from self._ranges[sp]
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class SharedTable:
+    """Writer side of the ranges and hint (the supervisor's main worker)."""
+
+    def __init__(self, region: SharedRegion) -> None:
+        self._mm = region._mm
+        self._q = region._q
+        self._gen = region._layout.table // 8
+        self._payload = region._layout.table + _PAYLOAD_OFF
+        self.max_ranges = region._layout.max_ranges
+        self.max_hints = region._layout.max_hints
+        self._lock = threading.Lock()
+
+    @property
+    def gen(self) -> int:
+        return self._q[self._gen]
+
+    def publish(self, table: RangeTable, hint: CallHint | None) -> int:
+        """Make `table` and `hint` (None or address 0: no hint) what every worker sees next.
+
+        Returns the new generation. Raises `RangeError` (ENOSPC / E2BIG) when the table or the
+        hint holds more than the region has room for; then nothing changes.
+        """
+        payload = self._encode(table, hint)
+        with self._lock:
+            gen = self._q[self._gen]
+            try:
+                self._q[self._gen] = (gen + 1) & _U64_MASK  # odd: writing
+                self._mm[self._payload : self._payload + len(payload)] = payload
+            finally:
+                gen = (gen + 2) & _U64_MASK
+                self._q[self._gen] = gen  # even: stable
+        return gen
+
+    def _encode(self, table: RangeTable, hint: CallHint | None) -> bytes:
+        ranges = list(table.ranges())
+        if len(ranges) > self.max_ranges:
+            raise RangeError(
+                errno.ENOSPC, f"{len(ranges)} ranges exceed the region's {self.max_ranges}"
+            )
+        if hint is not None and not hint.is_set:
+            hint = None
+        reg_hints = () if hint is None else hint.hints
+        if len(reg_hints) > self.max_hints:
+            raise RangeError(
+                errno.E2BIG, f"{len(reg_hints)} register hints exceed the limit of {self.max_hints}"
+            )
+        hints_size = self.max_hints * _REG_HINT.size
+        out = bytearray(_PAYLOAD_HEAD.size + hints_size + len(ranges) * _RANGE.size)
+        if hint is None:
+            _PAYLOAD_HEAD.pack_into(out, 0, len(ranges), 0, 0, 0, 0)
+        else:
+            flags = _HINT_SET | (_HINT_ON_WRITE if hint.on_write else 0)
+            _PAYLOAD_HEAD.pack_into(
+                out, 0, len(ranges), len(reg_hints), hint.space, flags, hint.address
+            )
+        off = _PAYLOAD_HEAD.size
+        for rh in reg_hints:
+            _REG_HINT.pack_into(out, off, _reg_hint_flags(rh), rh.rax, rh.rbx, rh.rcx, rh.rdx)
+            off += _REG_HINT.size
+        off = _PAYLOAD_HEAD.size + hints_size
+        for r in ranges:
+            _RANGE.pack_into(out, off, r.space, r.async_write, r.start, r.length)
+            off += _RANGE.size
+        return bytes(out)
+
+
+def _reg_hint_flags(rh: RegHint) -> int:
+    return (
+        rh.match_rax
+        | rh.match_rbx << 1
+        | rh.match_rcx << 2
+        | rh.match_rdx << 3
+        | rh.send_sregs << 4
+        | rh.send_debugregs << 5
+    )
+
+
+def _reg_hint_from(flags: int, rax: int, rbx: int, rcx: int, rdx: int) -> RegHint:
+    return RegHint(
+        match_rax=bool(flags & 1),
+        match_rbx=bool(flags & 2),
+        match_rcx=bool(flags & 4),
+        match_rdx=bool(flags & 8),
+        rax=rax,
+        rbx=rbx,
+        rcx=rcx,
+        rdx=rdx,
+        send_sregs=bool(flags & 16),
+        send_debugregs=bool(flags & 32),
+    )
+
+
+class TableReader:
+    """Reader side of the ranges and hint (a VCPU worker): a cached snapshot, checked per use.
+
+    `lookup`, `hint` and `snapshot()` first compare the shared generation with the cached one
+    (one 8-byte read); only a change costs a copy and a parse. For a consistent pair of range
+    and hint on one exit, take `snapshot()` once and ask it both.
+    """
+
+    # Spins before yielding the CPU while the writer is mid-publish, then sleep between tries.
+    _SPINS = 100
+    _YIELDS = 100
+    _SLEEP = 50e-6
+
+    def __init__(self, region: SharedRegion) -> None:
+        layout = region._layout
+        self._mm = region._mm
+        self._q = region._q
+        self._gen_idx = layout.table // 8
+        self._payload = layout.table + _PAYLOAD_OFF
+        self._hints_len = layout.max_hints * _REG_HINT.size
+        self._max_ranges = layout.max_ranges
+        self._max_hints = layout.max_hints
+        self._snap = TableSnapshot(0, [], None)
+        self._gen = -1  # nothing read yet
+        self.retries = 0
+        """How many copies were thrown away because a publish overlapped them."""
+        self.refresh()
+
+    def refresh(self) -> bool:
+        """Re-read the table if a newer one was published; True when the snapshot changed."""
+        if self._q[self._gen_idx] == self._gen:
+            return False
+        return self._reload()
+
+    def snapshot(self) -> TableSnapshot:
+        if self._q[self._gen_idx] != self._gen:
+            self._reload()
+        return self._snap
+
+    def lookup(self, space: Space, addr: int) -> Range | None:
+        if self._q[self._gen_idx] != self._gen:
+            self._reload()
+        return self._snap.lookup(space, addr)
+
+    @property
+    def hint(self) -> CallHint | None:
+        if self._q[self._gen_idx] != self._gen:
+            self._reload()
+        return self._snap.hint
+
+    @property
+    def gen(self) -> int:
+        """The generation of the cached snapshot."""
+        return self._snap.gen
+
+    def _reload(self) -> bool:
+        q, mm, gi, base = self._q, self._mm, self._gen_idx, self._payload
+        waits = 0
+        while True:
+            g1 = q[gi]
+            if g1 & 1:
+                if g1 - 1 == self._gen:
+                    # A publish is under way, and the cached copy is the last one completed:
+                    # still the current truth until that publish returns.
+                    return False
+                waits += 1
+                self._wait(waits)
+                continue
+            head = mm[base : base + _PAYLOAD_HEAD.size]
+            count = min(_PAYLOAD_HEAD.unpack(head)[0], self._max_ranges)
+            start = base + _PAYLOAD_HEAD.size
+            body = mm[start : start + self._hints_len + count * _RANGE.size]
+            if q[gi] == g1:
+                break
+            self.retries += 1
+        if g1 == self._gen:
+            return False
+        self._snap = self._parse(g1, head, body)
+        self._gen = g1
+        return True
+
+    def _wait(self, waits: int) -> None:
+        if waits < self._SPINS:
+            return
+        if waits < self._SPINS + self._YIELDS:
+            os.sched_yield()
+        else:
+            time.sleep(self._SLEEP)
+
+    def _parse(self, gen: int, head: bytes, body: bytes) -> TableSnapshot:
+        count, n_hints, hint_space, flags, address = _PAYLOAD_HEAD.unpack(head)
+        count = min(count, self._max_ranges)
+        hint = None
+        if flags & _HINT_SET:
+            n_hints = min(n_hints, self._max_hints)
+            reg_hints = tuple(
+                _reg_hint_from(*fields)
+                for fields in _REG_HINT.iter_unpack(body[: n_hints * _REG_HINT.size])
+            )
+            hint = CallHint(Space(hint_space), address, bool(flags & _HINT_ON_WRITE), reg_hints)
+        rbytes = body[self._hints_len : self._hints_len + count * _RANGE.size]
+        ranges = [
+            Range(Space(space), start, length, bool(async_write))
+            for space, async_write, start, length in _RANGE.iter_unpack(rbytes)
+        ]
+        return TableSnapshot(gen, ranges, hint)
+
+
+class VcpuSlot:
+    """One VCPU's pause request, run state and exit counters.
+
+    Pause hand-off (supervisor writes `pause_seq` and the tokens, the worker `delivered_seq`):
+    `request_pause` stores the token in cell `(seq + 1) & 1`, then bumps `seq`. `take_pause`
+    reads `s1 = seq`, the token in cell `s1 & 1`, then `s2 = seq`, and retries if they differ.
+    That cell is next overwritten by request `s1 + 2`, whose token store comes after the store
+    of `seq = s1 + 1` (request order, TSO), so a reader that saw the overwrite sees `s2 != s1`.
+    A later request overwrites an earlier one not yet taken; the worker always takes the latest.
+    """
+
+    def __init__(self, region: SharedRegion, index: int) -> None:
+        self.index = index
+        self._mm = region._mm
+        self._q = region._q
+        off = region._layout.slots + index * _SLOT_SIZE
+        cell = off // 8
+        self._seq = cell + _C_PAUSE_SEQ
+        self._token = cell + _C_PAUSE_TOKEN
+        self._delivered = cell + _C_DELIVERED
+        self._state = cell + _C_RUN_STATE
+        self._counters = cell + _C_COUNTERS
+        self._reason = off + _STOP_REASON_OFF
+        self._lock = threading.Lock()
+
+    # Supervisor side.
+    def request_pause(self, token: int) -> None:
+        """Record `token` for the worker to deliver as `User{user}` (the caller kicks the VCPU)."""
+        if not 0 <= token <= _U64_MASK:
+            raise ValueError(f"pause token {token} is not a 64-bit unsigned value")
+        q = self._q
+        with self._lock:
+            seq = q[self._seq]
+            q[self._token + ((seq + 1) & 1)] = token
+            q[self._seq] = (seq + 1) & _U64_MASK
+
+    def pause_pending(self) -> bool:
+        return self._q[self._seq] != self._q[self._delivered]
+
+    @property
+    def pause_seq(self) -> int:
+        return self._q[self._seq]
+
+    @property
+    def delivered_seq(self) -> int:
+        return self._q[self._delivered]
+
+    # Worker side.
+    def take_pause(self) -> int | None:
+        """The latest pause token not yet taken, marking it taken; None when none is pending."""
+        q = self._q
+        if q[self._seq] == q[self._delivered]:
+            return None
+        while True:
+            s1 = q[self._seq]
+            token = q[self._token + (s1 & 1)]
+            if q[self._seq] == s1:
+                q[self._delivered] = s1
+                return token
+
+    @property
+    def run_state(self) -> RunState:
+        return RunState(self._q[self._state])
+
+    @run_state.setter
+    def run_state(self, state: RunState) -> None:
+        self._q[self._state] = RunState(state)
+
+    def stop(self, reason: str) -> None:
+        """Record why the VCPU stopped (truncated to fit), then enter STOPPED."""
+        raw = reason.encode("utf-8", "replace")[: STOP_REASON_SIZE - 1]
+        raw = raw.decode("utf-8", "ignore").encode()  # never cut a character in half
+        self._mm[self._reason : self._reason + STOP_REASON_SIZE] = raw.ljust(
+            STOP_REASON_SIZE, b"\0"
+        )
+        self._q[self._state] = RunState.STOPPED
+
+    @property
+    def stop_reason(self) -> str:
+        raw = self._mm[self._reason : self._reason + STOP_REASON_SIZE]
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    def count(self, kind: ExitKind) -> None:
+        """Add one exit of `kind` (only the worker writes its counters)."""
+        self._q[self._counters + kind] += 1
+
+    def counters(self) -> dict[str, int]:
+        q, base = self._q, self._counters
+        return {kind.name.lower(): q[base + kind] for kind in ExitKind}
+
+
+class Mailbox:
+    """One VCPU's ioctl request from its worker to its runner thread, and the result.
+
+    The worker fills the argument area (`post` copies bytes in, or write into `arg_view()`),
+    posts the op and rings the doorbell; the runner reads `request()`, passes `arg_address()`
+    to the ioctl, stores `complete(ret, errno)` and rings back; the worker reads `result()` and
+    the argument area, which the kernel may have written.
+    """
+
+    def __init__(self, region: SharedRegion, index: int) -> None:
+        self.index = index
+        self._mm = region._mm
+        self._mv = region._mv
+        self._off = region._layout.mailboxes + index * _MAIL_STRIDE
+        self._arg = self._off + _MAIL_ARG_OFF
+        self._address = region._base_address + self._arg
+
+    def arg_address(self) -> int:
+        """The argument area's address in this process (the same in every forked worker)."""
+        return self._address
+
+    def arg_view(self) -> memoryview:
+        """A writable view of the whole argument area; drop it before the region is closed."""
+        return self._mv[self._arg : self._arg + MAILBOX_ARG_SIZE]
+
+    def read_arg(self, length: int) -> bytes:
+        if not 0 <= length <= MAILBOX_ARG_SIZE:
+            raise ValueError(f"argument length {length} outside 0..{MAILBOX_ARG_SIZE}")
+        return self._mm[self._arg : self._arg + length]
+
+    def post(
+        self,
+        op: int,
+        arg: bytes | bytearray | memoryview | None = None,
+        *,
+        length: int | None = None,
+    ) -> None:
+        """Ask for `op` (OP_RUN or an ioctl number). `arg` is copied into the argument area;
+        without it the area is used as already filled in place, `length` bytes of it."""
+        if not 0 <= op < 1 << 32:
+            raise ValueError(f"mailbox op {op:#x} is not a 32-bit value")
+        if arg is not None:
+            if length is not None:
+                raise ValueError("give either arg or length, not both")
+            data = memoryview(arg).cast("B")
+            length = data.nbytes
+            if length > MAILBOX_ARG_SIZE:
+                raise ShmError(f"ioctl argument of {length} bytes exceeds {MAILBOX_ARG_SIZE}")
+            self._mm[self._arg : self._arg + length] = data
+        elif length is None:
+            length = 0
+        elif not 0 <= length <= MAILBOX_ARG_SIZE:
+            raise ShmError(f"argument length {length} outside 0..{MAILBOX_ARG_SIZE}")
+        _MAIL_HEAD.pack_into(self._mm, self._off, op, length, 0, 0)
+
+    def request(self) -> tuple[int, int]:
+        """(op, argument length) of the posted request."""
+        op, length, _, _ = _MAIL_HEAD.unpack_from(self._mm, self._off)
+        return op, length
+
+    def complete(self, ret: int, err: int) -> None:
+        """Store the ioctl's return value and errno (0 on success)."""
+        op, length, _, _ = _MAIL_HEAD.unpack_from(self._mm, self._off)
+        _MAIL_HEAD.pack_into(self._mm, self._off, op, length, ret, err)
+
+    def result(self) -> tuple[int, int]:
+        """(return value, errno) stored by the runner."""
+        _, _, ret, err = _MAIL_HEAD.unpack_from(self._mm, self._off)
+        return ret, err
+
+
+class Doorbell:
+    """The two eventfds of one mailbox: "request posted" (worker -> runner), "done" (back)."""
+
+    def __init__(self) -> None:
+        self._request = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            self._done = os.eventfd(0, os.EFD_CLOEXEC)
+        except OSError:
+            os.close(self._request)
+            raise
+        self._closed = False
+
+    def fds(self) -> tuple[int, int]:
+        """(request fd, done fd), e.g. to poll alongside a stop eventfd."""
+        return self._request, self._done
+
+    def ring_request(self) -> None:
+        os.eventfd_write(self._request, 1)
+
+    def wait_request(self) -> int:
+        """Block until a request is posted; the number of rings since the last wait."""
+        return os.eventfd_read(self._request)
+
+    def ring_done(self) -> None:
+        os.eventfd_write(self._done, 1)
+
+    def wait_done(self) -> int:
+        return os.eventfd_read(self._done)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._request)
+            os.close(self._done)
+
+    def __enter__(self) -> Doorbell:
+        return self
+
+    def __exit__(
+        self, exc: type[BaseException] | None, val: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class SharedRegion:
+    """The whole region; make it with `create` before forking, use it unchanged in the child."""
+
+    def __init__(self, mm: mmap.mmap, layout: _Layout, *, owns_mmap: bool = True) -> None:
+        self._mm = mm
+        self._owns_mmap = owns_mmap
+        self._layout = layout
+        self._mv = memoryview(mm)
+        self._q = self._mv.cast("Q")
+        self._cbuf: ctypes.Array[ctypes.c_char] | None = (ctypes.c_char * layout.size).from_buffer(
+            mm
+        )
+        self._base_address = ctypes.addressof(self._cbuf)
+        self.table = SharedTable(self)
+        self._slots = [VcpuSlot(self, i) for i in range(layout.vcpus)]
+        self._mailboxes = [Mailbox(self, i) for i in range(layout.vcpus)]
+        self._closed = False
+
+    @classmethod
+    def create(
+        cls,
+        vcpus: int,
+        *,
+        max_ranges: int = DEFAULT_MAX_RANGES,
+        max_hints: int = DEFAULT_MAX_HINTS,
+    ) -> SharedRegion:
+        layout = _Layout(vcpus, max_ranges, max_hints)
+        mm = mmap.mmap(-1, layout.size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        mm[: _HEADER.size] = layout.header()
+        return cls(mm, layout)
+
+    @classmethod
+    def attach(cls, mm: mmap.mmap) -> SharedRegion:
+        """Use a region made elsewhere (e.g. passed as a memfd), checking its header.
+
+        `close()` then drops this object's hold on `mm` but leaves unmapping to its owner.
+        """
+        if len(mm) < _HEADER.size:
+            raise ShmError(f"mapping of {len(mm)} bytes is too small for a region header")
+        magic, version, vcpus, max_ranges, max_hints, _, size, *offsets = _HEADER.unpack_from(mm)
+        if magic != MAGIC:
+            raise ShmError(f"not a vmsuper region (magic {magic:#x})")
+        if version != VERSION:
+            raise ShmError(f"region layout version {version}, this vmsuper speaks {VERSION}")
+        try:
+            layout = _Layout(vcpus, max_ranges, max_hints)
+        except ValueError as exc:
+            raise ShmError(f"region header is inconsistent: {exc}") from None
+        if (size, *offsets) != (layout.size, layout.table, layout.slots, layout.mailboxes):
+            raise ShmError("region header's offsets do not match its dimensions")
+        if len(mm) < size:
+            raise ShmError(f"mapping of {len(mm)} bytes is smaller than the region ({size})")
+        return cls(mm, layout, owns_mmap=False)
+
+    @property
+    def vcpus(self) -> int:
+        return self._layout.vcpus
+
+    @property
+    def size(self) -> int:
+        return self._layout.size
+
+    @property
+    def mmap(self) -> mmap.mmap:
+        return self._mm
+
+    def reader(self) -> TableReader:
+        return TableReader(self)
+
+    def slot(self, index: int) -> VcpuSlot:
+        return self._slots[self._check_index(index)]
+
+    def mailbox(self, index: int) -> Mailbox:
+        return self._mailboxes[self._check_index(index)]
+
+    def _check_index(self, index: int) -> int:
+        if not 0 <= index < self._layout.vcpus:
+            raise IndexError(f"VCPU {index} outside 0..{self._layout.vcpus - 1}")
+        return index
+
+    def close(self) -> None:
+        """Unmap the region in this process; views from `arg_view()` must be dropped first."""
+        if self._closed:
+            return
+        self._cbuf = None
+        self._q.release()
+        self._mv.release()
+        if not self._owns_mmap:
+            self._closed = True
+            return
+        try:
+            self._mm.close()
+        except BufferError as exc:
+            raise ShmError("views into the region are still in use") from exc
+        self._closed = True
+
+    def __enter__(self) -> SharedRegion:
+        return self
+
+    def __exit__(
+        self, exc: type[BaseException] | None, val: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,426 @@
+"""The shared region: table publishing under a seqlock, pause hand-off, counters, mailboxes.
+
+Cross-process tests fork a child that reports through its exit status (0 = all checks passed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+from vmsuper.shared.ranges import CallHint, Range, RangeError, RangeTable, RegHint, Space
+from vmsuper.shared.shm import (
+    MAILBOX_ARG_SIZE,
+    OP_RUN,
+    Doorbell,
+    ExitKind,
+    RunState,
+    SharedRegion,
+    ShmError,
+)
+
+U64_MASK = (1 << 64) - 1
+CHILD_DEADLINE = 30.0  # seconds a child waits for its peer before giving up with an error code
+
+
+@pytest.fixture
+def region() -> Iterator[SharedRegion]:
+    shared = SharedRegion.create(2, max_ranges=512)
+    yield shared
+    shared.close()
+
+
+@contextmanager
+def forked(body: Callable[[], int]) -> Iterator[list[int]]:
+    """Run `body` in a forked child; the yielded list receives the child's exit code on exit.
+
+    A failure in the parent kills the child, so no process is left behind.
+    """
+    pid = os.fork()
+    if pid == 0:
+        code = 100
+        try:
+            code = body()
+        except BaseException:
+            traceback.print_exc()
+            code = 101
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    result: list[int] = []
+    try:
+        yield result
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    _, status = os.waitpid(pid, 0)
+    result.append(os.waitstatus_to_exitcode(status))
+
+
+def sample_table() -> RangeTable:
+    table = RangeTable()
+    table.reserve(Space.IOPORT, 0x3F8, 8)
+    table.reserve(Space.IOPORT, 0x80, 1, async_write=True)
+    table.reserve(Space.MMIO, 0xFED0_0000, 0x1000)
+    return table
+
+
+SAMPLE_HINT = CallHint(
+    Space.IOPORT,
+    0x80,
+    on_write=True,
+    hints=(
+        RegHint(match_rax=True, rax=U64_MASK, send_sregs=True),
+        RegHint(match_rbx=True, match_rdx=True, rbx=2, rdx=4, send_debugregs=True),
+    ),
+)
+
+
+def test_publish_and_refresh_round_trip(region: SharedRegion) -> None:
+    reader = region.reader()
+    assert reader.lookup(Space.IOPORT, 0x3F8) is None
+    assert reader.hint is None
+    assert not reader.refresh()
+    table = sample_table()
+    gen = region.table.publish(table, SAMPLE_HINT)
+    assert gen == region.table.gen and gen % 2 == 0 and gen > 0
+    assert reader.refresh()
+    assert not reader.refresh()
+    assert reader.gen == gen
+    snap = reader.snapshot()
+    assert list(snap.ranges()) == list(table.ranges())
+    assert len(snap) == 3
+    assert reader.lookup(Space.IOPORT, 0x3FF) == Range(Space.IOPORT, 0x3F8, 8, False)
+    assert reader.lookup(Space.IOPORT, 0x400) is None
+    assert reader.lookup(Space.IOPORT, 0x80) == Range(Space.IOPORT, 0x80, 1, True)
+    assert reader.lookup(Space.MMIO, 0x3F8) is None
+    assert reader.lookup(Space.MMIO, 0xFED0_0FFF) is not None
+    assert reader.hint == SAMPLE_HINT
+    # Clearing the hint: None and address 0 both publish "no hint".
+    region.table.publish(table, CallHint(Space.MMIO, 0, False, (RegHint(),)))
+    assert reader.hint is None
+    table.reserve(Space.IOPORT, 0x3F8, 0)
+    region.table.publish(table, None)
+    assert reader.lookup(Space.IOPORT, 0x3F8) is None
+    assert len(reader.snapshot()) == 2
+
+
+def test_lookup_notices_a_new_generation_without_refresh(region: SharedRegion) -> None:
+    reader = region.reader()
+    table = RangeTable()
+    for n in range(5):
+        table.reserve(Space.MMIO, n * 0x1000, 0x10)
+        region.table.publish(table, None)
+        assert reader.lookup(Space.MMIO, n * 0x1000 + 0xF) == Range(Space.MMIO, n * 0x1000, 0x10)
+
+
+def test_publish_beyond_capacity_changes_nothing() -> None:
+    with SharedRegion.create(1, max_ranges=2, max_hints=1) as shared:
+        reader = shared.reader()
+        table = RangeTable()
+        for start in range(3):
+            table.reserve(Space.IOPORT, start, 1)
+        with pytest.raises(RangeError) as info:
+            shared.table.publish(table, None)
+        assert info.value.errno == errno.ENOSPC
+        table.reserve(Space.IOPORT, 2, 0)
+        with pytest.raises(RangeError) as info:
+            shared.table.publish(table, CallHint(Space.IOPORT, 1, False, (RegHint(), RegHint())))
+        assert info.value.errno == errno.E2BIG
+        assert shared.table.gen == 0
+        assert not reader.refresh()
+        shared.table.publish(table, CallHint(Space.IOPORT, 1, False, (RegHint(),)))
+        assert reader.refresh() and len(reader.snapshot()) == 2
+
+
+def test_reader_keeps_its_copy_while_the_next_publish_is_under_way(region: SharedRegion) -> None:
+    table = sample_table()
+    region.table.publish(table, None)
+    reader = region.reader()
+    q = memoryview(region.mmap).cast("Q")
+    gen_cell = region.table._gen  # the seqlock word, as the writer sees it mid-publish
+    try:
+        q[gen_cell] += 1
+        # The copy is the last completed publish: answered at once, no waiting for the writer.
+        assert not reader.refresh()
+        assert reader.lookup(Space.IOPORT, 0x3F8) is not None
+        q[gen_cell] += 1
+    finally:
+        q.release()
+    assert reader.refresh()
+
+
+def test_forked_child_sees_later_publishes_and_pause_tokens(region: SharedRegion) -> None:
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def child() -> int:
+        reader = region.reader()
+        slot = region.slot(1)
+        if reader.lookup(Space.IOPORT, 0x3F8) is not None or slot.take_pause() is not None:
+            return 2
+        os.write(ready_w, b"r")
+        if os.read(go_r, 1) != b"g":
+            return 3
+        if reader.lookup(Space.IOPORT, 0x3FC) != Range(Space.IOPORT, 0x3F8, 8, False):
+            return 4
+        if reader.hint != SAMPLE_HINT:
+            return 5
+        if not slot.pause_pending() or slot.take_pause() != 0xDEAD_BEEF_0000_0001:
+            return 6
+        if slot.take_pause() is not None or region.slot(0).take_pause() is not None:
+            return 7
+        return 0
+
+    try:
+        with forked(child) as code:
+            assert os.read(ready_r, 1) == b"r"
+            region.table.publish(sample_table(), SAMPLE_HINT)
+            region.slot(1).request_pause(0xDEAD_BEEF_0000_0000)
+            region.slot(1).request_pause(0xDEAD_BEEF_0000_0001)  # overwrites the first
+            os.write(go_w, b"g")
+    finally:
+        for fd in (ready_r, ready_w, go_r, go_w):
+            os.close(fd)
+    assert code == [0]
+    assert not region.slot(1).pause_pending()
+    assert region.slot(1).delivered_seq == region.slot(1).pause_seq == 2
+
+
+def pattern_table(i: int) -> tuple[RangeTable, CallHint]:
+    """Published version `i`: every field derived from `i`, so a torn mix cannot pass."""
+    table = RangeTable()
+    for k in range(1 + (i * 37) % 300):
+        space = Space((i + k) & 1)
+        table.reserve(space, (k << 24) + i, 1 + (i * 7 + k) % 1000, async_write=(i + k) % 3 == 0)
+    hints = tuple(
+        RegHint(match_rax=bool(k & 1), rax=i, rbx=k, send_sregs=bool(i & 1)) for k in range(i % 6)
+    )
+    return table, CallHint(Space(i & 1), i + 1, bool(i & 2), hints)
+
+
+def test_seqlock_readers_never_see_a_torn_table(region: SharedRegion) -> None:
+    versions = [pattern_table(i) for i in range(64)]
+    expected = [(list(t.ranges()), h) for t, h in versions]
+    final = len(versions) - 1
+    publishes = 3000
+
+    def child() -> int:
+        reader = region.reader()
+        deadline = time.monotonic() + CHILD_DEADLINE
+        last_gen = -1
+        while time.monotonic() < deadline:
+            snap = reader.snapshot()
+            if snap.hint is None:
+                continue  # nothing published yet
+            i = snap.hint.address - 1
+            if not 0 <= i <= final or (list(snap.ranges()), snap.hint) != expected[i]:
+                return 2
+            if snap.gen < last_gen:
+                return 3
+            last_gen = snap.gen
+            if snap.gen == 2 * (publishes + 1):
+                return 0 if i == final else 4
+        return 5
+
+    with forked(child) as code:
+        for n in range(publishes):
+            region.table.publish(*versions[n % final])
+        region.table.publish(*versions[final])
+    assert code == [0]
+
+
+def token_for(seq: int) -> int:
+    return (seq * 0x9E37_79B9_7F4A_7C15) & U64_MASK
+
+
+def test_pause_tokens_are_taken_latest_first_and_once(region: SharedRegion) -> None:
+    requests = 100_000
+    slot = region.slot(0)
+
+    def child() -> int:
+        deadline = time.monotonic() + CHILD_DEADLINE
+        last = 0
+        while time.monotonic() < deadline:
+            token = slot.take_pause()
+            if token is None:
+                continue
+            seq = slot.delivered_seq
+            if seq <= last:
+                return 2  # a sequence number taken twice, or going backwards
+            if token != token_for(seq):
+                return 3  # not the token that was latest when seq was current
+            last = seq
+            if seq == requests:
+                return 0
+        return 4
+
+    with forked(child) as code:
+        for seq in range(1, requests + 1):
+            slot.request_pause(token_for(seq))
+    assert code == [0]
+    assert not slot.pause_pending()
+
+
+def test_pause_token_must_be_u64(region: SharedRegion) -> None:
+    with pytest.raises(ValueError):
+        region.slot(0).request_pause(1 << 64)
+    assert not region.slot(0).pause_pending()
+
+
+def test_counters_run_state_and_stop_reason_from_a_child(region: SharedRegion) -> None:
+    slot = region.slot(1)
+    assert slot.run_state is RunState.NOT_STARTED
+    assert set(slot.counters().values()) == {0}
+
+    def child() -> int:
+        slot.run_state = RunState.RUNNING
+        for _ in range(3):
+            slot.count(ExitKind.IO_OUT)
+        slot.count(ExitKind.HYPERV)
+        slot.stop("triple fault at rip 0x1000 — shutdown")
+        return 0
+
+    with forked(child) as code:
+        pass
+    assert code == [0]
+    counters = slot.counters()
+    assert counters["io_out"] == 3 and counters["hyperv"] == 1
+    assert sum(counters.values()) == 4
+    assert set(counters) == {k.name.lower() for k in ExitKind}
+    assert slot.run_state is RunState.STOPPED
+    assert slot.stop_reason == "triple fault at rip 0x1000 — shutdown"
+    assert region.slot(0).counters()["io_out"] == 0
+
+
+def test_long_stop_reason_is_truncated(region: SharedRegion) -> None:
+    region.slot(0).stop("é" * 200)
+    assert region.slot(0).stop_reason == "é" * 63  # 126 bytes: whole characters only
+
+
+def test_mailbox_arg_address_works_with_ctypes(region: SharedRegion) -> None:
+    box = region.mailbox(1)
+    addr = box.arg_address()
+    assert addr != region.mailbox(0).arg_address()
+    box.post(0xAE80, b"\x01\x02\x03")
+    assert box.request() == (0xAE80, 3)
+    assert ctypes.string_at(addr, 3) == b"\x01\x02\x03"
+    ctypes.memmove(addr + MAILBOX_ARG_SIZE - 4, b"tail", 4)
+    view = box.arg_view()
+    try:
+        assert len(view) == MAILBOX_ARG_SIZE
+        assert bytes(view[-4:]) == b"tail"
+        view[:2] = b"ok"
+    finally:
+        view.release()
+    assert box.read_arg(3) == b"ok\x03"
+    box.complete(-1, errno.EINTR)
+    assert box.result() == (-1, errno.EINTR)
+    box.post(OP_RUN)
+    assert box.request() == (OP_RUN, 0)
+    assert box.result() == (0, 0)
+    box.post(0x1234, length=16)
+    assert box.request() == (0x1234, 16)
+
+
+def test_mailbox_rejects_bad_requests(region: SharedRegion) -> None:
+    box = region.mailbox(0)
+    with pytest.raises(ShmError):
+        box.post(1, bytes(MAILBOX_ARG_SIZE + 1))
+    with pytest.raises(ValueError):
+        box.post(1 << 32)
+    with pytest.raises(ValueError):
+        box.post(1, b"x", length=1)
+    with pytest.raises(IndexError):
+        region.mailbox(2)
+    with pytest.raises(IndexError):
+        region.slot(-1)
+
+
+def test_mailbox_round_trip_with_a_forked_worker(region: SharedRegion) -> None:
+    box = region.mailbox(0)
+    with Doorbell() as bell:
+
+        def child() -> int:
+            box.post(0xC008_AE88, b"hello world")
+            bell.ring_request()
+            bell.wait_done()
+            if box.result() != (11, 0):
+                return 2
+            return 0 if box.read_arg(11) == b"HELLO WORLD" else 3
+
+        with forked(child) as code:
+            assert bell.wait_request() == 1
+            op, length = box.request()
+            assert op == 0xC008_AE88
+            data = ctypes.string_at(box.arg_address(), length)
+            ctypes.memmove(box.arg_address(), data.upper(), length)
+            box.complete(length, 0)
+            bell.ring_done()
+        assert code == [0]
+
+
+def test_doorbell_counts_and_closes() -> None:
+    bell = Doorbell()
+    request_fd, done_fd = bell.fds()
+    bell.ring_request()
+    bell.ring_request()
+    assert bell.wait_request() == 2
+    bell.ring_done()
+    assert bell.wait_done() == 1
+    bell.close()
+    bell.close()
+    for fd in (request_fd, done_fd):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_attach_checks_the_header(region: SharedRegion) -> None:
+    other = SharedRegion.attach(region.mmap)
+    try:
+        region.table.publish(sample_table(), None)
+        assert other.vcpus == 2
+        assert other.reader().lookup(Space.IOPORT, 0x3F8) is not None
+        assert other.mailbox(1).arg_address() == region.mailbox(1).arg_address()
+    finally:
+        other.close()
+    assert not region.mmap.closed  # attached regions leave unmapping to the owner
+    with mmap.mmap(-1, region.size) as blank:
+        with pytest.raises(ShmError, match="magic"):
+            SharedRegion.attach(blank)
+        blank[:64] = region.mmap[:64]
+        blank[4:8] = (99).to_bytes(4, "little")
+        with pytest.raises(ShmError, match="version"):
+            SharedRegion.attach(blank)
+    with mmap.mmap(-1, mmap.PAGESIZE) as small:
+        small[:64] = region.mmap[:64]
+        with pytest.raises(ShmError, match="smaller"):
+            SharedRegion.attach(small)
+
+
+def test_create_validates_dimensions() -> None:
+    with pytest.raises(ValueError):
+        SharedRegion.create(0)
+    with pytest.raises(ValueError):
+        SharedRegion.create(1, max_ranges=-1)
+
+
+def test_close_refuses_while_a_view_is_held_and_is_idempotent() -> None:
+    shared = SharedRegion.create(1)
+    view = shared.mailbox(0).arg_view()
+    with pytest.raises(ShmError):
+        shared.close()
+    view.release()
+    shared.close()
+    shared.close()
+    assert shared.mmap.closed
