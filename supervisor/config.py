@@ -1,0 +1,345 @@
+"""The run configuration: a TOML file decoded into frozen, validated structs.
+
+msgspec checks the shape (tables, key names, types); this module adds the checks msgspec
+cannot express with a useful message (ranges, addresses, the plugin executable) and turns
+every failure into one `ConfigError` naming the file and the key, e.g.
+``hello.toml: [vm] vcpus: expected an integer from 1 to 64, got 65``.
+
+Paths in the file are relative to the file's folder, so a config works from any directory:
+
+- ``[plugin] path``: a path with a "/" is taken relative to the config folder. A bare name
+  ("myplugin") is the file of that name in the config folder if there is one, else it is
+  looked up on PATH. Either way the result is absolute, and it must be an executable file.
+- ``[log] dir``: relative to the config folder. It may contain the placeholders ``{name}``
+  (the config file's stem), ``{time}`` (local start time, YYYYmmdd-HHMMSS) and ``{pid}``
+  (the supervisor's pid); the default is ``runs/{name}-{time}-{pid}``, i.e.
+  ``runs/<config stem>-<YYYYmmdd-HHMMSS>-<pid>`` next to the config file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import shutil
+import string
+import time
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+MAX_VCPUS = 64
+"""PauseVcpus carries a 64-bit mask, so no VCPU may have an index above 63."""
+
+Transport = Literal["socket", "pipes"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+DEFAULT_LOG_DIR = "runs/{name}-{time}-{pid}"
+LOG_DIR_PLACEHOLDERS = ("name", "time", "pid")
+
+
+class ConfigError(Exception):
+    """The config file is missing, unreadable or wrong; the message names file and key."""
+
+
+class VmConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    vcpus: int = 1
+    low_latency: bool = False
+
+
+class PluginConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    path: Path
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = {}
+    vcpu_transport: Transport = "socket"
+    grace_period: float = 1.0
+
+
+class NetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    host_ip: ipaddress.IPv4Address
+    netmask: ipaddress.IPv4Address
+    mac: str
+
+
+class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    dir: Path = Path(DEFAULT_LOG_DIR)
+    level: LogLevel = "info"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    vm: VmConfig = msgspec.field(default_factory=VmConfig)
+    plugin: PluginConfig
+    net: NetConfig | None = None
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+
+class _KeyError(Exception):
+    """A semantic check failed; `key` is a dotted path such as "vm.vcpus"."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+def load_config(
+    path: str | Path,
+    *,
+    overrides: Mapping[str, object] | None = None,
+    check_plugin: bool = True,
+) -> Config:
+    """Read, validate and resolve a config file.
+
+    `overrides` maps dotted keys ("vm.vcpus", "log.dir", ...) to values that replace the
+    file's; they are validated like the file's values. A relative override path is still
+    relative to the config folder, so callers pass absolute paths for command-line values.
+    `check_plugin=False` skips the check that the plugin exists and is executable.
+    """
+    path = Path(path)
+    label = str(path)
+    overridden = set(overrides or ())
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file is a directory: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        raw = msgspec.toml.decode(data)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{label}: not valid UTF-8 (byte {exc.start})") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{label}: invalid TOML: {_toml_message(exc)}") from None
+    if not isinstance(raw, dict):  # pragma: no cover - TOML documents are always tables
+        raise ConfigError(f"{label}: expected a TOML table")
+    raw.setdefault("plugin", {})  # so a missing [plugin] reports "[plugin] path is required"
+    _apply_overrides(raw, overrides or {}, label)
+    try:
+        config = msgspec.convert(raw, Config, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        key, message = _translate(str(exc))
+        raise ConfigError(_format(label, key, message, overridden)) from None
+    folder = path.resolve().parent
+    # Path("./x") prints as "x", so whether the file wrote a bare name is read from the text.
+    bare = "/" not in raw["plugin"]["path"]
+    try:
+        _check(config)
+        return _resolve(config, folder, path.stem, bare=bare, check_plugin=check_plugin)
+    except _KeyError as exc:
+        raise ConfigError(_format(label, exc.key, exc.message, overridden)) from None
+
+
+def _format(label: str, key: str, message: str, overridden: set[str]) -> str:
+    where = _key_label(key)
+    if any(key == o or key.startswith((f"{o}.", f"{o}[")) for o in overridden):
+        where += " (overridden)"
+    return f"{label}: {where}: {message}" if where else f"{label}: {message}"
+
+
+def _key_label(key: str) -> str:
+    """ "vm.vcpus" -> "[vm] vcpus"; "plugin.args[1]" -> "[plugin] args[1]"; "" -> ""."""
+    if not key:
+        return ""
+    table, _, rest = key.partition(".")
+    return f"[{table}] {rest}" if rest else f"[{table}]"
+
+
+def _toml_message(exc: msgspec.DecodeError) -> str:
+    message = str(exc)
+    return message[:1].lower() + message[1:]
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, object], label: str) -> None:
+    tables = {f.name: f.type for f in msgspec.structs.fields(Config)}
+    for dotted, value in overrides.items():
+        table, _, key = dotted.partition(".")
+        struct = _struct_of(tables.get(table))
+        if struct is None or key not in {f.name for f in msgspec.structs.fields(struct)}:
+            raise ConfigError(f"{label}: unknown override key {dotted!r}")
+        section = raw.setdefault(table, {})
+        if isinstance(section, dict):
+            section[key] = str(value) if isinstance(value, Path) else value
+
+
+def _struct_of(annotation: object) -> type[msgspec.Struct] | None:
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, msgspec.Struct):
+            return candidate
+    return None
+
+
+def _dec_hook(kind: type, value: object) -> object:
+    if kind is Path and isinstance(value, str):
+        if not value:
+            raise ValueError("must not be empty")
+        return Path(value)
+    if kind is ipaddress.IPv4Address and isinstance(value, str):
+        try:
+            return ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValueError(f"expected an IPv4 address, got {value!r}") from None
+    raise TypeError(f"expected a string, got {_toml_type(value)}")
+
+
+def _toml_type(value: object) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string"}.get(
+        type(value), "table" if isinstance(value, dict) else "array"
+    )
+
+
+_TYPE_NAMES = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "a boolean",
+    "object": "a table",
+    "object | null": "a table",
+    "array": "an array",
+    "null": "nothing",
+}
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+
+
+def _translate(text: str) -> tuple[str, str]:
+    """Turn msgspec's "Expected `int`, got `str` - at `$.vm.vcpus`" into a key and a message."""
+    match = _AT.match(text)
+    assert match is not None  # the pattern matches any string
+    message, path = match["msg"], (match["path"] or "").lstrip(".")
+    path = path.replace("[...]", "")
+    if m := re.fullmatch(r"Object contains unknown field `(.*)`", message):
+        if not path:
+            return "", f"unknown table [{m[1]}]"
+        return "", f"unknown key {_key_label(path)} {m[1]}"
+    if m := re.fullmatch(r"Object missing required field `(.*)`", message):
+        if not path:
+            return "", f"[{m[1]}] is required"
+        return "", f"{_key_label(path)} {m[1]} is required"
+    if m := re.fullmatch(r"Expected `(.*?)`, got `(.*?)`", message):
+        want = _TYPE_NAMES.get(m[1], m[1])
+        got = _TYPE_NAMES.get(m[2], m[2]).removeprefix("an ").removeprefix("a ")
+        return path, f"expected {want}, got {got}"
+    if m := re.fullmatch(r"Invalid enum value (.*)", message):
+        allowed = ", ".join(repr(v) for v in _literal_values(path))
+        return path, f"expected one of {allowed}, got {m[1]}"
+    return path, message[:1].lower() + message[1:]
+
+
+def _literal_values(path: str) -> tuple[object, ...]:
+    annotation: object = Config
+    for part in path.split("."):
+        struct = _struct_of(annotation)
+        if struct is None:
+            return ()
+        annotation = typing.get_type_hints(struct).get(part)
+    return typing.get_args(annotation)
+
+
+def _check(config: Config) -> None:
+    """The checks msgspec's types cannot state; each raises `_KeyError` naming its key."""
+    vcpus = config.vm.vcpus
+    if not 1 <= vcpus <= MAX_VCPUS:
+        raise _KeyError("vm.vcpus", f"expected an integer from 1 to {MAX_VCPUS}, got {vcpus}")
+    plugin = config.plugin
+    grace = plugin.grace_period
+    if not (math.isfinite(grace) and grace >= 0):
+        raise _KeyError("plugin.grace_period", f"expected seconds >= 0, got {grace}")
+    for name, value in plugin.env.items():
+        if not name or "=" in name or "\0" in name:
+            raise _KeyError("plugin.env", f"invalid variable name {name!r}")
+        if "\0" in value:
+            raise _KeyError(f"plugin.env.{name}", "must not contain a NUL character")
+    for i, arg in enumerate(plugin.args):
+        if "\0" in arg:
+            raise _KeyError(f"plugin.args[{i}]", "must not contain a NUL character")
+    if config.net is not None:
+        _check_net(config.net)
+
+
+def _check_net(net: NetConfig) -> None:
+    try:
+        network = ipaddress.IPv4Network(f"{net.host_ip}/{net.netmask}", strict=False)
+    except ValueError:
+        raise _KeyError("net.netmask", f"not a contiguous netmask: {net.netmask}") from None
+    if network.prefixlen == 0 or network.prefixlen == 32:
+        raise _KeyError("net.netmask", f"must leave room for the guest, got {net.netmask}")
+    host = net.host_ip
+    if host.is_unspecified or host.is_multicast or host.is_loopback or host.is_reserved:
+        raise _KeyError("net.host_ip", f"not usable as a host address: {host}")
+    if network.prefixlen <= 30 and host in (network.network_address, network.broadcast_address):
+        raise _KeyError("net.host_ip", f"{host} is the network or broadcast address of {network}")
+    if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", net.mac):
+        raise _KeyError(
+            "net.mac", f"expected a MAC address like 02:00:00:00:00:01, got {net.mac!r}"
+        )
+    if int(net.mac[:2], 16) & 1:
+        raise _KeyError("net.mac", f"must be a unicast address (first octet even), got {net.mac}")
+
+
+def _resolve(config: Config, folder: Path, stem: str, *, bare: bool, check_plugin: bool) -> Config:
+    plugin_path = _resolve_plugin(config.plugin.path, folder, bare=bare, check=check_plugin)
+    log_dir = _absolute(Path(_expand_log_dir(str(config.log.dir), stem)), folder)
+    net = config.net
+    if net is not None:
+        net = msgspec.structs.replace(net, mac=net.mac.lower())
+    return msgspec.structs.replace(
+        config,
+        plugin=msgspec.structs.replace(config.plugin, path=plugin_path),
+        net=net,
+        log=msgspec.structs.replace(config.log, dir=log_dir),
+    )
+
+
+def _absolute(path: Path, folder: Path) -> Path:
+    return Path(os.path.normpath(folder / path.expanduser()))
+
+
+def _resolve_plugin(path: Path, folder: Path, *, bare: bool, check: bool) -> Path:
+    text = str(path)
+    if bare:
+        local = folder / text
+        if not local.exists():
+            found = shutil.which(text)
+            if found is not None:
+                return Path(os.path.abspath(found))
+            if check:
+                raise _KeyError("plugin.path", f"{text!r} is neither in {folder} nor on PATH")
+            return path
+        resolved = local
+    else:
+        resolved = _absolute(path, folder)
+    if check:
+        if not resolved.exists():
+            raise _KeyError("plugin.path", f"{resolved} does not exist")
+        if not resolved.is_file():
+            raise _KeyError("plugin.path", f"{resolved} is not a file")
+        if not os.access(resolved, os.X_OK):
+            raise _KeyError(
+                "plugin.path",
+                f"{resolved} is not executable (chmod +x it; a script needs a #! line)",
+            )
+    return resolved
+
+
+def _expand_log_dir(template: str, stem: str) -> str:
+    values = {
+        "name": stem,
+        "time": time.strftime("%Y%m%d-%H%M%S"),
+        "pid": str(os.getpid()),
+    }
+    allowed = ", ".join("{" + p + "}" for p in LOG_DIR_PLACEHOLDERS)
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise _KeyError("log.dir", f"{exc} (write {{{{ and }}}} for literal braces)") from None
+    for field in fields:
+        if field not in values:
+            raise _KeyError("log.dir", f"unknown placeholder {{{field}}}; use {allowed}")
+    try:
+        return template.format_map(values)
+    except (ValueError, IndexError) as exc:
+        raise _KeyError("log.dir", str(exc)) from None

@@ -1,0 +1,220 @@
+"""The `vmsuper` command line: parsing, config overrides, dispatch and exit statuses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from vmsuper.supervisor import cli
+from vmsuper.supervisor.config import Config
+
+from vmsuper import __version__
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    plugin = tmp_path / "plugin.sh"
+    plugin.write_text("#!/bin/sh\n")
+    plugin.chmod(0o755)
+    path = tmp_path / "hello.toml"
+    path.write_text(
+        '[vm]\nvcpus = 2\n[plugin]\npath = "plugin.sh"\ngrace_period = 3.0\n'
+        '[log]\ndir = "logs"\nlevel = "warning"\n'
+    )
+    return path
+
+
+class FakeRunner:
+    def __init__(self, status: int = 0, raises: BaseException | None = None) -> None:
+        self.configs: list[Config] = []
+        self.status = status
+        self.raises = raises
+
+    def run(self, config: Config) -> int:
+        self.configs.append(config)
+        if self.raises is not None:
+            raise self.raises
+        return self.status
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch) -> FakeRunner:
+    fake = FakeRunner(status=7)
+    module = types.ModuleType("vmsuper.supervisor.runner")
+    module.run = fake.run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vmsuper.supervisor.runner", module)
+    return fake
+
+
+def test_run_without_flags_uses_the_file(config_file: Path, runner: FakeRunner) -> None:
+    assert cli.main(["run", str(config_file)]) == 7
+    [config] = runner.configs
+    assert config.vm.vcpus == 2
+    assert config.vm.low_latency is False
+    assert config.plugin.grace_period == 3.0
+    assert config.plugin.vcpu_transport == "socket"
+    assert config.log.dir == config_file.parent / "logs"
+    assert config.log.level == "warning"
+
+
+def test_run_flags_override_config(
+    config_file: Path, runner: FakeRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    argv = [
+        "run",
+        str(config_file),
+        "--vcpus",
+        "4",
+        "--log-dir",
+        "out/{name}",
+        "--log-level",
+        "debug",
+        "--transport",
+        "pipes",
+        "--grace-period",
+        "0.5",
+        "--low-latency",
+    ]
+    assert cli.main(argv) == 7
+    [config] = runner.configs
+    assert config.vm.vcpus == 4
+    assert config.vm.low_latency is True
+    assert config.plugin.vcpu_transport == "pipes"
+    assert config.plugin.grace_period == 0.5
+    assert config.log.level == "debug"
+    assert config.log.dir == cwd / "out" / "hello"  # relative to the current directory
+
+
+def test_no_low_latency_flag(config_file: Path, runner: FakeRunner) -> None:
+    config_file.write_text(config_file.read_text().replace("[vm]\n", "[vm]\nlow_latency = true\n"))
+    cli.main(["run", str(config_file), "--no-low-latency"])
+    assert runner.configs[-1].vm.low_latency is False
+
+
+def test_overrides_from_args_maps_flags_to_keys() -> None:
+    args = cli.build_parser().parse_args(
+        ["run", "x.toml", "--vcpus", "3", "--no-low-latency", "--log-dir", "/abs/d"]
+    )
+    assert cli.overrides_from_args(args) == {
+        "vm.vcpus": 3,
+        "vm.low_latency": False,
+        "log.dir": Path("/abs/d"),
+    }
+    assert cli.overrides_from_args(cli.build_parser().parse_args(["run", "x.toml"])) == {}
+
+
+def test_config_error_exit_status_and_message(
+    config_file: Path, runner: FakeRunner, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_file.write_text(config_file.read_text().replace("vcpus = 2", "vcpus = 99"))
+    assert cli.main(["run", str(config_file)]) == cli.USAGE_ERROR == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"vmsuper run: error: {config_file}: [vm] vcpus: expected an integer from 1 to 64, got 99\n"
+    )
+    assert runner.configs == []
+
+
+def test_missing_config_file(
+    tmp_path: Path, runner: FakeRunner, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["run", str(tmp_path / "none.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "complaint"),
+    [
+        (["--vcpus", "65"], "argument --vcpus: expected an integer from 1 to 64, got '65'"),
+        (["--vcpus", "two"], "argument --vcpus: expected an integer from 1 to 64"),
+        (["--grace-period", "-1"], "argument --grace-period: expected seconds >= 0"),
+        (["--grace-period", "nan"], "argument --grace-period: expected seconds >= 0"),
+        (["--transport", "tcp"], "argument --transport: invalid choice"),
+        (["--log-level", "loud"], "argument --log-level: invalid choice"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_flags_are_usage_errors(
+    config_file: Path,
+    runner: FakeRunner,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    complaint: str,
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", str(config_file), *flags])
+    assert info.value.code == 2
+    assert complaint in capsys.readouterr().err
+    assert runner.configs == []
+
+
+def test_interrupt_is_130(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeRunner(raises=KeyboardInterrupt())
+    module = types.ModuleType("vmsuper.supervisor.runner")
+    module.run = fake.run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vmsuper.supervisor.runner", module)
+    assert cli.main(["run", str(config_file)]) == 130
+
+
+def test_check_gets_its_own_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+
+    def check_main(argv: list[str]) -> int:
+        seen.append(argv)
+        return 3
+
+    module = types.ModuleType("vmsuper.supervisor.check")
+    module.main = check_main  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vmsuper.supervisor.check", module)
+    assert cli.main(["check", "--help", "-v"]) == 3
+    assert cli.main(["check"]) == 3
+    assert seen == [["--help", "-v"], []]
+
+
+def test_logs_dispatch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    record = {"timestamp": "2025-01-01T00:00:00.000000Z", "level": "info", "event": "hi"}
+    (tmp_path / "supervisor.jsonl").write_text(json.dumps(record) + "\n")
+    assert cli.main(["logs", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == record
+    assert cli.main(["logs", str(tmp_path / "nope")]) == 1
+
+
+def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main([])
+    assert info.value.code == 2
+    assert "COMMAND" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"vmsuper {__version__}\n"
+
+
+def test_run_help_names_the_overridden_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for key in ("[vm] vcpus", "[vm] low_latency", "[plugin] vcpu_transport", "[log] dir"):
+        assert key in text
+
+
+def test_python_dash_m() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "vmsuper", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0
+    assert done.stdout == f"vmsuper {__version__}\n"

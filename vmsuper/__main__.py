@@ -1,0 +1,8 @@
+"""`python -m vmsuper`: the same as the `vmsuper` command."""
+
+import sys
+
+from vmsuper.supervisor.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
