@@ -38,7 +38,9 @@ def build_tree() -> Path:
 def main() -> int:
     tree = build_tree()
     targets = [str(tree / "vmsuper")]
-    targets += [str(ROOT / d) for d in ("tests", "benchmarks", "scripts") if (ROOT / d).is_dir()]
+    for folder in ("tests", "benchmarks", "scripts"):
+        if any((ROOT / folder).glob("**/*.py")):
+            targets.append(str(ROOT / folder))
     cmd = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), *targets]
     env = {**os.environ, "MYPYPATH": str(tree)}
     return subprocess.call(cmd, cwd=tree, env=env)

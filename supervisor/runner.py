@@ -22,6 +22,7 @@ from typing import Any
 
 from vmsuper.shared import kvm, logs, wire
 from vmsuper.shared.plugin_pb2 import MainResponse
+from vmsuper.shared.ranges import RangeTable
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.supervisor import outcome
 from vmsuper.supervisor.config import Config
@@ -150,6 +151,7 @@ class Supervisor:
             shutdown_eventfd=run.shutdown_eventfd,
             net=net,
             on_error=self._request_failed,
+            ranges=RangeTable(max_ranges=run.region.table.max_ranges),
         )
 
     # -- wiring ------------------------------------------------------------------------------

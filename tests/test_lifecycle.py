@@ -165,7 +165,7 @@ def test_vmsuper_sigkill_takes_the_plugin_and_workers_with_it(tmp_path: Path) ->
         time.sleep(1)
     """
     plugin = write_python_plugin(tmp_path, plugin_source(body))
-    proc, config, logs = VmRunner(tmp_path / "runs").start(plugin, VmSpec(vcpus=2))
+    proc, _config, _logs = VmRunner(tmp_path / "runs").start(plugin, VmSpec(vcpus=2))
     assert proc.stdout is not None
     json.loads(proc.stdout.readline())
     children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]

@@ -244,7 +244,7 @@ def test_irqs_routing_and_vm_state(tmp_path: Path) -> None:
 
 
 def test_bad_input_keeps_the_supervisor_serving(tmp_path: Path) -> None:
-    result, found = run_plugin(
+    _result, found = run_plugin(
         tmp_path,
         """
         resp, fds = call(req(new_connection=pb.MainRequest.NewConnection()))

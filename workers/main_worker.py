@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from google.protobuf.message import DecodeError
+
 from vmsuper.shared import kvm
 from vmsuper.shared.plugin_pb2 import MainRequest, MainResponse
 from vmsuper.shared.ranges import CallHint, RangeTable, RegHint, Space
@@ -48,7 +49,7 @@ class VcpuControl(Protocol):
 class TablePublisher(Protocol):
     """Where reserved ranges and the call hint go so that every VCPU worker sees them."""
 
-    def publish(self, table: RangeTable, hint: CallHint | None) -> None: ...
+    def publish(self, table: RangeTable, hint: CallHint | None) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class Reply:
     error: str | None = None
 
 
-STATE_SIZES = {
+STATE_SIZES: dict[int, int] = {
     MainRequest.PIC0: ctypes.sizeof(kvm.kvm_pic_state),
     MainRequest.PIC1: ctypes.sizeof(kvm.kvm_pic_state),
     MainRequest.IOAPIC: ctypes.sizeof(kvm.kvm_ioapic_state),
@@ -340,9 +341,8 @@ class MainWorker:
 
     def _set_call_hint(self, request: MainRequest, response: MainResponse, fds: list[int]) -> None:
         h = request.set_call_hint
-        if h.address == 0:
-            self.hint = None
-        else:
+        hint: CallHint | None = None
+        if h.address != 0:
             hints = tuple(
                 RegHint(
                     match_rax=x.match_rax,
@@ -358,8 +358,10 @@ class MainWorker:
                 )
                 for x in h.hints
             )
-            self.hint = CallHint(Space(h.space), h.address, h.on_write, hints)
-        self.publisher.publish(self.ranges, self.hint)
+            hint = CallHint(Space(h.space), h.address, h.on_write, hints)
+        # Published first: a hint the shared table cannot hold is refused, not half-applied.
+        self.publisher.publish(self.ranges, hint)
+        self.hint = hint
 
     # -- interrupts -------------------------------------------------------------------------------
 
@@ -448,7 +450,7 @@ class MainWorker:
         self.vcpus.start()
 
 
-_CHIP_IDS = {
+_CHIP_IDS: dict[int, int] = {
     MainRequest.PIC0: kvm.KVM_IRQCHIP_PIC_MASTER,
     MainRequest.PIC1: kvm.KVM_IRQCHIP_PIC_SLAVE,
     MainRequest.IOAPIC: kvm.KVM_IRQCHIP_IOAPIC,
