@@ -1,0 +1,80 @@
+"""supervisor/check.py: `vmsuper check` on this host, on bad devices, and its verdict."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from vmsuper.supervisor import check
+
+
+def test_missing_device_is_a_clear_failure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "no-kvm-here"
+    assert check.main([], kvm_path=str(path)) == 1
+    captured = capsys.readouterr()
+    assert f"cannot use KVM device {path}: No such file or directory" in captured.err
+    assert captured.out == ""
+
+
+def test_a_file_that_is_not_kvm_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "plain-file"
+    path.write_bytes(b"")
+    assert check.main(["--device", str(path)]) == 1
+    assert f"cannot use KVM device {path}: not a KVM device" in capsys.readouterr().err
+
+
+def test_verdict_counts_only_required_items() -> None:
+    results = [
+        check.Result("irqchip", "KVM_CAP_IRQCHIP", True, True),
+        check.Result("PIT2", "KVM_CAP_PIT2", True, False),
+        check.Result("Hyper-V SynIC", "KVM_CAP_HYPERV_SYNIC", False, False),
+    ]
+    lines, ready = check.summarize(results)
+    assert not ready
+    assert lines == [
+        "required:",
+        "  ok   irqchip (KVM_CAP_IRQCHIP)",
+        "  MISSING PIT2 (KVM_CAP_PIT2)",
+        "optional:",
+        "  absent (optional) Hyper-V SynIC (KVM_CAP_HYPERV_SYNIC)",
+        "not ready: 1 required capability missing",
+    ]
+    lines, ready = check.summarize([results[0], results[2]])
+    assert ready
+    assert lines[-1] == "ready: every required capability is present"
+
+
+def test_unknown_option_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        check.main(["--frobnicate"])
+    assert info.value.code == 2
+    assert "vmsuper check" in capsys.readouterr().err
+
+
+@pytest.mark.kvm
+def test_this_host_is_ready(capsys: pytest.CaptureFixture[str]) -> None:
+    assert check.main([]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "KVM device /dev/kvm: accessible (read/write)"
+    assert out[1] == "KVM API version: 12"
+    for label, name in check.REQUIRED_CAPS:
+        assert f"  ok   {label} ({name})" in out
+    assert "  ok   dirty page logging (KVM_MEM_LOG_DIRTY_PAGES + KVM_GET_DIRTY_LOG)" in out
+    for label, name in check.OPTIONAL_CAPS:
+        assert f"  ok   {label} ({name})" in out or (f"  absent (optional) {label} ({name})" in out)
+    assert out[-1] == "ready: every required capability is present"
+
+
+@pytest.mark.kvm
+def test_missing_tap_device_is_optional(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tun = tmp_path / "no-tun"
+    status = check.run_check("/dev/kvm", tun_path=str(tun), out=sys.stdout, err=sys.stderr)
+    assert status == 0
+    out = capsys.readouterr().out
+    assert f"  absent (optional) tap devices ({tun}: No such file or directory)" in out
