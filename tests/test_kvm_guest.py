@@ -10,6 +10,8 @@ import ctypes
 import errno
 import mmap
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ class Guest:
     vcpu: kvm.Vcpu
     mapping: mmap.mmap
     run: kvm.kvm_run
+    memory: mmap.mmap
 
 
 @pytest.fixture
@@ -60,7 +63,7 @@ def guest() -> Iterator[Guest]:
             regs = kvm.kvm_regs(rip=LOAD_ADDRESS, rflags=0x2, rsp=0x8000)
             vcpu.set_regs(regs)
             mapping, run = vcpu.map_run()
-            state = Guest(system, vm, vcpu, mapping, run)
+            state = Guest(system, vm, vcpu, mapping, run, memory)
             del run
             try:
                 yield state
@@ -268,3 +271,37 @@ def test_forked_child_gets_eio_but_shares_the_run_page(guest: Guest) -> None:
         guest.vcpu.run()
     assert info.value.errno == errno.EINTR
     assert info.value.ioctl == "KVM_RUN"
+
+
+def test_signal_kicks_a_thread_out_of_kvm_run(guest: Guest) -> None:
+    """The pause mechanism: immediate_exit plus a signal to the thread in KVM_RUN gives EINTR,
+    whether the signal lands before the thread enters the guest or while it is inside."""
+    halt_loop = 0x3000
+    guest.memory[halt_loop : halt_loop + 3] = bytes.fromhex("f4ebfd")  # 1: hlt; jmp 1b
+    guest.vcpu.set_regs(kvm.kvm_regs(rip=halt_loop, rflags=0x2))
+    outcome: list[BaseException | None] = []
+    entered = threading.Event()
+
+    def runner() -> None:
+        entered.set()
+        try:
+            guest.vcpu.run()  # halts in the kernel: the in-kernel irqchip never returns HLT
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+    thread = threading.Thread(target=runner)
+    try:
+        thread.start()
+        assert entered.wait(10)
+        guest.run.immediate_exit = 1
+        assert thread.ident is not None
+        while thread.is_alive():
+            signal.pthread_kill(thread.ident, signal.SIGUSR1)
+            thread.join(0.05)
+    finally:
+        thread.join(10)
+        signal.signal(signal.SIGUSR1, previous)
+    assert len(outcome) == 1 and isinstance(outcome[0], kvm.KvmError)
+    assert (outcome[0].errno, outcome[0].ioctl) == (errno.EINTR, "KVM_RUN")
