@@ -245,7 +245,7 @@ class Supervisor:
         self.sel.unregister(self.plugin.pidfd)
         status = self.plugin.poll()
         _, described = outcome.plugin_status(status)
-        self.log.info("plugin_exited", pid=self.plugin.pid, outcome=described)
+        self.log.info("plugin_exited", plugin_pid=self.plugin.pid, outcome=described)
         self.begin_shutdown(None, described)
 
     def _on_plugin_stderr(self, fd: int) -> None:
@@ -316,7 +316,7 @@ class Supervisor:
                 return self._finish()
             finally:
                 theirs.close()
-            self.log.info("plugin_started", pid=self.plugin.pid, path=str(cfg.plugin.path))
+            self.log.info("plugin_started", plugin_pid=self.plugin.pid, path=str(cfg.plugin.path))
             self._add_connection(ours)
             self.sel.register(self.plugin.pidfd, selectors.EVENT_READ, self._on_plugin_exit)
             self.sel.register(self.plugin.stderr_fd, selectors.EVENT_READ, self._on_plugin_stderr)
