@@ -1,0 +1,132 @@
+"""Exit figures: round trips through vmsuper (a), the C reference (b), async writes and
+ioeventfd writes (c).
+
+Every figure comes from the clocks of the program that sees the exits: the plugin for vmsuper
+runs, the VCPU threads for the reference. A run covers the guest's START exit to its DONE
+exit: `exits` loop writes plus the DONE write, hence the `exits + 1` below.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .context import PLUGINS, TRANSPORTS, Bench
+from .machine import held_low_latency
+from .stats import summarize
+from .vmrun import RunError, RunSpec, run_command, run_vm
+
+VCPU_COUNTS = (1, 2)
+REFERENCE_MODES = ("inline", "pipe", "socket")
+ASYNC_FACTOR = 4  # async and ioeventfd writes are cheap: run more of them per measurement
+
+
+def rates(report: dict[str, Any], *, counted: str = "exits") -> tuple[float, float]:
+    """(microseconds per exit and VCPU, exits per second over all VCPUs) of one run.
+
+    `counted` is "exits" when the plugin saw every loop write, "ioevents" when the kernel
+    counted them in an eventfd. Raises RunError if the count is not what the guest did.
+    """
+    expected = int(report["expected_exits"])
+    vcpus = report["vcpus"]
+    for index, vcpu in enumerate(vcpus):
+        if vcpu["other_exits"] or not vcpu["t_first"] or not vcpu["t_done"]:
+            raise RunError(f"VCPU {index} did not run the loop cleanly: {vcpu}")
+        if counted == "exits" and vcpu["exits"] != expected:
+            raise RunError(f"VCPU {index} saw {vcpu['exits']} loop exits, expected {expected}")
+    total = expected * len(vcpus)
+    if counted == "ioevents" and report["ioevents"] != total:
+        raise RunError(f"the eventfd counted {report['ioevents']} writes, expected {total}")
+    per_exit = statistics.mean((v["t_done"] - v["t_first"]) / (expected + 1) for v in vcpus)
+    span = max(v["t_done"] for v in vcpus) - min(v["t_first"] for v in vcpus)
+    return per_exit * 1e6, total / span
+
+
+def _row(key: dict[str, Any], samples: Iterable[tuple[float, float]], unit: str) -> dict[str, Any]:
+    per, rate = zip(*samples, strict=True)
+    return {**key, f"us_per_{unit}": summarize(per), f"{unit}s_per_s": summarize(rate)}
+
+
+def _collect(
+    bench: Bench,
+    keys: list[dict[str, Any]],
+    measure: Callable[[dict[str, Any]], tuple[float, float]],
+    unit: str = "exit",
+) -> list[dict[str, Any]]:
+    """Measure every key `repeat` times, interleaved so slow drifts hit every key alike."""
+    samples: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(keys))}
+    for _ in range(bench.repeat):
+        for i, key in enumerate(keys):
+            samples[i].append(measure(key))
+    return [_row(key, samples[i], unit) for i, key in enumerate(keys)]
+
+
+def exits(bench: Bench) -> list[dict[str, Any]]:
+    """(a) Round trips: each loop write stops the VCPU until the plugin resumes it."""
+    keys = [
+        {"plugin": p, "transport": t, "vcpus": v, "low_latency": ll}
+        for ll, p, t, v in itertools.product(bench.low_latency, PLUGINS, TRANSPORTS, VCPU_COUNTS)
+    ]
+
+    def measure(key: dict[str, Any]) -> tuple[float, float]:
+        spec = RunSpec(
+            plugin=bench.plugin(key["plugin"], "loop", bench.exits),
+            vcpus=key["vcpus"],
+            transport=key["transport"],
+            low_latency=key["low_latency"],
+        )
+        folder = bench.folder(f"exits-{key['plugin']}-{key['transport']}-{key['vcpus']}")
+        return rates(run_vm(spec, folder).report)
+
+    return _collect(bench, keys, measure)
+
+
+def reference(bench: Bench) -> list[dict[str, Any]]:
+    """(b) The C reference: exits handled in the VCPU thread, or by a plugin process."""
+    keys = [
+        {"mode": m, "vcpus": v, "low_latency": ll}
+        for ll, m, v in itertools.product(bench.low_latency, REFERENCE_MODES, VCPU_COUNTS)
+    ]
+
+    def measure(key: dict[str, Any]) -> tuple[float, float]:
+        with held_low_latency(key["low_latency"]):
+            report = run_command(bench.reference(key["mode"], key["vcpus"], bench.exits))
+        return rates(report)
+
+    return _collect(bench, keys, measure)
+
+
+def async_writes(bench: Bench) -> list[dict[str, Any]]:
+    """(c) Writes to an async_write range: the VCPU goes on, the plugin only drains."""
+    count = bench.exits * ASYNC_FACTOR
+    keys = [
+        {"plugin": p, "transport": t, "vcpus": 1, "low_latency": ll}
+        for ll, p, t in itertools.product(bench.low_latency, PLUGINS, TRANSPORTS)
+    ]
+
+    def measure(key: dict[str, Any]) -> tuple[float, float]:
+        spec = RunSpec(
+            plugin=bench.plugin(key["plugin"], "async", count),
+            transport=key["transport"],
+            low_latency=key["low_latency"],
+        )
+        folder = bench.folder(f"async-{key['plugin']}-{key['transport']}")
+        return rates(run_vm(spec, folder).report)
+
+    return _collect(bench, keys, measure)
+
+
+def ioeventfd(bench: Bench) -> list[dict[str, Any]]:
+    """(c) Writes to an io_event's port: the kernel signals the eventfd, nobody exits."""
+    count = bench.exits * ASYNC_FACTOR
+    keys = [{"vcpus": 1, "low_latency": ll} for ll in bench.low_latency]
+
+    def measure(key: dict[str, Any]) -> tuple[float, float]:
+        spec = RunSpec(
+            plugin=bench.plugin("native", "ioevent", count), low_latency=key["low_latency"]
+        )
+        return rates(run_vm(spec, bench.folder("ioeventfd")).report, counted="ioevents")
+
+    return _collect(bench, keys, measure, unit="write")

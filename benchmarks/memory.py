@@ -1,0 +1,95 @@
+"""(e) Memory: USS and PSS of the supervisor and of each VCPU worker while the VM runs, their
+growth from 1 to many VCPUs, and the time to start that many.
+
+The native plugin runs in `hold` mode: every VCPU stops at its first exit, the plugin reports,
+and the harness measures the processes before letting the plugin (and so the VM) end. USS is
+what a process would give back if it died; PSS also charges it its share of shared pages.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import psutil
+
+from .context import Bench
+from .stats import summarize
+from .vmrun import RunError, RunResult, RunSpec, run_vm
+
+MIB: Final = 1024 * 1024
+VCPU_COUNTS: Final = (1, 16)
+
+
+def sample(run: RunResult, vcpus: int) -> dict[str, Any]:
+    """USS/PSS of the supervisor and its VCPU workers (its children other than the plugin)."""
+    supervisor = psutil.Process(run.supervisor_pid)
+    plugin_pid = int(run.report["pid"])
+    workers = []
+    for child in supervisor.children():
+        if child.pid == plugin_pid or plugin_pid in {p.pid for p in child.children(True)}:
+            continue
+        workers.append(child)
+    if len(workers) != vcpus:
+        raise RunError(f"expected {vcpus} VCPU workers, found {len(workers)}")
+    sup = supervisor.memory_full_info()
+    infos = [w.memory_full_info() for w in workers]
+    return {
+        "supervisor_uss": sup.uss / MIB,
+        "supervisor_pss": sup.pss / MIB,
+        "worker_uss": [i.uss / MIB for i in infos],
+        "worker_pss": [i.pss / MIB for i in infos],
+    }
+
+
+def memory(bench: Bench) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for ll in bench.low_latency:
+        by_count: dict[int, dict[str, Any]] = {}
+        for vcpus in VCPU_COUNTS:
+            samples: list[dict[str, Any]] = []
+            start_ms: list[float] = []
+            running_ms: list[float] = []
+            for _ in range(bench.repeat):
+                got: dict[str, Any] = {}
+
+                def measure(run: RunResult, got: dict[str, Any] = got, vcpus: int = vcpus) -> None:
+                    got.update(sample(run, vcpus))
+
+                spec = RunSpec(
+                    plugin=bench.plugin("native", "hold"), vcpus=vcpus, low_latency=ll, hold=True
+                )
+                run = run_vm(spec, bench.folder(f"memory-{vcpus}"), while_held=measure)
+                samples.append(got)
+                last_first = max(v["t_first"] for v in run.report["vcpus"])
+                start_ms.append((last_first - run.report["t_start_sent"]) * 1e3)
+                running_ms.append((last_first - run.t_exec) * 1e3)
+            worker_uss = [u for s in samples for u in s["worker_uss"]]
+            worker_pss = [u for s in samples for u in s["worker_pss"]]
+            total_uss = [s["supervisor_uss"] + sum(s["worker_uss"]) for s in samples]
+            row = {
+                "vcpus": vcpus,
+                "low_latency": ll,
+                "supervisor_uss_mib": summarize([s["supervisor_uss"] for s in samples]),
+                "supervisor_pss_mib": summarize([s["supervisor_pss"] for s in samples]),
+                "worker_uss_mib": summarize(worker_uss),
+                "worker_pss_mib": summarize(worker_pss),
+                "total_uss_mib": summarize(total_uss),
+                "start_ms": summarize(start_ms),
+                "exec_to_running_ms": summarize(running_ms),
+            }
+            by_count[vcpus] = row
+            rows.append(row)
+        low, high = by_count[VCPU_COUNTS[0]], by_count[VCPU_COUNTS[-1]]
+        added = VCPU_COUNTS[-1] - VCPU_COUNTS[0]
+        growth = high["total_uss_mib"]["median"] - low["total_uss_mib"]["median"]
+        sup_growth = high["supervisor_uss_mib"]["median"] - low["supervisor_uss_mib"]["median"]
+        rows.append(
+            {
+                "growth": f"{VCPU_COUNTS[0]}->{VCPU_COUNTS[-1]} VCPUs",
+                "low_latency": ll,
+                "total_uss_growth_mib": growth,
+                "per_added_vcpu_uss_mib": growth / added,
+                "supervisor_uss_growth_mib": sup_growth,
+            }
+        )
+    return rows

@@ -1,0 +1,194 @@
+"""Turning the sections' rows into ratios, targets and the printed tables."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from .stats import ratio
+
+Row = dict[str, Any]
+Column = tuple[str, Callable[[Row], str]]
+
+MAX_CROSVM_RATIO: Final = 1.5
+MAX_FIRST_REQUEST_MS: Final = 150.0
+MAX_TRIVIAL_RUN_MS: Final = 300.0
+MAX_WORKER_USS_MIB: Final = 12.0
+
+
+def add_ratios(exit_rows: list[Row], reference_rows: list[Row]) -> None:
+    """Put vmsuper's per-exit time over the reference's beside each exit figure (medians)."""
+    for row in exit_rows:
+        for ref in reference_rows:
+            if (ref["vcpus"], ref["low_latency"]) != (row["vcpus"], row["low_latency"]):
+                continue
+            name = {"pipe": "vs_crosvm", "socket": "vs_crosvm_socket", "inline": "vs_floor"}
+            row[name[ref["mode"]]] = ratio(
+                row["us_per_exit"]["median"], ref["us_per_exit"]["median"]
+            )
+
+
+def targets(sections: dict[str, list[Row]]) -> list[Row]:
+    """The goals vmsuper is held to, each with what was measured and whether it was met."""
+    found: list[Row] = []
+
+    def add(name: str, limit: float, measured: float | None, unit: str) -> None:
+        met = measured is not None and measured <= limit
+        found.append(
+            {"target": name, "limit": limit, "measured": measured, "unit": unit, "met": met}
+        )
+
+    for row in sections.get("exits", []):
+        if row["plugin"] == "native" and row["vcpus"] == 1 and "vs_crosvm" in row:
+            ll = " low_latency" if row["low_latency"] else ""
+            add(
+                f"native plugin {row['transport']} per exit / crosvm reference{ll}",
+                MAX_CROSVM_RATIO,
+                row["vs_crosvm"],
+                "x",
+            )
+    for row in sections.get("startup", []):
+        ll = " low_latency" if row.get("low_latency") else ""
+        if row["plugin"] == "native":
+            add(
+                f"exec to the plugin's first request{ll}",
+                MAX_FIRST_REQUEST_MS,
+                row["to_first_request_ms"]["median"],
+                "ms",
+            )
+        if row["plugin"] == "trivial":
+            add(
+                f"whole run of a trivial plugin{ll}",
+                MAX_TRIVIAL_RUN_MS,
+                row["run_ms"]["median"],
+                "ms",
+            )
+    worker_uss = [
+        r["worker_uss_mib"]["max"] for r in sections.get("memory", []) if "worker_uss_mib" in r
+    ]
+    if worker_uss:
+        add("USS per VCPU worker (largest)", MAX_WORKER_USS_MIB, max(worker_uss), "MiB")
+    return found
+
+
+def _summary(key: str, digits: int = 1) -> Callable[[Row], str]:
+    def show(row: Row) -> str:
+        s = row.get(key)
+        if s is None:
+            return "-"
+        return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+    return show
+
+
+def _value(key: str, fmt: str = "{}") -> Callable[[Row], str]:
+    def show(row: Row) -> str:
+        value = row.get(key)
+        return "-" if value is None else fmt.format(value)
+
+    return show
+
+
+def _rate(key: str) -> Callable[[Row], str]:
+    def show(row: Row) -> str:
+        return f"{row[key]['median']:,.0f}"
+
+    return show
+
+
+def _on_off(row: Row) -> str:
+    value = row.get("low_latency")
+    return "-" if value is None else "on" if value else "off"
+
+
+_LL: Final = ("low_lat", _on_off)
+_PER_EXIT: Final = ("us/exit median [min-max]", _summary("us_per_exit"))
+
+COLUMNS: Final[dict[str, list[Column]]] = {
+    "exits": [
+        ("plugin", _value("plugin")),
+        ("transport", _value("transport")),
+        ("vcpus", _value("vcpus")),
+        _LL,
+        _PER_EXIT,
+        ("exits/s", _rate("exits_per_s")),
+        ("x crosvm", _value("vs_crosvm", "{:.2f}")),
+        ("x crosvm(sock)", _value("vs_crosvm_socket", "{:.2f}")),
+        ("x floor", _value("vs_floor", "{:.1f}")),
+    ],
+    "reference": [
+        ("mode", _value("mode")),
+        ("vcpus", _value("vcpus")),
+        _LL,
+        _PER_EXIT,
+        ("exits/s", _rate("exits_per_s")),
+    ],
+    "async": [
+        ("plugin", _value("plugin")),
+        ("transport", _value("transport")),
+        _LL,
+        _PER_EXIT,
+        ("exits/s", _rate("exits_per_s")),
+    ],
+    "ioeventfd": [
+        ("vcpus", _value("vcpus")),
+        _LL,
+        ("us/write median [min-max]", _summary("us_per_write", 2)),
+        ("writes/s", _rate("writes_per_s")),
+    ],
+    "startup": [
+        ("what", _value("plugin")),
+        _LL,
+        ("exec->log run_started ms", _summary("to_run_started_ms")),
+        ("exec->log plugin_started ms", _summary("to_plugin_started_ms")),
+        ("exec->1st request ms", _summary("to_first_request_ms")),
+        ("exec->1st exit ms", _summary("to_first_exit_ms")),
+        ("Start->1st exit ms", _summary("start_to_first_exit_ms")),
+        ("whole run ms", _summary("run_ms")),
+    ],
+    "memory": [
+        ("vcpus", lambda r: str(r.get("vcpus", r.get("growth")))),
+        _LL,
+        ("sup USS MiB", _summary("supervisor_uss_mib")),
+        ("sup PSS MiB", _summary("supervisor_pss_mib")),
+        ("worker USS MiB", _summary("worker_uss_mib")),
+        ("worker PSS MiB", _summary("worker_pss_mib")),
+        ("total USS MiB", _summary("total_uss_mib")),
+        ("Start->all running ms", _summary("start_ms")),
+        ("per added VCPU MiB", _value("per_added_vcpu_uss_mib", "{:.2f}")),
+    ],
+}
+
+TITLES: Final = {
+    "exits": "a. Exit round trips through vmsuper (per exit: median [min-max] of the runs)",
+    "reference": "b. C reference, same VM and guest (inline = floor, pipe = crosvm architecture)",
+    "async": "c. Async-write exits (1 VCPU; the plugin only drains)",
+    "ioeventfd": "c. ioeventfd writes (in-kernel, no exit)",
+    "startup": "d. Start-up (from the exec of vmsuper run)",
+    "memory": "e. Memory while the VM runs and the plugin waits",
+}
+
+
+def table(columns: Sequence[Column], rows: Sequence[Row]) -> str:
+    cells = [[head for head, _ in columns]] + [[show(r) for _, show in columns] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def render(sections: dict[str, list[Row]], goals: list[Row]) -> str:
+    parts = []
+    for name, rows in sections.items():
+        parts.append(f"{TITLES[name]}\n{table(COLUMNS[name], rows)}")
+    if goals:
+        lines = ["Targets"]
+        for g in goals:
+            measured = "-" if g["measured"] is None else f"{g['measured']:.2f}"
+            verdict = "met" if g["met"] else "MISSED"
+            lines.append(
+                f"  {verdict:6}  {g['target']}: {measured} {g['unit']}"
+                f" (limit {g['limit']:g} {g['unit']})"
+            )
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)

@@ -1,0 +1,86 @@
+"""(d) Start-up: from the exec of `vmsuper run` to the plugin's first request and to the first
+guest exit, and the whole run of a plugin that exits at once.
+
+The harness reads CLOCK_MONOTONIC just before it executes vmsuper; the plugins stamp the same
+clock. To show where the time goes, the Python interpreter's own start and the import of the
+supervisor are timed alone as well.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from typing import Any
+
+from .context import PLUGINS, Bench
+from .stats import summarize
+from .vmrun import RunResult, RunSpec, log_event_times, run_vm, vmsuper_command
+
+# What `vmsuper run` imports before it can serve the plugin (the CLI imports the runner).
+SUPERVISOR_IMPORT = "import vmsuper.supervisor.cli, vmsuper.supervisor.runner"
+
+
+def _ms(seconds: float) -> float:
+    return seconds * 1e3
+
+
+def _time_command(argv: list[str]) -> float:
+    start = time.monotonic()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return time.monotonic() - start
+
+
+def startup(bench: Bench) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for ll in bench.low_latency:
+        samples: dict[str, dict[str, list[float]]] = {p: defaultdict(list) for p in PLUGINS}
+        trivial: list[float] = []
+        for _ in range(bench.repeat):
+            for plugin in PLUGINS:
+                spec = RunSpec(plugin=bench.plugin(plugin, "loop", 1), low_latency=ll)
+                _sample(run_vm(spec, bench.folder(f"startup-{plugin}")), samples[plugin])
+            spec = RunSpec(
+                plugin=bench.plugin("native", "trivial"), low_latency=ll, expect_report=False
+            )
+            trivial.append(_ms(run_vm(spec, bench.folder("startup-trivial")).wall_s))
+        for plugin in PLUGINS:
+            figures = {f"{k}_ms": summarize(v) for k, v in samples[plugin].items()}
+            rows.append({"plugin": plugin, "low_latency": ll, **figures})
+        rows.append({"plugin": "trivial", "low_latency": ll, "run_ms": summarize(trivial)})
+    rows.extend(_python_costs(bench))
+    return rows
+
+
+def _sample(run: RunResult, into: dict[str, list[float]]) -> None:
+    """The milestones of one run, in ms from the exec of `vmsuper run`."""
+    report = run.report
+    first_exit = report["vcpus"][0]["t_first"]
+    # From vmsuper's own log: its run starting (interpreter, imports and config done) and the
+    # plugin spawned (VM, irqchip and shared memory set up). Left out if the log lacks them.
+    events = log_event_times(run)
+    if {"run_started", "plugin_started"} <= events.keys():
+        into["to_run_started"].append(_ms(events["run_started"]))
+        into["to_plugin_started"].append(_ms(events["plugin_started"]))
+    into["to_first_request"].append(_ms(report["t_first_request"] - run.t_exec))
+    into["to_first_exit"].append(_ms(first_exit - run.t_exec))
+    into["start_to_first_exit"].append(_ms(first_exit - report["t_start_sent"]))
+    into["run"].append(_ms(run.wall_s))
+
+
+def _python_costs(bench: Bench) -> list[dict[str, Any]]:
+    """The part of start-up that is Python's: a bare interpreter, and the supervisor's imports."""
+    interpreter: list[float] = []
+    imports: list[float] = []
+    cli: list[float] = []
+    for _ in range(bench.repeat):
+        bare = _time_command([sys.executable, "-c", "pass"])
+        interpreter.append(_ms(bare))
+        imports.append(_ms(_time_command([sys.executable, "-c", SUPERVISOR_IMPORT]) - bare))
+        cli.append(_ms(_time_command([*vmsuper_command(), "--version"])))
+    return [
+        {"plugin": "python: bare interpreter", "run_ms": summarize(interpreter)},
+        {"plugin": "python: supervisor imports", "run_ms": summarize(imports)},
+        {"plugin": "vmsuper --version", "run_ms": summarize(cli)},
+    ]

@@ -1,0 +1,252 @@
+"""One `vmsuper run` of a benchmark plugin, timed from the harness's side.
+
+The harness takes `time.monotonic()` just before it executes `vmsuper run`, so the plugins'
+CLOCK_MONOTONIC stamps (the same clock) can be read against it. Each run gets its own folder
+for the config, the logs and vmsuper's stderr. A plugin in `hold` mode blocks on a FIFO after
+its report, so the harness can look at the running VM (`while_held`) before letting it end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+REPORT_PREFIX: Final = '{"bench"'
+DEFAULT_TIMEOUT_S: Final = 120.0
+_STDERR_TAIL: Final = 4000
+_STOP_GRACE_S: Final = 5.0
+
+
+class RunError(Exception):
+    """A run failed, timed out, or its plugin reported nothing; the message says how."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What to run: the plugin's argv (absolute executable first) and the VM's settings."""
+
+    plugin: Sequence[str]
+    vcpus: int = 1
+    transport: str = "socket"
+    low_latency: bool = False
+    hold: bool = False
+    expect_report: bool = True
+
+
+@dataclass
+class RunResult:
+    folder: Path
+    t_exec: float
+    t_exec_wall: float
+    t_exit: float
+    status: int
+    supervisor_pid: int
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def wall_s(self) -> float:
+        return self.t_exit - self.t_exec
+
+
+def vmsuper_command() -> list[str]:
+    """`vmsuper` as users run it: the console script beside this interpreter if installed."""
+    script = Path(sys.executable).with_name("vmsuper")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "vmsuper"]
+
+
+def config_toml(spec: RunSpec, args: Sequence[str], log_dir: Path) -> str:
+    return "\n".join(
+        [
+            "[vm]",
+            f"vcpus = {spec.vcpus}",
+            f"low_latency = {json.dumps(spec.low_latency)}",
+            "[plugin]",
+            f"path = {json.dumps(str(spec.plugin[0]))}",
+            f"args = {json.dumps(list(args))}",
+            f"vcpu_transport = {json.dumps(spec.transport)}",
+            "[log]",
+            f"dir = {json.dumps(str(log_dir))}",
+            'level = "info"',
+            "",
+        ]
+    )
+
+
+def run_vm(
+    spec: RunSpec,
+    folder: Path,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    while_held: Callable[[RunResult], None] | None = None,
+) -> RunResult:
+    """Run one VM to its end and return the plugin's report with the harness's timestamps."""
+    folder.mkdir(parents=True, exist_ok=True)
+    args = list(spec.plugin[1:])
+    fifo = folder / "release.fifo"
+    if spec.hold:
+        os.mkfifo(fifo)
+        args.append(str(fifo))
+    config = folder / "vm.toml"
+    config.write_text(config_toml(spec, args, folder / "logs"))
+    stderr_path = folder / "stderr.txt"
+    deadline = time.monotonic() + timeout
+    with open(stderr_path, "wb") as stderr:
+        t_exec_wall = time.time()
+        t_exec = time.monotonic()
+        proc = subprocess.Popen(
+            [*vmsuper_command(), "run", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    result = RunResult(folder, t_exec, t_exec_wall, t_exit=0.0, status=-1, supervisor_pid=proc.pid)
+    try:
+        assert proc.stdout is not None
+        out = _read_until_report(proc.stdout.fileno(), deadline)
+        result.report = _parse_report(out)
+        if spec.hold:
+            if while_held is not None and result.report:
+                while_held(result)
+            _release(fifo, deadline)
+        out += _read_to_end(proc.stdout.fileno(), deadline)
+        result.status = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        result.t_exit = time.monotonic()
+        if not result.report:
+            result.report = _parse_report(out)
+    except subprocess.TimeoutExpired:
+        raise RunError(
+            f"vmsuper run did not finish in {timeout:.0f} s{_tail(stderr_path)}"
+        ) from None
+    finally:
+        _stop(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    if result.status != 0:
+        raise RunError(f"vmsuper run exited with status {result.status}{_tail(stderr_path)}")
+    if spec.expect_report and not result.report:
+        raise RunError(f"the plugin printed no report{_tail(stderr_path)}")
+    return result
+
+
+def log_event_times(run: RunResult) -> dict[str, float]:
+    """Seconds from the exec to the first supervisor log record of each event name.
+
+    The records carry wall-clock ISO timestamps, hence the wall-clock exec time; a missing or
+    unreadable log gives an empty answer (the log format is not the harness's to rely on).
+    """
+    times: dict[str, float] = {}
+    try:
+        lines = (run.folder / "logs" / "supervisor.jsonl").read_text().splitlines()
+    except OSError:
+        return times
+    for line in lines:
+        try:
+            record = json.loads(line)
+            stamp = datetime.fromisoformat(record["timestamp"]).timestamp()
+        except (ValueError, KeyError, TypeError):
+            continue
+        times.setdefault(str(record.get("event")), stamp - run.t_exec_wall)
+    return times
+
+
+def _tail(path: Path) -> str:
+    text = path.read_text(errors="replace").strip()
+    return f"; stderr:\n{text[-_STDERR_TAIL:]}" if text else ""
+
+
+def _read_until_report(fd: int, deadline: float) -> bytes:
+    """Output up to the end of the report line (or everything, if the plugin reports none)."""
+    out = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while True:
+            complete_lines = out.split(b"\n")[:-1]
+            if any(line.startswith(REPORT_PREFIX.encode()) for line in complete_lines):
+                return out
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise subprocess.TimeoutExpired("vmsuper", 0)
+            if not sel.select(remaining):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return out
+            out += chunk
+
+
+def _read_to_end(fd: int, deadline: float) -> bytes:
+    out = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise subprocess.TimeoutExpired("vmsuper", 0)
+            if not sel.select(remaining):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return out
+            out += chunk
+
+
+def _parse_report(out: bytes) -> dict[str, Any]:
+    for line in out.decode(errors="replace").splitlines():
+        if line.startswith(REPORT_PREFIX):
+            report: dict[str, Any] = json.loads(line)
+            return report
+    return {}
+
+
+def _release(fifo: Path, deadline: float) -> None:
+    """Let a holding plugin go: open its FIFO for writing (once it reads) and close it."""
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+            time.sleep(0.001)
+            continue
+        os.close(fd)
+        return
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """End a run that failed half-way: SIGTERM (vmsuper shuts down cleanly), then SIGKILL to
+    the session it leads, so no plugin or worker outlives it."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=_STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_command(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """Run a program that prints one report line (the C reference) and return the report."""
+    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RunError(f"{Path(argv[0]).name} exited with {done.returncode}: {done.stderr.strip()}")
+    report = _parse_report(done.stdout.encode())
+    if not report:
+        raise RunError(f"{Path(argv[0]).name} printed no report")
+    return report

@@ -1,0 +1,103 @@
+"""The benchmark harness keeps working: one quick run must produce every figure.
+
+Timings are never asserted (they depend on the machine); only that each section ran, that
+every figure is a finite number, and that the summaries are consistent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = {"exits", "reference", "async", "ioeventfd", "startup", "memory"}
+# The figures each section's rows must all carry (summaries unless noted).
+FIGURES = {
+    "exits": ("us_per_exit", "exits_per_s"),
+    "reference": ("us_per_exit", "exits_per_s"),
+    "async": ("us_per_exit", "exits_per_s"),
+    "ioeventfd": ("us_per_write", "writes_per_s"),
+}
+
+
+def check_summary(name: str, summary: Any) -> None:
+    assert isinstance(summary, dict), f"{name} is not a summary: {summary!r}"
+    values = [summary["min"], summary["median"], summary["max"]]
+    assert all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in values), name
+    assert values == sorted(values), f"{name}: min <= median <= max fails: {values}"
+    assert summary["runs"] >= 1
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), "--work", str(tmp)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "Targets" in done.stdout
+    loaded: dict[str, Any] = json.loads(out.read_text())
+    return loaded
+
+
+@pytest.mark.kvm
+def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
+    machine = results["machine"]
+    assert machine["cpu_model"] and machine["kernel"] and machine["python"]
+    assert machine["nproc"] >= 1
+    assert set(results["sections"]) == SECTIONS
+    sections = results["sections"]
+
+    for name, keys in FIGURES.items():
+        assert sections[name], f"section {name} is empty"
+        for row in sections[name]:
+            for key in keys:
+                check_summary(f"{name}.{key}", row[key])
+
+    exits = sections["exits"]
+    combos = {(r["plugin"], r["transport"], r["vcpus"], r["low_latency"]) for r in exits}
+    assert combos == set(
+        itertools.product(("native", "sdk"), ("socket", "pipes"), (1, 2), (False, True))
+    )
+    for row in exits:
+        for ratio in ("vs_crosvm", "vs_crosvm_socket", "vs_floor"):
+            assert isinstance(row[ratio], float) and row[ratio] > 0, (ratio, row)
+    modes = {(r["mode"], r["low_latency"]) for r in sections["reference"]}
+    assert modes == set(itertools.product(("inline", "pipe", "socket"), (False, True)))
+
+    startup = {(r["plugin"], r.get("low_latency")): r for r in sections["startup"]}
+    for ll in (False, True):
+        for key in ("to_first_request_ms", "to_first_exit_ms", "run_ms"):
+            check_summary(key, startup[("native", ll)][key])
+        check_summary("trivial run_ms", startup[("trivial", ll)]["run_ms"])
+
+    memory = [r for r in sections["memory"] if "vcpus" in r]
+    assert {(r["vcpus"], r["low_latency"]) for r in memory} == {
+        (1, False),
+        (16, False),
+        (1, True),
+        (16, True),
+    }
+    for row in memory:
+        for key in ("supervisor_uss_mib", "supervisor_pss_mib", "worker_uss_mib", "start_ms"):
+            check_summary(key, row[key])
+        assert row["worker_uss_mib"]["runs"] == row["vcpus"]  # one sample per worker
+    growth = [r for r in sections["memory"] if "growth" in r]
+    assert len(growth) == 2 and all(math.isfinite(r["per_added_vcpu_uss_mib"]) for r in growth)
+
+    targets = results["targets"]
+    assert len(targets) == 9
+    assert all(isinstance(t["measured"], float) and isinstance(t["met"], bool) for t in targets)
