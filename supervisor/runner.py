@@ -7,6 +7,7 @@ start only at Start, after the workers are forked, so nothing is ever forked wit
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
@@ -29,6 +30,7 @@ from vmsuper.supervisor.config import Config
 from vmsuper.supervisor.net import NetSettings, Tap, parse_mac, unique_tap_name
 from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
 from vmsuper.supervisor.vcpus import VcpuSet
+from vmsuper.workers.limits import Limits
 from vmsuper.workers.main_worker import MainWorker, NetInfo
 
 # Where KVM needs three pages for the real-mode TSS on Intel hosts; high and out of the way,
@@ -47,6 +49,7 @@ class Run:
 
     config: Config
     log: Any
+    limits: Limits = field(default_factory=Limits)
     system: kvm.Kvm | None = None
     vm: kvm.Vm | None = None
     region: SharedRegion | None = None
@@ -121,6 +124,29 @@ def _hold_low_latency(log: Any) -> int:
     return fd
 
 
+@dataclass
+class MainConnection:
+    """One main socket and the replies it has not taken yet."""
+
+    sock: socket.socket
+    pending: collections.deque[tuple[bytes, list[int]]] = field(default_factory=collections.deque)
+
+    def __post_init__(self) -> None:
+        self.fd = self.sock.fileno()
+
+    def close(self) -> None:
+        for _, fds in self.pending:
+            _close_fds(fds)
+        self.pending.clear()
+        self.sock.close()
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 class Supervisor:
     """The event loop of one run."""
 
@@ -128,7 +154,7 @@ class Supervisor:
         self.run = run
         self.log = run.log
         self.sel = selectors.DefaultSelector()
-        self.connections: dict[int, socket.socket] = {}
+        self.connections: dict[int, MainConnection] = {}
         self.failure: outcome.Failure | None = None
         self.shutting_down = False
         self.deadline: float | None = None
@@ -151,7 +177,11 @@ class Supervisor:
             shutdown_eventfd=run.shutdown_eventfd,
             net=net,
             on_error=self._request_failed,
-            ranges=RangeTable(max_ranges=run.region.table.max_ranges),
+            limits=run.limits,
+            ranges=RangeTable(
+                max_ranges=min(run.limits.reserved_ranges, run.region.table.max_ranges)
+            ),
+            connections_full=lambda: len(self.connections) >= run.limits.connections,
         )
 
     # -- wiring ------------------------------------------------------------------------------
@@ -174,52 +204,86 @@ class Supervisor:
             signal.signal(sig, signal.SIG_DFL)
 
     def _add_connection(self, sock: socket.socket) -> None:
-        sock.setblocking(True)
-        self.connections[sock.fileno()] = sock
-        self.sel.register(sock, selectors.EVENT_READ, self._on_main_socket)
+        sock.setblocking(False)
+        conn = MainConnection(sock)
+        self.connections[sock.fileno()] = conn
+        self.sel.register(sock, selectors.EVENT_READ, lambda _s: self._on_main_socket(conn))
 
-    def _drop_connection(self, sock: socket.socket, why: str) -> None:
-        self.log.info("connection_closed", fd=sock.fileno(), reason=why)
-        self.sel.unregister(sock)
-        del self.connections[sock.fileno()]
-        sock.close()
+    def _drop_connection(self, conn: MainConnection, why: str) -> None:
+        self.log.info("connection_closed", fd=conn.fd, reason=why)
+        self.sel.unregister(conn.sock)
+        del self.connections[conn.fd]
+        conn.close()
 
     # -- handlers ------------------------------------------------------------------------------
 
-    def _on_main_socket(self, sock: socket.socket) -> None:
+    def _on_main_socket(self, conn: MainConnection) -> None:
+        limits = self.worker.limits
         try:
-            dgram = wire.recv_datagram(sock)
+            dgram = wire.recv_datagram(
+                conn.sock, max_size=limits.request_size, max_fds=limits.fds_per_message
+            )
+        except BlockingIOError:
+            return
         except wire.MessageTooLarge as exc:
-            self._send(sock, _error_response(errno.EMSGSIZE), [])
             self.log.warning("main_request_refused", reason=str(exc))
+            self._send(conn, _error_response(errno.EMSGSIZE), [], [])
             return
         except wire.WireError as exc:
-            self._send(sock, _error_response(errno.EINVAL), [])
             self.log.warning("main_request_refused", reason=str(exc))
+            self._send(conn, _error_response(errno.EINVAL), [], [])
             return
         except OSError as exc:
-            self._drop_connection(sock, f"receive failed: {exc}")
+            self._drop_connection(conn, f"receive failed: {exc}")
             return
         if dgram is None:
-            self._drop_connection(sock, "hang-up")
+            self._drop_connection(conn, "hang-up")
             return
         reply = self.worker.handle(dgram.data, dgram.fds)
         if reply.hang_up:
-            self._drop_connection(sock, reply.error or "undecodable request")
+            self.log.warning("main_request_undecodable", reason=reply.error)
+            self._drop_connection(conn, reply.error or "undecodable request")
             return
-        self._send(sock, reply.data, reply.fds)
-        for fd in reply.close_after_send:
-            os.close(fd)
         if reply.new_connection is not None:
             self._add_connection(reply.new_connection)
+        self._send(conn, reply.data, reply.fds, reply.close_after_send)
         if self.run.vcpus is not None and self.run.vcpus.started and not self.worker_pidfds:
             self._watch_workers()
 
-    def _send(self, sock: socket.socket, data: bytes, fds: list[int]) -> None:
-        try:
-            wire.send_datagram(sock, data, fds)
-        except OSError as exc:
-            self._drop_connection(sock, f"send failed: {exc}")
+    def _send(
+        self, conn: MainConnection, data: bytes, fds: list[int], close_after: list[int]
+    ) -> None:
+        """Send now, or queue (and stop reading this connection) until the plugin reads."""
+        if not conn.pending:
+            try:
+                wire.send_datagram(conn.sock, data, fds)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                _close_fds(close_after)
+                self._drop_connection(conn, f"send failed: {exc}")
+                return
+            else:
+                _close_fds(close_after)
+                return
+            self.sel.modify(conn.sock, selectors.EVENT_WRITE, lambda _s: self._flush(conn))
+        # Our own copies: the originals may be closed (a destroyed object) before this is sent.
+        conn.pending.append((data, [os.dup(fd) for fd in fds]))
+        _close_fds(close_after)
+
+    def _flush(self, conn: MainConnection) -> None:
+        while conn.pending:
+            data, fds = conn.pending[0]
+            try:
+                wire.send_datagram(conn.sock, data, fds)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._drop_connection(conn, f"send failed: {exc}")
+                return
+            conn.pending.popleft()
+            _close_fds(fds)
+        self.sel.modify(conn.sock, selectors.EVENT_READ, lambda _s: self._on_main_socket(conn))
 
     def _watch_workers(self) -> None:
         assert self.run.vcpus is not None
@@ -366,10 +430,10 @@ class Supervisor:
             self.begin_shutdown(None, "finishing")
         for failure in self.worker.destroy_all():
             self.log.error("destroy_failed", error=failure)
-        for sock in list(self.connections.values()):
+        for conn in list(self.connections.values()):
             with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(sock)
-            sock.close()
+                self.sel.unregister(conn.sock)
+            conn.close()
         self.connections.clear()
         self.sel.close()
         os.close(self._wakeup_r)

@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from vmsuper.shared import kvm
 from vmsuper.shared.plugin_pb2 import MainRequest, MainResponse
 from vmsuper.shared.ranges import CallHint, RangeTable, RegHint, Space
+from vmsuper.workers.limits import Limits
 from vmsuper.workers.vm_objects import (
     IoEventObject,
     IrqEventObject,
@@ -92,7 +93,6 @@ STATE_SIZES: dict[int, int] = {
     MainRequest.PIT: ctypes.sizeof(kvm.kvm_pit_state2),
     MainRequest.CLOCK: ctypes.sizeof(kvm.kvm_clock_data),
 }
-MAX_ROUTES = 4096
 U64_LIMIT = 1 << 64
 
 
@@ -106,13 +106,16 @@ class MainWorker:
     publisher: TablePublisher
     shutdown_eventfd: int
     net: NetInfo | None = None
+    limits: Limits = field(default_factory=Limits)
     objects: ObjectTable = field(default_factory=ObjectTable)
     ranges: RangeTable = field(default_factory=RangeTable)
     hint: CallHint | None = None
-    max_routes: int = MAX_ROUTES
     on_error: Callable[[str, str, int], None] | None = None
+    # Asked before NewConnection: whether the connection limit is reached.
+    connections_full: Callable[[], bool] = lambda: False
 
     def __post_init__(self) -> None:
+        self.objects.limits = self.limits
         self._handlers: dict[
             str, Callable[[MainRequest, MainResponse, list[int]], Reply | None]
         ] = {
@@ -275,6 +278,8 @@ class MainWorker:
     def _new_connection(
         self, request: MainRequest, response: MainResponse, fds: list[int]
     ) -> Reply:
+        if self.connections_full():
+            raise RequestFailed(errno.EMFILE, f"connection limit ({self.limits.connections})")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.set_inheritable(False)
         fd = theirs.detach()
@@ -373,6 +378,10 @@ class MainWorker:
         self, request: MainRequest, response: MainResponse, fds: list[int]
     ) -> None:
         routes = request.set_irq_routing.routes
+        if len(routes) > self.limits.irq_routes:
+            raise RequestFailed(
+                errno.EINVAL, f"{len(routes)} routes, limit {self.limits.irq_routes}"
+            )
         entries = []
         for route in routes:
             entry = kvm.kvm_irq_routing_entry(gsi=route.irq_id)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from vmsuper.shared import kvm
 from vmsuper.shared.ranges import Space
+from vmsuper.workers.limits import Limits
 
 F_GET_SEALS = 1034
 F_SEAL_SHRINK = 0x0002
@@ -161,15 +162,6 @@ class IrqEventObject(VmObject):
 
 
 @dataclass
-class Limits:
-    """What one plugin may make the supervisor hold."""
-
-    max_objects: int = 4096
-    max_memory_slots: int = 256
-    max_guest_memory: int = 64 << 30
-
-
-@dataclass
 class ObjectTable:
     """Every live object by id, plus the memory-slot allocator."""
 
@@ -194,8 +186,8 @@ class ObjectTable:
     def check_new(self, obj_id: int) -> None:
         if obj_id in self._objects:
             raise ObjectError(errno.EEXIST, f"object id {obj_id} is in use")
-        if len(self._objects) >= self.limits.max_objects:
-            raise ObjectError(errno.ENOSPC, f"object limit ({self.limits.max_objects}) reached")
+        if len(self._objects) >= self.limits.objects:
+            raise ObjectError(errno.ENOSPC, f"object limit ({self.limits.objects}) reached")
 
     def add(self, obj_id: int, obj: VmObject) -> None:
         self._objects[obj_id] = obj
@@ -213,7 +205,7 @@ class ObjectTable:
         if self._free_slots:
             self._free_slots.sort()
             return self._free_slots.pop(0)
-        if self._next_slot >= self.limits.max_memory_slots:
+        if self._next_slot >= self.limits.memory_slots:
             raise ObjectError(errno.ENOSPC, "memory slot limit reached")
         self._next_slot += 1
         return self._next_slot - 1
@@ -247,7 +239,7 @@ def create_memory(
         raise ObjectError(errno.EINVAL, f"range {offset:#x}+{length:#x} is beyond the file's end")
     if offset % PAGE_SIZE or length % PAGE_SIZE or start % PAGE_SIZE:
         raise ObjectError(errno.EINVAL, "offset, start and length must be page-aligned")
-    if table.guest_memory + length > table.limits.max_guest_memory:
+    if table.guest_memory + length > table.limits.guest_memory:
         raise ObjectError(errno.ENOSPC, "guest memory limit reached")
     prot = PROT_READ if read_only else PROT_READ | PROT_WRITE
     address = _libc.mmap(None, length, prot, MAP_SHARED, memfd, offset)

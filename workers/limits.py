@@ -1,0 +1,33 @@
+"""What one plugin may make the supervisor hold, and the errno it gets at each limit.
+
+Every limit has a default sized for real plugins (crosvm's test plugins stay far below them)
+and can be set in the config's [limits] table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-VM resource limits, enforced by the main worker and the event loop."""
+
+    # Main connections open at once, the first included. NewConnection beyond -> EMFILE.
+    connections: int = 64
+    # Live objects (memory, io events, irq events), all kinds together. Create -> ENOSPC.
+    objects: int = 4096
+    # Memory objects (KVM memory slots). Create memory -> ENOSPC.
+    memory_slots: int = 256
+    # Total guest memory of all memory objects, in bytes. Create memory -> ENOSPC.
+    guest_memory: int = 64 << 30
+    # Reserved ranges in both spaces together. ReserveRange -> ENOSPC.
+    reserved_ranges: int = 1024
+    # Routes in one SetIrqRouting (KVM's own limit is 4096). More -> EINVAL, as KVM answers.
+    irq_routes: int = 4096
+    # Bytes in one main request. Larger -> an EMSGSIZE response, the message dropped.
+    request_size: int = 1 << 20
+    # File descriptors attached to one main request. More -> EINVAL, all of them closed.
+    fds_per_message: int = 4
+    # RLIMIT_NOFILE of the plugin process (soft and hard).
+    plugin_open_files: int = 4096
