@@ -324,3 +324,43 @@ def test_dirty_log_and_start_rules(tmp_path: Path) -> None:
     assert found["second_start"] == errno.EINVAL
     assert found["identity_after_start"] == errno.EINVAL
     assert found["pause"] == 0
+
+
+def test_a_flooding_connection_does_not_wedge_the_others(tmp_path: Path) -> None:
+    _, found = run_plugin(
+        tmp_path,
+        """
+        resp, fds = call(req(new_connection=pb.MainRequest.NewConnection()))
+        other = socket.socket(fileno=fds[0])
+        MAIN.setblocking(False)
+        probe = req(check_extension=pb.MainRequest.CheckExtension(extension=0)).SerializeToString()
+        sent = stalls = 0
+        # Never reading a reply: the supervisor's sends back fill up, and it must queue them
+        # and stop reading this connection (its socket stays full for half a second) instead
+        # of blocking.
+        while sent < 50000 and stalls < 50:
+            try:
+                MAIN.send(probe)
+                sent += 1
+                stalls = 0
+            except BlockingIOError:
+                stalls += 1
+                time.sleep(0.01)
+        RESULTS["flooded"] = sent
+        RESULTS["other_answers"] = errno_of(
+            req(check_extension=pb.MainRequest.CheckExtension(extension=0)), sock=other)
+        MAIN.setblocking(True)
+        replies = 0
+        while replies < sent:
+            d = wire.recv_datagram(MAIN)
+            assert pb.MainResponse.FromString(d.data).check_extension.has_extension
+            replies += 1
+        RESULTS["replies"] = replies
+        RESULTS["after"] = errno_of(req(check_extension=pb.MainRequest.CheckExtension()))
+        report()
+        """,
+    )
+    assert found["flooded"] > 100
+    assert found["other_answers"] == 0
+    assert found["replies"] == found["flooded"]
+    assert found["after"] == 0

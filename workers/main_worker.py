@@ -116,6 +116,8 @@ class MainWorker:
 
     def __post_init__(self) -> None:
         self.objects.limits = self.limits
+        if self.ranges.max_ranges is None:
+            self.ranges = RangeTable(max_ranges=self.limits.reserved_ranges)
         self._handlers: dict[
             str, Callable[[MainRequest, MainResponse, list[int]], Reply | None]
         ] = {
