@@ -9,10 +9,10 @@ import types
 from pathlib import Path
 
 import pytest
-from vmsuper.supervisor import cli
-from vmsuper.supervisor.config import Config
 
 from vmsuper import __version__
+from vmsuper.supervisor import cli
+from vmsuper.supervisor.config import Config
 
 
 @pytest.fixture

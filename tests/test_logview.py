@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from vmsuper.supervisor import logview
 
 T0 = datetime(2025, 3, 4, 5, 6, 7, 0, tzinfo=UTC)

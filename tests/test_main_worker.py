@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -36,8 +36,11 @@ class FakeVcpus:
         self.pauses.append((mask, token))
 
 
+WorkerFactory = Callable[..., MainWorker]
+
+
 @pytest.fixture
-def make_worker() -> Iterator[object]:
+def make_worker() -> Iterator[WorkerFactory]:
     made: list[tuple[MainWorker, kvm.Kvm, kvm.Vm, SharedRegion, int]] = []
 
     def make(limits: Limits | None = None) -> MainWorker:
@@ -93,7 +96,7 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_object_slot_and_memory_limits(make_worker) -> None:  # type: ignore[no-untyped-def]
+def test_object_slot_and_memory_limits(make_worker: WorkerFactory) -> None:
     worker = make_worker(Limits(objects=3, memory_slots=2, guest_memory=0x3000))
     assert errno_of(answer(worker, memory(0, 0, 0x1000), [memfd(0x1000)])) == 0
     assert errno_of(answer(worker, memory(1, 0x10000, 0x2000), [memfd(0x2000)])) == 0
@@ -118,7 +121,7 @@ def test_object_slot_and_memory_limits(make_worker) -> None:  # type: ignore[no-
     assert errno_of(answer(worker, memory(1, 0x10000, 0x2000), [memfd(0x2000)])) == 0
 
 
-def test_range_and_route_limits(make_worker) -> None:  # type: ignore[no-untyped-def]
+def test_range_and_route_limits(make_worker: WorkerFactory) -> None:
     worker = make_worker(Limits(reserved_ranges=2, irq_routes=3))
 
     def reserve(start: int) -> int:
@@ -137,7 +140,7 @@ def test_range_and_route_limits(make_worker) -> None:  # type: ignore[no-untyped
     assert errno_of(answer(worker, ok)) == 0
 
 
-def test_connection_limit(make_worker) -> None:  # type: ignore[no-untyped-def]
+def test_connection_limit(make_worker: WorkerFactory) -> None:
     worker = make_worker(Limits(connections=1))
     worker.connections_full = lambda: True
     reply = answer(worker, MainRequest(new_connection=MainRequest.NewConnection()))
@@ -145,7 +148,7 @@ def test_connection_limit(make_worker) -> None:  # type: ignore[no-untyped-def]
     assert reply.new_connection is None and reply.fds == []
 
 
-def test_fds_with_refused_requests_are_closed(make_worker) -> None:  # type: ignore[no-untyped-def]
+def test_fds_with_refused_requests_are_closed(make_worker: WorkerFactory) -> None:
     worker = make_worker()
     before = fd_count()
     stray = [os.eventfd(0) for _ in range(3)]
@@ -161,7 +164,7 @@ def test_fds_with_refused_requests_are_closed(make_worker) -> None:  # type: ign
     assert fd_count() == before
 
 
-def test_every_response_carries_the_case_even_on_failure(make_worker) -> None:  # type: ignore[no-untyped-def]
+def test_every_response_carries_the_case_even_on_failure(make_worker: WorkerFactory) -> None:
     worker = make_worker()
     failing = [
         MainRequest(destroy=MainRequest.Destroy(id=42)),
@@ -176,7 +179,7 @@ def test_every_response_carries_the_case_even_on_failure(make_worker) -> None:  
         assert response.WhichOneof("message") == request.WhichOneof("message")
 
 
-def test_start_pause_and_identity_map_order(make_worker) -> None:  # type: ignore[no-untyped-def]
+def test_start_pause_and_identity_map_order(make_worker: WorkerFactory) -> None:
     worker = make_worker()
     assert (
         errno_of(
@@ -184,6 +187,7 @@ def test_start_pause_and_identity_map_order(make_worker) -> None:  # type: ignor
         )
         == 0
     )
+    assert isinstance(worker.vcpus, FakeVcpus)
     assert worker.vcpus.pauses == [(3, 7)]
     assert errno_of(answer(worker, MainRequest(start=MainRequest.Start()))) == 0
     assert errno_of(answer(worker, MainRequest(start=MainRequest.Start()))) == errno.EINVAL

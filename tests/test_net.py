@@ -17,6 +17,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+
 from vmsuper.supervisor import net
 from vmsuper.supervisor.net import (
     NetError,

@@ -7,6 +7,7 @@ import errno
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from vmsuper.shared.ranges import (
     U64_LIMIT,
     CallHint,

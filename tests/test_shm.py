@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
+
 from vmsuper.shared.ranges import CallHint, Range, RangeError, RangeTable, RegHint, Space
 from vmsuper.shared.shm import (
     MAILBOX_ARG_SIZE,

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from vmsuper.shared import plugin_pb2, wire
 from vmsuper.shared.wire import (
     MAX_MESSAGE,

@@ -8,6 +8,7 @@ import socket
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from vmsuper.shared.wire import (
     MAX_VARINT_LEN,
     DelimitedDecoder,
