@@ -105,7 +105,7 @@ class CallFailed(Exception):
     """A VCPU ioctl failed; `errno` is the kernel's (or the runner's refusal)."""
 
     def __init__(self, code: int, request: int) -> None:
-        super().__init__(code, f"{kvm.ioctl_name(request)} failed: {os.strerror(code)}")
+        super().__init__(f"{kvm.ioctl_name(request)} failed: [Errno {code}] {os.strerror(code)}")
         self.errno = code
         self.request = request
 

@@ -1,0 +1,224 @@
+"""Runner threads: the supervisor-side hands of the VCPU workers.
+
+KVM accepts VCPU ioctls only from the process that created the VM, so each VCPU has a thread
+here that waits on its doorbell, executes the one ioctl its worker posted in the shared
+mailbox, stores the result and rings back. The ioctl goes through ctypes, which releases the
+GIL, so runners sit in `KVM_RUN` concurrently; between ioctls a runner holds the GIL for a
+few lines only.
+
+A runner executes only an allowlist of VCPU ioctls and checks that the argument the kernel
+will read or write lies inside the mailbox: a worker cannot make it do anything else.
+
+Kicks: `kick()` sends `KICK_SIGNAL` to the runner thread. Its Python handler does nothing;
+what matters is that the signal interrupts the thread's `KVM_RUN` (which returns EINTR and is
+not restarted). A kick that lands just before the thread enters the guest is covered by
+`kvm_run.immediate_exit`, which `VcpuSet.pause` sets before kicking and the runner sets
+itself whenever a pause is pending.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import signal
+import struct
+import threading
+from typing import Any, Final
+
+from vmsuper.shared import kvm
+from vmsuper.shared.shm import MAILBOX_ARG_SIZE, OP_RUN, Doorbell, Mailbox, VcpuSlot
+
+__all__ = ["ALLOWED_IOCTLS", "KICK_SIGNAL", "VcpuRunner", "check_argument", "install_kick_handler"]
+
+KICK_SIGNAL: Final = signal.SIGUSR1
+"""Interrupts a runner's `KVM_RUN`. SIGUSR1 rather than a realtime signal: kicks need not
+queue (one pending kick is as good as ten), and a standard signal cannot pile up against
+RLIMIT_SIGPENDING when a plugin pauses thousands of times."""
+
+_FIXED_SIZE: Final[dict[int, int]] = {
+    kvm.KVM_GET_REGS: ctypes.sizeof(kvm.kvm_regs),
+    kvm.KVM_SET_REGS: ctypes.sizeof(kvm.kvm_regs),
+    kvm.KVM_GET_SREGS: ctypes.sizeof(kvm.kvm_sregs),
+    kvm.KVM_SET_SREGS: ctypes.sizeof(kvm.kvm_sregs),
+    kvm.KVM_GET_FPU: ctypes.sizeof(kvm.kvm_fpu),
+    kvm.KVM_SET_FPU: ctypes.sizeof(kvm.kvm_fpu),
+    kvm.KVM_GET_DEBUGREGS: ctypes.sizeof(kvm.kvm_debugregs),
+    kvm.KVM_SET_DEBUGREGS: ctypes.sizeof(kvm.kvm_debugregs),
+    kvm.KVM_GET_LAPIC: ctypes.sizeof(kvm.kvm_lapic_state),
+    kvm.KVM_SET_LAPIC: ctypes.sizeof(kvm.kvm_lapic_state),
+    kvm.KVM_GET_MP_STATE: ctypes.sizeof(kvm.kvm_mp_state),
+    kvm.KVM_SET_MP_STATE: ctypes.sizeof(kvm.kvm_mp_state),
+    kvm.KVM_GET_XCRS: ctypes.sizeof(kvm.kvm_xcrs),
+    kvm.KVM_SET_XCRS: ctypes.sizeof(kvm.kvm_xcrs),
+    kvm.KVM_GET_VCPU_EVENTS: ctypes.sizeof(kvm.kvm_vcpu_events),
+    kvm.KVM_SET_VCPU_EVENTS: ctypes.sizeof(kvm.kvm_vcpu_events),
+    kvm.KVM_ENABLE_CAP: ctypes.sizeof(kvm.kvm_enable_cap),
+}
+"""Ioctls whose argument is one fixed-size struct: the posted argument must be exactly it."""
+
+_COUNTED: Final[dict[int, int]] = {
+    kvm.KVM_GET_MSRS: ctypes.sizeof(kvm.kvm_msr_entry),
+    kvm.KVM_SET_MSRS: ctypes.sizeof(kvm.kvm_msr_entry),
+    kvm.KVM_SET_CPUID2: ctypes.sizeof(kvm.kvm_cpuid_entry2),
+    kvm.KVM_GET_SUPPORTED_HV_CPUID: ctypes.sizeof(kvm.kvm_cpuid_entry2),
+}
+"""Ioctls whose argument is a 32-bit count, 4 bytes of padding, then count entries of this
+size: the kernel trusts the count, so the entries must fit in what was posted."""
+
+_COUNT: Final = struct.Struct("<I")
+_HEADER_SIZE: Final = 8
+
+ALLOWED_IOCTLS: Final = frozenset((*_FIXED_SIZE, *_COUNTED))
+"""Every ioctl a worker may ask for besides KVM_RUN."""
+
+
+def check_argument(op: int, arg: bytes | bytearray | memoryview, length: int) -> int:
+    """0 if ioctl `op` may run with the posted argument (`length` bytes of `arg`), else the
+    errno of the refusal: EPERM for an ioctl off the allowlist, EINVAL for an argument that
+    does not match the ioctl's struct (or whose entries would overrun what was posted)."""
+    size = _FIXED_SIZE.get(op)
+    if size is not None:
+        return 0 if length == size else errno.EINVAL  # never beyond the mailbox: all are small
+    entry = _COUNTED.get(op)
+    if entry is None:
+        return errno.EPERM
+    if not _HEADER_SIZE <= length <= MAILBOX_ARG_SIZE:
+        return errno.EINVAL
+    (count,) = _COUNT.unpack_from(arg, 0)
+    return 0 if _HEADER_SIZE + count * entry <= length else errno.EINVAL
+
+
+def _on_kick(signum: int, frame: object) -> None:
+    """Nothing to do: the signal's job was to interrupt a runner's ioctl."""
+
+
+def install_kick_handler() -> None:
+    """Give KICK_SIGNAL a no-op Python handler (main thread only): with the default action the
+    signal would kill the process, and with SIG_IGN it would not interrupt `KVM_RUN`."""
+    signal.signal(KICK_SIGNAL, _on_kick)
+
+
+class VcpuRunner:
+    """The thread that makes one VCPU's ioctls for its worker."""
+
+    def __init__(
+        self,
+        *,
+        vcpu: int,
+        vcpu_fd: int,
+        run: kvm.kvm_run,
+        mailbox: Mailbox,
+        doorbell: Doorbell,
+        slot: VcpuSlot,
+        barrier: threading.Barrier,
+        log: Any,
+    ) -> None:
+        self.vcpu = vcpu
+        self._fd = vcpu_fd
+        self._run = run
+        self._mailbox = mailbox
+        self._doorbell = doorbell
+        self._slot = slot
+        self._barrier = barrier
+        self._log = log
+        self.stopping = False
+        self._alive = False
+        self._alive_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name=f"vcpu{vcpu}-runner", daemon=True)
+
+    def start(self) -> None:
+        self._alive = True
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """True from `start` until the thread has left its loop."""
+        return self._alive
+
+    def kick(self) -> None:
+        """Interrupt the thread's `KVM_RUN`, if the thread still runs."""
+        with self._alive_lock:
+            ident = self._thread.ident
+            if self._alive and ident is not None:
+                signal.pthread_kill(ident, KICK_SIGNAL)
+
+    def stop(self) -> None:
+        """Make the thread leave its loop at its next wake-up (the caller also rings and kicks;
+        see `VcpuSet.shutdown`)."""
+        self.stopping = True
+        self._run.immediate_exit = 1
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the thread to end; True if it did (or never started)."""
+        if self._thread.ident is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _loop(self) -> None:
+        fd = self._fd
+        run = self._run
+        mailbox = self._mailbox
+        doorbell = self._doorbell
+        slot = self._slot
+        ioctl = kvm.ioctl
+        kvm_error = kvm.KvmError
+        run_request = kvm.KVM_RUN
+        before_first_run = True
+        try:
+            while True:
+                try:
+                    doorbell.wait_request()
+                except InterruptedError:  # a kick while idle (eventfd reads are not retried)
+                    if self.stopping:
+                        return
+                    continue
+                if self.stopping:
+                    return
+                op, length = mailbox.request()
+                if op == OP_RUN:
+                    if before_first_run:
+                        # No VCPU enters the guest before every VCPU has finished its Init.
+                        before_first_run = False
+                        try:
+                            self._barrier.wait()
+                        except threading.BrokenBarrierError:
+                            return
+                        if self.stopping:
+                            return
+                    if slot.pause_pending():
+                        run.immediate_exit = 1
+                    try:
+                        ret = ioctl(fd, run_request)
+                        err = 0
+                    except kvm_error as exc:
+                        ret = -1
+                        err = exc.errno or errno.EIO
+                else:
+                    ret, err = self._call(op, length)
+                mailbox.complete(ret, err)
+                doorbell.ring_done()
+        except Exception as exc:
+            # Never leave the worker waiting for an answer that cannot come: it stops and the
+            # supervisor sees it exit.
+            self._log.error("runner_failed", vcpu=self.vcpu, error=repr(exc), exc_info=True)
+            try:
+                mailbox.complete(-1, errno.EIO)
+                doorbell.ring_done()
+            except Exception as again:
+                self._log.error("runner_failed", vcpu=self.vcpu, error=repr(again))
+        finally:
+            with self._alive_lock:
+                self._alive = False
+
+    def _call(self, op: int, length: int) -> tuple[int, int]:
+        refusal = check_argument(op, self._mailbox.read_arg(min(length, _HEADER_SIZE)), length)
+        if refusal:
+            self._log.warning(
+                "ioctl_refused", vcpu=self.vcpu, ioctl=kvm.ioctl_name(op), length=length
+            )
+            return -1, refusal
+        try:
+            return kvm.ioctl(self._fd, op, self._mailbox.arg_address()), 0
+        except kvm.KvmError as exc:
+            return -1, exc.errno or errno.EIO

@@ -1,0 +1,1006 @@
+"""VcpuSet against real KVM: forked VCPU workers, runner threads, and a plugin played by the
+test itself, speaking raw protobuf over the channel ends (both transports).
+
+Guests run in real mode at 0x1000 (CS = DS = 0), except the triple-fault one (protected mode
+with an empty IDT: `ud2` cannot be delivered). Ports 0x3f8..0x3ff and MMIO 0xd0000..0xd0fff
+are reserved, port 0x80 is reserved for async writes; 0x60/0x64 and MMIO 0xe0000 are not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import mmap
+import os
+import queue
+import select
+import signal
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import psutil
+import pytest
+
+from vmsuper.shared import kvm, wire
+from vmsuper.shared.asm import assemble
+from vmsuper.shared.plugin_pb2 import CpuidEntry, VcpuRequest, VcpuResponse
+from vmsuper.shared.ranges import CallHint, RangeTable, RegHint, Space
+from vmsuper.shared.shm import RunState, SharedRegion
+from vmsuper.supervisor.vcpus import VcpuSet, VcpuSetError
+from vmsuper.workers.vcpu_protocol import STATE_SETS, StateSet
+from vmsuper.workers.vcpu_worker import WorkerStatus
+
+pytestmark = pytest.mark.kvm
+
+LOAD = 0x1000
+MEMORY_SIZE = 0x10000
+SERIAL = 0x3F8
+ASYNC_PORT = 0x80
+MMIO_BASE = 0xD0000
+MAX_VCPUS = 4
+TIMEOUT = 10.0
+TRANSPORTS = ["socket", "pipes"]
+
+HALT = "cli\nhlt\n"
+
+# -- the machine ------------------------------------------------------------------------------
+
+
+class Machine:
+    """A VM with 64 KiB of memory at 0, the shared region, and at most one VcpuSet."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.system = kvm.Kvm()
+        self.vm = self.system.create_vm()
+        self.vm.set_identity_map_addr(0xFFFB_C000)
+        self.vm.set_tss_addr(0xFFFB_D000)
+        self.vm.create_irqchip()
+        self.vm.create_pit2(kvm.KVM_PIT_SPEAKER_DUMMY)
+        self.memory = mmap.mmap(-1, MEMORY_SIZE)
+        self._pinned: Any = ctypes.c_char.from_buffer(self.memory)
+        self.vm.set_user_memory_region(0, 0, 0, MEMORY_SIZE, ctypes.addressof(self._pinned))
+        self.region = SharedRegion.create(MAX_VCPUS)
+        self.table = RangeTable()
+        self.table.reserve(Space.IOPORT, SERIAL, 8)
+        self.table.reserve(Space.IOPORT, ASYNC_PORT, 1, async_write=True)
+        self.table.reserve(Space.MMIO, MMIO_BASE, 0x1000)
+        self.hint: CallHint | None = None
+        self.publish()
+        self.vcpus: VcpuSet | None = None
+        self.ends: list[PluginEnd] = []
+
+    def publish(self) -> None:
+        self.region.table.publish(self.table, self.hint)
+
+    def load(self, source: str, bits: int = 16) -> None:
+        code = assemble(source, bits=bits, origin=LOAD)
+        self.memory[LOAD : LOAD + len(code)] = code
+
+    def make_vcpus(self, count: int, transport: str, log_level: str = "info") -> VcpuSet:
+        assert self.vcpus is None
+        self.vcpus = VcpuSet(
+            self.vm,
+            count=count,
+            transport=cast(Any, transport),
+            region=self.region,
+            mmap_size=self.system.vcpu_mmap_size(),
+            log_dir=self.log_dir,
+            log_level=log_level,
+        )
+        fds = self.vcpus.plugin_fds()
+        per_vcpu = 1 if transport == "socket" else 2
+        self.ends = [
+            PluginEnd(transport, fds[i * per_vcpu : (i + 1) * per_vcpu]) for i in range(count)
+        ]
+        return self.vcpus
+
+    def start(self, count: int, transport: str, log_level: str = "info") -> VcpuSet:
+        vcpus = self.make_vcpus(count, transport, log_level)
+        for end in self.ends:  # as crosvm's client does: the first Wait goes out at once
+            end.send(VcpuRequest(wait=VcpuRequest.Wait()))
+        vcpus.start()
+        return vcpus
+
+    def records(self, vcpu: int) -> list[dict[str, Any]]:
+        path = self.log_dir / f"vcpu-{vcpu}.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def close(self) -> None:
+        if self.vcpus is not None:
+            self.vcpus.shutdown()
+            self.vcpus.close_plugin_fds()
+        for end in self.ends:
+            end.close()
+        self.region.close()
+        self.vm.close()
+        self.system.close()
+        del self._pinned
+        self.memory.close()
+
+
+@pytest.fixture
+def machine(tmp_path: Path) -> Iterator[Machine]:
+    m = Machine(tmp_path / "logs")
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+# -- the plugin's end of a channel ------------------------------------------------------------
+
+
+class ChannelClosed(Exception):
+    pass
+
+
+class PluginEnd:
+    """The plugin side of one VCPU channel (its own dups of the fds the set hands out)."""
+
+    def __init__(self, transport: str, fds: list[int]) -> None:
+        self.transport = transport
+        self.fds = [os.dup(fd) for fd in fds]
+        self._queue: deque[bytes] = deque()
+        self._decoder = wire.DelimitedDecoder()
+        self.batches: list[int] = []
+        self._sock = socket.socket(fileno=self.fds[0]) if transport == "socket" else None
+
+    @property
+    def read_fd(self) -> int:
+        return self.fds[0] if self.transport == "socket" else self.fds[1]
+
+    def send_raw(self, data: bytes, fds: list[int] | None = None) -> None:
+        if self._sock is not None:
+            wire.send_datagram(self._sock, data, fds or [])
+        else:
+            assert not fds
+            os.write(self.fds[0], data)
+
+    def send(self, request: VcpuRequest) -> None:
+        self.send_raw(request.SerializeToString())
+
+    def _read(self, timeout: float) -> None:
+        ready, _, _ = select.select([self.read_fd], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"no response within {timeout} s")
+        if self._sock is not None:
+            datagram = wire.recv_datagram(self._sock)
+            if datagram is None:
+                raise ChannelClosed
+            self._queue.append(datagram.data)
+            self.batches.append(1)
+            return
+        chunk = os.read(self.read_fd, 1 << 20)
+        if not chunk:
+            raise ChannelClosed
+        messages = self._decoder.feed(chunk)
+        self.batches.append(len(messages))
+        self._queue.extend(messages)
+
+    def recv(self, timeout: float = TIMEOUT) -> VcpuResponse:
+        if not self._queue:
+            self._read(timeout)
+        while not self._queue:  # a pipe read may end inside a message
+            self._read(timeout)
+        return VcpuResponse.FromString(self._queue.popleft())
+
+    def call(self, request: VcpuRequest) -> VcpuResponse:
+        self.send(request)
+        response = self.recv()
+        case = request.WhichOneof("message")
+        assert response.WhichOneof("message") == case, (case, response)
+        return response
+
+    def at_eof(self, timeout: float = TIMEOUT) -> bool:
+        try:
+            self.recv(timeout)
+        except ChannelClosed:
+            return True
+        return False
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self.fds = self.fds[1:]
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+
+def wait_request() -> VcpuRequest:
+    return VcpuRequest(wait=VcpuRequest.Wait())
+
+
+def resume(data: bytes = b"", **kwargs: bytes) -> VcpuRequest:
+    return VcpuRequest(resume=VcpuRequest.Resume(data=data, **kwargs))
+
+
+def wire_set(state_set: int) -> VcpuRequest.StateSet:
+    return cast("VcpuRequest.StateSet", state_set)
+
+
+def get_state(end: PluginEnd, state_set: int) -> VcpuResponse:
+    return end.call(VcpuRequest(get_state=VcpuRequest.GetState(set=wire_set(state_set))))
+
+
+def set_state(end: PluginEnd, state_set: int, blob: bytes) -> VcpuResponse:
+    request = VcpuRequest.SetState(set=wire_set(state_set), state=blob)
+    return end.call(VcpuRequest(set_state=request))
+
+
+def flat(segment: kvm.kvm_segment, selector: int, code: bool) -> None:
+    segment.base, segment.limit, segment.selector = 0, 0xFFFF_FFFF, selector
+    segment.type = 0xB if code else 0x3
+    segment.present, segment.dpl, segment.db, segment.s, segment.l, segment.g = 1, 0, 1, 1, 0, 1
+
+
+def init(end: PluginEnd, vcpu: int, *, rbx: int = 0, protected: bool = False) -> None:
+    """The plugin's side of Init (the first Wait was already sent): place the VCPU at LOAD,
+    make VCPUs other than 0 runnable. Does not resume."""
+    response = end.recv()
+    assert response.errno == 0 and response.wait.WhichOneof("exit") == "init"
+    regs = kvm.kvm_regs(rip=LOAD, rflags=0x2, rsp=0x8000, rbx=rbx)
+    assert set_state(end, StateSet.REGS, bytes(regs)).errno == 0
+    sregs = kvm.kvm_sregs.from_buffer_copy(get_state(end, StateSet.SREGS).get_state.state)
+    if protected:
+        flat(sregs.cs, 0x8, code=True)
+        for segment in (sregs.ds, sregs.es, sregs.ss, sregs.fs, sregs.gs):
+            flat(segment, 0x10, code=False)
+        sregs.idt.base, sregs.idt.limit = 0, 0
+        sregs.cr0 |= 1
+    else:
+        for segment in (sregs.cs, sregs.ds, sregs.es, sregs.ss):
+            segment.base, segment.selector = 0, 0
+    assert set_state(end, StateSet.SREGS, bytes(sregs)).errno == 0
+    if vcpu > 0:
+        runnable = kvm.kvm_mp_state(kvm.KVM_MP_STATE_RUNNABLE)
+        assert set_state(end, StateSet.MP, bytes(runnable)).errno == 0
+
+
+def wait_readable(fd: int, timeout: float = TIMEOUT) -> None:
+    ready, _, _ = select.select([fd], [], [], timeout)
+    assert ready, f"fd {fd} not readable within {timeout} s"
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def io_of(response: VcpuResponse) -> VcpuResponse.Wait.Io:
+    assert response.errno == 0, response
+    assert response.wait.WhichOneof("exit") == "io", response
+    return response.wait.io
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# -- Init and the barrier ---------------------------------------------------------------------
+
+WRITE_RBX_AND_HALT = f"""
+    mov %bl, %al
+    mov ${SERIAL}, %dx
+    out %al, %dx
+    {HALT}
+"""
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_init_then_every_vcpu_runs_after_all_resumed(
+    machine: Machine, transport: str, count: int
+) -> None:
+    machine.load(WRITE_RBX_AND_HALT)
+    vcpus = machine.start(count, transport)
+    for i, end in enumerate(machine.ends):
+        init(end, i, rbx=0x40 + i)
+    # All but the last resumed: none may enter the guest yet.
+    for end in machine.ends[:-1]:
+        end.send(resume())
+    slots = [machine.region.slot(i) for i in range(count - 1)]
+    wait_until(lambda: all(s.run_state == RunState.RUNNING for s in slots), "resumed workers")
+    for end in machine.ends[:-1]:
+        with pytest.raises(TimeoutError):
+            end.recv(timeout=0.2)
+    for i in range(count - 1):
+        assert sum(machine.region.slot(i).counters().values()) == 0
+    machine.ends[-1].send(resume())
+    for i, end in enumerate(machine.ends):
+        io = io_of(end.recv())
+        assert (io.space, io.address, io.is_write, io.data) == (0, SERIAL, True, bytes([0x40 + i]))
+    assert vcpus.started
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_requests_out_of_order_get_eproto(machine: Machine, transport: str) -> None:
+    machine.load(HALT)
+    machine.make_vcpus(1, transport)
+    end = machine.ends[0]
+    assert machine.vcpus is not None
+    machine.vcpus.start()
+    response = get_state(end, StateSet.REGS)  # before the Init wait
+    assert response.errno == errno.EPROTO
+    response = end.call(wait_request())
+    assert response.wait.WhichOneof("exit") == "init"
+    response = end.call(wait_request())  # nothing pending
+    assert response.errno == errno.EPROTO and response.wait.WhichOneof("exit") is None
+    assert get_state(end, StateSet.REGS).errno == 0
+
+
+# -- state, MSRs, CPUID, capabilities ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_vcpu_state_round_trips_and_wrong_sizes(machine: Machine, transport: str) -> None:
+    machine.load(HALT)
+    machine.start(1, transport)
+    end = machine.ends[0]
+    init(end, 0)
+    for state_set in StateSet:
+        size = STATE_SETS[state_set][2]
+        blob = get_state(end, state_set).get_state.state
+        assert len(blob) == size, state_set
+        assert set_state(end, state_set, blob).errno == 0, state_set
+        assert get_state(end, state_set).get_state.state == blob, state_set
+        for wrong in (blob[:-1], blob + b"\0", b""):
+            response = set_state(end, state_set, wrong)
+            assert response.errno == errno.EINVAL, state_set
+    regs = kvm.kvm_regs.from_buffer_copy(get_state(end, StateSet.REGS).get_state.state)
+    regs.r15 = 0x1122_3344_5566_7788
+    assert set_state(end, StateSet.REGS, bytes(regs)).errno == 0
+    again = kvm.kvm_regs.from_buffer_copy(get_state(end, StateSet.REGS).get_state.state)
+    assert again.r15 == 0x1122_3344_5566_7788
+    assert get_state(end, 42).errno == errno.EINVAL
+
+
+IA32_SYSENTER_CS = 0x174
+IA32_SYSENTER_ESP = 0x175
+NO_SUCH_MSR = 0x0BAD_0000
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_msrs(machine: Machine, transport: str) -> None:
+    machine.load(HALT)
+    machine.start(1, transport)
+    end = machine.ends[0]
+    init(end, 0)
+    entries = [
+        VcpuRequest.MsrEntry(index=IA32_SYSENTER_CS, data=0x10),
+        VcpuRequest.MsrEntry(index=IA32_SYSENTER_ESP, data=0x8000),
+    ]
+    response = end.call(VcpuRequest(set_msrs=VcpuRequest.SetMsrs(entries=entries)))
+    assert response.errno == 0
+    indices = [IA32_SYSENTER_ESP, IA32_SYSENTER_CS]
+    response = end.call(VcpuRequest(get_msrs=VcpuRequest.GetMsrs(entry_indices=indices)))
+    assert response.errno == 0
+    assert list(response.get_msrs.entry_data) == [0x8000, 0x10]
+    # KVM stops at the MSR it cannot read: that must come back as an error.
+    indices = [IA32_SYSENTER_CS, NO_SUCH_MSR, IA32_SYSENTER_ESP]
+    response = end.call(VcpuRequest(get_msrs=VcpuRequest.GetMsrs(entry_indices=indices)))
+    assert response.errno == errno.EINVAL
+    assert list(response.get_msrs.entry_data) == []
+    bad = [VcpuRequest.MsrEntry(index=NO_SUCH_MSR, data=1)]
+    response = end.call(VcpuRequest(set_msrs=VcpuRequest.SetMsrs(entries=bad)))
+    assert response.errno == errno.EINVAL
+
+
+CPUID_REPORT = f"""
+    xor %eax, %eax
+    xor %ecx, %ecx
+    cpuid
+    mov ${SERIAL}, %dx           /* cpuid wrote edx */
+    out %eax, %dx
+    mov $4, %eax
+    mov $1, %ecx
+    cpuid
+    mov %ebx, %eax
+    mov ${SERIAL}, %dx
+    out %eax, %dx
+    {HALT}
+"""
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_set_cpuid_reaches_the_guest(machine: Machine, transport: str) -> None:
+    machine.load(CPUID_REPORT)
+    machine.start(1, transport)
+    end = machine.ends[0]
+    init(end, 0)
+    entries = [
+        CpuidEntry(function=0, eax=0x0D, ebx=1, ecx=2, edx=3),
+        CpuidEntry(function=4, has_index=True, index=0, ebx=0xAAAA),
+        CpuidEntry(function=4, has_index=True, index=1, ebx=0x5566_7788),
+    ]
+    response = end.call(VcpuRequest(set_cpuid=VcpuRequest.SetCpuid(entries=entries)))
+    assert response.errno == 0
+    too_many = [CpuidEntry(function=0x8000_0000 + i) for i in range(300)]
+    response = end.call(VcpuRequest(set_cpuid=VcpuRequest.SetCpuid(entries=too_many)))
+    assert response.errno == errno.E2BIG  # KVM's own limit, reported as such
+    end.send(resume())
+    assert io_of(end.recv()).data == struct.pack("<I", 0x0D)
+    end.send(resume())
+    assert io_of(end.recv()).data == struct.pack("<I", 0x5566_7788)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_capabilities(machine: Machine, transport: str) -> None:
+    machine.load(HALT)
+    machine.start(1, transport)
+    end = machine.ends[0]
+    init(end, 0)
+    request = VcpuRequest.EnableCapability(capability=kvm.KVM_CAP_IRQCHIP)
+    response = end.call(VcpuRequest(enable_capability=request))
+    assert response.errno == errno.EINVAL
+    response = end.call(VcpuRequest(get_hyperv_cpuid=VcpuRequest.CpuidRequest()))
+    if machine.system.check_extension(kvm.KVM_CAP_HYPERV_CPUID):
+        assert response.errno == 0 and len(response.get_hyperv_cpuid.entries) > 0
+    else:
+        assert response.errno != 0 and len(response.get_hyperv_cpuid.entries) == 0
+
+
+def test_hyperv_synic_capability(machine: Machine) -> None:
+    if not machine.system.check_extension(kvm.KVM_CAP_HYPERV_SYNIC):
+        pytest.skip("KVM_CAP_HYPERV_SYNIC is not available on this host")
+    machine.load(HALT)
+    machine.start(1, "socket")
+    end = machine.ends[0]
+    init(end, 0)
+    request = VcpuRequest.EnableCapability(capability=kvm.KVM_CAP_HYPERV_SYNIC)
+    assert end.call(VcpuRequest(enable_capability=request)).errno == 0
+
+
+# -- I/O exits --------------------------------------------------------------------------------
+
+PORTS = f"""
+    mov ${SERIAL + 1}, %dx
+    in %dx, %al                  /* reserved read: the plugin answers */
+    inc %al
+    dec %dx
+    out %al, %dx                 /* echo + 1 */
+    in $0x60, %al                /* unreserved read: zero */
+    out %al, %dx
+    out %al, $0x64               /* unreserved write: dropped */
+    mov ${SERIAL + 2}, %dx
+    in %dx, %ax                  /* 16-bit reserved read */
+    mov ${SERIAL}, %dx
+    out %ax, %dx
+    cld
+    mov $msg, %si
+    mov $5, %cx
+    rep outsb                    /* string write */
+    mov $buf, %di
+    mov $3, %cx
+    mov ${SERIAL + 1}, %dx
+    rep insb                     /* string read */
+    mov $buf, %si
+    mov $3, %cx
+    mov ${SERIAL}, %dx
+    rep outsb
+    {HALT}
+msg: .ascii "hello"
+buf: .byte 0, 0, 0
+"""
+
+
+def serve_reads(end: PluginEnd, answers: dict[int, deque[int]], until: int) -> bytes:
+    """Answer reserved reads from per-port byte streams; collect what is written to SERIAL
+    until `until` bytes came."""
+    written = b""
+    while len(written) < until:
+        io = io_of(end.recv())
+        if io.is_write:
+            assert io.address == SERIAL
+            written += io.data
+            end.send(resume(b"\xcc" * len(io.data)))  # ignored for a write
+        else:
+            assert io.data == bytes(len(io.data))
+            answer = bytes(answers[io.address].popleft() for _ in io.data)
+            end.send(resume(answer))
+    return written
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_port_io(machine: Machine, transport: str) -> None:
+    machine.load(PORTS)
+    machine.start(1, transport)
+    end = machine.ends[0]
+    init(end, 0)
+    end.send(resume())
+    answers = {SERIAL + 1: deque(b"\x5a" + b"xyz"), SERIAL + 2: deque(b"\xef\xbe")}
+    written = serve_reads(end, answers, until=1 + 1 + 2 + 5 + 3)
+    assert written == b"\x5b" + b"\x00" + b"\xef\xbe" + b"hello" + b"xyz"
+    counts = machine.region.slot(0).counters()
+    assert counts["unreserved"] == 2
+    assert counts["io_in"] >= 3 and counts["io_out"] >= 5
+
+
+MMIO = f"""
+    mov ${MMIO_BASE >> 4}, %bx
+    mov %bx, %ds
+    movb (0x10), %al             /* reserved MMIO reads of 1, 2 and 4 bytes, echoed */
+    movb %al, (0x20)
+    movw (0x30), %ax
+    movw %ax, (0x40)
+    movl (0x50), %eax
+    movl %eax, (0x60)
+    mov $0xe000, %bx
+    mov %bx, %ds
+    movl (0), %eax               /* unreserved MMIO read: zero */
+    movl %eax, (4)               /* unreserved MMIO write: dropped */
+    mov ${MMIO_BASE >> 4}, %bx
+    mov %bx, %ds
+    movl %eax, (0x70)
+    {HALT}
+"""
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_mmio(machine: Machine, transport: str) -> None:
+    machine.load(MMIO)
+    machine.start(1, transport)
+    end = machine.ends[0]
+    init(end, 0)
+    end.send(resume())
+    answers = {0x10: b"\x77", 0x30: b"\x34\x12", 0x50: b"\x0d\xf0\xfe\xca"}
+    seen = []
+    for _ in range(7):
+        io = io_of(end.recv())
+        assert io.space == Space.MMIO
+        offset = io.address - MMIO_BASE
+        seen.append((offset, io.is_write, io.data))
+        end.send(resume(b"" if io.is_write else answers[offset] + b"junk"))
+    assert seen == [
+        (0x10, False, b"\0"),
+        (0x20, True, b"\x77"),
+        (0x30, False, b"\0\0"),
+        (0x40, True, b"\x34\x12"),
+        (0x50, False, b"\0\0\0\0"),
+        (0x60, True, b"\x0d\xf0\xfe\xca"),
+        (0x70, True, b"\0\0\0\0"),
+    ]
+
+
+ASYNC_BURST = f"""
+    xor %al, %al
+    mov $20, %cx
+1:  out %al, ${ASYNC_PORT}
+    inc %al
+    loop 1b
+    in ${ASYNC_PORT}, %al        /* a read there is unreserved: zero */
+    mov ${SERIAL}, %dx
+    out %al, %dx                 /* sync write: the worker waits for the plugin */
+    {HALT}
+"""
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_async_writes_do_not_wait_and_coalesce(machine: Machine, transport: str) -> None:
+    machine.load(ASYNC_BURST)
+    machine.start(1, transport)
+    end = machine.ends[0]
+    init(end, 0)
+    end.send(resume())
+    slot = machine.region.slot(0)
+    # The VCPU runs through all the async writes without an answer, up to the sync write.
+    wait_until(
+        lambda: slot.counters()["io_out"] == 1 and slot.run_state == RunState.WAITING_PLUGIN,
+        "the sync write",
+    )
+    end.batches.clear()
+    ios = [io_of(end.recv()) for _ in range(21)]
+    for value, io in enumerate(ios[:20]):
+        assert (io.address, io.is_write, io.no_resume, io.data) == (
+            ASYNC_PORT,
+            True,
+            True,
+            bytes([value]),
+        )
+    assert (ios[20].address, ios[20].no_resume, ios[20].data) == (SERIAL, False, b"\0")
+    if transport == "pipes":
+        assert end.batches[0] > 1  # several delimited responses in one read
+    assert slot.counters()["async_write"] == 20
+
+
+HINTED = f"""
+    mov ${SERIAL}, %dx
+    mov $0x1234, %ax
+    out %al, %dx                 /* matches the hint and its RegHint: regs + sregs */
+    mov $0x99, %ax
+    out %al, %dx                 /* matches the hint only: regs */
+    in %dx, %al                  /* other direction: nothing */
+    {HALT}
+"""
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_call_hint_sends_registers_with_the_wait(machine: Machine, transport: str) -> None:
+    machine.hint = CallHint(
+        Space.IOPORT,
+        SERIAL,
+        on_write=True,
+        hints=(RegHint(match_rax=True, rax=0x1234, send_sregs=True),),
+    )
+    machine.publish()
+    machine.load(HINTED)
+    machine.start(1, transport)
+    end = machine.ends[0]
+    init(end, 0)
+    end.send(resume())
+    first = io_of(end.recv())
+    assert kvm.kvm_regs.from_buffer_copy(first.regs).rax == 0x1234
+    sregs = kvm.kvm_sregs.from_buffer_copy(first.sregs)
+    assert sregs.cs.base == 0
+    assert first.debugregs == b""
+    regs = kvm.kvm_regs.from_buffer_copy(first.regs)
+    regs.rax = 0x99  # a Resume's regs are applied before the guest goes on
+    end.send(resume(regs=bytes(regs)))
+    second = io_of(end.recv())
+    assert kvm.kvm_regs.from_buffer_copy(second.regs).rax == 0x99
+    assert second.sregs == b"" and second.debugregs == b""
+    end.send(resume())
+    third = io_of(end.recv())
+    assert not third.is_write and third.regs == b""
+
+
+# -- pause ------------------------------------------------------------------------------------
+
+ECHO_LOOP = f"""
+    mov ${SERIAL + 1}, %dx
+1:  in %dx, %al
+    inc %al
+    dec %dx
+    out %al, %dx
+    inc %dx
+    jmp 1b
+"""
+
+
+class LoopPlugin(threading.Thread):
+    """Serves one VCPU running ECHO_LOOP: answers each read with a counter, checks the echo,
+    records pause tokens (optionally holding the VCPU paused until released)."""
+
+    def __init__(self, end: PluginEnd, tokens: queue.Queue[tuple[int, int]], vcpu: int) -> None:
+        super().__init__(daemon=True)
+        self.end = end
+        self.tokens = tokens
+        self.vcpu = vcpu
+        self.hold = threading.Event()
+        self.hold.set()
+        self.stop = False
+        self.errors: list[str] = []
+        self.rounds = 0
+
+    def run(self) -> None:
+        counter = 0
+        try:
+            while not self.stop:
+                try:
+                    response = self.end.recv(timeout=0.1)
+                except TimeoutError:
+                    continue
+                exit_ = response.wait.WhichOneof("exit")
+                if exit_ == "user":
+                    self.tokens.put((self.vcpu, response.wait.user.user))
+                    self.hold.wait()
+                    self.end.send(resume())
+                    continue
+                io = response.wait.io
+                if io.is_write:
+                    if io.data != bytes([(counter + 1) & 0xFF]):
+                        self.errors.append(f"echo {io.data!r} after {counter}")
+                    counter = (counter + 7) & 0xFF
+                    self.rounds += 1
+                    self.end.send(resume())
+                else:
+                    self.end.send(resume(bytes([counter])))
+        except ChannelClosed:
+            pass
+        except Exception as exc:
+            self.errors.append(repr(exc))
+
+
+def start_loop(machine: Machine, count: int, transport: str) -> list[LoopPlugin]:
+    machine.load(ECHO_LOOP)
+    machine.start(count, transport)
+    for i, end in enumerate(machine.ends):
+        init(end, i)
+    tokens: queue.Queue[tuple[int, int]] = queue.Queue()
+    plugins = [LoopPlugin(end, tokens, i) for i, end in enumerate(machine.ends)]
+    for plugin in plugins:
+        plugin.start()
+    for end in machine.ends:
+        end.send(resume())
+    return plugins
+
+
+def stop_loop(plugins: list[LoopPlugin]) -> None:
+    for plugin in plugins:
+        plugin.stop = True
+        plugin.hold.set()
+    for plugin in plugins:
+        plugin.join(TIMEOUT)
+        assert not plugin.is_alive()
+        assert plugin.errors == []
+
+
+@pytest.mark.parametrize(("transport", "count"), [("socket", 1), ("pipes", 1), ("pipes", 2)])
+def test_every_pause_is_delivered_once_with_its_token(
+    machine: Machine, transport: str, count: int
+) -> None:
+    plugins = start_loop(machine, count, transport)
+    tokens = plugins[0].tokens
+    assert machine.vcpus is not None
+    wait_until(lambda: all(p.rounds > 3 for p in plugins), "the guests to loop")
+    all_bits = (1 << 64) - 1  # bits beyond the VCPU count are ignored
+    sent = []
+    for n in range(300):
+        token = (n * 0x9E37_79B9_7F4A_7C15 + 1) & ((1 << 64) - 1)
+        sent.append(token)
+        machine.vcpus.pause(all_bits if n % 2 else (1 << count) - 1, token)
+        got = sorted(tokens.get(timeout=TIMEOUT) for _ in range(count))
+        assert got == [(i, token) for i in range(count)]
+    rounds = [p.rounds for p in plugins]
+    wait_until(lambda: all(p.rounds > r + 3 for p, r in zip(plugins, rounds, strict=True)), "io")
+    assert tokens.empty()  # exactly once
+    assert len(set(sent)) == len(sent)
+    stop_loop(plugins)
+    assert machine.region.slot(0).counters()["user"] == 300
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_pauses_while_paused_are_delivered_after_resume_latest_only(
+    machine: Machine, transport: str
+) -> None:
+    plugins = start_loop(machine, 1, transport)
+    plugin = plugins[0]
+    assert machine.vcpus is not None
+    plugin.hold.clear()
+    machine.vcpus.pause(1, 111)
+    assert plugin.tokens.get(timeout=TIMEOUT) == (0, 111)
+    machine.vcpus.pause(1, 222)  # while paused: overwritten before delivery
+    machine.vcpus.pause(1, 333)
+    plugin.hold.set()
+    assert plugin.tokens.get(timeout=TIMEOUT) == (0, 333)
+    rounds = plugin.rounds
+    wait_until(lambda: plugin.rounds > rounds + 3, "the guest to go on")
+    assert plugin.tokens.empty()
+    stop_loop(plugins)
+
+
+def test_pause_before_start_is_delivered_after_init(machine: Machine) -> None:
+    machine.load("1: jmp 1b\n")
+    vcpus = machine.make_vcpus(1, "socket")
+    vcpus.pause(1, 77)
+    end = machine.ends[0]
+    end.send(wait_request())
+    vcpus.start()
+    init(end, 0)
+    end.send(resume())
+    response = end.recv()
+    assert response.wait.WhichOneof("exit") == "user" and response.wait.user.user == 77
+
+
+# -- stopping ---------------------------------------------------------------------------------
+
+
+def wait_worker(machine: Machine, vcpu: int) -> str | None:
+    assert machine.vcpus is not None
+    wait_readable(machine.vcpus.worker_pidfds()[vcpu])
+    return machine.vcpus.worker_exited(vcpu)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_triple_fault_stops_the_worker_with_its_status(machine: Machine, transport: str) -> None:
+    machine.load("ud2\n", bits=32)
+    machine.start(1, transport)
+    end = machine.ends[0]
+    init(end, 0, protected=True)
+    end.send(resume())
+    reason = wait_worker(machine, 0)
+    assert reason is not None
+    assert "VCPU 0" in reason and f"status {WorkerStatus.GUEST_SHUTDOWN.value}" in reason
+    assert "triple fault" in reason
+    assert end.at_eof()
+    stopped = [r for r in machine.records(0) if r["event"] == "stopped"]
+    assert stopped[-1]["level"] == "error" and stopped[-1]["status"] == 10
+    assert stopped[-1]["rip"] is not None
+
+
+def test_killed_worker_is_reported_with_the_signal(machine: Machine) -> None:
+    machine.load("1: jmp 1b\n")
+    vcpus = machine.start(1, "pipes")
+    init(machine.ends[0], 0)
+    machine.ends[0].send(resume())
+    wait_until(lambda: machine.region.slot(0).run_state == RunState.RUNNING, "running")
+    os.kill(vcpus.worker_pids()[0], signal.SIGKILL)
+    reason = wait_worker(machine, 0)
+    assert reason is not None and "VCPU 0" in reason and "SIGKILL" in reason
+    assert vcpus.worker_exited(0) == reason  # reaped once, remembered
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_shutdown_request_stops_the_worker_cleanly(machine: Machine, transport: str) -> None:
+    machine.load(HALT)
+    machine.start(1, transport)
+    end = machine.ends[0]
+    init(end, 0)
+    end.send(VcpuRequest(shutdown=VcpuRequest.Shutdown()))
+    assert wait_worker(machine, 0) is None
+    assert end.at_eof()
+    assert machine.region.slot(0).stop_reason == "the plugin sent Shutdown"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_plugin_hanging_up_stops_the_worker_cleanly(machine: Machine, transport: str) -> None:
+    machine.load(HALT)
+    vcpus = machine.start(1, transport)
+    init(machine.ends[0], 0)
+    vcpus.close_plugin_fds()
+    machine.ends[0].close()
+    assert wait_worker(machine, 0) is None
+    assert machine.region.slot(0).stop_reason == "the plugin closed the channel"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("blocked", ["on_plugin", "in_guest", "at_barrier", "in_init"])
+def test_shutdown_unblocks_everything_and_leaves_nothing(
+    machine: Machine, transport: str, blocked: str
+) -> None:
+    baseline = fd_count()
+    machine.load(f"mov ${SERIAL}, %dx\nout %al, %dx\n1: jmp 1b\n")
+    vcpus = machine.start(2, transport)
+    workers = [psutil.Process(pid) for pid in vcpus.worker_pids().values()]
+    if blocked != "in_init":
+        for i, end in enumerate(machine.ends):
+            init(end, i)
+        machine.ends[0].send(resume())
+        if blocked != "at_barrier":
+            machine.ends[1].send(resume())
+            for end in machine.ends:
+                io_of(end.recv())
+            if blocked == "in_guest":
+                for end in machine.ends:
+                    end.send(resume())
+                wait_until(lambda: machine.region.slot(1).run_state == RunState.RUNNING, "run")
+    vcpus.shutdown(timeout=5.0)
+    assert [vcpus.worker_exited(i) for i in range(2)] == [None, None]  # SIGTERM: clean
+    vcpus.shutdown()  # idempotent
+    vcpus.close_plugin_fds()
+    for end in machine.ends:
+        end.close()
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    assert psutil.Process().children() == []
+    assert fd_count() == baseline
+    assert not any(t.name.startswith("vcpu") for t in threading.enumerate())
+    for i in range(2):
+        events = [r["event"] for r in machine.records(i)]
+        assert "stopped" in events and events[-1] == "vcpu_exit_counts"
+
+
+def test_shutdown_without_start_closes_the_channels(machine: Machine) -> None:
+    baseline = fd_count()
+    vcpus = machine.make_vcpus(3, "pipes")
+    assert fd_count() == baseline + 3 * 4 + 3 * 2 + 3 * 2  # pipes, doorbells, test's dups
+    vcpus.shutdown()
+    for end in machine.ends:
+        end.close()
+    assert fd_count() == baseline
+    with pytest.raises(VcpuSetError):
+        vcpus.start()
+
+
+def test_start_refuses_with_other_threads(machine: Machine) -> None:
+    vcpus = machine.make_vcpus(1, "socket")
+    gate = threading.Event()
+    other = threading.Thread(target=gate.wait)
+    other.start()
+    try:
+        with pytest.raises(VcpuSetError) as info:
+            vcpus.start()
+        assert info.value.errno == errno.EBUSY
+    finally:
+        gate.set()
+        other.join()
+    assert not vcpus.started
+    vcpus.start()
+    assert vcpus.started
+
+
+# -- worker process hygiene and logs ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_worker_keeps_only_its_own_fds(machine: Machine, transport: str) -> None:
+    machine.load(HALT)
+    vcpus = machine.start(2, transport)
+    for i, end in enumerate(machine.ends):
+        init(end, i)
+    for vcpu, pid in vcpus.worker_pids().items():
+        targets = sorted(
+            os.readlink(f"/proc/{pid}/fd/{fd}")
+            for fd in os.listdir(f"/proc/{pid}/fd")
+            if int(fd) > 2
+        )
+        channel = ["socket"] if transport == "socket" else ["pipe", "pipe"]
+        kinds = sorted(
+            "socket" if t.startswith("socket:") else "pipe" if t.startswith("pipe:") else t
+            for t in targets
+        )
+        expected = sorted(
+            [
+                *channel,
+                "anon_inode:[eventfd]",
+                "anon_inode:[eventfd]",
+                f"anon_inode:kvm-vcpu:{vcpu}",
+                str(machine.log_dir / f"vcpu-{vcpu}.jsonl"),
+            ]
+        )
+        assert kinds == expected, targets
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_logs_lifecycle_counts_and_debug_exits(machine: Machine, level: str) -> None:
+    machine.load(PORTS)
+    machine.start(1, "pipes", log_level=level)
+    end = machine.ends[0]
+    init(end, 0)
+    end.send(resume())
+    answers = {SERIAL + 1: deque(b"\x5a" + b"xyz"), SERIAL + 2: deque(b"\xef\xbe")}
+    serve_reads(end, answers, until=12)
+    assert machine.vcpus is not None
+    machine.vcpus.shutdown()
+    records = machine.records(0)
+    events = [r["event"] for r in records]
+    for event in ("worker_started", "init_done", "running", "stopped", "vcpu_exit_counts"):
+        assert event in events
+    assert all(r["vcpu"] == 0 for r in records)
+    counts = records[-1]
+    assert counts["event"] == "vcpu_exit_counts"
+    assert counts["ranges"]["ioport:0x3f8+8"] >= 8
+    assert counts["exits"]["unreserved"] == 2
+    exits = [r for r in records if r["event"] == "exit"]
+    if level == "debug":
+        assert len(exits) >= 10 and exits[0]["kind"] == "io"
+    else:
+        assert exits == []
+
+
+def test_socket_request_with_fds_is_refused_and_fds_closed(machine: Machine) -> None:
+    machine.load(HALT)
+    machine.start(1, "socket")
+    end = machine.ends[0]
+    init(end, 0)
+    r, w = os.pipe()
+    try:
+        request = VcpuRequest(get_state=VcpuRequest.GetState(set=VcpuRequest.MP))
+        end.send_raw(request.SerializeToString(), fds=[r])
+        response = end.recv()
+        assert response.errno == errno.EINVAL and response.WhichOneof("message") == "get_state"
+        os.close(r)
+        r = -1
+        # The worker closed its copy: the read end is gone everywhere, so a write fails.
+        with pytest.raises(BrokenPipeError):
+            os.write(w, b"x")
+    finally:
+        if r >= 0:
+            os.close(r)
+        os.close(w)
+    end.send_raw(b"\xff\xff")
+    response = end.recv()
+    assert response.errno == errno.EBADMSG and response.WhichOneof("message") is None
+    assert get_state(end, StateSet.MP).errno == 0

@@ -1,0 +1,648 @@
+"""A VCPU worker: the forked process that serves one VCPU's channel to the plugin.
+
+It owns that VCPU's protocol state (`VcpuProtocol`), decodes exits from its own mapping of
+the VCPU's `kvm_run` page, and keeps the VCPU's log (`vcpu-N.jsonl`). KVM refuses VCPU
+ioctls from any process but the VM's creator, so every ioctl, `KVM_RUN` included, is posted
+to the VCPU's mailbox in shared memory and executed by that VCPU's runner thread in the
+supervisor (one doorbell ring each way).
+
+The run loop, per `KVM_RUN` return: a real exit is handled first (an I/O exit must be
+answered, and with `immediate_exit` set the next `KVM_RUN` completes that I/O in the kernel
+before it returns `EINTR`, so a pause is never delivered while KVM still owes the guest the
+result of an I/O it reported); only an `EINTR` return takes the pending pause token. The
+runner sets `immediate_exit` before entering the guest whenever a pause is pending, so a
+pause that arrives while the worker serves the plugin is delivered right after the next
+Resume, exactly once.
+
+The process ends with `os._exit(status)`: 0 for a clean stop (the plugin hung up or sent
+Shutdown, or the supervisor sent SIGTERM), else one of `WorkerStatus`. The reason is logged
+(error level, with details) and stored in the VCPU's shared slot before exiting, where
+`describe_exit` finds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import errno
+import faulthandler
+import gc
+import os
+import signal
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final, NoReturn, Protocol
+
+from vmsuper.shared import kvm, logs, wire
+from vmsuper.shared.ranges import Space
+from vmsuper.shared.shm import (
+    OP_RUN,
+    Doorbell,
+    ExitKind,
+    Mailbox,
+    RunState,
+    SharedRegion,
+    ShmError,
+)
+from vmsuper.workers.vcpu_protocol import (
+    CallFailed,
+    Phase,
+    PluginProtocolError,
+    VcpuProtocol,
+)
+
+__all__ = [
+    "MAX_REQUEST",
+    "STATUS_MEANINGS",
+    "STOP_SIGNALS",
+    "Channel",
+    "ChannelFailed",
+    "HungUp",
+    "MailboxCalls",
+    "PipeChannel",
+    "Refused",
+    "SocketChannel",
+    "VcpuWorker",
+    "WorkerSpec",
+    "WorkerStatus",
+    "close_fds_except",
+    "describe_exit",
+    "enter_worker",
+]
+
+
+class WorkerStatus(enum.IntEnum):
+    """Exit statuses of a VCPU worker process."""
+
+    CLEAN = 0
+    """The plugin hung up or sent Shutdown, or the supervisor stopped the worker."""
+    GUEST_SHUTDOWN = 10
+    """The guest shut down (`KVM_EXIT_SHUTDOWN`, e.g. a triple fault)."""
+    INTERNAL_ERROR = 11
+    """KVM reported an internal error (`KVM_EXIT_INTERNAL_ERROR`, e.g. emulation failed)."""
+    FAILED_ENTRY = 12
+    """The hardware refused to enter the guest (`KVM_EXIT_FAIL_ENTRY`)."""
+    HALTED = 13
+    """The guest halted with no in-kernel irqchip to wake it (`KVM_EXIT_HLT`)."""
+    PLUGIN_FAILURE = 14
+    """The channel to the plugin failed or the plugin broke the protocol beyond an errno."""
+    UNEXPECTED = 15
+    """An unexpected exception in the worker (a bug; the traceback is in its log)."""
+    UNHANDLED_EXIT = 16
+    """The guest made an exit vmsuper does not handle."""
+    RUN_FAILED = 17
+    """`KVM_RUN` itself failed with an errno other than EINTR/EAGAIN."""
+    SETUP_FAILED = 18
+    """The worker could not set itself up after fork (or its supervisor was already gone)."""
+
+
+STATUS_MEANINGS: Final[dict[int, str]] = {
+    WorkerStatus.CLEAN: "stopped cleanly",
+    WorkerStatus.GUEST_SHUTDOWN: "guest shut down (triple fault)",
+    WorkerStatus.INTERNAL_ERROR: "KVM internal error",
+    WorkerStatus.FAILED_ENTRY: "guest entry failed",
+    WorkerStatus.HALTED: "guest halted",
+    WorkerStatus.PLUGIN_FAILURE: "plugin channel failure",
+    WorkerStatus.UNEXPECTED: "unexpected error in the VCPU worker",
+    WorkerStatus.UNHANDLED_EXIT: "unhandled exit",
+    WorkerStatus.RUN_FAILED: "KVM_RUN failed",
+    WorkerStatus.SETUP_FAILED: "VCPU worker setup failed",
+}
+
+MAX_REQUEST: Final = 256 * 1024
+"""Largest VCPU request accepted (crosvm's limit; the largest real one, SetCpuid with 256
+entries, is about 10 KiB)."""
+
+MAX_REQUEST_FDS: Final = 4
+"""fds accepted (and closed) with a request on the socket transport before refusing."""
+
+
+def describe_exit(vcpu: int, wait_status: int, stop_reason: str = "") -> str | None:
+    """A sentence for a worker's wait status; None for a clean stop."""
+    if os.WIFEXITED(wait_status):
+        code = os.WEXITSTATUS(wait_status)
+        if code == WorkerStatus.CLEAN:
+            return None
+        meaning = STATUS_MEANINGS.get(code, "unknown exit status")
+        detail = f": {stop_reason}" if stop_reason else ""
+        return f"VCPU {vcpu} worker exited with status {code} ({meaning}){detail}"
+    if os.WIFSIGNALED(wait_status):
+        number = os.WTERMSIG(wait_status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        return f"VCPU {vcpu} worker was killed by signal {number} ({name})"
+    return f"VCPU {vcpu} worker ended with wait status {wait_status:#x}"
+
+
+# -- the channel to the plugin ----------------------------------------------------------------
+
+
+class HungUp(Exception):
+    """The plugin closed its end of the channel."""
+
+
+class ChannelFailed(Exception):
+    """The channel cannot carry messages any more (I/O error, stream out of step)."""
+
+
+class Refused(Exception):
+    """A request arrived in a form that gets an error response without being acted on."""
+
+    def __init__(self, data: bytes | None, code: int, why: str) -> None:
+        super().__init__(why)
+        self.data = data
+        self.code = code
+        self.why = why
+
+
+class Channel(Protocol):
+    """One VCPU channel, worker side."""
+
+    def fds(self) -> tuple[int, ...]: ...
+
+    def receive(self) -> bytes | None:
+        """The next request; None when the plugin hung up. Raises `Refused`, `ChannelFailed`."""
+        ...
+
+    def send(self, data: bytes) -> None:
+        """Send one encoded response. Raises `HungUp`, `ChannelFailed`."""
+        ...
+
+
+_HANGUP_ERRORS: Final = (BrokenPipeError, ConnectionResetError)
+
+
+class SocketChannel:
+    """SOCK_SEQPACKET: one plain message per datagram, both ways."""
+
+    def __init__(self, fd: int) -> None:
+        self._sock = socket.socket(fileno=fd)
+
+    def fds(self) -> tuple[int, ...]:
+        return (self._sock.fileno(),)
+
+    def receive(self) -> bytes | None:
+        try:
+            datagram = wire.recv_datagram(self._sock, max_size=MAX_REQUEST, max_fds=MAX_REQUEST_FDS)
+        except wire.MessageTooLarge as exc:
+            raise Refused(None, errno.EMSGSIZE, str(exc)) from None
+        except wire.TooManyFds as exc:
+            raise Refused(None, errno.EINVAL, str(exc)) from None
+        except _HANGUP_ERRORS:
+            return None
+        except (OSError, wire.WireError) as exc:
+            raise ChannelFailed(f"receive failed: {exc}") from exc
+        if datagram is None:
+            return None
+        if datagram.fds:
+            count = len(datagram.fds)
+            datagram.close_fds()
+            raise Refused(datagram.data, errno.EINVAL, f"request came with {count} fds")
+        return datagram.data
+
+    def send(self, data: bytes) -> None:
+        try:
+            wire.send_datagram(self._sock, data)
+        except _HANGUP_ERRORS as exc:
+            raise HungUp(str(exc)) from exc
+        except (OSError, wire.WireError) as exc:
+            raise ChannelFailed(f"send failed: {exc}") from exc
+
+
+class PipeChannel:
+    """Two pipes: plain requests, one per read; length-delimited responses."""
+
+    def __init__(self, request_fd: int, response_fd: int) -> None:
+        self._request_fd = request_fd
+        self._response_fd = response_fd
+
+    def fds(self) -> tuple[int, ...]:
+        return (self._request_fd, self._response_fd)
+
+    def receive(self) -> bytes | None:
+        try:
+            return wire.read_plain(self._request_fd, max_size=MAX_REQUEST)
+        except wire.MessageTooLarge as exc:
+            # The rest of the request may still be in the pipe: the stream is out of step.
+            raise ChannelFailed(f"request too large: {exc}") from exc
+        except OSError as exc:
+            raise ChannelFailed(f"read failed: {exc}") from exc
+
+    def send(self, data: bytes) -> None:
+        try:
+            wire.write_all(self._response_fd, wire.encode_delimited(data))
+        except _HANGUP_ERRORS as exc:
+            raise HungUp(str(exc)) from exc
+        except OSError as exc:
+            raise ChannelFailed(f"write failed: {exc}") from exc
+
+
+# -- ioctls through the runner ----------------------------------------------------------------
+
+
+class MailboxCalls:
+    """`VcpuCalls` over the shared mailbox: the runner thread in the supervisor makes the call."""
+
+    def __init__(self, mailbox: Mailbox, doorbell: Doorbell) -> None:
+        self._mailbox = mailbox
+        self._doorbell = doorbell
+
+    def call(self, request: int, arg: bytes | bytearray) -> tuple[int, bytes]:
+        mailbox = self._mailbox
+        try:
+            mailbox.post(request, arg)
+        except ShmError as exc:  # more than the mailbox holds
+            raise CallFailed(errno.E2BIG, request) from exc
+        self._doorbell.ring_request()
+        self._doorbell.wait_done()
+        ret, err = mailbox.result()
+        if err:
+            raise CallFailed(err, request)
+        return ret, mailbox.read_arg(len(arg))
+
+    def run(self) -> int:
+        """Enter the guest once; the errno of `KVM_RUN` (0: an exit to handle)."""
+        self._mailbox.post(OP_RUN)
+        self._doorbell.ring_request()
+        self._doorbell.wait_done()
+        return self._mailbox.result()[1]
+
+
+# -- the worker -------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a forked worker needs, all inherited across fork."""
+
+    vcpu: int
+    vcpu_fd: int
+    mmap_size: int
+    channel_fds: tuple[int, ...]
+    """(socket,) or (request pipe read end, response pipe write end)."""
+    doorbell: Doorbell
+    region: SharedRegion
+    log_path: Path
+    log_level: str
+
+
+class _Stop(Exception):
+    """Ends the run loop with a status and a reason."""
+
+    def __init__(self, status: WorkerStatus, reason: str, **details: Any) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.details = details
+
+
+def _hex(values: tuple[int, ...]) -> list[str]:
+    return [f"{value:#x}" for value in values]
+
+
+class VcpuWorker:
+    """The serving and run loops of one VCPU (the process setup is `enter_worker`)."""
+
+    def __init__(self, spec: WorkerSpec, channel: Channel, log: Any) -> None:
+        self.vcpu = spec.vcpu
+        self.channel = channel
+        self.log = log
+        self.slot = spec.region.slot(spec.vcpu)
+        self.calls = MailboxCalls(spec.region.mailbox(spec.vcpu), spec.doorbell)
+        self.protocol = VcpuProtocol(self.calls, spec.region.reader(), log=log)
+        self._debug = spec.log_level.lower() == "debug"
+        # The mapping keeps a duplicate of the VCPU fd: the original is not needed any more.
+        self._map, self._run = kvm.map_run(spec.vcpu_fd, spec.mmap_size)
+        os.close(spec.vcpu_fd)
+        self._page = memoryview(self._map)
+        self._mmio_data = kvm.mmio_data(self._run)
+        hcall_offset = (
+            ctypes.addressof(self._run.hyperv.u.hcall)
+            - ctypes.addressof(self._run)
+            + kvm.kvm_hyperv_exit_hcall.result.offset
+        )
+        self._hcall_result = self._page[hcall_offset : hcall_offset + 8]
+        self.stop_status = WorkerStatus.CLEAN
+        self.stop_reason = "not started"
+
+    def serve(self) -> WorkerStatus:
+        """Serve the channel until the VCPU stops; the status to exit with."""
+        log = self.log
+        self.slot.run_state = RunState.INIT
+        log.info("worker_started", transport=type(self.channel).__name__)
+        try:
+            self._serve_until_resume()
+            log.info("init_done")
+            log.info("running")
+            self._run_loop()
+        except _Stop as stop:
+            self._stopped(stop.status, stop.reason, **stop.details)
+        except PluginProtocolError as exc:
+            self._stopped(WorkerStatus.PLUGIN_FAILURE, str(exc))
+        return self.stop_status
+
+    def _stopped(self, status: WorkerStatus, reason: str, **details: Any) -> None:
+        self.stop_status = status
+        self.stop_reason = reason
+        if status == WorkerStatus.CLEAN:
+            self.log.info("stopped", reason=reason, status=int(status), **details)
+        else:
+            self.log.error("stopped", reason=reason, status=int(status), **details)
+        self.slot.stop(reason)
+
+    # -- serving the plugin ----------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.channel.send(data)
+        except HungUp as exc:
+            raise _Stop(
+                WorkerStatus.CLEAN, "the plugin closed the channel", error=str(exc)
+            ) from exc
+        except ChannelFailed as exc:
+            raise _Stop(WorkerStatus.PLUGIN_FAILURE, str(exc)) from exc
+
+    def _serve_until_resume(self) -> None:
+        """Answer requests until the plugin resumes the VCPU (or the channel ends)."""
+        protocol = self.protocol
+        channel = self.channel
+        slot = self.slot
+        if protocol.phase is Phase.SERVING:
+            slot.run_state = RunState.WAITING_PLUGIN
+        while True:
+            try:
+                data = channel.receive()
+            except Refused as refused:
+                self._send(protocol.refuse_request(refused.data or b"", refused.code, refused.why))
+                continue
+            except ChannelFailed as exc:
+                raise _Stop(WorkerStatus.PLUGIN_FAILURE, str(exc)) from exc
+            if data is None:
+                raise _Stop(WorkerStatus.CLEAN, "the plugin closed the channel")
+            answer = protocol.receive_request(data)
+            if answer is not None:
+                self._send(answer)
+            phase = protocol.phase
+            if phase is Phase.RUNNING:
+                slot.run_state = RunState.RUNNING
+                return
+            if phase is Phase.STOPPED:
+                raise _Stop(WorkerStatus.CLEAN, "the plugin sent Shutdown")
+            if phase is Phase.SERVING:
+                slot.run_state = RunState.WAITING_PLUGIN
+
+    # -- running the guest -----------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        calls = self.calls
+        slot = self.slot
+        run = self._run
+        handle = self._handle_exit
+        while True:
+            err = calls.run()
+            if err == 0:
+                handle()
+            elif err == errno.EINTR:
+                run.immediate_exit = 0
+                token = slot.take_pause()
+                if token is None:
+                    continue  # a kick whose token an earlier exit already delivered
+                slot.count(ExitKind.USER)
+                if self._debug:
+                    self.log.debug("exit", kind="user", token=token)
+                slot.run_state = RunState.PAUSED
+                self._send(self.protocol.pause(token))
+                self._serve_until_resume()
+            elif err == errno.EAGAIN:
+                continue  # an uninitialized VCPU woke up (INIT/SIPI); enter again
+            elif err == errno.ESHUTDOWN:
+                raise _Stop(WorkerStatus.CLEAN, "the supervisor is shutting down")
+            else:
+                raise _Stop(
+                    WorkerStatus.RUN_FAILED,
+                    f"KVM_RUN failed: [Errno {err}] {os.strerror(err)}",
+                    errno=err,
+                )
+
+    def _handle_exit(self) -> None:
+        exit_ = kvm.decode_exit(self._run)
+        kind = type(exit_)
+        protocol = self.protocol
+        if kind is kvm.IoExit:
+            assert isinstance(exit_, kvm.IoExit)
+            start = exit_.data_offset
+            data = self._page[start : start + exit_.size * exit_.count]
+            is_write = exit_.is_write
+            answer = protocol.io_access(Space.IOPORT, exit_.port, is_write, data)
+            self._count_access(answer, ExitKind.IO_OUT if is_write else ExitKind.IO_IN)
+            if self._debug:
+                self.log.debug(
+                    "exit", kind="io", port=exit_.port, size=exit_.size, count=exit_.count,
+                    is_write=is_write, forwarded=answer is not None,
+                )  # fmt: skip
+        elif kind is kvm.MmioExit:
+            assert isinstance(exit_, kvm.MmioExit)
+            data = self._mmio_data[: exit_.length]
+            is_write = exit_.is_write
+            answer = protocol.io_access(Space.MMIO, exit_.address, is_write, data)
+            self._count_access(answer, ExitKind.MMIO_WRITE if is_write else ExitKind.MMIO_READ)
+            if self._debug:
+                self.log.debug(
+                    "exit", kind="mmio", address=exit_.address, length=exit_.length,
+                    is_write=is_write, forwarded=answer is not None,
+                )  # fmt: skip
+        elif kind is kvm.HypervHcallExit:
+            assert isinstance(exit_, kvm.HypervHcallExit)
+            self.slot.count(ExitKind.HYPERV)
+            answer = protocol.hyperv_call(
+                exit_.input, exit_.params0, exit_.params1, self._hcall_result
+            )
+            if self._debug:
+                self.log.debug("exit", kind="hyperv_call", input=exit_.input)
+        elif kind is kvm.HypervSynicExit:
+            assert isinstance(exit_, kvm.HypervSynicExit)
+            self.slot.count(ExitKind.HYPERV)
+            answer = protocol.hyperv_synic(exit_.msr, exit_.control, exit_.evt_page, exit_.msg_page)
+            if self._debug:
+                self.log.debug("exit", kind="hyperv_synic", msr=exit_.msr)
+        else:
+            self.slot.count(ExitKind.OTHER)
+            raise self._fatal_exit(exit_)
+        if answer is None:
+            return
+        self._send(answer)
+        if protocol.phase is Phase.SERVING:
+            self._serve_until_resume()
+
+    def _count_access(self, answer: bytes | None, forwarded: ExitKind) -> None:
+        if answer is None:
+            self.slot.count(ExitKind.UNRESERVED)
+        elif self.protocol.phase is Phase.RUNNING:
+            self.slot.count(ExitKind.ASYNC_WRITE)
+        else:
+            self.slot.count(forwarded)
+
+    def _fatal_exit(self, exit_: kvm.Exit) -> _Stop:
+        rip = self._rip()
+        if isinstance(exit_, kvm.ShutdownExit):
+            return _Stop(WorkerStatus.GUEST_SHUTDOWN, "guest shut down (triple fault)", rip=rip)
+        if isinstance(exit_, kvm.HltExit):
+            return _Stop(WorkerStatus.HALTED, "guest halted (no in-kernel irqchip)", rip=rip)
+        if isinstance(exit_, kvm.InternalErrorExit):
+            return _Stop(
+                WorkerStatus.INTERNAL_ERROR,
+                f"KVM internal error, suberror {exit_.suberror}",
+                suberror=exit_.suberror,
+                data=_hex(exit_.data),
+                rip=rip,
+            )
+        if isinstance(exit_, kvm.FailEntryExit):
+            return _Stop(
+                WorkerStatus.FAILED_ENTRY,
+                f"guest entry failed, hardware reason {exit_.reason:#x}",
+                hardware_reason=f"{exit_.reason:#x}",
+                cpu=exit_.cpu,
+                rip=rip,
+            )
+        reason = exit_.reason if isinstance(exit_, kvm.OtherExit) else -1
+        return _Stop(
+            WorkerStatus.UNHANDLED_EXIT,
+            f"unhandled exit reason {reason}",
+            exit_reason=reason,
+            rip=rip,
+        )
+
+    def _rip(self) -> str | None:
+        """The guest's instruction pointer, for the stop record (None if it cannot be read)."""
+        try:
+            _, regs = self.calls.call(kvm.KVM_GET_REGS, bytes(ctypes.sizeof(kvm.kvm_regs)))
+        except CallFailed:
+            return None
+        return f"{kvm.kvm_regs.from_buffer_copy(regs).rip:#x}"
+
+    def log_counts(self) -> None:
+        """The one record `vmsuper logs --summary` reads: exits by kind and by range."""
+        self.log.info(
+            "vcpu_exit_counts",
+            vcpu=self.vcpu,
+            exits=self.slot.counters(),
+            ranges=self.protocol.range_count_labels(),
+        )
+
+
+# -- the process ------------------------------------------------------------------------------
+
+
+def _raise_exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def _set_parent_death_signal(parent_pid: int) -> None:
+    """Die with the supervisor: PR_SET_PDEATHSIG, then check the parent did not die first."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        raise ProcessLookupError(f"the supervisor (pid {parent_pid}) is already gone")
+
+
+def close_fds_except(keep: set[int]) -> None:
+    """Close every fd of this process but `keep` (close_range between the kept ones)."""
+    low = 0
+    for fd in sorted(keep):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, _max_fd())
+
+
+def _max_fd() -> int:
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard > 1 << 20:
+        return 1 << 20
+    return int(hard)
+
+
+STOP_SIGNALS: Final = frozenset((signal.SIGTERM, signal.SIGINT))
+"""Blocked by the parent around `fork` and by the worker until it is set up: a SIGTERM in
+that window would otherwise reach the supervisor's inherited handler (and be lost) or stop a
+worker that has not opened its log yet."""
+
+
+def enter_worker(spec: WorkerSpec, *, parent_pid: int) -> NoReturn:
+    """Become VCPU worker `spec.vcpu` in a freshly forked child (forked with `STOP_SIGNALS`
+    blocked); never returns.
+
+    Only what the worker needs survives: stdio, its VCPU fd (to map `kvm_run`), its channel
+    end(s) and its doorbell's eventfds. The shared region is an anonymous shared mapping and
+    needs no fd. Logging moves to the worker's own file. SIGTERM stops the worker cleanly;
+    SIGINT is left to the supervisor (a terminal's ^C reaches the whole process group).
+    """
+    status: int = WorkerStatus.SETUP_FAILED
+    try:
+        # The supervisor's wakeup fd and handlers must not fire here: their fds are about to go.
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, _raise_exit)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _set_parent_death_signal(parent_pid)
+        logs.close_logging()
+        keep = {0, 1, 2, spec.vcpu_fd, *spec.channel_fds, *spec.doorbell.fds()}
+        had_faulthandler = faulthandler.is_enabled()
+        faulthandler.disable()
+        close_fds_except(keep)
+        if had_faulthandler:
+            faulthandler.enable(file=sys.__stderr__ or sys.stderr)
+        # Objects inherited from the supervisor may own fds just closed; never let the cyclic
+        # collector finalize them (it would close a number this process reuses).
+        gc.freeze()
+        log = logs.configure_logging(spec.log_path, level=spec.log_level, vcpu=spec.vcpu)
+        status = _run_worker(spec, log)
+    except SystemExit:
+        status = WorkerStatus.CLEAN
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
+    finally:
+        os._exit(status)
+
+
+def _run_worker(spec: WorkerSpec, log: Any) -> int:
+    channel: Channel
+    if len(spec.channel_fds) == 1:
+        channel = SocketChannel(spec.channel_fds[0])
+    else:
+        channel = PipeChannel(spec.channel_fds[0], spec.channel_fds[1])
+    worker = VcpuWorker(spec, channel, log)
+    status: int = WorkerStatus.UNEXPECTED
+    try:
+        # SIGTERM was blocked across fork and setup (see `STOP_SIGNALS`); one that came
+        # meanwhile is delivered here, where it still leaves the final records.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        status = worker.serve()
+    except SystemExit:
+        status = WorkerStatus.CLEAN
+        worker.stop_reason = "stopped by the supervisor (SIGTERM)"
+        log.info("stopped", reason=worker.stop_reason, status=0)
+        worker.slot.stop(worker.stop_reason)
+    except BaseException as exc:
+        status = WorkerStatus.UNEXPECTED
+        worker.stop_reason = f"unexpected error: {exc!r}"
+        log.error("stopped", reason=worker.stop_reason, status=int(status), exc_info=True)
+        worker.slot.stop(worker.stop_reason)
+    finally:
+        # A second SIGTERM must not cut the last records short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with contextlib.suppress(Exception):
+            worker.log_counts()
+    return status
