@@ -198,7 +198,7 @@ class VcpuSet:
             self._runners.append(runner)
             runner.start()
         self.started = True
-        self._log.info("vcpus_started", vcpus=self.count, workers=list(self._pids.values()))
+        self._log.info("vcpu_workers_started", vcpus=self.count, workers=list(self._pids.values()))
 
     def _fork_workers(self) -> None:
         parent = os.getpid()

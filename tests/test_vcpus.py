@@ -19,6 +19,9 @@ import select
 import signal
 import socket
 import struct
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections import deque
@@ -1004,3 +1007,69 @@ def test_socket_request_with_fds_is_refused_and_fds_closed(machine: Machine) -> 
     response = end.recv()
     assert response.errno == errno.EBADMSG and response.WhichOneof("message") is None
     assert get_state(end, StateSet.MP).errno == 0
+
+
+ORPHAN_SUPERVISOR = """
+import mmap, os, signal, subprocess, sys
+from pathlib import Path
+from vmsuper.shared import kvm
+from vmsuper.shared.shm import SharedRegion
+from vmsuper.supervisor.vcpus import VcpuSet
+
+system = kvm.Kvm()
+vm = system.create_vm()
+vm.create_irqchip()
+region = SharedRegion.create(2)
+vcpus = VcpuSet(vm, count=2, transport="pipes", region=region,
+                mmap_size=system.vcpu_mmap_size(), log_dir=Path(sys.argv[1]), log_level="info")
+vcpus.start()
+# Someone else holds the plugin's ends, so the workers never see their channels close.
+holder = subprocess.Popen(["sleep", "60"], pass_fds=vcpus.plugin_fds())
+print("PIDS", holder.pid, *vcpus.worker_pids().values(), flush=True)
+sys.stdin.readline()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_workers_die_with_their_supervisor(tmp_path: Path) -> None:
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(ORPHAN_SUPERVISOR), str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    holder, workers = -1, []
+    try:
+        assert supervisor.stdout is not None and supervisor.stdin is not None
+        line = supervisor.stdout.readline()
+        while line and not line.startswith("PIDS "):
+            line = supervisor.stdout.readline()
+        holder, *pids = (int(pid) for pid in line.split()[1:])
+        workers = [psutil.Process(pid) for pid in pids]
+        assert len(workers) == 2
+
+        def serving(vcpu: int) -> bool:
+            log = tmp_path / f"vcpu-{vcpu}.jsonl"
+            return log.exists() and "worker_started" in log.read_text()
+
+        wait_until(lambda: serving(0) and serving(1), "the workers to serve")
+        supervisor.stdin.write("go\n")
+        supervisor.stdin.flush()
+        assert supervisor.wait(TIMEOUT) == -signal.SIGKILL
+        # PR_SET_PDEATHSIG: the kernel kills each worker when the supervisor dies, though
+        # their channels stay open (the holder has the plugin's ends).
+        wait_until(lambda: all(_gone(w) for w in workers), "orphaned workers to die")
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+        for pid in (holder, *(w.pid for w in workers if not _gone(w))):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

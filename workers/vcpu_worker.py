@@ -129,8 +129,9 @@ def describe_exit(vcpu: int, wait_status: int, stop_reason: str = "") -> str | N
         if code == WorkerStatus.CLEAN:
             return None
         meaning = STATUS_MEANINGS.get(code, "unknown exit status")
-        detail = f": {stop_reason}" if stop_reason else ""
-        return f"VCPU {vcpu} worker exited with status {code} ({meaning}){detail}"
+        if stop_reason and stop_reason != meaning:
+            meaning = f"{meaning}: {stop_reason}"
+        return f"VCPU {vcpu} worker exited with status {code} ({meaning})"
     if os.WIFSIGNALED(wait_status):
         number = os.WTERMSIG(wait_status)
         try:
@@ -422,8 +423,6 @@ class VcpuWorker:
                 self._serve_until_resume()
             elif err == errno.EAGAIN:
                 continue  # an uninitialized VCPU woke up (INIT/SIPI); enter again
-            elif err == errno.ESHUTDOWN:
-                raise _Stop(WorkerStatus.CLEAN, "the supervisor is shutting down")
             else:
                 raise _Stop(
                     WorkerStatus.RUN_FAILED,
