@@ -1,0 +1,90 @@
+"""The pytest plugin as users meet it: a test file of theirs using the `vmsuper` fixture.
+
+Each test writes such a file (and a plugin script) into a scratch project with `pytester` and
+runs pytest on it, in process and under pytest-xdist, then checks the inner outcome.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+
+pytest_plugins = ["pytester"]
+pytestmark = pytest.mark.kvm
+
+PLUGIN_SCRIPT = f"""\
+#!{sys.executable}
+import sys
+from vmsuper.plugin import Connection, Init
+
+conn = Connection.from_env()
+(vcpu,) = conn.get_vcpus()
+conn.start()
+event = vcpu.wait()
+print("first event:", type(event).__name__, "irqchip:", conn.check_extension(0))
+sys.exit(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+"""
+
+USER_TESTS = """
+from pathlib import Path
+
+from vmsuper.plugin import Connection
+from vmsuper.pytest_plugin import VmSpec
+
+SCRIPT = Path(__file__).parent / "my_plugin.py"
+
+
+def callable_plugin():
+    conn = Connection.from_env()
+    vcpus = conn.get_vcpus()
+    print("callable plugin sees", len(vcpus), "VCPUs")
+    return 7 if len(vcpus) != 2 else None
+
+
+def failing_plugin():
+    return 3
+
+
+def test_script_plugin(vmsuper):
+    result = vmsuper.run(SCRIPT)
+    assert result.status == 0, result.stderr
+    assert "first event: Init irqchip: True" in result.stdout
+    assert result.records(), "the run left a supervisor log"
+
+
+def test_script_plugin_exit_status(vmsuper):
+    result = vmsuper.run(SCRIPT, VmSpec(args=["5"], transport="pipes"))
+    assert result.status == 5
+
+
+def test_callable_plugin(vmsuper):
+    result = vmsuper.run(callable_plugin, VmSpec(vcpus=2))
+    assert result.status == 0, result.stderr
+    assert "callable plugin sees 2 VCPUs" in result.stdout
+
+
+def test_callable_plugin_return_value_is_the_status(vmsuper):
+    assert vmsuper.run(failing_plugin).status == 3
+"""
+
+
+def make_project(pytester: pytest.Pytester) -> None:
+    script = pytester.path / "my_plugin.py"
+    script.write_text(PLUGIN_SCRIPT)
+    script.chmod(0o755)
+    pytester.makepyfile(test_user=textwrap.dedent(USER_TESTS))
+
+
+def test_fixture_runs_script_and_callable_plugins(pytester: pytest.Pytester) -> None:
+    make_project(pytester)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4)
+
+
+def test_fixture_under_xdist(pytester: pytest.Pytester) -> None:
+    make_project(pytester)
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*2 workers*"])
