@@ -15,10 +15,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
+from vmsuper import __version__
 from vmsuper.supervisor import logview
 from vmsuper.supervisor.config import MAX_VCPUS, Config, ConfigError, load_config
-
-from vmsuper import __version__
 
 USAGE_ERROR = 2
 INTERRUPTED = 130

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+
 from vmsuper.supervisor.config import (
     DEFAULT_LOG_DIR,
     Config,
