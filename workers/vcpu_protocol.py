@@ -189,6 +189,19 @@ def range_label(rng: Range) -> str:
 
 
 Handler = Callable[[Any, VcpuResponse], int]
+_HANDLERS: Final = {
+    case: f"_{case}"
+    for case in (
+        "get_state",
+        "set_state",
+        "get_msrs",
+        "set_msrs",
+        "set_cpuid",
+        "get_hyperv_cpuid",
+        "enable_capability",
+    )
+}
+"""Request case -> the method that serves it (looked up per request: no reference cycle)."""
 
 
 class VcpuProtocol:
@@ -208,15 +221,6 @@ class VcpuProtocol:
         """Exits per reserved range that went to the plugin (for the exit-count log)."""
         self.last_refusal: str | None = None
         """Why the last failed request failed (also logged)."""
-        self._handlers: dict[str, Handler] = {
-            "get_state": self._get_state,
-            "set_state": self._set_state,
-            "get_msrs": self._get_msrs,
-            "set_msrs": self._set_msrs,
-            "set_cpuid": self._set_cpuid,
-            "get_hyperv_cpuid": self._get_hyperv_cpuid,
-            "enable_capability": self._enable_capability,
-        }
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -256,8 +260,9 @@ class VcpuProtocol:
         response = self._response
         response.Clear()
         getattr(response, case).SetInParent()
+        handler: Handler = getattr(self, _HANDLERS[case])
         try:
-            code = self._handlers[case](getattr(request, case), response)
+            code = handler(getattr(request, case), response)
         except CallFailed as exc:
             code = exc.errno
             self._note(case, code, str(exc))

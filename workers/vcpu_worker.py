@@ -48,11 +48,14 @@ from vmsuper.shared.shm import (
     RunState,
     SharedRegion,
     ShmError,
+    VcpuSlot,
 )
 from vmsuper.workers.vcpu_protocol import (
     CallFailed,
     Phase,
     PluginProtocolError,
+    RangeSource,
+    VcpuCalls,
     VcpuProtocol,
 )
 
@@ -66,6 +69,7 @@ __all__ = [
     "MailboxCalls",
     "PipeChannel",
     "Refused",
+    "RunnerCalls",
     "SocketChannel",
     "VcpuWorker",
     "WorkerSpec",
@@ -73,6 +77,7 @@ __all__ = [
     "close_fds_except",
     "describe_exit",
     "enter_worker",
+    "hcall_result_offset",
 ]
 
 
@@ -304,34 +309,84 @@ class _Stop(Exception):
         self.details = details
 
 
+def hcall_result_offset(run: kvm.kvm_run) -> int:
+    """Where `kvm_run.hyperv.u.hcall.result` lies in the page (the hypercall's answer)."""
+    return (
+        ctypes.addressof(run.hyperv.u.hcall)
+        - ctypes.addressof(run)
+        + kvm.kvm_hyperv_exit_hcall.result.offset
+    )
+
+
 def _hex(values: tuple[int, ...]) -> list[str]:
     return [f"{value:#x}" for value in values]
 
 
-class VcpuWorker:
-    """The serving and run loops of one VCPU (the process setup is `enter_worker`)."""
+class RunnerCalls(VcpuCalls, Protocol):
+    """What the worker asks of its runner: ioctls, and entering the guest."""
 
-    def __init__(self, spec: WorkerSpec, channel: Channel, log: Any) -> None:
-        self.vcpu = spec.vcpu
+    def run(self) -> int:
+        """Enter the guest once; the errno of `KVM_RUN` (0: an exit to handle)."""
+        ...
+
+
+class VcpuWorker:
+    """The serving and run loops of one VCPU (the process setup is `enter_worker`).
+
+    `page` is the VCPU's `kvm_run` mapping and `run` the struct view of it: exits are read
+    from them and answers written into them.
+    """
+
+    def __init__(
+        self,
+        *,
+        vcpu: int,
+        channel: Channel,
+        calls: RunnerCalls,
+        slot: VcpuSlot,
+        ranges: RangeSource,
+        page: memoryview,
+        run: kvm.kvm_run,
+        log: Any,
+        debug: bool = False,
+    ) -> None:
+        self.vcpu = vcpu
         self.channel = channel
         self.log = log
-        self.slot = spec.region.slot(spec.vcpu)
-        self.calls = MailboxCalls(spec.region.mailbox(spec.vcpu), spec.doorbell)
-        self.protocol = VcpuProtocol(self.calls, spec.region.reader(), log=log)
-        self._debug = spec.log_level.lower() == "debug"
-        # The mapping keeps a duplicate of the VCPU fd: the original is not needed any more.
-        self._map, self._run = kvm.map_run(spec.vcpu_fd, spec.mmap_size)
-        os.close(spec.vcpu_fd)
-        self._page = memoryview(self._map)
-        self._mmio_data = kvm.mmio_data(self._run)
-        hcall_offset = (
-            ctypes.addressof(self._run.hyperv.u.hcall)
-            - ctypes.addressof(self._run)
-            + kvm.kvm_hyperv_exit_hcall.result.offset
-        )
-        self._hcall_result = self._page[hcall_offset : hcall_offset + 8]
+        self.slot = slot
+        self.calls = calls
+        self.protocol = VcpuProtocol(calls, ranges, log=log)
+        self._debug = debug
+        self._run = run
+        self._page = page
+        self._mmio_data = kvm.mmio_data(run)
+        offset = hcall_result_offset(run)
+        self._hcall_result = page[offset : offset + 8]
         self.stop_status = WorkerStatus.CLEAN
         self.stop_reason = "not started"
+
+    @classmethod
+    def from_spec(cls, spec: WorkerSpec, channel: Channel, log: Any) -> VcpuWorker:
+        """The worker of a forked child: maps `kvm_run` from the inherited VCPU fd."""
+        # The mapping keeps a duplicate of the VCPU fd: the original is not needed any more.
+        mapping, run = kvm.map_run(spec.vcpu_fd, spec.mmap_size)
+        os.close(spec.vcpu_fd)
+        return cls(
+            vcpu=spec.vcpu,
+            channel=channel,
+            calls=MailboxCalls(spec.region.mailbox(spec.vcpu), spec.doorbell),
+            slot=spec.region.slot(spec.vcpu),
+            ranges=spec.region.reader(),
+            page=memoryview(mapping),
+            run=run,
+            log=log,
+            debug=spec.log_level.lower() == "debug",
+        )
+
+    def release(self) -> None:
+        """Drop the worker's views into the run page (before its mapping is closed)."""
+        self._mmio_data.release()
+        self._hcall_result.release()
 
     def serve(self) -> WorkerStatus:
         """Serve the channel until the VCPU stops; the status to exit with."""
@@ -622,7 +677,7 @@ def _run_worker(spec: WorkerSpec, log: Any) -> int:
         channel = SocketChannel(spec.channel_fds[0])
     else:
         channel = PipeChannel(spec.channel_fds[0], spec.channel_fds[1])
-    worker = VcpuWorker(spec, channel, log)
+    worker = VcpuWorker.from_spec(spec, channel, log)
     status: int = WorkerStatus.UNEXPECTED
     try:
         # SIGTERM was blocked across fork and setup (see `STOP_SIGNALS`); one that came
