@@ -28,7 +28,14 @@ from typing import Any, Final
 from vmsuper.shared import kvm
 from vmsuper.shared.shm import MAILBOX_ARG_SIZE, OP_RUN, Doorbell, Mailbox, VcpuSlot
 
-__all__ = ["ALLOWED_IOCTLS", "KICK_SIGNAL", "VcpuRunner", "check_argument", "install_kick_handler"]
+__all__ = [
+    "ALLOWED_IOCTLS",
+    "KICK_SIGNAL",
+    "RUNNER_BLOCKED",
+    "VcpuRunner",
+    "check_argument",
+    "install_kick_handler",
+]
 
 KICK_SIGNAL: Final = signal.SIGUSR1
 """Interrupts a runner's `KVM_RUN`. SIGUSR1 rather than a realtime signal: kicks need not
@@ -86,6 +93,23 @@ def check_argument(op: int, arg: bytes | bytearray | memoryview, length: int) ->
         return errno.EINVAL
     (count,) = _COUNT.unpack_from(arg, 0)
     return 0 if _HEADER_SIZE + count * entry <= length else errno.EINVAL
+
+
+_SYNCHRONOUS: Final = frozenset(
+    (
+        signal.SIGSEGV,
+        signal.SIGBUS,
+        signal.SIGFPE,
+        signal.SIGILL,
+        signal.SIGTRAP,
+        signal.SIGABRT,
+        signal.SIGSYS,
+    )
+)
+RUNNER_BLOCKED: Final = frozenset(signal.valid_signals() - {KICK_SIGNAL} - _SYNCHRONOUS)
+"""Signals a runner thread blocks: process-directed ones (SIGCHLD, SIGTERM...) then go to
+the main thread, whose event loop handles them, instead of interrupting a `KVM_RUN` for
+nothing. Only the kick (and faults, which cannot be deferred) reach a runner."""
 
 
 def _on_kick(signum: int, frame: object) -> None:
@@ -165,6 +189,7 @@ class VcpuRunner:
         kvm_error = kvm.KvmError
         run_request = kvm.KVM_RUN
         before_first_run = True
+        signal.pthread_sigmask(signal.SIG_BLOCK, RUNNER_BLOCKED)
         try:
             while True:
                 try:
