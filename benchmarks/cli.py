@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -11,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from . import exits, machine, memory, report, startup
+from . import cpu, exits, machine, memory, report, startup
 from .build import BuildError, build_all
 from .context import Bench
 from .vmrun import RunError
@@ -24,11 +25,12 @@ SECTIONS: Final[dict[str, Section]] = {
     "reference": exits.reference,
     "async": exits.async_writes,
     "ioeventfd": exits.ioeventfd,
+    "cpu": cpu.cpu,
     "startup": startup.startup,
     "memory": memory.memory,
 }
 DEFAULT_EXITS: Final = 5000
-DEFAULT_REPEAT: Final = 3
+DEFAULT_REPEAT: Final = 5
 QUICK_EXITS: Final = 50
 QUICK_REPEAT: Final = 1
 RESULTS: Final = Path(__file__).resolve().parent / "results"
@@ -84,15 +86,21 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         quick=quick,
     )
     names = [n for n in SECTIONS if args.only is None or n in args.only]
+    load_before = os.getloadavg()[0]
     started = time.monotonic()
     sections: dict[str, list[dict[str, Any]]] = {}
+    seconds: dict[str, float] = {}
     for name in names:
-        print(f"running {name}...", file=sys.stderr, flush=True)
+        print(f"running {name}...", end="", file=sys.stderr, flush=True)
+        section_start = time.monotonic()
         sections[name] = SECTIONS[name](bench)
+        seconds[name] = round(time.monotonic() - section_start, 1)
+        print(f" {seconds[name]} s", file=sys.stderr, flush=True)
     if "exits" in sections and "reference" in sections:
         report.add_ratios(sections["exits"], sections["reference"])
     return {
-        "machine": machine.describe(),
+        # Other work on the machine skews every figure: the load says how quiet it was.
+        "machine": {**machine.describe(), "loadavg_1min": [load_before, os.getloadavg()[0]]},
         "settings": {
             "exits": bench.exits,
             "async_exits": bench.exits * exits.ASYNC_FACTOR,
@@ -100,6 +108,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "quick": quick,
             "sections": names,
             "seconds": round(time.monotonic() - started, 1),
+            "section_seconds": seconds,
         },
         "sections": sections,
         "targets": report.targets(sections),

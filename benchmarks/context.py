@@ -7,9 +7,11 @@ import itertools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import guest
 from .build import Programs
+from .vmrun import RunSpec
 
 SDK_PLUGIN = Path(__file__).resolve().parent / "sdk_plugin.py"
 PLUGINS = ("native", "sdk")
@@ -35,17 +37,30 @@ class Bench:
     def guest(self, exits: int) -> Path:
         return guest.write_guest(exits, self.work)
 
+    def spec(self, plugin: str, mode: str, exits: int = 1, **settings: Any) -> RunSpec:
+        """A run of the `native` or `sdk` plugin in `mode`, guest of `exits` loop writes."""
+        return RunSpec(plugin=self.plugin(plugin, mode, exits), mounts=(self.work,), **settings)
+
     def plugin(self, plugin: str, mode: str, exits: int = 1) -> list[str]:
         """argv of the `native` or `sdk` plugin in `mode` with a guest of `exits` loop writes."""
         if plugin == "native":
             prefix = [str(self.programs.native_plugin)]
         elif plugin == "sdk":
-            prefix = [sys.executable, str(SDK_PLUGIN)]
+            prefix = [str(self._sdk_script())]
         else:
             raise ValueError(f"unknown plugin {plugin!r}")
         if mode == "trivial":
             return [*prefix, "trivial"]
         return [*prefix, mode, str(exits), str(self.guest(exits)), *guest.port_args()]
+
+    def _sdk_script(self) -> Path:
+        """sdk_plugin.py as an executable script run by this interpreter: a plugin the sandbox
+        knows how to set up (it binds a script's interpreter and its installation)."""
+        path = self.work / SDK_PLUGIN.name
+        if not path.exists():
+            path.write_text(f"#!{sys.executable}\n{SDK_PLUGIN.read_text()}")
+            path.chmod(0o755)
+        return path
 
     def reference(self, mode: str, vcpus: int, exits: int) -> list[str]:
         return [

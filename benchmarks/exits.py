@@ -16,11 +16,11 @@ from typing import Any
 from .context import PLUGINS, TRANSPORTS, Bench
 from .machine import held_low_latency
 from .stats import summarize
-from .vmrun import RunError, RunSpec, run_command, run_vm
+from .vmrun import RunError, run_command, run_vm
 
 VCPU_COUNTS = (1, 2)
-REFERENCE_MODES = ("inline", "pipe", "socket")
-ASYNC_FACTOR = 4  # async and ioeventfd writes are cheap: run more of them per measurement
+REFERENCE_MODES = ("inline", "pipe", "socket", "relay")
+ASYNC_FACTOR = 2  # async and ioeventfd writes are cheaper: run more of them per measurement
 
 
 def rates(report: dict[str, Any], *, counted: str = "exits") -> tuple[float, float]:
@@ -71,8 +71,10 @@ def exits(bench: Bench) -> list[dict[str, Any]]:
     ]
 
     def measure(key: dict[str, Any]) -> tuple[float, float]:
-        spec = RunSpec(
-            plugin=bench.plugin(key["plugin"], "loop", bench.exits),
+        spec = bench.spec(
+            key["plugin"],
+            "loop",
+            bench.exits,
             vcpus=key["vcpus"],
             transport=key["transport"],
             low_latency=key["low_latency"],
@@ -107,8 +109,10 @@ def async_writes(bench: Bench) -> list[dict[str, Any]]:
     ]
 
     def measure(key: dict[str, Any]) -> tuple[float, float]:
-        spec = RunSpec(
-            plugin=bench.plugin(key["plugin"], "async", count),
+        spec = bench.spec(
+            key["plugin"],
+            "async",
+            count,
             transport=key["transport"],
             low_latency=key["low_latency"],
         )
@@ -124,9 +128,7 @@ def ioeventfd(bench: Bench) -> list[dict[str, Any]]:
     keys = [{"vcpus": 1, "low_latency": ll} for ll in bench.low_latency]
 
     def measure(key: dict[str, Any]) -> tuple[float, float]:
-        spec = RunSpec(
-            plugin=bench.plugin("native", "ioevent", count), low_latency=key["low_latency"]
-        )
+        spec = bench.spec("native", "ioevent", count, low_latency=key["low_latency"])
         return rates(run_vm(spec, bench.folder("ioeventfd")).report, counted="ioevents")
 
     return _collect(bench, keys, measure, unit="write")

@@ -3,7 +3,9 @@ growth from 1 to many VCPUs, and the time to start that many.
 
 The native plugin runs in `hold` mode: every VCPU stops at its first exit, the plugin reports,
 and the harness measures the processes before letting the plugin (and so the VM) end. USS is
-what a process would give back if it died; PSS also charges it its share of shared pages.
+what a process would give back if it died; PSS also charges it its share of shared pages (the
+workers are forked from the supervisor, so most of their pages are shared with it): the sum of
+the PSS figures is what the whole VM host costs.
 """
 
 from __future__ import annotations
@@ -14,24 +16,37 @@ import psutil
 
 from .context import Bench
 from .stats import summarize
-from .vmrun import RunError, RunResult, RunSpec, run_vm
+from .vmrun import RunError, RunResult, run_vm
 
 MIB: Final = 1024 * 1024
 VCPU_COUNTS: Final = (1, 16)
 
 
-def sample(run: RunResult, vcpus: int) -> dict[str, Any]:
-    """USS/PSS of the supervisor and its VCPU workers (its children other than the plugin)."""
+def split_children(run: RunResult, vcpus: int) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """(VCPU workers, the plugin's processes) among the supervisor's descendants.
+
+    Workers are forked without exec, so their command line is the supervisor's; the rest is
+    the plugin, behind its sandbox (bwrap, in its own pid namespace: the pid the plugin
+    reports is not a host pid).
+    """
     supervisor = psutil.Process(run.supervisor_pid)
-    plugin_pid = int(run.report["pid"])
-    workers = []
+    command = supervisor.cmdline()
+    workers: list[psutil.Process] = []
+    plugin: list[psutil.Process] = []
     for child in supervisor.children():
-        if child.pid == plugin_pid or plugin_pid in {p.pid for p in child.children(True)}:
-            continue
-        workers.append(child)
+        if child.cmdline() == command:
+            workers.append(child)
+        else:
+            plugin += [child, *child.children(recursive=True)]
     if len(workers) != vcpus:
         raise RunError(f"expected {vcpus} VCPU workers, found {len(workers)}")
-    sup = supervisor.memory_full_info()
+    return workers, plugin
+
+
+def sample(run: RunResult, vcpus: int) -> dict[str, Any]:
+    """USS/PSS of the supervisor and its VCPU workers."""
+    workers, _ = split_children(run, vcpus)
+    sup = psutil.Process(run.supervisor_pid).memory_full_info()
     infos = [w.memory_full_info() for w in workers]
     return {
         "supervisor_uss": sup.uss / MIB,
@@ -52,12 +67,15 @@ def memory(bench: Bench) -> list[dict[str, Any]]:
             for _ in range(bench.repeat):
                 got: dict[str, Any] = {}
 
-                def measure(run: RunResult, got: dict[str, Any] = got, vcpus: int = vcpus) -> None:
+                def measure(
+                    run: RunResult,
+                    line: dict[str, Any],
+                    got: dict[str, Any] = got,
+                    vcpus: int = vcpus,
+                ) -> None:
                     got.update(sample(run, vcpus))
 
-                spec = RunSpec(
-                    plugin=bench.plugin("native", "hold"), vcpus=vcpus, low_latency=ll, hold=True
-                )
+                spec = bench.spec("native", "hold", vcpus=vcpus, low_latency=ll, holds=1)
                 run = run_vm(spec, bench.folder(f"memory-{vcpus}"), while_held=measure)
                 samples.append(got)
                 last_first = max(v["t_first"] for v in run.report["vcpus"])
@@ -66,6 +84,7 @@ def memory(bench: Bench) -> list[dict[str, Any]]:
             worker_uss = [u for s in samples for u in s["worker_uss"]]
             worker_pss = [u for s in samples for u in s["worker_pss"]]
             total_uss = [s["supervisor_uss"] + sum(s["worker_uss"]) for s in samples]
+            total_pss = [s["supervisor_pss"] + sum(s["worker_pss"]) for s in samples]
             row = {
                 "vcpus": vcpus,
                 "low_latency": ll,
@@ -74,6 +93,7 @@ def memory(bench: Bench) -> list[dict[str, Any]]:
                 "worker_uss_mib": summarize(worker_uss),
                 "worker_pss_mib": summarize(worker_pss),
                 "total_uss_mib": summarize(total_uss),
+                "total_pss_mib": summarize(total_pss),
                 "start_ms": summarize(start_ms),
                 "exec_to_running_ms": summarize(running_ms),
             }
@@ -81,15 +101,19 @@ def memory(bench: Bench) -> list[dict[str, Any]]:
             rows.append(row)
         low, high = by_count[VCPU_COUNTS[0]], by_count[VCPU_COUNTS[-1]]
         added = VCPU_COUNTS[-1] - VCPU_COUNTS[0]
-        growth = high["total_uss_mib"]["median"] - low["total_uss_mib"]["median"]
-        sup_growth = high["supervisor_uss_mib"]["median"] - low["supervisor_uss_mib"]["median"]
+
+        def grew(key: str, low: dict[str, Any] = low, high: dict[str, Any] = high) -> float:
+            return float(high[key]["median"] - low[key]["median"])
+
         rows.append(
             {
                 "growth": f"{VCPU_COUNTS[0]}->{VCPU_COUNTS[-1]} VCPUs",
                 "low_latency": ll,
-                "total_uss_growth_mib": growth,
-                "per_added_vcpu_uss_mib": growth / added,
-                "supervisor_uss_growth_mib": sup_growth,
+                "total_uss_growth_mib": grew("total_uss_mib"),
+                "total_pss_growth_mib": grew("total_pss_mib"),
+                "per_added_vcpu_uss_mib": grew("total_uss_mib") / added,
+                "per_added_vcpu_pss_mib": grew("total_pss_mib") / added,
+                "supervisor_uss_growth_mib": grew("supervisor_uss_mib"),
             }
         )
     return rows

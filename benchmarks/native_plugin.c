@@ -13,6 +13,9 @@
  *            never leave the kernel; the eventfd's count is read at the end.
  *   hold     each VCPU stops at its START exit; the plugin prints its report, then blocks
  *            until FIFO can be read (EOF or a byte), and exits with the VCPUs still stopped.
+ *   profile  loop on one VCPU with two pauses for the harness to read CPU times, at the START
+ *            and the DONE exit: a {"bench": ..., "phase": "start"|"done"} line, then FIFO is
+ *            read before going on.
  *   trivial  exit 0 at once.
  *
  * The guest (GUEST_BIN, loaded at 0x1000 in 64 KiB of memory at guest address 0, run in real
@@ -358,9 +361,10 @@ static void resume(struct channel *ch) {
 
 /* --- the benchmark ------------------------------------------------------------------------ */
 
-enum mode { LOOP, ASYNC, IOEVENT, HOLD };
+enum mode { LOOP, ASYNC, IOEVENT, HOLD, PROFILE };
 
 static enum mode mode;
+static const char *fifo;
 static uint64_t expected_exits;
 static unsigned start_port, loop_port, done_port;
 
@@ -398,6 +402,21 @@ static void init_vcpu(struct vcpu *v) {
     }
 }
 
+/* Block until the harness opens and closes the FIFO (EOF) or writes to it. */
+static void wait_for_harness(void) {
+    int fd = open(fifo, O_RDONLY | O_CLOEXEC);
+    char byte;
+    if (fd < 0 || read(fd, &byte, 1) < 0)
+        die("fifo %s: %s", fifo, strerror(errno));
+    close(fd);
+}
+
+static void pause_for_harness(const char *phase) {
+    printf("{\"bench\": \"native\", \"phase\": \"%s\", \"pid\": %d}\n", phase, (int)getpid());
+    fflush(stdout);
+    wait_for_harness();
+}
+
 static void *serve_vcpu(void *arg) {
     struct vcpu *v = arg;
     static const struct pb wait = {.b = {VREQ_WAIT << 3 | 2, 0}, .n = 2};
@@ -424,8 +443,14 @@ static void *serve_vcpu(void *arg) {
             v->t_first = t;
             if (mode == HOLD)
                 return NULL;
+            if (mode == PROFILE) {
+                pause_for_harness("start");
+                v->t_first = now();
+            }
         } else if (address.v == done_port) {
             v->t_done = t;
+            if (mode == PROFILE) /* here, while this thread's CPU time is still on record */
+                pause_for_harness("done");
             return NULL; /* left stopped: the plugin exits next */
         } else {
             v->other_exits++;
@@ -478,10 +503,10 @@ int main(int argc, char **argv) {
     if (argc == 2 && strcmp(argv[1], "trivial") == 0)
         return 0;
     if (argc < 7 || argc > 8)
-        die("usage: native_plugin loop|async|ioevent|hold EXITS GUEST_BIN START LOOP DONE [FIFO]");
-    const char *names[] = {"loop", "async", "ioevent", "hold"};
+        die("usage: native_plugin loop|async|ioevent|hold|profile EXITS GUEST START LOOP DONE [FIFO]");
+    const char *names[] = {"loop", "async", "ioevent", "hold", "profile"};
     int m = -1;
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 5; i++)
         if (strcmp(argv[1], names[i]) == 0)
             m = i;
     if (m < 0)
@@ -491,9 +516,9 @@ int main(int argc, char **argv) {
     start_port = parse_uint(argv[4], "start port");
     loop_port = parse_uint(argv[5], "loop port");
     done_port = parse_uint(argv[6], "done port");
-    const char *fifo = argc == 8 ? argv[7] : NULL;
-    if (mode == HOLD && !fifo)
-        die("hold needs a FIFO");
+    fifo = argc == 8 ? argv[7] : NULL;
+    if ((mode == HOLD || mode == PROFILE) && !fifo)
+        die("%s needs a FIFO", argv[1]);
     const char *sock = getenv("CROSVM_SOCKET");
     if (!sock)
         die("CROSVM_SOCKET is not set");
@@ -513,7 +538,7 @@ int main(int argc, char **argv) {
     int eventfd = -1;
     reserve(start_port, 0);
     reserve(done_port, 0);
-    if (mode == LOOP || mode == ASYNC)
+    if (mode == LOOP || mode == ASYNC || mode == PROFILE)
         reserve(loop_port, mode == ASYNC);
     if (mode == IOEVENT)
         eventfd = create_io_event(1, loop_port);
@@ -553,12 +578,7 @@ int main(int argc, char **argv) {
     printf("]}\n");
     fflush(stdout);
 
-    if (mode == HOLD) {
-        int fd = open(fifo, O_RDONLY | O_CLOEXEC);
-        char byte;
-        if (fd < 0 || read(fd, &byte, 1) < 0)
-            die("fifo %s: %s", fifo, strerror(errno));
-        close(fd);
-    }
+    if (mode == HOLD)
+        wait_for_harness();
     return 0;
 }

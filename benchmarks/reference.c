@@ -10,6 +10,10 @@
  *   pipe    crosvm's plugin architecture: each VCPU thread forwards every I/O exit to a
  *           separate plugin *process* over a pair of pipes and waits for its one-byte reply.
  *   socket  the same over one SOCK_SEQPACKET socket pair per VCPU.
+ *   relay   vmsuper's process layout in C: the VCPU thread rings an eventfd for a separate
+ *           worker process, which forwards the exit to the plugin process over pipes, waits
+ *           for the reply and rings a second eventfd to let the VCPU thread re-enter. It
+ *           separates the cost of the extra hop from the cost of Python.
  *
  * The VM is built as vmsuper builds it (TSS address, in-kernel irqchip, PIT), with 64 KiB of
  * memory at 0 and GUEST_BIN loaded at 0x1000, every VCPU in real mode at 0x1000 (application
@@ -26,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -37,7 +42,9 @@
 #define TSS_ADDRESS 0xfffbd000
 #define MAX_VCPUS 64
 
-enum mode { INLINE, PIPE, SOCKET };
+enum mode { INLINE, PIPE, SOCKET, RELAY };
+
+#define STOP_WORKER (1ULL << 32) /* rung on exit_ready: the worker thread ends */
 
 static void die(const char *fmt, ...) {
     va_list ap;
@@ -68,8 +75,9 @@ struct vcpu {
     int index, fd;
     struct kvm_run *run;
     pthread_t thread;
-    int to_plugin, from_plugin;       /* VCPU side of the channel */
-    int plugin_in, plugin_out;        /* plugin side of the channel */
+    int to_plugin, from_plugin;       /* VCPU (relay: worker) side of the plugin channel */
+    int plugin_in, plugin_out;        /* plugin side of the plugin channel */
+    int exit_ready, resume;           /* relay: eventfds VCPU thread -> worker -> VCPU thread */
     double t_first, t_done;
     uint64_t exits, other_exits;
 };
@@ -78,18 +86,60 @@ static enum mode mode;
 static unsigned start_port, loop_port, done_port;
 static struct vcpu vcpus[MAX_VCPUS];
 
+static void ask_plugin(struct vcpu *v, const struct exit_message *m) {
+    char reply;
+    if (write(v->to_plugin, m, sizeof *m) != sizeof *m)
+        die("write to the plugin: %s", strerror(errno));
+    if (read(v->from_plugin, &reply, 1) != 1)
+        die("read from the plugin: %s", strerror(errno));
+}
+
 static void forward(struct vcpu *v) {
+    if (mode == RELAY) {
+        uint64_t value = 1;
+        if (write(v->exit_ready, &value, sizeof value) != sizeof value ||
+            read(v->resume, &value, sizeof value) != sizeof value)
+            die("relay eventfds: %s", strerror(errno));
+        return;
+    }
     struct exit_message m = {
         .port = v->run->io.port,
         .size = v->run->io.size,
         .is_write = v->run->io.direction == KVM_EXIT_IO_OUT,
         .sequence = v->exits,
     };
-    char reply;
-    if (write(v->to_plugin, &m, sizeof m) != sizeof m)
-        die("write to the plugin: %s", strerror(errno));
-    if (read(v->from_plugin, &reply, 1) != 1)
-        die("read from the plugin: %s", strerror(errno));
+    ask_plugin(v, &m);
+}
+
+/* relay: the worker process reads the exit from the shared kvm_run page (mapped before the
+ * fork), asks the plugin, and lets the VCPU thread go on. */
+static void *worker_serve(void *arg) {
+    struct vcpu *v = arg;
+    for (;;) {
+        uint64_t value;
+        if (read(v->exit_ready, &value, sizeof value) != sizeof value || value >= STOP_WORKER)
+            return NULL;
+        struct exit_message m = {
+            .port = v->run->io.port,
+            .size = v->run->io.size,
+            .is_write = v->run->io.direction == KVM_EXIT_IO_OUT,
+        };
+        ask_plugin(v, &m);
+        value = 1;
+        if (write(v->resume, &value, sizeof value) != sizeof value)
+            return NULL;
+    }
+}
+
+static void worker_main(int count) {
+    for (int i = 0; i < count; i++)
+        close(vcpus[i].plugin_in), close(vcpus[i].plugin_out);
+    for (int i = 0; i < count; i++)
+        if (pthread_create(&vcpus[i].thread, NULL, worker_serve, &vcpus[i]))
+            _exit(1);
+    for (int i = 0; i < count; i++)
+        pthread_join(vcpus[i].thread, NULL);
+    _exit(0);
 }
 
 static void *run_vcpu(void *arg) {
@@ -135,8 +185,10 @@ static void *plugin_serve(void *arg) {
 static void plugin_main(int count) {
     for (int i = 0; i < count; i++) {
         close(vcpus[i].to_plugin);
-        if (mode == PIPE) /* a socket is one fd for both directions */
+        if (mode != SOCKET) /* a socket is one fd for both directions */
             close(vcpus[i].from_plugin);
+        if (mode == RELAY)
+            close(vcpus[i].exit_ready), close(vcpus[i].resume);
     }
     for (int i = 0; i < count; i++)
         if (pthread_create(&vcpus[i].thread, NULL, plugin_serve, &vcpus[i]))
@@ -147,7 +199,13 @@ static void plugin_main(int count) {
 }
 
 static void make_channel(struct vcpu *v) {
-    if (mode == PIPE) {
+    if (mode == RELAY) {
+        v->exit_ready = eventfd(0, EFD_CLOEXEC);
+        v->resume = eventfd(0, EFD_CLOEXEC);
+        if (v->exit_ready < 0 || v->resume < 0)
+            die("eventfd: %s", strerror(errno));
+    }
+    if (mode == PIPE || mode == RELAY) {
         int req[2], resp[2];
         if (pipe2(req, O_CLOEXEC) < 0 || pipe2(resp, O_CLOEXEC) < 0)
             die("pipe: %s", strerror(errno));
@@ -194,10 +252,10 @@ static unsigned parse_uint(const char *text, const char *what) {
 
 int main(int argc, char **argv) {
     if (argc != 8)
-        die("usage: reference inline|pipe|socket VCPUS EXITS GUEST_BIN START LOOP DONE");
-    const char *names[] = {"inline", "pipe", "socket"};
+        die("usage: reference inline|pipe|socket|relay VCPUS EXITS GUEST_BIN START LOOP DONE");
+    const char *names[] = {"inline", "pipe", "socket", "relay"};
     int m = -1;
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 4; i++)
         if (strcmp(argv[1], names[i]) == 0)
             m = i;
     if (m < 0)
@@ -252,20 +310,29 @@ int main(int argc, char **argv) {
         set_up_vcpu(v);
     }
 
-    pid_t plugin = -1;
+    pid_t plugin = -1, worker = -1;
     if (mode != INLINE) {
         for (int i = 0; i < count; i++)
             make_channel(&vcpus[i]);
-        /* Forked before any thread exists; the child never touches KVM. */
+        /* Forked before any thread exists; the children never issue KVM ioctls. */
         plugin = fork();
         if (plugin < 0)
             die("fork: %s", strerror(errno));
         if (plugin == 0)
             plugin_main(count);
+        if (mode == RELAY) {
+            worker = fork();
+            if (worker < 0)
+                die("fork: %s", strerror(errno));
+            if (worker == 0)
+                worker_main(count);
+        }
         for (int i = 0; i < count; i++) {
             close(vcpus[i].plugin_in);
-            if (mode == PIPE)
+            if (mode != SOCKET)
                 close(vcpus[i].plugin_out);
+            if (mode == RELAY) /* the worker's end of the plugin channel */
+                close(vcpus[i].to_plugin), close(vcpus[i].from_plugin);
         }
     }
 
@@ -274,15 +341,22 @@ int main(int argc, char **argv) {
             die("pthread_create failed");
     for (int i = 0; i < count; i++)
         pthread_join(vcpus[i].thread, NULL);
-    if (plugin > 0) {
-        for (int i = 0; i < count; i++) {
-            close(vcpus[i].to_plugin);
-            if (mode == PIPE)
-                close(vcpus[i].from_plugin);
-        }
+    for (int i = 0; i < count && worker > 0; i++) {
+        uint64_t stop = STOP_WORKER;
+        if (write(vcpus[i].exit_ready, &stop, sizeof stop) != sizeof stop)
+            die("stopping the worker: %s", strerror(errno));
+    }
+    for (int i = 0; i < count && plugin > 0 && mode != RELAY; i++) {
+        close(vcpus[i].to_plugin);
+        if (mode == PIPE)
+            close(vcpus[i].from_plugin);
+    }
+    pid_t children[] = {worker, plugin};
+    for (int i = 0; i < 2; i++) {
         int status;
-        if (waitpid(plugin, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status))
-            die("the plugin process failed");
+        if (children[i] > 0 && (waitpid(children[i], &status, 0) < 0 || !WIFEXITED(status) ||
+                                WEXITSTATUS(status)))
+            die("the %s process failed", i ? "plugin" : "worker");
     }
 
     printf("{\"bench\": \"reference\", \"mode\": \"%s\", \"expected_exits\": %u, \"vcpus\": [",

@@ -22,7 +22,12 @@ def add_ratios(exit_rows: list[Row], reference_rows: list[Row]) -> None:
         for ref in reference_rows:
             if (ref["vcpus"], ref["low_latency"]) != (row["vcpus"], row["low_latency"]):
                 continue
-            name = {"pipe": "vs_crosvm", "socket": "vs_crosvm_socket", "inline": "vs_floor"}
+            name = {
+                "pipe": "vs_crosvm",
+                "socket": "vs_crosvm_socket",
+                "relay": "vs_relay",
+                "inline": "vs_floor",
+            }
             row[name[ref["mode"]]] = ratio(
                 row["us_per_exit"]["median"], ref["us_per_exit"]["median"]
             )
@@ -114,6 +119,7 @@ COLUMNS: Final[dict[str, list[Column]]] = {
         ("exits/s", _rate("exits_per_s")),
         ("x crosvm", _value("vs_crosvm", "{:.2f}")),
         ("x crosvm(sock)", _value("vs_crosvm_socket", "{:.2f}")),
+        ("x relay", _value("vs_relay", "{:.2f}")),
         ("x floor", _value("vs_floor", "{:.1f}")),
     ],
     "reference": [
@@ -136,6 +142,16 @@ COLUMNS: Final[dict[str, list[Column]]] = {
         ("us/write median [min-max]", _summary("us_per_write", 2)),
         ("writes/s", _rate("writes_per_s")),
     ],
+    "cpu": [
+        ("transport", _value("transport")),
+        _LL,
+        ("wall us/exit", _summary("wall_us")),
+        ("sup main", _summary("supervisor_main_us")),
+        ("sup runner", _summary("supervisor_runner_us")),
+        ("worker", _summary("vcpu_worker_us")),
+        ("plugin", _summary("plugin_us")),
+        ("CPU total", _summary("total_us")),
+    ],
     "startup": [
         ("what", _value("plugin")),
         _LL,
@@ -144,6 +160,7 @@ COLUMNS: Final[dict[str, list[Column]]] = {
         ("exec->1st request ms", _summary("to_first_request_ms")),
         ("exec->1st exit ms", _summary("to_first_exit_ms")),
         ("Start->1st exit ms", _summary("start_to_first_exit_ms")),
+        ("exec->log run_finished ms", _summary("to_run_finished_ms")),
         ("whole run ms", _summary("run_ms")),
     ],
     "memory": [
@@ -154,16 +171,22 @@ COLUMNS: Final[dict[str, list[Column]]] = {
         ("worker USS MiB", _summary("worker_uss_mib")),
         ("worker PSS MiB", _summary("worker_pss_mib")),
         ("total USS MiB", _summary("total_uss_mib")),
+        ("total PSS MiB", _summary("total_pss_mib")),
         ("Start->all running ms", _summary("start_ms")),
-        ("per added VCPU MiB", _value("per_added_vcpu_uss_mib", "{:.2f}")),
+        ("+USS/VCPU MiB", _value("per_added_vcpu_uss_mib", "{:.2f}")),
+        ("+PSS/VCPU MiB", _value("per_added_vcpu_pss_mib", "{:.2f}")),
     ],
 }
 
 TITLES: Final = {
     "exits": "a. Exit round trips through vmsuper (per exit: median [min-max] of the runs)",
-    "reference": "b. C reference, same VM and guest (inline = floor, pipe = crosvm architecture)",
+    "reference": (
+        "b. C reference, same VM and guest (inline = floor, pipe = crosvm's architecture,"
+        " relay = vmsuper's process layout)"
+    ),
     "async": "c. Async-write exits (1 VCPU; the plugin only drains)",
     "ioeventfd": "c. ioeventfd writes (in-kernel, no exit)",
+    "cpu": "Where an exit's time goes: CPU us per exit by thread (native plugin, 1 VCPU)",
     "startup": "d. Start-up (from the exec of vmsuper run)",
     "memory": "e. Memory while the VM runs and the plugin waits",
 }

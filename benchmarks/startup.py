@@ -16,10 +16,13 @@ from typing import Any
 
 from .context import PLUGINS, Bench
 from .stats import summarize
-from .vmrun import RunResult, RunSpec, log_event_times, run_vm, vmsuper_command
+from .vmrun import RunResult, log_event_times, run_vm, vmsuper_command
 
 # What `vmsuper run` imports before it can serve the plugin (the CLI imports the runner).
 SUPERVISOR_IMPORT = "import vmsuper.supervisor.cli, vmsuper.supervisor.runner"
+# Milestones of a trivial run in vmsuper's log, to split its whole time into set-up, the
+# plugin's life, shutdown, and the interpreter's exit (after run_finished).
+TRIVIAL_EVENTS = frozenset({"run_started", "plugin_started", "plugin_exited", "run_finished"})
 
 
 def _ms(seconds: float) -> float:
@@ -36,19 +39,23 @@ def startup(bench: Bench) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for ll in bench.low_latency:
         samples: dict[str, dict[str, list[float]]] = {p: defaultdict(list) for p in PLUGINS}
-        trivial: list[float] = []
+        trivial: dict[str, list[float]] = defaultdict(list)
         for _ in range(bench.repeat):
             for plugin in PLUGINS:
-                spec = RunSpec(plugin=bench.plugin(plugin, "loop", 1), low_latency=ll)
+                spec = bench.spec(plugin, "loop", 1, low_latency=ll)
                 _sample(run_vm(spec, bench.folder(f"startup-{plugin}")), samples[plugin])
-            spec = RunSpec(
-                plugin=bench.plugin("native", "trivial"), low_latency=ll, expect_report=False
-            )
-            trivial.append(_ms(run_vm(spec, bench.folder("startup-trivial")).wall_s))
+            spec = bench.spec("native", "trivial", low_latency=ll, expect_report=False)
+            run = run_vm(spec, bench.folder("startup-trivial"))
+            trivial["run"].append(_ms(run.wall_s))
+            events = log_event_times(run)
+            if events.keys() >= TRIVIAL_EVENTS:
+                for event in TRIVIAL_EVENTS:
+                    trivial[f"to_{event}"].append(_ms(events[event]))
         for plugin in PLUGINS:
             figures = {f"{k}_ms": summarize(v) for k, v in samples[plugin].items()}
             rows.append({"plugin": plugin, "low_latency": ll, **figures})
-        rows.append({"plugin": "trivial", "low_latency": ll, "run_ms": summarize(trivial)})
+        figures = {f"{k}_ms": summarize(v) for k, v in trivial.items()}
+        rows.append({"plugin": "trivial", "low_latency": ll, **figures})
     rows.extend(_python_costs(bench))
     return rows
 

@@ -2,8 +2,8 @@
 
 The harness takes `time.monotonic()` just before it executes `vmsuper run`, so the plugins'
 CLOCK_MONOTONIC stamps (the same clock) can be read against it. Each run gets its own folder
-for the config, the logs and vmsuper's stderr. A plugin in `hold` mode blocks on a FIFO after
-its report, so the harness can look at the running VM (`while_held`) before letting it end.
+for the config, the logs and vmsuper's stderr. A plugin told to hold blocks on a FIFO after a
+report line, so the harness can look at the running VM (`while_held`) before letting it go on.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 import errno
 import json
 import os
-import selectors
+import select
 import signal
 import subprocess
 import sys
@@ -41,8 +41,12 @@ class RunSpec:
     vcpus: int = 1
     transport: str = "socket"
     low_latency: bool = False
-    hold: bool = False
+    holds: int = 0
     expect_report: bool = True
+    sandbox: bool = True
+    # Host folders the sandboxed plugin must see (read-only, at the same path): the guest
+    # binaries and the FIFO live there.
+    mounts: Sequence[Path] = ()
 
 
 @dataclass
@@ -69,21 +73,20 @@ def vmsuper_command() -> list[str]:
 
 
 def config_toml(spec: RunSpec, args: Sequence[str], log_dir: Path) -> str:
-    return "\n".join(
-        [
-            "[vm]",
-            f"vcpus = {spec.vcpus}",
-            f"low_latency = {json.dumps(spec.low_latency)}",
-            "[plugin]",
-            f"path = {json.dumps(str(spec.plugin[0]))}",
-            f"args = {json.dumps(list(args))}",
-            f"vcpu_transport = {json.dumps(spec.transport)}",
-            "[log]",
-            f"dir = {json.dumps(str(log_dir))}",
-            'level = "info"',
-            "",
-        ]
-    )
+    lines = [
+        "[vm]",
+        f"vcpus = {spec.vcpus}",
+        f"low_latency = {json.dumps(spec.low_latency)}",
+        "[plugin]",
+        f"path = {json.dumps(str(spec.plugin[0]))}",
+        f"args = {json.dumps(list(args))}",
+        f"vcpu_transport = {json.dumps(spec.transport)}",
+        f"sandbox = {json.dumps(spec.sandbox)}",
+    ]
+    for mount in spec.mounts:
+        lines += ["[[plugin.mounts]]", f"src = {json.dumps(str(mount))}"]
+    lines += ["[log]", f"dir = {json.dumps(str(log_dir))}", 'level = "info"', ""]
+    return "\n".join(lines)
 
 
 def run_vm(
@@ -91,13 +94,17 @@ def run_vm(
     folder: Path,
     *,
     timeout: float = DEFAULT_TIMEOUT_S,
-    while_held: Callable[[RunResult], None] | None = None,
+    while_held: Callable[[RunResult, dict[str, Any]], None] | None = None,
 ) -> RunResult:
-    """Run one VM to its end and return the plugin's report with the harness's timestamps."""
+    """Run one VM to its end and return the plugin's report with the harness's timestamps.
+
+    With `spec.holds`, the plugin pauses that many times after printing a report line, until
+    the harness has called `while_held(result, line)` and released it through the FIFO.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     args = list(spec.plugin[1:])
     fifo = folder / "release.fifo"
-    if spec.hold:
+    if spec.holds:
         os.mkfifo(fifo)
         args.append(str(fifo))
     config = folder / "vm.toml"
@@ -117,17 +124,19 @@ def run_vm(
     result = RunResult(folder, t_exec, t_exec_wall, t_exit=0.0, status=-1, supervisor_pid=proc.pid)
     try:
         assert proc.stdout is not None
-        out = _read_until_report(proc.stdout.fileno(), deadline)
-        result.report = _parse_report(out)
-        if spec.hold:
-            if while_held is not None and result.report:
-                while_held(result)
+        reader = _ReportReader(proc.stdout.fileno(), deadline)
+        for _ in range(spec.holds):
+            line = reader.next_report()
+            if line is None:
+                break
+            result.report = line
+            if while_held is not None:
+                while_held(result, line)
             _release(fifo, deadline)
-        out += _read_to_end(proc.stdout.fileno(), deadline)
+        for line in reader.rest():
+            result.report = line
         result.status = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         result.t_exit = time.monotonic()
-        if not result.report:
-            result.report = _parse_report(out)
     except subprocess.TimeoutExpired:
         raise RunError(
             f"vmsuper run did not finish in {timeout:.0f} s{_tail(stderr_path)}"
@@ -141,6 +150,46 @@ def run_vm(
     if spec.expect_report and not result.report:
         raise RunError(f"the plugin printed no report{_tail(stderr_path)}")
     return result
+
+
+class _ReportReader:
+    """The plugin's report lines from vmsuper's stdout, read with a deadline."""
+
+    def __init__(self, fd: int, deadline: float) -> None:
+        self._fd = fd
+        self._deadline = deadline
+        self._buffer = b""
+        self._eof = False
+
+    def next_report(self) -> dict[str, Any] | None:
+        """The next report line, or None at the end of the output."""
+        while True:
+            line, newline, rest = self._buffer.partition(b"\n")
+            if newline:
+                self._buffer = rest
+                if line.startswith(REPORT_PREFIX.encode()):
+                    report: dict[str, Any] = json.loads(line)
+                    return report
+                continue
+            if self._eof:
+                return None
+            self._fill()
+
+    def rest(self) -> list[dict[str, Any]]:
+        reports = []
+        while (report := self.next_report()) is not None:
+            reports.append(report)
+        return reports
+
+    def _fill(self) -> None:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise subprocess.TimeoutExpired("vmsuper", 0)
+        readable, _, _ = select.select([self._fd], [], [], remaining)
+        if readable:
+            chunk = os.read(self._fd, 65536)
+            self._buffer += chunk
+            self._eof = not chunk
 
 
 def log_event_times(run: RunResult) -> dict[str, float]:
@@ -167,42 +216,6 @@ def log_event_times(run: RunResult) -> dict[str, float]:
 def _tail(path: Path) -> str:
     text = path.read_text(errors="replace").strip()
     return f"; stderr:\n{text[-_STDERR_TAIL:]}" if text else ""
-
-
-def _read_until_report(fd: int, deadline: float) -> bytes:
-    """Output up to the end of the report line (or everything, if the plugin reports none)."""
-    out = b""
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        while True:
-            complete_lines = out.split(b"\n")[:-1]
-            if any(line.startswith(REPORT_PREFIX.encode()) for line in complete_lines):
-                return out
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise subprocess.TimeoutExpired("vmsuper", 0)
-            if not sel.select(remaining):
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return out
-            out += chunk
-
-
-def _read_to_end(fd: int, deadline: float) -> bytes:
-    out = b""
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise subprocess.TimeoutExpired("vmsuper", 0)
-            if not sel.select(remaining):
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return out
-            out += chunk
 
 
 def _parse_report(out: bytes) -> dict[str, Any]:

@@ -17,13 +17,21 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = {"exits", "reference", "async", "ioeventfd", "startup", "memory"}
+SECTIONS = {"exits", "reference", "async", "ioeventfd", "cpu", "startup", "memory"}
 # The figures each section's rows must all carry (summaries unless noted).
 FIGURES = {
     "exits": ("us_per_exit", "exits_per_s"),
     "reference": ("us_per_exit", "exits_per_s"),
     "async": ("us_per_exit", "exits_per_s"),
     "ioeventfd": ("us_per_write", "writes_per_s"),
+    "cpu": (
+        "wall_us",
+        "supervisor_main_us",
+        "supervisor_runner_us",
+        "vcpu_worker_us",
+        "plugin_us",
+        "total_us",
+    ),
 }
 
 
@@ -73,10 +81,14 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
         itertools.product(("native", "sdk"), ("socket", "pipes"), (1, 2), (False, True))
     )
     for row in exits:
-        for ratio in ("vs_crosvm", "vs_crosvm_socket", "vs_floor"):
+        for ratio in ("vs_crosvm", "vs_crosvm_socket", "vs_relay", "vs_floor"):
             assert isinstance(row[ratio], float) and row[ratio] > 0, (ratio, row)
     modes = {(r["mode"], r["low_latency"]) for r in sections["reference"]}
-    assert modes == set(itertools.product(("inline", "pipe", "socket"), (False, True)))
+    assert modes == set(itertools.product(("inline", "pipe", "socket", "relay"), (False, True)))
+
+    assert {(r["transport"], r["low_latency"]) for r in sections["cpu"]} == set(
+        itertools.product(("socket", "pipes"), (False, True))
+    )
 
     startup = {(r["plugin"], r.get("low_latency")): r for r in sections["startup"]}
     for ll in (False, True):
@@ -92,11 +104,20 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
         (16, True),
     }
     for row in memory:
-        for key in ("supervisor_uss_mib", "supervisor_pss_mib", "worker_uss_mib", "start_ms"):
+        for key in (
+            "supervisor_uss_mib",
+            "supervisor_pss_mib",
+            "worker_uss_mib",
+            "total_pss_mib",
+            "start_ms",
+        ):
             check_summary(key, row[key])
         assert row["worker_uss_mib"]["runs"] == row["vcpus"]  # one sample per worker
     growth = [r for r in sections["memory"] if "growth" in r]
-    assert len(growth) == 2 and all(math.isfinite(r["per_added_vcpu_uss_mib"]) for r in growth)
+    assert len(growth) == 2
+    for row in growth:
+        assert math.isfinite(row["per_added_vcpu_uss_mib"])
+        assert math.isfinite(row["per_added_vcpu_pss_mib"])
 
     targets = results["targets"]
     assert len(targets) == 9
