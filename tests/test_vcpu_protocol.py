@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vmsuper.shared import kvm
-from vmsuper.shared.plugin_pb2 import CpuidEntry, VcpuRequest, VcpuResponse
+from vmsuper.shared.plugin_pb2 import AddressSpace, CpuidEntry, VcpuRequest, VcpuResponse
 from vmsuper.shared.ranges import CallHint, Range, RangeTable, RegHint, Space
 from vmsuper.workers.vcpu_protocol import (
     HV_CPUID_MAX_ENTRIES,
@@ -22,6 +24,8 @@ from vmsuper.workers.vcpu_protocol import (
     ResumeFailed,
     StateSet,
     VcpuProtocol,
+    encode_io_wait,
+    plain_resume_data,
     range_label,
 )
 
@@ -582,3 +586,64 @@ def test_exits_outside_running_are_local_errors() -> None:
 def test_range_label() -> None:
     assert range_label(SERIAL) == "ioport:0x3f8+8"
     assert range_label(MMIO) == "mmio:0xd0000000+4096"
+
+
+# -- hand-made encodings against protobuf's -------------------------------------------------
+
+u64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
+blob = st.binary(max_size=600)
+
+
+@given(
+    space=st.sampled_from([0, 1]),
+    address=u64,
+    is_write=st.booleans(),
+    no_resume=st.booleans(),
+    data=blob,
+    regs=blob,
+    sregs=blob,
+    debugregs=blob,
+)
+def test_encode_io_wait_matches_protobuf(
+    space: int,
+    address: int,
+    is_write: bool,
+    no_resume: bool,
+    data: bytes,
+    regs: bytes,
+    sregs: bytes,
+    debugregs: bytes,
+) -> None:
+    expected = VcpuResponse()
+    io = expected.wait.io
+    io.SetInParent()
+    io.space = cast("AddressSpace", space)
+    io.address, io.is_write, io.no_resume, io.data = address, is_write, no_resume, data
+    io.regs, io.sregs, io.debugregs = regs, sregs, debugregs
+    encoded = encode_io_wait(space, address, is_write, no_resume, data, regs, sregs, debugregs)
+    assert encoded == expected.SerializeToString()
+    assert VcpuResponse.FromString(encoded) == expected
+
+
+@given(data=st.binary(max_size=300))
+def test_plain_resume_data_reads_what_clients_send(data: bytes) -> None:
+    request = VcpuRequest(resume=VcpuRequest.Resume(data=data)).SerializeToString()
+    assert plain_resume_data(request) == data
+
+
+@given(raw=st.binary(max_size=40))
+def test_plain_resume_data_accepts_only_plain_resumes(raw: bytes) -> None:
+    found = plain_resume_data(raw)
+    if found is None:
+        return
+    request = VcpuRequest.FromString(raw)
+    assert request.WhichOneof("message") == "resume"
+    assert request.resume == VcpuRequest.Resume(data=found)
+
+
+def test_plain_resume_data_leaves_the_rest_to_protobuf() -> None:
+    with_regs = VcpuRequest(resume=VcpuRequest.Resume(data=b"x", regs=bytes(144)))
+    for request in (with_regs, VcpuRequest(wait=VcpuRequest.Wait())):
+        assert plain_resume_data(request.SerializeToString()) is None
+    assert plain_resume_data(b"\x12\x05\x0a\x03ab") is None  # cut short
+    assert plain_resume_data(b"\x12\x02\x0a\x00\x00") is None  # trailing byte

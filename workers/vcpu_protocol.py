@@ -52,13 +52,14 @@ import errno
 import os
 import struct
 from collections.abc import Callable
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, Protocol
 
 from google.protobuf.message import DecodeError
 
 from vmsuper.shared import kvm
-from vmsuper.shared.plugin_pb2 import AddressSpace, VcpuRequest, VcpuResponse
+from vmsuper.shared.plugin_pb2 import VcpuRequest, VcpuResponse
 from vmsuper.shared.ranges import CallHint, Range, Space
+from vmsuper.shared.wire import encode_varint
 
 __all__ = [
     "HV_CPUID_MAX_ENTRIES",
@@ -72,6 +73,8 @@ __all__ = [
     "StateSet",
     "VcpuCalls",
     "VcpuProtocol",
+    "encode_io_wait",
+    "plain_resume_data",
     "range_label",
 ]
 
@@ -183,6 +186,89 @@ _RESPONSE_CASE_NAMES: Final = frozenset(
 )
 
 
+_SMALL_VARINTS: Final = tuple(bytes((n,)) for n in range(128))
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
+    if value < 0x4000:  # ports, lengths of register blocks
+        return bytes((value & 0x7F | 0x80, value >> 7))
+    return encode_varint(value)
+
+
+def _bytes_field(tag: bytes, value: bytes) -> bytes:
+    return tag + _varint(len(value)) + value
+
+
+def encode_io_wait(
+    space: int,
+    address: int,
+    is_write: bool,
+    no_resume: bool,
+    data: bytes,
+    regs: bytes = b"",
+    sregs: bytes = b"",
+    debugregs: bytes = b"",
+) -> bytes:
+    """`VcpuResponse{wait: {io: {...}}}` encoded by hand, byte for byte what protobuf makes
+    (fields in number order, proto3 defaults left out): this is every forwarded exit, and
+    building it through message objects costs several times as much."""
+    body = b""
+    if space:
+        body = b"\x08" + _varint(space)  # space = 1
+    if address:
+        body += b"\x10" + _varint(address)  # address = 2
+    if is_write:
+        body += b"\x18\x01"  # is_write = 3
+    if no_resume:
+        body += b"\x20\x01"  # no_resume = 4
+    if data:
+        body += _bytes_field(b"\x2a", data)  # data = 5
+    if regs:
+        body += _bytes_field(b"\x32", regs)  # regs = 6
+    if sregs:
+        body += _bytes_field(b"\x3a", sregs)  # sregs = 7
+    if debugregs:
+        body += _bytes_field(b"\x42", debugregs)  # debugregs = 8
+    # Wait.io = 2 inside VcpuResponse.wait = 2.
+    return _bytes_field(b"\x12", _bytes_field(b"\x12", body))
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, next position) of the varint at `pos`; (-1, pos) if it is cut short or long."""
+    value = 0
+    shift = 0
+    end = min(len(data), pos + 10)
+    while pos < end:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    return -1, pos
+
+
+def plain_resume_data(request: bytes) -> bytes | None:
+    """The data of a request that is exactly `Resume{data}` in the canonical encoding (what
+    every client sends to answer an exit), else None: anything else, however valid, takes
+    the general protobuf path."""
+    if request[:1] != b"\x12":  # VcpuRequest.resume = 2
+        return None
+    length, pos = _read_varint(request, 1)
+    if length != len(request) - pos:
+        return None
+    if length == 0:
+        return b""
+    if request[pos] != 0x0A:  # Resume.data = 1, and nothing else
+        return None
+    size, start = _read_varint(request, pos + 1)
+    if size != len(request) - start:
+        return None
+    return request[start:]
+
+
 def range_label(rng: Range) -> str:
     """How a reserved range is named in logs and counters: ``ioport:0x3f8+8``."""
     return f"{rng.space.name.lower()}:{rng.start:#x}+{rng.length}"
@@ -217,8 +303,10 @@ class VcpuProtocol:
         self._request = VcpuRequest()
         self._response = VcpuResponse()
         self._read_area: memoryview | None = None
-        self.range_counts: dict[Range, int] = {}
-        """Exits per reserved range that went to the plugin (for the exit-count log)."""
+        # Exits per reserved range that went to the plugin, keyed by space and start (an int
+        # hashes faster than a Range).
+        self._counts: dict[int, int] = {}
+        self._counted: dict[int, Range] = {}
         self.last_refusal: str | None = None
         """Why the last failed request failed (also logged)."""
 
@@ -229,7 +317,12 @@ class VcpuProtocol:
         is due, after Resume or Shutdown). Raises `ResumeFailed` for a Resume whose register
         state cannot be applied."""
         phase = self.phase
-        if phase is not Phase.INIT and phase is not Phase.SERVING:
+        if phase is Phase.SERVING:
+            resume_data = plain_resume_data(data)
+            if resume_data is not None:
+                self._finish_resume(resume_data)
+                return None
+        elif phase is not Phase.INIT:
             raise LocalProtocolError(f"a request was read while the VCPU is {phase.value}")
         request = self._request
         try:
@@ -316,10 +409,13 @@ class VcpuProtocol:
                 self._calls.call(set_request, blob)
             except CallFailed as exc:
                 raise ResumeFailed(f"Resume carried {name} that KVM refused: {exc}") from exc
+        self._finish_resume(resume.data)
+
+    def _finish_resume(self, data: bytes) -> None:
         area = self._read_area
         if area is not None:
             self._read_area = None
-            _fill(area, resume.data)
+            _fill(area, data)
         self.phase = Phase.RUNNING
 
     # -- state requests (each returns the errno for the response, 0 on success) --------------
@@ -448,38 +544,34 @@ class VcpuProtocol:
             if not is_write:
                 data[:] = bytes(len(data))
             return None
-        counts = self.range_counts
-        counts[rng] = counts.get(rng, 0) + 1
-        response = self._response
-        response.Clear()
-        io = response.wait.io
-        io.SetInParent()
-        io.space = cast("AddressSpace", space)
-        io.address = address
+        key = rng.start | rng.space << 64
+        counts = self._counts
+        count = counts.get(key, 0)
+        if not count:
+            self._counted[key] = rng
+        counts[key] = count + 1
         if is_write:
-            io.is_write = True
-            io.data = data.tobytes()
+            payload = data.tobytes()
             if rng.async_write:
-                io.no_resume = True
-                return response.SerializeToString()
+                return encode_io_wait(space, address, True, True, payload)
             self._read_area = None
         else:
-            io.data = bytes(len(data))
+            payload = bytes(len(data))
             self._read_area = data
+        self.phase = Phase.SERVING
         hint = ranges.hint
         if hint is not None and hint.matches(space, address, is_write):
-            self._add_hinted_state(io, hint)
-        self.phase = Phase.SERVING
-        return response.SerializeToString()
+            return self._hinted_wait(space, address, is_write, payload, hint)
+        return encode_io_wait(space, address, is_write, False, payload)
 
-    def _add_hinted_state(self, io: VcpuResponse.Wait.Io, hint: CallHint) -> None:
+    def _hinted_wait(
+        self, space: Space, address: int, is_write: bool, payload: bytes, hint: CallHint
+    ) -> bytes:
         regs = self._fetch(StateSet.REGS)
-        io.regs = regs
         send_sregs, send_debugregs = hint.extra_state(*_FIRST_FOUR_REGS.unpack_from(regs))
-        if send_sregs:
-            io.sregs = self._fetch(StateSet.SREGS)
-        if send_debugregs:
-            io.debugregs = self._fetch(StateSet.DEBUGREGS)
+        sregs = self._fetch(StateSet.SREGS) if send_sregs else b""
+        debugregs = self._fetch(StateSet.DEBUGREGS) if send_debugregs else b""
+        return encode_io_wait(space, address, is_write, False, payload, regs, sregs, debugregs)
 
     def _fetch(self, state_set: StateSet) -> bytes:
         get_request, _, size = STATE_SETS[state_set]
@@ -524,13 +616,15 @@ class VcpuProtocol:
         response.Clear()
         return response
 
+    @property
+    def range_counts(self) -> dict[Range, int]:
+        """Exits per reserved range that went to the plugin (a range reserved again at the
+        same start counts as the one first seen)."""
+        return {self._counted[key]: count for key, count in self._counts.items()}
+
     def range_count_labels(self) -> dict[str, int]:
         """`range_counts` keyed by `range_label`, for the exit-count log record."""
-        labelled: dict[str, int] = {}
-        for rng, count in self.range_counts.items():
-            label = range_label(rng)
-            labelled[label] = labelled.get(label, 0) + count
-        return labelled
+        return {range_label(rng): count for rng, count in self.range_counts.items()}
 
 
 def _fill(area: memoryview, data: bytes) -> None:

@@ -31,6 +31,7 @@ import gc
 import os
 import signal
 import socket
+import struct
 import sys
 import traceback
 from dataclasses import dataclass
@@ -309,6 +310,17 @@ class _Stop(Exception):
         self.details = details
 
 
+# Where the hot exits lie in the run page (struct kvm_run: exit_reason, then the exit union).
+_EXIT_REASON: Final = struct.Struct("<I")
+_EXIT_REASON_OFFSET: Final = kvm.kvm_run.exit_reason.offset
+_IO: Final = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
+_IO_OFFSET: Final = kvm.kvm_run.exit.offset + kvm.kvm_run_exit.io.offset
+_MMIO: Final = struct.Struct("<Q8xIB")  # phys_addr, (data), len, is_write
+_MMIO_OFFSET: Final = kvm.kvm_run.exit.offset + kvm.kvm_run_exit.mmio.offset
+assert _IO.size == ctypes.sizeof(kvm.kvm_run_io)
+assert _MMIO.size == kvm.kvm_run_mmio.is_write.offset + 1
+
+
 def hcall_result_offset(run: kvm.kvm_run) -> int:
     """Where `kvm_run.hyperv.u.hcall.result` lies in the page (the hypercall's answer)."""
     return (
@@ -486,33 +498,46 @@ class VcpuWorker:
                 )
 
     def _handle_exit(self) -> None:
-        exit_ = kvm.decode_exit(self._run)
-        kind = type(exit_)
+        # I/O and MMIO exits are the hot path: read them straight from the page (one unpack)
+        # rather than through `kvm.decode_exit`, which serves the rest.
+        page = self._page
         protocol = self.protocol
-        if kind is kvm.IoExit:
-            assert isinstance(exit_, kvm.IoExit)
-            start = exit_.data_offset
-            data = self._page[start : start + exit_.size * exit_.count]
-            is_write = exit_.is_write
-            answer = protocol.io_access(Space.IOPORT, exit_.port, is_write, data)
+        (reason,) = _EXIT_REASON.unpack_from(page, _EXIT_REASON_OFFSET)
+        if reason == kvm.KVM_EXIT_IO:
+            direction, size, port, count, start = _IO.unpack_from(page, _IO_OFFSET)
+            is_write = direction == kvm.KVM_EXIT_IO_OUT
+            data = page[start : start + size * count]
+            answer = protocol.io_access(Space.IOPORT, port, is_write, data)
             self._count_access(answer, ExitKind.IO_OUT if is_write else ExitKind.IO_IN)
             if self._debug:
                 self.log.debug(
-                    "exit", kind="io", port=exit_.port, size=exit_.size, count=exit_.count,
-                    is_write=is_write, forwarded=answer is not None,
+                    "exit", kind="io", port=port, size=size, count=count, is_write=is_write,
+                    forwarded=answer is not None,
                 )  # fmt: skip
-        elif kind is kvm.MmioExit:
-            assert isinstance(exit_, kvm.MmioExit)
-            data = self._mmio_data[: exit_.length]
-            is_write = exit_.is_write
-            answer = protocol.io_access(Space.MMIO, exit_.address, is_write, data)
+        elif reason == kvm.KVM_EXIT_MMIO:
+            address, length, write_flag = _MMIO.unpack_from(page, _MMIO_OFFSET)
+            is_write = bool(write_flag)
+            data = self._mmio_data[: min(length, 8)]
+            answer = protocol.io_access(Space.MMIO, address, is_write, data)
             self._count_access(answer, ExitKind.MMIO_WRITE if is_write else ExitKind.MMIO_READ)
             if self._debug:
                 self.log.debug(
-                    "exit", kind="mmio", address=exit_.address, length=exit_.length,
-                    is_write=is_write, forwarded=answer is not None,
+                    "exit", kind="mmio", address=address, length=length, is_write=is_write,
+                    forwarded=answer is not None,
                 )  # fmt: skip
-        elif kind is kvm.HypervHcallExit:
+        else:
+            answer = self._handle_rare_exit()
+        if answer is None:
+            return
+        self._send(answer)
+        if protocol.phase is Phase.SERVING:
+            self._serve_until_resume()
+
+    def _handle_rare_exit(self) -> bytes:
+        exit_ = kvm.decode_exit(self._run)
+        kind = type(exit_)
+        protocol = self.protocol
+        if kind is kvm.HypervHcallExit:
             assert isinstance(exit_, kvm.HypervHcallExit)
             self.slot.count(ExitKind.HYPERV)
             answer = protocol.hyperv_call(
@@ -529,11 +554,7 @@ class VcpuWorker:
         else:
             self.slot.count(ExitKind.OTHER)
             raise self._fatal_exit(exit_)
-        if answer is None:
-            return
-        self._send(answer)
-        if protocol.phase is Phase.SERVING:
-            self._serve_until_resume()
+        return answer
 
     def _count_access(self, answer: bytes | None, forwarded: ExitKind) -> None:
         if answer is None:
