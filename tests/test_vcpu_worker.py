@@ -21,9 +21,9 @@ from vmsuper.shared import kvm
 from vmsuper.shared.plugin_pb2 import VcpuRequest, VcpuResponse
 from vmsuper.shared.ranges import RangeTable, Space
 from vmsuper.shared.shm import SharedRegion
+from vmsuper.workers.vcpu_channel import Refused
 from vmsuper.workers.vcpu_protocol import CallFailed
 from vmsuper.workers.vcpu_worker import (
-    Refused,
     VcpuWorker,
     WorkerStatus,
     describe_exit,
