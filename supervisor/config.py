@@ -10,10 +10,17 @@ Paths in the file are relative to the file's folder, so a config works from any 
 - ``[plugin] path``: a path with a "/" is taken relative to the config folder. A bare name
   ("myplugin") is the file of that name in the config folder if there is one, else it is
   looked up on PATH. Either way the result is absolute, and it must be an executable file.
+- ``[[plugin.mounts]] src``: relative to the config folder; ``dst`` (where the sandboxed
+  plugin sees it) is an absolute path and defaults to the resolved ``src``.
 - ``[log] dir``: relative to the config folder. It may contain the placeholders ``{name}``
   (the config file's stem), ``{time}`` (local start time, YYYYmmdd-HHMMSS) and ``{pid}``
   (the supervisor's pid); the default is ``runs/{name}-{time}-{pid}``, i.e.
   ``runs/<config stem>-<YYYYmmdd-HHMMSS>-<pid>`` next to the config file.
+
+``[plugin] sandbox`` defaults to true: the plugin is untrusted code and runs in a bubblewrap
+sandbox (see supervisor/sandbox.py and docs/security.md) unless the config says
+``sandbox = false``. The default does not depend on the host: a host without bwrap refuses to
+run the plugin with a message saying so, rather than quietly running it unconfined.
 """
 
 from __future__ import annotations
@@ -50,12 +57,22 @@ class VmConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=
     low_latency: bool = False
 
 
+class MountConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """A host path the sandboxed plugin sees at `dst` (None: at `src`)."""
+
+    src: Path
+    dst: Path | None = None
+    writable: bool = False
+
+
 class PluginConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     path: Path
     args: tuple[str, ...] = ()
     env: dict[str, str] = {}
     vcpu_transport: Transport = "socket"
     grace_period: float = 1.0
+    sandbox: bool = True
+    mounts: tuple[MountConfig, ...] = ()
 
 
 class NetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -96,7 +113,8 @@ def load_config(
     `overrides` maps dotted keys ("vm.vcpus", "log.dir", ...) to values that replace the
     file's; they are validated like the file's values. A relative override path is still
     relative to the config folder, so callers pass absolute paths for command-line values.
-    `check_plugin=False` skips the check that the plugin exists and is executable.
+    `check_plugin=False` skips the checks on the host's files: that the plugin exists and is
+    executable, and that each mount's source exists.
     """
     path = Path(path)
     label = str(path)
@@ -256,8 +274,22 @@ def _check(config: Config) -> None:
     for i, arg in enumerate(plugin.args):
         if "\0" in arg:
             raise _KeyError(f"plugin.args[{i}]", "must not contain a NUL character")
+    for i, mount in enumerate(plugin.mounts):
+        _check_mount(i, mount)
     if config.net is not None:
         _check_net(config.net)
+
+
+def _check_mount(index: int, mount: MountConfig) -> None:
+    key = f"plugin.mounts[{index}]"
+    for name, value in (("src", mount.src), ("dst", mount.dst)):
+        if value is not None and "\0" in str(value):
+            raise _KeyError(f"{key}.{name}", "must not contain a NUL character")
+    if mount.dst is not None:
+        if not mount.dst.is_absolute():
+            raise _KeyError(f"{key}.dst", f"expected an absolute path, got {str(mount.dst)!r}")
+        if os.path.normpath(mount.dst) == "/":
+            raise _KeyError(f"{key}.dst", "must not be / (the sandbox's own root)")
 
 
 def _check_net(net: NetConfig) -> None:
@@ -282,16 +314,27 @@ def _check_net(net: NetConfig) -> None:
 
 def _resolve(config: Config, folder: Path, stem: str, *, bare: bool, check_plugin: bool) -> Config:
     plugin_path = _resolve_plugin(config.plugin.path, folder, bare=bare, check=check_plugin)
+    mounts = tuple(
+        _resolve_mount(i, m, folder, check=check_plugin) for i, m in enumerate(config.plugin.mounts)
+    )
     log_dir = _absolute(Path(_expand_log_dir(str(config.log.dir), stem)), folder)
     net = config.net
     if net is not None:
         net = msgspec.structs.replace(net, mac=net.mac.lower())
     return msgspec.structs.replace(
         config,
-        plugin=msgspec.structs.replace(config.plugin, path=plugin_path),
+        plugin=msgspec.structs.replace(config.plugin, path=plugin_path, mounts=mounts),
         net=net,
         log=msgspec.structs.replace(config.log, dir=log_dir),
     )
+
+
+def _resolve_mount(index: int, mount: MountConfig, folder: Path, *, check: bool) -> MountConfig:
+    src = _absolute(mount.src, folder)
+    if check and not src.exists():
+        raise _KeyError(f"plugin.mounts[{index}].src", f"{src} does not exist")
+    dst = src if mount.dst is None else Path(os.path.normpath(mount.dst))
+    return msgspec.structs.replace(mount, src=src, dst=dst)
 
 
 def _absolute(path: Path, folder: Path) -> Path:

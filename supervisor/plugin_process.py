@@ -3,6 +3,13 @@
 The plugin inherits exactly one extra fd, its end of the first main socket, named by
 CROSVM_SOCKET as crosvm did. It dies with the supervisor (PR_SET_PDEATHSIG), so a killed
 vmsuper never leaves a plugin behind.
+
+Sandboxed (see sandbox.py), the direct child is bwrap, which runs the plugin in its own pid
+namespace and dies with the supervisor too (--die-with-parent takes the whole namespace with
+it); the pid and pidfd here are bwrap's. bwrap passes the plugin's exit code through and
+reports a death by signal N as exit code 128+N, as shells do; `poll` and `wait` turn such a
+code back into a death by signal N, so the outcome reads as it would without the sandbox.
+vmsuper's exit status is the same number either way.
 """
 
 from __future__ import annotations
@@ -10,12 +17,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vmsuper.supervisor.sandbox import Sandbox
 
 PR_SET_PDEATHSIG = 1
+NAMESPACE_EXIT_TIMEOUT = 5.0
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -34,8 +47,10 @@ def _die_with_parent() -> None:
 class PluginProcess:
     """A running plugin: pid, pidfd for the event loop, and the read end of its stderr."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], *, sandboxed: bool = False) -> None:
         self._proc = proc
+        self.sandboxed = sandboxed
+        self._namespace_pidfds: list[int] = []
         self.pid = proc.pid
         self.pidfd = os.pidfd_open(proc.pid)
         assert proc.stderr is not None
@@ -52,45 +67,98 @@ class PluginProcess:
         socket_fd: int,
         *,
         wrapper: Sequence[str] = (),
+        sandbox: Sandbox | None = None,
     ) -> PluginProcess:
+        """Start the plugin, behind `wrapper` (an argv prefix) and in `sandbox` if given.
+
+        The sandbox is tried first (`Sandbox.check`), so that one that cannot be set up is a
+        `SandboxError` (a `PluginStartError`) naming the cause, not a plugin that seems to
+        exit with status 1.
+        """
         full_env = dict(os.environ)
         full_env.update(env)
         full_env["CROSVM_SOCKET"] = str(socket_fd)
-        try:
-            proc = subprocess.Popen(
-                [*wrapper, str(path), *args],
-                env=full_env,
-                pass_fds=(socket_fd,),
-                stdin=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                preexec_fn=_die_with_parent,
-            )
-        except OSError as exc:
-            raise PluginStartError(f"cannot start plugin {path}: {exc.strerror}") from exc
-        return cls(proc)
+        with contextlib.ExitStack() as stack:
+            prefix, fds = list(wrapper), [socket_fd]
+            if sandbox is not None:
+                sandbox.check()
+                bwrap, seccomp_fd = stack.enter_context(sandbox.launch())
+                prefix, fds = [*bwrap, *prefix], [socket_fd, seccomp_fd]
+            try:
+                proc = subprocess.Popen(
+                    [*prefix, str(path), *args],
+                    env=full_env,
+                    pass_fds=fds,
+                    stdin=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    preexec_fn=_die_with_parent,
+                )
+            except OSError as exc:
+                raise PluginStartError(f"cannot start plugin {path}: {exc.strerror}") from exc
+        return cls(proc, sandboxed=sandbox is not None)
 
     def poll(self) -> int | None:
         """Reap the plugin if it has exited; returns its raw wait status."""
         if self.wait_status is None:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid == self.pid:
-                self.wait_status = status
-                self._proc.returncode = os.waitstatus_to_exitcode(status)
+                self.wait_status = self._reaped(status)
         return self.wait_status
 
     def kill(self) -> None:
+        """SIGKILL the plugin; sandboxed, bwrap's pid-namespace init too, so that the whole
+        namespace goes, and `wait` can wait until it has."""
         if self.wait_status is None:
+            if self.sandboxed and not self._namespace_pidfds:
+                self._namespace_pidfds = _child_pidfds(self.pid)
+                for fd in self._namespace_pidfds:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
 
     def wait(self) -> int:
         if self.wait_status is None:
             _, status = os.waitpid(self.pid, 0)
-            self.wait_status = status
-            self._proc.returncode = os.waitstatus_to_exitcode(status)
+            self.wait_status = self._reaped(status)
         return self.wait_status
 
+    def _reaped(self, status: int) -> int:
+        self._proc.returncode = os.waitstatus_to_exitcode(status)
+        # A pid namespace's init exits only after every process in it is gone.
+        for fd in self._namespace_pidfds:
+            select.select([fd], [], [], NAMESPACE_EXIT_TIMEOUT)
+            os.close(fd)
+        self._namespace_pidfds = []
+        return unwrap_status(status) if self.sandboxed else status
+
     def close(self) -> None:
+        for fd in self._namespace_pidfds:
+            os.close(fd)
+        self._namespace_pidfds = []
         os.close(self.pidfd)
         if self._proc.stderr is not None:
             self._proc.stderr.close()
+
+
+def unwrap_status(status: int) -> int:
+    """bwrap's wait status -> the plugin's: exit code 128+N (N a signal) becomes signal N."""
+    if os.WIFEXITED(status):
+        code = os.WEXITSTATUS(status)
+        if 128 < code < 128 + signal.NSIG:
+            return code - 128  # the wait status of a process killed by that signal
+    return status
+
+
+def _child_pidfds(pid: int) -> list[int]:
+    """pidfds of `pid`'s children (bwrap's: the init of the plugin's pid namespace)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(word) for word in f.read().split()]
+    except OSError:
+        return []
+    fds = []
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            fds.append(os.pidfd_open(child))
+    return fds

@@ -29,6 +29,7 @@ from vmsuper.supervisor import outcome
 from vmsuper.supervisor.config import Config
 from vmsuper.supervisor.net import NetSettings, Tap, parse_mac, unique_tap_name
 from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
+from vmsuper.supervisor.sandbox import Sandbox
 from vmsuper.supervisor.vcpus import VcpuSet
 from vmsuper.workers.limits import Limits
 from vmsuper.workers.main_worker import MainWorker, NetInfo
@@ -372,7 +373,11 @@ class Supervisor:
         try:
             try:
                 self.plugin = PluginProcess.spawn(
-                    cfg.plugin.path, cfg.plugin.args, cfg.plugin.env, theirs.fileno()
+                    cfg.plugin.path,
+                    cfg.plugin.args,
+                    cfg.plugin.env,
+                    theirs.fileno(),
+                    sandbox=Sandbox.for_plugin(cfg.plugin) if cfg.plugin.sandbox else None,
                 )
             except PluginStartError as exc:
                 self.failure = outcome.supervisor_failure(str(exc))

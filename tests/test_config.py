@@ -15,6 +15,7 @@ from vmsuper.supervisor.config import (
     Config,
     ConfigError,
     LogConfig,
+    MountConfig,
     NetConfig,
     PluginConfig,
     VmConfig,
@@ -53,6 +54,8 @@ def test_defaults(folder: Path) -> None:
     assert config.plugin.env == {}
     assert config.plugin.vcpu_transport == "socket"
     assert config.plugin.grace_period == 1.0
+    assert config.plugin.sandbox is True
+    assert config.plugin.mounts == ()
     assert config.net is None
     assert config.log.level == "info"
     assert config.log.dir.parent == folder / "runs"
@@ -393,6 +396,60 @@ def test_example_config_shows_every_key() -> None:
     }.items():
         assert set(raw[table]) == set(struct.__struct_fields__), table
     assert set(raw) == set(Config.__struct_fields__)
+    assert set(raw["plugin"]["mounts"][0]) == set(MountConfig.__struct_fields__)
     config = load_config(example, check_plugin=False)
     assert config.vm.vcpus == 2
     assert config.log.dir.parent == example.parent / "runs"
+
+
+MOUNT = PLUGIN_TABLE + "[[plugin.mounts]]\n"
+
+
+def test_mounts_resolve_relative_to_the_config_folder(folder: Path) -> None:
+    (folder / "data").mkdir()
+    text = (
+        PLUGIN_TABLE + "sandbox = false\n"
+        '[[plugin.mounts]]\nsrc = "data"\n'
+        '[[plugin.mounts]]\nsrc = "./data/"\ndst = "/srv/x/../data"\nwritable = true\n'
+    )
+    config = load_config(write(folder, text))
+    assert config.plugin.sandbox is False
+    assert config.plugin.mounts == (
+        MountConfig(src=folder / "data", dst=folder / "data", writable=False),
+        MountConfig(src=folder / "data", dst=Path("/srv/data"), writable=True),
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('src = "nope"', "[plugin] mounts[0].src: {folder}/nope does not exist"),
+        (
+            'src = "."\ndst = "rel/x"',
+            "[plugin] mounts[0].dst: expected an absolute path, got 'rel/x'",
+        ),
+        (
+            'src = "."\ndst = "/x/.."',
+            "[plugin] mounts[0].dst: must not be / (the sandbox's own root)",
+        ),
+        ('src = "."\nwritable = 1', "[plugin] mounts[0].writable: expected a boolean, got integer"),
+        ('dst = "/a"', "[plugin] mounts[0] src is required"),
+        ('src = "."\nmode = "rw"', "unknown key [plugin] mounts[0] mode"),
+        ('src = ""', "[plugin] mounts[0].src: must not be empty"),
+    ],
+)
+def test_mount_errors_name_the_key(folder: Path, body: str, message: str) -> None:
+    path = write(folder, MOUNT + body + "\n")
+    assert error_of(path) == f"{path}: " + message.format(folder=folder)
+
+
+def test_mount_source_is_not_checked_without_plugin_checks(folder: Path) -> None:
+    path = write(folder, MOUNT + 'src = "later"\n')
+    assert load_config(path, check_plugin=False).plugin.mounts[0].src == folder / "later"
+
+
+def test_sandbox_must_be_a_boolean_and_can_be_overridden(folder: Path) -> None:
+    path = write(folder, PLUGIN_TABLE + 'sandbox = "no"\n')
+    assert error_of(path) == f"{path}: [plugin] sandbox: expected a boolean, got string"
+    path = write(folder, PLUGIN_TABLE)
+    assert load_config(path, overrides={"plugin.sandbox": False}).plugin.sandbox is False

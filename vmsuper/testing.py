@@ -7,6 +7,7 @@ processes never share anything.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,6 +20,17 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_TIMEOUT = 60.0
+SANDBOX_VARIABLE = "VMSUPER_TEST_SANDBOX"
+
+
+def default_sandbox() -> bool:
+    """VmSpec's default: plugins run unsandboxed unless VMSUPER_TEST_SANDBOX=1.
+
+    Unsandboxed is the default here, unlike in vmsuper's own config, because tests look at the
+    plugin from the host (its pid, its parent, files it writes); set the variable to run a
+    whole suite sandboxed, or pass `VmSpec(sandbox=True)` for one run.
+    """
+    return os.environ.get(SANDBOX_VARIABLE, "") == "1"
 
 
 @dataclass
@@ -56,6 +68,11 @@ class VmSpec:
     args: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     net: Mapping[str, str] | None = None
+    # [plugin] sandbox; None leaves the key out (the config's default, true).
+    sandbox: bool | None = field(default_factory=default_sandbox)
+    # [[plugin.mounts]]: (src, dst or None, writable); a callable plugin's module folder is
+    # added by VmRunner.
+    mounts: Sequence[tuple[Path | str, str | None, bool]] = ()
     extra_toml: str = ""
 
     def to_toml(self, plugin_path: Path, log_dir: Path) -> str:
@@ -71,6 +88,13 @@ class VmSpec:
         if self.env:
             pairs = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in self.env.items())
             lines.append(f"env = {{ {pairs} }}")
+        if self.sandbox is not None:
+            lines.append(f"sandbox = {json.dumps(self.sandbox)}")
+        for src, dst, writable in self.mounts:
+            lines += ["[[plugin.mounts]]", f"src = {json.dumps(str(src))}"]
+            if dst is not None:
+                lines.append(f"dst = {json.dumps(dst)}")
+            lines.append(f"writable = {json.dumps(writable)}")
         if self.net is not None:
             lines.append("[net]")
             lines += [f"{k} = {json.dumps(v)}" for k, v in self.net.items()]
@@ -127,7 +151,15 @@ class VmRunner:
         """Start `vmsuper run` without waiting; returns (process, config path, log dir)."""
         spec = spec or VmSpec()
         folder = self.folder()
-        plugin_path = _callable_plugin(folder, plugin) if callable(plugin) else Path(plugin)
+        if callable(plugin):
+            plugin_path = _callable_plugin(folder, plugin)
+            if spec.sandbox is not False:  # the plugin loads the function's module file
+                module_folder = Path(sys.modules[plugin.__module__].__file__ or ".").parent
+                spec = dataclasses.replace(
+                    spec, mounts=[*spec.mounts, (module_folder, None, False)]
+                )
+        else:
+            plugin_path = Path(plugin)
         log_dir = folder / "logs"
         config_path = folder / "vm.toml"
         config_path.write_text(spec.to_toml(plugin_path.resolve(), log_dir))

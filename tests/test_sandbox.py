@@ -1,0 +1,651 @@
+"""The plugin sandbox: the bwrap command line, the seccomp filter, and real sandboxed VMs.
+
+The first half checks what `Sandbox.for_plugin` binds for scripts, venvs, editable installs and
+user mounts, and how set-up failures are reported. The second half runs real plugins (Python on
+the SDK, Python on the raw wire, and a native C program) under real bwrap and real KVM and
+checks, from inside and from the host, every promise docs/security.md makes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import struct
+import subprocess
+import textwrap
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import test_lifecycle as lifecycle
+import test_main_requests as main_requests
+from rawplugin import plugin_source
+
+from vmsuper.shared import kvm, plugin_pb2
+from vmsuper.shared.asm import assemble
+from vmsuper.supervisor import seccomp
+from vmsuper.supervisor.config import MountConfig, PluginConfig
+from vmsuper.supervisor.plugin_process import PluginStartError, unwrap_status
+from vmsuper.supervisor.sandbox import (
+    NAMESPACES,
+    Bind,
+    Sandbox,
+    SandboxError,
+    script_interpreters,
+)
+from vmsuper.testing import SANDBOX_VARIABLE, VmRunner, VmSpec, finish, write_python_plugin
+
+UNISTD = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
+
+
+def executable(path: Path, text: str = "#!/bin/sh\n") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def option_values(argv: list[str], option: str) -> list[tuple[str, ...]]:
+    """The operands of every occurrence of `option` (two for binds, one for the rest)."""
+    width = 2 if "bind" in option or option == "--symlink" else 1
+    return [tuple(argv[i + 1 : i + 1 + width]) for i, a in enumerate(argv) if a == option]
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def test_command_line_unshares_everything_and_shows_no_host_devices(tmp_path: Path) -> None:
+    plugin = executable(tmp_path / "plugin" / "p.sh")
+    sandbox = Sandbox.for_plugin(PluginConfig(path=plugin), environ={"PATH": "/usr/bin"})
+    argv = sandbox.argv(7)
+    assert argv[0] == sandbox.bwrap and argv[-1] == "--"
+    for flag in (*NAMESPACES, "--unshare-net", "--die-with-parent", "--new-session"):
+        assert flag in argv
+    assert option_values(argv, "--cap-drop") == [("ALL",)]
+    assert option_values(argv, "--seccomp") == [("7",)]
+    assert option_values(argv, "--dev") == [("/dev",)]
+    assert option_values(argv, "--proc") == [("/proc",)]
+    assert option_values(argv, "--tmpfs") == [("/tmp",)]
+    assert "--dev-bind" not in argv and "--bind" not in argv  # nothing writable by default
+    assert not [a for a in argv if a.startswith("/dev/")]
+    ro = option_values(argv, "--ro-bind")
+    assert ("/usr", "/usr") in ro
+    assert (str(plugin.parent), str(plugin.parent)) in ro
+    # The plugin's folder is under /tmp here: it must be bound after the private /tmp exists.
+    assert argv.index(str(plugin.parent)) > argv.index("--tmpfs")
+    assert sandbox.executables == (str(plugin), "/bin/sh")
+    assert "--seccomp" not in sandbox.argv(None)
+
+
+def fake_python(tmp_path: Path) -> tuple[Path, Path]:
+    """A base installation and a venv on it, with a .pth path and an editable finder."""
+    base = tmp_path / "base"
+    real = executable(base / "bin" / "python3.11", "")
+    (base / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(real)
+    (venv / "pyvenv.cfg").write_text(f"home = {base / 'bin'}\ninclude-system-site-packages = 0\n")
+    site = venv / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    for folder in ("extra", "src/pkg", "src/other", "pythonpath"):
+        (tmp_path / folder).mkdir(parents=True)
+    (site / "extra.pth").write_text(
+        f"# a comment\n{tmp_path / 'extra'}\n{tmp_path / 'missing'}\nimport os\n"
+    )
+    (site / "__editable___pkg_0_1_finder.py").write_text(
+        "from pathlib import Path\n"
+        f"MAPPING: dict[str, str] = {{'pkg': {str(tmp_path / 'src/pkg')!r}, "
+        f"'pkg.other': {str(tmp_path / 'src/other')!r}}}\n"
+        "NAMESPACES: dict[str, list[str]] = {}\n"
+    )
+    return base, venv
+
+
+@pytest.mark.parametrize("shebang", ["#!/usr/bin/env python", "#!{venv}/bin/python -u"])
+def test_python_script_gets_interpreter_venv_and_sources(tmp_path: Path, shebang: str) -> None:
+    base, venv = fake_python(tmp_path)
+    plugin = executable(tmp_path / "plugin" / "p.py", shebang.format(venv=venv) + "\n")
+    environ = {"PATH": f"{venv / 'bin'}:/usr/bin", "PYTHONPATH": str(tmp_path / "pythonpath")}
+    sandbox = Sandbox.for_plugin(PluginConfig(path=plugin), environ=environ, bwrap="bwrap")
+    want = {
+        str(p)
+        for p in (
+            plugin.parent,
+            venv,
+            base,
+            tmp_path / "extra",
+            tmp_path / "src/pkg",
+            tmp_path / "src/other",
+            tmp_path / "pythonpath",
+        )
+    }
+    assert {b.dst for b in sandbox.binds} == want
+    assert all(b.src == b.dst and not b.writable for b in sandbox.binds)
+    assert sandbox.executables[0] == str(plugin)
+    assert sandbox.executables[-1] == str(venv / "bin" / "python")
+
+
+def test_shebang_forms(tmp_path: Path) -> None:
+    tool = executable(tmp_path / "bin" / "mytool", "\x7fELF")  # a binary: the chain ends there
+    env = {"PATH": str(tmp_path / "bin")}
+    cases = {
+        "#!/bin/sh -e\n": ["/bin/sh"],
+        "#! /bin/sh\n": ["/bin/sh"],
+        "#!/usr/bin/env -S mytool -u\n": ["/usr/bin/env", str(tool)],
+        "#!/usr/bin/env FOO=1 mytool\n": ["/usr/bin/env", str(tool)],
+        "#!/usr/bin/env ghost\n": ["/usr/bin/env"],
+        "\x7fELF\x02\x01\x01": [],
+        "": [],
+    }
+    for text, want in cases.items():
+        script = executable(tmp_path / "script", text)
+        assert script_interpreters(str(script), env) == want, text
+    inner = executable(tmp_path / "inner", "#!/bin/sh\n")
+    outer = executable(tmp_path / "outer", f"#!{inner}\n")
+    assert script_interpreters(str(outer), env) == [str(inner), "/bin/sh"]
+
+
+def test_home_and_root_folders_are_never_bound_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    tool = executable(home / "bin" / "tool")  # its prefix would be the home folder
+    plugin = executable(home / "plugin", f"#!{tool}\n")
+    sandbox = Sandbox.for_plugin(PluginConfig(path=plugin), environ={}, bwrap="bwrap")
+    assert sorted(b.dst for b in sandbox.binds) == [str(tool), str(plugin)]
+
+
+def test_user_mounts_follow_derived_binds_and_replace_them(tmp_path: Path) -> None:
+    plugin = executable(tmp_path / "plugin" / "p.sh")
+    data = tmp_path / "data"
+    mounts = (
+        MountConfig(src=data, dst=Path("/srv/data/deep"), writable=True),
+        MountConfig(src=data, dst=Path("/srv")),
+        MountConfig(src=plugin.parent, dst=plugin.parent, writable=True),
+    )
+    config = PluginConfig(path=plugin, mounts=mounts)
+    sandbox = Sandbox.for_plugin(config, environ={}, bwrap="bwrap")
+    assert sandbox.binds == (
+        Bind(str(data), "/srv"),
+        Bind(str(data), "/srv/data/deep", writable=True),
+        Bind(str(plugin.parent), str(plugin.parent), writable=True),
+    )
+    argv = sandbox.argv(None)
+    assert option_values(argv, "--bind") == [
+        (str(data), "/srv/data/deep"),
+        (str(plugin.parent), str(plugin.parent)),
+    ]
+
+
+def test_missing_bwrap_is_a_start_error_that_says_what_to_do(tmp_path: Path) -> None:
+    plugin = executable(tmp_path / "p.sh")
+    with pytest.raises(SandboxError) as info:
+        Sandbox.for_plugin(PluginConfig(path=plugin), environ={"PATH": str(tmp_path / "empty")})
+    assert isinstance(info.value, PluginStartError)
+    message = str(info.value)
+    assert message.startswith("cannot sandbox the plugin: bwrap (bubblewrap) is not installed")
+    assert "[plugin] sandbox = false" in message
+
+
+def test_check_passes_for_a_visible_plugin(tmp_path: Path) -> None:
+    plugin = executable(tmp_path / "plugin" / "p.sh")
+    Sandbox.for_plugin(PluginConfig(path=plugin)).check()
+
+
+def test_check_names_a_plugin_the_sandbox_does_not_show(tmp_path: Path) -> None:
+    plugin = executable(tmp_path / "p.sh")
+    sandbox = Sandbox.for_plugin(PluginConfig(path=plugin))
+    hidden = Sandbox(sandbox.bwrap, binds=(), executables=(str(plugin),))
+    with pytest.raises(SandboxError, match=f"{plugin} is not executable inside the sandbox"):
+        hidden.check()
+
+
+def test_check_reports_what_bwrap_cannot_do(tmp_path: Path) -> None:
+    plugin = executable(tmp_path / "plugin" / "p.sh")
+    # /usr is read-only inside, so bwrap cannot make a mount point there.
+    mount = MountConfig(src=tmp_path, dst=Path(f"/usr/vmsuper-test-{uuid.uuid4().hex}"))
+    sandbox = Sandbox.for_plugin(PluginConfig(path=plugin, mounts=(mount,)))
+    with pytest.raises(SandboxError) as info:
+        sandbox.check()
+    assert str(info.value).startswith("cannot sandbox the plugin: bwrap cannot set up the sandbox")
+    assert str(mount.dst) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "seen"),
+    [
+        (3 << 8, 3 << 8),  # exit(3) passes through
+        (0, 0),
+        (137 << 8, signal.SIGKILL),  # bwrap's "child killed by SIGKILL"
+        (139 << 8, signal.SIGSEGV),
+        (128 << 8, 128 << 8),  # 128 itself is no signal
+        (255 << 8, 255 << 8),  # beyond any signal number
+        (signal.SIGKILL, signal.SIGKILL),  # bwrap itself killed
+    ],
+)
+def test_unwrap_status(raw: int, seen: int) -> None:
+    assert unwrap_status(raw) == seen
+
+
+# -- the seccomp filter --------------------------------------------------------------------------
+
+
+def test_syscall_numbers_match_the_kernel_headers() -> None:
+    header = dict(
+        (m[1], int(m[2])) for m in re.finditer(r"#define __NR_(\w+)\s+(\d+)", UNISTD.read_text())
+    )
+    ours = {
+        **seccomp.DENIED,
+        "ioctl": seccomp.NR_IOCTL,
+        "clone": seccomp.NR_CLONE,
+        "unshare": seccomp.NR_UNSHARE,
+        "clone3": seccomp.NR_CLONE3,
+    }
+    checked = {name: nr for name, nr in ours.items() if name in header}
+    assert len(checked) >= len(ours) - 5, "the header is too old to check most numbers"
+    assert checked == {name: header[name] for name in checked}
+
+
+def test_filter_is_well_formed() -> None:
+    program = seccomp.build_filter()
+    assert len(program) % 8 == 0
+    count = len(program) // 8
+    insns = [struct.unpack_from("<HBBI", program, 8 * i) for i in range(count)]
+    for i, (code, jt, jf, _k) in enumerate(insns):
+        if code & 0x07 == 0x05:  # BPF_JMP: both targets inside the program
+            assert i + 1 + max(jt, jf) < count
+    assert insns[-1][0] == insns[-2][0] == seccomp.BPF_RET_K
+    assert insns[0] == (seccomp.BPF_LD_W_ABS, 0, 0, seccomp.OFFSET_ARCH)
+
+
+# -- real sandboxed runs -------------------------------------------------------------------------
+
+PROBE = """
+import ctypes, socket, threading, termios
+port, secret, marker, ro_dir, rw_dir = sys.argv[1:6]
+libc = ctypes.CDLL(None, use_errno=True)
+R = RESULTS
+
+def errno_name(call):
+    try:
+        call()
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+    return "ok"
+
+def syscall_errno(*args):
+    ctypes.set_errno(0)
+    libc.syscall(*args)
+    return errno.errorcode.get(ctypes.get_errno(), "ok")
+
+def status_field(name):
+    for line in open("/proc/self/status"):
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+
+R["dev"] = sorted(os.listdir("/dev"))
+R["kvm"] = os.path.exists("/dev/kvm")
+R["tun"] = os.path.exists("/dev/net/tun")
+R["interfaces"] = [name for _, name in socket.if_nameindex()]
+R["connect"] = errno_name(lambda: socket.create_connection(("127.0.0.1", int(port)), 5))
+with open(f"/tmp/{marker}", "w") as f:
+    f.write("inside")
+R["tmp"] = os.listdir("/tmp")
+R["pid"], R["ppid"], R["sid"] = os.getpid(), os.getppid(), os.getsid(0)
+R["own_folder"] = errno_name(lambda: open(os.path.join(sys.path[0], "new.txt"), "w"))
+R["secret"] = os.path.exists(secret)
+R["shadow"] = os.path.exists("/etc/shadow")
+R["ro_read"] = open(os.path.join(ro_dir, "hello.txt")).read()
+R["ro_write"] = errno_name(lambda: open(os.path.join(ro_dir, "new.txt"), "w"))
+with open(os.path.join(rw_dir, "out.txt"), "w") as f:
+    f.write("written inside")
+R["capabilities"] = status_field("CapEff")
+R["seccomp"] = status_field("Seccomp")
+R["no_new_privs"] = status_field("NoNewPrivs")
+R["unshare_user"] = syscall_errno(272, 0x10000000)
+R["unshare_files"] = syscall_errno(272, 0x400)
+R["keyctl"] = syscall_errno(250, 0, 0)
+R["clone3"] = syscall_errno(435, 0, 0)
+R["tiocsti"] = errno_name(lambda: fcntl.ioctl(1, termios.TIOCSTI, b"x"))
+worked = []
+thread = threading.Thread(target=lambda: worked.append(True))
+thread.start()
+thread.join()
+R["thread"] = worked == [True]
+R["check_extension"] = errno_of(
+    req(check_extension=pb.MainRequest.CheckExtension(extension=3)))
+fds = [int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2]
+R["fds"] = sorted(fd for fd in fds if os.path.exists(f"/proc/self/fd/{fd}"))  # not listdir's
+R["socket_fd"] = MAIN.fileno()
+report()
+"""
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    """A TCP port on the host's loopback that accepts connections."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        yield server.getsockname()[1]
+
+
+@pytest.mark.kvm
+def test_the_plugin_sees_only_its_sandbox(tmp_path: Path, listener: int) -> None:
+    plugin_dir = tmp_path / "plugin"
+    plugin_dir.mkdir()
+    plugin = write_python_plugin(plugin_dir, plugin_source(PROBE), name="probe.py")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host only")
+    ro_dir, rw_dir = tmp_path / "ro", tmp_path / "rw"
+    ro_dir.mkdir()
+    rw_dir.mkdir()
+    (ro_dir / "hello.txt").write_text("read me")
+    marker = f"vmsuper-sandbox-{uuid.uuid4().hex}"
+    spec = VmSpec(
+        sandbox=True,
+        args=[str(listener), str(secret), marker, "/data/ro", str(rw_dir)],
+        mounts=[(ro_dir, "/data/ro", False), (rw_dir, None, True)],
+    )
+    result = VmRunner(tmp_path / "runs").run(plugin, spec)
+    assert result.status == 0, result.stderr
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert not found["kvm"] and not found["tun"]
+    assert set(found["dev"]) <= {
+        *("null", "zero", "full", "random", "urandom", "tty", "pts", "ptmx", "shm"),
+        *("fd", "stdin", "stdout", "stderr", "core", "console"),
+    }
+    assert found["interfaces"] == ["lo"]
+    assert found["connect"] == "ECONNREFUSED"  # the host's listener is not reachable
+    # Only the marker, and the first folder of the binds below /tmp (the plugin's, the mounts').
+    assert set(found["tmp"]) == {marker, tmp_path.parts[2]}
+    assert not Path("/tmp", marker).exists()
+    assert found["ppid"] == 1 and found["pid"] < 10  # a pid namespace of its own
+    # A session led inside the namespace (one led outside reads as 0): no controlling terminal.
+    assert found["sid"] in (1, found["pid"])
+    assert found["own_folder"] == "EROFS"
+    assert not found["secret"] and not found["shadow"]
+    assert found["ro_read"] == "read me" and found["ro_write"] == "EROFS"
+    assert (rw_dir / "out.txt").read_text() == "written inside"
+    assert found["capabilities"] == "0000000000000000"
+    assert found["seccomp"] == "2" and found["no_new_privs"] == "1"
+    assert found["unshare_user"] == "EPERM" and found["unshare_files"] == "ok"
+    assert found["keyctl"] == "EPERM" and found["tiocsti"] == "EPERM"
+    assert found["clone3"] == "ENOSYS" and found["thread"]
+    assert found["check_extension"] == 0
+    assert found["fds"] == [found["socket_fd"]]
+
+
+SDK_GUEST = """
+        mov     $0x80, %dx
+        mov     $42, %al
+        out     %al, %dx
+        in      %dx, %al
+        out     %al, %dx
+halt:   cli
+        hlt
+        jmp     halt
+"""
+
+SDK_PLUGIN = """
+import json, os, sys, threading
+from vmsuper.plugin import Connection, Init, Io, Space
+from vmsuper.shared import kvm
+
+LOAD = 0x1000
+conn = Connection.from_env()
+memory = conn.create_memory(0, 0x10000)
+code = open(sys.argv[1], "rb").read()
+memory.mmap[LOAD:LOAD + len(code)] = code
+conn.reserve_range(Space.IOPORT, 0x80, 1)
+[vcpu] = conn.get_vcpus()
+seen = []
+done = threading.Event()
+
+def serve():
+    while True:
+        event = vcpu.wait()
+        if isinstance(event, Init):
+            sregs = vcpu.get_sregs()
+            for seg in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+                seg.base = 0
+                seg.selector = 0
+            vcpu.set_sregs(sregs)
+            vcpu.set_regs(kvm.kvm_regs(rip=LOAD, rsp=0x8000, rflags=2))
+            vcpu.resume()
+        elif isinstance(event, Io) and event.is_write:
+            seen.append(event.data[0])
+            vcpu.resume()
+            if len(seen) == 2:
+                done.set()
+                return
+        elif isinstance(event, Io):
+            vcpu.resume(bytes([7]))
+        else:
+            vcpu.resume()
+
+threading.Thread(target=serve, daemon=True).start()
+conn.start()
+finished = done.wait(30)
+print(json.dumps({"seen": seen, "pid": os.getpid(), "ppid": os.getppid()}), flush=True)
+sys.exit(0 if finished else 1)
+"""
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("transport", ["socket", "pipes"])
+def test_sdk_plugin_runs_a_guest_sandboxed(tmp_path: Path, transport: str) -> None:
+    plugin_dir = tmp_path / "plugin"
+    plugin_dir.mkdir()
+    guest = plugin_dir / "guest.bin"
+    guest.write_bytes(assemble(SDK_GUEST, origin=0x1000))
+    plugin = write_python_plugin(plugin_dir, SDK_PLUGIN)
+    spec = VmSpec(sandbox=True, transport=transport, args=[str(guest)])
+    result = VmRunner(tmp_path / "runs").run(plugin, spec)
+    assert result.status == 0, result.stderr
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert found["seen"] == [42, 7]  # the guest wrote 42, read 7 and wrote it back
+    assert found["ppid"] == 1 and found["pid"] < 10
+    assert "vcpus_started" in result.events()
+
+
+NATIVE_PLUGIN = r"""
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static const unsigned char request[] = { REQUEST };
+
+int main(int argc, char **argv) {
+    const char *fd_text = getenv("CROSVM_SOCKET");
+    if (fd_text == NULL)
+        return 10;
+    int fd = atoi(fd_text);
+    if (send(fd, request, sizeof request, 0) != (ssize_t)sizeof request)
+        return 11;
+    unsigned char response[4096];
+    ssize_t n = recv(fd, response, sizeof response, 0);
+    if (n < 0)
+        return 12;
+    for (ssize_t i = 0; i < n; i++)
+        printf("%02x", response[i]);
+    printf("\n");
+    fflush(stdout);
+    if (argc > 1 && strncmp(argv[1], "signal:", 7) == 0)
+        raise(atoi(argv[1] + 7));
+    if (argc > 1 && strncmp(argv[1], "exit:", 5) == 0)
+        return atoi(argv[1] + 5);
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def native_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A C plugin that sends one CheckExtension, prints the answer in hex, then ends as told."""
+    request = plugin_pb2.MainRequest(
+        check_extension=plugin_pb2.MainRequest.CheckExtension(extension=kvm.KVM_CAP_USER_MEMORY)
+    ).SerializeToString()
+    folder = tmp_path_factory.mktemp("native")
+    source = folder / "plugin.c"
+    source.write_text(NATIVE_PLUGIN.replace("REQUEST", ", ".join(str(b) for b in request)))
+    binary = folder / "plugin"
+    subprocess.run(["cc", "-O2", "-o", str(binary), str(source)], check=True)
+    return binary
+
+
+def check_extension_answer(stdout: str) -> plugin_pb2.MainResponse:
+    response = plugin_pb2.MainResponse.FromString(bytes.fromhex(stdout.splitlines()[0]))
+    assert response.WhichOneof("message") == "check_extension"
+    return response
+
+
+@pytest.mark.kvm
+def test_native_plugin_talks_through_the_sandbox(tmp_path: Path, native_plugin: Path) -> None:
+    result = VmRunner(tmp_path / "runs").run(native_plugin, VmSpec(sandbox=True))
+    assert result.status == 0, result.stderr
+    response = check_extension_answer(result.stdout)
+    assert response.errno == 0 and response.check_extension.has_extension
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize(
+    ("how", "status", "outcome"),
+    [
+        ("exit:3", 3, "plugin exited with status 3"),
+        ("signal:9", 128 + 9, "plugin killed by SIGKILL"),
+        ("signal:11", 128 + 11, "plugin killed by SIGSEGV"),
+    ],
+)
+def test_exit_statuses_pass_through_the_sandbox(
+    tmp_path: Path, native_plugin: Path, how: str, status: int, outcome: str
+) -> None:
+    result = VmRunner(tmp_path / "runs").run(native_plugin, VmSpec(sandbox=True, args=[how]))
+    assert result.status == status, result.stderr
+    check_extension_answer(result.stdout)  # it really ran in the sandbox and talked first
+    exited = [r for r in result.records() if r["event"] == "plugin_exited"]
+    assert [r["outcome"] for r in exited] == [outcome]
+
+
+def alive(pids: list[int]) -> list[int]:
+    left = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                left.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+@pytest.mark.kvm
+def test_grace_period_kill_leaves_no_sandboxed_process(tmp_path: Path) -> None:
+    body = """
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+    while True:
+        time.sleep(1)
+    """
+    plugin = write_python_plugin(tmp_path, plugin_source(body))
+    spec = VmSpec(sandbox=True, grace_period=0.3)
+    proc, config, logs = VmRunner(tmp_path / "runs").start(plugin, spec)
+    assert proc.stdout is not None
+    json.loads(proc.stdout.readline())
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    names = [p.name() for p in tree]
+    assert names.count("bwrap") == 2 and len(tree) == 3  # bwrap, its pid-1 init, the plugin
+    proc.send_signal(signal.SIGTERM)
+    result = finish(proc, config, logs, timeout=30)
+    assert result.status == 128 + signal.SIGTERM, result.stderr
+    assert "plugin_killed" in result.events()
+    # vmsuper waits for the pid namespace to empty before it exits: nothing is left, at once.
+    assert alive([p.pid for p in tree]) == []
+
+
+@pytest.mark.kvm
+def test_missing_mount_source_is_a_config_error(tmp_path: Path) -> None:
+    plugin = write_python_plugin(tmp_path, "import sys\n")
+    spec = VmSpec(sandbox=True, mounts=[(tmp_path / "nowhere", None, False)])
+    result = VmRunner(tmp_path / "runs").run(plugin, spec)
+    assert result.status == 2
+    assert f"[plugin] mounts[0].src: {tmp_path / 'nowhere'} does not exist" in result.stderr
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("cause", ["no bwrap", "bwrap fails"])
+def test_unavailable_sandbox_refuses_to_run_the_plugin(tmp_path: Path, cause: str) -> None:
+    ran = tmp_path / "ran"
+    plugin = write_python_plugin(tmp_path, f"open({str(ran)!r}, 'w')\n")
+    if cause == "no bwrap":
+        spec = VmSpec(sandbox=True, env={"PATH": str(tmp_path / "empty")})
+        expected = "bwrap (bubblewrap) is not installed"
+    else:
+        spec = VmSpec(sandbox=True, mounts=[(tmp_path, f"/usr/vmsuper-{uuid.uuid4().hex}", False)])
+        expected = "bwrap cannot set up the sandbox: bwrap: Can't mkdir"
+    result = VmRunner(tmp_path / "runs").run(plugin, spec)
+    assert result.status == 125
+    assert f"vmsuper: cannot sandbox the plugin: {expected}" in result.stderr
+    assert "plugin_start_failed" in result.events()
+    assert not ran.exists()
+
+
+# -- other suites' end-to-end tests, sandboxed -------------------------------------------------
+
+
+@pytest.fixture
+def sandboxed_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every VmSpec made during the test defaults to sandbox = true."""
+    monkeypatch.setenv(SANDBOX_VARIABLE, "1")
+    assert VmSpec().sandbox is True
+
+
+SANDBOXED_VARIANTS: list[Callable[[Path], Any]] = [
+    main_requests.test_memory_create_destroy_and_every_error,
+    main_requests.test_io_events_of_every_length_and_irq_events,
+    main_requests.test_connections_shutdown_eventfd_and_capabilities,
+    main_requests.test_dirty_log_and_start_rules,
+    lifecycle.test_plugin_stderr_is_echoed_and_logged_and_stdout_passes,
+    lifecycle.test_no_fd_of_the_run_reaches_the_plugin_except_its_socket,
+    lifecycle.test_plugin_exit_with_running_vcpus_reaps_workers,
+    lifecycle.test_vmsuper_sigkill_takes_the_plugin_and_workers_with_it,
+]
+
+
+@pytest.mark.kvm
+@pytest.mark.usefixtures("sandboxed_by_default")
+@pytest.mark.parametrize("test", SANDBOXED_VARIANTS, ids=lambda t: t.__name__.removeprefix("test_"))
+def test_end_to_end_sandboxed(tmp_path: Path, test: Callable[[Path], Any]) -> None:
+    test(tmp_path)
+
+
+def test_vmspec_writes_sandbox_and_mounts(tmp_path: Path) -> None:
+    spec = VmSpec(sandbox=None, mounts=[(tmp_path, "/data", True), ("rel", None, False)])
+    text = spec.to_toml(tmp_path / "p.py", tmp_path / "logs")
+    assert "sandbox =" not in text
+    assert (
+        textwrap.dedent(f"""\
+        [[plugin.mounts]]
+        src = "{tmp_path}"
+        dst = "/data"
+        writable = true
+        [[plugin.mounts]]
+        src = "rel"
+        writable = false
+        """)
+        in text
+    )
+    assert "sandbox = false" in VmSpec(sandbox=False).to_toml(tmp_path / "p.py", tmp_path)
+
+
+def test_vmspec_default_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SANDBOX_VARIABLE, raising=False)
+    assert VmSpec().sandbox is False
+    monkeypatch.setenv(SANDBOX_VARIABLE, "1")
+    assert VmSpec().sandbox is True
