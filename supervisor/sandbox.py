@@ -6,6 +6,7 @@ capabilities, a new session (no controlling terminal), and a root that holds onl
 
 - read-only: /usr and the /bin, /sbin, /lib* entries (as the symlinks they are on merged-/usr
   systems), a few files of /etc the C library and interpreters read (`ETC_FILES`);
+- the root itself is a read-only tmpfs;
 - a private /dev (bwrap's: null, zero, full, random, urandom, tty, a private devpts and an
   empty /dev/shm; no /dev/kvm, no /dev/net/tun), a /proc of its own pid namespace, and an
   empty private /tmp;
@@ -140,6 +141,7 @@ class Sandbox:
         args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
         for bind in self.binds:
             args += bind.args()
+        args += ["--remount-ro", "/"]  # the root tmpfs; /tmp, /dev and writable binds stay
         if seccomp_fd is not None:
             args += ["--seccomp", str(seccomp_fd)]
         return [*args, "--"]

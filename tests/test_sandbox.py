@@ -71,6 +71,7 @@ def test_command_line_unshares_everything_and_shows_no_host_devices(tmp_path: Pa
     assert option_values(argv, "--dev") == [("/dev",)]
     assert option_values(argv, "--proc") == [("/proc",)]
     assert option_values(argv, "--tmpfs") == [("/tmp",)]
+    assert argv[-5:-3] == ["--remount-ro", "/"]  # after every bind
     assert "--dev-bind" not in argv and "--bind" not in argv  # nothing writable by default
     assert not [a for a in argv if a.startswith("/dev/")]
     ro = option_values(argv, "--ro-bind")
@@ -300,6 +301,7 @@ with open(f"/tmp/{marker}", "w") as f:
 R["tmp"] = os.listdir("/tmp")
 R["pid"], R["ppid"], R["sid"] = os.getpid(), os.getppid(), os.getsid(0)
 R["own_folder"] = errno_name(lambda: open(os.path.join(sys.path[0], "new.txt"), "w"))
+R["root"] = errno_name(lambda: os.mkdir("/new"))
 R["secret"] = os.path.exists(secret)
 R["shadow"] = os.path.exists("/etc/shadow")
 R["ro_read"] = open(os.path.join(ro_dir, "hello.txt")).read()
@@ -368,7 +370,7 @@ def test_the_plugin_sees_only_its_sandbox(tmp_path: Path, listener: int) -> None
     assert found["ppid"] == 1 and found["pid"] < 10  # a pid namespace of its own
     # A session led inside the namespace (one led outside reads as 0): no controlling terminal.
     assert found["sid"] in (1, found["pid"])
-    assert found["own_folder"] == "EROFS"
+    assert found["own_folder"] == "EROFS" and found["root"] == "EROFS"
     assert not found["secret"] and not found["shadow"]
     assert found["ro_read"] == "read me" and found["ro_write"] == "EROFS"
     assert (rw_dir / "out.txt").read_text() == "written inside"
