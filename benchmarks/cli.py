@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from vmsuper.shared.asm import AssemblyError
+
 from . import cpu, exits, machine, memory, report, startup
 from .build import BuildError, build_all
 from .context import Bench
@@ -125,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             with tempfile.TemporaryDirectory(prefix="vmsuper-bench-") as tmp:
                 results = run(args, Path(tmp))
-    except (BuildError, RunError) as exc:
+    except (AssemblyError, BuildError, RunError) as exc:
         print(f"benchmarks: {exc}", file=sys.stderr)
         return 1
     m = results["machine"]

@@ -14,12 +14,19 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from .context import PLUGINS, Bench
+from .context import Bench
 from .stats import summarize
 from .vmrun import RunResult, log_event_times, run_vm, vmsuper_command
 
 # What `vmsuper run` imports before it can serve the plugin (the CLI imports the runner).
 SUPERVISOR_IMPORT = "import vmsuper.supervisor.cli, vmsuper.supervisor.runner"
+# The plugins timed, and whether they run sandboxed (the default) or not (to show what the
+# sandbox costs).
+VARIANTS = {
+    "native": ("native", True),
+    "sdk": ("sdk", True),
+    "native, no sandbox": ("native", False),
+}
 # Milestones of a trivial run in vmsuper's log, to split its whole time into set-up, the
 # plugin's life, shutdown, and the interpreter's exit (after run_finished).
 TRIVIAL_EVENTS = frozenset({"run_started", "plugin_started", "plugin_exited", "run_finished"})
@@ -38,12 +45,12 @@ def _time_command(argv: list[str]) -> float:
 def startup(bench: Bench) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for ll in bench.low_latency:
-        samples: dict[str, dict[str, list[float]]] = {p: defaultdict(list) for p in PLUGINS}
+        samples: dict[str, dict[str, list[float]]] = {v: defaultdict(list) for v in VARIANTS}
         trivial: dict[str, list[float]] = defaultdict(list)
         for _ in range(bench.repeat):
-            for plugin in PLUGINS:
-                spec = bench.spec(plugin, "loop", 1, low_latency=ll)
-                _sample(run_vm(spec, bench.folder(f"startup-{plugin}")), samples[plugin])
+            for variant, (plugin, sandbox) in VARIANTS.items():
+                spec = bench.spec(plugin, "loop", 1, low_latency=ll, sandbox=sandbox)
+                _sample(run_vm(spec, bench.folder(f"startup-{plugin}")), samples[variant])
             spec = bench.spec("native", "trivial", low_latency=ll, expect_report=False)
             run = run_vm(spec, bench.folder("startup-trivial"))
             trivial["run"].append(_ms(run.wall_s))
@@ -51,9 +58,9 @@ def startup(bench: Bench) -> list[dict[str, Any]]:
             if events.keys() >= TRIVIAL_EVENTS:
                 for event in TRIVIAL_EVENTS:
                     trivial[f"to_{event}"].append(_ms(events[event]))
-        for plugin in PLUGINS:
-            figures = {f"{k}_ms": summarize(v) for k, v in samples[plugin].items()}
-            rows.append({"plugin": plugin, "low_latency": ll, **figures})
+        for variant in VARIANTS:
+            figures = {f"{k}_ms": summarize(v) for k, v in samples[variant].items()}
+            rows.append({"plugin": variant, "low_latency": ll, **figures})
         figures = {f"{k}_ms": summarize(v) for k, v in trivial.items()}
         rows.append({"plugin": "trivial", "low_latency": ll, **figures})
     rows.extend(_python_costs(bench))

@@ -132,7 +132,7 @@ def run_vm(
             result.report = line
             if while_held is not None:
                 while_held(result, line)
-            _release(fifo, deadline)
+            _release(fifo, deadline, proc)
         for line in reader.rest():
             result.report = line
         result.status = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -141,6 +141,9 @@ def run_vm(
         raise RunError(
             f"vmsuper run did not finish in {timeout:.0f} s{_tail(stderr_path)}"
         ) from None
+    except RunError as exc:
+        _stop(proc)
+        raise RunError(f"{exc}{_tail(stderr_path)}") from None
     finally:
         _stop(proc)
         if proc.stdout is not None:
@@ -226,14 +229,18 @@ def _parse_report(out: bytes) -> dict[str, Any]:
     return {}
 
 
-def _release(fifo: Path, deadline: float) -> None:
+def _release(fifo: Path, deadline: float, proc: subprocess.Popen[bytes]) -> None:
     """Let a holding plugin go: open its FIFO for writing (once it reads) and close it."""
     while True:
         try:
             fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+            if exc.errno != errno.ENXIO:
                 raise
+            if proc.poll() is not None:
+                raise RunError("the run ended before its plugin waited on the FIFO") from None
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("vmsuper", 0) from None
             time.sleep(0.001)
             continue
         os.close(fd)
@@ -256,10 +263,16 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def run_command(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     """Run a program that prints one report line (the C reference) and return the report."""
-    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    name = Path(argv[0]).name
+    try:
+        done = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise RunError(f"{name} did not finish in {timeout:.0f} s") from None
     if done.returncode != 0:
-        raise RunError(f"{Path(argv[0]).name} exited with {done.returncode}: {done.stderr.strip()}")
+        raise RunError(f"{name} exited with {done.returncode}: {done.stderr.strip()}")
     report = _parse_report(done.stdout.encode())
     if not report:
-        raise RunError(f"{Path(argv[0]).name} printed no report")
+        raise RunError(f"{name} printed no report")
     return report

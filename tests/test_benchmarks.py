@@ -43,12 +43,12 @@ def check_summary(name: str, summary: Any) -> None:
     assert summary["runs"] >= 1
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    tmp = tmp_path_factory.mktemp("bench")
-    out = tmp / "bench.json"
+@pytest.fixture
+def results(tmp_path: Path) -> dict[str, Any]:
+    """One quick harness run (function-scoped, so the KVM gate is checked before it starts)."""
+    out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), "--work", str(tmp)],
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), "--work", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
