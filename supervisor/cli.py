@@ -28,6 +28,7 @@ OVERRIDES = {
     "low_latency": "vm.low_latency",
     "transport": "plugin.vcpu_transport",
     "grace_period": "plugin.grace_period",
+    "sandbox": "plugin.sandbox",
     "log_dir": "log.dir",
     "log_level": "log.level",
 }
@@ -99,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--low-latency",
         action=argparse.BooleanOptionalAction,
         help="hold /dev/cpu_dma_latency at 0 while VCPUs run ([vm] low_latency)",
+    )
+    run.add_argument(
+        "--sandbox",
+        action=argparse.BooleanOptionalAction,
+        help="run the plugin in a bubblewrap sandbox ([plugin] sandbox)",
     )
 
     commands.add_parser(

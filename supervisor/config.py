@@ -39,6 +39,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from vmsuper.workers.limits import Limits
+
 MAX_VCPUS = 64
 """PauseVcpus carries a 64-bit mask, so no VCPU may have an index above 63."""
 
@@ -46,6 +48,9 @@ Transport = Literal["socket", "pipes"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 DEFAULT_LOG_DIR = "runs/{name}-{time}-{pid}"
 LOG_DIR_PLACEHOLDERS = ("name", "time", "pid")
+
+
+_DEFAULT_LIMITS = Limits()
 
 
 class ConfigError(Exception):
@@ -86,11 +91,43 @@ class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen
     level: LogLevel = "info"
 
 
+class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """What one plugin may make the supervisor hold; defaults and errnos in workers/limits.py."""
+
+    connections: int = _DEFAULT_LIMITS.connections
+    objects: int = _DEFAULT_LIMITS.objects
+    memory_slots: int = _DEFAULT_LIMITS.memory_slots
+    guest_memory: int = _DEFAULT_LIMITS.guest_memory
+    reserved_ranges: int = _DEFAULT_LIMITS.reserved_ranges
+    irq_routes: int = _DEFAULT_LIMITS.irq_routes
+    request_size: int = _DEFAULT_LIMITS.request_size
+    fds_per_message: int = _DEFAULT_LIMITS.fds_per_message
+    plugin_open_files: int = _DEFAULT_LIMITS.plugin_open_files
+
+    def to_limits(self) -> Limits:
+        return Limits(**msgspec.structs.asdict(self))
+
+
+# Upper bounds: what KVM or the shared-memory table can hold, or what stays sane.
+_LIMIT_MAXIMA = {
+    "connections": 4096,
+    "objects": 1 << 20,
+    "memory_slots": 509,  # KVM_USER_MEM_SLOTS on x86
+    "guest_memory": 1 << 46,
+    "reserved_ranges": 1 << 16,
+    "irq_routes": 4096,  # KVM_MAX_IRQ_ROUTES
+    "request_size": 64 << 20,
+    "fds_per_message": 253,  # SCM_MAX_FD
+    "plugin_open_files": 1 << 20,
+}
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     vm: VmConfig = msgspec.field(default_factory=VmConfig)
     plugin: PluginConfig
     net: NetConfig | None = None
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
 
 
 class _KeyError(Exception):
@@ -278,6 +315,10 @@ def _check(config: Config) -> None:
         _check_mount(i, mount)
     if config.net is not None:
         _check_net(config.net)
+    for name, value in msgspec.structs.asdict(config.limits).items():
+        top = _LIMIT_MAXIMA[name]
+        if not 1 <= value <= top:
+            raise _KeyError(f"limits.{name}", f"expected an integer from 1 to {top}, got {value}")
 
 
 def _check_mount(index: int, mount: MountConfig) -> None:

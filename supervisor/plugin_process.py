@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -36,8 +38,16 @@ class PluginStartError(Exception):
     """The plugin could not be executed (missing, not executable, bad interpreter...)."""
 
 
-def _die_with_parent() -> None:
+def _child_setup(open_files: int | None) -> None:
+    """Runs in the plugin's process between fork and exec."""
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if open_files is not None:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+        except (OSError, ValueError):
+            # Above the hard limit of an unprivileged supervisor: as close as it may go.
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(open_files, hard), hard))
     # Restore what the supervisor changed for itself, so the plugin starts with defaults.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
@@ -68,12 +78,13 @@ class PluginProcess:
         *,
         wrapper: Sequence[str] = (),
         sandbox: Sandbox | None = None,
+        open_files: int | None = None,
     ) -> PluginProcess:
         """Start the plugin, behind `wrapper` (an argv prefix) and in `sandbox` if given.
 
         The sandbox is tried first (`Sandbox.check`), so that one that cannot be set up is a
         `SandboxError` (a `PluginStartError`) naming the cause, not a plugin that seems to
-        exit with status 1.
+        exit with status 1. `open_files` becomes the plugin's RLIMIT_NOFILE (soft and hard).
         """
         full_env = dict(os.environ)
         full_env.update(env)
@@ -91,7 +102,7 @@ class PluginProcess:
                     pass_fds=fds,
                     stdin=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=functools.partial(_child_setup, open_files),
                 )
             except OSError as exc:
                 raise PluginStartError(f"cannot start plugin {path}: {exc.strerror}") from exc

@@ -378,6 +378,7 @@ class Supervisor:
                     cfg.plugin.env,
                     theirs.fileno(),
                     sandbox=Sandbox.for_plugin(cfg.plugin) if cfg.plugin.sandbox else None,
+                    open_files=run.limits.plugin_open_files,
                 )
             except PluginStartError as exc:
                 self.failure = outcome.supervisor_failure(str(exc))
@@ -462,7 +463,7 @@ def run(config: Config) -> int:
     config.log.dir.mkdir(parents=True, exist_ok=True)
     log = logs.configure_logging(config.log.dir / "supervisor.jsonl", level=config.log.level)
     log.info("run_started", vcpus=config.vm.vcpus, transport=config.plugin.vcpu_transport)
-    run_state = Run(config=config, log=log)
+    run_state = Run(config=config, log=log, limits=config.limits.to_limits())
     status, reason = outcome.EXIT_SUPERVISOR_FAILED, "set-up failed"
     try:
         try:

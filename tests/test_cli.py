@@ -98,6 +98,17 @@ def test_no_low_latency_flag(config_file: Path, runner: FakeRunner) -> None:
     assert runner.configs[-1].vm.low_latency is False
 
 
+def test_sandbox_flags_override_the_config(config_file: Path, runner: FakeRunner) -> None:
+    cli.main(["run", str(config_file), "--no-sandbox"])
+    assert runner.configs[-1].plugin.sandbox is False
+    config_file.write_text(
+        config_file.read_text().replace("[plugin]\n", "[plugin]\nsandbox = false\n")
+    )
+    assert "sandbox = false" in config_file.read_text()
+    cli.main(["run", str(config_file), "--sandbox"])
+    assert runner.configs[-1].plugin.sandbox is True
+
+
 def test_overrides_from_args_maps_flags_to_keys() -> None:
     args = cli.build_parser().parse_args(
         ["run", "x.toml", "--vcpus", "3", "--no-low-latency", "--log-dir", "/abs/d"]

@@ -364,3 +364,26 @@ def test_a_flooding_connection_does_not_wedge_the_others(tmp_path: Path) -> None
     assert found["other_answers"] == 0
     assert found["replies"] == found["flooded"]
     assert found["after"] == 0
+
+
+def test_limits_from_the_config(tmp_path: Path) -> None:
+    spec = VmSpec(extra_toml="[limits]\nobjects = 2\nconnections = 2\nplugin_open_files = 256\n")
+    _, found = run_plugin(
+        tmp_path,
+        """
+        import resource
+        def irq_event(obj_id):
+            return errno_of(req(create=pb.MainRequest.Create(
+                id=obj_id, irq_event=pb.MainRequest.Create.IrqEvent(irq_id=obj_id))))
+        RESULTS["objects"] = [irq_event(i) for i in range(3)]
+        kept = [call(req(new_connection=pb.MainRequest.NewConnection())) for _ in range(2)]
+        RESULTS["connections"] = [resp.errno for resp, _ in kept]
+        RESULTS["nofile"] = list(resource.getrlimit(resource.RLIMIT_NOFILE))
+        report()
+        """,
+        spec,
+    )
+    assert found["objects"] == [0, 0, errno.ENOSPC]
+    # The first connection counts: one more is allowed, the next refused.
+    assert found["connections"] == [0, errno.EMFILE]
+    assert found["nofile"] == [256, 256]
