@@ -185,3 +185,24 @@ def test_vmsuper_sigkill_takes_the_plugin_and_workers_with_it(tmp_path: Path) ->
     while not descendants_gone(children) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert descendants_gone(children)
+
+
+@pytest.mark.parametrize("low_latency", [True, False])
+def test_low_latency_holds_cpu_dma_latency_while_running(tmp_path: Path, low_latency: bool) -> None:
+    body = """
+    fd_dir = f"/proc/{os.getppid()}/fd"
+    links = []
+    for name in os.listdir(fd_dir):
+        try:
+            links.append(os.readlink(f"{fd_dir}/{name}"))
+        except OSError:
+            pass
+    RESULTS["held"] = "/dev/cpu_dma_latency" in links
+    report()
+    """
+    plugin = write_python_plugin(tmp_path, plugin_source(body))
+    # Unsandboxed: the plugin looks at its parent's fds.
+    spec = VmSpec(sandbox=False, low_latency=low_latency)
+    result = VmRunner(tmp_path / "runs").run(plugin, spec)
+    assert result.status == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["held"] is low_latency

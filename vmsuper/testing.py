@@ -62,6 +62,7 @@ class VmSpec:
     """The config of a test run, written as TOML into the run's folder."""
 
     vcpus: int = 1
+    low_latency: bool = False
     transport: str = "socket"
     grace_period: float = 1.0
     log_level: str = "info"
@@ -79,6 +80,7 @@ class VmSpec:
         lines = [
             "[vm]",
             f"vcpus = {self.vcpus}",
+            f"low_latency = {json.dumps(self.low_latency)}",
             "[plugin]",
             f"path = {json.dumps(str(plugin_path))}",
             f"args = {json.dumps(list(self.args))}",
