@@ -17,6 +17,7 @@ import socket
 import struct
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,6 +179,7 @@ class Supervisor:
             shutdown_eventfd=run.shutdown_eventfd,
             net=net,
             on_error=self._request_failed,
+            on_internal_error=self._request_crashed,
             limits=run.limits,
             ranges=RangeTable(
                 max_ranges=min(run.limits.reserved_ranges, run.region.table.max_ranges)
@@ -189,6 +191,10 @@ class Supervisor:
 
     def _request_failed(self, case: str, reason: str, err: int) -> None:
         self.log.info("main_request_failed", request=case, errno=err, reason=reason)
+
+    def _request_crashed(self, case: str, exc: BaseException) -> None:
+        trace = "".join(traceback.format_exception(exc))
+        self.log.error("main_request_internal_error", request=case, error=repr(exc), trace=trace)
 
     def _install_signals(self) -> None:
         def note(signum: int, frame: object) -> None:
@@ -295,7 +301,10 @@ class Supervisor:
 
     def _on_worker(self, vcpu: int) -> None:
         assert self.run.vcpus is not None
-        pidfd = self.worker_pidfds.pop(vcpu)
+        pidfd = self.worker_pidfds.pop(vcpu, None)
+        if pidfd is None:
+            # Several deaths in one wake-up: the first began the shutdown, which reaps the rest.
+            return
         self.sel.unregister(pidfd)
         reason = self.run.vcpus.worker_exited(vcpu)
         if reason is None:
@@ -409,6 +418,8 @@ class Supervisor:
                     self.plugin.wait()
                     return
             for key, _ in self.sel.select(timeout):
+                if self.sel.get_map().get(key.fd) is not key:
+                    continue  # unregistered by an earlier callback of this same wake-up
                 callback = key.data
                 try:
                     callback(key.fileobj)

@@ -111,6 +111,7 @@ class MainWorker:
     ranges: RangeTable = field(default_factory=RangeTable)
     hint: CallHint | None = None
     on_error: Callable[[str, str, int], None] | None = None
+    on_internal_error: Callable[[str, BaseException], None] | None = None
     # Asked before NewConnection: whether the connection limit is reached.
     connections_full: Callable[[], bool] = lambda: False
 
@@ -172,6 +173,12 @@ class MainWorker:
             return self._failed(response, case, exc.errno, exc.reason)
         except OSError as exc:  # KvmError, ObjectError, RangeError all carry the errno
             return self._failed(response, case, exc.errno or errno.EIO, str(exc))
+        except ValueError as exc:  # a value outside an enum or a range: the plugin's mistake
+            return self._failed(response, case, errno.EINVAL, str(exc))
+        except Exception as exc:  # a bug here: answered, logged as ours, never fatal
+            if self.on_internal_error is not None:
+                self.on_internal_error(case, exc)
+            return self._failed(response, case, errno.EIO, f"internal error: {exc!r}")
         if reply is not None:
             return reply
         return Reply(response.SerializeToString())
@@ -229,8 +236,9 @@ class MainWorker:
             raise RequestFailed(errno.EINVAL, f"io_event length {io.length} is not 0/1/2/4/8")
         if io.address >= U64_LIMIT:
             raise RequestFailed(errno.EINVAL, "io_event address out of range")
+        space = Space(io.space)  # before the eventfd: an unknown space leaks nothing
         fd = new_eventfd()
-        obj = IoEventObject(fd, Space(io.space), io.address, io.length, io.datamatch)
+        obj = IoEventObject(fd, space, io.address, io.length, io.datamatch)
         try:
             obj.register(self.vm)
         except OSError:

@@ -241,12 +241,13 @@ def create_memory(
         raise ObjectError(errno.EINVAL, "offset, start and length must be page-aligned")
     if table.guest_memory + length > table.limits.guest_memory:
         raise ObjectError(errno.ENOSPC, "guest memory limit reached")
+    slot = table.allocate_slot()
     prot = PROT_READ if read_only else PROT_READ | PROT_WRITE
     address = _libc.mmap(None, length, prot, MAP_SHARED, memfd, offset)
     if address is None or address == _MAP_FAILED:
         err = ctypes.get_errno()
+        table.release_slot(slot)
         raise ObjectError(err, f"mmap of the memory fd failed: {os.strerror(err)}")
-    slot = table.allocate_slot()
     flags = (kvm.KVM_MEM_READONLY if read_only else 0) | (
         kvm.KVM_MEM_LOG_DIRTY_PAGES if dirty_log else 0
     )
