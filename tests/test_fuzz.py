@@ -409,6 +409,8 @@ def test_hostile_plugin_cannot_hurt_the_supervisor(tmp_path: Path) -> None:
         raise
     result = finish(proc, config, logs, timeout=180)
     assert result.status == 0, result.stderr[-4000:]
+    crashes = [r for r in result.records() if "internal_error" in r["event"]]
+    assert crashes == []
     found = json.loads(result.stdout.splitlines()[-1])
     assert found["problems"] == []
     assert found["answers"] is True

@@ -5,7 +5,8 @@ garbage — each with 0..6 fds of odd kinds (sealed and unsealed memfds, eventfd
 sockets...), fed to a fresh `MainWorker` over one VM. After every datagram the reply is
 checked against the server contract, and after `destroy_all` the process must hold exactly
 the fds and memfd mappings it held before: the plugin is untrusted, and nothing it sends may
-raise out of the worker, leak, or go unanswered.
+raise out of the worker (or be caught there as a bug of its own and answered EIO), leak, or
+go unanswered.
 
 Long run (see docs/fuzzing.md)::
 
@@ -21,6 +22,7 @@ import gc
 import os
 import socket
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -96,6 +98,8 @@ class MainHarness:
         self.tap_stand_in = os.eventfd(0, os.EFD_CLOEXEC)
         ends = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.vcpu_ends = [end.detach() for end in ends]
+        self.internal_errors: list[str] = []
+        """Bugs the worker caught and answered with EIO: each fails the input all the same."""
 
     def close(self) -> None:
         for fd in (self.shutdown_eventfd, self.tap_stand_in, *self.vcpu_ends):
@@ -124,7 +128,12 @@ class MainHarness:
             net=net,
             limits=pick(ch, (Limits(), SMALL_LIMITS)),
             connections_full=pick(ch, (lambda: False, lambda: True)),
+            on_internal_error=self._internal_error,
         )
+
+    def _internal_error(self, case: str, exc: BaseException) -> None:
+        trace = "".join(traceback.format_exception(exc))
+        self.internal_errors.append(f"{case}: {trace}")
 
     @contextlib.contextmanager
     def checked(self, worker: MainWorker) -> Iterator[MainWorker]:
@@ -175,6 +184,8 @@ class MainHarness:
         with opened_fds(specs) as opened:
             reply = worker.handle(data, opened.sent)
         try:
+            errors, self.internal_errors[:] = list(self.internal_errors), []
+            expect(not errors, f"the worker caught a bug of its own: {errors}")
             self.check(worker, data, len(specs), reply, live_before)
         finally:
             for fd in reply.close_after_send:
