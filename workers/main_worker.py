@@ -173,8 +173,6 @@ class MainWorker:
             return self._failed(response, case, exc.errno, exc.reason)
         except OSError as exc:  # KvmError, ObjectError, RangeError all carry the errno
             return self._failed(response, case, exc.errno or errno.EIO, str(exc))
-        except ValueError as exc:  # a value outside an enum or a range: the plugin's mistake
-            return self._failed(response, case, errno.EINVAL, str(exc))
         except Exception as exc:  # a bug here: answered, logged as ours, never fatal
             if self.on_internal_error is not None:
                 self.on_internal_error(case, exc)
@@ -236,7 +234,7 @@ class MainWorker:
             raise RequestFailed(errno.EINVAL, f"io_event length {io.length} is not 0/1/2/4/8")
         if io.address >= U64_LIMIT:
             raise RequestFailed(errno.EINVAL, "io_event address out of range")
-        space = Space(io.space)  # before the eventfd: an unknown space leaks nothing
+        space = _space(io.space)  # before the eventfd: an unknown space leaks nothing
         fd = new_eventfd()
         obj = IoEventObject(fd, space, io.address, io.length, io.datamatch)
         try:
@@ -351,7 +349,7 @@ class MainWorker:
 
     def _reserve_range(self, request: MainRequest, response: MainResponse, fds: list[int]) -> None:
         r = request.reserve_range
-        self.ranges.reserve(Space(r.space), r.start, r.length, async_write=r.async_write)
+        self.ranges.reserve(_space(r.space), r.start, r.length, async_write=r.async_write)
         self.publisher.publish(self.ranges, self.hint)
 
     def _set_call_hint(self, request: MainRequest, response: MainResponse, fds: list[int]) -> None:
@@ -373,7 +371,7 @@ class MainWorker:
                 )
                 for x in h.hints
             )
-            hint = CallHint(Space(h.space), h.address, h.on_write, hints)
+            hint = CallHint(_space(h.space), h.address, h.on_write, hints)
         # Published first: a hint the shared table cannot hold is refused, not half-applied.
         self.publisher.publish(self.ranges, hint)
         self.hint = hint
@@ -474,6 +472,14 @@ _CHIP_IDS: dict[int, int] = {
     MainRequest.PIC1: kvm.KVM_IRQCHIP_PIC_SLAVE,
     MainRequest.IOAPIC: kvm.KVM_IRQCHIP_IOAPIC,
 }
+
+
+def _space(value: int) -> Space:
+    """The schema's AddressSpace; the wire carries any int32, so others are refused here."""
+    try:
+        return Space(value)
+    except ValueError:
+        raise RequestFailed(errno.EINVAL, f"unknown address space {value}") from None
 
 
 def _close_all(fds: Sequence[int]) -> None:
