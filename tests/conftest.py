@@ -1,36 +1,28 @@
-"""Suite-wide fixtures: KVM availability (fail, not skip, in CI) and per-test run folders."""
+"""Suite-wide gates: tests that need KVM or tap devices skip without them on a developer's
+machine, and fail in CI (CI=true) or with VMSUPER_REQUIRE_KVM=1."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
-
-KVM_PATH = "/dev/kvm"
-
-
-def kvm_required_strictly() -> bool:
-    """In CI, or when asked, a missing /dev/kvm is a failure rather than a skip."""
-    return os.environ.get("CI") == "true" or os.environ.get("VMSUPER_REQUIRE_KVM") == "1"
+from hostcaps import kvm_unusable_reason, required_strictly, tap_unusable_reason
 
 
-def kvm_unusable_reason() -> str | None:
-    try:
-        fd = os.open(KVM_PATH, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        return f"{KVM_PATH} is not usable: {exc.strerror}"
-    os.close(fd)
-    return None
+def _gate(reason: str | None, what: str) -> None:
+    if reason is None:
+        return
+    if required_strictly():
+        pytest.fail(f"{what} is required here (CI or VMSUPER_REQUIRE_KVM=1): {reason}")
+    pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)
 def _kvm_gate(request: pytest.FixtureRequest) -> None:
-    """Tests marked `kvm` skip without KVM on a developer's machine, and fail in CI."""
-    if request.node.get_closest_marker("kvm") is None:
-        return
-    reason = kvm_unusable_reason()
-    if reason is None:
-        return
-    if kvm_required_strictly():
-        pytest.fail(f"KVM is required here (CI or VMSUPER_REQUIRE_KVM=1): {reason}")
-    pytest.skip(reason)
+    """Tests marked `kvm` need a usable /dev/kvm."""
+    if request.node.get_closest_marker("kvm") is not None:
+        _gate(kvm_unusable_reason(), "KVM")
+
+
+@pytest.fixture
+def taps_allowed() -> None:
+    """For tests that create tap devices (root, or CAP_NET_ADMIN, and /dev/net/tun)."""
+    _gate(tap_unusable_reason(), "creating tap devices")

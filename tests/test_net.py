@@ -29,38 +29,11 @@ from vmsuper.supervisor.net import (
     unique_tap_name,
 )
 
-CAP_NET_ADMIN = 12
 IFF_UP = 0x1
 SYS_NET = Path("/sys/class/net")
 SETTINGS = NetSettings.parse("10.213.7.1", "255.255.255.0", "02:5a:00:11:22:33")
 GUEST_MAC = bytes.fromhex("025a00445566")
 GUEST_IP = IPv4Address("10.213.7.2")
-
-
-def tap_unusable_reason() -> str | None:
-    try:
-        fd = os.open(net.TUN_PATH, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        return f"{net.TUN_PATH} is not usable: {exc.strerror}"
-    os.close(fd)
-    status = Path("/proc/self/status").read_text()
-    cap_eff = int(
-        next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1], 16
-    )
-    if not cap_eff >> CAP_NET_ADMIN & 1:
-        return "creating a tap needs CAP_NET_ADMIN"
-    return None
-
-
-@pytest.fixture
-def taps_allowed() -> None:
-    """Like the `kvm` gate: skip on a developer's machine without tap rights, fail in CI."""
-    reason = tap_unusable_reason()
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"creating taps is required in CI: {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture

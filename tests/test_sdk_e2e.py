@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ LOAD = 0x1000
 TRANSPORTS = ["socket", "pipes"]
 NET = {"host_ip": "100.115.92.5", "netmask": "255.255.255.252", "mac": "de:21:e8:47:6b:6a"}
 SYS_NET = Path("/sys/class/net")
-CAP_NET_ADMIN = 12
 
 PRELUDE = '''
 import errno, json, os, queue, select, sys, threading, time, traceback
@@ -329,25 +327,9 @@ def test_main_connection_calls(tmp_path: Path) -> None:
     assert 0x10 in msrs  # IA32_TSC: the comparison above is not between two empty lists
 
 
-def tap_unusable_reason() -> str | None:
-    try:
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        return f"/dev/net/tun is not usable: {exc.strerror}"
-    os.close(fd)
-    status = Path("/proc/self/status").read_text()
-    cap_eff = next(line for line in status.splitlines() if line.startswith("CapEff:"))
-    if not int(cap_eff.split()[1], 16) >> CAP_NET_ADMIN & 1:
-        return "creating a tap needs CAP_NET_ADMIN"
-    return None
-
-
-def test_net_config_hands_out_the_tap_that_goes_away_with_the_vm(tmp_path: Path) -> None:
-    reason = tap_unusable_reason()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+def test_net_config_hands_out_the_tap_that_goes_away_with_the_vm(
+    tmp_path: Path, taps_allowed: None
+) -> None:
     found = run_sdk(
         tmp_path,
         """

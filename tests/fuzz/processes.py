@@ -13,7 +13,6 @@ from typing import Any
 import psutil
 
 SYS_NET = Path("/sys/class/net")
-CAP_NET_ADMIN = 12
 
 
 def read_json_line(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
@@ -54,20 +53,6 @@ def all_gone(pids: set[int] | list[int], timeout: float = 10) -> bool:
         if not alive or time.monotonic() > deadline:
             return not alive
         time.sleep(0.05)
-
-
-def tap_unusable_reason() -> str | None:
-    """Why this process cannot create a tap device, or None if it can."""
-    try:
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        return f"/dev/net/tun is not usable: {exc.strerror}"
-    os.close(fd)
-    status = Path("/proc/self/status").read_text()
-    cap_eff = next(line for line in status.splitlines() if line.startswith("CapEff:"))
-    if not int(cap_eff.split()[1], 16) >> CAP_NET_ADMIN & 1:
-        return "creating a tap needs CAP_NET_ADMIN"
-    return None
 
 
 def taps_of(supervisor_pid: int) -> set[str]:
