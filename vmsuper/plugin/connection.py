@@ -41,6 +41,7 @@ from .model import (
     check_uint,
 )
 from .objects import DIRTY_PAGE_SIZE, IoEvent, IrqEvent, Memory
+from .responses import checked_response
 from .structs import StructLike, struct_from_bytes, struct_to_bytes
 from .vcpu import Vcpu
 
@@ -602,7 +603,7 @@ class Connection:
         if datagram is None:
             raise ConnectionClosedError(request=case)
         try:
-            response = _check_response(datagram.data, case)
+            response = checked_response(datagram.data, pb.MainResponse(), case, case)
             if expect_fds is not None and len(datagram.fds) != expect_fds:
                 raise ProtocolError(
                     f"expected {expect_fds} fds with the response, got {len(datagram.fds)}", case
@@ -611,24 +612,6 @@ class Connection:
             datagram.close_fds()
             raise
         return response, datagram.fds
-
-
-def _check_response(data: bytes, case: str) -> pb.MainResponse:
-    response = pb.MainResponse()
-    try:
-        response.ParseFromString(data)
-    except Exception as exc:  # protobuf's DecodeError, or others on malformed input
-        raise ProtocolError(f"undecodable MainResponse: {exc}", case) from exc
-    got = response.WhichOneof("message")
-    if got != case:
-        raise ProtocolError(
-            f"response case {got!r} (errno {response.errno}) to a {case!r} request", case
-        )
-    if response.errno < 0:
-        raise ProtocolError(f"negative errno {response.errno} (must be positive)", case)
-    if response.errno:
-        raise PluginError(response.errno, request=case)
-    return response
 
 
 def sealed_memfd(length: int, name: str = MEMFD_NAME) -> int:

@@ -31,9 +31,10 @@ from vmsuper.shared import kvm
 from vmsuper.shared import plugin_pb2 as pb
 
 from .channel import VcpuChannel
-from .errors import PluginError, ProtocolError, VcpuStateError
+from .errors import ProtocolError, VcpuStateError
 from .events import Io, VcpuEvent, event_from_proto, resume_data
 from .model import CpuidEntry, check_uint
+from .responses import checked_response
 from .structs import StructLike, struct_from_bytes, struct_to_bytes
 
 S = TypeVar("S", bound=ctypes.Structure)
@@ -354,19 +355,4 @@ class Vcpu:
         return self._recv(case, name)
 
     def _recv(self, case: str, name: str) -> pb.VcpuResponse:
-        data = self._channel.recv()
-        response = pb.VcpuResponse()
-        try:
-            response.ParseFromString(data)
-        except Exception as exc:  # protobuf raises its DecodeError, or others on bad input
-            raise ProtocolError(f"undecodable VcpuResponse: {exc}", name) from exc
-        got = response.WhichOneof("message")
-        if got != case:
-            raise ProtocolError(
-                f"response case {got!r} (errno {response.errno}) to a {case!r} request", name
-            )
-        if response.errno < 0:
-            raise ProtocolError(f"negative errno {response.errno} (must be positive)", name)
-        if response.errno:
-            raise PluginError(response.errno, request=name)
-        return response
+        return checked_response(self._channel.recv(), pb.VcpuResponse(), case, name)
