@@ -17,13 +17,15 @@ order, and loads are not reordered with older loads. Every 64-bit cell is 8-byte
 read or written through a ``memoryview`` cast to ``Q``, which CPython does as one 8-byte
 ``memcpy`` (a single ``mov``), so no cell is ever seen half-written. Distinct Python operations
 are separate calls into C, so the compiler cannot reorder them either. Hand-offs through the
-mailbox are ordered by the eventfd syscalls between them.
+mailbox are ordered by the doorbell's bells, whose ring and wait are sequentially consistent
+atomic operations in C (`hotpath.c`).
 
 Everything is little-endian (the host's order; checked at import).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import errno
@@ -37,6 +39,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Final
 
+from vmsuper.shared import hotpath
 from vmsuper.shared.ranges import CallHint, Range, RangeError, RangeTable, RegHint, Space
 from vmsuper.shared.ranges import find_range as _find_range
 
@@ -55,6 +58,7 @@ OP_RUN: Final = 0
 STOP_REASON_SIZE: Final = 128
 
 _U64_MASK: Final = (1 << 64) - 1
+_U32_MASK: Final = (1 << 32) - 1
 _CACHE_LINE: Final = 64
 
 # Header: magic, version, vcpus, max_ranges, max_hints, (pad), size, table, slots, mailboxes.
@@ -80,8 +84,11 @@ _C_RUN_STATE: Final = 4
 _C_COUNTERS: Final = 5
 _STOP_REASON_OFF: Final = _SLOT_SIZE - STOP_REASON_SIZE
 
-# Mailbox: op, arg_len, ret, errno; the argument area starts on the next cache line.
+# Mailbox: op, arg_len, ret, errno; then the doorbell's two bells (sequence number and
+# "sleeping" flag, 32-bit each; see hotpath.c); the argument area starts on the next line.
 _MAIL_HEAD = struct.Struct("<IIqi")
+_MAIL_BELLS_OFF: Final = 32
+_BELL_SIZE: Final = 8
 _MAIL_ARG_OFF: Final = _CACHE_LINE
 _MAIL_STRIDE: Final = _MAIL_ARG_OFF + MAILBOX_ARG_SIZE
 
@@ -294,6 +301,8 @@ class TableReader:
         self._mm = region._mm
         self._q = region._q
         self._gen_idx = layout.table // 8
+        self.gen_address = region._base_address + self._gen_idx * 8
+        """Where the generation lies, for the C loop in `hotpath`."""
         self._payload = layout.table + _PAYLOAD_OFF
         self._hints_len = layout.max_hints * _REG_HINT.size
         self._max_ranges = layout.max_ranges
@@ -325,6 +334,10 @@ class TableReader:
         if self._q[self._gen_idx] != self._gen:
             self._reload()
         return self._snap.hint
+
+    def gen_changed(self, known: int) -> bool:
+        """Whether the shared generation differs from `known` (one 8-byte read)."""
+        return bool(self._q[self._gen_idx] != known)
 
     @property
     def gen(self) -> int:
@@ -408,6 +421,18 @@ class VcpuSlot:
         self._counters = cell + _C_COUNTERS
         self._reason = off + _STOP_REASON_OFF
         self._lock = threading.Lock()
+        self._base = region._base_address
+
+    def cell_address(self, cell: str) -> int:
+        """The address of `pause_seq`, `delivered_seq`, `run_state` or `counters` (the first
+        counter; `ExitKind` indexes them), for the C loops in `hotpath`."""
+        index = {
+            "pause_seq": self._seq,
+            "delivered_seq": self._delivered,
+            "run_state": self._state,
+            "counters": self._counters,
+        }[cell]
+        return self._base + index * 8
 
     # Supervisor side.
     def request_pause(self, token: int) -> None:
@@ -491,6 +516,21 @@ class Mailbox:
         self._off = region._layout.mailboxes + index * _MAIL_STRIDE
         self._arg = self._off + _MAIL_ARG_OFF
         self._address = region._base_address + self._arg
+        self._bells = region._base_address + self._off + _MAIL_BELLS_OFF
+
+    def head_address(self) -> int:
+        """Where the mailbox's head (op, length, result) lies, for `hotpath`."""
+        return self._bells - _MAIL_BELLS_OFF
+
+    def bells_address(self) -> int:
+        """Where the doorbell's two bells lie (request, then done), for `hotpath`."""
+        return self._bells
+
+    def bell_seq(self, which: int) -> int:
+        """The current sequence number of bell 0 (request) or 1 (done)."""
+        return int.from_bytes(
+            self._mm[self._off + _MAIL_BELLS_OFF + which * _BELL_SIZE :][:4], "little"
+        )
 
     def arg_address(self) -> int:
         """The argument area's address in this process (the same in every forked worker)."""
@@ -547,33 +587,62 @@ class Mailbox:
 
 
 class Doorbell:
-    """The two eventfds of one mailbox: "request posted" (worker -> runner), "done" (back)."""
+    """The hand-off of one mailbox: "request posted" (worker -> runner) and "done" (back).
 
-    def __init__(self) -> None:
+    Each direction is a bell (`hotpath.c`): a sequence number and a "sleeping" flag in the
+    mailbox's head, and an eventfd to sleep on. A waiter polls the number for `spin_ns`
+    first, so a hand-off between two busy processes costs no wake-up; a ring writes the
+    eventfd only when its waiter sleeps. Each process keeps its own last-seen numbers.
+    """
+
+    def __init__(self, mailbox: Mailbox, *, spin_ns: int = 0) -> None:
+        if spin_ns < 0:
+            raise ValueError(f"spin_ns must not be negative: {spin_ns}")
         self._request = os.eventfd(0, os.EFD_CLOEXEC)
         try:
             self._done = os.eventfd(0, os.EFD_CLOEXEC)
         except OSError:
             os.close(self._request)
             raise
+        self.request_bell = mailbox.bells_address()
+        self.done_bell = self.request_bell + _BELL_SIZE
+        self.request_seen = ctypes.c_uint32(mailbox.bell_seq(0))
+        self.done_seen = ctypes.c_uint32(mailbox.bell_seq(1))
+        self.spin_ns = spin_ns
+        self.wake_fd = -1
+        """The read end of this process's `signal.set_wakeup_fd` pipe, if it has one (a VCPU
+        worker): a wait then also ends for a signal that came while it polled, runs the
+        handler and waits again, like an interrupted system call (PEP 475)."""
         self._closed = False
 
     def fds(self) -> tuple[int, int]:
-        """(request fd, done fd), e.g. to poll alongside a stop eventfd."""
+        """(request fd, done fd): the eventfds the two sides sleep on."""
         return self._request, self._done
 
     def ring_request(self) -> None:
-        os.eventfd_write(self._request, 1)
+        hotpath.bell_ring(self.request_bell, self._request)
 
     def wait_request(self) -> int:
-        """Block until a request is posted; the number of rings since the last wait."""
-        return os.eventfd_read(self._request)
+        """Block until a request is posted; the number of rings since the last wait. Raises
+        InterruptedError if a signal came while it slept."""
+        return self._wait(self.request_bell, self._request, self.request_seen)
 
     def ring_done(self) -> None:
-        os.eventfd_write(self._done, 1)
+        hotpath.bell_ring(self.done_bell, self._done)
 
     def wait_done(self) -> int:
-        return os.eventfd_read(self._done)
+        return self._wait(self.done_bell, self._done, self.done_seen)
+
+    def _wait(self, bell: int, efd: int, seen: ctypes.c_uint32) -> int:
+        before = seen.value
+        while True:
+            try:
+                hotpath.bell_wait(bell, efd, seen, self.spin_ns, self.wake_fd)
+                return (seen.value - before) & _U32_MASK
+            except InterruptedError:
+                if self.wake_fd < 0:
+                    raise
+                drain_wakeup_pipe(self.wake_fd)  # the handlers run before the next wait
 
     def close(self) -> None:
         if not self._closed:
@@ -588,6 +657,13 @@ class Doorbell:
         self, exc: type[BaseException] | None, val: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def drain_wakeup_pipe(fd: int) -> None:
+    """Empty a non-blocking `signal.set_wakeup_fd` pipe (Python already noted the signals)."""
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 256):
+            pass
 
 
 class SharedRegion:

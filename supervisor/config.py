@@ -42,6 +42,8 @@ import msgspec
 from vmsuper.workers.limits import Limits
 
 MAX_VCPUS = 64
+DEFAULT_POLL_US = 50
+MAX_POLL_US = 10_000
 """PauseVcpus carries a 64-bit mask, so no VCPU may have an index above 63."""
 
 Transport = Literal["socket", "pipes"]
@@ -60,6 +62,8 @@ class ConfigError(Exception):
 class VmConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     vcpus: int = 1
     low_latency: bool = False
+    fast_exits: bool = True
+    poll_us: int = DEFAULT_POLL_US
 
 
 class MountConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -299,6 +303,9 @@ def _check(config: Config) -> None:
     vcpus = config.vm.vcpus
     if not 1 <= vcpus <= MAX_VCPUS:
         raise _KeyError("vm.vcpus", f"expected an integer from 1 to {MAX_VCPUS}, got {vcpus}")
+    poll_us = config.vm.poll_us
+    if not 0 <= poll_us <= MAX_POLL_US:
+        raise _KeyError("vm.poll_us", f"expected an integer from 0 to {MAX_POLL_US}, got {poll_us}")
     plugin = config.plugin
     grace = plugin.grace_period
     if not (math.isfinite(grace) and grace >= 0):

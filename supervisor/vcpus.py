@@ -105,7 +105,11 @@ class VcpuSet:
         mmap_size: int,
         log_dir: Path,
         log_level: str,
+        fast_exits: bool = True,
+        poll_ns: int = 0,
     ) -> None:
+        """`fast_exits`: serve plain exits in C (`hotpath`); `poll_ns`: how long a worker and
+        its runner poll for each other before they sleep (0: never)."""
         if not 1 <= count <= region.vcpus:
             raise ValueError(f"VCPU count {count} outside 1..{region.vcpus} (the shared region)")
         if transport not in TRANSPORTS:
@@ -122,6 +126,7 @@ class VcpuSet:
         self._mmap_size = mmap_size
         self._log_dir = log_dir
         self._log_level = log_level
+        self._fast_exits = fast_exits
         self._log = logs.get_logger()
         self.started = False
         self._shut_down = False
@@ -136,9 +141,9 @@ class VcpuSet:
         self._runners: list[VcpuRunner] = []
         self._barrier = threading.Barrier(count)
         try:
-            for _ in range(count):
+            for i in range(count):
                 self._channels.append(_Channel(transport))
-                self._doorbells.append(Doorbell())
+                self._doorbells.append(Doorbell(region.mailbox(i), spin_ns=poll_ns))
         except BaseException:
             self._close_everything()
             raise
@@ -194,6 +199,7 @@ class VcpuSet:
                 slot=self._region.slot(i),
                 barrier=self._barrier,
                 log=self._log,
+                fast=self._fast_exits,
             )
             self._runners.append(runner)
             runner.start()
@@ -215,6 +221,7 @@ class VcpuSet:
                 region=self._region,
                 log_path=self._log_dir / logs.vcpu_log_name(i),
                 log_level=self._log_level,
+                fast_exits=self._fast_exits,
             )
             previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
             try:

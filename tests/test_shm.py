@@ -350,7 +350,7 @@ def test_mailbox_rejects_bad_requests(region: SharedRegion) -> None:
 
 def test_mailbox_round_trip_with_a_forked_worker(region: SharedRegion) -> None:
     box = region.mailbox(0)
-    with Doorbell() as bell:
+    with Doorbell(box) as bell:
 
         def child() -> int:
             box.post(0xC008_AE88, b"hello world")
@@ -371,8 +371,8 @@ def test_mailbox_round_trip_with_a_forked_worker(region: SharedRegion) -> None:
         assert code == [0]
 
 
-def test_doorbell_counts_and_closes() -> None:
-    bell = Doorbell()
+def test_doorbell_counts_and_closes(region: SharedRegion) -> None:
+    bell = Doorbell(region.mailbox(0))
     request_fd, done_fd = bell.fds()
     bell.ring_request()
     bell.ring_request()

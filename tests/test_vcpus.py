@@ -940,6 +940,7 @@ def test_worker_keeps_only_its_own_fds(machine: Machine, transport: str) -> None
             if int(fd) > 2
         )
         channel = ["socket"] if transport == "socket" else ["pipe", "pipe"]
+        wakeup_pipe = ["pipe", "pipe"]  # the worker's signal.set_wakeup_fd pipe
         kinds = sorted(
             "socket" if t.startswith("socket:") else "pipe" if t.startswith("pipe:") else t
             for t in targets
@@ -947,6 +948,7 @@ def test_worker_keeps_only_its_own_fds(machine: Machine, transport: str) -> None
         expected = sorted(
             [
                 *channel,
+                *wakeup_pipe,
                 "anon_inode:[eventfd]",
                 "anon_inode:[eventfd]",
                 f"anon_inode:kvm-vcpu:{vcpu}",

@@ -564,6 +564,22 @@ class VcpuProtocol:
             return self._hinted_wait(space, address, is_write, payload, hint)
         return encode_io_wait(space, address, is_write, False, payload)
 
+    def forwarded(self, read_area: memoryview | None) -> None:
+        """The C exit loop sent Wait{Io} for an access (`read_area`: where a read's answer
+        goes) and hands the reply over: the same state `io_access` would have left."""
+        if self.phase is not Phase.RUNNING:
+            raise LocalProtocolError(f"an exit was reported while the VCPU is {self.phase.value}")
+        self.phase = Phase.SERVING
+        self._read_area = read_area
+
+    def add_range_count(self, rng: Range, count: int) -> None:
+        """Add `count` forwarded exits of `rng` (counted by the C exit loop)."""
+        key = rng.start | rng.space << 64
+        if key not in self._counts:
+            self._counted[key] = rng
+            self._counts[key] = 0
+        self._counts[key] += count
+
     def _hinted_wait(
         self, space: Space, address: int, is_write: bool, payload: bytes, hint: CallHint
     ) -> bytes:

@@ -38,7 +38,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final, NoReturn, Protocol
 
-from vmsuper.shared import kvm, logs
+from vmsuper.shared import hotpath, kvm, logs
+from vmsuper.shared.hotpath import WorkerResult
 from vmsuper.shared.ranges import Space
 from vmsuper.shared.shm import (
     OP_RUN,
@@ -49,8 +50,11 @@ from vmsuper.shared.shm import (
     SharedRegion,
     ShmError,
     VcpuSlot,
+    drain_wakeup_pipe,
 )
+from vmsuper.workers.fast_exits import FastExits
 from vmsuper.workers.vcpu_channel import (
+    MAX_REQUEST,
     Channel,
     ChannelFailed,
     HungUp,
@@ -188,6 +192,9 @@ class WorkerSpec:
     region: SharedRegion
     log_path: Path
     log_level: str
+    fast_exits: bool = True
+    """Serve plain I/O and MMIO exits in C (`FastExits`); never at debug level, which logs
+    every exit."""
 
 
 class _Stop(Exception):
@@ -251,6 +258,7 @@ class VcpuWorker:
         run: kvm.kvm_run,
         log: Any,
         debug: bool = False,
+        fast: FastExits | None = None,
     ) -> None:
         self.vcpu = vcpu
         self.channel = channel
@@ -259,6 +267,7 @@ class VcpuWorker:
         self.calls = calls
         self.protocol = VcpuProtocol(calls, ranges, log=log)
         self._debug = debug
+        self._fast = fast
         self._run = run
         self._page = page
         self._mmio_data = kvm.mmio_data(run)
@@ -273,16 +282,32 @@ class VcpuWorker:
         # The mapping keeps a duplicate of the VCPU fd: the original is not needed any more.
         mapping, run = kvm.map_run(spec.vcpu_fd, spec.mmap_size)
         os.close(spec.vcpu_fd)
+        debug = spec.log_level.lower() == "debug"
+        mailbox = spec.region.mailbox(spec.vcpu)
+        slot = spec.region.slot(spec.vcpu)
+        reader = spec.region.reader()
+        fast = None
+        if spec.fast_exits and not debug:
+            fast = FastExits(
+                run_address=ctypes.addressof(run),
+                run_size=spec.mmap_size,
+                mailbox=mailbox,
+                doorbell=spec.doorbell,
+                slot=slot,
+                reader=reader,
+                channel=channel,
+            )
         return cls(
             vcpu=spec.vcpu,
             channel=channel,
-            calls=MailboxCalls(spec.region.mailbox(spec.vcpu), spec.doorbell),
-            slot=spec.region.slot(spec.vcpu),
-            ranges=spec.region.reader(),
+            calls=MailboxCalls(mailbox, spec.doorbell),
+            slot=slot,
+            ranges=reader,
             page=memoryview(mapping),
             run=run,
             log=log,
-            debug=spec.log_level.lower() == "debug",
+            debug=debug,
+            fast=fast,
         )
 
     def release(self) -> None:
@@ -294,12 +319,17 @@ class VcpuWorker:
         """Serve the channel until the VCPU stops; the status to exit with."""
         log = self.log
         self.slot.run_state = RunState.INIT
-        log.info("worker_started", transport=type(self.channel).__name__)
+        log.info(
+            "worker_started", transport=type(self.channel).__name__, fast_exits=bool(self._fast)
+        )
         try:
             self._serve_until_resume()
             log.info("init_done")
             log.info("running")
-            self._run_loop()
+            if self._fast is not None:
+                self._run_fast(self._fast)
+            else:
+                self._run_loop()
         except _Stop as stop:
             self._stopped(stop.status, stop.reason, **stop.details)
         except PluginProtocolError as exc:
@@ -327,21 +357,28 @@ class VcpuWorker:
         except ChannelFailed as exc:
             raise _Stop(WorkerStatus.PLUGIN_FAILURE, str(exc)) from exc
 
-    def _serve_until_resume(self) -> None:
-        """Answer requests until the plugin resumes the VCPU (or the channel ends)."""
+    def _serve_until_resume(self, first: bytes | None = None) -> None:
+        """Answer requests (`first`, if the C loop already read one, then the channel's)
+        until the plugin resumes the VCPU (or the channel ends)."""
         protocol = self.protocol
         channel = self.channel
         slot = self.slot
         if protocol.phase is Phase.SERVING:
             slot.run_state = RunState.WAITING_PLUGIN
         while True:
-            try:
-                data = channel.receive()
-            except Refused as refused:
-                self._send(protocol.refuse_request(refused.data or b"", refused.code, refused.why))
-                continue
-            except ChannelFailed as exc:
-                raise _Stop(WorkerStatus.PLUGIN_FAILURE, str(exc)) from exc
+            if first is not None:
+                data: bytes | None = first
+                first = None
+            else:
+                try:
+                    data = channel.receive()
+                except Refused as refused:
+                    self._send(
+                        protocol.refuse_request(refused.data or b"", refused.code, refused.why)
+                    )
+                    continue
+                except ChannelFailed as exc:
+                    raise _Stop(WorkerStatus.PLUGIN_FAILURE, str(exc)) from exc
             if data is None:
                 raise _Stop(WorkerStatus.CLEAN, "the plugin closed the channel")
             answer = protocol.receive_request(data)
@@ -360,31 +397,77 @@ class VcpuWorker:
 
     def _run_loop(self) -> None:
         calls = self.calls
-        slot = self.slot
-        run = self._run
         handle = self._handle_exit
         while True:
             err = calls.run()
             if err == 0:
                 handle()
-            elif err == errno.EINTR:
-                run.immediate_exit = 0
-                token = slot.take_pause()
-                if token is None:
-                    continue  # a kick whose token an earlier exit already delivered
-                slot.count(ExitKind.USER)
-                if self._debug:
-                    self.log.debug("exit", kind="user", token=token)
-                slot.run_state = RunState.PAUSED
-                self._send(self.protocol.pause(token))
-                self._serve_until_resume()
-            elif err == errno.EAGAIN:
-                continue  # an uninitialized VCPU woke up (INIT/SIPI); enter again
             else:
+                self._run_failed(err)
+
+    def _run_failed(self, err: int) -> None:
+        """`KVM_RUN` returned an errno: a pause (EINTR), a VCPU to enter again, or the end."""
+        if err == errno.EINTR:
+            self._run.immediate_exit = 0
+            slot = self.slot
+            token = slot.take_pause()
+            if token is None:
+                return  # a kick whose token an earlier exit already delivered
+            slot.count(ExitKind.USER)
+            if self._debug:
+                self.log.debug("exit", kind="user", token=token)
+            slot.run_state = RunState.PAUSED
+            self._send(self.protocol.pause(token))
+            self._serve_until_resume()
+        elif err != errno.EAGAIN:  # EAGAIN: an uninitialized VCPU woke up (INIT/SIPI)
+            raise _Stop(
+                WorkerStatus.RUN_FAILED,
+                f"KVM_RUN failed: [Errno {err}] {os.strerror(err)}",
+                errno=err,
+            )
+
+    def _run_fast(self, fast: FastExits) -> None:
+        """The run loop with plain exits served in C; the rest is handled as in `_run_loop`."""
+        protocol = self.protocol
+        context = fast.context
+        while True:
+            result = fast.run(protocol)
+            if result is WorkerResult.EXIT:
+                self._handle_exit()
+            elif result is WorkerResult.RUN_RESULT:
+                self._run_failed(context.error)
+            elif result is WorkerResult.INTERRUPTED:
+                # The signal's handler runs before the next call (and may end the loop).
+                hotpath.take_signal()
+                drain_wakeup_pipe(context.wake_fd)
+            elif result is WorkerResult.REQUEST:
+                protocol.forwarded(fast.forwarded_area(self._page))
+                self._serve_until_resume(fast.request())
+            elif result is WorkerResult.REFUSED:
+                protocol.forwarded(fast.forwarded_area(self._page))
+                why = (
+                    f"request came with {context.fds} fds"
+                    if context.refusal == errno.EINVAL
+                    else f"request larger than {MAX_REQUEST} bytes"
+                )
+                self._send(protocol.refuse_request(fast.request(), context.refusal, why))
+                self._serve_until_resume()
+            elif result is WorkerResult.HUNGUP:
+                raise _Stop(WorkerStatus.CLEAN, "the plugin closed the channel")
+            elif result is WorkerResult.TOO_LARGE:
                 raise _Stop(
-                    WorkerStatus.RUN_FAILED,
-                    f"KVM_RUN failed: [Errno {err}] {os.strerror(err)}",
-                    errno=err,
+                    WorkerStatus.PLUGIN_FAILURE, f"request too large: over {MAX_REQUEST} bytes"
+                )
+            elif result is WorkerResult.FAILED:
+                err = context.error
+                raise _Stop(
+                    WorkerStatus.PLUGIN_FAILURE,
+                    f"channel I/O failed: [Errno {err}] {os.strerror(err)}",
+                )
+            else:
+                err = context.error
+                raise _Stop(
+                    WorkerStatus.UNEXPECTED, f"doorbell failed: [Errno {err}] {os.strerror(err)}"
                 )
 
     def _handle_exit(self) -> None:
@@ -494,6 +577,8 @@ class VcpuWorker:
 
     def log_counts(self) -> None:
         """The one record `vmsuper logs --summary` reads: exits by kind and by range."""
+        if self._fast is not None:
+            self._fast.collect(self.protocol)
         self.log.info(
             "vcpu_exit_counts",
             vcpu=self.vcpu,
@@ -571,6 +656,11 @@ def enter_worker(spec: WorkerSpec, *, parent_pid: int) -> NoReturn:
         # Objects inherited from the supervisor may own fds just closed; never let the cyclic
         # collector finalize them (it would close a number this process reuses).
         gc.freeze()
+        # Signals also write to this pipe, so a wait in C that polls first still sees them.
+        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+        spec.doorbell.wake_fd = wake_read
+        hotpath.watch_signal(signal.SIGTERM)
         log = logs.configure_logging(spec.log_path, level=spec.log_level, vcpu=spec.vcpu)
         status = _run_worker(spec, log)
     except SystemExit:

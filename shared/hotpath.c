@@ -1,0 +1,673 @@
+/*
+ * vmsuper's per-exit hot path, in C: the hand-off between a VCPU worker and its runner thread
+ * (bells), the runner's KVM_RUN loop, and the worker's loop for the exits every plugin lives
+ * on (I/O and MMIO accesses answered by a plain Resume). Loaded with ctypes by hotpath.py;
+ * it has no Python API of its own, so it needs no Python headers.
+ *
+ * Everything not plainly hot returns to Python, which owns the protocol: any other exit, an
+ * access at the call hint's address, a table that changed since Python last described it,
+ * a plugin request that is not exactly Resume{data}, errors, signals. The C loops only ever
+ * do what the Python path would do, byte for byte (tests compare the two).
+ *
+ * Bells. A bell is a sequence number and a "sleeping" flag in shared memory, plus an eventfd.
+ * Ringing bumps the number and writes the eventfd only if the waiter said it sleeps; waiting
+ * polls the number for up to spin_ns, then says it sleeps, checks once more and blocks on the
+ * eventfd. Both sides use sequentially consistent operations between their store and load,
+ * so one of them always sees the other (no lost wake-up); a stale eventfd count only causes
+ * one extra check.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <linux/kvm.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define VMS_ABI 1
+
+struct vms_bell {
+    uint32_t seq;
+    uint32_t sleeping;
+};
+
+/* The mailbox head in shared memory (shm.py's _MAIL_HEAD, then the two bells). */
+struct vms_mail {
+    uint32_t op;
+    uint32_t length;
+    int64_t ret;
+    int32_t err;
+    uint32_t pad;
+    uint64_t pad2;
+    struct vms_bell request;
+    struct vms_bell done;
+};
+
+_Static_assert(offsetof(struct vms_mail, ret) == 8, "mailbox ret");
+_Static_assert(offsetof(struct vms_mail, err) == 16, "mailbox err");
+_Static_assert(offsetof(struct vms_mail, request) == 32, "mailbox request bell");
+_Static_assert(offsetof(struct vms_mail, done) == 40, "mailbox done bell");
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+int vms_abi(void) { return VMS_ABI; }
+
+/* Signals. Python runs a handler only between bytecodes; a C loop that is about to block must
+ * know a signal came meanwhile, or it would sleep through SIGTERM. vms_watch_signal puts a
+ * handler in front of Python's that notes the signal, then calls Python's. */
+static volatile sig_atomic_t signalled;
+static struct sigaction chained[NSIG];
+
+static void note_signal(int sig, siginfo_t *info, void *context)
+{
+    signalled = 1;
+    struct sigaction *next = &chained[sig];
+    if (next->sa_flags & SA_SIGINFO)
+        next->sa_sigaction(sig, info, context);
+    else if (next->sa_handler != SIG_DFL && next->sa_handler != SIG_IGN)
+        next->sa_handler(sig);
+}
+
+int vms_watch_signal(int sig)
+{
+    struct sigaction ours;
+    if (sig <= 0 || sig >= NSIG || sigaction(sig, NULL, &chained[sig]) < 0)
+        return -EINVAL;
+    if ((chained[sig].sa_flags & SA_SIGINFO) && chained[sig].sa_sigaction == note_signal)
+        return 0;
+    ours = chained[sig];
+    ours.sa_flags |= SA_SIGINFO;
+    ours.sa_sigaction = note_signal;
+    return sigaction(sig, &ours, NULL) < 0 ? -errno : 0;
+}
+
+/* Whether a watched signal came since the last call (and forget it). */
+int vms_take_signal(void)
+{
+    int was = signalled;
+    signalled = 0;
+    return was;
+}
+
+int vms_bell_ring(struct vms_bell *bell, int efd)
+{
+    __atomic_fetch_add(&bell->seq, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&bell->sleeping, __ATOMIC_SEQ_CST)) {
+        uint64_t one = 1;
+        while (write(efd, &one, sizeof one) < 0) {
+            if (errno != EINTR)
+                return -errno;
+        }
+    }
+    return 0;
+}
+
+/* Sleep until efd is readable and drain it; -EINTR for a signal. With a wake_fd (Python's
+ * signal wake-up pipe) a signal that came while we polled is seen too: it was handled then,
+ * so no EINTR would ever interrupt the read. */
+static int sleep_on(int efd, int wake_fd)
+{
+    uint64_t count;
+    if (signalled)
+        return -EINTR;
+    if (wake_fd >= 0) {
+        struct pollfd fds[2] = {{.fd = efd, .events = POLLIN}, {.fd = wake_fd, .events = POLLIN}};
+        if (poll(fds, 2, -1) < 0)
+            return -errno;
+        if (fds[1].revents)
+            return -EINTR;
+        if (!(fds[0].revents & POLLIN))
+            return -EIO;
+    }
+    if (read(efd, &count, sizeof count) < 0)
+        return -errno;
+    return 0;
+}
+
+/* 0 once the bell rang since *seen (updated), -EINTR if a signal came (see sleep_on). */
+int vms_bell_wait(struct vms_bell *bell, int efd, uint32_t *seen, uint64_t spin_ns, int wake_fd)
+{
+    uint32_t seq = __atomic_load_n(&bell->seq, __ATOMIC_ACQUIRE);
+    if (seq != *seen) {
+        *seen = seq;
+        return 0;
+    }
+    if (spin_ns) {
+        /* Poll, yielding the CPU now and then: on a busy machine the process this one waits
+         * for (or the plugin) may be queued behind it on this very CPU. */
+        uint64_t deadline = now_ns() + spin_ns;
+        for (unsigned i = 1;; i++) {
+            __builtin_ia32_pause();
+            seq = __atomic_load_n(&bell->seq, __ATOMIC_ACQUIRE);
+            if (seq != *seen) {
+                *seen = seq;
+                return 0;
+            }
+            if ((i & 15) == 0) {
+                if (now_ns() >= deadline)
+                    break;
+                sched_yield();
+            }
+        }
+    }
+    __atomic_store_n(&bell->sleeping, 1, __ATOMIC_SEQ_CST);
+    for (;;) {
+        seq = __atomic_load_n(&bell->seq, __ATOMIC_SEQ_CST);
+        if (seq != *seen) {
+            __atomic_store_n(&bell->sleeping, 0, __ATOMIC_SEQ_CST);
+            *seen = seq;
+            return 0;
+        }
+        int err = sleep_on(efd, wake_fd);
+        if (err) {
+            __atomic_store_n(&bell->sleeping, 0, __ATOMIC_SEQ_CST);
+            return err;
+        }
+    }
+}
+
+/* -- the runner thread ------------------------------------------------------------------- */
+
+struct vms_runner {
+    int64_t vcpu_fd;
+    struct kvm_run *run;
+    struct vms_mail *mail;
+    int64_t request_efd;
+    int64_t done_efd;
+    uint32_t *request_seen;
+    const uint64_t *pause_seq;
+    const uint64_t *delivered_seq;
+    int64_t hold_runs;  /* before the first run: leave it to Python (the Init barrier) */
+    int64_t stopping;   /* set by Python, then the request bell rung */
+    uint64_t spin_ns;
+    int64_t error;      /* R_FAILED: the errno */
+};
+
+enum { R_STOP = 1, R_CALL = 2, R_HELD_RUN = 3, R_INTERRUPTED = 4, R_FAILED = 5 };
+
+/* Serve KVM_RUN requests until Python must act (another ioctl, stop, a signal while idle). */
+int vms_runner_loop(struct vms_runner *r)
+{
+    struct vms_mail *mail = r->mail;
+    for (;;) {
+        int w = vms_bell_wait(&mail->request, (int)r->request_efd, r->request_seen, r->spin_ns,
+                              -1);
+        if (w == -EINTR)
+            return R_INTERRUPTED;
+        if (w < 0) {
+            r->error = -w;
+            return R_FAILED;
+        }
+        if (__atomic_load_n(&r->stopping, __ATOMIC_SEQ_CST))
+            return R_STOP;
+        if (mail->op != 0)
+            return R_CALL;
+        if (r->hold_runs)
+            return R_HELD_RUN;
+        if (__atomic_load_n(r->pause_seq, __ATOMIC_ACQUIRE) !=
+            __atomic_load_n(r->delivered_seq, __ATOMIC_ACQUIRE))
+            r->run->immediate_exit = 1;
+        int ret = ioctl((int)r->vcpu_fd, KVM_RUN, 0);
+        mail->ret = ret;
+        mail->err = ret < 0 ? errno : 0;
+        w = vms_bell_ring(&mail->done, (int)r->done_efd);
+        if (w < 0) {
+            r->error = -w;
+            return R_FAILED;
+        }
+    }
+}
+
+/* -- the VCPU worker ---------------------------------------------------------------------- */
+
+struct vms_range {
+    uint64_t start;
+    uint64_t length;
+    uint64_t space;
+    uint64_t async_write;
+};
+
+struct vms_worker {
+    struct kvm_run *run;
+    uint64_t run_size;
+    struct vms_mail *mail;
+    int64_t request_efd;
+    int64_t done_efd;
+    uint32_t *done_seen;
+    uint64_t *counters;       /* the slot's exit counters, by ExitKind */
+    uint64_t *run_state;      /* the slot's run state cell */
+    const uint64_t *table_gen;
+    uint64_t known_gen;       /* the generation `ranges` was built from */
+    const struct vms_range *ranges; /* sorted by (space, start) */
+    uint64_t n_ranges;
+    uint64_t *range_counts;   /* forwarded exits per range, since Python last collected */
+    uint64_t hint_set;
+    uint64_t hint_space;
+    uint64_t hint_address;
+    uint64_t pipes;           /* transport: 1 pipes, 0 socket */
+    int64_t in_fd;
+    int64_t out_fd;
+    uint8_t *buf;             /* room for max_request + 1 bytes */
+    uint64_t max_request;
+    uint64_t max_fds;
+    uint64_t spin_ns;
+    int64_t wake_fd;          /* Python's signal wake-up pipe (read end), or -1 */
+    uint64_t state;
+    /* Out: what Python needs when the loop returns. */
+    int64_t error;            /* W_RUN_RESULT: KVM_RUN's errno; W_FAILED: the I/O errno */
+    uint64_t request_len;     /* W_REQUEST, W_REFUSED: bytes of the request in buf */
+    uint64_t refusal;         /* W_REFUSED: the errno to answer with (0: none) */
+    uint64_t fds;             /* W_REFUSED: fds that came with the request */
+    uint64_t fwd_space;       /* the access forwarded with the last Wait{Io} */
+    uint64_t fwd_address;
+    uint64_t fwd_is_write;
+    uint64_t fwd_offset;      /* its data area in the run page */
+    uint64_t fwd_length;
+};
+
+enum { S_IDLE = 0, S_RUNNING = 1, S_AWAIT_REPLY = 2 };
+enum {
+    W_RUN_RESULT = 1, /* KVM_RUN failed (EINTR for a pause...): error */
+    W_EXIT = 2,       /* an exit for Python: it is in the run page */
+    W_REQUEST = 3,    /* the reply to a forwarded access was not a plain Resume */
+    W_REFUSED = 4,    /* ... or came in a form refused with an errno */
+    W_INTERRUPTED = 5,
+    W_HUNGUP = 6,
+    W_FAILED = 7,     /* the channel failed: error */
+    W_TOO_LARGE = 8,  /* pipes: a request over max_request, the stream is out of step */
+    W_BELL_FAILED = 9,
+};
+enum { K_IO_IN = 0, K_IO_OUT, K_MMIO_READ, K_MMIO_WRITE, K_ASYNC_WRITE, K_UNRESERVED };
+enum { RUN_STATE_RUNNING = 2, RUN_STATE_WAITING_PLUGIN = 3 };
+enum { SPACE_IOPORT = 0, SPACE_MMIO = 1 };
+#define MAX_DATA 4096
+
+/* Index of the range holding (space, address), or -1. */
+int64_t vms_find_range(const struct vms_range *ranges, uint64_t n, uint64_t space,
+                       uint64_t address)
+{
+    uint64_t lo = 0, hi = n; /* first index whose (space, start) > (space, address) */
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        const struct vms_range *m = &ranges[mid];
+        if (m->space < space || (m->space == space && m->start <= address))
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == 0)
+        return -1;
+    const struct vms_range *found = &ranges[lo - 1];
+    if (found->space == space && address - found->start < found->length)
+        return (int64_t)(lo - 1);
+    return -1;
+}
+
+static size_t put_varint(uint8_t *out, uint64_t value)
+{
+    size_t n = 0;
+    while (value >= 0x80) {
+        out[n++] = (uint8_t)(value | 0x80);
+        value >>= 7;
+    }
+    out[n++] = (uint8_t)value;
+    return n;
+}
+
+static size_t varint_size(uint64_t value)
+{
+    size_t n = 1;
+    while (value >= 0x80) {
+        value >>= 7;
+        n++;
+    }
+    return n;
+}
+
+/* VcpuResponse{wait: {io: {...}}} as protobuf encodes it (encode_io_wait in Python). */
+size_t vms_encode_io_wait(uint8_t *out, uint64_t space, uint64_t address, int is_write,
+                          int no_resume, const uint8_t *data, size_t length)
+{
+    size_t body = 0;
+    if (space)
+        body += 1 + varint_size(space);
+    if (address)
+        body += 1 + varint_size(address);
+    if (is_write)
+        body += 2;
+    if (no_resume)
+        body += 2;
+    if (length)
+        body += 1 + varint_size(length) + length;
+    size_t wait = 1 + varint_size(body) + body;
+    size_t n = 0;
+    out[n++] = 0x12; /* VcpuResponse.wait = 2 */
+    n += put_varint(out + n, wait);
+    out[n++] = 0x12; /* Wait.io = 2 */
+    n += put_varint(out + n, body);
+    if (space) {
+        out[n++] = 0x08;
+        n += put_varint(out + n, space);
+    }
+    if (address) {
+        out[n++] = 0x10;
+        n += put_varint(out + n, address);
+    }
+    if (is_write) {
+        out[n++] = 0x18;
+        out[n++] = 1;
+    }
+    if (no_resume) {
+        out[n++] = 0x20;
+        out[n++] = 1;
+    }
+    if (length) {
+        out[n++] = 0x2a;
+        n += put_varint(out + n, length);
+        memcpy(out + n, data, length);
+        n += length;
+    }
+    return n;
+}
+
+/* As Python's _read_varint: at most 10 bytes; 0 if cut short, too long or over 64 bits. */
+static int get_varint(const uint8_t *p, size_t n, size_t *pos, uint64_t *value)
+{
+    uint64_t v = 0;
+    size_t end = *pos + 10 < n ? *pos + 10 : n;
+    for (unsigned shift = 0; *pos < end; shift += 7) {
+        uint8_t byte = p[(*pos)++];
+        if (shift == 63 && byte > 1)
+            return 0;
+        v |= (uint64_t)(byte & 0x7f) << shift;
+        if (byte < 0x80) {
+            *value = v;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* 1 if the request is exactly Resume{data} (plain_resume_data in Python): data at *offset. */
+int vms_plain_resume(const uint8_t *p, size_t n, size_t *offset, size_t *length)
+{
+    size_t pos = 1;
+    uint64_t size;
+    if (n < 1 || p[0] != 0x12) /* VcpuRequest.resume = 2 */
+        return 0;
+    if (!get_varint(p, n, &pos, &size) || size != n - pos)
+        return 0;
+    if (size == 0) {
+        *offset = pos;
+        *length = 0;
+        return 1;
+    }
+    if (p[pos] != 0x0a) /* Resume.data = 1, and nothing else */
+        return 0;
+    pos++;
+    if (!get_varint(p, n, &pos, &size) || size != n - pos)
+        return 0;
+    *offset = pos;
+    *length = size;
+    return 1;
+}
+
+static int hung_up(int err) { return err == EPIPE || err == ECONNRESET; }
+
+static int send_message(struct vms_worker *w, const uint8_t *msg, size_t length)
+{
+    uint8_t framed[MAX_DATA + 64];
+    const uint8_t *p = msg;
+    size_t left = length;
+    if (w->pipes) {
+        size_t head = put_varint(framed, length);
+        memcpy(framed + head, msg, length);
+        p = framed;
+        left = head + length;
+    }
+    while (left) {
+        ssize_t sent = w->pipes ? write((int)w->out_fd, p, left)
+                                : send((int)w->out_fd, p, left, MSG_NOSIGNAL);
+        if (sent < 0) {
+            if (errno == EINTR)
+                continue;
+            w->error = errno;
+            return hung_up(errno) ? W_HUNGUP : W_FAILED;
+        }
+        if (!w->pipes)
+            return 0; /* a datagram goes whole or not at all */
+        p += sent;
+        left -= (size_t)sent;
+    }
+    return 0;
+}
+
+static void close_fds(struct msghdr *msg, uint64_t *count, int *truncated)
+{
+    *truncated = (msg->msg_flags & MSG_CTRUNC) != 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int *fds = (int *)CMSG_DATA(c);
+        for (size_t i = 0; i < n; i++) {
+            int fd;
+            memcpy(&fd, fds + i, sizeof fd);
+            close(fd);
+            (*count)++;
+        }
+    }
+}
+
+/* Read the plugin's reply to a forwarded access into buf: 0, or a W_ code. */
+static int receive_request(struct vms_worker *w, size_t *length)
+{
+    size_t room = w->max_request + 1;
+    if (signalled)
+        return W_INTERRUPTED;
+    if (w->pipes) {
+        ssize_t got = read((int)w->in_fd, w->buf, room);
+        if (got < 0) {
+            if (errno == EINTR)
+                return W_INTERRUPTED;
+            w->error = errno;
+            return W_FAILED;
+        }
+        if (got == 0)
+            return W_HUNGUP;
+        if ((uint64_t)got > w->max_request)
+            return W_TOO_LARGE;
+        *length = (size_t)got;
+        return 0;
+    }
+    union {
+        struct cmsghdr align;
+        uint8_t space[CMSG_SPACE(16 * sizeof(int))];
+    } control;
+    struct iovec iov = {.iov_base = w->buf, .iov_len = room};
+    struct msghdr msg = {
+        .msg_iov = &iov,
+        .msg_iovlen = 1,
+        .msg_control = control.space,
+        .msg_controllen = w->max_fds ? CMSG_SPACE(w->max_fds * sizeof(int)) : 0,
+    };
+    if (msg.msg_controllen > sizeof control.space)
+        msg.msg_controllen = sizeof control.space;
+    ssize_t got = recvmsg((int)w->in_fd, &msg, MSG_CMSG_CLOEXEC | MSG_TRUNC);
+    if (got < 0) {
+        if (errno == EINTR)
+            return W_INTERRUPTED;
+        w->error = errno;
+        return hung_up(errno) ? W_HUNGUP : W_FAILED;
+    }
+    uint64_t fds = 0;
+    int truncated;
+    close_fds(&msg, &fds, &truncated);
+    w->fds = truncated ? fds + 1 : fds;
+    w->request_len = 0;
+    if ((uint64_t)got > w->max_request || (msg.msg_flags & MSG_TRUNC)) {
+        w->refusal = EMSGSIZE;
+        return W_REFUSED;
+    }
+    if (got == 0)
+        return W_HUNGUP;
+    if (truncated || fds > w->max_fds) {
+        w->refusal = EINVAL;
+        return W_REFUSED;
+    }
+    if (fds) {
+        w->refusal = EINVAL;
+        w->request_len = (uint64_t)got;
+        return W_REFUSED;
+    }
+    *length = (size_t)got;
+    return 0;
+}
+
+/* One exit, fresh from KVM_RUN: 0 when handled here (state says what comes next). */
+static int handle_exit(struct vms_worker *w)
+{
+    struct kvm_run *run = w->run;
+    uint64_t space, address, is_write, length, offset;
+    if (run->exit_reason == KVM_EXIT_IO) {
+        space = SPACE_IOPORT;
+        address = run->io.port;
+        is_write = run->io.direction == KVM_EXIT_IO_OUT;
+        length = (uint64_t)run->io.size * run->io.count;
+        offset = run->io.data_offset;
+        if (offset > w->run_size || length > w->run_size - offset)
+            return W_EXIT;
+    } else if (run->exit_reason == KVM_EXIT_MMIO) {
+        space = SPACE_MMIO;
+        address = run->mmio.phys_addr;
+        is_write = run->mmio.is_write != 0;
+        length = run->mmio.len < 8 ? run->mmio.len : 8;
+        offset = (uint64_t)((uint8_t *)run->mmio.data - (uint8_t *)run);
+    } else {
+        return W_EXIT;
+    }
+    if (length > MAX_DATA)
+        return W_EXIT;
+    if (__atomic_load_n(w->table_gen, __ATOMIC_ACQUIRE) != w->known_gen)
+        return W_EXIT; /* Python reads the new table, then describes it again */
+    if (w->hint_set && space == w->hint_space && address == w->hint_address)
+        return W_EXIT; /* the plugin may want registers with this one */
+    uint8_t *data = (uint8_t *)run + offset;
+    int64_t index = vms_find_range(w->ranges, w->n_ranges, space, address);
+    if (index < 0 || (w->ranges[index].async_write && !is_write)) {
+        if (!is_write)
+            memset(data, 0, length);
+        w->counters[K_UNRESERVED]++;
+        return 0;
+    }
+    w->range_counts[index]++;
+    uint8_t message[MAX_DATA + 64];
+    static const uint8_t zeros[MAX_DATA];
+    if (is_write && w->ranges[index].async_write) {
+        size_t n = vms_encode_io_wait(message, space, address, 1, 1, data, length);
+        w->counters[K_ASYNC_WRITE]++;
+        return send_message(w, message, n);
+    }
+    if (space == SPACE_IOPORT)
+        w->counters[is_write ? K_IO_OUT : K_IO_IN]++;
+    else
+        w->counters[is_write ? K_MMIO_WRITE : K_MMIO_READ]++;
+    size_t n = vms_encode_io_wait(message, space, address, (int)is_write, 0,
+                                  is_write ? data : zeros, length);
+    w->fwd_space = space;
+    w->fwd_address = address;
+    w->fwd_is_write = is_write;
+    w->fwd_offset = offset;
+    w->fwd_length = length;
+    *w->run_state = RUN_STATE_WAITING_PLUGIN;
+    w->state = S_AWAIT_REPLY;
+    return send_message(w, message, n);
+}
+
+/* The forwarded access's answer: 0 after a plain Resume, else a W_ code. */
+static int await_reply(struct vms_worker *w)
+{
+    size_t length, offset, size;
+    int code = receive_request(w, &length);
+    if (code == W_INTERRUPTED)
+        return code; /* still waiting: call again */
+    w->state = S_IDLE;
+    if (code)
+        return code;
+    if (!vms_plain_resume(w->buf, length, &offset, &size)) {
+        w->request_len = length;
+        return W_REQUEST;
+    }
+    if (!w->fwd_is_write) {
+        uint8_t *area = (uint8_t *)w->run + w->fwd_offset;
+        size_t n = size < w->fwd_length ? size : w->fwd_length;
+        memcpy(area, w->buf + offset, n);
+        memset(area + n, 0, w->fwd_length - n);
+    }
+    *w->run_state = RUN_STATE_RUNNING;
+    return 0;
+}
+
+/* Run the guest and serve its hot exits until Python must act; returns a W_ code. */
+int vms_worker_loop(struct vms_worker *w)
+{
+    struct vms_mail *mail = w->mail;
+    for (;;) {
+        int code;
+        switch (w->state) {
+        case S_IDLE:
+            mail->op = 0;
+            mail->length = 0;
+            mail->ret = 0;
+            mail->err = 0;
+            code = vms_bell_ring(&mail->request, (int)w->request_efd);
+            if (code < 0) {
+                w->error = -code;
+                return W_BELL_FAILED;
+            }
+            w->state = S_RUNNING;
+            /* fall through */
+        case S_RUNNING:
+            code = vms_bell_wait(&mail->done, (int)w->done_efd, w->done_seen, w->spin_ns,
+                                 (int)w->wake_fd);
+            if (code == -EINTR)
+                return W_INTERRUPTED;
+            if (code < 0) {
+                w->error = -code;
+                return W_BELL_FAILED;
+            }
+            w->state = S_IDLE;
+            if (mail->err) {
+                w->error = mail->err;
+                return W_RUN_RESULT;
+            }
+            code = handle_exit(w);
+            if (code)
+                return code;
+            break;
+        case S_AWAIT_REPLY:
+            code = await_reply(w);
+            if (code)
+                return code;
+            break;
+        default:
+            w->state = S_IDLE;
+            return W_BELL_FAILED;
+        }
+    }
+}
+
+size_t vms_worker_size(void) { return sizeof(struct vms_worker); }
+size_t vms_runner_size(void) { return sizeof(struct vms_runner); }
+size_t vms_range_size(void) { return sizeof(struct vms_range); }

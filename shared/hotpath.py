@@ -1,0 +1,279 @@
+"""The C half of the per-exit path (`hotpath.c`), loaded with ctypes.
+
+Each exit used to cost four process wake-ups (runner -> worker -> plugin and back) and about
+20 us of Python; crosvm's layout pays two wake-ups and no interpreter. The C library keeps
+vmsuper's layout but removes both costs where it can:
+
+- bells: the worker/runner hand-off polls shared memory for a moment before sleeping on its
+  eventfd, so a hand-off between two busy processes needs no wake-up at all;
+- the runner thread's `KVM_RUN` loop, run without the GIL;
+- the worker's loop over plain I/O and MMIO exits: Wait{Io} out, Resume{data} back.
+
+Anything else goes back to Python (see `hotpath.c`). The library is built with the package
+(`setup.py`); it has no Python API, so ctypes calls it directly and releases the GIL for the
+whole call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import importlib.machinery
+from pathlib import Path
+from typing import Final
+
+__all__ = [
+    "ABI",
+    "HotpathError",
+    "Range",
+    "RunnerContext",
+    "RunnerResult",
+    "WorkerContext",
+    "WorkerResult",
+    "bell_ring",
+    "bell_wait",
+    "take_signal",
+    "watch_signal",
+    "encode_io_wait",
+    "find_range",
+    "library",
+    "plain_resume",
+]
+
+ABI: Final = 1
+"""Must equal VMS_ABI in hotpath.c: a stale build is refused rather than misread."""
+
+
+class HotpathError(ImportError):
+    """The C library is missing or does not match this Python code."""
+
+
+def _library_path() -> Path:
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = here / f"_hotpath{suffix}"
+        if candidate.exists():
+            return candidate
+    raise HotpathError(
+        f"vmsuper's C library (_hotpath*.so) is not built in {here}: reinstall the package "
+        "(`pip install -e .`, or `./dev test`, which does it when hotpath.c changes)"
+    )
+
+
+class RunnerContext(ctypes.Structure):
+    """`struct vms_runner`."""
+
+    _fields_ = [
+        ("vcpu_fd", ctypes.c_int64),
+        ("run", ctypes.c_void_p),
+        ("mail", ctypes.c_void_p),
+        ("request_efd", ctypes.c_int64),
+        ("done_efd", ctypes.c_int64),
+        ("request_seen", ctypes.c_void_p),
+        ("pause_seq", ctypes.c_void_p),
+        ("delivered_seq", ctypes.c_void_p),
+        ("hold_runs", ctypes.c_int64),
+        ("stopping", ctypes.c_int64),
+        ("spin_ns", ctypes.c_uint64),
+        ("error", ctypes.c_int64),
+    ]
+
+
+class Range(ctypes.Structure):
+    """`struct vms_range`: one reserved range, in an array sorted by (space, start)."""
+
+    _fields_ = [
+        ("start", ctypes.c_uint64),
+        ("length", ctypes.c_uint64),
+        ("space", ctypes.c_uint64),
+        ("async_write", ctypes.c_uint64),
+    ]
+
+
+class WorkerContext(ctypes.Structure):
+    """`struct vms_worker`."""
+
+    _fields_ = [
+        ("run", ctypes.c_void_p),
+        ("run_size", ctypes.c_uint64),
+        ("mail", ctypes.c_void_p),
+        ("request_efd", ctypes.c_int64),
+        ("done_efd", ctypes.c_int64),
+        ("done_seen", ctypes.c_void_p),
+        ("counters", ctypes.c_void_p),
+        ("run_state", ctypes.c_void_p),
+        ("table_gen", ctypes.c_void_p),
+        ("known_gen", ctypes.c_uint64),
+        ("ranges", ctypes.c_void_p),
+        ("n_ranges", ctypes.c_uint64),
+        ("range_counts", ctypes.c_void_p),
+        ("hint_set", ctypes.c_uint64),
+        ("hint_space", ctypes.c_uint64),
+        ("hint_address", ctypes.c_uint64),
+        ("pipes", ctypes.c_uint64),
+        ("in_fd", ctypes.c_int64),
+        ("out_fd", ctypes.c_int64),
+        ("buf", ctypes.c_void_p),
+        ("max_request", ctypes.c_uint64),
+        ("max_fds", ctypes.c_uint64),
+        ("spin_ns", ctypes.c_uint64),
+        ("wake_fd", ctypes.c_int64),
+        ("state", ctypes.c_uint64),
+        ("error", ctypes.c_int64),
+        ("request_len", ctypes.c_uint64),
+        ("refusal", ctypes.c_uint64),
+        ("fds", ctypes.c_uint64),
+        ("fwd_space", ctypes.c_uint64),
+        ("fwd_address", ctypes.c_uint64),
+        ("fwd_is_write", ctypes.c_uint64),
+        ("fwd_offset", ctypes.c_uint64),
+        ("fwd_length", ctypes.c_uint64),
+    ]
+
+
+class RunnerResult(enum.IntEnum):
+    """Why `vms_runner_loop` returned."""
+
+    STOP = 1
+    CALL = 2
+    """Another ioctl than KVM_RUN is posted: Python checks and makes it."""
+    HELD_RUN = 3
+    """The first KVM_RUN, held while `hold_runs` is set (the Init barrier)."""
+    INTERRUPTED = 4
+    FAILED = 5
+
+
+class WorkerResult(enum.IntEnum):
+    """Why `vms_worker_loop` returned."""
+
+    RUN_RESULT = 1
+    EXIT = 2
+    REQUEST = 3
+    REFUSED = 4
+    INTERRUPTED = 5
+    HUNGUP = 6
+    FAILED = 7
+    TOO_LARGE = 8
+    BELL_FAILED = 9
+
+
+def _load() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_library_path()), use_errno=True)
+    lib.vms_abi.restype = ctypes.c_int
+    if lib.vms_abi() != ABI:
+        raise HotpathError(
+            f"vmsuper's C library has ABI {lib.vms_abi()}, this code needs {ABI}: rebuild it "
+            "(`pip install -e .`)"
+        )
+    for name, struct in (
+        ("vms_worker_size", WorkerContext),
+        ("vms_runner_size", RunnerContext),
+        ("vms_range_size", Range),
+    ):
+        getattr(lib, name).restype = ctypes.c_size_t
+        if getattr(lib, name)() != ctypes.sizeof(struct):
+            raise HotpathError(f"{name}() disagrees with {struct.__name__}: rebuild the library")
+    lib.vms_watch_signal.argtypes = [ctypes.c_int]
+    lib.vms_watch_signal.restype = ctypes.c_int
+    lib.vms_take_signal.restype = ctypes.c_int
+    lib.vms_bell_ring.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.vms_bell_ring.restype = ctypes.c_int
+    lib.vms_bell_wait.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_uint64,
+        ctypes.c_int,
+    ]
+    lib.vms_bell_wait.restype = ctypes.c_int
+    lib.vms_runner_loop.argtypes = [ctypes.POINTER(RunnerContext)]
+    lib.vms_runner_loop.restype = ctypes.c_int
+    lib.vms_worker_loop.argtypes = [ctypes.POINTER(WorkerContext)]
+    lib.vms_worker_loop.restype = ctypes.c_int
+    lib.vms_find_range.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint64,
+        ctypes.c_uint64,
+        ctypes.c_uint64,
+    ]
+    lib.vms_find_range.restype = ctypes.c_int64
+    lib.vms_encode_io_wait.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_uint64,
+        ctypes.c_uint64,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+    ]
+    lib.vms_encode_io_wait.restype = ctypes.c_size_t
+    lib.vms_plain_resume.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.POINTER(ctypes.c_size_t),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
+    lib.vms_plain_resume.restype = ctypes.c_int
+    return lib
+
+
+library: Final = _load()
+_bell_ring = library.vms_bell_ring
+_bell_wait = library.vms_bell_wait
+
+
+def watch_signal(signum: int) -> None:
+    """Let the C loops see `signum` before they block (call after `signal.signal` for it).
+
+    A handler in front of Python's notes the signal and calls Python's; a loop that finds it
+    noted returns INTERRUPTED instead of sleeping, so Python runs the handler. Python's own
+    waits have the same guarantee from PEP 475."""
+    err = library.vms_watch_signal(signum)
+    if err:
+        raise OSError(-err, f"cannot watch signal {signum}")
+
+
+def take_signal() -> bool:
+    """Whether a watched signal came since the last call."""
+    return bool(library.vms_take_signal())
+
+
+def bell_ring(bell: int, efd: int) -> None:
+    """Ring the bell at address `bell` (its waiter sleeps on `efd`)."""
+    err = _bell_ring(bell, efd)
+    if err:
+        raise OSError(-err, f"ringing a bell failed: {err}")
+
+
+def bell_wait(bell: int, efd: int, seen: ctypes.c_uint32, spin_ns: int, wake_fd: int = -1) -> None:
+    """Wait until the bell rang since `seen` (which is updated). Raises InterruptedError when
+    a signal came while it slept (with `wake_fd`, the read end of the process's
+    `signal.set_wakeup_fd` pipe, also one that came while it polled): the caller drains that
+    pipe and decides whether to wait again."""
+    err = _bell_wait(bell, efd, ctypes.addressof(seen), spin_ns, wake_fd)
+    if err == -errno.EINTR:
+        raise InterruptedError(errno.EINTR, "a signal came while waiting on a bell")
+    if err:
+        raise OSError(-err, f"waiting on a bell failed: {err}")
+
+
+def find_range(ranges: ctypes.Array[Range], space: int, address: int) -> int:
+    """Index of the range holding (`space`, `address`) in `ranges`, or -1 (for tests)."""
+    return int(library.vms_find_range(ranges, len(ranges), space, address))
+
+
+def encode_io_wait(space: int, address: int, is_write: bool, no_resume: bool, data: bytes) -> bytes:
+    """The C encoding of Wait{Io} (for tests: it must equal the Python one)."""
+    out = ctypes.create_string_buffer(len(data) + 64)
+    n = library.vms_encode_io_wait(out, space, address, is_write, no_resume, data, len(data))
+    return out.raw[:n]
+
+
+def plain_resume(request: bytes) -> bytes | None:
+    """The C reading of a plain Resume{data} (for tests: it must equal the Python one)."""
+    offset = ctypes.c_size_t()
+    length = ctypes.c_size_t()
+    if not library.vms_plain_resume(request, len(request), offset, length):
+        return None
+    return request[offset.value : offset.value + length.value]
