@@ -33,12 +33,12 @@ __all__ = [
     "WorkerResult",
     "bell_ring",
     "bell_wait",
-    "take_signal",
-    "watch_signal",
     "encode_io_wait",
     "find_range",
     "library",
     "plain_resume",
+    "take_signal",
+    "watch_signal",
 ]
 
 ABI: Final = 1
