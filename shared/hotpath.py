@@ -158,6 +158,24 @@ class WorkerResult(enum.IntEnum):
     BELL_FAILED = 9
 
 
+def layout(lib: ctypes.CDLL, which: int) -> dict[str, int]:
+    """A C struct's field offsets by name, and its size under "sizeof" (see `vms_layout`)."""
+    names = ctypes.c_char_p()
+    table = ctypes.POINTER(ctypes.c_uint64)()
+    count = lib.vms_layout(which, ctypes.byref(names), ctypes.byref(table))
+    fields = (names.value or b"").decode().split()
+    offsets = [table[i] for i in range(count)]
+    if len(fields) + 1 != count:
+        raise HotpathError(f"the C library describes layout {which} inconsistently")
+    return {**dict(zip(fields, offsets, strict=False)), "sizeof": offsets[-1]}
+
+
+def struct_layout(struct: type[ctypes.Structure]) -> dict[str, int]:
+    """The same for a ctypes mirror."""
+    fields = {name: getattr(struct, name).offset for name, *_ in struct._fields_}
+    return {**fields, "sizeof": ctypes.sizeof(struct)}
+
+
 def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_library_path()), use_errno=True)
     lib.vms_abi.restype = ctypes.c_int
@@ -166,14 +184,18 @@ def _load() -> ctypes.CDLL:
             f"vmsuper's C library has ABI {lib.vms_abi()}, this code needs {ABI}: rebuild it "
             "(`pip install -e .`)"
         )
-    for name, struct in (
-        ("vms_worker_size", WorkerContext),
-        ("vms_runner_size", RunnerContext),
-        ("vms_range_size", Range),
-    ):
-        getattr(lib, name).restype = ctypes.c_size_t
-        if getattr(lib, name)() != ctypes.sizeof(struct):
-            raise HotpathError(f"{name}() disagrees with {struct.__name__}: rebuild the library")
+    lib.vms_layout.argtypes = [
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_char_p),
+        ctypes.POINTER(ctypes.POINTER(ctypes.c_uint64)),
+    ]
+    lib.vms_layout.restype = ctypes.c_size_t
+    for which, struct in enumerate((RunnerContext, Range, WorkerContext)):
+        if layout(lib, which) != struct_layout(struct):
+            raise HotpathError(
+                f"the C library's struct layout differs from {struct.__name__}: rebuild it "
+                "(`pip install -e .`)"
+            )
     lib.vms_watch_signal.argtypes = [ctypes.c_int]
     lib.vms_watch_signal.restype = ctypes.c_int
     lib.vms_take_signal.restype = ctypes.c_int

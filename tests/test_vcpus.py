@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import mmap
 import os
@@ -60,8 +61,10 @@ HALT = "cli\nhlt\n"
 class Machine:
     """A VM with 64 KiB of memory at 0, the shared region, and at most one VcpuSet."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, *, fast_exits: bool = True, poll_ns: int = 0) -> None:
         self.log_dir = log_dir
+        self.fast_exits = fast_exits
+        self.poll_ns = poll_ns
         self.system = kvm.Kvm()
         self.vm = self.system.create_vm()
         self.vm.set_identity_map_addr(0xFFFB_C000)
@@ -98,6 +101,8 @@ class Machine:
             mmap_size=self.system.vcpu_mmap_size(),
             log_dir=self.log_dir,
             log_level=log_level,
+            fast_exits=self.fast_exits,
+            poll_ns=self.poll_ns,
         )
         fds = self.vcpus.plugin_fds()
         per_vcpu = 1 if transport == "socket" else 2
@@ -130,9 +135,20 @@ class Machine:
         self.memory.close()
 
 
-@pytest.fixture
-def machine(tmp_path: Path) -> Iterator[Machine]:
-    m = Machine(tmp_path / "logs")
+EXIT_PATHS: dict[str, tuple[bool, int]] = {
+    "c": (True, 0),
+    "c-poll": (True, 50_000),
+    "python-poll": (False, 50_000),
+}
+"""(fast_exits, poll_ns): every test runs with plain exits served by the C loop (with and
+without polling, so the bells both sleep and spin) and by the Python one: they must behave the
+same."""
+
+
+@pytest.fixture(params=list(EXIT_PATHS))
+def machine(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Machine]:
+    fast_exits, poll_ns = EXIT_PATHS[request.param]
+    m = Machine(tmp_path / "logs", fast_exits=fast_exits, poll_ns=poll_ns)
     try:
         yield m
     finally:
@@ -1075,3 +1091,142 @@ def _gone(process: psutil.Process) -> bool:
         return process.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+# -- what the C exit loop hands back to Python ------------------------------------------------
+
+ECHO = f"""
+1:  mov ${SERIAL + 1}, %dx
+    in %dx, %al                  /* a reserved read, answered by the plugin */
+    mov ${SERIAL}, %dx
+    out %al, %dx                 /* echoed back */
+    jmp 1b
+"""
+
+
+def echo_read(end: PluginEnd) -> None:
+    """The guest's next exit is the reserved read."""
+    io = io_of(end.recv())
+    assert (io.address, io.is_write, io.data) == (SERIAL + 1, False, b"\0")
+
+
+def echo_written(end: PluginEnd, expected: int) -> None:
+    io = io_of(end.recv())
+    assert (io.address, io.is_write, io.data) == (SERIAL, True, bytes([expected]))
+    end.send(resume())
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_requests_while_an_exit_waits_then_resume(machine: Machine, transport: str) -> None:
+    """Any request but a plain Resume{data}, while a forwarded exit waits, is served as usual
+    (the C loop hands it over), and a Resume carrying registers is applied."""
+    machine.load(ECHO)
+    machine.start(1, transport)
+    end = machine.ends[0]
+    init(end, 0)
+    end.send(resume())
+    echo_read(end)
+    regs = kvm.kvm_regs.from_buffer_copy(get_state(end, StateSet.REGS).get_state.state)
+    assert regs.rdx == SERIAL + 1
+    end.send_raw(b"\xff\xff")  # undecodable: EBADMSG, and the exit still waits
+    assert end.recv().errno == errno.EBADMSG
+    end.send(resume(b"\x41"))
+    io = io_of(end.recv())
+    assert (io.address, io.is_write, io.data) == (SERIAL, True, b"\x41")
+    regs = kvm.kvm_regs.from_buffer_copy(get_state(end, StateSet.REGS).get_state.state)
+    regs.rcx = 0x77
+    end.send(resume(regs=bytes(regs)))  # a Resume carrying registers: applied
+    echo_read(end)
+    assert kvm.kvm_regs.from_buffer_copy(get_state(end, StateSet.REGS).get_state.state).rcx == 0x77
+    end.send(resume(b"\x43\x44"))  # more data than the access: only its size is used
+    echo_written(end, 0x43)
+    echo_read(end)
+    end.send(resume())  # no data: the read gives zero
+    echo_written(end, 0)
+
+
+def test_socket_refusals_while_an_exit_waits(machine: Machine) -> None:
+    machine.load(ECHO)
+    machine.start(1, "socket")
+    end = machine.ends[0]
+    init(end, 0)
+    end.send(resume())
+    echo_read(end)
+    r, w = os.pipe()
+    try:
+        end.send_raw(resume(b"\x50").SerializeToString(), fds=[r])
+        refused = end.recv()
+        assert refused.errno == errno.EINVAL and refused.WhichOneof("message") is None
+        end.send_raw(b"\x12\x00", fds=[r, r, r, r, r])  # more fds than accepted
+        assert end.recv().errno == errno.EINVAL
+    finally:
+        os.close(r)
+        os.close(w)
+    assert end._sock is not None
+    end._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    end.send_raw(resume(b"\x51" * (300 * 1024)).SerializeToString())
+    assert end.recv().errno == errno.EMSGSIZE
+    end.send(resume(b"\x52"))  # the exit waited through all of it
+    echo_written(end, 0x52)
+
+
+def test_pipes_request_too_large_while_an_exit_waits_stops_the_worker(machine: Machine) -> None:
+    machine.load(ECHO)
+    machine.start(1, "pipes")
+    end = machine.ends[0]
+    init(end, 0)
+    end.send(resume())
+    echo_read(end)
+    # A pipe large enough that the worker's one read finds more than a request may hold.
+    fcntl.fcntl(end.fds[0], fcntl.F_SETPIPE_SZ, 1 << 20)
+    end.send_raw(bytes(300 * 1024))
+    status = wait_worker(machine, 0)
+    assert status is not None and "status 14" in status, status
+    assert "too large" in machine.region.slot(0).stop_reason
+
+
+RESERVE_LATER = f"""
+1:  mov $0x70, %dx
+    out %al, %dx                 /* not reserved at first */
+    mov ${SERIAL}, %dx
+    out %al, %dx
+    inc %al
+    jmp 1b
+"""
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_ranges_and_hint_published_while_running_apply_at_once(
+    machine: Machine, transport: str
+) -> None:
+    machine.load(RESERVE_LATER)
+    machine.start(1, transport)
+    end = machine.ends[0]
+    init(end, 0)
+    end.send(resume())
+    first = io_of(end.recv())
+    assert (first.address, first.regs) == (SERIAL, b"")
+    machine.table.reserve(Space.IOPORT, 0x70, 1)
+    machine.publish()
+    end.send(resume())
+    io = io_of(end.recv())
+    assert (io.address, io.data) == (0x70, bytes([first.data[0] + 1]))
+    machine.hint = CallHint(Space.IOPORT, SERIAL, on_write=True, hints=())
+    machine.publish()
+    end.send(resume())
+    hinted = io_of(end.recv())
+    assert hinted.address == SERIAL and len(hinted.regs) == ctypes.sizeof(kvm.kvm_regs)
+    machine.table.reserve(Space.IOPORT, 0x70, 0)  # released
+    machine.hint = None
+    machine.publish()
+    end.send(resume())
+    plain = io_of(end.recv())
+    assert (plain.address, plain.regs) == (SERIAL, b"")
+    end.send(resume())
+    assert io_of(end.recv()).address == SERIAL  # 0x70 is no longer forwarded
+    assert machine.vcpus is not None
+    machine.vcpus.shutdown()
+    counts = machine.records(0)[-1]
+    assert counts["event"] == "vcpu_exit_counts"
+    assert counts["ranges"] == {"ioport:0x3f8+8": 4, "ioport:0x70+1": 1}
+    assert counts["exits"]["io_out"] == 5 and counts["exits"]["unreserved"] >= 2

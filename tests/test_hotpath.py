@@ -1,0 +1,227 @@
+"""The C hot path's pieces on their own: its structs against the ctypes mirrors, its protobuf
+encoding and parsing and its range lookup against the Python ones, and its bells.
+
+The loops themselves run in tests/test_vcpus.py, where every test runs with the C loop and
+with the Python one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from types import FrameType
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vmsuper.shared import hotpath
+from vmsuper.shared.ranges import RangeTable, Space
+from vmsuper.shared.shm import Doorbell, SharedRegion, drain_wakeup_pipe
+from vmsuper.workers.vcpu_protocol import encode_io_wait, plain_resume_data
+
+
+@pytest.mark.parametrize(
+    ("which", "mirror"),
+    [(0, hotpath.RunnerContext), (1, hotpath.Range), (2, hotpath.WorkerContext)],
+)
+def test_structs_match_their_ctypes_mirrors(which: int, mirror: type[ctypes.Structure]) -> None:
+    c_layout = hotpath.layout(hotpath.library, which)
+    assert c_layout == hotpath.struct_layout(mirror)
+    assert len(c_layout) == len(mirror._fields_) + 1  # every field, and the size
+
+
+# -- encoding and parsing ---------------------------------------------------------------------
+
+u64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
+
+
+@given(
+    space=st.sampled_from([Space.IOPORT, Space.MMIO]),
+    address=u64,
+    is_write=st.booleans(),
+    no_resume=st.booleans(),
+    data=st.binary(max_size=300),
+)
+def test_wait_io_encoding_matches_python(
+    space: int, address: int, is_write: bool, no_resume: bool, data: bytes
+) -> None:
+    expected = encode_io_wait(space, address, is_write, no_resume, data)
+    assert hotpath.encode_io_wait(space, address, is_write, no_resume, data) == expected
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+RESUME_EDGES = [
+    b"",
+    b"\x12",
+    b"\x12\x00",
+    b"\x12\x02\x0a\x00",
+    b"\x12\x03\x0a\x01z",
+    b"\x12\x03\x0a\x01",  # cut short
+    b"\x12\x04\x0a\x01zz",  # data shorter than Resume says
+    b"\x12\x03\x12\x01z",  # Resume.regs, not data
+    b"\x0a\x00",  # Wait, not Resume
+    b"\x12\x80\x00",  # a long but valid varint for 0
+    b"\x12" + b"\xff" * 9 + b"\x01",  # 2**64 - 1: longer than the message
+    b"\x12" + b"\x80" * 9 + b"\x02",  # over 64 bits
+    b"\x12" + b"\x80" * 10,  # never ends
+    b"\x12\x83\x80\x80\x80\x80\x80\x80\x80\x80\x02\x0a\x01z",  # 3 + 2**64 (wraps in C)
+]
+
+
+@pytest.mark.parametrize("request_", RESUME_EDGES)
+def test_plain_resume_edges_match_python(request_: bytes) -> None:
+    assert hotpath.plain_resume(request_) == plain_resume_data(request_)
+
+
+@given(st.binary(max_size=40))
+def test_plain_resume_of_any_bytes_matches_python(request_: bytes) -> None:
+    assert hotpath.plain_resume(request_) == plain_resume_data(request_)
+
+
+@given(st.binary(max_size=200), st.binary(max_size=3))
+def test_plain_resume_of_resumes_matches_python(data: bytes, tail: bytes) -> None:
+    body = b"\x0a" + _varint(len(data)) + data
+    for request_ in (
+        b"\x12" + _varint(len(body)) + body,
+        b"\x12" + _varint(len(body)) + body + tail,
+    ):
+        assert hotpath.plain_resume(request_) == plain_resume_data(request_)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([Space.IOPORT, Space.MMIO]),
+            st.integers(0, 0x1_0000),
+            st.integers(1, 0x100),
+            st.booleans(),
+        ),
+        max_size=20,
+    ),
+    st.lists(st.tuples(st.sampled_from([Space.IOPORT, Space.MMIO]), st.integers(0, 0x1_0200))),
+)
+def test_range_lookup_matches_the_table(
+    wanted: list[tuple[Space, int, int, bool]], probes: list[tuple[Space, int]]
+) -> None:
+    table = RangeTable()
+    for space, start, length, async_write in wanted:
+        if table.lookup(space, start) is None and table.lookup(space, start + length - 1) is None:
+            try:
+                table.reserve(space, start, length, async_write)
+            except Exception:  # an overlap in between: skip it
+                continue
+    ranges = list(table.ranges())
+    array = (hotpath.Range * max(1, len(ranges)))(
+        *(hotpath.Range(r.start, r.length, r.space, r.async_write) for r in ranges)
+    )
+    for space, address in [*probes, *((r.space, r.start) for r in ranges)]:
+        index = int(hotpath.library.vms_find_range(array, len(ranges), space, address))
+        expected = table.lookup(space, address)
+        assert (ranges[index] if index >= 0 else None) == expected
+
+
+# -- bells ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def region() -> Iterator[SharedRegion]:
+    shared = SharedRegion.create(1)
+    try:
+        yield shared
+    finally:
+        shared.close()
+
+
+@pytest.mark.parametrize("spin_ns", [0, 200_000])
+def test_a_bell_wakes_its_waiter_in_another_thread(region: SharedRegion, spin_ns: int) -> None:
+    with Doorbell(region.mailbox(0), spin_ns=spin_ns) as bell:
+        for delay in (0.0, 0.001, 0.02):  # rung while it spins, or once it sleeps
+            ringer = threading.Timer(delay, bell.ring_request)
+            ringer.start()
+            assert bell.wait_request() == 1
+            ringer.join()
+
+
+def test_a_bell_wakes_a_sleeping_waiter_in_another_process(region: SharedRegion) -> None:
+    with Doorbell(region.mailbox(0)) as bell:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                bell.wait_request()
+                bell.ring_done()
+            finally:
+                os._exit(0)
+        time.sleep(0.02)
+        bell.ring_request()
+        assert bell.wait_done() == 1
+        assert os.waitpid(pid, 0)[1] == 0
+
+
+def _on_usr2(signum: int, frame: FrameType | None) -> None:
+    _on_usr2.calls += 1  # type: ignore[attr-defined]
+
+
+_on_usr2.calls = 0  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def usr2_handler() -> Iterator[None]:
+    previous = signal.signal(signal.SIGUSR2, _on_usr2)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+        hotpath.take_signal()
+
+
+def test_a_signal_while_a_bell_sleeps_interrupts_it(
+    region: SharedRegion, usr2_handler: None
+) -> None:
+    with Doorbell(region.mailbox(0)) as bell:
+        sender = threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGUSR2))
+        sender.start()
+        with pytest.raises(InterruptedError):
+            hotpath.bell_wait(bell.request_bell, bell.fds()[0], bell.request_seen, 0)
+        sender.join()
+
+
+def test_a_signal_before_the_sleep_is_not_slept_through(
+    region: SharedRegion, usr2_handler: None
+) -> None:
+    """A watched signal that came while nothing could be interrupted (here: before the call)
+    still ends the wait, through the wake-up pipe or the noted flag."""
+    calls = _on_usr2.calls  # type: ignore[attr-defined]
+    hotpath.watch_signal(signal.SIGUSR2)
+    with Doorbell(region.mailbox(0)) as bell:
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        try:
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR2)
+            assert _on_usr2.calls == calls + 1  # type: ignore[attr-defined]  # Python's handler ran
+            for wake_fd in (read_end, -1):  # the pipe, then the flag alone
+                with pytest.raises(InterruptedError):
+                    hotpath.bell_wait(
+                        bell.request_bell, bell.fds()[0], bell.request_seen, 0, wake_fd
+                    )
+            assert hotpath.take_signal()
+            assert not hotpath.take_signal()
+            drain_wakeup_pipe(read_end)
+            bell.ring_request()
+            hotpath.bell_wait(bell.request_bell, bell.fds()[0], bell.request_seen, 0, read_end)
+        finally:
+            signal.set_wakeup_fd(previous)
+            os.close(read_end)
+            os.close(write_end)
