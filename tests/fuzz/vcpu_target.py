@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
-from vmsuper.shared import kvm
+from vmsuper.shared import hotpath, kvm
 from vmsuper.shared.plugin_pb2 import VcpuRequest, VcpuResponse
 from vmsuper.shared.ranges import CallHint, Range, RangeError, RangeTable, RegHint, Space
 from vmsuper.shared.shm import MAILBOX_ARG_SIZE
@@ -190,8 +190,11 @@ def change_ranges(ch: Chooser, ranges: FakeRanges, vcpu: FakeVcpu) -> None:
 
 
 def check_plain_resume(data: bytes, decoded: VcpuRequest | None) -> None:
-    """The Resume fast path must agree with protobuf on every input it accepts."""
+    """The Resume fast paths (Python's and the C loop's) must agree with each other, and with
+    protobuf on every input they accept."""
     fast = plain_resume_data(data)
+    in_c = hotpath.plain_resume(data)
+    expect(in_c == fast, f"the C loop reads {in_c!r} from {data.hex()}, Python {fast!r}")
     if fast is None:
         return
     expect(decoded is not None, f"fast path took undecodable {data.hex()}")
