@@ -488,7 +488,9 @@ def _add_counts(into: dict[str, int], counts: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m vmsuper.supervisor.logview DIR ...`, the same as `vmsuper logs`."""
     parser = argparse.ArgumentParser(
-        prog="vmsuper logs", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        prog="vmsuper logs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -197,6 +197,53 @@ def test_logs_dispatch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert cli.main(["logs", str(tmp_path / "nope")]) == 1
 
 
+def test_logs_help_is_the_log_viewer_s(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["logs", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: vmsuper logs ")
+    assert "--summary" in out and "--follow" in out
+
+
+def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("run", "check", "logs"):
+        assert f"    {command} " in out
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_the_cli_imports_only_what_its_command_needs() -> None:
+    # Start-up time: `vmsuper run` must not pay for the log viewer, and nothing on the run
+    # path may pull in asyncio.
+    done = _python(
+        "import sys, vmsuper.supervisor.cli, vmsuper.supervisor.runner\n"
+        "print([m for m in ('vmsuper.supervisor.logview', 'vmsuper.supervisor.check',"
+        " 'asyncio') if m in sys.modules])"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
+
+
+def test_exit_now_flushes_output_and_keeps_the_status() -> None:
+    done = _python(
+        "import sys\n"
+        "from vmsuper.supervisor import cli\n"
+        "print('to stdout', end='')\n"
+        "sys.stderr.write('to stderr')\n"
+        "cli._exit_now(7)\n"
+        "print('not reached')\n"
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (7, "to stdout", "to stderr")
+
+
 def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main([])
