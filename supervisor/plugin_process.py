@@ -82,9 +82,10 @@ class PluginProcess:
     ) -> PluginProcess:
         """Start the plugin, behind `wrapper` (an argv prefix) and in `sandbox` if given.
 
-        The sandbox is tried first (`Sandbox.check`), so that one that cannot be set up is a
-        `SandboxError` (a `PluginStartError`) naming the cause, not a plugin that seems to
-        exit with status 1. `open_files` becomes the plugin's RLIMIT_NOFILE (soft and hard).
+        Sandboxed, this returns once the sandbox is set up and the plugin about to run (see
+        `Sandbox.starter`), so that one that cannot be set up is a `SandboxError` (a
+        `PluginStartError`) naming the cause, not a plugin that seems to exit with status 1.
+        `open_files` becomes the plugin's RLIMIT_NOFILE (soft and hard).
         """
         full_env = dict(os.environ)
         full_env.update(env)
@@ -92,9 +93,8 @@ class PluginProcess:
         with contextlib.ExitStack() as stack:
             prefix, fds = list(wrapper), [socket_fd]
             if sandbox is not None:
-                sandbox.check()
                 bwrap, seccomp_fd = stack.enter_context(sandbox.launch())
-                prefix, fds = [*bwrap, *prefix], [socket_fd, seccomp_fd]
+                prefix, fds = [*bwrap, *sandbox.starter(), *prefix], [socket_fd, seccomp_fd]
             try:
                 proc = subprocess.Popen(
                     [*prefix, str(path), *args],
@@ -106,7 +106,18 @@ class PluginProcess:
                 )
             except OSError as exc:
                 raise PluginStartError(f"cannot start plugin {path}: {exc.strerror}") from exc
-        return cls(proc, sandboxed=sandbox is not None)
+        plugin = cls(proc, sandboxed=sandbox is not None)
+        if sandbox is not None:
+            try:
+                sandbox.wait_started(
+                    plugin.stderr_fd, lambda: os.waitstatus_to_exitcode(plugin.wait())
+                )
+            except BaseException:
+                plugin.kill()
+                plugin.wait()
+                plugin.close()
+                raise
+        return plugin
 
     def poll(self) -> int | None:
         """Reap the plugin if it has exited; returns its raw wait status."""

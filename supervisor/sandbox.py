@@ -29,9 +29,11 @@ from __future__ import annotations
 import ast
 import contextlib
 import os
+import select
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,9 +63,17 @@ NAMESPACES = (
     "--unshare-cgroup-try",
 )
 MAX_SCRIPT_DEPTH = 4  # as the kernel: an interpreter may itself be a script, a few times over
-PREFLIGHT_TIMEOUT = 10.0
-PREFLIGHT_MISSING = 3
-_PREFLIGHT_SCRIPT = 'for p do [ -x "$p" ] || { printf %s "$p"; exit 3; }; done'
+START_TIMEOUT = 10.0
+STARTER_SHELL = "/bin/sh"
+_READY = "vmsuper: sandbox ready"
+_MISSING = "vmsuper: not executable: "
+# Runs inside the sandbox before the plugin: "$1" executables to check, then the plugin's argv.
+# It checks them, says on stderr that all is well (or which is missing), and becomes the plugin.
+_STARTER_SCRIPT = (
+    'n=$1; shift; while [ "$n" -gt 0 ]; do '
+    f'[ -x "$1" ] || {{ printf "{_MISSING}%s\\n" "$1" >&2; exit 3; }}; n=$((n - 1)); shift; '
+    f"done; printf '{_READY}\\n' >&2; exec \"$@\""
+)
 
 
 class SandboxError(PluginStartError):
@@ -161,37 +171,95 @@ class Sandbox:
         finally:
             os.close(fd)
 
-    def check(self) -> None:
-        """Start the sandbox once, with a shell that checks the plugin is there to execute.
+    def starter(self) -> list[str]:
+        """The command that runs first inside the sandbox, to put before the plugin's argv.
 
-        This catches, before the plugin runs, what would otherwise only show as the plugin's
-        exit status 1 and a line from bwrap: namespaces the kernel refuses, a bind source that
-        vanished, a mount point that cannot be made, a plugin or interpreter not visible.
+        A shell checks that the plugin and its interpreters are there to execute, writes a line
+        to stderr saying so (or naming what is missing), and executes the plugin in its own
+        place: same pid, argv and environment. `wait_started` reads that line, so a sandbox
+        that cannot be set up is an error naming the cause before the plugin runs, rather than
+        a plugin that seems to exit with status 1 and a line from bwrap.
         """
+        return [
+            STARTER_SHELL,
+            "-c",
+            _STARTER_SCRIPT,
+            "sh",
+            str(len(self.executables)),
+            *self.executables,
+        ]
+
+    def wait_started(
+        self, stderr_fd: int, reap: Callable[[], int], *, timeout: float = START_TIMEOUT
+    ) -> None:
+        """Wait until the `starter` in a launched sandbox is about to execute the plugin.
+
+        `stderr_fd` is the sandbox's stderr (a pipe); only the starter's line is taken from it,
+        so everything the plugin writes stays for the caller. `reap` waits for the sandbox once
+        it has ended and returns its exit code. Raises `SandboxError` saying why the sandbox did
+        not start: bwrap's own complaint (namespaces the kernel refuses, a bind source that
+        vanished, a mount point that cannot be made), an executable not visible inside, or
+        `timeout` seconds without an answer.
+        """
+        ready = (_READY + "\n").encode()
+        deadline = time.monotonic() + timeout
+        seen = b""
+        while not seen.endswith(ready):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([stderr_fd], [], [], remaining)[0]:
+                raise SandboxError(f"bwrap did not start in {timeout:g} s")
+            try:
+                # Never past the end of the line: what follows it is the plugin's.
+                chunk = os.read(stderr_fd, len(ready) - _partial_match(seen, ready))
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise _start_failure(seen, reap())
+            seen += chunk
+        if len(seen) > len(ready):
+            # Anything bwrap said before the sandbox started: passed on, as the plugin's would be.
+            with contextlib.suppress(OSError):
+                os.write(2, seen[: -len(ready)])
+
+    def check(self) -> None:
+        """Start the sandbox once with only the `starter` in it; raises `SandboxError` as
+        `wait_started` does."""
         with self.launch() as (prefix, fd):
             try:
-                done = subprocess.run(
-                    [*prefix, "/bin/sh", "-c", _PREFLIGHT_SCRIPT, "sh", *self.executables],
+                proc = subprocess.Popen(
+                    [*prefix, *self.starter()],
                     pass_fds=(fd,),
                     stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    timeout=PREFLIGHT_TIMEOUT,
-                    check=False,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
                 )
             except OSError as exc:
                 raise SandboxError(f"cannot run {self.bwrap}: {exc.strerror}") from exc
-            except subprocess.TimeoutExpired:
-                raise SandboxError(f"bwrap did not start in {PREFLIGHT_TIMEOUT} s") from None
-        if done.returncode == 0:
-            return
-        if done.returncode == PREFLIGHT_MISSING and done.stdout:
-            missing = done.stdout.decode("utf-8", "replace")
-            raise SandboxError(
-                f"{missing} is not executable inside the sandbox; bind its folder with "
-                "[[plugin.mounts]]"
-            )
-        said = done.stderr.decode("utf-8", "replace").strip() or f"status {done.returncode}"
-        raise SandboxError(f"bwrap cannot set up the sandbox: {said}")
+        assert proc.stderr is not None
+        with proc, contextlib.ExitStack() as stack:
+            stack.callback(proc.kill)  # a no-op once it has ended
+            self.wait_started(proc.stderr.fileno(), proc.wait)
+            proc.wait()
+
+
+def _partial_match(data: bytes, marker: bytes) -> int:
+    """The length of the longest start of `marker` that `data` ends with."""
+    for size in range(min(len(data), len(marker) - 1), 0, -1):
+        if data.endswith(marker[:size]):
+            return size
+    return 0
+
+
+def _start_failure(output: bytes, status: int) -> SandboxError:
+    text = output.decode("utf-8", "replace")
+    _, found, missing = text.partition(_MISSING)
+    if found:
+        path = missing.removesuffix("\n")
+        return SandboxError(
+            f"{path} is not executable inside the sandbox; bind its folder with [[plugin.mounts]]"
+        )
+    said = text.strip() or f"status {status}"
+    return SandboxError(f"bwrap cannot set up the sandbox: {said}")
 
 
 # -- what the plugin needs -----------------------------------------------------------------------

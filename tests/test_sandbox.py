@@ -8,7 +8,9 @@ checks, from inside and from the host, every promise docs/security.md makes.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -32,7 +34,7 @@ from vmsuper.shared import kvm, plugin_pb2
 from vmsuper.shared.asm import assemble
 from vmsuper.supervisor import seccomp
 from vmsuper.supervisor.config import MountConfig, PluginConfig
-from vmsuper.supervisor.plugin_process import PluginStartError, unwrap_status
+from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError, unwrap_status
 from vmsuper.supervisor.sandbox import (
     NAMESPACES,
     Bind,
@@ -219,6 +221,120 @@ def test_check_reports_what_bwrap_cannot_do(tmp_path: Path) -> None:
         sandbox.check()
     assert str(info.value).startswith("cannot sandbox the plugin: bwrap cannot set up the sandbox")
     assert str(mount.dst) in str(info.value)
+
+
+# -- starting the plugin in the sandbox -----------------------------------------------------------
+
+
+READY_LINE = b"vmsuper: sandbox ready\n"
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    read_end, write_end = os.pipe()
+    yield read_end, write_end
+    for fd in (read_end, write_end):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def never_reaped() -> int:
+    raise AssertionError("reaped a sandbox that has not ended")
+
+
+def test_wait_started_takes_only_the_starter_s_line(pipe: tuple[int, int]) -> None:
+    read_end, write_end = pipe
+    os.write(write_end, READY_LINE + b"the plugin's own output\n")
+    Sandbox("bwrap", (), ()).wait_started(read_end, never_reaped)
+    assert os.read(read_end, 100) == b"the plugin's own output\n"
+
+
+def test_wait_started_passes_on_what_comes_before_the_line(
+    pipe: tuple[int, int], capfd: pytest.CaptureFixture[str]
+) -> None:
+    read_end, write_end = pipe
+    # The first read (as long as the line) ends inside the line: the rest must not overshoot.
+    os.write(write_end, b"bwrap: a warning\n" + READY_LINE + b"plugin")
+    Sandbox("bwrap", (), ()).wait_started(read_end, never_reaped)
+    assert os.read(read_end, 100) == b"plugin"
+    assert capfd.readouterr().err == "bwrap: a warning\n"
+
+
+def test_wait_started_gives_up_after_the_timeout(pipe: tuple[int, int]) -> None:
+    with pytest.raises(SandboxError, match=re.escape("did not start in 0.05 s")):
+        Sandbox("bwrap", (), ()).wait_started(pipe[0], never_reaped, timeout=0.05)
+
+
+def test_wait_started_reports_bwrap_s_complaint_or_its_status(pipe: tuple[int, int]) -> None:
+    read_end, write_end = pipe
+    os.write(write_end, b"bwrap: Can't mkdir /x: Read-only file system\n")
+    os.close(write_end)
+    with pytest.raises(SandboxError) as info:
+        Sandbox("bwrap", (), ()).wait_started(read_end, lambda: 1)
+    assert str(info.value) == (
+        "cannot sandbox the plugin: bwrap cannot set up the sandbox: "
+        "bwrap: Can't mkdir /x: Read-only file system"
+    )
+    silent_read, silent_write = os.pipe()
+    os.close(silent_write)
+    try:
+        with pytest.raises(SandboxError, match=r"bwrap cannot set up the sandbox: status 5$"):
+            Sandbox("bwrap", (), ()).wait_started(silent_read, lambda: 5)
+    finally:
+        os.close(silent_read)
+
+
+def spawn_sandboxed(sandbox: Sandbox, plugin: Path) -> PluginProcess:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        return PluginProcess.spawn(plugin, ["an arg"], {}, theirs.fileno(), sandbox=sandbox)
+
+
+def read_all(fd: int) -> bytes:
+    os.set_blocking(fd, True)
+    data = b""
+    while chunk := os.read(fd, 65536):
+        data += chunk
+    return data
+
+
+def test_spawn_starts_the_plugin_with_its_stderr_untouched(tmp_path: Path) -> None:
+    out = tmp_path / "plugin" / "out.txt"
+    plugin = executable(
+        tmp_path / "plugin" / "p.sh",
+        f'#!/bin/sh\necho "$0 $*" >&2\necho "$CROSVM_SOCKET" > {out}\n',
+    )
+    sandbox = Sandbox.for_plugin(
+        PluginConfig(path=plugin, mounts=(MountConfig(src=out.parent, writable=True),))
+    )
+    process = spawn_sandboxed(sandbox, plugin)
+    try:
+        assert os.waitstatus_to_exitcode(process.wait()) == 0
+        assert read_all(process.stderr_fd) == f"{plugin} an arg\n".encode()
+    finally:
+        process.close()
+    assert out.read_text().strip().isdigit()
+
+
+@pytest.mark.parametrize("cause", ["hidden plugin", "bwrap fails"])
+def test_spawn_refuses_a_sandbox_that_cannot_start(tmp_path: Path, cause: str) -> None:
+    ran = tmp_path / "ran"
+    plugin = executable(tmp_path / "plugin" / "p.sh", f"#!/bin/sh\ntouch {ran}\n")
+    sandbox = Sandbox.for_plugin(
+        PluginConfig(path=plugin, mounts=(MountConfig(src=tmp_path, writable=True),))
+    )
+    if cause == "hidden plugin":
+        sandbox = Sandbox(sandbox.bwrap, binds=(), executables=(str(plugin),))
+        expected = f"{plugin} is not executable inside the sandbox"
+    else:
+        mount = Bind(str(tmp_path), f"/usr/vmsuper-test-{uuid.uuid4().hex}")
+        sandbox = Sandbox(sandbox.bwrap, (*sandbox.binds, mount), sandbox.executables)
+        expected = "bwrap cannot set up the sandbox: bwrap: Can't mkdir"
+    children_before = psutil.Process().children()
+    with pytest.raises(SandboxError, match=re.escape(expected)):
+        spawn_sandboxed(sandbox, plugin)
+    assert not ran.exists()
+    assert psutil.Process().children() == children_before  # reaped, nothing left
 
 
 @pytest.mark.parametrize(
