@@ -20,7 +20,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmsuper.shared import kvm, logs, wire
 from vmsuper.shared.plugin_pb2 import MainResponse
@@ -28,12 +28,14 @@ from vmsuper.shared.ranges import RangeTable
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.supervisor import outcome
 from vmsuper.supervisor.config import Config
-from vmsuper.supervisor.net import NetSettings, Tap, parse_mac, unique_tap_name
 from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
 from vmsuper.supervisor.sandbox import Sandbox
 from vmsuper.supervisor.vcpus import VcpuSet
 from vmsuper.workers.limits import Limits
 from vmsuper.workers.main_worker import MainWorker, NetInfo
+
+if TYPE_CHECKING:
+    from vmsuper.supervisor.net import Tap
 
 # Where KVM needs three pages for the real-mode TSS on Intel hosts; high and out of the way,
 # as other VMMs place it.
@@ -103,6 +105,8 @@ def _set_up(run: Run) -> None:
     run.shutdown_eventfd = os.eventfd(0, os.EFD_CLOEXEC)
     run.closers.append(lambda: os.close(run.shutdown_eventfd))
     if cfg.net is not None:
+        from vmsuper.supervisor.net import NetSettings, Tap, parse_mac, unique_tap_name
+
         settings = NetSettings(
             host_ip=cfg.net.host_ip, netmask=cfg.net.netmask, mac=parse_mac(cfg.net.mac)
         )
