@@ -486,9 +486,13 @@ EXPECTED_IO_EVENTS = [
 ]
 
 
+@pytest.mark.parametrize("fast_exits", [True, False], ids=["c-loop", "python-loop"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_io_memory_ranges_hints_and_io_events(tmp_path: Path, transport: str) -> None:
-    found = run_sdk(tmp_path, IO_BODY, VmSpec(transport=transport), guest="sdk_io.S")
+def test_io_memory_ranges_hints_and_io_events(
+    tmp_path: Path, transport: str, fast_exits: bool
+) -> None:
+    spec = VmSpec(transport=transport, fast_exits=fast_exits, poll_us=0 if fast_exits else 50)
+    found = run_sdk(tmp_path, IO_BODY, spec, guest="sdk_io.S")
     assert found.pop("events") == EXPECTED_IO_EVENTS
     assert found == {
         "dirty_before": "00",

@@ -63,6 +63,9 @@ class VmSpec:
 
     vcpus: int = 1
     low_latency: bool = False
+    # [vm] fast_exits and poll_us; None leaves the key out (the config's default).
+    fast_exits: bool | None = None
+    poll_us: int | None = None
     transport: str = "socket"
     grace_period: float = 1.0
     log_level: str = "info"
@@ -81,6 +84,12 @@ class VmSpec:
             "[vm]",
             f"vcpus = {self.vcpus}",
             f"low_latency = {json.dumps(self.low_latency)}",
+        ]
+        if self.fast_exits is not None:
+            lines.append(f"fast_exits = {json.dumps(self.fast_exits)}")
+        if self.poll_us is not None:
+            lines.append(f"poll_us = {self.poll_us}")
+        lines += [
             "[plugin]",
             f"path = {json.dumps(str(plugin_path))}",
             f"args = {json.dumps(list(self.args))}",
