@@ -34,8 +34,8 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from vmsuper.supervisor import seccomp
 from vmsuper.supervisor.config import PluginConfig
@@ -84,8 +84,11 @@ class SandboxError(PluginStartError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class Bind:
+# Records here are NamedTuples rather than frozen dataclasses: creating a dataclass runs
+# generated code through exec, about 0.4 ms each on every start of vmsuper.
+
+
+class Bind(NamedTuple):
     """A host path made visible inside the sandbox at `dst`."""
 
     src: str
@@ -96,8 +99,7 @@ class Bind:
         return ["--bind" if self.writable else "--ro-bind", self.src, self.dst]
 
 
-@dataclass(frozen=True)
-class Sandbox:
+class Sandbox(NamedTuple):
     """Everything needed to start the plugin in its sandbox."""
 
     bwrap: str
