@@ -16,7 +16,7 @@ from vmsuper.shared.asm import AssemblyError
 
 from . import cpu, exits, machine, memory, report, startup
 from .build import BuildError, build_all
-from .context import Bench
+from .context import PATHS, Bench
 from .vmrun import RunError
 
 Section = Callable[[Bench], list[dict[str, Any]]]
@@ -108,6 +108,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "async_exits": bench.exits * exits.ASYNC_FACTOR,
             "repeat": bench.repeat,
             "quick": quick,
+            # The `[vm]` settings behind each row's `path` ({}: vmsuper's defaults).
+            "paths": PATHS,
             "sections": names,
             "seconds": round(time.monotonic() - started, 1),
             "section_seconds": seconds,

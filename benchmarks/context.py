@@ -7,7 +7,7 @@ import itertools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from . import guest
 from .build import Programs
@@ -16,6 +16,16 @@ from .vmrun import RunSpec
 SDK_PLUGIN = Path(__file__).resolve().parent / "sdk_plugin.py"
 PLUGINS = ("native", "sdk")
 TRANSPORTS = ("socket", "pipes")
+DEFAULT_PATH: Final = "c+poll"
+# The ways vmsuper can serve an exit, as `[vm]` settings. The default leaves both keys out
+# (vmsuper's own defaults: plain exits in C, worker and runner poll for each other); `c` does
+# not poll (`poll_us = 0`); `python` is vmsuper before its C hot path: every exit in Python,
+# every hand-off a sleep on an eventfd.
+PATHS: Final[dict[str, dict[str, Any]]] = {
+    DEFAULT_PATH: {},
+    "c": {"poll_us": 0},
+    "python": {"fast_exits": False, "poll_us": 0},
+}
 
 
 @dataclass

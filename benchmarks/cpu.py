@@ -5,7 +5,11 @@ again after its report, and at each pause the harness reads every thread's time 
 (`/proc/PID/task/TID/schedstat`, nanoseconds). The difference, divided by the exits in
 between, splits one round trip between the supervisor's main thread, its runner thread (which
 also carries the KVM_RUN ioctl and so the guest and the kernel's exit handling), the VCPU
-worker and the plugin. Wall time minus the sum is time nobody was running: wake-ups.
+worker and the plugin. Wall time minus the sum is time nobody was running: wake-ups; a sum
+above the wall time means two of them ran at once (polling for each other).
+
+It runs along vmsuper's default exit path and along the all-Python one (`context.PATHS`), so
+the figures show where the C hot path moved the time.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ import itertools
 from pathlib import Path
 from typing import Any, Final
 
-from .context import TRANSPORTS, Bench
+from .context import DEFAULT_PATH, PATHS, TRANSPORTS, Bench
 from .memory import split_children
 from .stats import summarize
 from .vmrun import RunError, RunResult, run_vm
 
 PROFILE_FACTOR: Final = 2  # more exits than the other runs: thread times are coarse at the ends
 PARTS: Final = ("supervisor_main", "supervisor_runner", "vcpu_worker", "plugin")
+CPU_PATHS: Final = (DEFAULT_PATH, "python")
 
 
 def task_seconds(pid: int) -> dict[int, float]:
@@ -50,19 +55,26 @@ def snapshot(run: RunResult) -> dict[str, float]:
 
 def cpu(bench: Bench) -> list[dict[str, Any]]:
     exits = bench.exits * PROFILE_FACTOR
-    keys = list(itertools.product(bench.low_latency, TRANSPORTS))
-    samples: dict[tuple[bool, str], list[dict[str, float]]] = {k: [] for k in keys}
+    keys = list(itertools.product(bench.low_latency, TRANSPORTS, CPU_PATHS))
+    samples: dict[tuple[bool, str, str], list[dict[str, float]]] = {k: [] for k in keys}
     for _ in range(bench.repeat):
-        for ll, transport in keys:
+        for ll, transport, path in keys:
             snapshots: list[dict[str, float]] = []
 
             def measure(run: RunResult, line: dict[str, Any], into: Any = snapshots) -> None:
                 into.append(snapshot(run))
 
             spec = bench.spec(
-                "native", "profile", exits, transport=transport, low_latency=ll, holds=2
+                "native",
+                "profile",
+                exits,
+                transport=transport,
+                low_latency=ll,
+                holds=2,
+                **PATHS[path],
             )
-            run = run_vm(spec, bench.folder(f"cpu-{transport}"), while_held=measure)
+            folder = bench.folder(f"cpu-{transport}-{path}")
+            run = run_vm(spec, folder, while_held=measure)
             if len(snapshots) != 2:
                 raise RunError(f"the profile run paused {len(snapshots)} times, not twice")
             vcpu = run.report["vcpus"][0]
@@ -72,12 +84,13 @@ def cpu(bench: Bench) -> list[dict[str, Any]]:
             per_exit = {p: (after[p] - before[p]) / (exits + 1) * 1e6 for p in PARTS}
             per_exit["total"] = sum(per_exit.values())
             per_exit["wall"] = (vcpu["t_done"] - vcpu["t_first"]) / (exits + 1) * 1e6
-            samples[(ll, transport)].append(per_exit)
+            samples[(ll, transport, path)].append(per_exit)
     rows = []
-    for ll, transport in keys:
-        got = samples[(ll, transport)]
+    for ll, transport, path in keys:
+        got = samples[(ll, transport, path)]
         row: dict[str, Any] = {"plugin": "native", "transport": transport, "vcpus": 1}
         row["low_latency"] = ll
+        row["path"] = path
         for part in (*PARTS, "total", "wall"):
             row[f"{part}_us"] = summarize([s[part] for s in got])
         rows.append(row)

@@ -1,6 +1,9 @@
 """Exit figures: round trips through vmsuper (a), the C reference (b), async writes and
 ioeventfd writes (c).
 
+Round trips of the native plugin on one VCPU are also measured along the other exit paths
+(`context.PATHS`: no polling, all Python), interleaved with the default ones.
+
 Every figure comes from the clocks of the program that sees the exits: the plugin for vmsuper
 runs, the VCPU threads for the reference. A run covers the guest's START exit to its DONE
 exit: `exits` loop writes plus the DONE write, hence the `exits + 1` below.
@@ -13,7 +16,7 @@ import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .context import PLUGINS, TRANSPORTS, Bench
+from .context import DEFAULT_PATH, PATHS, PLUGINS, TRANSPORTS, Bench
 from .machine import held_low_latency
 from .stats import summarize
 from .vmrun import RunError, run_command, run_vm
@@ -21,6 +24,9 @@ from .vmrun import RunError, run_command, run_vm
 VCPU_COUNTS = (1, 2)
 REFERENCE_MODES = ("inline", "pipe", "socket", "relay")
 ASYNC_FACTOR = 2  # async and ioeventfd writes are cheaper: run more of them per measurement
+# The rows of (a) measured along every exit path (see PATHS), not only the default one.
+VARIANT_PLUGIN = "native"
+VARIANT_VCPUS = 1
 
 
 def rates(report: dict[str, Any], *, counted: str = "exits") -> tuple[float, float]:
@@ -63,12 +69,23 @@ def _collect(
     return [_row(key, samples[i], unit) for i, key in enumerate(keys)]
 
 
+def exit_keys(low_latency: Iterable[bool]) -> list[dict[str, Any]]:
+    """Every setting of (a): both plugins, transports and VCPU counts on vmsuper's default
+    path, and the native plugin on one VCPU along every other path too (right after its
+    default row), so before and after come from the same interleaved runs."""
+    keys = []
+    for ll, p, t, v in itertools.product(low_latency, PLUGINS, TRANSPORTS, VCPU_COUNTS):
+        paths = PATHS if (p, v) == (VARIANT_PLUGIN, VARIANT_VCPUS) else (DEFAULT_PATH,)
+        keys += [
+            {"plugin": p, "transport": t, "vcpus": v, "low_latency": ll, "path": path}
+            for path in paths
+        ]
+    return keys
+
+
 def exits(bench: Bench) -> list[dict[str, Any]]:
     """(a) Round trips: each loop write stops the VCPU until the plugin resumes it."""
-    keys = [
-        {"plugin": p, "transport": t, "vcpus": v, "low_latency": ll}
-        for ll, p, t, v in itertools.product(bench.low_latency, PLUGINS, TRANSPORTS, VCPU_COUNTS)
-    ]
+    keys = exit_keys(bench.low_latency)
 
     def measure(key: dict[str, Any]) -> tuple[float, float]:
         spec = bench.spec(
@@ -78,9 +95,10 @@ def exits(bench: Bench) -> list[dict[str, Any]]:
             vcpus=key["vcpus"],
             transport=key["transport"],
             low_latency=key["low_latency"],
+            **PATHS[key["path"]],
         )
-        folder = bench.folder(f"exits-{key['plugin']}-{key['transport']}-{key['vcpus']}")
-        return rates(run_vm(spec, folder).report)
+        name = f"exits-{key['plugin']}-{key['transport']}-{key['vcpus']}-{key['path']}"
+        return rates(run_vm(spec, bench.folder(name)).report)
 
     return _collect(bench, keys, measure)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
+from .context import DEFAULT_PATH
 from .stats import ratio
 
 Row = dict[str, Any]
@@ -44,7 +45,8 @@ def targets(sections: dict[str, list[Row]]) -> list[Row]:
         )
 
     for row in sections.get("exits", []):
-        if row["plugin"] == "native" and row["vcpus"] == 1 and "vs_crosvm" in row:
+        default = row.get("path", DEFAULT_PATH) == DEFAULT_PATH
+        if default and row["plugin"] == "native" and row["vcpus"] == 1 and "vs_crosvm" in row:
             ll = " low_latency" if row["low_latency"] else ""
             add(
                 f"native plugin {row['transport']} per exit / crosvm reference{ll}",
@@ -107,6 +109,7 @@ def _on_off(row: Row) -> str:
 
 
 _LL: Final = ("low_lat", _on_off)
+_PATH: Final = ("path", _value("path"))
 _PER_EXIT: Final = ("us/exit median [min-max]", _summary("us_per_exit"))
 
 COLUMNS: Final[dict[str, list[Column]]] = {
@@ -115,6 +118,7 @@ COLUMNS: Final[dict[str, list[Column]]] = {
         ("transport", _value("transport")),
         ("vcpus", _value("vcpus")),
         _LL,
+        _PATH,
         _PER_EXIT,
         ("exits/s", _rate("exits_per_s")),
         ("x crosvm", _value("vs_crosvm", "{:.2f}")),
@@ -145,6 +149,7 @@ COLUMNS: Final[dict[str, list[Column]]] = {
     "cpu": [
         ("transport", _value("transport")),
         _LL,
+        _PATH,
         ("wall us/exit", _summary("wall_us")),
         ("sup main", _summary("supervisor_main_us")),
         ("sup runner", _summary("supervisor_runner_us")),
@@ -179,7 +184,10 @@ COLUMNS: Final[dict[str, list[Column]]] = {
 }
 
 TITLES: Final = {
-    "exits": "a. Exit round trips through vmsuper (per exit: median [min-max] of the runs)",
+    "exits": (
+        "a. Exit round trips through vmsuper (per exit: median [min-max] of the runs;"
+        " path: c+poll = the defaults, c = poll_us 0, python = fast_exits false, poll_us 0)"
+    ),
     "reference": (
         "b. C reference, same VM and guest (inline = floor, pipe = crosvm's architecture,"
         " relay = vmsuper's process layout)"

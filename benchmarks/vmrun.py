@@ -41,6 +41,10 @@ class RunSpec:
     vcpus: int = 1
     transport: str = "socket"
     low_latency: bool = False
+    # `[vm] fast_exits` and `[vm] poll_us`; None leaves the key out, so vmsuper's own
+    # default is what gets measured.
+    fast_exits: bool | None = None
+    poll_us: int | None = None
     holds: int = 0
     expect_report: bool = True
     sandbox: bool = True
@@ -77,6 +81,12 @@ def config_toml(spec: RunSpec, args: Sequence[str], log_dir: Path) -> str:
         "[vm]",
         f"vcpus = {spec.vcpus}",
         f"low_latency = {json.dumps(spec.low_latency)}",
+    ]
+    if spec.fast_exits is not None:
+        lines.append(f"fast_exits = {json.dumps(spec.fast_exits)}")
+    if spec.poll_us is not None:
+        lines.append(f"poll_us = {spec.poll_us}")
+    lines += [
         "[plugin]",
         f"path = {json.dumps(str(spec.plugin[0]))}",
         f"args = {json.dumps(list(args))}",

@@ -16,7 +16,10 @@ from typing import Any
 
 import pytest
 
+from vmsuper.supervisor.config import VmConfig
+
 ROOT = Path(__file__).resolve().parent.parent
+PATHS = ("c+poll", "c", "python")
 SECTIONS = {"exits", "reference", "async", "ioeventfd", "cpu", "startup", "memory"}
 # The figures each section's rows must all carry (summaries unless noted).
 FIGURES = {
@@ -75,19 +78,23 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
             for key in keys:
                 check_summary(f"{name}.{key}", row[key])
 
+    assert set(results["settings"]["paths"]) == set(PATHS)
     exits = sections["exits"]
-    combos = {(r["plugin"], r["transport"], r["vcpus"], r["low_latency"]) for r in exits}
-    assert combos == set(
-        itertools.product(("native", "sdk"), ("socket", "pipes"), (1, 2), (False, True))
-    )
+    combos = [(r["plugin"], r["transport"], r["vcpus"], r["low_latency"], r["path"]) for r in exits]
+    defaults = itertools.product(("native", "sdk"), ("socket", "pipes"), (1, 2), (False, True))
+    # Every setting along the default path; the native plugin on one VCPU along every path.
+    variants = itertools.product(("native",), ("socket", "pipes"), (1,), (False, True), PATHS)
+    expected = {(*key, "c+poll") for key in defaults} | set(variants)
+    assert sorted(combos) == sorted(expected)
     for row in exits:
         for ratio in ("vs_crosvm", "vs_crosvm_socket", "vs_relay", "vs_floor"):
             assert isinstance(row[ratio], float) and row[ratio] > 0, (ratio, row)
     modes = {(r["mode"], r["low_latency"]) for r in sections["reference"]}
     assert modes == set(itertools.product(("inline", "pipe", "socket", "relay"), (False, True)))
 
-    assert {(r["transport"], r["low_latency"]) for r in sections["cpu"]} == set(
-        itertools.product(("socket", "pipes"), (False, True))
+    cpu = [(r["transport"], r["low_latency"], r["path"]) for r in sections["cpu"]]
+    assert sorted(cpu) == sorted(
+        itertools.product(("socket", "pipes"), (False, True), ("c+poll", "python"))
     )
 
     startup = {(r["plugin"], r.get("low_latency")): r for r in sections["startup"]}
@@ -120,5 +127,43 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
         assert math.isfinite(row["per_added_vcpu_pss_mib"])
 
     targets = results["targets"]
-    assert len(targets) == 9
+    assert len(targets) == 9  # the exit targets judge the default path only
     assert all(isinstance(t["measured"], float) and isinstance(t["met"], bool) for t in targets)
+
+
+# Loads the config the harness generates for each exit path with vmsuper's own loader.
+_PATH_CONFIGS = """
+import json, sys
+from pathlib import Path
+from benchmarks.context import PATHS
+from benchmarks.vmrun import RunSpec, config_toml
+from vmsuper.supervisor.config import load_config
+folder = Path(sys.argv[1])
+found = {}
+for name, settings in PATHS.items():
+    config = folder / f"{name}.toml"
+    spec = RunSpec(plugin=["/bin/true"], low_latency=True, **settings)
+    config.write_text(config_toml(spec, [], folder / "logs"))
+    vm = load_config(config, check_plugin=False).vm
+    found[name] = [vm.fast_exits, vm.poll_us, vm.low_latency]
+print(json.dumps(found))
+"""
+
+
+def test_each_exit_path_reaches_the_vm_config(tmp_path: Path) -> None:
+    """The default path leaves vmsuper's defaults alone; the others set exactly their keys."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PATH_CONFIGS, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    defaults = VmConfig()
+    assert json.loads(done.stdout) == {
+        "c+poll": [defaults.fast_exits, defaults.poll_us, True],
+        "c": [defaults.fast_exits, 0, True],
+        "python": [False, 0, True],
+    }
