@@ -165,8 +165,7 @@ class VcpuRunner:
             stopping=0,
             spin_ns=doorbell.spin_ns,
         )
-        target = self._fast_loop if fast else self._loop
-        self._thread = threading.Thread(target=target, name=f"vcpu{vcpu}-runner", daemon=True)
+        self._thread = threading.Thread(target=self._main, name=f"vcpu{vcpu}-runner", daemon=True)
 
     def start(self) -> None:
         self._alive = True
@@ -198,6 +197,19 @@ class VcpuRunner:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def _main(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, RUNNER_BLOCKED)
+        try:
+            if self._fast:
+                self._fast_loop()
+            else:
+                self._loop()
+        except Exception as exc:
+            self._failed(exc)
+        finally:
+            with self._alive_lock:
+                self._alive = False
+
     def _fast_loop(self) -> None:
         """KVM_RUN requests are served in C (`hotpath.c`) without the GIL; Python makes the
         other ioctls, the first run (after the Init barrier) and decides when to stop."""
@@ -206,35 +218,50 @@ class VcpuRunner:
         runner_loop = hotpath.library.vms_runner_loop
         mailbox = self._mailbox
         doorbell = self._doorbell
-        signal.pthread_sigmask(signal.SIG_BLOCK, RUNNER_BLOCKED)
-        try:
-            while True:
-                result = runner_loop(pointer)
+        while True:
+            result = runner_loop(pointer)
+            if self.stopping or result == hotpath.RunnerResult.STOP:
+                return
+            if result == hotpath.RunnerResult.INTERRUPTED:
+                continue  # a kick while idle
+            if result == hotpath.RunnerResult.FAILED:
+                raise OSError(context.error, f"runner bell failed: {os.strerror(context.error)}")
+            op, length = mailbox.request()
+            if result == hotpath.RunnerResult.HELD_RUN:
+                if not self._pass_barrier():
+                    return
+                context.hold_runs = 0
+                ret, err = self._run_once()
+            else:
+                ret, err = self._call(op, length)
+            mailbox.complete(ret, err)
+            doorbell.ring_done()
+
+    def _loop(self) -> None:
+        """The same as `_fast_loop`, all in Python (`[vm] fast_exits = false`)."""
+        mailbox = self._mailbox
+        doorbell = self._doorbell
+        before_first_run = True
+        while True:
+            try:
+                doorbell.wait_request()
+            except InterruptedError:  # a kick while it slept
                 if self.stopping:
                     return
-                if result == hotpath.RunnerResult.INTERRUPTED:
-                    continue  # a kick while idle
-                if result == hotpath.RunnerResult.FAILED:
-                    raise OSError(
-                        context.error, f"runner bell failed: {os.strerror(context.error)}"
-                    )
-                if result == hotpath.RunnerResult.STOP:
-                    return
-                op, length = mailbox.request()
-                if result == hotpath.RunnerResult.HELD_RUN:
+                continue
+            if self.stopping:
+                return
+            op, length = mailbox.request()
+            if op == OP_RUN:
+                if before_first_run:
+                    before_first_run = False
                     if not self._pass_barrier():
                         return
-                    context.hold_runs = 0
-                    ret, err = self._run_once()
-                else:
-                    ret, err = self._call(op, length)
-                mailbox.complete(ret, err)
-                doorbell.ring_done()
-        except Exception as exc:
-            self._failed(exc)
-        finally:
-            with self._alive_lock:
-                self._alive = False
+                ret, err = self._run_once()
+            else:
+                ret, err = self._call(op, length)
+            mailbox.complete(ret, err)
+            doorbell.ring_done()
 
     def _pass_barrier(self) -> bool:
         """No VCPU enters the guest before every VCPU has finished its Init; False: stop."""
@@ -261,52 +288,6 @@ class VcpuRunner:
             self._doorbell.ring_done()
         except Exception as again:
             self._log.error("runner_failed", vcpu=self.vcpu, error=repr(again))
-
-    def _loop(self) -> None:
-        """The same as `_fast_loop`, all in Python (`[vm] fast_exits = false`)."""
-        fd = self._fd
-        run = self._run
-        mailbox = self._mailbox
-        doorbell = self._doorbell
-        slot = self._slot
-        ioctl = kvm.ioctl
-        kvm_error = kvm.KvmError
-        run_request = kvm.KVM_RUN
-        before_first_run = True
-        signal.pthread_sigmask(signal.SIG_BLOCK, RUNNER_BLOCKED)
-        try:
-            while True:
-                try:
-                    doorbell.wait_request()
-                except InterruptedError:  # a kick while idle (eventfd reads are not retried)
-                    if self.stopping:
-                        return
-                    continue
-                if self.stopping:
-                    return
-                op, length = mailbox.request()
-                if op == OP_RUN:
-                    if before_first_run:
-                        before_first_run = False
-                        if not self._pass_barrier():
-                            return
-                    if slot.pause_pending():
-                        run.immediate_exit = 1
-                    try:
-                        ret = ioctl(fd, run_request)
-                        err = 0
-                    except kvm_error as exc:
-                        ret = -1
-                        err = exc.errno or errno.EIO
-                else:
-                    ret, err = self._call(op, length)
-                mailbox.complete(ret, err)
-                doorbell.ring_done()
-        except Exception as exc:
-            self._failed(exc)
-        finally:
-            with self._alive_lock:
-                self._alive = False
 
     def _call(self, op: int, length: int) -> tuple[int, int]:
         refusal = check_argument(op, self._mailbox.read_arg(min(length, _HEADER_SIZE)), length)
