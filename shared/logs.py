@@ -3,21 +3,18 @@
 The supervisor writes ``supervisor.jsonl`` and each VCPU worker ``vcpu-N.jsonl`` in the run's
 log folder. Every record has ``timestamp`` (ISO 8601 UTC, always with microseconds so records
 sort as text), ``level``, ``pid``, ``vcpu`` (when the process or the call has one) and
-``event`` (the event name), then the call's own fields. ``exc_info=True`` (as
-``log.exception`` sets) adds the current exception's traceback as ``exception``.
+``event`` (the event name), then the call's own fields.
 
 Each record is written with a single unbuffered ``write`` to a file opened for append, so a
 crash (even SIGKILL) loses nothing and processes sharing a file never interleave within a
-line. Records below the level are dropped before anything is formatted, so ``log.debug`` on
-the hot path costs a method call and a comparison.
+line. Records below the level are dropped by structlog's filtering logger before any
+processing, so ``log.debug`` on the hot path costs a method call.
 
-The configuration is global to a process and every logger reads it at each call, so
-re-configuring (a forked worker switching to its own file and level) reaches loggers made
-before. Until `configure_logging` is called, records of level info and up go to stderr.
-
-This is a small logger of its own rather than a logging library's: it is on the path of every
-`vmsuper run` start, and the one this replaced (structlog) imports asyncio, a third of the
-supervisor's import time.
+structlog's configuration is global to a process and loggers cache it on first use, so
+re-configuring (a forked worker switching to its own file) must reach loggers that are
+already cached: the processors and the output sink here are fixed objects whose state is
+swapped, rather than new objects. (The one exception: a cached logger keeps the level filter
+it was made with, so lowering the level later does not reach it; raising it does.)
 """
 
 from __future__ import annotations
@@ -28,17 +25,17 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Mapping
-from datetime import UTC, datetime
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
+import structlog
+from structlog.typing import FilteringBoundLogger
+
 SUPERVISOR_LOG = "supervisor.jsonl"
 LEVELS = ("debug", "info", "warning", "error", "critical")
-DEBUG, INFO, WARNING, ERROR, CRITICAL = 10, 20, 30, 40, 50
-_LEVEL_NUMBERS = dict(zip(LEVELS, (DEBUG, INFO, WARNING, ERROR, CRITICAL), strict=True))
+_LEVEL_NUMBERS = {name: structlog.processors.NAME_TO_LEVEL[name] for name in LEVELS}
 _FIXED_FIELDS = ("timestamp", "level", "pid", "vcpu", "event")
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 def vcpu_log_name(vcpu: int) -> str:
@@ -47,12 +44,12 @@ def vcpu_log_name(vcpu: int) -> str:
 
 
 class _State:
-    """What every logger reads at each call; changed field by field on re-configuration."""
+    """What the processors and the sink read; replaced field by field on re-configuration."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.vcpu: int | None = None
-        self.min_level = INFO
+        self.min_level = _LEVEL_NUMBERS["info"]
         self.echo_stderr = False
         self.file: io.FileIO | None = None
         self.lock = threading.Lock()
@@ -70,91 +67,66 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _write_line(line: str) -> None:
-    data = (line + "\n").encode()
-    with _state.lock:
-        file = _state.file
-        if file is None:
-            sys.stderr.write(data.decode())
-            return
-        view = memoryview(data)
-        while view:
-            written = file.write(view)
-            view = view[written or 0 :]
+class _Sink:
+    """The wrapped logger every structlog logger writes to; the file behind it can change."""
+
+    def msg(self, message: str) -> None:
+        data = (message + "\n").encode()
+        with _state.lock:
+            file = _state.file
+            if file is None:
+                sys.stderr.write(data.decode())
+                return
+            view = memoryview(data)
+            while view:
+                written = file.write(view)
+                view = view[written or 0 :]
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
 
 
-def _exception_text(exc_info: Any) -> str | None:
-    """The traceback `exc_info` names: an exception, an exc_info tuple, or true for the
-    exception being handled; None if there is none."""
-    if isinstance(exc_info, BaseException):
-        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
-    elif not (isinstance(exc_info, tuple) and len(exc_info) == 3):
-        exc_info = sys.exc_info() if exc_info else (None, None, None)
-    if not isinstance(exc_info[1], BaseException):
-        return None
-    import traceback  # only when there is a traceback to format
-
-    return "".join(traceback.format_exception(*exc_info)).removesuffix("\n")
+_SINK = _Sink()
 
 
-def _emit(level: str, context: Mapping[str, Any], event: str, fields: dict[str, Any]) -> None:
-    record = {**context, **fields}
-    record["event"] = event
-    record["level"] = level
-    record["timestamp"] = datetime.now(UTC).strftime(_TIME_FORMAT)
-    if "exc_info" in record:
-        text = _exception_text(record.pop("exc_info"))
-        if text is not None:
-            record["exception"] = text
-    record.setdefault("pid", _state.pid)
+def _sink_factory(*_args: object) -> _Sink:
+    return _SINK
+
+
+def _drop_below_level(_logger: object, method: str, event: MutableMapping[str, Any]) -> Any:
+    # Loggers cached before a re-configuration keep their old filtering class; this keeps a
+    # raised level effective for them too.
+    if structlog.processors.NAME_TO_LEVEL.get(method, 100) < _state.min_level:
+        raise structlog.DropEvent
+    return event
+
+
+def _order_fields(_logger: object, _method: str, event: MutableMapping[str, Any]) -> Any:
+    """Put the fixed fields first (readable lines) and add pid and vcpu."""
+    event.setdefault("pid", _state.pid)
     if _state.vcpu is not None:
-        record.setdefault("vcpu", _state.vcpu)
-    # The fixed fields first, for readable lines.
-    ordered = {key: record.pop(key) for key in _FIXED_FIELDS if key in record}
-    ordered.update(record)
+        event.setdefault("vcpu", _state.vcpu)
+    ordered = {key: event.pop(key) for key in _FIXED_FIELDS if key in event}
+    ordered.update(event)
+    return ordered
+
+
+def _echo(_logger: object, _method: str, event: MutableMapping[str, Any]) -> Any:
     if _state.echo_stderr:
         # A closed or broken stderr must not stop the log file.
         with contextlib.suppress(OSError, ValueError):
-            sys.stderr.write(format_text(ordered) + "\n")
-    _write_line(json.dumps(ordered, default=repr))
+            sys.stderr.write(format_text(event) + "\n")
+    return event
 
 
-class Logger:
-    """Writes records: ``log.info("event_name", key=value, ...)``, with its bound fields."""
-
-    __slots__ = ("_context",)
-
-    def __init__(self, context: Mapping[str, Any] | None = None) -> None:
-        self._context = dict(context or {})
-
-    def bind(self, **fields: Any) -> Logger:
-        """A logger that adds `fields` to every record (a call's own fields win)."""
-        return Logger({**self._context, **fields})
-
-    def debug(self, event: str, **fields: Any) -> None:
-        if _state.min_level <= DEBUG:
-            _emit("debug", self._context, event, fields)
-
-    def info(self, event: str, **fields: Any) -> None:
-        if _state.min_level <= INFO:
-            _emit("info", self._context, event, fields)
-
-    def warning(self, event: str, **fields: Any) -> None:
-        if _state.min_level <= WARNING:
-            _emit("warning", self._context, event, fields)
-
-    def error(self, event: str, **fields: Any) -> None:
-        if _state.min_level <= ERROR:
-            _emit("error", self._context, event, fields)
-
-    def critical(self, event: str, **fields: Any) -> None:
-        if _state.min_level <= CRITICAL:
-            _emit("critical", self._context, event, fields)
-
-    def exception(self, event: str, **fields: Any) -> None:
-        """An error record with the traceback of the exception being handled."""
-        fields.setdefault("exc_info", True)
-        self.error(event, **fields)
+_PROCESSORS: list[Any] = [
+    _drop_below_level,
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="%Y-%m-%dT%H:%M:%S.%fZ", utc=True),
+    structlog.processors.format_exc_info,
+    _order_fields,
+    _echo,
+    structlog.processors.JSONRenderer(),
+]
 
 
 def configure_logging(
@@ -163,7 +135,7 @@ def configure_logging(
     level: str,
     vcpu: int | None = None,
     echo_stderr: bool = False,
-) -> Logger:
+) -> FilteringBoundLogger:
     """Send this process's records to `path` (appended, created with its folder if needed).
 
     Call it again after fork with the worker's own file and `vcpu`; the previous file is closed.
@@ -182,6 +154,12 @@ def configure_logging(
         _state.echo_stderr = echo_stderr
     if old is not None:
         old.close()
+    structlog.configure(
+        processors=_PROCESSORS,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVEL_NUMBERS[name]),
+        logger_factory=_sink_factory,
+        cache_logger_on_first_use=True,
+    )
     return get_logger()
 
 
@@ -194,9 +172,10 @@ def close_logging() -> None:
         old.close()
 
 
-def get_logger(**initial: object) -> Logger:
+def get_logger(**initial: object) -> FilteringBoundLogger:
     """A logger bound to `initial` fields, following the current configuration."""
-    return Logger(initial)
+    logger: FilteringBoundLogger = structlog.get_logger(**initial)
+    return logger
 
 
 def format_text(record: Mapping[str, Any]) -> str:

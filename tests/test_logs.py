@@ -129,46 +129,6 @@ def test_reconfiguration_reaches_cached_loggers(tmp_path: Path) -> None:
     assert record["vcpu"] == 1
 
 
-def test_lowering_the_level_reaches_loggers_made_before(tmp_path: Path) -> None:
-    path = tmp_path / "log.jsonl"
-    logs.configure_logging(path, level="error")
-    made_before = logs.get_logger()
-    made_before.info("dropped")
-    logs.configure_logging(path, level="debug")
-    made_before.debug("kept")
-    assert [r["event"] for r in read(path)] == ["kept"]
-
-
-def test_bound_fields_and_the_call_s_own_win(tmp_path: Path) -> None:
-    path = tmp_path / "log.jsonl"
-    log = logs.configure_logging(path, level="info").bind(component="runner", slot=1)
-    log.bind(slot=2).info("one")
-    log.info("two", slot=3)
-    one, two = read(path)
-    assert (one["component"], one["slot"], two["slot"]) == ("runner", 2, 3)
-    assert list(one)[:4] == ["timestamp", "level", "pid", "event"]
-
-
-def test_exc_info_forms(tmp_path: Path) -> None:
-    path = tmp_path / "log.jsonl"
-    log = logs.configure_logging(path, level="info")
-    error = ValueError("given")
-    log.error("instance", exc_info=error)
-    try:
-        raise KeyError("handled")
-    except KeyError:
-        log.error("flag", exc_info=True)
-    log.error("no_exception_being_handled", exc_info=True)
-    log.warning("false", exc_info=False)
-    records = {r["event"]: r for r in read(path)}
-    assert records["instance"]["exception"] == "ValueError: given"
-    assert records["flag"]["exception"].startswith("Traceback (most recent call last):")
-    assert records["flag"]["exception"].endswith("KeyError: 'handled'")
-    for event in ("no_exception_being_handled", "false"):
-        assert "exception" not in records[event]
-        assert "exc_info" not in records[event]
-
-
 def test_forked_worker_writes_its_own_file(tmp_path: Path) -> None:
     parent_path, child_path = tmp_path / "supervisor.jsonl", tmp_path / logs.vcpu_log_name(0)
     log = logs.configure_logging(parent_path, level="info")
