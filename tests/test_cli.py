@@ -221,12 +221,11 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_cli_imports_only_what_its_command_needs() -> None:
-    # Start-up time: `vmsuper run` must not pay for the log viewer, and nothing on the run
-    # path may pull in asyncio.
+    # Start-up time: `vmsuper run` must not pay for the log viewer or the host check.
     done = _python(
         "import sys, vmsuper.supervisor.cli, vmsuper.supervisor.runner\n"
-        "print([m for m in ('vmsuper.supervisor.logview', 'vmsuper.supervisor.check',"
-        " 'asyncio') if m in sys.modules])"
+        "print([m for m in ('vmsuper.supervisor.logview', 'vmsuper.supervisor.check')"
+        " if m in sys.modules])"
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[]\n"
