@@ -21,7 +21,7 @@ import enum
 import errno
 import importlib.machinery
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 __all__ = [
     "ABI",
@@ -176,67 +176,49 @@ def struct_layout(struct: type[ctypes.Structure]) -> dict[str, int]:
     return {**fields, "sizeof": ctypes.sizeof(struct)}
 
 
+_c = ctypes
+_SIGNATURES: Final[dict[str, tuple[list[Any], Any]]] = {
+    # name: (argument types, result type), as declared in hotpath.c.
+    "vms_abi": ([], _c.c_int),
+    "vms_layout": (
+        [_c.c_int, _c.POINTER(_c.c_char_p), _c.POINTER(_c.POINTER(_c.c_uint64))],
+        _c.c_size_t,
+    ),
+    "vms_watch_signal": ([_c.c_int], _c.c_int),
+    "vms_take_signal": ([], _c.c_int),
+    "vms_bell_ring": ([_c.c_void_p, _c.c_int], _c.c_int),
+    "vms_bell_wait": ([_c.c_void_p, _c.c_int, _c.c_void_p, _c.c_uint64, _c.c_int], _c.c_int),
+    "vms_runner_loop": ([_c.POINTER(RunnerContext)], _c.c_int),
+    "vms_worker_loop": ([_c.POINTER(WorkerContext)], _c.c_int),
+    "vms_find_range": ([_c.c_void_p, _c.c_uint64, _c.c_uint64, _c.c_uint64], _c.c_int64),
+    "vms_encode_io_wait": (
+        [_c.c_char_p, _c.c_uint64, _c.c_uint64, _c.c_int, _c.c_int, _c.c_char_p, _c.c_size_t],
+        _c.c_size_t,
+    ),
+    "vms_plain_resume": (
+        [_c.c_char_p, _c.c_size_t, _c.POINTER(_c.c_size_t), _c.POINTER(_c.c_size_t)],
+        _c.c_int,
+    ),
+}
+
+
 def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_library_path()), use_errno=True)
-    lib.vms_abi.restype = ctypes.c_int
+    for name, (argtypes, restype) in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes = argtypes
+        function.restype = restype
     if lib.vms_abi() != ABI:
         raise HotpathError(
             f"vmsuper's C library has ABI {lib.vms_abi()}, this code needs {ABI}: rebuild it "
             "(`pip install -e .`)"
         )
-    lib.vms_layout.argtypes = [
-        ctypes.c_int,
-        ctypes.POINTER(ctypes.c_char_p),
-        ctypes.POINTER(ctypes.POINTER(ctypes.c_uint64)),
-    ]
-    lib.vms_layout.restype = ctypes.c_size_t
     for which, struct in enumerate((RunnerContext, Range, WorkerContext)):
         if layout(lib, which) != struct_layout(struct):
             raise HotpathError(
                 f"the C library's struct layout differs from {struct.__name__}: rebuild it "
                 "(`pip install -e .`)"
             )
-    lib.vms_watch_signal.argtypes = [ctypes.c_int]
-    lib.vms_watch_signal.restype = ctypes.c_int
-    lib.vms_take_signal.restype = ctypes.c_int
-    lib.vms_bell_ring.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    lib.vms_bell_ring.restype = ctypes.c_int
-    lib.vms_bell_wait.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_uint64,
-        ctypes.c_int,
-    ]
-    lib.vms_bell_wait.restype = ctypes.c_int
-    lib.vms_runner_loop.argtypes = [ctypes.POINTER(RunnerContext)]
-    lib.vms_runner_loop.restype = ctypes.c_int
-    lib.vms_worker_loop.argtypes = [ctypes.POINTER(WorkerContext)]
-    lib.vms_worker_loop.restype = ctypes.c_int
-    lib.vms_find_range.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_uint64,
-        ctypes.c_uint64,
-        ctypes.c_uint64,
-    ]
-    lib.vms_find_range.restype = ctypes.c_int64
-    lib.vms_encode_io_wait.argtypes = [
-        ctypes.c_char_p,
-        ctypes.c_uint64,
-        ctypes.c_uint64,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_size_t,
-    ]
-    lib.vms_encode_io_wait.restype = ctypes.c_size_t
-    lib.vms_plain_resume.argtypes = [
-        ctypes.c_char_p,
-        ctypes.c_size_t,
-        ctypes.POINTER(ctypes.c_size_t),
-        ctypes.POINTER(ctypes.c_size_t),
-    ]
-    lib.vms_plain_resume.restype = ctypes.c_int
     return lib
 
 
