@@ -660,7 +660,10 @@ class Doorbell:
 
 
 def drain_wakeup_pipe(fd: int) -> None:
-    """Empty a non-blocking `signal.set_wakeup_fd` pipe (Python already noted the signals)."""
+    """Empty a non-blocking `signal.set_wakeup_fd` pipe (Python already noted the signals);
+    nothing for -1 (no pipe)."""
+    if fd < 0:
+        return
     with contextlib.suppress(BlockingIOError):
         while os.read(fd, 256):
             pass
