@@ -23,6 +23,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
+from vmsuper.testing import VmSpec
+
 REPORT_PREFIX: Final = '{"bench"'
 DEFAULT_TIMEOUT_S: Final = 120.0
 _STDERR_TAIL: Final = 4000
@@ -77,26 +79,18 @@ def vmsuper_command() -> list[str]:
 
 
 def config_toml(spec: RunSpec, args: Sequence[str], log_dir: Path) -> str:
-    lines = [
-        "[vm]",
-        f"vcpus = {spec.vcpus}",
-        f"low_latency = {json.dumps(spec.low_latency)}",
-    ]
-    if spec.fast_exits is not None:
-        lines.append(f"fast_exits = {json.dumps(spec.fast_exits)}")
-    if spec.poll_us is not None:
-        lines.append(f"poll_us = {spec.poll_us}")
-    lines += [
-        "[plugin]",
-        f"path = {json.dumps(str(spec.plugin[0]))}",
-        f"args = {json.dumps(list(args))}",
-        f"vcpu_transport = {json.dumps(spec.transport)}",
-        f"sandbox = {json.dumps(spec.sandbox)}",
-    ]
-    for mount in spec.mounts:
-        lines += ["[[plugin.mounts]]", f"src = {json.dumps(str(mount))}"]
-    lines += ["[log]", f"dir = {json.dumps(str(log_dir))}", 'level = "info"', ""]
-    return "\n".join(lines)
+    """The run's config, written the way vmsuper's own test runner writes one."""
+    vm = VmSpec(
+        vcpus=spec.vcpus,
+        low_latency=spec.low_latency,
+        fast_exits=spec.fast_exits,
+        poll_us=spec.poll_us,
+        transport=spec.transport,
+        args=list(args),
+        sandbox=spec.sandbox,
+        mounts=[(mount, None, False) for mount in spec.mounts],
+    )
+    return vm.to_toml(Path(spec.plugin[0]), log_dir)
 
 
 def run_vm(
