@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from vmsuper.supervisor import config_shape
 from vmsuper.workers.limits import Limits
 
 MAX_VCPUS = 64
@@ -169,9 +170,13 @@ def load_config(
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
-        raw = msgspec.toml.decode(data)
+        # Decoded here rather than by the TOML parser, so the message does not depend on how
+        # a msgspec release reports bad bytes.
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{label}: not valid UTF-8 (byte {exc.start})") from None
+    try:
+        raw = msgspec.toml.decode(text)
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{label}: invalid TOML: {_toml_message(exc)}") from None
     if not isinstance(raw, dict):  # pragma: no cover - TOML documents are always tables
@@ -179,10 +184,12 @@ def load_config(
     raw.setdefault("plugin", {})  # so a missing [plugin] reports "[plugin] path is required"
     _apply_overrides(raw, overrides or {}, label)
     try:
-        config = msgspec.convert(raw, Config, dec_hook=_dec_hook)
-    except msgspec.ValidationError as exc:
-        key, message = _translate(str(exc))
-        raise ConfigError(_format(label, key, message, overridden)) from None
+        config_shape.check(raw, Config)
+    except config_shape.ShapeError as exc:
+        raise ConfigError(_format(label, exc.key, exc.message, overridden)) from None
+    # The shape is known good: what conversion could still refuse is a bug of the walk above,
+    # reported with msgspec's own words rather than blamed on a key.
+    config = msgspec.convert(raw, Config, dec_hook=_dec_hook)
     folder = path.resolve().parent
     # Path("./x") prints as "x", so whether the file wrote a bare name is read from the text.
     bare = "/" not in raw["plugin"]["path"]
@@ -194,18 +201,10 @@ def load_config(
 
 
 def _format(label: str, key: str, message: str, overridden: set[str]) -> str:
-    where = _key_label(key)
+    where = config_shape.key_label(key)
     if any(key == o or key.startswith((f"{o}.", f"{o}[")) for o in overridden):
         where += " (overridden)"
     return f"{label}: {where}: {message}" if where else f"{label}: {message}"
-
-
-def _key_label(key: str) -> str:
-    """ "vm.vcpus" -> "[vm] vcpus"; "plugin.args[1]" -> "[plugin] args[1]"; "" -> ""."""
-    if not key:
-        return ""
-    table, _, rest = key.partition(".")
-    return f"[{table}] {rest}" if rest else f"[{table}]"
 
 
 def _toml_message(exc: msgspec.DecodeError) -> str:
@@ -233,69 +232,12 @@ def _struct_of(annotation: object) -> type[msgspec.Struct] | None:
 
 
 def _dec_hook(kind: type, value: object) -> object:
-    if kind is Path and isinstance(value, str):
-        if not value:
-            raise ValueError("must not be empty")
-        return Path(value)
-    if kind is ipaddress.IPv4Address and isinstance(value, str):
-        try:
-            return ipaddress.IPv4Address(value)
-        except ValueError:
-            raise ValueError(f"expected an IPv4 address, got {value!r}") from None
-    raise TypeError(f"expected a string, got {_toml_type(value)}")
-
-
-def _toml_type(value: object) -> str:
-    return {bool: "boolean", int: "integer", float: "float", str: "string"}.get(
-        type(value), "table" if isinstance(value, dict) else "array"
-    )
-
-
-_TYPE_NAMES = {
-    "int": "an integer",
-    "float": "a number",
-    "str": "a string",
-    "bool": "a boolean",
-    "object": "a table",
-    "object | null": "a table",
-    "array": "an array",
-    "null": "nothing",
-}
-_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
-
-
-def _translate(text: str) -> tuple[str, str]:
-    """Turn msgspec's "Expected `int`, got `str` - at `$.vm.vcpus`" into a key and a message."""
-    match = _AT.match(text)
-    assert match is not None  # the pattern matches any string
-    message, path = match["msg"], (match["path"] or "").lstrip(".")
-    path = path.replace("[...]", "")
-    if m := re.fullmatch(r"Object contains unknown field `(.*)`", message):
-        if not path:
-            return "", f"unknown table [{m[1]}]"
-        return "", f"unknown key {_key_label(path)} {m[1]}"
-    if m := re.fullmatch(r"Object missing required field `(.*)`", message):
-        if not path:
-            return "", f"[{m[1]}] is required"
-        return "", f"{_key_label(path)} {m[1]} is required"
-    if m := re.fullmatch(r"Expected `(.*?)`, got `(.*?)`", message):
-        want = _TYPE_NAMES.get(m[1], m[1])
-        got = _TYPE_NAMES.get(m[2], m[2]).removeprefix("an ").removeprefix("a ")
-        return path, f"expected {want}, got {got}"
-    if m := re.fullmatch(r"Invalid enum value (.*)", message):
-        allowed = ", ".join(repr(v) for v in _literal_values(path))
-        return path, f"expected one of {allowed}, got {m[1]}"
-    return path, message[:1].lower() + message[1:]
-
-
-def _literal_values(path: str) -> tuple[object, ...]:
-    annotation: object = Config
-    for part in path.split("."):
-        struct = _struct_of(annotation)
-        if struct is None:
-            return ()
-        annotation = typing.get_type_hints(struct).get(part)
-    return typing.get_args(annotation)
+    """Builds the two field types TOML has no literal for; config_shape checked the strings."""
+    if kind is Path:
+        return Path(typing.cast(str, value))
+    if kind is ipaddress.IPv4Address:
+        return ipaddress.IPv4Address(typing.cast(str, value))
+    raise NotImplementedError(kind)
 
 
 def _check(config: Config) -> None:

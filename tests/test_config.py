@@ -153,7 +153,7 @@ def test_errors_name_file_and_key(
         ("args = '--verbose'", "[plugin] args: expected an array, got string"),
         ("args = ['a', 2]", "[plugin] args[1]: expected a string, got integer"),
         ('args = ["a\\u0000b"]', "[plugin] args[0]: must not contain a NUL character"),
-        ("env = { A = 1 }", "[plugin] env: expected a string, got integer"),
+        ("env = { A = 1 }", "[plugin] env.A: expected a string, got integer"),
         ("env = { 'A=B' = 'x' }", "[plugin] env: invalid variable name 'A=B'"),
         ("env = { '' = 'x' }", "[plugin] env: invalid variable name ''"),
         ('env = { A = "a\\u0000" }', "[plugin] env.A: must not contain a NUL character"),
