@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from vmsuper.shared.asm import AssemblyError
 
-from . import cpu, exits, machine, memory, report, startup
+from . import concurrent, cpu, exits, machine, memory, report, startup
 from .build import BuildError, build_all
 from .context import PATHS, Bench
 from .vmrun import RunError
@@ -30,6 +30,7 @@ SECTIONS: Final[dict[str, Section]] = {
     "cpu": cpu.cpu,
     "startup": startup.startup,
     "memory": memory.memory,
+    "concurrent": concurrent.concurrent,
 }
 DEFAULT_EXITS: Final = 5000
 DEFAULT_REPEAT: Final = 5
@@ -100,6 +101,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         print(f" {seconds[name]} s", file=sys.stderr, flush=True)
     if "exits" in sections and "reference" in sections:
         report.add_ratios(sections["exits"], sections["reference"])
+    if "cpu" in sections and "reference" in sections:
+        report.add_cpu_ratios(sections["cpu"], sections["reference"])
     return {
         # Other work on the machine skews every figure: the load says how quiet it was.
         "machine": {**machine.describe(), "loadavg_1min": [load_before, os.getloadavg()[0]]},

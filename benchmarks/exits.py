@@ -16,6 +16,7 @@ import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .concurrent import children_cpu_s
 from .context import DEFAULT_PATH, PATHS, PLUGINS, TRANSPORTS, Bench
 from .machine import held_low_latency
 from .stats import summarize
@@ -104,18 +105,29 @@ def exits(bench: Bench) -> list[dict[str, Any]]:
 
 
 def reference(bench: Bench) -> list[dict[str, Any]]:
-    """(b) The C reference: exits handled in the VCPU thread, or by a plugin process."""
+    """(b) The C reference: exits handled in the VCPU thread, or by a plugin process.
+
+    Its CPU time per exit (every thread and process of a run, from RUSAGE_CHILDREN) is the
+    bill vmsuper's `cpu` section is compared with.
+    """
     keys = [
         {"mode": m, "vcpus": v, "low_latency": ll}
         for ll, m, v in itertools.product(bench.low_latency, REFERENCE_MODES, VCPU_COUNTS)
     ]
+    cpu: list[list[float]] = [[] for _ in keys]
 
     def measure(key: dict[str, Any]) -> tuple[float, float]:
         with held_low_latency(key["low_latency"]):
+            before = children_cpu_s()
             report = run_command(bench.reference(key["mode"], key["vcpus"], bench.exits))
+            spent = children_cpu_s() - before
+        cpu[keys.index(key)].append(spent / ((bench.exits + 1) * key["vcpus"]) * 1e6)
         return rates(report)
 
-    return _collect(bench, keys, measure)
+    rows = _collect(bench, keys, measure)
+    for row, samples in zip(rows, cpu, strict=True):
+        row["cpu_us_per_exit"] = summarize(samples)
+    return rows
 
 
 def async_writes(bench: Bench) -> list[dict[str, Any]]:

@@ -1,0 +1,130 @@
+"""Many VMs at once: K one-VCPU VMs started together, against K copies of the C reference.
+
+Users run vmsuper as parallel test suites do: more busy VMs than cores. Each batch starts K
+runs of the native plugin's exit loop at the same moment (threads, one `vmsuper run` each)
+and waits for all of them; the C reference's `pipe` mode (crosvm's architecture: a VCPU thread
+and a plugin process over pipes) runs the same way. Batches of every kind are interleaved, so
+drifts of the machine's speed hit them alike.
+
+Per batch:
+- wall: from starting the first run to the end of the last, start-up included;
+- CPU: user + system time of everything the batch ran (the runs and every process below them,
+  all reaped), from this process's RUSAGE_CHILDREN.
+
+vmsuper runs along its default path and with `poll_us = 0`, because polling, which pays off
+on an idle machine, is what could hurt when no core is free.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import resource
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from .context import DEFAULT_PATH, PATHS, TRANSPORTS, Bench
+from .stats import ratio, summarize
+from .vmrun import RunError, run_command, run_vm
+
+VM_COUNTS: Final = (1, 2, 4, 8)
+QUICK_VM_COUNTS: Final = (2,)
+EXITS_FACTOR: Final = 4  # 20,000 exits per VM with the default 5,000
+CONCURRENT_PATHS: Final = (DEFAULT_PATH, "c")
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def batch(jobs: list[Callable[[], object]]) -> tuple[float, float]:
+    """Run `jobs` at once, one thread each; (wall seconds, CPU seconds of what they ran).
+
+    Raises the first job's error after every job has ended.
+    """
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(jobs) + 1)
+
+    def body(job: Callable[[], object]) -> None:
+        start.wait()
+        try:
+            job()
+        except BaseException as exc:  # reported below, once all have ended
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(job,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    cpu_before = children_cpu_s()
+    t0 = time.monotonic()
+    start.wait()
+    for thread in threads:
+        thread.join()
+    wall = time.monotonic() - t0
+    cpu = children_cpu_s() - cpu_before
+    if errors:
+        raise errors[0]
+    return wall, cpu
+
+
+def keys(bench: Bench) -> list[dict[str, Any]]:
+    counts = QUICK_VM_COUNTS if bench.quick else VM_COUNTS
+    found: list[dict[str, Any]] = []
+    for vms in counts:
+        for transport, path in itertools.product(TRANSPORTS, CONCURRENT_PATHS):
+            found.append({"what": "vmsuper", "vms": vms, "transport": transport, "path": path})
+        found.append({"what": "reference", "vms": vms, "transport": "pipes", "path": "pipe"})
+    return found
+
+
+def concurrent(bench: Bench) -> list[dict[str, Any]]:
+    exits = bench.exits * EXITS_FACTOR
+    all_keys = keys(bench)
+    samples: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(all_keys))}
+    for _ in range(bench.repeat):
+        for i, key in enumerate(all_keys):
+            samples[i].append(batch(_jobs(bench, key, exits)))
+    rows = []
+    for i, key in enumerate(all_keys):
+        walls, cpus = zip(*samples[i], strict=True)
+        rows.append(
+            {
+                **key,
+                "exits_each": exits,
+                "wall_s": summarize(list(walls)),
+                "cpu_s": summarize(list(cpus)),
+                "cpu_us_per_exit": summarize([c / (exits * key["vms"]) * 1e6 for c in cpus]),
+            }
+        )
+    add_ratios(rows)
+    return rows
+
+
+def _jobs(bench: Bench, key: dict[str, Any], exits: int) -> list[Callable[[], object]]:
+    if key["what"] == "reference":
+        argv = bench.reference("pipe", 1, exits)
+        return [lambda: _check_reference(run_command(argv), exits) for _ in range(key["vms"])]
+    spec = bench.spec("native", "loop", exits, transport=key["transport"], **PATHS[key["path"]])
+    name = f"concurrent-{key['vms']}-{key['transport']}-{key['path']}"
+    folders = [bench.folder(f"{name}-{n}") for n in range(key["vms"])]
+    return [functools.partial(run_vm, spec, folder) for folder in folders]
+
+
+def _check_reference(report: dict[str, Any], exits: int) -> None:
+    seen = [v["exits"] for v in report["vcpus"]]
+    if seen != [exits]:
+        raise RunError(f"the reference saw {seen} loop exits, expected [{exits}]")
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """vmsuper's wall and CPU time over the reference's with as many VMs (medians)."""
+    references = {r["vms"]: r for r in rows if r["what"] == "reference"}
+    for row in rows:
+        ref = references.get(row["vms"])
+        if row["what"] != "vmsuper" or ref is None:
+            continue
+        row["wall_vs_reference"] = ratio(row["wall_s"]["median"], ref["wall_s"]["median"])
+        row["cpu_vs_reference"] = ratio(row["cpu_s"]["median"], ref["cpu_s"]["median"])
