@@ -527,7 +527,9 @@ def _socket_rule() -> Program:
 
 def _rules() -> dict[int, Program]:
     """The verdict of each listed number: a program that ends in a return."""
-    allow, eperm = [_ret(RET_ALLOW)], [_ret(RET_EPERM)]  # one object each: runs compare by `is`
+    # One object each: runs compare verdicts by identity.
+    allow: Program = [_ret(RET_ALLOW)]
+    eperm: Program = [_ret(RET_EPERM)]
     verdicts: dict[int, Program] = dict.fromkeys(ALLOWED.values(), allow)
     verdicts.update(dict.fromkeys(DENIED.values(), eperm))
     verdicts[NR_CLONE] = _flags_rule(CLONE_NAMESPACE_FLAGS)
