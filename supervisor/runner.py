@@ -1,7 +1,8 @@
 """`vmsuper run`: set up the VM, start the plugin, serve it, and shut everything down.
 
 One thread, one selector: main sockets, the plugin's exit (pidfd) and stderr, the VCPU
-workers' exits (pidfds) and SIGTERM/SIGINT (through the wakeup fd). The VCPUs' runner threads
+workers' exits (pidfds), SIGTERM/SIGINT (through the wakeup fd) and a timer for the plugin's
+cgroup counters. The VCPUs' runner threads
 start only at Start, after the workers are forked, so nothing is ever forked with threads.
 """
 

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -277,3 +278,39 @@ def test_sizes(tmp_path: Path, text: str, size: int) -> None:
     assert loaded.limits.plugin_memory == size
     assert loaded.limits.to_limits().plugin_memory == size
     assert re.fullmatch(r"\d+", str(loaded.limits.plugin_memory))
+
+
+@pytest.mark.kvm
+def test_a_sigkilled_run_s_cgroup_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    body = """
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+    while True:
+        time.sleep(1)
+    """
+    plugin = write_python_plugin(tmp_path, plugin_source(body))
+    proc, _config, _logs = VmRunner(tmp_path / "runs").start(plugin, VmSpec(sandbox=True))
+    assert proc.stdout is not None
+    json.loads(proc.stdout.readline())
+    made = leftover_cgroups(proc.pid)
+    assert made  # one per hierarchy in use
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    # The plugin dies with vmsuper (bwrap --die-with-parent); its cgroup stays, empty.
+    deadline = time.monotonic() + 10
+    while any(cgroup_pids(p) for p in made) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(cgroup_pids(p) for p in made)
+    # The next run (this one, or any other test's running meanwhile) removes it.
+    (tmp_path / "next").mkdir()
+    quick = write_python_plugin(tmp_path / "next", "import sys\n")
+    result = VmRunner(tmp_path / "runs").run(quick, VmSpec())
+    assert result.status == 0, result.stderr
+    assert leftover_cgroups(proc.pid) == []
+
+
+def cgroup_pids(path: str) -> list[str]:
+    try:
+        return Path(path, "cgroup.procs").read_text().split()
+    except FileNotFoundError:
+        return []

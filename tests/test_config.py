@@ -15,6 +15,7 @@ from vmsuper.supervisor.config import (
     Config,
     ConfigError,
     LogConfig,
+    LimitsConfig,
     MountConfig,
     NetConfig,
     PluginConfig,
@@ -393,6 +394,7 @@ def test_example_config_shows_every_key() -> None:
         "plugin": PluginConfig,
         "net": NetConfig,
         "log": LogConfig,
+        "limits": LimitsConfig,
     }.items():
         assert set(raw[table]) == set(struct.__struct_fields__), table
     assert set(raw) == set(Config.__struct_fields__)
