@@ -3,6 +3,7 @@ its limits (a memory hog, a fork bomb) and end with the named cause and nothing 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from rawplugin import plugin_source
 
 from vmsuper.supervisor import cgroups
 from vmsuper.supervisor.cgroups import CgroupError, PluginCgroup, PluginLimits
+from vmsuper.supervisor.plugin_process import PluginStartError
 from vmsuper.testing import VmRunner, VmSpec, write_python_plugin
 
 V1_SELF = "4:memory:/outer/run\n3:pids:/\n2:cpu,cpuacct:/\n1:name=systemd:/\n0::/\n"
@@ -90,6 +92,48 @@ def test_v2_cgroup_gets_every_limit_and_a_delegating_parent(tmp_path: Path) -> N
     finally:
         cgroup.groups = []  # a fake: nothing to remove
         cgroup.remove()
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "with another process"])
+def test_v2_cgroup_with_processes_moves_vmsuper_into_a_leaf_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, alone: bool
+) -> None:
+    own = fake_v2(tmp_path, "/vm.scope")
+    (own / "cgroup.procs").write_text(f"{os.getpid()}\n" + ("" if alone else "4242\n"))
+    writes: list[tuple[str, str]] = []
+    real_write = cgroups._write
+
+    def write(path: Path, value: object) -> None:
+        # The kernel refuses controllers to children of a cgroup that holds processes.
+        if path.name == "cgroup.subtree_control" and (own / "cgroup.procs").read_text().strip():
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(path))
+        if path.name == "cgroup.procs" and str(value) == "0":
+            (own / "cgroup.procs").write_text("")  # the writer leaves `own`
+        writes.append((str(path.relative_to(own)), str(value)))
+        real_write(path, value)
+
+    monkeypatch.setattr(cgroups, "_write", write)
+    if not alone:
+        with pytest.raises(CgroupError, match=r"vm.scope holds other processes \(1\)"):
+            cgroups._delegate(own, ["memory", "pids"])
+        assert writes == []
+        return
+    cgroups._delegate(own, ["memory", "pids"])
+    assert writes == [
+        ("vmsuper-supervisor/cgroup.procs", "0"),
+        ("cgroup.subtree_control", "+memory +pids"),
+    ]
+
+
+def test_a_cgroup_that_cannot_be_made_is_a_start_error(tmp_path: Path) -> None:
+    fake_v1(tmp_path)
+    (tmp_path / "pids").rmdir()
+    with pytest.raises(PluginStartError) as info:
+        PluginCgroup.create(LIMITS, root=tmp_path, self_cgroup=V1_SELF)
+    assert str(info.value).startswith(
+        "cannot limit the plugin: the pids controller is not available; run vmsuper where"
+    )
+    assert not any(p.name.startswith("vmsuper-") for p in tmp_path.rglob("*"))
 
 
 @pytest.mark.parametrize(
