@@ -169,6 +169,8 @@ class PluginCgroup:
         self.groups = groups
         self._procs_fds: list[int] = []
         self.watch_fd = -1
+        # The event counters at creation: nonzero only in a reused cgroup of a dead run.
+        self._counted: dict[tuple[Path, str], int] = {}
 
     @classmethod
     def create(
@@ -197,6 +199,7 @@ class PluginCgroup:
             for group in cgroup.groups:
                 fd = os.open(group.path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
                 cgroup._procs_fds.append(fd)
+            cgroup.violation()  # takes the counters' starting values
             cgroup.watch_fd = _interval_timer(WATCH_INTERVAL)
         except OSError as exc:
             cgroup.remove()
@@ -243,13 +246,17 @@ class PluginCgroup:
         for group in self.groups:
             if "memory" in group.controllers:
                 events = "memory.events" if group.version == 2 else "memory.oom_control"
-                if _counter(group.path / events, "oom_kill"):
+                if self._grew(group.path / events, "oom_kill"):
                     return (
                         f"plugin killed: memory limit ({format_size(self.limits.memory)}) reached"
                     )
-            if "pids" in group.controllers and _counter(group.path / "pids.events", "max"):
+            if "pids" in group.controllers and self._grew(group.path / "pids.events", "max"):
                 return f"plugin killed: process limit ({self.limits.processes}) reached"
         return None
+
+    def _grew(self, path: Path, key: str) -> bool:
+        value = _counter(path, key)
+        return value > self._counted.setdefault((path, key), value)
 
     def pids(self) -> list[int]:
         """Every process in the cgroup."""

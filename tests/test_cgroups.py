@@ -75,6 +75,8 @@ def test_v2_cgroup_gets_every_limit_and_a_delegating_parent(tmp_path: Path) -> N
     (own / name).mkdir()
     (own / name / "cgroup.procs").write_text("")
     (own / name / "memory.swap.max").write_text("max\n")
+    # Reused from a dead run with this pid: its counts are not this run's.
+    (own / name / "pids.events").write_text("max 2\n")
     cgroup = PluginCgroup.create(LIMITS, name=name, root=tmp_path, self_cgroup="0::/vm.scope\n")
     try:
         folder = own / name
