@@ -172,12 +172,10 @@ while True:
 
 FORK_BOMB = """
 import signal
-marker = sys.argv[1]
 print(json.dumps({"started": True}), flush=True)
 while True:
     try:
-        if os.fork() == 0:
-            sys.argv[0] = marker
+        if os.fork() == 0:  # the children keep the plugin's command line, marker included
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only SIGKILL ends them
             while True:
                 time.sleep(1)
