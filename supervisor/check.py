@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from vmsuper.shared import kvm
+from vmsuper.supervisor import cgroups
 
 TUN_PATH = "/dev/net/tun"
 
@@ -120,6 +121,9 @@ def probe(system: kvm.Kvm, vm: kvm.Vm, *, tun_path: str = TUN_PATH) -> list[Resu
     ]
     works, detail = _device_openable(tun_path)
     results.append(Result("tap devices", detail, False, works))
+    # Needed unless the config sets [limits] plugin_memory, plugin_processes and plugin_cpu to 0.
+    works, detail = cgroups.probe()
+    results.append(Result("plugin limits (cgroups)", detail, False, works))
     return results
 
 

@@ -35,7 +35,7 @@ import time
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -54,6 +54,7 @@ LOG_DIR_PLACEHOLDERS = ("name", "time", "pid")
 
 
 _DEFAULT_LIMITS = Limits()
+_SIZE_DESCRIPTION = 'a size ("512M") or a number of bytes'
 
 
 class ConfigError(Exception):
@@ -108,9 +109,17 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     request_size: int = _DEFAULT_LIMITS.request_size
     fds_per_message: int = _DEFAULT_LIMITS.fds_per_message
     plugin_open_files: int = _DEFAULT_LIMITS.plugin_open_files
+    # A size: bytes, or a string with a unit ("512M", "8GiB"); an int once loaded.
+    plugin_memory: Annotated[int | str, msgspec.Meta(description=_SIZE_DESCRIPTION)] = (
+        _DEFAULT_LIMITS.plugin_memory
+    )
+    plugin_processes: int = _DEFAULT_LIMITS.plugin_processes
+    plugin_cpu: float = _DEFAULT_LIMITS.plugin_cpu
 
     def to_limits(self) -> Limits:
-        return Limits(**msgspec.structs.asdict(self))
+        fields = msgspec.structs.asdict(self)
+        fields["plugin_memory"] = parse_size(self.plugin_memory)
+        return Limits(**fields)
 
 
 # Upper bounds: what KVM or the shared-memory table can hold, or what stays sane.
@@ -125,6 +134,25 @@ _LIMIT_MAXIMA = {
     "fds_per_message": 253,  # SCM_MAX_FD
     "plugin_open_files": 1 << 20,
 }
+# The plugin's cgroup: 0 is no limit; otherwise from the minimum to the maximum.
+MIN_PLUGIN_MEMORY = 1 << 20
+MAX_PLUGIN_MEMORY = 1 << 50
+MAX_PLUGIN_PROCESSES = 1 << 22  # PID_MAX_LIMIT
+MIN_PLUGIN_CPU = 0.01  # cgroups take no quota under 1 ms per 100 ms period
+MAX_PLUGIN_CPU = 4096.0
+_SIZE = re.compile(r"\s*(\d+)\s*(?:([KMGTP])(?:i?B)?|B)?\s*", re.IGNORECASE)
+_SIZE_SHIFTS = {"K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
+
+
+def parse_size(value: int | str) -> int:
+    """A number of bytes, or "512M" / "512MiB" / "512MB" (all powers of 1024) -> bytes."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.fullmatch(value)
+    if match is None:
+        raise ValueError(f'expected a size like "512M" or a number of bytes, got {value!r}')
+    unit = (match[2] or "").upper()
+    return int(match[1]) << _SIZE_SHIFTS.get(unit, 0)
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -264,10 +292,37 @@ def _check(config: Config) -> None:
         _check_mount(i, mount)
     if config.net is not None:
         _check_net(config.net)
-    for name, value in msgspec.structs.asdict(config.limits).items():
-        top = _LIMIT_MAXIMA[name]
+    for name, top in _LIMIT_MAXIMA.items():
+        value = getattr(config.limits, name)
         if not 1 <= value <= top:
             raise _KeyError(f"limits.{name}", f"expected an integer from 1 to {top}, got {value}")
+    _check_plugin_limits(config.limits)
+
+
+def _check_plugin_limits(limits: LimitsConfig) -> None:
+    try:
+        memory = parse_size(limits.plugin_memory)
+    except ValueError as exc:
+        raise _KeyError("limits.plugin_memory", str(exc)) from None
+    if memory and not MIN_PLUGIN_MEMORY <= memory <= MAX_PLUGIN_MEMORY:
+        raise _KeyError(
+            "limits.plugin_memory",
+            f"expected 0 (no limit) or a size from 1M to {MAX_PLUGIN_MEMORY >> 50}P, "
+            f"got {limits.plugin_memory!r}",
+        )
+    processes = limits.plugin_processes
+    if not 0 <= processes <= MAX_PLUGIN_PROCESSES:
+        raise _KeyError(
+            "limits.plugin_processes",
+            f"expected 0 (no limit) or an integer up to {MAX_PLUGIN_PROCESSES}, got {processes}",
+        )
+    cpu = limits.plugin_cpu
+    if not (math.isfinite(cpu) and (cpu == 0 or MIN_PLUGIN_CPU <= cpu <= MAX_PLUGIN_CPU)):
+        raise _KeyError(
+            "limits.plugin_cpu",
+            f"expected 0 (no limit) or cores from {MIN_PLUGIN_CPU} to {MAX_PLUGIN_CPU:g}, "
+            f"got {cpu}",
+        )
 
 
 def _check_mount(index: int, mount: MountConfig) -> None:
@@ -316,6 +371,9 @@ def _resolve(config: Config, folder: Path, stem: str, *, bare: bool, check_plugi
         plugin=msgspec.structs.replace(config.plugin, path=plugin_path, mounts=mounts),
         net=net,
         log=msgspec.structs.replace(config.log, dir=log_dir),
+        limits=msgspec.structs.replace(
+            config.limits, plugin_memory=parse_size(config.limits.plugin_memory)
+        ),
     )
 
 

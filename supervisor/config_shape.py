@@ -14,7 +14,7 @@ import ipaddress
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -57,7 +57,9 @@ def _got(value: object) -> str:
 
 def _check(value: object, annotation: Any, key: str) -> None:
     origin = typing.get_origin(annotation)
-    if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+    if origin is Annotated:
+        _check_described(value, annotation, key)
+    elif isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
         _check_struct(value, annotation, key)
     elif origin in (typing.Union, types.UnionType):
         # TOML has no null, so `T | None` is just T when present.
@@ -96,6 +98,18 @@ def _check(value: object, annotation: Any, key: str) -> None:
         raise TypeError(f"config_shape cannot check {annotation!r} at {key}")
 
 
+def _check_described(value: object, annotation: Any, key: str) -> None:
+    """`Annotated[T, msgspec.Meta(description=...)]`: the description says what is expected."""
+    inner, *extras = typing.get_args(annotation)
+    described = [m.description for m in extras if isinstance(m, msgspec.Meta) and m.description]
+    try:
+        _check(value, inner, key)
+    except ShapeError as exc:
+        if not described or exc.key != key:
+            raise
+        raise ShapeError(key, f"expected {described[0]}, got {_got(value)}") from None
+
+
 def _check_simple(value: object, annotation: object, key: str) -> None:
     name, accepted = _SIMPLE[annotation]
     # bool is an int in Python, never in TOML.
@@ -123,7 +137,7 @@ def _check_struct(value: object, struct: type[msgspec.Struct], key: str) -> None
     if not isinstance(value, dict):
         raise ShapeError(key, f"expected a table, got {_got(value)}")
     fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
-    hints = typing.get_type_hints(struct)
+    hints = typing.get_type_hints(struct, include_extras=True)
     for name in value:
         if name not in fields:
             if not key:

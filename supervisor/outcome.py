@@ -6,7 +6,8 @@
        HLT without the in-kernel irqchip) or a VCPU worker died
 125    a supervisor-side failure (the VM could not be set up, an internal error)
 128+N  the plugin was killed by signal N, or vmsuper itself was stopped by signal N
-       (SIGTERM, SIGINT) and shut down cleanly
+       (SIGTERM, SIGINT) and shut down cleanly; 137 (SIGKILL) also when the plugin hit
+       the memory or process limit of its cgroup
 The first cause wins: a plugin that exits 0 after its VCPU triple-faulted still yields 124.
 """
 
@@ -36,6 +37,12 @@ def vcpu_failure(reason: str) -> Failure:
 
 def supervisor_failure(reason: str) -> Failure:
     return Failure(EXIT_SUPERVISOR_FAILED, reason)
+
+
+def plugin_limit_reached(reason: str) -> Failure:
+    """The plugin hit a limit of its cgroup and was killed with SIGKILL: 128+9, as a plugin
+    killed by SIGKILL, with the reason naming the limit."""
+    return Failure(128 + signal.SIGKILL, reason)
 
 
 def stopped_by_signal(signum: int) -> Failure:

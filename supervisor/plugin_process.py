@@ -22,7 +22,7 @@ import resource
 import select
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,9 +38,11 @@ class PluginStartError(Exception):
     """The plugin could not be executed (missing, not executable, bad interpreter...)."""
 
 
-def _child_setup(open_files: int | None) -> None:
+def _child_setup(open_files: int | None, before_exec: Callable[[], None] | None) -> None:
     """Runs in the plugin's process between fork and exec."""
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if before_exec is not None:
+        before_exec()
     if open_files is not None:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
@@ -79,13 +81,16 @@ class PluginProcess:
         wrapper: Sequence[str] = (),
         sandbox: Sandbox | None = None,
         open_files: int | None = None,
+        before_exec: Callable[[], None] | None = None,
     ) -> PluginProcess:
         """Start the plugin, behind `wrapper` (an argv prefix) and in `sandbox` if given.
 
         Sandboxed, this returns once the sandbox is set up and the plugin about to run (see
         `Sandbox.starter`), so that one that cannot be set up is a `SandboxError` (a
         `PluginStartError`) naming the cause, not a plugin that seems to exit with status 1.
-        `open_files` becomes the plugin's RLIMIT_NOFILE (soft and hard).
+        `open_files` becomes the plugin's RLIMIT_NOFILE (soft and hard). `before_exec` runs
+        in the child before it executes anything (it joins the plugin's cgroup); if it fails,
+        nothing is executed.
         """
         full_env = dict(os.environ)
         full_env.update(env)
@@ -102,10 +107,12 @@ class PluginProcess:
                     pass_fds=fds,
                     stdin=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
-                    preexec_fn=functools.partial(_child_setup, open_files),
+                    preexec_fn=functools.partial(_child_setup, open_files, before_exec),
                 )
             except OSError as exc:
                 raise PluginStartError(f"cannot start plugin {path}: {exc.strerror}") from exc
+            except subprocess.SubprocessError as exc:  # before_exec failed
+                raise PluginStartError(f"cannot start plugin {path}: set-up failed: {exc}") from exc
         plugin = cls(proc, sandboxed=sandbox is not None)
         if sandbox is not None:
             try:

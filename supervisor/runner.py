@@ -1,7 +1,8 @@
 """`vmsuper run`: set up the VM, start the plugin, serve it, and shut everything down.
 
 One thread, one selector: main sockets, the plugin's exit (pidfd) and stderr, the VCPU
-workers' exits (pidfds) and SIGTERM/SIGINT (through the wakeup fd). The VCPUs' runner threads
+workers' exits (pidfds), SIGTERM/SIGINT (through the wakeup fd) and a timer for the plugin's
+cgroup counters. The VCPUs' runner threads
 start only at Start, after the workers are forked, so nothing is ever forked with threads.
 """
 
@@ -26,7 +27,7 @@ from vmsuper.shared import kvm, logs, wire
 from vmsuper.shared.plugin_pb2 import MainResponse
 from vmsuper.shared.ranges import RangeTable
 from vmsuper.shared.shm import SharedRegion
-from vmsuper.supervisor import outcome
+from vmsuper.supervisor import cgroups, outcome
 from vmsuper.supervisor.config import Config
 from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
 from vmsuper.supervisor.sandbox import Sandbox
@@ -167,6 +168,8 @@ class Supervisor:
         self.shutting_down = False
         self.deadline: float | None = None
         self.plugin: PluginProcess | None = None
+        self.cgroup: cgroups.PluginCgroup | None = None
+        self._limit_reached = False
         self.worker_pidfds: dict[int, int] = {}
         self._stderr_tail = b""
         self._signals: list[int] = []
@@ -323,10 +326,31 @@ class Supervisor:
     def _on_plugin_exit(self, _fd: int) -> None:
         assert self.plugin is not None
         self.sel.unregister(self.plugin.pidfd)
+        self._check_limits()
         status = self.plugin.poll()
         _, described = outcome.plugin_status(status)
         self.log.info("plugin_exited", plugin_pid=self.plugin.pid, outcome=described)
         self.begin_shutdown(None, described)
+
+    def _on_limit_watch(self, fd: int) -> None:
+        cgroups.drain_timer(fd)
+        self._check_limits()
+
+    def _check_limits(self) -> None:
+        """The one place a limit of the plugin's cgroup ends the run, with the cause."""
+        if self.cgroup is None or self._limit_reached:
+            return
+        reason = self.cgroup.violation()
+        if reason is not None:
+            self._limit_reached = True
+            self.log.error("plugin_limit_reached", reason=reason)
+            self.cgroup.kill_all()
+            self.begin_shutdown(outcome.plugin_limit_reached(reason), reason)
+
+    def _remove_cgroup(self) -> None:
+        assert self.cgroup is not None
+        for problem in self.cgroup.remove():
+            self.log.warning("cgroup_not_removed", error=problem)
 
     def _on_plugin_stderr(self, fd: int) -> None:
         try:
@@ -387,6 +411,12 @@ class Supervisor:
         self._install_signals()
         try:
             try:
+                limits = run.limits
+                self.cgroup = cgroups.for_run(
+                    limits.plugin_memory, limits.plugin_processes, limits.plugin_cpu
+                )
+                if self.cgroup is not None:
+                    run.closers.append(self._remove_cgroup)  # after the plugin is reaped
                 self.plugin = PluginProcess.spawn(
                     cfg.plugin.path,
                     cfg.plugin.args,
@@ -394,6 +424,7 @@ class Supervisor:
                     theirs.fileno(),
                     sandbox=Sandbox.for_plugin(cfg.plugin) if cfg.plugin.sandbox else None,
                     open_files=run.limits.plugin_open_files,
+                    before_exec=self.cgroup.enter if self.cgroup is not None else None,
                 )
             except PluginStartError as exc:
                 self.failure = outcome.supervisor_failure(str(exc))
@@ -405,6 +436,8 @@ class Supervisor:
             self._add_connection(ours)
             self.sel.register(self.plugin.pidfd, selectors.EVENT_READ, self._on_plugin_exit)
             self.sel.register(self.plugin.stderr_fd, selectors.EVENT_READ, self._on_plugin_stderr)
+            if self.cgroup is not None:
+                self.sel.register(self.cgroup.watch_fd, selectors.EVENT_READ, self._on_limit_watch)
             self._loop()
             return self._finish()
         finally:

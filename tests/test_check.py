@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from vmsuper.supervisor import check
+from vmsuper.supervisor import cgroups, check
 
 
 def test_missing_device_is_a_clear_failure(
@@ -68,10 +69,21 @@ def test_this_host_is_ready(capsys: pytest.CaptureFixture[str]) -> None:
     assert "  ok   dirty page logging (KVM_MEM_LOG_DIRTY_PAGES + KVM_GET_DIRTY_LOG)" in out
     for label, name in check.OPTIONAL_CAPS:
         assert f"  ok   {label} ({name})" in out or (f"  absent (optional) {label} ({name})" in out)
+    assert [line for line in out if "plugin limits (cgroups)" in line] == [
+        f"  ok   plugin limits (cgroups) ({cgroups.probe()[1]})"
+    ]
     assert out[-1] == "ready: every required capability is present"
 
 
 @pytest.mark.kvm
+def test_cgroup_support_is_reported(tmp_path: Path) -> None:
+    assert cgroups.probe()[0], cgroups.probe()[1]  # this host can limit plugins
+    assert re.fullmatch(r"(memory|pids|cpu)(\+\w+)* on v[12](, .*)?", cgroups.probe()[1])
+    empty = tmp_path / "cgroup"
+    (empty / "unified").mkdir(parents=True)
+    assert cgroups.probe(empty) == (False, "the memory controller is not available")
+
+
 def test_missing_tap_device_is_optional(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tun = tmp_path / "no-tun"
     status = check.run_check("/dev/kvm", tun_path=str(tun), out=sys.stdout, err=sys.stderr)

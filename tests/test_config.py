@@ -14,6 +14,7 @@ from vmsuper.supervisor.config import (
     DEFAULT_LOG_DIR,
     Config,
     ConfigError,
+    LimitsConfig,
     LogConfig,
     MountConfig,
     NetConfig,
@@ -393,6 +394,7 @@ def test_example_config_shows_every_key() -> None:
         "plugin": PluginConfig,
         "net": NetConfig,
         "log": LogConfig,
+        "limits": LimitsConfig,
     }.items():
         assert set(raw[table]) == set(struct.__struct_fields__), table
     assert set(raw) == set(Config.__struct_fields__)

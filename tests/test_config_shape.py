@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 import pytest
@@ -86,3 +86,14 @@ def test_every_config_field_type_is_known() -> None:
         "limits": {f.name: 1 for f in msgspec.structs.fields(LimitsConfig)},
     }
     config_shape.check(full, Config)
+
+
+class Described(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    size: Annotated[int | str, msgspec.Meta(description="a size or a count")] = 0
+
+
+def test_a_description_names_what_is_expected() -> None:
+    with pytest.raises(config_shape.ShapeError) as info:
+        config_shape.check({"size": True}, Described)
+    assert info.value.message == "expected a size or a count, got boolean"
+    config_shape.check({"size": "1M"}, Described)

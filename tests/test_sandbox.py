@@ -9,6 +9,7 @@ checks, from inside and from the host, every promise docs/security.md makes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -361,8 +362,11 @@ def test_syscall_numbers_match_the_kernel_headers() -> None:
         (m[1], int(m[2])) for m in re.finditer(r"#define __NR_(\w+)\s+(\d+)", UNISTD.read_text())
     )
     ours = {
+        **seccomp.ALLOWED,
         **seccomp.DENIED,
         "ioctl": seccomp.NR_IOCTL,
+        "socket": seccomp.NR_SOCKET,
+        "socketpair": seccomp.NR_SOCKETPAIR,
         "clone": seccomp.NR_CLONE,
         "unshare": seccomp.NR_UNSHARE,
         "clone3": seccomp.NR_CLONE3,
@@ -370,6 +374,20 @@ def test_syscall_numbers_match_the_kernel_headers() -> None:
     checked = {name: nr for name, nr in ours.items() if name in header}
     assert len(checked) >= len(ours) - 5, "the header is too old to check most numbers"
     assert checked == {name: header[name] for name in checked}
+
+
+def test_allowed_denied_and_special_calls_do_not_overlap() -> None:
+    special = {
+        seccomp.NR_IOCTL,
+        seccomp.NR_SOCKET,
+        seccomp.NR_SOCKETPAIR,
+        seccomp.NR_CLONE,
+        seccomp.NR_UNSHARE,
+        seccomp.NR_CLONE3,
+    }
+    allowed, denied = set(seccomp.ALLOWED.values()), set(seccomp.DENIED.values())
+    assert len(allowed) == len(seccomp.ALLOWED) and len(denied) == len(seccomp.DENIED)
+    assert not allowed & denied and not (allowed | denied) & special
 
 
 def test_filter_is_well_formed() -> None:
@@ -380,8 +398,96 @@ def test_filter_is_well_formed() -> None:
     for i, (code, jt, jf, _k) in enumerate(insns):
         if code & 0x07 == 0x05:  # BPF_JMP: both targets inside the program
             assert i + 1 + max(jt, jf) < count
-    assert insns[-1][0] == insns[-2][0] == seccomp.BPF_RET_K
+    assert insns[-1][0] == seccomp.BPF_RET_K
     assert insns[0] == (seccomp.BPF_LD_W_ABS, 0, 0, seccomp.OFFSET_ARCH)
+    assert count <= 4096  # BPF_MAXINSNS
+
+
+def run_filter(
+    program: bytes, nr: int, args: tuple[int, ...] = (), arch: int = seccomp.AUDIT_ARCH_X86_64
+) -> int:
+    """Classic BPF, as the kernel runs a seccomp program: the verdict for one system call."""
+    data = struct.pack("<iIQ6Q", nr, arch, 0, *(list(args) + [0] * 6)[:6])
+    insns = [struct.unpack_from("<HBBI", program, 8 * i) for i in range(len(program) // 8)]
+    accumulator, pc = 0, 0
+    for _ in range(len(insns)):  # jumps only go forward
+        code, jt, jf, k = insns[pc]
+        pc += 1
+        if code == seccomp.BPF_RET_K:
+            return k
+        if code == seccomp.BPF_LD_W_ABS:
+            (accumulator,) = struct.unpack_from("<I", data, k)
+            continue
+        taken = {
+            seccomp.BPF_JEQ_K: accumulator == k,
+            seccomp.BPF_JGE_K: accumulator >= k,
+            seccomp.BPF_JSET_K: bool(accumulator & k),
+        }[code]
+        pc += jt if taken else jf
+    raise AssertionError("ran off the end of the program")
+
+
+ALLOW = seccomp.SECCOMP_RET_ALLOW
+
+
+def refused(err: int) -> int:
+    return seccomp.SECCOMP_RET_ERRNO | err
+
+
+@pytest.fixture(scope="module")
+def program() -> bytes:
+    return seccomp.build_filter()
+
+
+def test_every_system_call_number_gets_its_listed_verdict(program: bytes) -> None:
+    plain = {**dict.fromkeys(seccomp.ALLOWED.values(), ALLOW)}
+    plain.update(dict.fromkeys(seccomp.DENIED.values(), refused(errno.EPERM)))
+    special = {seccomp.NR_IOCTL, seccomp.NR_SOCKET, seccomp.NR_SOCKETPAIR}
+    special |= {seccomp.NR_CLONE, seccomp.NR_UNSHARE}
+    for nr in range(1024):
+        if nr in special:
+            continue
+        want = plain.get(nr, refused(errno.ENOSYS))
+        assert run_filter(program, nr) == want, nr
+    assert run_filter(program, seccomp.NR_CLONE3) == refused(errno.ENOSYS)
+    for name in ("read", "write", "mmap", "futex", "execve", "exit_group", "sendmsg", "recvmsg"):
+        assert run_filter(program, seccomp.ALLOWED[name]) == ALLOW
+    for high in (seccomp.X32_SYSCALL_BIT | 0, seccomp.X32_SYSCALL_BIT | 1, 0xFFFFFFFF):
+        assert run_filter(program, high - (1 << 32) if high >= 1 << 31 else high) == refused(
+            errno.ENOSYS
+        )
+    # A 32-bit entry point (int 0x80: i386 numbers) is refused whatever the number.
+    assert run_filter(program, 0, arch=0x40000003) == refused(errno.ENOSYS)
+
+
+AF_PACKET, AF_BLUETOOTH, AF_ALG, AF_VSOCK = 17, 31, 38, 40
+NETLINK_AUDIT = 9
+
+
+@pytest.mark.parametrize("nr", [seccomp.NR_SOCKET, seccomp.NR_SOCKETPAIR])
+def test_socket_families_are_an_allowlist(program: bytes, nr: int) -> None:
+    for family in (seccomp.AF_UNIX, seccomp.AF_INET, seccomp.AF_INET6):
+        assert run_filter(program, nr, (family, socket.SOCK_STREAM, 0)) == ALLOW
+        # The family is an int: the kernel ignores the high half, and so does the filter.
+        assert run_filter(program, nr, (family | 0x1_0000_0000, 1, 0)) == ALLOW
+    assert run_filter(program, nr, (seccomp.AF_NETLINK, 3, seccomp.NETLINK_ROUTE)) == ALLOW
+    assert run_filter(program, nr, (seccomp.AF_NETLINK, 3, NETLINK_AUDIT)) == refused(
+        errno.EPROTONOSUPPORT
+    )
+    for family in (0, AF_PACKET, AF_BLUETOOTH, AF_ALG, AF_VSOCK, 45, 46, 0xFFFF):
+        assert run_filter(program, nr, (family, 1, 0)) == refused(errno.EAFNOSUPPORT), family
+
+
+def test_argument_rules_of_clone_unshare_and_ioctl(program: bytes) -> None:
+    thread_flags = 0x3D0F00  # what the C library passes for a thread
+    assert run_filter(program, seccomp.NR_CLONE, (thread_flags,)) == ALLOW
+    assert run_filter(program, seccomp.NR_CLONE, (0x10000000 | 17,)) == refused(errno.EPERM)
+    assert run_filter(program, seccomp.NR_UNSHARE, (0x400,)) == ALLOW  # CLONE_FILES
+    for flag in (0x10000000, seccomp.CLONE_NEWTIME):
+        assert run_filter(program, seccomp.NR_UNSHARE, (flag,)) == refused(errno.EPERM)
+    assert run_filter(program, seccomp.NR_IOCTL, (1, 0x5401)) == ALLOW  # TCGETS
+    for request in (seccomp.TIOCSTI, seccomp.TIOCLINUX):
+        assert run_filter(program, seccomp.NR_IOCTL, (1, request)) == refused(errno.EPERM)
 
 
 # -- real sandboxed runs -------------------------------------------------------------------------
@@ -434,6 +540,35 @@ R["unshare_files"] = syscall_errno(272, 0x400)
 R["keyctl"] = syscall_errno(250, 0, 0)
 R["clone3"] = syscall_errno(435, 0, 0)
 R["tiocsti"] = errno_name(lambda: fcntl.ioctl(1, termios.TIOCSTI, b"x"))
+R["families"] = {
+    name: errno_name(lambda: socket.socket(family, kind, proto).close())
+    for name, family, kind, proto in [
+        ("vsock", 40, socket.SOCK_STREAM, 0),
+        ("packet", 17, socket.SOCK_DGRAM, 0),
+        ("bluetooth", 31, socket.SOCK_STREAM, 0),
+        ("alg", 38, socket.SOCK_SEQPACKET, 0),
+        ("netlink_audit", 16, socket.SOCK_RAW, 9),
+        ("netlink_route", 16, socket.SOCK_RAW, 0),
+    ]
+}
+R["vsock_pair"] = errno_name(lambda: socket.socketpair(40, socket.SOCK_STREAM))
+
+def loopback(family, host):
+    with socket.create_server((host, 0), family=family) as server:
+        with socket.create_connection(server.getsockname()[:2], 5) as client:
+            peer, _ = server.accept()
+            with peer:
+                client.sendall(b"ping")
+                return peer.recv(4).decode()
+
+R["inet"] = loopback(socket.AF_INET, "127.0.0.1")
+R["inet6"] = loopback(socket.AF_INET6, "::1")
+left, right = socket.socketpair()
+with left, right:
+    left.sendall(b"unix")
+    R["unix"] = right.recv(4).decode()
+R["addrinfo"] = sorted({a[4][0] for a in socket.getaddrinfo(
+    "localhost", 80, type=socket.SOCK_STREAM, flags=socket.AI_ADDRCONFIG)})
 worked = []
 thread = threading.Thread(target=lambda: worked.append(True))
 thread.start()
@@ -503,6 +638,14 @@ def test_the_plugin_sees_only_its_sandbox(tmp_path: Path, listener: int) -> None
     assert found["unshare_user"] == "EPERM" and found["unshare_files"] == "ok"
     assert found["keyctl"] == "EPERM" and found["tiocsti"] == "EPERM"
     assert found["clone3"] == "ENOSYS" and found["thread"]
+    assert found["families"] == {
+        **dict.fromkeys(("vsock", "packet", "bluetooth", "alg"), "EAFNOSUPPORT"),
+        "netlink_audit": "EPROTONOSUPPORT",
+        "netlink_route": "ok",
+    }
+    assert found["vsock_pair"] == "EAFNOSUPPORT"
+    assert found["inet"] == found["inet6"] == "ping" and found["unix"] == "unix"
+    assert "127.0.0.1" in found["addrinfo"]
     assert found["check_extension"] == 0
     assert found["fds"] == [found["socket_fd"]]
 
@@ -581,6 +724,8 @@ def test_sdk_plugin_runs_a_guest_sandboxed(tmp_path: Path, transport: str) -> No
 
 
 NATIVE_PLUGIN = r"""
+#include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -589,6 +734,24 @@ NATIVE_PLUGIN = r"""
 #include <unistd.h>
 
 static const unsigned char request[] = { REQUEST };
+
+static void *thread_body(void *arg) { return arg; }
+
+/* What the seccomp filter lets a C program do: errno of socket() per family, and a thread. */
+static void probe(void) {
+    static const int families[] = { AF_UNIX, AF_INET, AF_INET6, 40 /* AF_VSOCK */, AF_PACKET };
+    for (size_t i = 0; i < sizeof families / sizeof families[0]; i++) {
+        int fd = socket(families[i], SOCK_STREAM, 0);
+        printf("%d:%d ", families[i], fd < 0 ? errno : 0);
+        if (fd >= 0)
+            close(fd);
+    }
+    pthread_t thread;
+    void *out = NULL;
+    int ok = pthread_create(&thread, NULL, thread_body, &thread) == 0
+        && pthread_join(thread, &out) == 0 && out == &thread;
+    printf("thread:%d\n", ok);
+}
 
 int main(int argc, char **argv) {
     const char *fd_text = getenv("CROSVM_SOCKET");
@@ -604,6 +767,8 @@ int main(int argc, char **argv) {
     for (ssize_t i = 0; i < n; i++)
         printf("%02x", response[i]);
     printf("\n");
+    if (argc > 1 && strcmp(argv[1], "probe") == 0)
+        probe();
     fflush(stdout);
     if (argc > 1 && strncmp(argv[1], "signal:", 7) == 0)
         raise(atoi(argv[1] + 7));
@@ -624,7 +789,7 @@ def native_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = folder / "plugin.c"
     source.write_text(NATIVE_PLUGIN.replace("REQUEST", ", ".join(str(b) for b in request)))
     binary = folder / "plugin"
-    subprocess.run(["cc", "-O2", "-o", str(binary), str(source)], check=True)
+    subprocess.run(["cc", "-O2", "-pthread", "-o", str(binary), str(source)], check=True)
     return binary
 
 
@@ -640,6 +805,17 @@ def test_native_plugin_talks_through_the_sandbox(tmp_path: Path, native_plugin: 
     assert result.status == 0, result.stderr
     response = check_extension_answer(result.stdout)
     assert response.errno == 0 and response.check_extension.has_extension
+
+
+@pytest.mark.kvm
+def test_native_plugin_runs_under_the_filter(tmp_path: Path, native_plugin: Path) -> None:
+    result = VmRunner(tmp_path / "runs").run(native_plugin, VmSpec(sandbox=True, args=["probe"]))
+    assert result.status == 0, result.stderr
+    check_extension_answer(result.stdout)
+    allowed = {f"{family}:0" for family in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)}
+    refused = {f"{family}:{errno.EAFNOSUPPORT}" for family in (AF_VSOCK, AF_PACKET)}
+    # pthread_create tries clone3 first, gets ENOSYS, and falls back to clone.
+    assert set(result.stdout.splitlines()[1].split()) == allowed | refused | {"thread:1"}
 
 
 @pytest.mark.kvm

@@ -31,3 +31,10 @@ class Limits:
     fds_per_message: int = 4
     # RLIMIT_NOFILE of the plugin process (soft and hard).
     plugin_open_files: int = 4096
+    # The plugin's cgroup (supervisor/cgroups.py); 0 = no limit. Bytes of memory: beyond it
+    # the kernel's OOM killer stops the plugin.
+    plugin_memory: int = 8 << 30
+    # Processes and threads of the plugin together (pids.max, and RLIMIT_NPROC).
+    plugin_processes: int = 1024
+    # CPU time of the plugin, in cores (cpu.max / cfs_quota_us over a 100 ms period).
+    plugin_cpu: float = 2.0
