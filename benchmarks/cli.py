@@ -107,6 +107,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         # Other work on the machine skews every figure: the load says how quiet it was.
         "machine": {**machine.describe(), "loadavg_1min": [load_before, os.getloadavg()[0]]},
         "settings": {
+            "date": time.strftime("%Y-%m-%d"),
             "exits": bench.exits,
             "async_exits": bench.exits * exits.ASYNC_FACTOR,
             "repeat": bench.repeat,
