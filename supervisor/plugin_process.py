@@ -22,7 +22,7 @@ import resource
 import select
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,8 +38,11 @@ class PluginStartError(Exception):
     """The plugin could not be executed (missing, not executable, bad interpreter...)."""
 
 
-def _child_setup(open_files: int | None) -> None:
-    """Runs in the plugin's process between fork and exec."""
+def _child_setup(open_files: int | None, enter: Callable[[], None] | None = None) -> None:
+    """Runs in the plugin's process between fork and exec; `enter` first (the sandbox's
+    change of user clears the parent-death signal, so it must come before it)."""
+    if enter is not None:
+        enter()
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if open_files is not None:
         try:
@@ -102,7 +105,9 @@ class PluginProcess:
                     pass_fds=fds,
                     stdin=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
-                    preexec_fn=functools.partial(_child_setup, open_files),
+                    preexec_fn=functools.partial(
+                        _child_setup, open_files, sandbox.enter if sandbox is not None else None
+                    ),
                 )
             except OSError as exc:
                 raise PluginStartError(f"cannot start plugin {path}: {exc.strerror}") from exc
