@@ -271,6 +271,7 @@ _TYPE_NAMES = {
     "int": "an integer",
     "float": "a number",
     "str": "a string",
+    "str | null": "a string",
     "bool": "a boolean",
     "object": "a table",
     "object | null": "a table",

@@ -572,6 +572,8 @@ def too_broad(folder: str) -> bool:
     for path in {os.path.normpath(folder), os.path.realpath(folder)}:
         if any(_inside(b, path) for b in broad) or any(_inside(path, t) for t in RUNTIME_TREES):
             return True
+        if os.path.dirname(path) == "/home":  # a home folder, in the passwd database or not
+            return True
     return False
 
 
