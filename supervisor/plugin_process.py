@@ -9,7 +9,8 @@ namespace and dies with the supervisor too (--die-with-parent takes the whole na
 it); the pid and pidfd here are bwrap's. bwrap passes the plugin's exit code through and
 reports a death by signal N as exit code 128+N, as shells do; `poll` and `wait` turn such a
 code back into a death by signal N, so the outcome reads as it would without the sandbox.
-vmsuper's exit status is the same number either way.
+vmsuper's exit status is the same number either way. Before executing bwrap, the child enters
+the sandbox (`Sandbox.enter`): a root supervisor's child becomes the plugin's user.
 """
 
 from __future__ import annotations

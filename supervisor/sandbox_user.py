@@ -63,12 +63,12 @@ def plugin_user(configured: str | None) -> PluginUser:
     """
     if os.geteuid() != 0:
         me = _entry(os.getuid())
-        if configured is not None and configured != me.name:
+        if configured is not None and configured != me.pw_name:
             raise UserError(
                 f"[plugin] user = {configured!r} needs vmsuper to run as root; "
-                f"it runs as {me.name}, and so would the plugin"
+                f"it runs as {me.pw_name}, and so would the plugin"
             )
-        return PluginUser(me.name, os.getuid(), os.getgid(), switch=False)
+        return PluginUser(me.pw_name, os.getuid(), os.getgid(), switch=False)
     for name in (configured,) if configured is not None else DEFAULT_USERS:
         try:
             entry = pwd.getpwnam(name)

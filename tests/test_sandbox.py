@@ -64,7 +64,7 @@ def option_values(argv: list[str], option: str) -> list[tuple[str, ...]]:
 def host_binds(sandbox: Sandbox, option: str) -> list[tuple[str, ...]]:
     """`option_values` of the sandbox's command line, a staged source shown as its host path."""
     sources = sandbox.sources()
-    found = []
+    found: list[tuple[str, ...]] = []
     for src, dst in option_values(sandbox.argv(None), option):
         if sandbox.staged and src.startswith(STAGE + "/"):
             src = sources[int(src.removeprefix(STAGE + "/"))]

@@ -18,6 +18,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -121,7 +122,7 @@ def plugin_process(vmsuper_pid: int, plugin: Path) -> psutil.Process:
 
 def run_probe_and_look(
     tmp_path: Path, setuid_helper: Path, spec_user: str | None = None
-) -> tuple[dict[str, object], dict[str, str]]:
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Run IDENTITY_PROBE sandboxed; returns (what it found inside, its host /proc status)."""
     folder = tmp_path / "plugin"
     folder.mkdir()
