@@ -146,7 +146,8 @@ def configure_logging(
         raise ValueError(f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}")
     make_private_folder(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    os.fchmod(fd, 0o600)  # a file left by an earlier run in a fixed log folder, too
+    if os.fstat(fd).st_mode & 0o777 != 0o600:  # a file left by an earlier run in a fixed folder
+        os.fchmod(fd, 0o600)
     file = io.FileIO(fd, "a")
     with _state.lock:
         old, _state.file = _state.file, file
@@ -176,8 +177,9 @@ def make_private_folder(path: Path) -> None:
     for folder in reversed(missing):
         with contextlib.suppress(FileExistsError):
             folder.mkdir(mode=0o700)
-    with contextlib.suppress(PermissionError):  # another user's folder: theirs to protect
-        os.chmod(path, 0o700)
+    if path.stat().st_mode & 0o777 != 0o700:
+        with contextlib.suppress(PermissionError):  # another user's folder: theirs to protect
+            os.chmod(path, 0o700)
 
 
 def close_logging() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import signal
 import socket
@@ -227,6 +228,19 @@ def test_user_namespace_refusal_is_named(tmp_path: Path) -> None:
     assert "[plugin] sandbox = false" in problem
     # This host allows them (the sandbox tests need it).
     assert sandbox_user.user_namespace_problem() is None
+
+
+def test_a_vmsuper_user_is_preferred(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = pwd.getpwnam
+
+    def with_vmsuper(name: str) -> pwd.struct_passwd:
+        if name == "vmsuper":
+            return pwd.struct_passwd(("vmsuper", "x", 990, 990, "", "/nonexistent", ""))
+        return real(name)
+
+    monkeypatch.setattr(sandbox_user.pwd, "getpwnam", with_vmsuper)
+    assert sandbox_user.plugin_user(None) == sandbox_user.PluginUser("vmsuper", 990, 990, True)
+    assert sandbox_user.plugin_user("nobody").name == "nobody"
 
 
 def test_default_and_refused_users() -> None:
