@@ -502,11 +502,11 @@ def python_folders(interpreters: Sequence[str], env: Mapping[str, str]) -> list[
         home = _venv_home(prefix)
         if home is not None:
             prefixes.append(_prefix(os.path.join(home, "python")))
-            what = f"the base installation of the venv {prefix} (home in its pyvenv.cfg)"
+            what = f"the base installation of the venv {prefix}, from its pyvenv.cfg"
             wanted.append(Wanted(prefixes[-1], what))
     for prefix in prefixes:
         for site in sorted(Path(prefix).glob("lib/python3*/site-packages")):
-            what = f"a .pth file or editable install in {site}"
+            what = f"from a .pth file or editable install in {site}"
             wanted += [Wanted(p, what) for p in site_folders(site)]
     wanted += _search_path_folders("PYTHONPATH", env.get("PYTHONPATH", ""))
     return wanted
@@ -556,7 +556,7 @@ def _finder_mapping(finder: Path) -> list[str]:
 
 
 def _search_path_folders(variable: str, value: str) -> list[Wanted]:
-    what = f"the {variable} entry"
+    what = f"from {variable}"
     return [Wanted(p, what) for p in value.split(":") if p and os.path.isdir(p)]
 
 
@@ -608,8 +608,8 @@ def _order(wanted: Sequence[Wanted], user: Sequence[Bind]) -> tuple[Bind, ...]:
         if too_broad(path):
             if want.fallback is None:
                 raise SandboxError(
-                    f"{want.what} {want.folder} is too broad to show the plugin whole (it is "
-                    "or holds a system, runtime or home folder): narrow it, or show what the "
+                    f"{want.folder} ({want.what}) is too broad to show the plugin whole: it is "
+                    "or holds a system, runtime or home folder; narrow it, or show what the "
                     "plugin needs with [[plugin.mounts]]"
                 )
             path = os.path.normpath(want.fallback)

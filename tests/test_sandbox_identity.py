@@ -288,7 +288,7 @@ def test_search_paths_never_show_broad_folders(tmp_path: Path, variable: str, va
     broad = value.split(":")[-1]
     assert result.status == 125, result.stdout
     assert (
-        f"vmsuper: cannot sandbox the plugin: the {variable} entry {broad} is too broad to show "
+        f"vmsuper: cannot sandbox the plugin: {broad} (from {variable}) is too broad to show "
         "the plugin whole"
     ) in result.stderr
     assert "[[plugin.mounts]]" in result.stderr
@@ -391,7 +391,8 @@ def test_pth_and_venv_entries_are_refused_when_broad(tmp_path: Path) -> None:
     plugin.parent.mkdir()
     plugin.write_text(f"#!{venv / 'bin' / 'python'}\n")
     plugin.chmod(0o755)
-    with pytest.raises(SandboxError, match=re.escape(f"in {site} /etc is too broad")):
+    expected = f"/etc (from a .pth file or editable install in {site}) is too broad"
+    with pytest.raises(SandboxError, match=re.escape(expected)):
         Sandbox.for_plugin(PluginConfig(path=plugin), environ={}, bwrap="bwrap")
 
 
