@@ -157,6 +157,8 @@ class Sandbox(NamedTuple):
     hidden: tuple[str, ...] = ()
     # Who the plugin runs as; None: the invoking user, as for a Sandbox made by hand.
     user: PluginUser | None = None
+    # Each bind's source resolved once, when the binds were checked (see `sources`).
+    resolved: tuple[str, ...] = ()
 
     @classmethod
     def for_plugin(
@@ -198,7 +200,8 @@ class Sandbox(NamedTuple):
         executables = (path, *interpreters)
         scripts = tuple(p for p in executables if _shebang(p) is not None)
         shown_hidden = _hidden_inside(binds, [str(h) for h in hidden])
-        return cls(found, binds, executables, scripts, shown_hidden, user)
+        resolved = tuple(os.path.realpath(b.src) for b in binds)
+        return cls(found, binds, executables, scripts, shown_hidden, user, resolved)
 
     @property
     def staged(self) -> bool:
@@ -206,13 +209,21 @@ class Sandbox(NamedTuple):
         return self.user is not None and self.user.switch
 
     def sources(self) -> list[str]:
-        """The distinct bind sources, resolved, in the order `stage_path` numbers them."""
+        """The distinct bind sources, resolved, in the order `stage_path` numbers them.
+
+        Resolved when the binds were checked, not again in the child: the child refuses a
+        source that leads elsewhere by then (a symlink put on the way).
+        """
         found: list[str] = []
-        for bind in self.binds:
-            real = os.path.realpath(bind.src)
+        for real in self._resolved():
             if real not in found:
                 found.append(real)
         return found
+
+    def _resolved(self) -> tuple[str, ...]:
+        if len(self.resolved) == len(self.binds):
+            return self.resolved
+        return tuple(os.path.realpath(b.src) for b in self.binds)
 
     def argv(self, seccomp_fd: int | None) -> list[str]:
         """The bwrap command line up to (and including) the "--" before the plugin's path."""
@@ -234,10 +245,10 @@ class Sandbox(NamedTuple):
         args += ["--tmpfs", "/tmp"]
         sources = self.sources()
         mounts: list[tuple[str, list[str]]] = []
-        for bind in self.binds:
+        for bind, real in zip(self.binds, self._resolved(), strict=True):
             src = bind.src
             if self.staged:
-                src = sandbox_user.stage_path(sources.index(os.path.realpath(bind.src)))
+                src = sandbox_user.stage_path(sources.index(real))
             mounts.append((bind.dst, Bind(src, bind.dst, bind.writable).args()))
         # Staged, the hidden folders are covered before the sources are bound (by root, who
         # may enter them); else bwrap covers them where they appear inside.
@@ -375,7 +386,7 @@ class Sandbox(NamedTuple):
         text = output.decode("utf-8", "replace")
         _, staged, cause = text.partition(sandbox_user.STAGE_FAILED)
         if staged:
-            return SandboxError(cause.strip())
+            return SandboxError(f"cannot show the binds: {cause.strip()}")
         _, refused, what = text.partition(_REFUSED)
         if refused:
             verdict, test, path = what.removesuffix("\n").split(" ", 2)

@@ -26,7 +26,7 @@ import pytest
 from rawplugin import plugin_source
 
 from vmsuper.supervisor import sandbox_user
-from vmsuper.supervisor.config import PluginConfig
+from vmsuper.supervisor.config import MountConfig, PluginConfig
 from vmsuper.supervisor.sandbox import Sandbox, SandboxError, too_broad
 from vmsuper.testing import VmResult, VmRunner, VmSpec, finish, write_python_plugin
 
@@ -209,6 +209,33 @@ def test_a_writable_mount_its_user_cannot_write_is_a_start_error(tmp_path: Path)
     )
     assert result.status == 125
     assert "/data is not writable by the plugin's user" in result.stderr
+
+
+def test_a_source_changed_after_its_check_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "plugin").mkdir()
+    plugin = write_python_plugin(tmp_path / "plugin", "pass\n")
+    (tmp_path / "a" / "data").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "data").mkdir(parents=True)
+    mount = MountConfig(src=tmp_path / "a" / "data")
+    sandbox = Sandbox.for_plugin(PluginConfig(path=plugin, mounts=(mount,)))
+    assert sandbox.staged
+    # A folder on the way becomes a symlink between the check and the start.
+    (tmp_path / "a").rename(tmp_path / "old")
+    (tmp_path / "a").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(SandboxError) as info:
+        sandbox.check()
+    assert str(info.value) == (
+        f"cannot sandbox the plugin: cannot show the binds: {tmp_path / 'a' / 'data'} now "
+        f"leads to {tmp_path / 'elsewhere' / 'data'}"
+    )
+    # Gone altogether.
+    (tmp_path / "a").unlink()
+    with pytest.raises(SandboxError) as info:
+        sandbox.check()
+    assert str(info.value) == (
+        f"cannot sandbox the plugin: cannot show the binds: {tmp_path / 'a' / 'data'}: "
+        "No such file or directory"
+    )
 
 
 def test_user_namespace_refusal_is_named(tmp_path: Path) -> None:
