@@ -144,7 +144,8 @@ def _stage(sources: Sequence[str], hidden: Sequence[str]) -> None:
     for folder in hidden:
         if os.path.isdir(folder):
             _check(
-                _libc.mount(b"tmpfs", folder.encode(), b"tmpfs", flags | _MS_RDONLY, None), folder
+                _libc.mount(b"tmpfs", folder.encode(), b"tmpfs", flags | _MS_RDONLY, b"mode=0755"),
+                folder,
             )
     # Opened before the tmpfs covers STAGE, so sources below it stay reachable.
     fds = []
