@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     quick: bool = args.quick
+    # Mounted into the sandbox, whose plugin runs as an unprivileged user: it must enter the
+    # folder to read the guests there (tempfile makes it 0700).
+    work.chmod(0o755)
     bench = Bench(
         programs=build_all(),
         work=work,

@@ -144,8 +144,11 @@ def configure_logging(
     name = level.lower()
     if name not in _LEVEL_NUMBERS:
         raise ValueError(f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    file = io.FileIO(path, "a")
+    make_private_folder(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if os.fstat(fd).st_mode & 0o777 != 0o600:  # a file left by an earlier run in a fixed folder
+        os.fchmod(fd, 0o600)
+    file = io.FileIO(fd, "a")
     with _state.lock:
         old, _state.file = _state.file, file
         _state.pid = os.getpid()
@@ -161,6 +164,22 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
     return get_logger()
+
+
+def make_private_folder(path: Path) -> None:
+    """Create `path` and its missing parents for this user only (0700): logs hold whatever
+    the plugin wrote on stderr, secrets included. An existing `path` is made 0700 too."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
+    if path.stat().st_mode & 0o777 != 0o700:
+        with contextlib.suppress(PermissionError):  # another user's folder: theirs to protect
+            os.chmod(path, 0o700)
 
 
 def close_logging() -> None:

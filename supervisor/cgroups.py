@@ -232,13 +232,12 @@ class PluginCgroup:
 
     def enter(self) -> None:
         """Runs in the plugin's process between fork and exec: join the cgroup, and take
-        RLIMIT_NPROC (which binds once the plugin runs as a user that is not root)."""
+        the RLIMIT_NPROC backstop (see `nproc_backstop`)."""
         for fd in self._procs_fds:
             os.write(fd, b"0")
         if self.limits.processes:
-            resource.setrlimit(
-                resource.RLIMIT_NPROC, (self.limits.processes, self.limits.processes)
-            )
+            backstop = nproc_backstop(self.limits.processes)
+            resource.setrlimit(resource.RLIMIT_NPROC, (backstop, backstop))
 
     def violation(self) -> str | None:
         """Why the plugin must stop, if it hit a limit: an out-of-memory kill in its cgroup or
@@ -405,3 +404,14 @@ def _interval_timer(seconds: float) -> int:
 def drain_timer(fd: int) -> None:
     with contextlib.suppress(BlockingIOError):
         os.read(fd, 8)
+
+
+def nproc_backstop(processes: int) -> int:
+    """RLIMIT_NPROC for a plugin whose cgroup allows `processes`.
+
+    The cgroup is the per-run limit, and reaching it is what names the cause. RLIMIT_NPROC
+    counts every process of the plugin's user on the whole host, and runs share that user
+    (`nobody` by default), so it is set well above: a second bound that holds if the cgroup
+    ever does not, and that another run's plugins do not reach first.
+    """
+    return max(4 * processes, processes + 256)

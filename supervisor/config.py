@@ -28,6 +28,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import pwd
 import re
 import shutil
 import string
@@ -84,6 +85,9 @@ class PluginConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     grace_period: float = 1.0
     sandbox: bool = True
     mounts: tuple[MountConfig, ...] = ()
+    # The host user a sandboxed plugin runs as when vmsuper is root (None: "vmsuper" if this
+    # host has such a user, else "nobody"; see supervisor/sandbox_user.py).
+    user: str | None = None
 
 
 class NetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -95,6 +99,13 @@ class NetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     dir: Path = Path(DEFAULT_LOG_DIR)
     level: LogLevel = "info"
+    # Not a key of the file: set by load_config to the folder that holds every run's log
+    # folder (`dir` up to its first placeholder), which the sandboxed plugin must not see.
+    root: Path | None = None
+
+
+# Fields filled in by load_config, refused in the file and in overrides.
+_DERIVED_KEYS = ("log.root",)
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -210,6 +221,10 @@ def load_config(
     if not isinstance(raw, dict):  # pragma: no cover - TOML documents are always tables
         raise ConfigError(f"{label}: expected a TOML table")
     raw.setdefault("plugin", {})  # so a missing [plugin] reports "[plugin] path is required"
+    for dotted in _DERIVED_KEYS:
+        table, _, key = dotted.partition(".")
+        if isinstance(raw.get(table), dict) and key in raw[table]:
+            raise ConfigError(f"{label}: unknown key {config_shape.key_label(dotted)}")
     _apply_overrides(raw, overrides or {}, label)
     try:
         config_shape.check(raw, Config)
@@ -245,7 +260,8 @@ def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, object], label
     for dotted, value in overrides.items():
         table, _, key = dotted.partition(".")
         struct = _struct_of(tables.get(table))
-        if struct is None or key not in {f.name for f in msgspec.structs.fields(struct)}:
+        fields = {f.name for f in msgspec.structs.fields(struct)} if struct is not None else set()
+        if key not in fields or dotted in _DERIVED_KEYS:
             raise ConfigError(f"{label}: unknown override key {dotted!r}")
         section = raw.setdefault(table, {})
         if isinstance(section, dict):
@@ -288,6 +304,8 @@ def _check(config: Config) -> None:
     for i, arg in enumerate(plugin.args):
         if "\0" in arg:
             raise _KeyError(f"plugin.args[{i}]", "must not contain a NUL character")
+    if plugin.user is not None and not re.fullmatch(r"[^\0/:\s]+", plugin.user):
+        raise _KeyError("plugin.user", f"expected a user name, got {plugin.user!r}")
     for i, mount in enumerate(plugin.mounts):
         _check_mount(i, mount)
     if config.net is not None:
@@ -362,7 +380,10 @@ def _resolve(config: Config, folder: Path, stem: str, *, bare: bool, check_plugi
     mounts = tuple(
         _resolve_mount(i, m, folder, check=check_plugin) for i, m in enumerate(config.plugin.mounts)
     )
+    if check_plugin and config.plugin.user is not None:
+        _check_user(config.plugin.user)
     log_dir = _absolute(Path(_expand_log_dir(str(config.log.dir), stem)), folder)
+    log_root = _absolute(Path(_log_root(str(config.log.dir))), folder)
     net = config.net
     if net is not None:
         net = msgspec.structs.replace(net, mac=net.mac.lower())
@@ -370,7 +391,7 @@ def _resolve(config: Config, folder: Path, stem: str, *, bare: bool, check_plugi
         config,
         plugin=msgspec.structs.replace(config.plugin, path=plugin_path, mounts=mounts),
         net=net,
-        log=msgspec.structs.replace(config.log, dir=log_dir),
+        log=msgspec.structs.replace(config.log, dir=log_dir, root=log_root),
         limits=msgspec.structs.replace(
             config.limits, plugin_memory=parse_size(config.limits.plugin_memory)
         ),
@@ -414,6 +435,26 @@ def _resolve_plugin(path: Path, folder: Path, *, bare: bool, check: bool) -> Pat
                 f"{resolved} is not executable (chmod +x it; a script needs a #! line)",
             )
     return resolved
+
+
+def _check_user(name: str) -> None:
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise _KeyError("plugin.user", f"no user {name!r} in the passwd database") from None
+    if entry.pw_uid == 0 or entry.pw_gid == 0:
+        raise _KeyError("plugin.user", f"{name} has uid or gid 0: the plugin would be root")
+
+
+def _log_root(template: str) -> str:
+    """The part of a (checked) log folder template before its first placeholder: the folder
+    every run's log folder is made in ("runs/{name}-{time}" -> "runs"; no placeholder: all)."""
+    parts = template.split("/")
+    for index, part in enumerate(parts):
+        if any(field is not None for _, field, _, _ in string.Formatter().parse(part)):
+            root = "/".join(parts[:index]) or ("/" if template.startswith("/") else ".")
+            return root.format_map({})
+    return template.format_map({})
 
 
 def _expand_log_dir(template: str, stem: str) -> str:

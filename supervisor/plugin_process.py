@@ -9,7 +9,8 @@ namespace and dies with the supervisor too (--die-with-parent takes the whole na
 it); the pid and pidfd here are bwrap's. bwrap passes the plugin's exit code through and
 reports a death by signal N as exit code 128+N, as shells do; `poll` and `wait` turn such a
 code back into a death by signal N, so the outcome reads as it would without the sandbox.
-vmsuper's exit status is the same number either way.
+vmsuper's exit status is the same number either way. Before executing bwrap, the child enters
+the sandbox (`Sandbox.enter`): a root supervisor's child becomes the plugin's user.
 """
 
 from __future__ import annotations
@@ -38,11 +39,19 @@ class PluginStartError(Exception):
     """The plugin could not be executed (missing, not executable, bad interpreter...)."""
 
 
-def _child_setup(open_files: int | None, before_exec: Callable[[], None] | None) -> None:
-    """Runs in the plugin's process between fork and exec."""
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _child_setup(
+    open_files: int | None,
+    before_exec: Callable[[], None] | None,
+    enter: Callable[[], None] | None = None,
+) -> None:
+    """Runs in the plugin's process between fork and exec. `before_exec` runs first, with the
+    supervisor's rights (joining the run's cgroup needs them); then `enter`, the sandbox's
+    change of user, which clears the parent-death signal, so that is set after it."""
     if before_exec is not None:
         before_exec()
+    if enter is not None:
+        enter()
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if open_files is not None:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
@@ -107,7 +116,12 @@ class PluginProcess:
                     pass_fds=fds,
                     stdin=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
-                    preexec_fn=functools.partial(_child_setup, open_files, before_exec),
+                    preexec_fn=functools.partial(
+                        _child_setup,
+                        open_files,
+                        before_exec,
+                        sandbox.enter if sandbox is not None else None,
+                    ),
                 )
             except OSError as exc:
                 raise PluginStartError(f"cannot start plugin {path}: {exc.strerror}") from exc

@@ -422,7 +422,7 @@ class Supervisor:
                     cfg.plugin.args,
                     cfg.plugin.env,
                     theirs.fileno(),
-                    sandbox=Sandbox.for_plugin(cfg.plugin) if cfg.plugin.sandbox else None,
+                    sandbox=_sandbox(cfg),
                     open_files=run.limits.plugin_open_files,
                     before_exec=self.cgroup.enter if self.cgroup is not None else None,
                 )
@@ -502,6 +502,14 @@ class Supervisor:
         return status, reason
 
 
+def _sandbox(cfg: Config) -> Sandbox | None:
+    """The plugin's sandbox, hiding the log root (other runs' logs) from it; None: unconfined."""
+    if not cfg.plugin.sandbox:
+        return None
+    hidden = () if cfg.log.root is None else (cfg.log.root,)
+    return Sandbox.for_plugin(cfg.plugin, hidden=hidden)
+
+
 def _error_response(err: int) -> bytes:
     response = MainResponse()
     response.errno = err
@@ -510,7 +518,7 @@ def _error_response(err: int) -> bytes:
 
 def run(config: Config) -> int:
     """Run one VM to the end; returns vmsuper's exit status (see supervisor/outcome.py)."""
-    config.log.dir.mkdir(parents=True, exist_ok=True)
+    logs.make_private_folder(config.log.dir)
     log = logs.configure_logging(config.log.dir / "supervisor.jsonl", level=config.log.level)
     log.info("run_started", vcpus=config.vm.vcpus, transport=config.plugin.vcpu_transport)
     run_state = Run(config=config, log=log, limits=config.limits.to_limits())

@@ -8,8 +8,8 @@ capabilities, a new session (no controlling terminal), and a root that holds onl
   systems), a few files of /etc the C library and interpreters read (`ETC_FILES`);
 - the root itself is a read-only tmpfs;
 - a private /dev (bwrap's: null, zero, full, random, urandom, tty, a private devpts and an
-  empty /dev/shm; no /dev/kvm, no /dev/net/tun), a /proc of its own pid namespace, and an
-  empty private /tmp;
+  empty /dev/shm; no /dev/kvm, no /dev/net/tun), a /proc of its own pid namespace (its
+  /proc/sys, sysrq-trigger, irq and bus read-only), and an empty private /tmp;
 - read-only: the plugin's folder, and for a script its interpreter (the #! line, through
   ``/usr/bin/env NAME`` and symlinks) with the installation prefix it lives in; for Python,
   also the base installation a venv points to, the folders its .pth files and editable
@@ -20,8 +20,13 @@ Only the loopback interface exists. The seccomp filter of `seccomp.py` applies t
 and its children. Its fds (the main socket, and whatever later requests hand it) work as
 before: namespaces do not affect fds.
 
-A folder that would expose too much — the root or a home folder — is never bound whole: the
-file in question is bound alone instead.
+The plugin runs as an unprivileged host user (`sandbox_user.py`), never as host root.
+
+A derived folder that would expose too much — the root, a parent of system folders, /tmp,
+/etc, /run, /var, /opt, a home folder and the like — is never bound whole: the plugin's file
+or interpreter is then bound alone, and a search path or .pth entry is refused with an error
+saying to use [[plugin.mounts]]. The log root (every run's log folder) is hidden under an
+empty tmpfs when it lies inside a bound folder.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import os
+import pwd
 import select
 import shutil
 import subprocess
@@ -37,9 +43,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from vmsuper.supervisor import seccomp
+from vmsuper.supervisor import sandbox_user, seccomp
 from vmsuper.supervisor.config import PluginConfig
 from vmsuper.supervisor.plugin_process import PluginStartError
+from vmsuper.supervisor.sandbox_user import PluginUser
 
 SYSTEM_DIRS = ("/usr",)
 SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -54,6 +61,38 @@ ETC_FILES = (
     "/etc/hosts",
     "/etc/localtime",
 )
+# Kernel knobs under the sandbox's /proc, read-only (as bwrap makes them only without a user
+# namespace). Bound from the host's /proc: their contents do not depend on the pid namespace.
+PROC_READ_ONLY = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus")
+# Never bound whole by a derived bind (nor any folder holding one of them); user mounts may.
+BROAD_FOLDERS = (
+    "/tmp",
+    "/etc",
+    "/run",
+    "/var",
+    "/var/tmp",
+    "/var/lib",
+    "/var/log",
+    "/var/cache",
+    "/var/spool",
+    "/var/mail",
+    "/var/backups",
+    "/var/www",
+    "/opt",
+    "/srv",
+    "/mnt",
+    "/media",
+    "/boot",
+    "/home",
+    "/root",
+    "/lost+found",
+    "/snap",
+    "/proc",
+    "/sys",
+    "/dev",
+)
+# Kernel and runtime trees (sockets, devices): nothing below them is ever a derived bind.
+RUNTIME_TREES = ("/proc", "/sys", "/dev", "/run", "/var/run")
 NAMESPACES = (
     "--unshare-user",
     "--unshare-pid",
@@ -66,14 +105,19 @@ MAX_SCRIPT_DEPTH = 4  # as the kernel: an interpreter may itself be a script, a 
 START_TIMEOUT = 10.0
 STARTER_SHELL = "/bin/sh"
 _READY = "vmsuper: sandbox ready"
-_MISSING = "vmsuper: not executable: "
-# Runs inside the sandbox before the plugin: "$1" executables to check, then the plugin's argv.
-# It checks them, says on stderr that all is well (or which is missing), and becomes the plugin.
+_REFUSED = "vmsuper: refused: "
+# Runs inside the sandbox, as the plugin's user, before the plugin: pairs of a test(1) operator
+# (-x, -r, -w) and a path, then "--" and the plugin's argv. It checks each, says on stderr that
+# all is well (or which failed, and whether the path is there at all), and becomes the plugin.
 _STARTER_SCRIPT = (
-    'n=$1; shift; while [ "$n" -gt 0 ]; do '
-    f'[ -x "$1" ] || {{ printf "{_MISSING}%s\\n" "$1" >&2; exit 3; }}; n=$((n - 1)); shift; '
-    f"done; printf '{_READY}\\n' >&2; exec \"$@\""
+    'while [ "$1" != -- ]; do [ "$1" "$2" ] || { '
+    # There but refused, or hidden by a folder on its way that is closed to this user.
+    'if [ -e "$2" ] || { [ -d "${2%/*}" ] && ! [ -x "${2%/*}" ]; }; then w=denied; '
+    "else w=missing; fi; "
+    f'printf "{_REFUSED}%s %s %s\\n" "$w" "$1" "$2" >&2; exit 3; }}; shift 2; '
+    f"done; shift; printf '{_READY}\\n' >&2; exec \"$@\""
 )
+_ACCESS = {"-x": "executable", "-r": "readable", "-w": "writable"}
 
 
 class SandboxError(PluginStartError):
@@ -106,6 +150,15 @@ class Sandbox(NamedTuple):
     binds: tuple[Bind, ...]
     # Paths that must be executable inside (the plugin and its interpreters), checked first.
     executables: tuple[str, ...]
+    # Scripts among them, which must also be readable.
+    scripts: tuple[str, ...] = ()
+    # Host folders inside bound ones that the plugin must not see (the log root): each is
+    # covered by an empty read-only tmpfs, in the staging namespace or else by bwrap.
+    hidden: tuple[str, ...] = ()
+    # Who the plugin runs as; None: the invoking user, as for a Sandbox made by hand.
+    user: PluginUser | None = None
+    # Each bind's source resolved once, when the binds were checked (see `sources`).
+    resolved: tuple[str, ...] = ()
 
     @classmethod
     def for_plugin(
@@ -114,8 +167,10 @@ class Sandbox(NamedTuple):
         *,
         environ: Mapping[str, str] | None = None,
         bwrap: str | None = None,
+        hidden: Sequence[Path] = (),
     ) -> Sandbox:
-        """The sandbox for `plugin`, started with `environ` plus the config's env."""
+        """The sandbox for `plugin`, started with `environ` plus the config's env; `hidden`
+        are host folders the plugin must not see even inside a bound folder (the log root)."""
         env = dict(os.environ if environ is None else environ)
         env.update(plugin.env)
         found = bwrap or shutil.which("bwrap", path=env.get("PATH"))
@@ -124,17 +179,51 @@ class Sandbox(NamedTuple):
                 "bwrap (bubblewrap) is not installed: install it (Debian: apt-get install "
                 "bubblewrap) or set [plugin] sandbox = false to run the plugin unconfined"
             )
+        try:
+            user = sandbox_user.plugin_user(plugin.user)
+        except sandbox_user.UserError as exc:
+            raise SandboxError(str(exc)) from None
+        problem = sandbox_user.user_namespace_problem()
+        if problem is not None:
+            raise SandboxError(problem)
         path = str(plugin.path)
         interpreters = script_interpreters(path, env)
-        binds = [_plugin_bind(path)]
+        wanted = [_plugin_folder(path)]
         for interpreter in interpreters:
-            binds += interpreter_binds(interpreter)
+            wanted += interpreter_folders(interpreter)
         pythons = [p for p in (path, *interpreters) if _is_python(p)]
         if pythons:
-            binds += python_binds(pythons, env)
-        binds += _search_path_binds(env.get("LD_LIBRARY_PATH", ""))
-        user = [Bind(str(m.src), str(m.dst or m.src), m.writable) for m in plugin.mounts]
-        return cls(found, _order(binds, user), (path, *interpreters))
+            wanted += python_folders(pythons, env)
+        wanted += _search_path_folders("LD_LIBRARY_PATH", env.get("LD_LIBRARY_PATH", ""))
+        user_binds = [Bind(str(m.src), str(m.dst or m.src), m.writable) for m in plugin.mounts]
+        binds = _order(wanted, user_binds)
+        executables = (path, *interpreters)
+        scripts = tuple(p for p in executables if _shebang(p) is not None)
+        shown_hidden = _hidden_inside(binds, [str(h) for h in hidden])
+        resolved = tuple(os.path.realpath(b.src) for b in binds)
+        return cls(found, binds, executables, scripts, shown_hidden, user, resolved)
+
+    @property
+    def staged(self) -> bool:
+        """Whether the bind sources are staged by the supervisor's child (see sandbox_user)."""
+        return self.user is not None and self.user.switch
+
+    def sources(self) -> list[str]:
+        """The distinct bind sources, resolved, in the order `stage_path` numbers them.
+
+        Resolved when the binds were checked, not again in the child: the child refuses a
+        source that leads elsewhere by then (a symlink put on the way).
+        """
+        found: list[str] = []
+        for real in self._resolved():
+            if real not in found:
+                found.append(real)
+        return found
+
+    def _resolved(self) -> tuple[str, ...]:
+        if len(self.resolved) == len(self.binds):
+            return self.resolved
+        return tuple(os.path.realpath(b.src) for b in self.binds)
 
     def argv(self, seccomp_fd: int | None) -> list[str]:
         """The bwrap command line up to (and including) the "--" before the plugin's path."""
@@ -150,13 +239,52 @@ class Sandbox(NamedTuple):
                 args += ["--ro-bind", path, path]
         for path in ETC_FILES:
             args += ["--ro-bind-try", path, path]
-        args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-        for bind in self.binds:
-            args += bind.args()
+        args += ["--dev", "/dev", "--proc", "/proc"]
+        for path in PROC_READ_ONLY:
+            args += ["--ro-bind-try", path, path]
+        args += ["--tmpfs", "/tmp"]
+        sources = self.sources()
+        mounts: list[tuple[str, list[str]]] = []
+        for bind, real in zip(self.binds, self._resolved(), strict=True):
+            src = bind.src
+            if self.staged:
+                src = sandbox_user.stage_path(sources.index(real))
+            mounts.append((bind.dst, Bind(src, bind.dst, bind.writable).args()))
+        # Staged, the hidden folders are covered before the sources are bound (by root, who
+        # may enter them); else bwrap covers them where they appear inside.
+        masks = [] if self.staged else self.masks()
+        mounts += [(mask, ["--tmpfs", mask]) for mask in masks]
+        # Parents first, so that a nested mount is not hidden by its parent's (stable: a mask
+        # comes after a bind of the same depth).
+        for _, mount_args in sorted(mounts, key=lambda m: m[0].rstrip("/").count("/")):
+            args += mount_args
+        for mask in masks:
+            args += ["--remount-ro", mask]
         args += ["--remount-ro", "/"]  # the root tmpfs; /tmp, /dev and writable binds stay
         if seccomp_fd is not None:
             args += ["--seccomp", str(seccomp_fd)]
         return [*args, "--"]
+
+    def enter(self) -> None:
+        """Runs in the forked child before it executes bwrap: stages the bind sources and
+        becomes the plugin's user if the supervisor is root, and sets no_new_privs."""
+        user = self.user or PluginUser("", os.getuid(), os.getgid(), switch=False)
+        if self.staged:
+            sandbox_user.enter(user, self.sources(), self.hidden)
+        else:
+            sandbox_user.enter(user, (), ())
+
+    def masks(self) -> list[str]:
+        """Where the hidden folders appear inside the sandbox, through the binds."""
+        found: list[str] = []
+        for folder in self.hidden:
+            for bind in self.binds:
+                src = os.path.realpath(bind.src)
+                if _inside(folder, src):
+                    mask = os.path.normpath(os.path.join(bind.dst, os.path.relpath(folder, src)))
+                    if mask not in found:
+                        found.append(mask)
+        return found
 
     @contextlib.contextmanager
     def launch(self) -> Iterator[tuple[list[str], int]]:
@@ -176,20 +304,22 @@ class Sandbox(NamedTuple):
     def starter(self) -> list[str]:
         """The command that runs first inside the sandbox, to put before the plugin's argv.
 
-        A shell checks that the plugin and its interpreters are there to execute, writes a line
-        to stderr saying so (or naming what is missing), and executes the plugin in its own
+        A shell, already the plugin's user, checks that the plugin and its interpreters are
+        there to execute (scripts to read too) and that writable mounts are writable, writes a
+        line to stderr saying so (or naming what failed), and executes the plugin in its own
         place: same pid, argv and environment. `wait_started` reads that line, so a sandbox
         that cannot be set up is an error naming the cause before the plugin runs, rather than
         a plugin that seems to exit with status 1 and a line from bwrap.
         """
-        return [
-            STARTER_SHELL,
-            "-c",
-            _STARTER_SCRIPT,
-            "sh",
-            str(len(self.executables)),
-            *self.executables,
-        ]
+        checks: list[str] = []
+        for path in self.executables:
+            checks += ["-x", path]
+        for path in self.scripts:
+            checks += ["-r", path]
+        for bind in self.binds:
+            if bind.writable:
+                checks += ["-w", bind.dst]
+        return [STARTER_SHELL, "-c", _STARTER_SCRIPT, "sh", *checks, "--"]
 
     def wait_started(
         self, stderr_fd: int, reap: Callable[[], int], *, timeout: float = START_TIMEOUT
@@ -200,8 +330,8 @@ class Sandbox(NamedTuple):
         so everything the plugin writes stays for the caller. `reap` waits for the sandbox once
         it has ended and returns its exit code. Raises `SandboxError` saying why the sandbox did
         not start: bwrap's own complaint (namespaces the kernel refuses, a bind source that
-        vanished, a mount point that cannot be made), an executable not visible inside, or
-        `timeout` seconds without an answer.
+        vanished, a mount point that cannot be made), a source that could not be staged, an
+        executable not visible or not allowed inside, or `timeout` seconds without an answer.
         """
         ready = (_READY + "\n").encode()
         deadline = time.monotonic() + timeout
@@ -216,7 +346,7 @@ class Sandbox(NamedTuple):
             except BlockingIOError:
                 continue
             if not chunk:
-                raise _start_failure(seen, reap())
+                raise self._start_failure(seen, reap())
             seen += chunk
         if len(seen) > len(ready):
             # Anything bwrap said before the sandbox started: passed on, as the plugin's would be.
@@ -234,6 +364,7 @@ class Sandbox(NamedTuple):
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
+                    preexec_fn=self.enter,
                 )
             except OSError as exc:
                 raise SandboxError(f"cannot run {self.bwrap}: {exc.strerror}") from exc
@@ -243,6 +374,40 @@ class Sandbox(NamedTuple):
             self.wait_started(proc.stderr.fileno(), proc.wait)
             proc.wait()
 
+    def _who(self) -> str:
+        if self.user is not None:
+            return self.user.label()
+        try:
+            return f"uid {os.getuid()} ({pwd.getpwuid(os.getuid()).pw_name})"
+        except KeyError:
+            return f"uid {os.getuid()}"
+
+    def _start_failure(self, output: bytes, status: int) -> SandboxError:
+        text = output.decode("utf-8", "replace")
+        _, staged, cause = text.partition(sandbox_user.STAGE_FAILED)
+        if staged:
+            return SandboxError(f"cannot show the binds: {cause.strip()}")
+        _, refused, what = text.partition(_REFUSED)
+        if refused:
+            verdict, test, path = what.removesuffix("\n").split(" ", 2)
+            access = _ACCESS.get(test, test)
+            if verdict == "missing":
+                return SandboxError(
+                    f"{path} is not {access} inside the sandbox; bind its folder with "
+                    "[[plugin.mounts]]"
+                )
+            advice = (
+                "give that user write access to the mount's source"
+                if test == "-w"
+                else f"make it, and the folders on its way, {access} for that user"
+            )
+            return SandboxError(
+                f"{path} is not {access} by the plugin's user, {self._who()}: {advice}, "
+                "or name another user with [plugin] user"
+            )
+        said = text.strip() or f"status {status}"
+        return SandboxError(f"bwrap cannot set up the sandbox: {said}")
+
 
 def _partial_match(data: bytes, marker: bytes) -> int:
     """The length of the longest start of `marker` that `data` ends with."""
@@ -250,18 +415,6 @@ def _partial_match(data: bytes, marker: bytes) -> int:
         if data.endswith(marker[:size]):
             return size
     return 0
-
-
-def _start_failure(output: bytes, status: int) -> SandboxError:
-    text = output.decode("utf-8", "replace")
-    _, found, missing = text.partition(_MISSING)
-    if found:
-        path = missing.removesuffix("\n")
-        return SandboxError(
-            f"{path} is not executable inside the sandbox; bind its folder with [[plugin.mounts]]"
-        )
-    said = text.strip() or f"status {status}"
-    return SandboxError(f"bwrap cannot set up the sandbox: {said}")
 
 
 # -- what the plugin needs -----------------------------------------------------------------------
@@ -310,12 +463,21 @@ def _env_command(rest: str) -> str | None:
     return None
 
 
-def interpreter_binds(interpreter: str) -> list[Bind]:
+class Wanted(NamedTuple):
+    """A folder the plugin needs, why (for an error), and the file to bind alone instead
+    should the folder be too broad to show (None: refuse)."""
+
+    folder: str
+    what: str
+    fallback: str | None = None
+
+
+def interpreter_folders(interpreter: str) -> list[Wanted]:
     """The installation of `interpreter` and of every symlink it goes through."""
-    binds = []
-    for hop in _symlink_chain(interpreter):
-        binds.append(_identity(_prefix(hop), fallback=hop))
-    return binds
+    return [
+        Wanted(_prefix(hop), f"the installation of {hop}", fallback=hop)
+        for hop in _symlink_chain(interpreter)
+    ]
 
 
 def _symlink_chain(path: str) -> list[str]:
@@ -340,23 +502,25 @@ def _is_python(path: str) -> bool:
     return any(os.path.basename(hop).startswith("python") for hop in _symlink_chain(path))
 
 
-def python_binds(interpreters: Sequence[str], env: Mapping[str, str]) -> list[Bind]:
+def python_folders(interpreters: Sequence[str], env: Mapping[str, str]) -> list[Wanted]:
     """What a Python interpreter imports from outside its own prefix."""
-    binds: list[Bind] = []
+    wanted: list[Wanted] = []
     prefixes: list[str] = []
     for interpreter in interpreters:
-        binds += interpreter_binds(interpreter)
+        wanted += interpreter_folders(interpreter)
         prefixes += [_prefix(hop) for hop in _symlink_chain(interpreter)]
     for prefix in list(prefixes):
         home = _venv_home(prefix)
         if home is not None:
             prefixes.append(_prefix(os.path.join(home, "python")))
-            binds.append(_identity(prefixes[-1], fallback=home))
+            what = f"the base installation of the venv {prefix}, from its pyvenv.cfg"
+            wanted.append(Wanted(prefixes[-1], what))
     for prefix in prefixes:
         for site in sorted(Path(prefix).glob("lib/python3*/site-packages")):
-            binds += [_identity(p, fallback=p) for p in site_folders(site)]
-    binds += _search_path_binds(env.get("PYTHONPATH", ""))
-    return binds
+            what = f"from a .pth file or editable install in {site}"
+            wanted += [Wanted(p, what) for p in site_folders(site)]
+    wanted += _search_path_folders("PYTHONPATH", env.get("PYTHONPATH", ""))
+    return wanted
 
 
 def _venv_home(prefix: str) -> str | None:
@@ -402,44 +566,90 @@ def _finder_mapping(finder: Path) -> list[str]:
     return []
 
 
-def _search_path_binds(value: str) -> list[Bind]:
-    return [_identity(p, fallback=p) for p in value.split(":") if p and os.path.isdir(p)]
+def _search_path_folders(variable: str, value: str) -> list[Wanted]:
+    what = f"from {variable}"
+    return [Wanted(p, what) for p in value.split(":") if p and os.path.isdir(p)]
 
 
-def _plugin_bind(path: str) -> Bind:
-    return _identity(os.path.dirname(path), fallback=path)
+def _plugin_folder(path: str) -> Wanted:
+    return Wanted(os.path.dirname(path), "the plugin's folder", fallback=path)
 
 
-def _identity(folder: str, *, fallback: str) -> Bind:
-    """`folder` bound at itself, unless it is too broad: then `fallback` alone."""
-    folder = os.path.normpath(folder)
-    chosen = fallback if _too_broad(folder) else folder
-    return Bind(chosen, chosen)
+def too_broad(folder: str) -> bool:
+    """Whether showing `folder` whole would show the host's system, runtime or home folders:
+    it is one of `BROAD_FOLDERS` or a home folder, holds one, or lies in a runtime tree. Both
+    the path as written and where its symlinks lead are checked."""
+    broad = {*BROAD_FOLDERS, *SYSTEM_DIRS, *SYSTEM_LINKS, *_home_folders()}
+    for path in {os.path.normpath(folder), os.path.realpath(folder)}:
+        if any(_inside(b, path) for b in broad) or any(_inside(path, t) for t in RUNTIME_TREES):
+            return True
+        if os.path.dirname(path) == "/home":  # a home folder, in the passwd database or not
+            return True
+    return False
 
 
-def _too_broad(folder: str) -> bool:
-    homes = {"/root", "/home", os.path.expanduser("~")}
-    return folder == "/" or folder in homes or os.path.dirname(folder) == "/home"
+def _home_folders() -> set[str]:
+    homes = {os.path.expanduser("~"), os.environ.get("HOME", "/root")}
+    with contextlib.suppress(OSError):
+        homes.update(entry.pw_dir for entry in pwd.getpwall())
+    return {os.path.normpath(h) for h in homes if h.startswith("/") and h != "/"}
 
 
 def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def _order(derived: Sequence[Bind], user: Sequence[Bind]) -> tuple[Bind, ...]:
+def _order(wanted: Sequence[Wanted], user: Sequence[Bind]) -> tuple[Bind, ...]:
     """The derived (identity, read-only) binds that add something, then the user's, sorted
-    parents first so that a nested bind is not hidden by its parent's."""
+    parents first so that a nested bind is not hidden by its parent's. A wanted folder that
+    is too broad is replaced by its fallback file, or refused."""
     covering = [b.dst for b in user if b.src == b.dst]
-    kept: list[Bind] = []
-    for bind in derived:
-        real = os.path.realpath(bind.dst)
+
+    def shown(path: str) -> bool:
+        real = os.path.realpath(path)
         if any(_inside(real, d) for d in (*SYSTEM_DIRS, *SYSTEM_LINKS)):
-            continue  # the system binds show it already
-        if any(_inside(bind.dst, c) for c in covering):
-            continue  # the user's own mount shows it, as the user asked
-        if any(o.dst != bind.dst and _inside(bind.dst, o.dst) for o in derived):
+            return True  # the system binds show it already
+        return any(_inside(path, c) for c in covering)  # the user's mount shows it, as asked
+
+    derived: list[str] = []
+    for want in wanted:
+        path = os.path.normpath(want.folder)
+        if shown(path):
+            continue
+        if too_broad(path):
+            if want.fallback is None:
+                raise SandboxError(
+                    f"{want.folder} ({want.what}) is too broad to show the plugin whole: it is "
+                    "or holds a system, runtime or home folder; narrow it, or show what the "
+                    "plugin needs with [[plugin.mounts]]"
+                )
+            path = os.path.normpath(want.fallback)
+            if shown(path):
+                continue
+        derived.append(path)
+    kept: list[Bind] = []
+    for path in derived:
+        if any(o != path and _inside(path, o) for o in derived):
             continue  # a broader derived bind shows it
-        if bind not in kept:
-            kept.append(bind)
+        if Bind(path, path) not in kept:
+            kept.append(Bind(path, path))
     binds = [*kept, *user]
     return tuple(sorted(binds, key=lambda b: b.dst.rstrip("/").count("/")))
+
+
+def _hidden_inside(binds: Sequence[Bind], hidden: Sequence[str]) -> tuple[str, ...]:
+    """The `hidden` host folders (resolved) that some bind would show; a bind whose source
+    lies in a hidden folder is refused."""
+    found: list[str] = []
+    for folder in hidden:
+        real = os.path.realpath(folder)
+        for bind in binds:
+            src = os.path.realpath(bind.src)
+            if _inside(src, real):
+                raise SandboxError(
+                    f"{bind.src} lies in {folder}, where every run's log folder is made, "
+                    "which the plugin must not see: move it, or the logs ([log] dir)"
+                )
+            if _inside(real, src) and real not in found:
+                found.append(real)
+    return tuple(found)

@@ -3,6 +3,8 @@ machine, and fail in CI (CI=true) or with VMSUPER_REQUIRE_KVM=1."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hostcaps import kvm_unusable_reason, required_strictly, tap_unusable_reason
 
@@ -26,3 +28,12 @@ def _kvm_gate(request: pytest.FixtureRequest) -> None:
 def taps_allowed() -> None:
     """For tests that create tap devices (root, or CAP_NET_ADMIN, and /dev/net/tun)."""
     _gate(tap_unusable_reason(), "creating tap devices")
+
+
+@pytest.fixture(autouse=True)
+def _tmp_path_open_to_the_plugin_user(request: pytest.FixtureRequest) -> None:
+    """A sandboxed plugin runs as an unprivileged user (nobody, say), who must enter the
+    folder a test writes it to; pytest makes tmp_path 0700. Its parent (pytest-of-USER)
+    stays 0700, so no one else reaches it."""
+    if "tmp_path" in request.fixturenames:
+        os.chmod(request.getfixturevalue("tmp_path"), 0o755)

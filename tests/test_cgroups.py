@@ -229,7 +229,7 @@ def test_the_plugin_runs_in_its_cgroup_with_the_configured_limits(tmp_path: Path
     result = VmRunner(tmp_path / "runs").run(plugin, VmSpec(extra_toml=limits))
     assert result.status == 0, result.stderr
     found = json.loads(result.stdout.splitlines()[-1])
-    assert found["nproc"] == [40, 40]
+    assert found["nproc"] == [cgroups.nproc_backstop(40)] * 2 == [296, 296]
     own = cgroups.own_cgroups(found["cgroup"])
     supervisor = f"vmsuper-{run_pid(result.records())}"
     layout = cgroups.plan(PluginLimits(1, 1, 1), cgroups.CGROUP_ROOT, found["cgroup"])

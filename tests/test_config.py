@@ -101,7 +101,7 @@ level = "debug"
             netmask=ipaddress.IPv4Address("255.255.255.252"),
             mac="de:21:e8:47:6b:6a",
         ),
-        log=LogConfig(dir=Path("/abs/logs"), level="debug"),
+        log=LogConfig(dir=Path("/abs/logs"), level="debug", root=Path("/abs/logs")),
     )
     assert isinstance(config.plugin.grace_period, float)
 
@@ -363,7 +363,9 @@ def test_overrides_replace_file_values(folder: Path) -> None:
     assert config.vm == VmConfig(vcpus=8, low_latency=True)
     assert config.plugin.vcpu_transport == "pipes"
     assert config.plugin.grace_period == 2.5
-    assert config.log == LogConfig(dir=folder / "elsewhere" / "hello", level="error")
+    assert config.log == LogConfig(
+        dir=folder / "elsewhere" / "hello", level="error", root=folder / "elsewhere"
+    )
 
 
 def test_override_creates_missing_table(folder: Path) -> None:
@@ -396,7 +398,8 @@ def test_example_config_shows_every_key() -> None:
         "log": LogConfig,
         "limits": LimitsConfig,
     }.items():
-        assert set(raw[table]) == set(struct.__struct_fields__), table
+        # log.root is filled in by load_config, not written.
+        assert set(raw[table]) == set(struct.__struct_fields__) - {"root"}, table
     assert set(raw) == set(Config.__struct_fields__)
     assert set(raw["plugin"]["mounts"][0]) == set(MountConfig.__struct_fields__)
     config = load_config(example, check_plugin=False)
@@ -455,3 +458,54 @@ def test_sandbox_must_be_a_boolean_and_can_be_overridden(folder: Path) -> None:
     assert error_of(path) == f"{path}: [plugin] sandbox: expected a boolean, got string"
     path = write(folder, PLUGIN_TABLE)
     assert load_config(path, overrides={"plugin.sandbox": False}).plugin.sandbox is False
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            '"no-such-user-vmsuper"',
+            "[plugin] user: no user 'no-such-user-vmsuper' in the passwd database",
+        ),
+        ('"root"', "[plugin] user: root has uid or gid 0: the plugin would be root"),
+        ('"a/b"', "[plugin] user: expected a user name, got 'a/b'"),
+        ("1000", "[plugin] user: expected a string, got integer"),
+    ],
+)
+def test_plugin_user_errors_name_the_key(folder: Path, value: str, message: str) -> None:
+    path = write(folder, PLUGIN_TABLE + f"user = {value}\n")
+    assert error_of(path) == f"{path}: {message}"
+
+
+def test_plugin_user_is_kept_and_checked_only_with_plugin_checks(folder: Path) -> None:
+    assert load_config(write(folder, PLUGIN_TABLE + 'user = "daemon"\n')).plugin.user == "daemon"
+    path = write(folder, PLUGIN_TABLE + 'user = "no-such-user-vmsuper"\n')
+    assert load_config(path, check_plugin=False).plugin.user == "no-such-user-vmsuper"
+    assert load_config(write(folder, PLUGIN_TABLE)).plugin.user is None
+
+
+@pytest.mark.parametrize(
+    ("template", "root"),
+    [
+        (None, "runs"),
+        ('"logs"', "logs"),
+        ('"logs/{name}/{time}"', "logs"),
+        ('"{name}-{pid}"', "."),
+        ('"/var/tmp/vm/{{x}}/{name}"', "/var/tmp/vm/{x}"),
+    ],
+)
+def test_log_root_is_the_folder_before_the_first_placeholder(
+    folder: Path, template: str | None, root: str
+) -> None:
+    text = PLUGIN_TABLE + ("" if template is None else f"[log]\ndir = {template}\n")
+    config = load_config(write(folder, text))
+    assert config.log.root == Path(os.path.normpath(folder / root))
+    assert config.log.dir == config.log.root or config.log.root in config.log.dir.parents
+
+
+def test_log_root_is_not_a_key(folder: Path) -> None:
+    path = write(folder, PLUGIN_TABLE + '[log]\nroot = "x"\n')
+    assert error_of(path) == f"{path}: unknown key [log] root"
+    assert "unknown override key 'log.root'" in error_of(
+        write(folder, PLUGIN_TABLE), overrides={"log.root": "x"}
+    )

@@ -197,3 +197,21 @@ def test_format_text() -> None:
 def test_vcpu_log_name() -> None:
     assert logs.vcpu_log_name(12) == "vcpu-12.jsonl"
     assert logs.SUPERVISOR_LOG == "supervisor.jsonl"
+
+
+def test_log_folders_and_files_are_private(tmp_path: Path) -> None:
+    # New: every folder made is 0700 and the file 0600, whatever the umask lets through.
+    fresh = tmp_path / "runs" / "run-1" / "supervisor.jsonl"
+    logs.configure_logging(fresh, level="info")
+    assert [mode(p) for p in (fresh.parent.parent, fresh.parent, fresh)] == [0o700, 0o700, 0o600]
+    # Left by an earlier run in a fixed folder: made private too.
+    old = tmp_path / "fixed"
+    old.mkdir(mode=0o755)
+    (old / "supervisor.jsonl").write_text("")
+    (old / "supervisor.jsonl").chmod(0o644)
+    logs.configure_logging(old / "supervisor.jsonl", level="info")
+    assert (mode(old), mode(old / "supervisor.jsonl")) == (0o700, 0o600)
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777

@@ -43,6 +43,7 @@ from vmsuper.supervisor.sandbox import (
     SandboxError,
     script_interpreters,
 )
+from vmsuper.supervisor.sandbox_user import STAGE, plugin_user
 from vmsuper.testing import SANDBOX_VARIABLE, VmRunner, VmSpec, finish, write_python_plugin
 
 UNISTD = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
@@ -59,6 +60,23 @@ def option_values(argv: list[str], option: str) -> list[tuple[str, ...]]:
     """The operands of every occurrence of `option` (two for binds, one for the rest)."""
     width = 2 if "bind" in option or option == "--symlink" else 1
     return [tuple(argv[i + 1 : i + 1 + width]) for i, a in enumerate(argv) if a == option]
+
+
+def host_binds(sandbox: Sandbox, option: str) -> list[tuple[str, ...]]:
+    """`option_values` of the sandbox's command line, a staged source shown as its host path."""
+    sources = sandbox.sources()
+    found: list[tuple[str, ...]] = []
+    for src, dst in option_values(sandbox.argv(None), option):
+        if sandbox.staged and src.startswith(STAGE + "/"):
+            src = sources[int(src.removeprefix(STAGE + "/"))]
+        found.append((src, dst))
+    return found
+
+
+def open_to_the_plugin_user(folder: Path) -> None:
+    """Make `folder` the sandboxed plugin's, for a writable mount."""
+    user = plugin_user(None)
+    os.chown(folder, user.uid, user.gid)
 
 
 # -- the command line ----------------------------------------------------------------------------
@@ -79,9 +97,14 @@ def test_command_line_unshares_everything_and_shows_no_host_devices(tmp_path: Pa
     assert argv[-5:-3] == ["--remount-ro", "/"]  # after every bind
     assert "--dev-bind" not in argv and "--bind" not in argv  # nothing writable by default
     assert not [a for a in argv if a.startswith("/dev/")]
-    ro = option_values(argv, "--ro-bind")
+    ro = host_binds(sandbox, "--ro-bind")
     assert ("/usr", "/usr") in ro
     assert (str(plugin.parent), str(plugin.parent)) in ro
+    # Kernel knobs read-only, over the sandbox's own /proc.
+    ro_try = option_values(argv, "--ro-bind-try")
+    for knob in ("/proc/sys", "/proc/sysrq-trigger"):
+        assert (knob, knob) in ro_try
+        assert argv.index(knob) > argv.index("--proc")
     # The plugin's folder is under /tmp here: it must be bound after the private /tmp exists.
     assert argv.index(str(plugin.parent)) > argv.index("--tmpfs")
     assert sandbox.executables == (str(plugin), "/bin/sh")
@@ -183,8 +206,7 @@ def test_user_mounts_follow_derived_binds_and_replace_them(tmp_path: Path) -> No
         Bind(str(data), "/srv/data/deep", writable=True),
         Bind(str(plugin.parent), str(plugin.parent), writable=True),
     )
-    argv = sandbox.argv(None)
-    assert option_values(argv, "--bind") == [
+    assert host_binds(sandbox, "--bind") == [
         (str(data), "/srv/data/deep"),
         (str(plugin.parent), str(plugin.parent)),
     ]
@@ -305,6 +327,7 @@ def test_spawn_starts_the_plugin_with_its_stderr_untouched(tmp_path: Path) -> No
         tmp_path / "plugin" / "p.sh",
         f'#!/bin/sh\necho "$0 $*" >&2\necho "$CROSVM_SOCKET" > {out}\n',
     )
+    open_to_the_plugin_user(out.parent)
     sandbox = Sandbox.for_plugin(
         PluginConfig(path=plugin, mounts=(MountConfig(src=out.parent, writable=True),))
     )
@@ -600,6 +623,7 @@ def test_the_plugin_sees_only_its_sandbox(tmp_path: Path, listener: int) -> None
     ro_dir, rw_dir = tmp_path / "ro", tmp_path / "rw"
     ro_dir.mkdir()
     rw_dir.mkdir()
+    open_to_the_plugin_user(rw_dir)
     (ro_dir / "hello.txt").write_text("read me")
     marker = f"vmsuper-sandbox-{uuid.uuid4().hex}"
     spec = VmSpec(
@@ -786,6 +810,7 @@ def native_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check_extension=plugin_pb2.MainRequest.CheckExtension(extension=kvm.KVM_CAP_USER_MEMORY)
     ).SerializeToString()
     folder = tmp_path_factory.mktemp("native")
+    folder.chmod(0o755)  # for the sandboxed plugin's unprivileged user
     source = folder / "plugin.c"
     source.write_text(NATIVE_PLUGIN.replace("REQUEST", ", ".join(str(b) for b in request)))
     binary = folder / "plugin"

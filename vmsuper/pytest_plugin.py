@@ -25,5 +25,10 @@ __all__ = ["VmResult", "VmRunner", "VmSpec"]
 
 @pytest.fixture
 def vmsuper(tmp_path: Path) -> VmRunner:
-    """A VmRunner whose runs live in this test's own temporary folder."""
+    """A VmRunner whose runs live in this test's own temporary folder.
+
+    The folder is opened (0755) to the unprivileged user a sandboxed plugin runs as, so that
+    a plugin written there can run; its parent stays private to the test's user.
+    """
+    tmp_path.chmod(0o755)
     return VmRunner(tmp_path / "vmsuper")

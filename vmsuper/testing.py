@@ -77,6 +77,8 @@ class VmSpec:
     # [[plugin.mounts]]: (src, dst or None, writable); a callable plugin's module folder is
     # added by VmRunner.
     mounts: Sequence[tuple[Path | str, str | None, bool]] = ()
+    # [plugin] user; None leaves the key out (the default user).
+    user: str | None = None
     extra_toml: str = ""
 
     def to_toml(self, plugin_path: Path, log_dir: Path) -> str:
@@ -101,6 +103,8 @@ class VmSpec:
             lines.append(f"env = {{ {pairs} }}")
         if self.sandbox is not None:
             lines.append(f"sandbox = {json.dumps(self.sandbox)}")
+        if self.user is not None:
+            lines.append(f"user = {json.dumps(self.user)}")
         for src, dst, writable in self.mounts:
             lines += ["[[plugin.mounts]]", f"src = {json.dumps(str(src))}"]
             if dst is not None:

@@ -1,0 +1,34 @@
+"""docs/performance.md's figures are rendered from the committed run's JSON, never typed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import docs
+
+
+def test_the_documented_figures_are_the_committed_run() -> None:
+    results = json.loads(docs.RESULTS.read_text())
+    assert not results["settings"]["quick"]
+    document = docs.DOC.read_text()
+    assert docs.splice(document, docs.render(results)) == document, (
+        "docs/performance.md's figures differ from docs/performance.json:"
+        " run python -m benchmarks.docs"
+    )
+
+
+def test_every_section_of_the_committed_run_is_rendered() -> None:
+    results = json.loads(docs.RESULTS.read_text())
+    rendered = docs.render(results)
+    for name in results["sections"]:
+        assert f"### {docs.report.TITLES[name]}" in rendered
+    assert rendered.count("| met |") + rendered.count("| **missed** |") == len(results["targets"])
+
+
+def test_splice_replaces_only_the_generated_part() -> None:
+    document = f"intro\n{docs.BEGIN}\nold figures\n{docs.END}\nafter\n"
+    assert docs.splice(document, "new") == f"intro\n{docs.BEGIN}\nnew\n{docs.END}\nafter\n"
+    with pytest.raises(docs.DocsError):
+        docs.splice("no markers here", "new")
