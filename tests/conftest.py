@@ -3,8 +3,16 @@ machine, and fail in CI (CI=true) or with VMSUPER_REQUIRE_KVM=1."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hostcaps import kvm_unusable_reason, required_strictly, tap_unusable_reason
+
+from vmsuper.testing import SANDBOX_VARIABLE
+
+# vmsuper's own tests look at their plugins from the host (pids, parents, fds), so their runs
+# are unsandboxed unless the suite is run with VMSUPER_TEST_SANDBOX=1 (see docs/security.md).
+os.environ.setdefault(SANDBOX_VARIABLE, "0")
 
 
 def _gate(reason: str | None, what: str) -> None:
