@@ -561,7 +561,7 @@ class VcpuWorker:
             self.slot.count(ExitKind.HYPERV)
             answer = protocol.hyperv_synic(exit_.msr, exit_.control, exit_.evt_page, exit_.msg_page)
             if self._debug:
-                self.log.debug("exit", kind="hyperv_synic", msr=exit_.msr)
+                self.log.debug("exit", kind="hyperv_synic", msr=f"{exit_.msr:#x}")
         else:
             self.slot.count(ExitKind.OTHER)
             raise self._fatal_exit(exit_)

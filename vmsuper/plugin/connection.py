@@ -603,9 +603,7 @@ class Connection:
         if datagram is None:
             raise ConnectionClosedError(request=case)
         try:
-            response = checked_response(
-                datagram.data, pb.MainResponse(), case, case, log=MAIN_LOG
-            )
+            response = checked_response(datagram.data, pb.MainResponse(), case, case, log=MAIN_LOG)
             if expect_fds is not None and len(datagram.fds) != expect_fds:
                 raise ProtocolError(
                     f"expected {expect_fds} fds with the response, got {len(datagram.fds)}", case
