@@ -1,10 +1,10 @@
-"""`vmsuper logs [DIR]`: read a run's JSON-lines logs as one timeline, a live tail, or a summary.
+"""vmsuper logs [DIR]: read a run's JSON-lines logs as one timeline, a live tail, or a summary.
 
 DIR holds 'supervisor.jsonl' and one 'vcpu-N.jsonl' per VCPU worker (see
 vmsuper.shared.logs). DIR may also be a folder of run folders (such as 'runs'): the latest
 run in it is read. Without DIR, the latest run in the default log root is read: 'runs'
 beside the config, looked for in the current folder and in each folder right below it
-('configs/runs' for the demo). `vmsuper run` prints its log folder on stderr when it starts.
+('configs/runs' for the demo). 'vmsuper run' prints its log folder on stderr when it starts.
 
 Records of all files are merged by timestamp. Filters:
 

@@ -577,5 +577,5 @@ def test_help_is_plain_text_and_says_when_follow_returns(
     with pytest.raises(SystemExit):
         logview.main(["--help"])
     out = capsys.readouterr().out
-    assert "``" not in out
+    assert "`" not in out  # plain text, no markup
     assert "--follow" in out and "supervisor is gone without" in out.replace("\n", " ")
