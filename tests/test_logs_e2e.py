@@ -106,8 +106,8 @@ def test_summary_and_follow_of_a_live_run_and_after(tmp_path: Path) -> None:
     spec = VmSpec(log_level="warning", sandbox=False, args=[str(fifo)])
     proc, config, log_dir = VmRunner(tmp_path / "runs").start(example_plugin(tmp_path), spec)
     try:
-        # At warning level nothing is written while the VCPU runs: wait for the plugin's
-        # answer to be checked instead (the guest has halted by then).
+        # At warning level run_started is all a healthy live run writes; the plugin then
+        # waits on the FIFO until the test lets it go.
         wait_for_record(log_dir / "supervisor.jsonl", "run_started")
         status, out, _ = view([str(log_dir), "--summary"])
         assert status == 0
