@@ -7,6 +7,7 @@ doubled number to port 0x501.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -46,7 +47,7 @@ def example_plugin(folder: Path) -> Path:
 
 
 def view(argv: list[str]) -> tuple[int, str, str]:
-    parser = logview.argparse.ArgumentParser()
+    parser = argparse.ArgumentParser()
     logview.add_arguments(parser)
     out, err = io.StringIO(), io.StringIO()
     status = logview.run(parser.parse_args(argv), out=out, err=err)
