@@ -15,11 +15,20 @@ re-configuring (a forked worker switching to its own file) must reach loggers th
 already cached: the processors and the output sink here are fixed objects whose state is
 swapped, rather than new objects. (The one exception: a cached logger keeps the level filter
 it was made with, so lowering the level later does not reach it; raising it does.)
+
+A few records are kept at every level, because `vmsuper logs --summary` and ``--follow`` are
+built on them: the supervisor's ``run_started`` and ``run_finished`` and each worker's
+``vcpu_exit_counts``. They are written through `essential_logger`, which skips the level filter.
+
+While a run is live its supervisor holds a shared `flock` on ``supervisor.jsonl`` (the lock
+goes with the process, even on SIGKILL), so a reader tells a live run from a dead one with
+`run_is_live` without trusting a pid that may have been reused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -118,8 +127,7 @@ def _echo(_logger: object, _method: str, event: MutableMapping[str, Any]) -> Any
     return event
 
 
-_PROCESSORS: list[Any] = [
-    _drop_below_level,
+_KEPT_PROCESSORS: list[Any] = [
     structlog.processors.add_log_level,
     structlog.processors.TimeStamper(fmt="%Y-%m-%dT%H:%M:%S.%fZ", utc=True),
     structlog.processors.format_exc_info,
@@ -127,6 +135,7 @@ _PROCESSORS: list[Any] = [
     _echo,
     structlog.processors.JSONRenderer(),
 ]
+_PROCESSORS: list[Any] = [_drop_below_level, *_KEPT_PROCESSORS]
 
 
 def configure_logging(
@@ -135,11 +144,13 @@ def configure_logging(
     level: str,
     vcpu: int | None = None,
     echo_stderr: bool = False,
+    mark_live: bool = False,
 ) -> FilteringBoundLogger:
     """Send this process's records to `path` (appended, created with its folder if needed).
 
     Call it again after fork with the worker's own file and `vcpu`; the previous file is closed.
-    `echo_stderr` also prints each record as a readable line on stderr.
+    `echo_stderr` also prints each record as a readable line on stderr. `mark_live` holds a
+    shared lock on the file while it stays open (the supervisor's: see `run_is_live`).
     """
     name = level.lower()
     if name not in _LEVEL_NUMBERS:
@@ -149,6 +160,8 @@ def configure_logging(
     if os.fstat(fd).st_mode & 0o777 != 0o600:  # a file left by an earlier run in a fixed folder
         os.fchmod(fd, 0o600)
     file = io.FileIO(fd, "a")
+    if mark_live:
+        fcntl.flock(file.fileno(), fcntl.LOCK_SH)
     with _state.lock:
         old, _state.file = _state.file, file
         _state.pid = os.getpid()
@@ -195,6 +208,39 @@ def get_logger(**initial: object) -> FilteringBoundLogger:
     """A logger bound to `initial` fields, following the current configuration."""
     logger: FilteringBoundLogger = structlog.get_logger(**initial)
     return logger
+
+
+def essential_logger() -> FilteringBoundLogger:
+    """A logger whose records are written whatever the level (to the current file).
+
+    Only for the few records a run's summary is built from: a run logged at ``warning`` must
+    still say that it started, how it ended and what each VCPU did.
+    """
+    logger: FilteringBoundLogger = structlog.wrap_logger(
+        _SINK,
+        processors=_KEPT_PROCESSORS,
+        wrapper_class=structlog.make_filtering_bound_logger(0),
+        cache_logger_on_first_use=False,
+    )
+    return logger
+
+
+def run_is_live(folder: Path) -> bool:
+    """Whether the supervisor that writes `folder`'s ``supervisor.jsonl`` is still running.
+
+    False for a finished or dead run, and for a folder without that file.
+    """
+    try:
+        file = io.FileIO(folder / SUPERVISOR_LOG, "r")
+    except OSError:
+        return False
+    with file:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+        return False
 
 
 def format_text(record: Mapping[str, Any]) -> str:

@@ -89,6 +89,7 @@ _STOP_REASON_OFF: Final = _SLOT_SIZE - STOP_REASON_SIZE
 _MAIL_HEAD = struct.Struct("<IIqi")
 _MAIL_BELLS_OFF: Final = 32
 _BELL_SIZE: Final = 8
+_BELL_SLEEPING_OFF: Final = 4
 _MAIL_ARG_OFF: Final = _CACHE_LINE
 _MAIL_STRIDE: Final = _MAIL_ARG_OFF + MAILBOX_ARG_SIZE
 
@@ -531,6 +532,11 @@ class Mailbox:
         return int.from_bytes(
             self._mm[self._off + _MAIL_BELLS_OFF + which * _BELL_SIZE :][:4], "little"
         )
+
+    def bell_sleeping(self, which: int) -> bool:
+        """Whether the waiter of bell 0 (request) or 1 (done) sleeps on its eventfd now."""
+        start = self._off + _MAIL_BELLS_OFF + which * _BELL_SIZE + _BELL_SLEEPING_OFF
+        return self._mm[start : start + 4] != bytes(4)
 
     def arg_address(self) -> int:
         """The argument area's address in this process (the same in every forked worker)."""

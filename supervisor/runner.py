@@ -519,8 +519,10 @@ def _error_response(err: int) -> bytes:
 def run(config: Config) -> int:
     """Run one VM to the end; returns vmsuper's exit status (see supervisor/outcome.py)."""
     logs.make_private_folder(config.log.dir)
-    log = logs.configure_logging(config.log.dir / "supervisor.jsonl", level=config.log.level)
-    log.info("run_started", vcpus=config.vm.vcpus, transport=config.plugin.vcpu_transport)
+    log = logs.configure_logging(
+        config.log.dir / "supervisor.jsonl", level=config.log.level, mark_live=True
+    )
+    _announce_start(config, logs.essential_logger())
     run_state = Run(config=config, log=log, limits=config.limits.to_limits())
     status, reason = outcome.EXIT_SUPERVISOR_FAILED, "set-up failed"
     try:
@@ -534,7 +536,19 @@ def run(config: Config) -> int:
             status, reason = Supervisor(run_state).serve()
     finally:
         run_state.close()
-    log.info("run_finished", status=status, reason=reason)
+    logs.essential_logger().info("run_finished", status=status, reason=reason)
     if status != 0:
         print(f"vmsuper: {reason} (exit status {status})", file=sys.stderr)
     return status
+
+
+def _announce_start(config: Config, essential: Any) -> None:
+    """The run_started record (kept at every log level) and one line on stderr naming the logs."""
+    essential.info(
+        "run_started",
+        vcpus=config.vm.vcpus,
+        transport=config.plugin.vcpu_transport,
+        log_dir=str(config.log.dir),
+    )
+    with contextlib.suppress(OSError, ValueError):
+        print(f"vmsuper: logs in {config.log.dir}", file=sys.stderr, flush=True)

@@ -6,23 +6,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-KVM_PATH = "/dev/kvm"
+# The gate users' tests get from the pytest plugin is the suite's own.
+from vmsuper.testing import KVM_PATH, kvm_unusable_reason, required_strictly
+
+__all__ = ["KVM_PATH", "kvm_unusable_reason", "required_strictly", "tap_unusable_reason"]
+
 TUN_PATH = "/dev/net/tun"
 CAP_NET_ADMIN = 12
-
-
-def required_strictly() -> bool:
-    """In CI, or when asked, a missing capability is a failure rather than a skip."""
-    return os.environ.get("CI") == "true" or os.environ.get("VMSUPER_REQUIRE_KVM") == "1"
-
-
-def kvm_unusable_reason() -> str | None:
-    try:
-        fd = os.open(KVM_PATH, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        return f"{KVM_PATH} is not usable: {exc.strerror}"
-    os.close(fd)
-    return None
 
 
 def tap_unusable_reason() -> str | None:

@@ -10,6 +10,7 @@ the long atheris runs described in docs/fuzzing.md.
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import subprocess
 import sys
@@ -204,7 +205,8 @@ def test_every_request_before_the_init_wait_is_eproto(data: st.DataObject) -> No
 )
 def test_atheris_target_runs_clean(tmp_path: Path, target: str) -> None:
     """A short, seeded run of each target (the long ones are in docs/fuzzing.md)."""
-    pytest.importorskip("atheris")
+    # A declared test dependency: a broken install must fail here, not skip the fuzzing.
+    importlib.import_module("atheris")
     runs = 2000
     proc = subprocess.run(
         [

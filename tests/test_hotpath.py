@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from vmsuper.shared import hotpath
 from vmsuper.shared.ranges import RangeTable, Space
-from vmsuper.shared.shm import Doorbell, SharedRegion, drain_wakeup_pipe
+from vmsuper.shared.shm import Doorbell, Mailbox, SharedRegion, drain_wakeup_pipe
 from vmsuper.workers.vcpu_protocol import encode_io_wait, plain_resume_data
 
 
@@ -145,18 +145,43 @@ def region() -> Iterator[SharedRegion]:
         shared.close()
 
 
+def wait_until_sleeping(mailbox: Mailbox, which: int) -> None:
+    """Until the bell's waiter sleeps on its eventfd (it has polled and given up)."""
+    deadline = time.monotonic() + 30
+    while not mailbox.bell_sleeping(which):
+        assert time.monotonic() < deadline, "the waiter never went to sleep"
+        time.sleep(0.001)
+
+
 @pytest.mark.parametrize("spin_ns", [0, 200_000])
 def test_a_bell_wakes_its_waiter_in_another_thread(region: SharedRegion, spin_ns: int) -> None:
-    with Doorbell(region.mailbox(0), spin_ns=spin_ns) as bell:
-        for delay in (0.0, 0.001, 0.02):  # rung while it spins, or once it sleeps
-            ringer = threading.Timer(delay, bell.ring_request)
-            ringer.start()
+    mailbox = region.mailbox(0)
+    with Doorbell(mailbox, spin_ns=spin_ns) as bell:
+        # Rung before the wait, or (most likely) while it polls: no sleep needed.
+        for ringer in (None, threading.Thread(target=bell.ring_request)):
+            if ringer is None:
+                bell.ring_request()
+            else:
+                ringer.start()
             assert bell.wait_request() == 1
-            ringer.join()
+            if ringer is not None:
+                ringer.join()
+        # Rung once the waiter sleeps: the ring must write its eventfd.
+        got: list[int] = []
+        waiter = threading.Thread(target=lambda: got.append(bell.wait_request()))
+        waiter.start()
+        try:
+            wait_until_sleeping(mailbox, 0)
+        finally:
+            bell.ring_request()
+            waiter.join(30)
+        assert got == [1]
+        assert not mailbox.bell_sleeping(0)
 
 
 def test_a_bell_wakes_a_sleeping_waiter_in_another_process(region: SharedRegion) -> None:
-    with Doorbell(region.mailbox(0)) as bell:
+    mailbox = region.mailbox(0)
+    with Doorbell(mailbox) as bell:
         pid = os.fork()
         if pid == 0:
             try:
@@ -164,8 +189,10 @@ def test_a_bell_wakes_a_sleeping_waiter_in_another_process(region: SharedRegion)
                 bell.ring_done()
             finally:
                 os._exit(0)
-        time.sleep(0.02)
-        bell.ring_request()
+        try:
+            wait_until_sleeping(mailbox, 0)
+        finally:
+            bell.ring_request()
         assert bell.wait_done() == 1
         assert os.waitpid(pid, 0)[1] == 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -17,8 +18,25 @@ from vmsuper.testing import VmRunner, VmSpec, finish, write_python_plugin
 pytestmark = pytest.mark.kvm
 
 
-def descendants_gone(pid_list: list[int]) -> bool:
-    return not [p for p in pid_list if psutil.pid_exists(p) and _not_zombie(p)]
+def descendants_gone(processes: list[psutil.Process]) -> bool:
+    """None of `processes` runs any more (a zombie counts as gone). psutil.Process remembers
+    its start time, so a pid reused by a new process does not count as the old one."""
+    return not [p for p in processes if p.is_running() and _not_zombie(p.pid)]
+
+
+def release(fifo: Path, timeout: float = 30) -> None:
+    """Let a plugin go on that blocks opening `fifo` for reading (once it gets there)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:  # ENXIO: no reader yet
+            if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
+            continue
+        os.close(fd)
+        return
 
 
 def _not_zombie(pid: int) -> bool:
@@ -117,7 +135,7 @@ def test_sigint_shuts_down_cleanly_with_all_children_reaped(tmp_path: Path) -> N
     try:
         assert proc.stdout is not None
         json.loads(proc.stdout.readline())
-        children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) == 3  # the plugin and two VCPU workers
         proc.send_signal(signal.SIGINT)
         result = finish(proc, config, logs, timeout=30)
@@ -130,21 +148,35 @@ def test_sigint_shuts_down_cleanly_with_all_children_reaped(tmp_path: Path) -> N
 
 
 def test_plugin_exit_with_running_vcpus_reaps_workers(tmp_path: Path) -> None:
-    body = """
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    fifo = sync / "go"
+    os.mkfifo(fifo)
+    body = f"""
     call(req(start=pb.MainRequest.Start()))
-    print(json.dumps({"pid": os.getpid()}), flush=True)
-    time.sleep(0.3)
+    print(json.dumps({{"pid": os.getpid()}}), flush=True)
+    with open({str(fifo)!r}) as go:  # until the test has seen the processes
+        go.read()
     sys.exit(4)
     """
     plugin = write_python_plugin(tmp_path, plugin_source(body))
-    proc, config, logs = VmRunner(tmp_path / "runs").start(plugin, VmSpec(vcpus=2))
-    assert proc.stdout is not None
-    json.loads(proc.stdout.readline())
-    children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    spec = VmSpec(vcpus=2, mounts=[(sync, None, False)])
+    proc, config, logs = VmRunner(tmp_path / "runs").start(plugin, spec)
+    try:
+        assert proc.stdout is not None
+        json.loads(proc.stdout.readline())
+        vmsuper = psutil.Process(proc.pid)
+        # The plugin (or, sandboxed, its bwrap) and the two VCPU workers, all running.
+        direct = vmsuper.children()
+        assert len(direct) == 3
+        assert all(_not_zombie(child.pid) for child in direct)
+        children = vmsuper.children(recursive=True)
+    finally:
+        release(fifo)
     result = finish(proc, config, logs, timeout=30)
     assert result.status == 4
     assert descendants_gone(children)
-    assert not [p for p in psutil.pids() if p == proc.pid]  # vmsuper itself exited
+    assert not vmsuper.is_running()  # vmsuper itself exited
 
 
 def test_no_fd_of_the_run_reaches_the_plugin_except_its_socket(tmp_path: Path) -> None:
@@ -178,7 +210,8 @@ def test_vmsuper_sigkill_takes_the_plugin_and_workers_with_it(tmp_path: Path) ->
     proc, _config, _logs = VmRunner(tmp_path / "runs").start(plugin, VmSpec(vcpus=2))
     assert proc.stdout is not None
     json.loads(proc.stdout.readline())
-    children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert len(children) >= 3  # the plugin (and its sandbox) and two VCPU workers
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 10

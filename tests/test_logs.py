@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -215,3 +216,52 @@ def test_log_folders_and_files_are_private(tmp_path: Path) -> None:
 
 def mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
+
+
+def test_essential_records_are_kept_at_every_level(tmp_path: Path) -> None:
+    path = tmp_path / "supervisor.jsonl"
+    log = logs.configure_logging(path, level="error")
+    log.info("dropped")
+    logs.essential_logger().info("run_finished", status=0)
+    log.warning("dropped too")
+    [record] = read(path)
+    assert (record["event"], record["level"], record["status"]) == ("run_finished", "info", 0)
+    assert record["pid"] == os.getpid()
+
+
+def test_essential_records_carry_the_worker_s_vcpu(tmp_path: Path) -> None:
+    path = tmp_path / "vcpu-2.jsonl"
+    logs.configure_logging(path, level="warning", vcpu=2)
+    logs.essential_logger().info("vcpu_exit_counts", exits={})
+    assert [(r["event"], r["vcpu"]) for r in read(path)] == [("vcpu_exit_counts", 2)]
+
+
+def test_run_is_live_while_the_supervisor_holds_its_log(tmp_path: Path) -> None:
+    assert not logs.run_is_live(tmp_path)  # no log at all
+    logs.configure_logging(tmp_path / logs.SUPERVISOR_LOG, level="info", mark_live=True)
+    assert logs.run_is_live(tmp_path)
+    logs.close_logging()
+    assert not logs.run_is_live(tmp_path)
+    logs.configure_logging(tmp_path / logs.SUPERVISOR_LOG, level="info")
+    assert not logs.run_is_live(tmp_path)
+
+
+def test_a_killed_supervisor_is_not_live(tmp_path: Path) -> None:
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            logs.configure_logging(tmp_path / logs.SUPERVISOR_LOG, level="info", mark_live=True)
+            os.write(ready_w, b"x")
+            signal.pause()
+        finally:
+            os._exit(1)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"x", "the child never locked its log"
+        assert logs.run_is_live(tmp_path)
+    finally:
+        os.close(ready_r)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert not logs.run_is_live(tmp_path)

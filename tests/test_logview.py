@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import io
 import json
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from vmsuper.shared import logs as logs_module
 from vmsuper.supervisor import logview
 
 T0 = datetime(2025, 3, 4, 5, 6, 7, 0, tzinfo=UTC)
@@ -50,7 +54,14 @@ def run_dir(tmp_path: Path) -> Path:
         "vcpu-0.jsonl",
         [
             rec(1.0, "exit", "debug", vcpu=0, kind="io", port=1016),
-            rec(2.0, "vcpu_exit_counts", vcpu=0, exits={"io": 10, "mmio": 2}, ranges={"a": 4}),
+            rec(
+                2.0,
+                "vcpu_exit_counts",
+                vcpu=0,
+                exits={"io": 10, "mmio": 2},
+                ranges={"a": 4},
+                run_seconds=1.5,
+            ),
         ],
     )
     write(
@@ -58,10 +69,25 @@ def run_dir(tmp_path: Path) -> Path:
         "vcpu-1.jsonl",
         [
             rec(1.5, "slow", "warning", vcpu=1),
-            rec(2.5, "vcpu_exit_counts", vcpu=1, exits={"io": 1, "user": 1}, ranges={"b": 1}),
+            rec(
+                2.5,
+                "vcpu_exit_counts",
+                vcpu=1,
+                exits={"io": 1, "user": 1},
+                ranges={"b": 1},
+                run_seconds=0.5,
+            ),
         ],
     )
     return tmp_path
+
+
+@contextlib.contextmanager
+def live_supervisor(folder: Path) -> Iterator[None]:
+    """Hold the lock a running supervisor holds on its log (see `logs.run_is_live`)."""
+    with (folder / "supervisor.jsonl").open("a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+        yield
 
 
 def logs(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -233,6 +259,12 @@ def test_summary_text(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert out == (
         "run finished: status 0 (plugin exited)\n"
         "\n"
+        "per VCPU:\n"
+        "  vcpu   run time  exits  exits/s\n"
+        "  vcpu0   1.500 s     12      8.0\n"
+        "  vcpu1   0.500 s      2      4.0\n"
+        "  vcpu2         -      -        -\n"
+        "\n"
         "exits by kind:\n"
         "  vcpu   io  mmio  user  total\n"
         "  vcpu0  10     2     0     12\n"
@@ -254,7 +286,17 @@ def test_summary_json_and_vcpu_filter(run_dir: Path, capsys: pytest.CaptureFixtu
     assert status == 0
     assert json.loads(out) == {
         "run": {"status": 0, "reason": "plugin exited"},
-        "vcpus": {"1": {"exits": {"io": 1, "user": 1}, "ranges": {"b": 1}}},
+        "live": False,
+        "supervisor_pid": 1,
+        "vcpus": {
+            "1": {
+                "run_seconds": 0.5,
+                "total": 2,
+                "exits_per_second": 4.0,
+                "exits": {"io": 1, "user": 1},
+                "ranges": {"b": 1},
+            }
+        },
         "missing": [],
     }
 
@@ -270,13 +312,40 @@ def test_summary_sums_repeated_counts() -> None:
     assert summary.exits == {0: {"io": 5}}
 
 
-def test_summary_without_run_finished(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    write(tmp_path, "supervisor.jsonl", [rec(0, "run_started")])
+def test_summary_of_a_dead_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write(tmp_path, "supervisor.jsonl", [rec(0, "run_started", vcpus=1)])
     _, out, _ = logs([str(tmp_path), "--summary"], capsys)
-    assert out.startswith("run: no run_finished record")
-    assert "no exit counts recorded" in out
+    assert out.startswith(
+        "run: no run_finished record, and the supervisor (supervisor pid 1) is gone"
+    )
+    assert "no exit counts from vcpu0 (worker did not shut down cleanly)" in out
     _, out, _ = logs([str(tmp_path), "--summary", "--json"], capsys)
-    assert json.loads(out) == {"run": None, "vcpus": {}, "missing": []}
+    summary = json.loads(out)
+    assert (summary["run"], summary["live"], summary["missing"]) == (None, False, [0])
+
+
+def test_summary_of_a_live_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Timestamps are recent: the run time so far is measured to now.
+    def at(seconds_ago: float, event: str, **fields: Any) -> dict[str, Any]:
+        when = datetime.now(UTC) - timedelta(seconds=seconds_ago)
+        return {**rec(0, event, **fields), "timestamp": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+
+    write(tmp_path, "supervisor.jsonl", [at(60, "run_started", vcpus=2)])
+    write(tmp_path, "vcpu-0.jsonl", [at(50, "running", vcpu=0)])
+    with live_supervisor(tmp_path):
+        status, out, _ = logs([str(tmp_path), "--summary"], capsys)
+        _, as_json, _ = logs([str(tmp_path), "--summary", "--json"], capsys)
+    assert status == 0
+    assert out.startswith("run: live (supervisor pid 1)")
+    assert "did not shut down cleanly" not in out
+    assert "no run_finished" not in out
+    [vcpu0] = [line.split() for line in out.splitlines() if line.startswith("  vcpu0")]
+    assert vcpu0[2:4] == ["s", "so"] and 50 <= float(vcpu0[1]) < 3600
+    summary = json.loads(as_json)
+    assert summary["live"] is True
+    assert summary["missing"] == []
+    assert sorted(summary["vcpus"]) == ["0", "1"]
+    assert summary["vcpus"]["1"]["run_seconds"] is None
 
 
 def test_summary_rejects_filters(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -333,7 +402,8 @@ def test_follow_reads_growing_files_until_run_finished(tmp_path: Path) -> None:
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        status = logview.run(args, out=out, err=io.StringIO(), poll_interval=0.01)
+        with live_supervisor(tmp_path):
+            status = logview.run(args, out=out, err=io.StringIO(), poll_interval=0.01)
     finally:
         thread.join()
     assert not failures
@@ -361,3 +431,151 @@ def test_run_finished_from_a_worker_does_not_stop_follow(tmp_path: Path) -> None
         assert [logview._is_run_finished(r, folder) for r in batch] == [False, False]
     finally:
         folder.close()
+
+
+def follow_args(folder: Path, **overrides: Any) -> argparse.Namespace:
+    fields: dict[str, Any] = {
+        "dir": folder,
+        "vcpu": None,
+        "event": None,
+        "level": None,
+        "since": None,
+        "until": None,
+        "follow": True,
+        "summary": False,
+        "json": False,
+    }
+    return argparse.Namespace(**{**fields, **overrides})
+
+
+def test_follow_returns_when_the_supervisor_died(tmp_path: Path) -> None:
+    write(tmp_path, "supervisor.jsonl", [rec(0, "run_started", vcpus=1)])
+    write(tmp_path, "vcpu-0.jsonl", [rec(1, "running", vcpu=0)])
+    out, err = io.StringIO(), io.StringIO()
+    status = logview.run(follow_args(tmp_path), out=out, err=err, poll_interval=0.01)
+    assert status == 1
+    assert events(out.getvalue()) == ["run_started", "running"]
+    assert "the supervisor is gone without a run_finished record" in err.getvalue()
+
+
+def test_follow_keeps_going_while_the_supervisor_lives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path, "supervisor.jsonl", [rec(0, "run_started", vcpus=1)])
+    checks: list[bool] = []
+    polled_enough = threading.Event()
+
+    def counted(folder: Path) -> bool:
+        checks.append(logs_module.run_is_live(folder))
+        if len(checks) >= 10:
+            polled_enough.set()
+        return checks[-1]
+
+    monkeypatch.setattr(logview, "run_is_live", counted)
+    result: list[int] = []
+    with live_supervisor(tmp_path):
+        thread = threading.Thread(
+            target=lambda: result.append(
+                logview.run(
+                    follow_args(tmp_path), out=io.StringIO(), err=io.StringIO(), poll_interval=0.01
+                )
+            )
+        )
+        thread.start()
+        assert polled_enough.wait(30)
+        assert thread.is_alive()
+        assert all(checks)
+    # The lock is gone with its holder: the follower notices and returns.
+    thread.join(30)
+    assert result == [1]
+    assert checks[-2:] == [False, False]
+
+
+def test_unknown_vcpu_is_an_error(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write(run_dir, "supervisor.jsonl", [rec(0.1, "run_started", vcpus=2)])
+    for extra in ([], ["--summary"], ["--follow"]):
+        status, out, err = logs([str(run_dir), "--vcpu", "5", *extra], capsys)
+        assert status == 2
+        assert out == ""
+        assert err == "vmsuper logs: error: no VCPU 5 in this run (it has VCPUs 0, 1)\n"
+
+
+def test_vcpu_count_comes_from_run_started(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(tmp_path, "supervisor.jsonl", [rec(0, "run_started", vcpus=4)])
+    status, _, err = logs([str(tmp_path), "--vcpu", "3"], capsys)
+    assert (status, err) == (0, "")
+    status, _, err = logs([str(tmp_path), "--vcpu", "4"], capsys)
+    assert status == 2
+    assert "no VCPU 4 in this run (it has VCPUs 0-3)" in err
+
+
+def test_unknown_event_is_an_error(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = logs([str(run_dir), "--event", "exits", "--event", "run_*"], capsys)
+    assert status == 2
+    assert out == ""
+    assert err == (
+        "vmsuper logs: error: no record of this run has event 'exits'; its events: exit,"
+        " run_finished, run_started, slow, vcpu_exit_counts, vcpu_started\n"
+    )
+    # An event the run has, outside the time window: no output, no error.
+    status, out, err = logs([str(run_dir), "--event", "slow", "--until", "1"], capsys)
+    assert (status, out, err) == (0, "", "")
+
+
+def test_unknown_event_while_following_is_a_warning(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = logs([str(run_dir), "--follow", "--event", "vcpu_failed"], capsys)
+    assert status == 0
+    assert out == ""
+    assert err.startswith("vmsuper logs: warning: no record of this run has event 'vcpu_failed'")
+
+
+def make_run(root: Path, name: str, started: float) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    write(folder, "supervisor.jsonl", [rec(started, "run_started", vcpus=1, run=name)])
+    return folder
+
+
+def test_without_dir_the_latest_run_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_run(tmp_path / "runs", "b-older", 1)
+    newest = make_run(tmp_path / "configs" / "runs", "a-newer", 2)
+    (tmp_path / "configs" / "runs" / "not-a-run").mkdir()
+    monkeypatch.chdir(tmp_path)
+    status, out, err = logs(["--json"], capsys)
+    assert status == 0
+    assert json.loads(out)["run"] == "a-newer"
+    assert err == f"vmsuper logs: reading the latest run, {newest}\n"
+    # A folder of runs: its latest.
+    status, out, _ = logs([str(tmp_path / "runs"), "--json"], capsys)
+    assert (status, json.loads(out)["run"]) == (0, "b-older")
+
+
+def test_without_dir_and_no_runs_says_where_it_looked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "configs" / "runs").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    status, out, err = logs([], capsys)
+    assert status == 1
+    assert out == ""
+    assert err == (
+        "vmsuper logs: error: no run folders in the default log roots ./runs and ./*/runs"
+        f" below {tmp_path} (looked in: {tmp_path / 'configs' / 'runs'}); give the run's"
+        " folder (vmsuper run prints it when it starts)\n"
+    )
+
+
+def test_help_is_plain_text_and_says_when_follow_returns(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        logview.main(["--help"])
+    out = capsys.readouterr().out
+    assert "`" not in out  # plain text, no markup
+    assert "--follow" in out and "supervisor is gone without" in out.replace("\n", " ")

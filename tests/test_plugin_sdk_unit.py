@@ -246,6 +246,11 @@ def test_errno_becomes_plugin_error_with_that_errno(main: tuple[Connection, Fake
     assert type(info.value) is PluginError
     assert info.value.errno == errno.EPERM
     assert info.value.request == "reserve_range"
+    # The wire has only the errno: the text says where the server logged its reason.
+    assert str(info.value) == (
+        "[Errno 1] reserve_range: Operation not permitted; the server logs why as"
+        " main_request_failed (request=reserve_range) in the run's supervisor.jsonl, at level info"
+    )
     request, fds = fake.request()
     assert fds == []
     assert request.reserve_range.space == pb.MMIO
@@ -799,6 +804,10 @@ def test_vcpu_errors(main: tuple[Connection, FakeMain], transport: Transport) ->
     with pytest.raises(PluginError) as info:
         vcpu.get_fpu()
     assert info.value.errno == errno.EINVAL and info.value.request == "get_fpu"
+    assert str(info.value) == (
+        "[Errno 22] get_fpu: Invalid argument; the server logs why as request_failed"
+        " (request=get_state) in the run's vcpu-0.jsonl, at level warning"
+    )
     with pytest.raises(ProtocolError):
         vcpu.get_lapic()
     with pytest.raises(ProtocolError, match="asked for 2 MSRs"):

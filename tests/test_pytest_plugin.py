@@ -11,6 +11,8 @@ import textwrap
 
 import pytest
 
+from vmsuper.testing import SANDBOX_VARIABLE
+
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.kvm
 
@@ -88,3 +90,127 @@ def test_fixture_under_xdist(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["*2 workers*"])
+
+
+FAILING_TESTS = """
+from pathlib import Path
+
+from vmsuper.pytest_plugin import VmSpec
+
+SCRIPT = Path(__file__).parent / "my_plugin.py"
+
+
+def test_plugin_fails(vmsuper):
+    result = vmsuper.run(SCRIPT, VmSpec(args=["3"]))
+    assert result.status == 0
+
+
+def test_plugin_passes(vmsuper):
+    assert vmsuper.run(SCRIPT).status == 0
+"""
+
+
+def test_a_failing_test_reports_the_run(pytester: pytest.Pytester) -> None:
+    script = pytester.path / "my_plugin.py"
+    script.write_text(
+        PLUGIN_SCRIPT.replace(
+            "import sys\n",
+            "import sys\nprint('plugin complains', file=sys.stderr, flush=True)\n",
+            1,
+        )
+    )
+    script.chmod(0o755)
+    pytester.makepyfile(test_user=textwrap.dedent(FAILING_TESTS))
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rP")
+    result.assert_outcomes(passed=1, failed=1)
+    out = result.stdout.str()
+    failure, passes = out.split("= PASSES =")
+    result.stdout.fnmatch_lines(
+        [
+            "*- vmsuper: outcome -*",
+            "outcome: status 3: plugin exited with status 3",
+            "log folder: */vmsuper/run1/logs",
+            "read the logs: vmsuper logs */vmsuper/run1/logs",
+            "*- vmsuper: stdout (the plugin's) -*",
+            "first event: Init irqchip: True",
+            "*- vmsuper: stderr (vmsuper's and the plugin's) -*",
+            "vmsuper: logs in */vmsuper/run1/logs",
+            "plugin complains",
+            "*- vmsuper: supervisor.jsonl, last 20 lines -*",
+            '*super  info     run_finished  status=3  reason="plugin exited with status 3"',
+            "*- vmsuper: vcpu-0.jsonl, last 20 lines -*",
+            "*vcpu0  info     vcpu_exit_counts  *",
+        ]
+    )
+    # Only the failing test gets the sections.
+    assert "vmsuper: outcome" in failure
+    assert "vmsuper: outcome" not in passes
+
+
+SKIPPING_TESTS = """
+import pytest
+
+import vmsuper.testing
+
+
+@pytest.fixture(autouse=True)
+def no_kvm(monkeypatch):
+    monkeypatch.setattr(vmsuper.testing, "KVM_PATH", "/nonexistent/kvm")
+
+
+def test_needs_kvm(vmsuper):
+    raise AssertionError("ran without KVM")
+"""
+
+
+@pytest.mark.parametrize("ci", [False, True])
+def test_without_kvm_the_fixture_skips_or_fails_in_ci(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ci: bool
+) -> None:
+    monkeypatch.delenv("VMSUPER_REQUIRE_KVM", raising=False)
+    if ci:
+        monkeypatch.setenv("CI", "true")
+    else:
+        monkeypatch.delenv("CI", raising=False)
+    pytester.makepyfile(test_user=SKIPPING_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rs")
+    reason = "/nonexistent/kvm is not usable: No such file or directory"
+    if ci:
+        result.assert_outcomes(errors=1)
+        result.stdout.fnmatch_lines(
+            [f"*the vmsuper fixture needs KVM (CI or VMSUPER_REQUIRE_KVM=1): {reason}*"]
+        )
+    else:
+        result.assert_outcomes(skipped=1)
+        result.stdout.fnmatch_lines([f"SKIPPED * the vmsuper fixture needs KVM: {reason}"])
+    assert "ran without KVM" not in result.stdout.str()
+
+
+SANDBOX_TESTS = """
+from pathlib import Path
+
+from vmsuper.pytest_plugin import VmSpec
+
+SCRIPT = Path(__file__).parent / "pid_plugin.py"
+
+
+def test_runs_are_sandboxed_by_default(vmsuper):
+    assert VmSpec().sandbox is True
+    result = vmsuper.run(SCRIPT)
+    assert result.status == 0, result.stderr
+    assert "sandbox = true" in result.config_path.read_text()
+    # In the sandbox's own pid namespace the plugin's pid is tiny.
+    assert int(result.stdout) < 10, result.stdout
+"""
+
+
+def test_the_fixture_sandboxes_by_default(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(SANDBOX_VARIABLE)
+    script = pytester.path / "pid_plugin.py"
+    script.write_text(f"#!{sys.executable}\nimport os\nprint(os.getpid())\n")
+    script.chmod(0o755)
+    pytester.makepyfile(test_user=SANDBOX_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)

@@ -973,6 +973,8 @@ def test_vmspec_writes_sandbox_and_mounts(tmp_path: Path) -> None:
 
 def test_vmspec_default_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(SANDBOX_VARIABLE, raising=False)
+    assert VmSpec().sandbox is True  # as `vmsuper run`
+    monkeypatch.setenv(SANDBOX_VARIABLE, "0")
     assert VmSpec().sandbox is False
     monkeypatch.setenv(SANDBOX_VARIABLE, "1")
     assert VmSpec().sandbox is True

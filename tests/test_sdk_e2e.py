@@ -803,3 +803,51 @@ def test_hyperv_synic_and_hypercall_events(tmp_path: Path) -> None:
         "hypercall": [0x5C, 0x2000, 0x3000],
         "result": 5,
     }
+
+
+REFUSALS = """
+import json
+from vmsuper.plugin import Connection, Init, PluginError, Space
+
+conn = Connection.from_env()
+found = {}
+conn.reserve_range(Space.IOPORT, 0x3F8, 8)
+try:
+    conn.reserve_range(Space.IOPORT, 0x3FC, 1)
+except PluginError as exc:
+    found["main"] = str(exc)
+(vcpu,) = conn.get_vcpus()
+conn.start()
+assert isinstance(vcpu.wait(), Init)
+try:
+    vcpu.enable_capability(1)
+except PluginError as exc:
+    found["vcpu"] = str(exc)
+print(json.dumps(found), flush=True)
+"""
+
+
+def test_a_refused_request_s_error_names_the_record_that_says_why(tmp_path: Path) -> None:
+    plugin = write_python_plugin(tmp_path, REFUSALS)
+    result = VmRunner(tmp_path / "runs").run(plugin)
+    assert result.status == 0, result.stderr
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert found["main"] == (
+        "[Errno 1] reserve_range: Operation not permitted; the server logs why as"
+        " main_request_failed (request=reserve_range) in the run's supervisor.jsonl, at level info"
+    )
+    # ... and that record is there, with the reason.
+    [main] = [r for r in result.records() if r["event"] == "main_request_failed"]
+    assert (main["request"], main["errno"]) == ("reserve_range", errno.EPERM)
+    assert "0x3f8" in main["reason"]
+    assert found["vcpu"] == (
+        "[Errno 22] enable_capability: Invalid argument; the server logs why as request_failed"
+        " (request=enable_capability) in the run's vcpu-0.jsonl, at level warning"
+    )
+    [vcpu] = [r for r in result.vcpu_records(0) if r["event"] == "request_failed"]
+    assert (vcpu["request"], vcpu["errno"], vcpu["level"]) == (
+        "enable_capability",
+        errno.EINVAL,
+        "warning",
+    )
+    assert "capability 1" in vcpu["reason"]

@@ -621,8 +621,60 @@ def test_encode_io_wait_matches_protobuf(
     io.address, io.is_write, io.no_resume, io.data = address, is_write, no_resume, data
     io.regs, io.sregs, io.debugregs = regs, sregs, debugregs
     encoded = encode_io_wait(space, address, is_write, no_resume, data, regs, sregs, debugregs)
-    assert encoded == expected.SerializeToString()
+    # The same message, in the canonical encoding (which protobuf's serializer need not
+    # produce, so it is checked against the wire format itself).
     assert VcpuResponse.FromString(encoded) == expected
+    [(wait, wait_body)] = wire_fields(encoded)
+    assert wait == (2, 2) and isinstance(wait_body, bytes)  # VcpuResponse.wait, a message
+    [(io_field, io_body)] = wire_fields(wait_body)
+    assert io_field == (2, 2) and isinstance(io_body, bytes)  # Wait.io
+    fields = wire_fields(io_body)
+    numbers = [number for (number, _), _ in fields]
+    assert numbers == sorted(set(numbers)), "fields out of order, or repeated"
+    assert all(value not in (0, b"") for _, value in fields), "a proto3 default was written"
+
+
+def wire_fields(data: bytes) -> list[tuple[tuple[int, int], int | bytes]]:
+    """((field number, wire type), value) of each field of an encoded message, in order:
+    varints (type 0) as integers, length-delimited fields (type 2) as bytes."""
+    fields: list[tuple[tuple[int, int], int | bytes]] = []
+    pos = 0
+    while pos < len(data):
+        key, pos = read_varint(data, pos)
+        number, wire_type = key >> 3, key & 7
+        value: int | bytes
+        if wire_type == 0:
+            value, pos = read_varint(data, pos)
+        elif wire_type == 2:
+            size, pos = read_varint(data, pos)
+            value, pos = data[pos : pos + size], pos + size
+            assert len(value) == size, "cut short"
+        else:
+            raise AssertionError(f"unexpected wire type {wire_type}")
+        fields.append(((number, wire_type), value))
+    return fields
+
+
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            assert byte or shift == 7, "a varint with a redundant zero byte"
+            return value, pos
+
+
+def test_wire_fields_reads_the_canonical_form() -> None:
+    # space=1, address=0x3f8, data=b"hi", by hand from the wire format's rules.
+    io = b"\x08\x01" + b"\x10\xf8\x07" + b"\x2a\x02hi"
+    assert wire_fields(io) == [((1, 0), 1), ((2, 0), 0x3F8), ((5, 2), b"hi")]
+    assert (
+        encode_io_wait(1, 0x3F8, False, False, b"hi")
+        == b"\x12" + bytes([len(io) + 2]) + b"\x12" + bytes([len(io)]) + io
+    )
 
 
 @given(data=st.binary(max_size=300))

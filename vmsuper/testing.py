@@ -7,6 +7,7 @@ processes never share anything.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,16 +22,34 @@ from typing import Any
 
 DEFAULT_TIMEOUT = 60.0
 SANDBOX_VARIABLE = "VMSUPER_TEST_SANDBOX"
+KVM_PATH = "/dev/kvm"
+REPORT_LOG_LINES = 20
+"""How many last lines of each log a failing test's report shows."""
 
 
 def default_sandbox() -> bool:
-    """VmSpec's default: plugins run unsandboxed unless VMSUPER_TEST_SANDBOX=1.
+    """VmSpec's default: sandboxed, as `vmsuper run` is, unless VMSUPER_TEST_SANDBOX=0.
 
-    Unsandboxed is the default here, unlike in vmsuper's own config, because tests look at the
-    plugin from the host (its pid, its parent, files it writes); set the variable to run a
-    whole suite sandboxed, or pass `VmSpec(sandbox=True)` for one run.
+    A suite that looks at its plugins from the host (their pid, their parent, files they
+    write) sets the variable to 0 for all its runs, or passes `VmSpec(sandbox=False)` for one.
     """
-    return os.environ.get(SANDBOX_VARIABLE, "") == "1"
+    return os.environ.get(SANDBOX_VARIABLE, "") != "0"
+
+
+def required_strictly() -> bool:
+    """In CI (CI=true), or with VMSUPER_REQUIRE_KVM=1, a missing /dev/kvm fails tests rather
+    than skipping them: a suite that ran nothing must not look green."""
+    return os.environ.get("CI") == "true" or os.environ.get("VMSUPER_REQUIRE_KVM") == "1"
+
+
+def kvm_unusable_reason() -> str | None:
+    """Why this host cannot run VMs (None if it can)."""
+    try:
+        fd = os.open(KVM_PATH, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"{KVM_PATH} is not usable: {exc.strerror}"
+    os.close(fd)
+    return None
 
 
 @dataclass
@@ -72,7 +91,8 @@ class VmSpec:
     args: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     net: Mapping[str, str] | None = None
-    # [plugin] sandbox; None leaves the key out (the config's default, true).
+    # [plugin] sandbox: true unless VMSUPER_TEST_SANDBOX=0 (see `default_sandbox`); None
+    # leaves the key out (the config's default, true).
     sandbox: bool | None = field(default_factory=default_sandbox)
     # [[plugin.mounts]]: (src, dst or None, writable); a callable plugin's module folder is
     # added by VmRunner.
@@ -147,12 +167,27 @@ def _callable_plugin(folder: Path, func: Callable[..., Any]) -> Path:
 
 
 @dataclass
+class StartedRun:
+    """A run this runner started, kept to report on it when a test fails."""
+
+    proc: subprocess.Popen[str]
+    config_path: Path
+    log_dir: Path
+    result: VmResult | None = None
+
+
+@dataclass
 class VmRunner:
-    """Starts VMs for tests; one folder per run below `base`."""
+    """Starts VMs for tests; one folder per run below `base`.
+
+    It keeps every run it started (`started`): the pytest plugin reports on them when a test
+    fails (`report_sections`).
+    """
 
     base: Path
     timeout: float = DEFAULT_TIMEOUT
     _count: int = 0
+    started: list[StartedRun] = field(default_factory=list)
 
     def folder(self) -> Path:
         self._count += 1
@@ -163,7 +198,11 @@ class VmRunner:
     def start(
         self, plugin: Path | str | Callable[..., Any], spec: VmSpec | None = None
     ) -> tuple[subprocess.Popen[str], Path, Path]:
-        """Start `vmsuper run` without waiting; returns (process, config path, log dir)."""
+        """Start `vmsuper run` without waiting; returns (process, config path, log dir).
+
+        The process's stdout and stderr are pipes: collect them, and the exit status, with
+        `finish(process, config_path, log_dir, timeout)` (or `self.finish(process)`).
+        """
         spec = spec or VmSpec()
         folder = self.folder()
         if callable(plugin):
@@ -186,6 +225,7 @@ class VmRunner:
             text=True,
             env=os.environ.copy(),
         )
+        self.started.append(StartedRun(proc, config_path, log_dir))
         return proc, config_path, log_dir
 
     def run(
@@ -196,8 +236,105 @@ class VmRunner:
         timeout: float | None = None,
     ) -> VmResult:
         """Run a VM to the end. On a timeout vmsuper gets SIGTERM, then SIGKILL."""
-        proc, config_path, log_dir = self.start(plugin, spec)
-        return finish(proc, config_path, log_dir, timeout or self.timeout)
+        proc, _, _ = self.start(plugin, spec)
+        return self.finish(proc, timeout=timeout)
+
+    def finish(self, proc: subprocess.Popen[str], *, timeout: float | None = None) -> VmResult:
+        """`finish` for a run this runner started; the result is kept for the report."""
+        run = next(r for r in self.started if r.proc is proc)
+        run.result = finish(proc, run.config_path, run.log_dir, timeout or self.timeout)
+        return run.result
+
+    def stop_all(self) -> None:
+        """Stop (SIGTERM, then SIGKILL) the runs still going; at the end of a test."""
+        for run in self.started:
+            if run.proc.poll() is None:
+                with contextlib.suppress(TimeoutError):
+                    run.result = finish(run.proc, run.config_path, run.log_dir, 0.001)
+            else:
+                for stream in (run.proc.stdout, run.proc.stderr):
+                    if stream is not None:
+                        stream.close()
+
+    def report_sections(self) -> list[tuple[str, str]]:
+        """(title, text) of what a failing test needs to see, for each run it started."""
+        sections = []
+        for number, run in enumerate(self.started, 1):
+            name = "vmsuper" if len(self.started) == 1 else f"vmsuper run {number}"
+            sections += run_report(name, run)
+        return sections
+
+
+def run_report(name: str, run: StartedRun) -> list[tuple[str, str]]:
+    """The report sections of one run: outcome, output, the last lines of each log."""
+    result = run.result
+    if result is None and run.proc.poll() is not None:
+        with contextlib.suppress(Exception):
+            # Ended, but nobody collected it (a test that failed before `finish`).
+            run.result = result = finish(run.proc, run.config_path, run.log_dir, 5)
+    finished = _run_finished(run.log_dir)
+    if finished is not None:
+        outcome = f"status {finished.get('status')}: {finished.get('reason')}"
+    elif run.proc.poll() is None:
+        outcome = "still running when the test failed (stopped at teardown)"
+    else:
+        outcome = f"exit status {run.proc.returncode}, no run_finished record"
+    summary = [
+        f"outcome: {outcome}",
+        f"log folder: {run.log_dir}",
+        f"config: {run.config_path}",
+        f"read the logs: vmsuper logs {run.log_dir}",
+    ]
+    sections = [(f"{name}: outcome", "\n".join(summary))]
+    if result is not None:
+        sections.append((f"{name}: stdout (the plugin's)", result.stdout or "(empty)"))
+        sections.append(
+            (f"{name}: stderr (vmsuper's and the plugin's)", result.stderr or "(empty)")
+        )
+    for path in _log_files(run.log_dir):
+        lines = _last_lines(path, REPORT_LOG_LINES)
+        sections.append((f"{name}: {path.name}, last {REPORT_LOG_LINES} lines", lines or "(empty)"))
+    return sections
+
+
+def _run_finished(log_dir: Path) -> dict[str, Any] | None:
+    path = log_dir / "supervisor.jsonl"
+    if not path.exists():
+        return None
+    for line in reversed(path.read_text(errors="replace").splitlines()):
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("event") == "run_finished":
+                return record
+    return None
+
+
+def _log_files(log_dir: Path) -> list[Path]:
+    """supervisor.jsonl, then vcpu-N.jsonl in VCPU order."""
+    if not log_dir.is_dir():
+        return []
+    vcpus = sorted(
+        (p for p in log_dir.glob("vcpu-*.jsonl") if p.stem[5:].isdigit()),
+        key=lambda p: int(p.stem[5:]),
+    )
+    supervisor = log_dir / "supervisor.jsonl"
+    return ([supervisor] if supervisor.exists() else []) + vcpus
+
+
+def _last_lines(path: Path, count: int) -> str:
+    """The last `count` records of a log, as `vmsuper logs` prints them."""
+    from vmsuper.shared.logs import format_text
+
+    lines = path.read_text(errors="replace").splitlines()[-count:]
+    shown = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            shown.append(line)
+            continue
+        shown.append(format_text(record) if isinstance(record, dict) else line)
+    return "\n".join(shown)
 
 
 def finish(

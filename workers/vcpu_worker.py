@@ -32,6 +32,7 @@ import os
 import signal
 import struct
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,10 +260,13 @@ class VcpuWorker:
         log: Any,
         debug: bool = False,
         fast: FastExits | None = None,
+        essential: Any = None,
     ) -> None:
         self.vcpu = vcpu
         self.channel = channel
         self.log = log
+        self.essential = essential if essential is not None else log
+        """Writes the records kept at every level (`logs.essential_logger`)."""
         self.slot = slot
         self.calls = calls
         self.protocol = VcpuProtocol(calls, ranges, log=log)
@@ -275,6 +279,8 @@ class VcpuWorker:
         self._hcall_result = page[offset : offset + 8]
         self.stop_status = WorkerStatus.CLEAN
         self.stop_reason = "not started"
+        self.running_since: float | None = None
+        """`time.monotonic()` when the VCPU first entered the guest."""
 
     @classmethod
     def from_spec(cls, spec: WorkerSpec, channel: Channel, log: Any) -> VcpuWorker:
@@ -308,6 +314,7 @@ class VcpuWorker:
             log=log,
             debug=debug,
             fast=fast,
+            essential=logs.essential_logger(),
         )
 
     def release(self) -> None:
@@ -326,6 +333,7 @@ class VcpuWorker:
             self._serve_until_resume()
             log.info("init_done")
             log.info("running")
+            self.running_since = time.monotonic()
             if self._fast is not None:
                 self._run_fast(self._fast)
             else:
@@ -483,10 +491,11 @@ class VcpuWorker:
             answer = protocol.io_access(Space.IOPORT, port, is_write, data)
             self._count_access(answer, ExitKind.IO_OUT if is_write else ExitKind.IO_IN)
             if self._debug:
-                self.log.debug(
-                    "exit", kind="io", port=port, size=size, count=count, is_write=is_write,
-                    forwarded=answer is not None,
+                self._answer_logged(
+                    answer, data, kind="io", port=f"{port:#x}", size=size, count=count,
+                    is_write=is_write,
                 )  # fmt: skip
+                return
         elif reason == kvm.KVM_EXIT_MMIO:
             address, length, write_flag = _MMIO.unpack_from(page, _MMIO_OFFSET)
             is_write = bool(write_flag)
@@ -494,10 +503,11 @@ class VcpuWorker:
             answer = protocol.io_access(Space.MMIO, address, is_write, data)
             self._count_access(answer, ExitKind.MMIO_WRITE if is_write else ExitKind.MMIO_READ)
             if self._debug:
-                self.log.debug(
-                    "exit", kind="mmio", address=address, length=length, is_write=is_write,
-                    forwarded=answer is not None,
+                self._answer_logged(
+                    answer, data, kind="mmio", address=f"{address:#x}", length=length,
+                    is_write=is_write,
                 )  # fmt: skip
+                return
         else:
             answer = self._handle_rare_exit()
         if answer is None:
@@ -505,6 +515,34 @@ class VcpuWorker:
         self._send(answer)
         if protocol.phase is Phase.SERVING:
             self._serve_until_resume()
+
+    def _answer_logged(self, answer: bytes | None, data: memoryview, **fields: Any) -> None:
+        """At debug level: deliver the exit, wait for the plugin's Resume, then log the exit.
+
+        The record has the exit's data (what the guest wrote, or the value the plugin gave a
+        read) and ``response_us``, the time from delivering the exit to the plugin's Resume
+        (None for an exit not forwarded, or an async write, which has no Resume).
+        """
+        response_us: float | None = None
+        resumed = False
+        try:
+            if answer is not None:
+                started = time.perf_counter_ns()
+                self._send(answer)
+                if self.protocol.phase is Phase.SERVING:
+                    self._serve_until_resume()
+                    response_us = round((time.perf_counter_ns() - started) / 1000, 1)
+                resumed = True
+        finally:
+            if answer is not None and not resumed:
+                fields["resumed"] = False
+            self.log.debug(
+                "exit",
+                **fields,
+                forwarded=answer is not None,
+                data=bytes(data).hex(),
+                response_us=response_us,
+            )
 
     def _handle_rare_exit(self) -> bytes:
         exit_ = kvm.decode_exit(self._run)
@@ -523,7 +561,7 @@ class VcpuWorker:
             self.slot.count(ExitKind.HYPERV)
             answer = protocol.hyperv_synic(exit_.msr, exit_.control, exit_.evt_page, exit_.msg_page)
             if self._debug:
-                self.log.debug("exit", kind="hyperv_synic", msr=exit_.msr)
+                self.log.debug("exit", kind="hyperv_synic", msr=f"{exit_.msr:#x}")
         else:
             self.slot.count(ExitKind.OTHER)
             raise self._fatal_exit(exit_)
@@ -576,14 +614,19 @@ class VcpuWorker:
         return f"{kvm.kvm_regs.from_buffer_copy(regs).rip:#x}"
 
     def log_counts(self) -> None:
-        """The one record `vmsuper logs --summary` reads: exits by kind and by range."""
+        """The one record `vmsuper logs --summary` reads: exits by kind and by range, and
+        ``run_seconds``, how long the VCPU ran (None if it never entered the guest).
+
+        Written at every log level (`essential`)."""
         if self._fast is not None:
             self._fast.collect(self.protocol)
-        self.log.info(
+        since = self.running_since
+        self.essential.info(
             "vcpu_exit_counts",
             vcpu=self.vcpu,
             exits=self.slot.counters(),
             ranges=self.protocol.range_count_labels(),
+            run_seconds=None if since is None else round(time.monotonic() - since, 6),
         )
 
 

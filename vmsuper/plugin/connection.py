@@ -41,7 +41,7 @@ from .model import (
     check_uint,
 )
 from .objects import DIRTY_PAGE_SIZE, IoEvent, IrqEvent, Memory
-from .responses import checked_response
+from .responses import MAIN_LOG, checked_response
 from .structs import StructLike, struct_from_bytes, struct_to_bytes
 from .vcpu import Vcpu
 
@@ -603,7 +603,7 @@ class Connection:
         if datagram is None:
             raise ConnectionClosedError(request=case)
         try:
-            response = checked_response(datagram.data, pb.MainResponse(), case, case)
+            response = checked_response(datagram.data, pb.MainResponse(), case, case, log=MAIN_LOG)
             if expect_fds is not None and len(datagram.fds) != expect_fds:
                 raise ProtocolError(
                     f"expected {expect_fds} fds with the response, got {len(datagram.fds)}", case

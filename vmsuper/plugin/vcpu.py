@@ -34,7 +34,7 @@ from .channel import VcpuChannel
 from .errors import ProtocolError, VcpuStateError
 from .events import Io, VcpuEvent, event_from_proto, resume_data
 from .model import CpuidEntry, check_uint
-from .responses import checked_response
+from .responses import checked_response, vcpu_log
 from .structs import StructLike, struct_from_bytes, struct_to_bytes
 
 S = TypeVar("S", bound=ctypes.Structure)
@@ -355,4 +355,6 @@ class Vcpu:
         return self._recv(case, name)
 
     def _recv(self, case: str, name: str) -> pb.VcpuResponse:
-        return checked_response(self._channel.recv(), pb.VcpuResponse(), case, name)
+        return checked_response(
+            self._channel.recv(), pb.VcpuResponse(), case, name, log=vcpu_log(self._index)
+        )
