@@ -30,6 +30,7 @@ INTERRUPTED = 130
 OVERRIDES = {
     "vcpus": "vm.vcpus",
     "low_latency": "vm.low_latency",
+    "timeout": "vm.timeout",
     "transport": "plugin.vcpu_transport",
     "grace_period": "plugin.grace_period",
     "sandbox": "plugin.sandbox",
@@ -99,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         metavar="S",
         help="seconds from shutdown to SIGKILL of the plugin ([plugin] grace_period)",
+    )
+    run.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="shut the run down after this many seconds, as for SIGTERM, and exit with"
+        " status 124; 0: no limit ([vm] timeout)",
     )
     run.add_argument(
         "--low-latency",

@@ -31,6 +31,7 @@ from vmsuper.supervisor.config import Config
 from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
 from vmsuper.supervisor.sandbox import Sandbox
 from vmsuper.supervisor.vcpus import VcpuSet
+from vmsuper.supervisor.watchdog import Watchdog
 from vmsuper.workers.limits import Limits
 from vmsuper.workers.main_worker import MainWorker, NetInfo
 
@@ -173,6 +174,12 @@ class Supervisor:
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         assert run.vm is not None and run.system is not None and run.vcpus is not None
         assert run.region is not None
+        self.watchdog = Watchdog(
+            run.region,
+            timeout=run.config.vm.timeout,
+            stall_after=run.config.vm.stall_warning,
+            now=time.monotonic(),
+        )
         net = None
         if run.tap is not None:
             s = run.tap.settings
@@ -304,6 +311,20 @@ class Supervisor:
         for vcpu, pidfd in self.worker_pidfds.items():
             self.sel.register(pidfd, selectors.EVENT_READ, lambda _fd, v=vcpu: self._on_worker(v))
         self.log.info("vcpus_started", vcpus=len(self.worker_pidfds))
+        self.watchdog.vcpus_started(self.run.vcpus.run_pages(), time.monotonic())
+
+    def _on_watchdog(self) -> None:
+        """The time limit and stalled VCPUs (see supervisor/watchdog.py)."""
+        now = time.monotonic()
+        if self.watchdog.timed_out(now):
+            self.log.warning("timed_out", seconds=self.watchdog.timeout)
+            self.begin_shutdown(outcome.timed_out(self.watchdog.timeout), "timeout")
+            return
+        for found in self.watchdog.stalls(now):
+            message = found.message()
+            self.log.warning("vcpu_stalled", message=message, **vars(found))
+            with contextlib.suppress(OSError):
+                os.write(2, f"vmsuper: warning: {message}\n".encode())
 
     def _on_worker(self, vcpu: int) -> None:
         assert self.run.vcpus is not None
@@ -367,6 +388,7 @@ class Supervisor:
         if self.shutting_down:
             return
         self.shutting_down = True
+        self.watchdog.stop()
         self.log.info("shutdown_started", reason=why)
         with contextlib.suppress(OSError):
             os.eventfd_write(self.run.shutdown_eventfd, 1)
@@ -423,6 +445,9 @@ class Supervisor:
                     self.plugin.kill()
                     self.plugin.wait()
                     return
+            watch = self.watchdog.wake_in(time.monotonic())
+            if watch is not None and (timeout is None or watch < timeout):
+                timeout = watch
             for key, _ in self.sel.select(timeout):
                 if self.sel.get_map().get(key.fd) is not key:
                     continue  # unregistered by an earlier callback of this same wake-up
@@ -434,6 +459,7 @@ class Supervisor:
                     self.begin_shutdown(
                         outcome.supervisor_failure(f"internal error: {exc!r}"), "bug"
                     )
+            self._on_watchdog()
 
     def _finish(self) -> tuple[int, str]:
         if self.plugin is not None:

@@ -263,6 +263,11 @@ class VcpuSet:
         `shutdown`."""
         return dict(self._pidfds)
 
+    def run_pages(self) -> list[kvm.kvm_run]:
+        """The supervisor's own view of each VCPU's `kvm_run`, in VCPU order (from `start`
+        until `shutdown`): read-only use, e.g. the pending exit of a VCPU out of the guest."""
+        return list(self._runs)
+
     def worker_pids(self) -> dict[int, int]:
         return dict(self._pids)
 
