@@ -323,7 +323,7 @@ class VcpuWorker:
             "worker_started", transport=type(self.channel).__name__, fast_exits=bool(self._fast)
         )
         try:
-            self._serve_until_resume()
+            self._serve_until_resume(waiting=RunState.INIT)
             log.info("init_done")
             log.info("running")
             if self._fast is not None:
@@ -357,14 +357,17 @@ class VcpuWorker:
         except ChannelFailed as exc:
             raise _Stop(WorkerStatus.PLUGIN_FAILURE, str(exc)) from exc
 
-    def _serve_until_resume(self, first: bytes | None = None) -> None:
+    def _serve_until_resume(
+        self, first: bytes | None = None, *, waiting: RunState = RunState.WAITING_PLUGIN
+    ) -> None:
         """Answer requests (`first`, if the C loop already read one, then the channel's)
-        until the plugin resumes the VCPU (or the channel ends)."""
+        until the plugin resumes the VCPU (or the channel ends). `waiting` is the run state
+        shown meanwhile: INIT for the Init exchange, so the watchdog tells the two apart."""
         protocol = self.protocol
         channel = self.channel
         slot = self.slot
         if protocol.phase is Phase.SERVING:
-            slot.run_state = RunState.WAITING_PLUGIN
+            slot.run_state = waiting
         while True:
             if first is not None:
                 data: bytes | None = first
@@ -391,7 +394,7 @@ class VcpuWorker:
             if phase is Phase.STOPPED:
                 raise _Stop(WorkerStatus.CLEAN, "the plugin sent Shutdown")
             if phase is Phase.SERVING:
-                slot.run_state = RunState.WAITING_PLUGIN
+                slot.run_state = waiting
 
     # -- running the guest -----------------------------------------------------------------
 
