@@ -53,6 +53,7 @@ from vmsuper.shared.shm import (
     drain_wakeup_pipe,
 )
 from vmsuper.workers.fast_exits import FastExits
+from vmsuper.workers.fault_report import regs_record, sregs_record
 from vmsuper.workers.vcpu_channel import (
     MAX_REQUEST,
     Channel,
@@ -132,7 +133,9 @@ def describe_exit(vcpu: int, wait_status: int, stop_reason: str = "") -> str | N
         if code == WorkerStatus.CLEAN:
             return None
         meaning = STATUS_MEANINGS.get(code, "unknown exit status")
-        if stop_reason and stop_reason != meaning:
+        if stop_reason.startswith(meaning):
+            meaning = stop_reason  # it already says what the status means, and more
+        elif stop_reason:
             meaning = f"{meaning}: {stop_reason}"
         return f"VCPU {vcpu} worker exited with status {code} ({meaning})"
     if os.WIFSIGNALED(wait_status):
@@ -541,26 +544,42 @@ class VcpuWorker:
             self.slot.count(forwarded)
 
     def _fatal_exit(self, exit_: kvm.Exit) -> _Stop:
-        rip = self._rip()
+        rip, state = self._registers()
         if isinstance(exit_, kvm.ShutdownExit):
-            return _Stop(WorkerStatus.GUEST_SHUTDOWN, "guest shut down (triple fault)", rip=rip)
+            return _Stop(
+                WorkerStatus.GUEST_SHUTDOWN, "guest shut down (triple fault)", rip=rip, **state
+            )
         if isinstance(exit_, kvm.HltExit):
-            return _Stop(WorkerStatus.HALTED, "guest halted (no in-kernel irqchip)", rip=rip)
+            return _Stop(
+                WorkerStatus.HALTED, "guest halted (no in-kernel irqchip)", rip=rip, **state
+            )
         if isinstance(exit_, kvm.InternalErrorExit):
+            instruction = exit_.insn_bytes.hex(" ")
+            reason = f"KVM internal error: {exit_.name} (suberror {exit_.suberror})"
+            reason += f" at rip {rip}" if rip is not None else ""
+            if instruction:  # KVM's fetch window: up to 15 bytes, the first 8 say enough here
+                more = " ..." if len(exit_.insn_bytes) > 8 else ""
+                reason += f", instruction bytes {exit_.insn_bytes[:8].hex(' ')}{more}"
             return _Stop(
                 WorkerStatus.INTERNAL_ERROR,
-                f"KVM internal error, suberror {exit_.suberror}",
+                reason,
                 suberror=exit_.suberror,
+                suberror_name=exit_.name,
                 data=_hex(exit_.data),
+                insn_bytes=instruction or None,
                 rip=rip,
+                **state,
             )
         if isinstance(exit_, kvm.FailEntryExit):
+            reason = f"guest entry failed, hardware reason {exit_.reason:#x}"
+            reason += f" at rip {rip}" if rip is not None else ""
             return _Stop(
                 WorkerStatus.FAILED_ENTRY,
-                f"guest entry failed, hardware reason {exit_.reason:#x}",
+                reason,
                 hardware_reason=f"{exit_.reason:#x}",
                 cpu=exit_.cpu,
                 rip=rip,
+                **state,
             )
         reason = exit_.reason if isinstance(exit_, kvm.OtherExit) else -1
         return _Stop(
@@ -568,15 +587,28 @@ class VcpuWorker:
             f"unhandled exit reason {reason}",
             exit_reason=reason,
             rip=rip,
+            **state,
         )
 
-    def _rip(self) -> str | None:
-        """The guest's instruction pointer, for the stop record (None if it cannot be read)."""
+    def _registers(self) -> tuple[str | None, dict[str, Any]]:
+        """The guest's RIP (None if it cannot be read) and its registers, for the stop record."""
+        state: dict[str, Any] = {}
+        rip = None
         try:
-            _, regs = self.calls.call(kvm.KVM_GET_REGS, bytes(ctypes.sizeof(kvm.kvm_regs)))
+            _, raw = self.calls.call(kvm.KVM_GET_REGS, bytes(ctypes.sizeof(kvm.kvm_regs)))
         except CallFailed:
-            return None
-        return f"{kvm.kvm_regs.from_buffer_copy(regs).rip:#x}"
+            pass
+        else:
+            regs = kvm.kvm_regs.from_buffer_copy(raw)
+            rip = f"{regs.rip:#x}"
+            state["regs"] = regs_record(regs)
+        try:
+            _, raw = self.calls.call(kvm.KVM_GET_SREGS, bytes(ctypes.sizeof(kvm.kvm_sregs)))
+        except CallFailed:
+            pass
+        else:
+            state["sregs"] = sregs_record(kvm.kvm_sregs.from_buffer_copy(raw))
+        return rip, state
 
     def log_counts(self) -> None:
         """The one record `vmsuper logs --summary` reads: exits by kind and by range."""
