@@ -28,6 +28,7 @@ from vmsuper.shared.ranges import RangeTable
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.supervisor import outcome
 from vmsuper.supervisor.config import Config
+from vmsuper.supervisor.executable import check_exec_format
 from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
 from vmsuper.supervisor.sandbox import Sandbox
 from vmsuper.supervisor.vcpus import VcpuSet
@@ -409,6 +410,7 @@ class Supervisor:
         self._install_signals()
         try:
             try:
+                check_exec_format(cfg.plugin.path)
                 self.plugin = PluginProcess.spawn(
                     cfg.plugin.path,
                     cfg.plugin.args,
@@ -495,6 +497,17 @@ class Supervisor:
         return status, reason
 
 
+    def abandon(self) -> None:
+        """After a crash of vmsuper's own: kill and reap the plugin, whatever state it is in."""
+        plugin = self.plugin
+        if plugin is None:
+            return
+        with contextlib.suppress(Exception):
+            plugin.kill()
+            plugin.wait()
+            plugin.close()
+
+
 def _error_response(err: int) -> bytes:
     response = MainResponse()
     response.errno = err
@@ -502,12 +515,25 @@ def _error_response(err: int) -> bytes:
 
 
 def run(config: Config) -> int:
-    """Run one VM to the end; returns vmsuper's exit status (see supervisor/outcome.py)."""
-    config.log.dir.mkdir(parents=True, exist_ok=True)
-    log = logs.configure_logging(config.log.dir / "supervisor.jsonl", level=config.log.level)
+    """Run one VM to the end; returns vmsuper's exit status (see supervisor/outcome.py).
+
+    Whatever goes wrong ends here with a status and one line on stderr, never a traceback:
+    a log folder that cannot be made is a supervisor-side failure (125), and so is any
+    exception of vmsuper's own, whose traceback goes to supervisor.jsonl (`crashed`).
+    """
+    try:
+        config.log.dir.mkdir(parents=True, exist_ok=True)
+        log = logs.configure_logging(config.log.dir / "supervisor.jsonl", level=config.log.level)
+    except OSError as exc:
+        said = exc.strerror or str(exc)
+        reason = f"cannot create the log folder {config.log.dir}: {said}"
+        status = outcome.EXIT_SUPERVISOR_FAILED
+        print(f"vmsuper: {reason} (exit status {status})", file=sys.stderr)
+        return status
     log.info("run_started", vcpus=config.vm.vcpus, transport=config.plugin.vcpu_transport)
     run_state = Run(config=config, log=log, limits=config.limits.to_limits())
     status, reason = outcome.EXIT_SUPERVISOR_FAILED, "set-up failed"
+    supervisor: Supervisor | None = None
     try:
         try:
             _set_up(run_state)
@@ -516,7 +542,13 @@ def run(config: Config) -> int:
             log.error("setup_failed", error=str(exc))
             print(f"vmsuper: {reason}", file=sys.stderr)
         else:
-            status, reason = Supervisor(run_state).serve()
+            supervisor = Supervisor(run_state)
+            status, reason = supervisor.serve()
+    except Exception as exc:
+        status, reason = outcome.EXIT_SUPERVISOR_FAILED, f"internal error: {exc!r}"
+        log.error("crashed", error=repr(exc), trace=traceback.format_exc())
+        if supervisor is not None:
+            supervisor.abandon()
     finally:
         run_state.close()
     log.info("run_finished", status=status, reason=reason)
