@@ -20,6 +20,8 @@ import os
 import signal
 from dataclasses import dataclass
 
+from vmsuper.workers.vcpu_worker import WorkerStatus
+
 EXIT_OK = 0
 EXIT_TIMED_OUT = 124
 EXIT_SUPERVISOR_FAILED = 125
@@ -37,6 +39,15 @@ class Failure:
 
 def vcpu_failure(reason: str) -> Failure:
     return Failure(EXIT_VCPU_FAILED, reason)
+
+
+def worker_failure(vcpu: int, reason: str, worker_code: int | None, stop_reason: str) -> Failure:
+    """A VCPU worker that stopped for `reason`: an abnormal VCPU stop, except a plugin that
+    speaks the other VCPU transport, which vmsuper could not run as configured (its stop
+    reason says the fix)."""
+    if worker_code == WorkerStatus.TRANSPORT_MISMATCH:
+        return Failure(EXIT_SUPERVISOR_FAILED, stop_reason)
+    return Failure(EXIT_VCPU_FAILED, f"vcpu {vcpu}: {reason}")
 
 
 def supervisor_failure(reason: str) -> Failure:

@@ -340,7 +340,11 @@ class Supervisor:
             self.begin_shutdown(None, f"vcpu {vcpu} stopped")
         else:
             self.log.error("vcpu_failed", vcpu=vcpu, reason=reason)
-            self.begin_shutdown(outcome.vcpu_failure(f"vcpu {vcpu}: {reason}"), "vcpu failed")
+            vcpus = self.run.vcpus
+            failure = outcome.worker_failure(
+                vcpu, reason, vcpus.worker_code(vcpu), vcpus.stop_reason(vcpu)
+            )
+            self.begin_shutdown(failure, "vcpu failed")
 
     def _on_plugin_exit(self, _fd: int) -> None:
         assert self.plugin is not None
@@ -495,7 +499,6 @@ class Supervisor:
         if self.plugin is not None:
             self.plugin.close()
         return status, reason
-
 
     def abandon(self) -> None:
         """After a crash of vmsuper's own: kill and reap the plugin, whatever state it is in."""

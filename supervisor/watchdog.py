@@ -69,8 +69,7 @@ class Stall:
 
     def message(self) -> str:
         return (
-            f"VCPU {self.vcpu} has waited {self.waited:.1f} s for the plugin to answer"
-            f" {self.exit}"
+            f"VCPU {self.vcpu} has waited {self.waited:.1f} s for the plugin to answer {self.exit}"
         )
 
 

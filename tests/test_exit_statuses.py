@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -13,7 +14,7 @@ import pytest
 
 from vmsuper.shared import logs
 from vmsuper.supervisor import outcome, runner
-from vmsuper.supervisor.config import load_config
+from vmsuper.supervisor.config import Config, load_config
 from vmsuper.testing import VmSpec, write_python_plugin
 
 
@@ -76,9 +77,12 @@ def _records(log_dir: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in lines]
 
 
+MakeConfig = Callable[[str], tuple[Config, Path]]
+
+
 @pytest.fixture
-def config_of(tmp_path: Path):  # type: ignore[no-untyped-def]
-    def make(source: str) -> tuple[object, Path]:
+def config_of(tmp_path: Path) -> Iterator[MakeConfig]:
+    def make(source: str) -> tuple[Config, Path]:
         plugin = write_python_plugin(tmp_path, source)
         path = tmp_path / "vm.toml"
         path.write_text(VmSpec(sandbox=False).to_toml(plugin, tmp_path / "logs"))
@@ -89,7 +93,7 @@ def config_of(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_an_internal_error_in_set_up_is_125_with_a_crash_record(
-    config_of, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    config_of: MakeConfig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config, log_dir = config_of("import sys\nsys.exit(0)\n")
 
@@ -97,7 +101,7 @@ def test_an_internal_error_in_set_up_is_125_with_a_crash_record(
         raise ZeroDivisionError("a bug in vmsuper")
 
     monkeypatch.setattr(runner, "_set_up", broken)
-    assert runner.run(config) == 125  # type: ignore[arg-type]
+    assert runner.run(config) == 125
     line = _one_line(capsys.readouterr().err)
     assert line == (
         "vmsuper: internal error: ZeroDivisionError('a bug in vmsuper') (exit status 125)"
@@ -111,7 +115,7 @@ def test_an_internal_error_in_set_up_is_125_with_a_crash_record(
 
 @pytest.mark.kvm
 def test_an_internal_error_while_serving_reaps_the_plugin(
-    config_of, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    config_of: MakeConfig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config, log_dir = config_of("import time\nwhile True:\n    time.sleep(1)\n")
 
@@ -119,7 +123,7 @@ def test_an_internal_error_while_serving_reaps_the_plugin(
         raise KeyError("lost")
 
     monkeypatch.setattr(runner.Supervisor, "_loop", broken)
-    assert runner.run(config) == 125  # type: ignore[arg-type]
+    assert runner.run(config) == 125
     line = _one_line(capsys.readouterr().err)
     assert line == "vmsuper: internal error: KeyError('lost') (exit status 125)"
     records = _records(log_dir)

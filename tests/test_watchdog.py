@@ -28,15 +28,11 @@ def test_one_warning_per_stall_not_a_flood() -> None:
     watch = StallWatch(threshold=2.0, started=0.0)
     assert watch.observe([waiting(7)], 0.5) == []
     assert watch.observe([waiting(7)], 2.0) == []  # 1.5 s since the first look
-    assert watch.observe([waiting(7)], 2.5) == [
-        Stall(0, "an MMIO read at 0xd0000 (4 bytes)", 2.0)
-    ]
+    assert watch.observe([waiting(7)], 2.5) == [Stall(0, "an MMIO read at 0xd0000 (4 bytes)", 2.0)]
     assert watch.observe([waiting(7)], 10.0) == []  # still the same stall: said once
     # The VCPU moved on and waits on a new exit: a new stall, timed from its first look.
     assert watch.observe([waiting(9)], 11.0) == []
-    assert watch.observe([waiting(9)], 13.0) == [
-        Stall(0, "an MMIO read at 0xd0000 (4 bytes)", 2.0)
-    ]
+    assert watch.observe([waiting(9)], 13.0) == [Stall(0, "an MMIO read at 0xd0000 (4 bytes)", 2.0)]
 
 
 def test_progress_between_looks_resets_the_wait() -> None:
@@ -135,9 +131,7 @@ def _run(tmp_path: Path, spec: VmSpec, served: int) -> tuple[int, str, list[dict
 def test_an_exit_nobody_answers_is_named_once(
     tmp_path: Path, fast_exits: bool, transport: str
 ) -> None:
-    spec = VmSpec(
-        timeout=4, stall_warning=1, fast_exits=fast_exits, poll_us=0, transport=transport
-    )
+    spec = VmSpec(timeout=4, stall_warning=1, fast_exits=fast_exits, poll_us=0, transport=transport)
     status, stderr, stalls = _run(tmp_path, spec, served=1)
     assert status == 124, stderr
     lines = [line for line in stderr.splitlines() if "has waited" in line]

@@ -16,7 +16,7 @@ _SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 
 def regs_record(regs: kvm.kvm_regs) -> dict[str, str]:
     """Every general register of `kvm_regs`, in hex."""
-    return {name: f"{getattr(regs, name):#x}" for name, _ in regs._fields_}
+    return {field[0]: f"{getattr(regs, field[0]):#x}" for field in regs._fields_}
 
 
 def sregs_record(sregs: kvm.kvm_sregs) -> dict[str, object]:

@@ -54,6 +54,7 @@ from vmsuper.shared.shm import (
 )
 from vmsuper.workers.fast_exits import FastExits
 from vmsuper.workers.fault_report import regs_record, sregs_record
+from vmsuper.workers.framing_check import PIPES_FIX, length_delimited_request
 from vmsuper.workers.vcpu_channel import (
     MAX_REQUEST,
     Channel,
@@ -110,6 +111,8 @@ class WorkerStatus(enum.IntEnum):
     """`KVM_RUN` itself failed with an errno other than EINTR/EAGAIN."""
     SETUP_FAILED = 18
     """The worker could not set itself up after fork (or its supervisor was already gone)."""
+    TRANSPORT_MISMATCH = 19
+    """The plugin speaks the other VCPU transport than the config says."""
 
 
 STATUS_MEANINGS: Final[dict[int, str]] = {
@@ -123,6 +126,7 @@ STATUS_MEANINGS: Final[dict[int, str]] = {
     WorkerStatus.UNHANDLED_EXIT: "unhandled exit",
     WorkerStatus.RUN_FAILED: "KVM_RUN failed",
     WorkerStatus.SETUP_FAILED: "VCPU worker setup failed",
+    WorkerStatus.TRANSPORT_MISMATCH: "VCPU transport mismatch",
 }
 
 
@@ -387,6 +391,8 @@ class VcpuWorker:
                     raise _Stop(WorkerStatus.PLUGIN_FAILURE, str(exc)) from exc
             if data is None:
                 raise _Stop(WorkerStatus.CLEAN, "the plugin closed the channel")
+            if protocol.phase is Phase.INIT:
+                self._check_framing(data)
             answer = protocol.receive_request(data)
             if answer is not None:
                 self._send(answer)
@@ -398,6 +404,22 @@ class VcpuWorker:
                 raise _Stop(WorkerStatus.CLEAN, "the plugin sent Shutdown")
             if phase is Phase.SERVING:
                 slot.run_state = waiting
+
+    def _check_framing(self, data: bytes) -> None:
+        """Stop with the fix when the first request is framed for the pipes transport while
+        this channel is a socket (see `framing_check`)."""
+        if not isinstance(self.channel, SocketChannel):
+            return
+        inner = length_delimited_request(data)
+        if inner is None:
+            return
+        raise _Stop(
+            WorkerStatus.TRANSPORT_MISMATCH,
+            # The fix first: the shared slot keeps 127 bytes of this.
+            f"plugin speaks the pipes VCPU transport: set {PIPES_FIX}"
+            f" (length-delimited {inner} on VCPU {self.vcpu}'s socket)",
+            request_bytes=len(data),
+        )
 
     # -- running the guest -----------------------------------------------------------------
 
@@ -581,11 +603,11 @@ class VcpuWorker:
                 rip=rip,
                 **state,
             )
-        reason = exit_.reason if isinstance(exit_, kvm.OtherExit) else -1
+        exit_reason = exit_.reason if isinstance(exit_, kvm.OtherExit) else -1
         return _Stop(
             WorkerStatus.UNHANDLED_EXIT,
-            f"unhandled exit reason {reason}",
-            exit_reason=reason,
+            f"unhandled exit reason {exit_reason}",
+            exit_reason=exit_reason,
             rip=rip,
             **state,
         )
