@@ -796,6 +796,23 @@ INTERNAL_ERROR_NAMES: Final[dict[int, str]] = {
 }
 """What each `KVM_INTERNAL_ERROR_*` suberror means (linux/kvm.h), for messages."""
 
+VMX_ENTRY_FAILURE: Final = 1 << 31
+"""Set in `fail_entry.hardware_entry_failure_reason` on Intel for a VM-entry failure; the low
+16 bits are then the basic exit reason (Intel SDM vol. 3, "VM-Entry Failures")."""
+VMX_ENTRY_FAILURE_NAMES: Final[dict[int, str]] = {
+    33: "invalid guest state",
+    34: "MSR loading failed",
+    41: "machine-check event",
+}
+
+
+def entry_failure_name(hardware_reason: int) -> str | None:
+    """What a failed entry's hardware reason means, where known (Intel's entry failures)."""
+    if hardware_reason & VMX_ENTRY_FAILURE and hardware_reason < 1 << 32:
+        return VMX_ENTRY_FAILURE_NAMES.get(hardware_reason & 0xFFFF)
+    return None
+
+
 KVM_SYSTEM_EVENT_SHUTDOWN: Final = 1
 KVM_SYSTEM_EVENT_RESET: Final = 2
 KVM_SYSTEM_EVENT_CRASH: Final = 3

@@ -537,6 +537,11 @@ def test_decode_hyperv_and_failures() -> None:
     assert isinstance(decoded, kvm.InternalErrorExit)
     assert (decoded.name, decoded.insn_bytes) == ("event delivery failed", b"")
 
+    assert kvm.entry_failure_name(0x80000021) == "invalid guest state"
+    assert kvm.entry_failure_name(0x80000022) == "MSR loading failed"
+    assert kvm.entry_failure_name(0x21) is None  # not an Intel entry failure
+    assert kvm.entry_failure_name((1 << 64) - 1) is None  # AMD's VMEXIT_INVALID
+
     run = _run(kvm.KVM_EXIT_FAIL_ENTRY)
     run.fail_entry.hardware_entry_failure_reason, run.fail_entry.cpu = 0x80000021, 3
     assert kvm.decode_exit(run) == kvm.FailEntryExit(0x80000021, 3)

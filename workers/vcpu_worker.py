@@ -594,6 +594,8 @@ class VcpuWorker:
             )
         if isinstance(exit_, kvm.FailEntryExit):
             reason = f"guest entry failed, hardware reason {exit_.reason:#x}"
+            named = kvm.entry_failure_name(exit_.reason)
+            reason += f" ({named})" if named else ""
             reason += f" at rip {rip}" if rip is not None else ""
             return _Stop(
                 WorkerStatus.FAILED_ENTRY,
