@@ -33,6 +33,7 @@ from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
 from vmsuper.supervisor.sandbox import Sandbox
 from vmsuper.supervisor.vcpus import VcpuSet
 from vmsuper.supervisor.watchdog import Watchdog
+from vmsuper.workers.framing_check import unused_channels_hint
 from vmsuper.workers.limits import Limits
 from vmsuper.workers.main_worker import MainWorker, NetInfo
 
@@ -350,8 +351,19 @@ class Supervisor:
         assert self.plugin is not None
         self.sel.unregister(self.plugin.pidfd)
         status = self.plugin.poll()
-        _, described = outcome.plugin_status(status)
+        code, described = outcome.plugin_status(status)
         self.log.info("plugin_exited", plugin_pid=self.plugin.pid, outcome=described)
+        assert self.run.vcpus is not None
+        hint = unused_channels_hint(
+            transport=self.run.config.plugin.vcpu_transport,
+            channels_given=self.worker.vcpu_channels_given,
+            started=self.run.vcpus.started,
+            plugin_failed=code != 0,
+        )
+        if hint is not None:
+            self.log.warning("transport_hint", hint=hint)
+            with contextlib.suppress(OSError):
+                os.write(2, f"vmsuper: hint: {hint}\n".encode())
         self.begin_shutdown(None, described)
 
     def _on_plugin_stderr(self, fd: int) -> None:

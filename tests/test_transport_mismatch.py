@@ -11,7 +11,7 @@ from rawplugin import plugin_source
 
 from vmsuper.supervisor import outcome
 from vmsuper.testing import VmRunner, VmSpec, write_python_plugin
-from vmsuper.workers.framing_check import length_delimited_request
+from vmsuper.workers.framing_check import length_delimited_request, unused_channels_hint
 
 # Frames its first VCPU request as crosvm's client library frames messages on pipes: a varint
 # length, then the message. Then waits for the VM to shut down.
@@ -78,3 +78,58 @@ def test_only_exactly_one_length_delimited_request_counts() -> None:
     assert length_delimited_request(b"\x80" * 11) is None  # no varint end
     resume = b"\x12\x03\x0a\x01\x07"  # VcpuRequest{resume{data: 07}}
     assert length_delimited_request(bytes([len(resume)]) + resume) == "resume"
+
+
+# Pairs up its VCPU channel ends as crosvm's client library does (two per VCPU) and gives up
+# as it does when they do not pair up.
+PAIRS_CHANNELS = """
+_, fds = call(req(get_vcpus=pb.MainRequest.GetVcpus()))
+if len(fds) % 2:
+    print("crosvm_connect() failed: -71", file=sys.stderr, flush=True)
+    sys.exit(1)
+call(req(start=pb.MainRequest.Start()))
+sys.exit(0)
+"""
+
+HINT = (
+    "vmsuper: hint: the plugin took its VCPU channels (one socket per VCPU) and failed before"
+    f" Start; a plugin built on crosvm's libcrosvm_plugin.so expects two pipes per VCPU: set {FIX}"
+)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("transport", ["socket", "pipes"])
+def test_a_client_that_cannot_pair_its_channels_gets_the_fix(
+    tmp_path: Path, transport: str
+) -> None:
+    plugin = write_python_plugin(tmp_path, plugin_source(PAIRS_CHANNELS))
+    result = VmRunner(tmp_path / "runs").run(plugin, VmSpec(transport=transport, timeout=30))
+    if transport == "socket":
+        assert result.status == 1, result.stderr
+        assert HINT in result.stderr.splitlines()
+        assert "transport_hint" in result.events()
+    else:
+        assert result.status == 0, result.stderr
+        assert "hint" not in result.stderr
+
+
+def _hint(
+    transport: str = "socket",
+    channels_given: bool = True,
+    started: bool = False,
+    plugin_failed: bool = True,
+) -> str | None:
+    return unused_channels_hint(
+        transport=transport,
+        channels_given=channels_given,
+        started=started,
+        plugin_failed=plugin_failed,
+    )
+
+
+def test_the_hint_needs_every_sign() -> None:
+    assert _hint() is not None
+    assert _hint(plugin_failed=False) is None
+    assert _hint(started=True) is None
+    assert _hint(channels_given=False) is None
+    assert _hint(transport="pipes") is None

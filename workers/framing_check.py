@@ -9,7 +9,12 @@ bytes that are not a request but are exactly one length-delimited request mean t
 frames its messages as on pipes. Only the first request is checked, so the per-exit path
 costs nothing.
 
-Sans-I/O: bytes in, a verdict out.
+A client that cannot even pair up its VCPU channels (crosvm's library, given one socket per
+VCPU where it expects two pipes, fails in `crosvm_connect` with EPROTO) never writes to them:
+then the only trace is a plugin that took its channels and failed before Start, and
+`unused_channels_hint` says what that usually means.
+
+Sans-I/O: bytes and facts in, a verdict out.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from google.protobuf.message import DecodeError
 from vmsuper.shared.plugin_pb2 import VcpuRequest
 from vmsuper.shared.wire import MAX_VARINT_LEN
 
-__all__ = ["PIPES_FIX", "length_delimited_request"]
+__all__ = ["PIPES_FIX", "length_delimited_request", "unused_channels_hint"]
 
 PIPES_FIX = '[plugin] vcpu_transport = "pipes"'
 
@@ -57,3 +62,17 @@ def length_delimited_request(data: bytes) -> str | None:
         return None
     inner = _request(data[used:])
     return None if inner is None else inner.WhichOneof("message")
+
+
+def unused_channels_hint(
+    *, transport: str, channels_given: bool, started: bool, plugin_failed: bool
+) -> str | None:
+    """A hint for a plugin that failed after GetVcpus and before Start on the socket
+    transport, as one built on crosvm's client library does there; None otherwise."""
+    if transport != "socket" or not channels_given or started or not plugin_failed:
+        return None
+    return (
+        "the plugin took its VCPU channels (one socket per VCPU) and failed before Start;"
+        " a plugin built on crosvm's libcrosvm_plugin.so expects two pipes per VCPU:"
+        f" set {PIPES_FIX}"
+    )
