@@ -5,6 +5,9 @@ makes `execve` fail with ENOEXEC. Unsandboxed, that is what vmsuper reports. San
 plugin is started by a shell inside bwrap, and a shell that meets ENOEXEC runs the file as a
 shell script instead: the user saw a syntax error and exit status 2, which reads as "bad
 config". So both modes check first, and both report what `execve` would.
+
+Formats the kernel learns at run time (binfmt_misc) are not recognised here: such a plugin
+needs a ``#!`` wrapper script.
 """
 
 from __future__ import annotations
