@@ -560,6 +560,20 @@ class kvm_run_internal(ctypes.Structure):
     _fields_ = [("suberror", u32), ("ndata", u32), ("data", u64 * 16)]
 
 
+class kvm_run_emulation_failure(ctypes.Structure):
+    """The overlay of `internal` for suberror KVM_INTERNAL_ERROR_EMULATION (ABI, unlike the
+    other suberrors' data): `flags` says which fields hold data. In C, `insn_size` and
+    `insn_bytes` sit in an anonymous struct inside an anonymous union; the paths are the same."""
+
+    _fields_ = [
+        ("suberror", u32),
+        ("ndata", u32),
+        ("flags", u64),
+        ("insn_size", u8),
+        ("insn_bytes", u8 * 15),
+    ]
+
+
 class kvm_run_system_event_u(ctypes.Union):
     _fields_ = [("flags", u64), ("data", u64 * 16)]
 
@@ -600,6 +614,7 @@ class kvm_run_exit(ctypes.Union):
         ("hypercall", kvm_run_hypercall),
         ("tpr_access", kvm_run_tpr_access),
         ("internal", kvm_run_internal),
+        ("emulation_failure", kvm_run_emulation_failure),
         ("system_event", kvm_run_system_event),
         ("eoi", kvm_run_eoi),
         ("hyperv", kvm_hyperv_exit),
@@ -771,6 +786,32 @@ KVM_INTERNAL_ERROR_EMULATION: Final = 1
 KVM_INTERNAL_ERROR_SIMUL_EX: Final = 2
 KVM_INTERNAL_ERROR_DELIVERY_EV: Final = 3
 KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: Final = 4
+KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: Final = 1 << 0
+
+INTERNAL_ERROR_NAMES: Final[dict[int, str]] = {
+    KVM_INTERNAL_ERROR_EMULATION: "emulation failure",
+    KVM_INTERNAL_ERROR_SIMUL_EX: "simultaneous exception",
+    KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed",
+    KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected exit reason",
+}
+"""What each `KVM_INTERNAL_ERROR_*` suberror means (linux/kvm.h), for messages."""
+
+VMX_ENTRY_FAILURE: Final = 1 << 31
+"""Set in `fail_entry.hardware_entry_failure_reason` on Intel for a VM-entry failure; the low
+16 bits are then the basic exit reason (Intel SDM vol. 3, "VM-Entry Failures")."""
+VMX_ENTRY_FAILURE_NAMES: Final[dict[int, str]] = {
+    33: "invalid guest state",
+    34: "MSR loading failed",
+    41: "machine-check event",
+}
+
+
+def entry_failure_name(hardware_reason: int) -> str | None:
+    """What a failed entry's hardware reason means, where known (Intel's entry failures)."""
+    if hardware_reason & VMX_ENTRY_FAILURE and hardware_reason < 1 << 32:
+        return VMX_ENTRY_FAILURE_NAMES.get(hardware_reason & 0xFFFF)
+    return None
+
 
 KVM_SYSTEM_EVENT_SHUTDOWN: Final = 1
 KVM_SYSTEM_EVENT_RESET: Final = 2
@@ -1459,6 +1500,13 @@ class HypervHcallExit:
 class InternalErrorExit:
     suberror: int
     data: tuple[int, ...]
+    insn_bytes: bytes = b""
+    """The instruction KVM failed to emulate, when an emulation failure carries it."""
+
+    @property
+    def name(self) -> str:
+        """The suberror in words ("emulation failure", ...)."""
+        return INTERNAL_ERROR_NAMES.get(self.suberror, "unknown suberror")
 
 
 @dataclass(frozen=True, slots=True)
@@ -1528,7 +1576,9 @@ def decode_exit(run: kvm_run) -> Exit:
     if reason == KVM_EXIT_INTERNAL_ERROR:
         internal = run.internal
         ndata = min(internal.ndata, len(internal.data))
-        return InternalErrorExit(internal.suberror, tuple(internal.data[:ndata]))
+        return InternalErrorExit(
+            internal.suberror, tuple(internal.data[:ndata]), _instruction_bytes(run, ndata)
+        )
     if reason == KVM_EXIT_FAIL_ENTRY:
         fail = run.fail_entry
         return FailEntryExit(fail.hardware_entry_failure_reason, fail.cpu)
@@ -1537,6 +1587,19 @@ def decode_exit(run: kvm_run) -> Exit:
     if reason == KVM_EXIT_HLT:
         return HltExit()
     return OtherExit(reason)
+
+
+def _instruction_bytes(run: kvm_run, ndata: int) -> bytes:
+    """The bytes an emulation failure carries (flags, then size and bytes: 3 data words)."""
+    failure = run.emulation_failure
+    if (
+        failure.suberror != KVM_INTERNAL_ERROR_EMULATION
+        or ndata < 3
+        or not failure.flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+    ):
+        return b""
+    size = min(failure.insn_size, len(failure.insn_bytes))
+    return bytes(failure.insn_bytes)[:size]
 
 
 def io_data(mapping: mmap.mmap | memoryview | bytearray, exit_: IoExit) -> memoryview:

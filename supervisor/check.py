@@ -3,7 +3,9 @@
 Opens the KVM device, creates a throw-away VM and reports, one line each, the capabilities
 vmsuper needs (exit status 1 when any is missing) and the optional ones (Hyper-V for plugins
 that ask for it, tap devices for networking). Dirty logging has no capability of its own, so
-it is tried for real on one page.
+it is tried for real on one page. The plugin sandbox, which the default config asks for, is
+tried for real too: bwrap started exactly as for a plugin (unprivileged user namespaces and
+all), running `true`.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import argparse
 import ctypes
 import mmap
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 from vmsuper.shared import kvm
@@ -110,12 +114,30 @@ def _device_openable(path: str) -> tuple[bool, str]:
     return True, path
 
 
+def _sandbox_works() -> tuple[bool, str]:
+    """Start the plugin sandbox around `true`, as a run starts it around the plugin."""
+    from vmsuper.supervisor.config import PluginConfig
+    from vmsuper.supervisor.sandbox import Sandbox, SandboxError
+
+    true = shutil.which("true") or "/bin/true"
+    try:
+        Sandbox.for_plugin(PluginConfig(path=Path(true))).check()
+    except SandboxError as exc:
+        said = str(exc)
+        if "sandbox = false" not in said:
+            said += " (needed unless [plugin] sandbox = false)"
+        return False, said
+    return True, "bwrap with unprivileged user namespaces"
+
+
 def probe(system: kvm.Kvm, vm: kvm.Vm, *, tun_path: str = TUN_PATH) -> list[Result]:
     results = [
         Result(label, name, True, _capability(vm, system, name)) for label, name in REQUIRED_CAPS
     ]
     works, detail = _dirty_log_works(vm)
     results.append(Result("dirty page logging", detail, True, works))
+    works, detail = _sandbox_works()
+    results.append(Result("plugin sandbox", detail, True, works))
     results += [
         Result(label, name, False, _capability(vm, system, name)) for label, name in OPTIONAL_CAPS
     ]

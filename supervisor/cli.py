@@ -2,7 +2,8 @@
 
 Exit statuses of `vmsuper run`: the runner's own status once the config is loaded; 2 for a bad
 command line or a bad config file (the same as argparse's usage errors, since both are "fix
-your input"); 130 when interrupted before the runner takes over.
+your input"); 125 for an internal error the runner did not catch itself; 130 when interrupted
+before the runner takes over.
 
 Start-up time counts (it is on the way to the plugin's first request), so each command
 imports only what it uses: `check` and `logs` are handed their arguments before the main
@@ -24,12 +25,15 @@ from vmsuper import __version__
 from vmsuper.supervisor.config import MAX_VCPUS, Config, ConfigError, load_config
 
 USAGE_ERROR = 2
+INTERNAL_ERROR = 125
+"""As outcome.EXIT_SUPERVISOR_FAILED (not imported here: `check` and `logs` need no runner)."""
 INTERRUPTED = 130
 
 # Command-line flag (argparse dest) -> the config key it overrides.
 OVERRIDES = {
     "vcpus": "vm.vcpus",
     "low_latency": "vm.low_latency",
+    "timeout": "vm.timeout",
     "transport": "plugin.vcpu_transport",
     "grace_period": "plugin.grace_period",
     "sandbox": "plugin.sandbox",
@@ -101,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds from shutdown to SIGKILL of the plugin ([plugin] grace_period)",
     )
     run.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="shut the run down after this many seconds, as for SIGTERM, and exit with"
+        " status 124; 0: no limit ([vm] timeout)",
+    )
+    run.add_argument(
         "--low-latency",
         action=argparse.BooleanOptionalAction,
         help="hold /dev/cpu_dma_latency at 0 while VCPUs run ([vm] low_latency)",
@@ -144,9 +155,13 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"vmsuper run: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
-    runner = importlib.import_module("vmsuper.supervisor.runner")
-    run = cast(Callable[[Config], int], runner.run)
-    return run(config)
+    try:
+        runner = importlib.import_module("vmsuper.supervisor.runner")
+        run = cast(Callable[[Config], int], runner.run)
+        return run(config)
+    except Exception as exc:  # the runner handles its own; this is the last line of defence
+        print(f"vmsuper: internal error: {exc!r} (exit status {INTERNAL_ERROR})", file=sys.stderr)
+        return INTERNAL_ERROR
 
 
 def _check(argv: Sequence[str]) -> int:

@@ -46,6 +46,7 @@ from vmsuper.workers.limits import Limits
 MAX_VCPUS = 64
 DEFAULT_POLL_US = 50
 MAX_POLL_US = 10_000
+DEFAULT_STALL_WARNING = 5.0
 """PauseVcpus carries a 64-bit mask, so no VCPU may have an index above 63."""
 
 Transport = Literal["socket", "pipes"]
@@ -67,6 +68,10 @@ class VmConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=
     low_latency: bool = False
     fast_exits: bool = True
     poll_us: int = DEFAULT_POLL_US
+    timeout: float = 0.0
+    """Seconds the run may last before it is shut down as for SIGTERM; 0: no limit."""
+    stall_warning: float = DEFAULT_STALL_WARNING
+    """Seconds a VCPU may wait on the plugin (or stay in Init) before a warning; 0: never."""
 
 
 class MountConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -292,6 +297,10 @@ def _check(config: Config) -> None:
     poll_us = config.vm.poll_us
     if not 0 <= poll_us <= MAX_POLL_US:
         raise _KeyError("vm.poll_us", f"expected an integer from 0 to {MAX_POLL_US}, got {poll_us}")
+    for key in ("timeout", "stall_warning"):
+        seconds = getattr(config.vm, key)
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise _KeyError(f"vm.{key}", f"expected seconds >= 0 (0: never), got {seconds}")
     plugin = config.plugin
     grace = plugin.grace_period
     if not (math.isfinite(grace) and grace >= 0):

@@ -2,13 +2,17 @@
 
 0      the plugin exited 0 and nothing failed
 1-123  the plugin's own non-zero exit code
-124    a VCPU stopped abnormally (guest triple fault, KVM internal error, failed entry,
+124    the run timed out (`--timeout`, `[vm] timeout`) and shut down cleanly
+125    a supervisor-side failure (the VM could not be set up, the plugin could not be started,
+       the log folder could not be made, an internal error)
+126    a VCPU stopped abnormally (guest triple fault, KVM internal error, failed entry,
        HLT without the in-kernel irqchip) or a VCPU worker died
-125    a supervisor-side failure (the VM could not be set up, an internal error)
 128+N  the plugin was killed by signal N, or vmsuper itself was stopped by signal N
        (SIGTERM, SIGINT) and shut down cleanly; 137 (SIGKILL) also when the plugin hit
        the memory or process limit of its cgroup
-The first cause wins: a plugin that exits 0 after its VCPU triple-faulted still yields 124.
+124 and 125 mean what they mean to users of GNU `timeout` (timed out; the wrapper itself
+failed), so a script that wraps a run in either reads the statuses the same way. The first
+cause wins: a plugin that exits 0 after its VCPU triple-faulted still yields 126.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ import os
 import signal
 from dataclasses import dataclass
 
+from vmsuper.workers.vcpu_worker import WorkerStatus
+
 EXIT_OK = 0
-EXIT_VCPU_FAILED = 124
+EXIT_TIMED_OUT = 124
 EXIT_SUPERVISOR_FAILED = 125
+EXIT_VCPU_FAILED = 126
 EXIT_CONFIG_ERROR = 2
 
 
@@ -35,6 +42,15 @@ def vcpu_failure(reason: str) -> Failure:
     return Failure(EXIT_VCPU_FAILED, reason)
 
 
+def worker_failure(vcpu: int, reason: str, worker_code: int | None, stop_reason: str) -> Failure:
+    """A VCPU worker that stopped for `reason`: an abnormal VCPU stop, except a plugin that
+    speaks the other VCPU transport, which vmsuper could not run as configured (its stop
+    reason says the fix)."""
+    if worker_code == WorkerStatus.TRANSPORT_MISMATCH:
+        return Failure(EXIT_SUPERVISOR_FAILED, stop_reason)
+    return Failure(EXIT_VCPU_FAILED, f"vcpu {vcpu}: {reason}")
+
+
 def supervisor_failure(reason: str) -> Failure:
     return Failure(EXIT_SUPERVISOR_FAILED, reason)
 
@@ -43,6 +59,10 @@ def plugin_limit_reached(reason: str) -> Failure:
     """The plugin hit a limit of its cgroup and was killed with SIGKILL: 128+9, as a plugin
     killed by SIGKILL, with the reason naming the limit."""
     return Failure(128 + signal.SIGKILL, reason)
+
+
+def timed_out(seconds: float) -> Failure:
+    return Failure(EXIT_TIMED_OUT, f"timed out after {seconds:g} s")
 
 
 def stopped_by_signal(signum: int) -> Failure:

@@ -29,9 +29,12 @@ from vmsuper.shared.ranges import RangeTable
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.supervisor import cgroups, outcome
 from vmsuper.supervisor.config import Config
+from vmsuper.supervisor.executable import check_exec_format
 from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
 from vmsuper.supervisor.sandbox import Sandbox
 from vmsuper.supervisor.vcpus import VcpuSet
+from vmsuper.supervisor.watchdog import Watchdog
+from vmsuper.workers.framing_check import unused_channels_hint
 from vmsuper.workers.limits import Limits
 from vmsuper.workers.main_worker import MainWorker, NetInfo
 
@@ -176,6 +179,12 @@ class Supervisor:
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         assert run.vm is not None and run.system is not None and run.vcpus is not None
         assert run.region is not None
+        self.watchdog = Watchdog(
+            run.region,
+            timeout=run.config.vm.timeout,
+            stall_after=run.config.vm.stall_warning,
+            now=time.monotonic(),
+        )
         net = None
         if run.tap is not None:
             s = run.tap.settings
@@ -307,6 +316,20 @@ class Supervisor:
         for vcpu, pidfd in self.worker_pidfds.items():
             self.sel.register(pidfd, selectors.EVENT_READ, lambda _fd, v=vcpu: self._on_worker(v))
         self.log.info("vcpus_started", vcpus=len(self.worker_pidfds))
+        self.watchdog.vcpus_started(self.run.vcpus.run_pages(), time.monotonic())
+
+    def _on_watchdog(self) -> None:
+        """The time limit and stalled VCPUs (see supervisor/watchdog.py)."""
+        now = time.monotonic()
+        if self.watchdog.timed_out(now):
+            self.log.warning("timed_out", seconds=self.watchdog.timeout)
+            self.begin_shutdown(outcome.timed_out(self.watchdog.timeout), "timeout")
+            return
+        for found in self.watchdog.stalls(now):
+            message = found.message()
+            self.log.warning("vcpu_stalled", message=message, **vars(found))
+            with contextlib.suppress(OSError):
+                os.write(2, f"vmsuper: warning: {message}\n".encode())
 
     def _on_worker(self, vcpu: int) -> None:
         assert self.run.vcpus is not None
@@ -321,15 +344,30 @@ class Supervisor:
             self.begin_shutdown(None, f"vcpu {vcpu} stopped")
         else:
             self.log.error("vcpu_failed", vcpu=vcpu, reason=reason)
-            self.begin_shutdown(outcome.vcpu_failure(f"vcpu {vcpu}: {reason}"), "vcpu failed")
+            vcpus = self.run.vcpus
+            failure = outcome.worker_failure(
+                vcpu, reason, vcpus.worker_code(vcpu), vcpus.stop_reason(vcpu)
+            )
+            self.begin_shutdown(failure, "vcpu failed")
 
     def _on_plugin_exit(self, _fd: int) -> None:
         assert self.plugin is not None
         self.sel.unregister(self.plugin.pidfd)
         self._check_limits()
         status = self.plugin.poll()
-        _, described = outcome.plugin_status(status)
+        code, described = outcome.plugin_status(status)
         self.log.info("plugin_exited", plugin_pid=self.plugin.pid, outcome=described)
+        assert self.run.vcpus is not None
+        hint = unused_channels_hint(
+            transport=self.run.config.plugin.vcpu_transport,
+            channels_given=self.worker.vcpu_channels_given,
+            started=self.run.vcpus.started,
+            plugin_failed=code != 0,
+        )
+        if hint is not None:
+            self.log.warning("transport_hint", hint=hint)
+            with contextlib.suppress(OSError):
+                os.write(2, f"vmsuper: hint: {hint}\n".encode())
         self.begin_shutdown(None, described)
 
     def _on_limit_watch(self, fd: int) -> None:
@@ -391,6 +429,7 @@ class Supervisor:
         if self.shutting_down:
             return
         self.shutting_down = True
+        self.watchdog.stop()
         self.log.info("shutdown_started", reason=why)
         with contextlib.suppress(OSError):
             os.eventfd_write(self.run.shutdown_eventfd, 1)
@@ -411,6 +450,7 @@ class Supervisor:
         self._install_signals()
         try:
             try:
+                check_exec_format(cfg.plugin.path)
                 limits = run.limits
                 self.cgroup = cgroups.for_run(
                     limits.plugin_memory, limits.plugin_processes, limits.plugin_cpu
@@ -456,6 +496,9 @@ class Supervisor:
                     self.plugin.kill()
                     self.plugin.wait()
                     return
+            watch = self.watchdog.wake_in(time.monotonic())
+            if watch is not None and (timeout is None or watch < timeout):
+                timeout = watch
             for key, _ in self.sel.select(timeout):
                 if self.sel.get_map().get(key.fd) is not key:
                     continue  # unregistered by an earlier callback of this same wake-up
@@ -467,6 +510,7 @@ class Supervisor:
                     self.begin_shutdown(
                         outcome.supervisor_failure(f"internal error: {exc!r}"), "bug"
                     )
+            self._on_watchdog()
 
     def _finish(self) -> tuple[int, str]:
         if self.plugin is not None:
@@ -501,6 +545,16 @@ class Supervisor:
             self.plugin.close()
         return status, reason
 
+    def abandon(self) -> None:
+        """After a crash of vmsuper's own: kill and reap the plugin, whatever state it is in."""
+        plugin = self.plugin
+        if plugin is None:
+            return
+        with contextlib.suppress(Exception):
+            plugin.kill()
+            plugin.wait()
+            plugin.close()
+
 
 def _sandbox(cfg: Config) -> Sandbox | None:
     """The plugin's sandbox, hiding the log root (other runs' logs) from it; None: unconfined."""
@@ -517,14 +571,27 @@ def _error_response(err: int) -> bytes:
 
 
 def run(config: Config) -> int:
-    """Run one VM to the end; returns vmsuper's exit status (see supervisor/outcome.py)."""
-    logs.make_private_folder(config.log.dir)
-    log = logs.configure_logging(
-        config.log.dir / "supervisor.jsonl", level=config.log.level, mark_live=True
-    )
+    """Run one VM to the end; returns vmsuper's exit status (see supervisor/outcome.py).
+
+    Whatever goes wrong ends here with a status and one line on stderr, never a traceback:
+    a log folder that cannot be made is a supervisor-side failure (125), and so is any
+    exception of vmsuper's own, whose traceback goes to supervisor.jsonl (`crashed`).
+    """
+    try:
+        logs.make_private_folder(config.log.dir)
+        log = logs.configure_logging(
+            config.log.dir / "supervisor.jsonl", level=config.log.level, mark_live=True
+        )
+    except OSError as exc:
+        said = exc.strerror or str(exc)
+        reason = f"cannot create the log folder {config.log.dir}: {said}"
+        status = outcome.EXIT_SUPERVISOR_FAILED
+        print(f"vmsuper: {reason} (exit status {status})", file=sys.stderr)
+        return status
     _announce_start(config, logs.essential_logger())
     run_state = Run(config=config, log=log, limits=config.limits.to_limits())
     status, reason = outcome.EXIT_SUPERVISOR_FAILED, "set-up failed"
+    supervisor: Supervisor | None = None
     try:
         try:
             _set_up(run_state)
@@ -533,13 +600,23 @@ def run(config: Config) -> int:
             log.error("setup_failed", error=str(exc))
             print(f"vmsuper: {reason}", file=sys.stderr)
         else:
-            status, reason = Supervisor(run_state).serve()
+            supervisor = Supervisor(run_state)
+            status, reason = supervisor.serve()
+    except Exception as exc:
+        status, reason = outcome.EXIT_SUPERVISOR_FAILED, f"internal error: {exc!r}"
+        log.error("crashed", error=repr(exc), trace=traceback.format_exc())
+        if supervisor is not None:
+            supervisor.abandon()
     finally:
         run_state.close()
     logs.essential_logger().info("run_finished", status=status, reason=reason)
     if status != 0:
         print(f"vmsuper: {reason} (exit status {status})", file=sys.stderr)
     return status
+
+
+START_LINE = "vmsuper: logs in "
+"""How the line that names a run's log folder on stderr begins (tests and tools skip it)."""
 
 
 def _announce_start(config: Config, essential: Any) -> None:
@@ -551,4 +628,4 @@ def _announce_start(config: Config, essential: Any) -> None:
         log_dir=str(config.log.dir),
     )
     with contextlib.suppress(OSError, ValueError):
-        print(f"vmsuper: logs in {config.log.dir}", file=sys.stderr, flush=True)
+        print(f"{START_LINE}{config.log.dir}", file=sys.stderr, flush=True)

@@ -138,6 +138,7 @@ class VcpuSet:
         self._pids: dict[int, int] = {}
         self._pidfds: dict[int, int] = {}
         self._statuses: dict[int, str | None] = {}
+        self._codes: dict[int, int] = {}
         self._runners: list[VcpuRunner] = []
         self._barrier = threading.Barrier(count)
         try:
@@ -263,6 +264,11 @@ class VcpuSet:
         `shutdown`."""
         return dict(self._pidfds)
 
+    def run_pages(self) -> list[kvm.kvm_run]:
+        """The supervisor's own view of each VCPU's `kvm_run`, in VCPU order (from `start`
+        until `shutdown`): read-only use, e.g. the pending exit of a VCPU out of the guest."""
+        return list(self._runs)
+
     def worker_pids(self) -> dict[int, int]:
         return dict(self._pids)
 
@@ -278,7 +284,18 @@ class VcpuSet:
     def _record(self, vcpu: int, wait_status: int) -> str | None:
         reason = describe_exit(vcpu, wait_status, self._region.slot(vcpu).stop_reason)
         self._statuses[vcpu] = reason
+        if os.WIFEXITED(wait_status):
+            self._codes[vcpu] = os.WEXITSTATUS(wait_status)
         return reason
+
+    def worker_code(self, vcpu: int) -> int | None:
+        """The exit code of a reaped worker (a `WorkerStatus`); None if it was killed or is
+        not reaped yet."""
+        return self._codes.get(vcpu)
+
+    def stop_reason(self, vcpu: int) -> str:
+        """Why VCPU `vcpu` stopped, as its worker recorded it."""
+        return self._region.slot(vcpu).stop_reason
 
     # -- shutdown --------------------------------------------------------------------------
 

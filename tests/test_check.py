@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -90,3 +93,48 @@ def test_missing_tap_device_is_optional(tmp_path: Path, capsys: pytest.CaptureFi
     assert status == 0
     out = capsys.readouterr().out
     assert f"  absent (optional) tap devices ({tun}: No such file or directory)" in out
+
+
+SANDBOX_OK = "  ok   plugin sandbox (bwrap with unprivileged user namespaces)"
+
+
+def _check_in(env: dict[str, str], *, prefix: list[str] | None = None) -> tuple[int, str]:
+    """`vmsuper check` as a command, with `env`, behind `prefix` (an argv)."""
+    proc = subprocess.run(
+        [*(prefix or []), sys.executable, "-m", "vmsuper", "check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.kvm
+def test_the_sandbox_is_tried_for_real() -> None:
+    status, out = _check_in(dict(os.environ))
+    assert status == 0, out
+    assert SANDBOX_OK in out.splitlines()
+
+
+@pytest.mark.kvm
+def test_missing_bwrap_is_not_ready() -> None:
+    status, out = _check_in({**os.environ, "PATH": "/nonexistent"})
+    assert status == 1, out
+    assert "  MISSING plugin sandbox (cannot sandbox the plugin: bwrap (bubblewrap) is not" in out
+    assert out.rstrip().endswith("not ready: 1 required capability missing")
+
+
+@pytest.mark.kvm
+def test_user_namespaces_refused_is_not_ready() -> None:
+    unshare = shutil.which("unshare")
+    assert unshare is not None
+    # A user namespace of our own in which no further one may be made: what bwrap meets on a
+    # host with unprivileged user namespaces switched off.
+    script = 'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"'
+    prefix = [unshare, "--user", "--map-root-user", "sh", "-c", script, "sh"]
+    status, out = _check_in(dict(os.environ), prefix=prefix)
+    assert status == 1, out
+    assert "  MISSING plugin sandbox (cannot sandbox the plugin: bwrap cannot set up" in out
+    assert "(needed unless [plugin] sandbox = false)" in out

@@ -109,6 +109,11 @@ def test_sandbox_flags_override_the_config(config_file: Path, runner: FakeRunner
     assert runner.configs[-1].plugin.sandbox is True
 
 
+def test_timeout_flag_overrides_the_config(config_file: Path, runner: FakeRunner) -> None:
+    cli.main(["run", str(config_file), "--timeout", "2.5"])
+    assert runner.configs[-1].vm.timeout == 2.5
+
+
 def test_overrides_from_args_maps_flags_to_keys() -> None:
     args = cli.build_parser().parse_args(
         ["run", "x.toml", "--vcpus", "3", "--no-low-latency", "--log-dir", "/abs/d"]
@@ -147,6 +152,7 @@ def test_missing_config_file(
         (["--vcpus", "two"], "argument --vcpus: expected an integer from 1 to 64"),
         (["--grace-period", "-1"], "argument --grace-period: expected seconds >= 0"),
         (["--grace-period", "nan"], "argument --grace-period: expected seconds >= 0"),
+        (["--timeout", "-3"], "argument --timeout: expected seconds >= 0"),
         (["--transport", "tcp"], "argument --transport: invalid choice"),
         (["--log-level", "loud"], "argument --log-level: invalid choice"),
         (["--bogus"], "unrecognized arguments: --bogus"),

@@ -131,6 +131,19 @@ def test_config_is_frozen(folder: Path) -> None:
             "hello.toml: [vm] low_latency: expected a boolean, got integer",
         ),
         ("[vm]\ncpus = 1\n", "hello.toml: unknown key [vm] cpus"),
+        (
+            PLUGIN_TABLE + "[vm]\ntimeout = -1\n",
+            "hello.toml: [vm] timeout: expected seconds >= 0 (0: never), got -1.0",
+        ),
+        (
+            PLUGIN_TABLE + "[vm]\ntimeout = inf\n",
+            "hello.toml: [vm] timeout: expected seconds >= 0 (0: never), got inf",
+        ),
+        ("[vm]\ntimeout = '5s'\n", "hello.toml: [vm] timeout: expected a number, got string"),
+        (
+            PLUGIN_TABLE + "[vm]\nstall_warning = nan\n",
+            "hello.toml: [vm] stall_warning: expected seconds >= 0 (0: never), got nan",
+        ),
         ("vm = 3\n", "hello.toml: [vm]: expected a table, got integer"),
         ("[vmm]\n", "hello.toml: unknown table [vmm]"),
         ("[plugin]\npathh = 'x'\n", "hello.toml: unknown key [plugin] pathh"),

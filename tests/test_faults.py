@@ -5,7 +5,7 @@ The run is as busy as a plugin can make it: two VCPUs loop over a stream of asyn
 a synchronous write every 64th, the plugin pauses both VCPUs over and over, reads VCPU state
 at every stop and VM state on the main connection, and the VM has a tap. Whatever is killed,
 and whenever: no process of the run survives, the tap goes, and the exit status names the
-cause (128+9 for the plugin, 124 with "vcpu N" on stderr for a VCPU worker). Points are
+cause (128+9 for the plugin, 126 with "vcpu N" on stderr for a VCPU worker). Points are
 random delays after the run is busy, seeded so a failure names its iteration.
 """
 

@@ -518,6 +518,30 @@ def test_decode_hyperv_and_failures() -> None:
     decoded = kvm.decode_exit(run)
     assert isinstance(decoded, kvm.InternalErrorExit) and len(decoded.data) == 16
 
+    # An emulation failure with instruction bytes: flags, then their size and the bytes.
+    run = _run(kvm.KVM_EXIT_INTERNAL_ERROR)
+    failure = run.emulation_failure
+    failure.suberror, failure.ndata = kvm.KVM_INTERNAL_ERROR_EMULATION, 3
+    failure.flags = kvm.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+    failure.insn_size = 2
+    failure.insn_bytes[0], failure.insn_bytes[1], failure.insn_bytes[2] = 0xCD, 0x03, 0x90
+    decoded = kvm.decode_exit(run)
+    assert isinstance(decoded, kvm.InternalErrorExit)
+    assert (decoded.name, decoded.insn_bytes) == ("emulation failure", b"\xcd\x03")
+    failure.flags = 0  # no bytes unless the flags say so
+    assert kvm.decode_exit(run).insn_bytes == b""  # type: ignore[union-attr]
+    failure.flags, failure.ndata = kvm.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, 1
+    assert kvm.decode_exit(run).insn_bytes == b""  # type: ignore[union-attr]
+    failure.suberror, failure.ndata = kvm.KVM_INTERNAL_ERROR_DELIVERY_EV, 3
+    decoded = kvm.decode_exit(run)
+    assert isinstance(decoded, kvm.InternalErrorExit)
+    assert (decoded.name, decoded.insn_bytes) == ("event delivery failed", b"")
+
+    assert kvm.entry_failure_name(0x80000021) == "invalid guest state"
+    assert kvm.entry_failure_name(0x80000022) == "MSR loading failed"
+    assert kvm.entry_failure_name(0x21) is None  # not an Intel entry failure
+    assert kvm.entry_failure_name((1 << 64) - 1) is None  # AMD's VMEXIT_INVALID
+
     run = _run(kvm.KVM_EXIT_FAIL_ENTRY)
     run.fail_entry.hardware_entry_failure_reason, run.fail_entry.cpu = 0x80000021, 3
     assert kvm.decode_exit(run) == kvm.FailEntryExit(0x80000021, 3)

@@ -85,6 +85,9 @@ class VmSpec:
     # [vm] fast_exits and poll_us; None leaves the key out (the config's default).
     fast_exits: bool | None = None
     poll_us: int | None = None
+    # [vm] timeout and stall_warning (seconds); None leaves the key out (no limit; 5 s).
+    timeout: float | None = None
+    stall_warning: float | None = None
     transport: str = "socket"
     grace_period: float = 1.0
     log_level: str = "info"
@@ -111,6 +114,10 @@ class VmSpec:
             lines.append(f"fast_exits = {json.dumps(self.fast_exits)}")
         if self.poll_us is not None:
             lines.append(f"poll_us = {self.poll_us}")
+        if self.timeout is not None:
+            lines.append(f"timeout = {float(self.timeout)}")
+        if self.stall_warning is not None:
+            lines.append(f"stall_warning = {float(self.stall_warning)}")
         lines += [
             "[plugin]",
             f"path = {json.dumps(str(plugin_path))}",

@@ -114,6 +114,8 @@ class MainWorker:
     on_internal_error: Callable[[str, BaseException], None] | None = None
     # Asked before NewConnection: whether the connection limit is reached.
     connections_full: Callable[[], bool] = lambda: False
+    vcpu_channels_given: bool = False
+    """Whether GetVcpus handed the plugin its VCPU channel ends (for the transport hint)."""
 
     def __post_init__(self) -> None:
         self.objects.limits = self.limits
@@ -459,6 +461,7 @@ class MainWorker:
         self.vcpus.pause(request.pause_vcpus.cpu_mask, request.pause_vcpus.user)
 
     def _get_vcpus(self, request: MainRequest, response: MainResponse, fds: list[int]) -> Reply:
+        self.vcpu_channels_given = True
         return Reply(response.SerializeToString(), fds=self.vcpus.plugin_fds())
 
     def _start(self, request: MainRequest, response: MainResponse, fds: list[int]) -> None:

@@ -54,6 +54,8 @@ from vmsuper.shared.shm import (
     drain_wakeup_pipe,
 )
 from vmsuper.workers.fast_exits import FastExits
+from vmsuper.workers.fault_report import regs_record, sregs_record
+from vmsuper.workers.framing_check import PIPES_FIX, length_delimited_request
 from vmsuper.workers.vcpu_channel import (
     MAX_REQUEST,
     Channel,
@@ -110,6 +112,8 @@ class WorkerStatus(enum.IntEnum):
     """`KVM_RUN` itself failed with an errno other than EINTR/EAGAIN."""
     SETUP_FAILED = 18
     """The worker could not set itself up after fork (or its supervisor was already gone)."""
+    TRANSPORT_MISMATCH = 19
+    """The plugin speaks the other VCPU transport than the config says."""
 
 
 STATUS_MEANINGS: Final[dict[int, str]] = {
@@ -123,6 +127,7 @@ STATUS_MEANINGS: Final[dict[int, str]] = {
     WorkerStatus.UNHANDLED_EXIT: "unhandled exit",
     WorkerStatus.RUN_FAILED: "KVM_RUN failed",
     WorkerStatus.SETUP_FAILED: "VCPU worker setup failed",
+    WorkerStatus.TRANSPORT_MISMATCH: "VCPU transport mismatch",
 }
 
 
@@ -133,7 +138,9 @@ def describe_exit(vcpu: int, wait_status: int, stop_reason: str = "") -> str | N
         if code == WorkerStatus.CLEAN:
             return None
         meaning = STATUS_MEANINGS.get(code, "unknown exit status")
-        if stop_reason and stop_reason != meaning:
+        if stop_reason.startswith(meaning):
+            meaning = stop_reason  # it already says what the status means, and more
+        elif stop_reason:
             meaning = f"{meaning}: {stop_reason}"
         return f"VCPU {vcpu} worker exited with status {code} ({meaning})"
     if os.WIFSIGNALED(wait_status):
@@ -330,7 +337,7 @@ class VcpuWorker:
             "worker_started", transport=type(self.channel).__name__, fast_exits=bool(self._fast)
         )
         try:
-            self._serve_until_resume()
+            self._serve_until_resume(waiting=RunState.INIT)
             log.info("init_done")
             log.info("running")
             self.running_since = time.monotonic()
@@ -365,14 +372,17 @@ class VcpuWorker:
         except ChannelFailed as exc:
             raise _Stop(WorkerStatus.PLUGIN_FAILURE, str(exc)) from exc
 
-    def _serve_until_resume(self, first: bytes | None = None) -> None:
+    def _serve_until_resume(
+        self, first: bytes | None = None, *, waiting: RunState = RunState.WAITING_PLUGIN
+    ) -> None:
         """Answer requests (`first`, if the C loop already read one, then the channel's)
-        until the plugin resumes the VCPU (or the channel ends)."""
+        until the plugin resumes the VCPU (or the channel ends). `waiting` is the run state
+        shown meanwhile: INIT for the Init exchange, so the watchdog tells the two apart."""
         protocol = self.protocol
         channel = self.channel
         slot = self.slot
         if protocol.phase is Phase.SERVING:
-            slot.run_state = RunState.WAITING_PLUGIN
+            slot.run_state = waiting
         while True:
             if first is not None:
                 data: bytes | None = first
@@ -389,6 +399,8 @@ class VcpuWorker:
                     raise _Stop(WorkerStatus.PLUGIN_FAILURE, str(exc)) from exc
             if data is None:
                 raise _Stop(WorkerStatus.CLEAN, "the plugin closed the channel")
+            if protocol.phase is Phase.INIT:
+                self._check_framing(data)
             answer = protocol.receive_request(data)
             if answer is not None:
                 self._send(answer)
@@ -399,7 +411,23 @@ class VcpuWorker:
             if phase is Phase.STOPPED:
                 raise _Stop(WorkerStatus.CLEAN, "the plugin sent Shutdown")
             if phase is Phase.SERVING:
-                slot.run_state = RunState.WAITING_PLUGIN
+                slot.run_state = waiting
+
+    def _check_framing(self, data: bytes) -> None:
+        """Stop with the fix when the first request is framed for the pipes transport while
+        this channel is a socket (see `framing_check`)."""
+        if not isinstance(self.channel, SocketChannel):
+            return
+        inner = length_delimited_request(data)
+        if inner is None:
+            return
+        raise _Stop(
+            WorkerStatus.TRANSPORT_MISMATCH,
+            # The fix first: the shared slot keeps 127 bytes of this.
+            f"plugin speaks the pipes VCPU transport: set {PIPES_FIX}"
+            f" (length-delimited {inner} on VCPU {self.vcpu}'s socket)",
+            request_bytes=len(data),
+        )
 
     # -- running the guest -----------------------------------------------------------------
 
@@ -576,42 +604,73 @@ class VcpuWorker:
             self.slot.count(forwarded)
 
     def _fatal_exit(self, exit_: kvm.Exit) -> _Stop:
-        rip = self._rip()
+        rip, state = self._registers()
         if isinstance(exit_, kvm.ShutdownExit):
-            return _Stop(WorkerStatus.GUEST_SHUTDOWN, "guest shut down (triple fault)", rip=rip)
+            return _Stop(
+                WorkerStatus.GUEST_SHUTDOWN, "guest shut down (triple fault)", rip=rip, **state
+            )
         if isinstance(exit_, kvm.HltExit):
-            return _Stop(WorkerStatus.HALTED, "guest halted (no in-kernel irqchip)", rip=rip)
+            return _Stop(
+                WorkerStatus.HALTED, "guest halted (no in-kernel irqchip)", rip=rip, **state
+            )
         if isinstance(exit_, kvm.InternalErrorExit):
+            instruction = exit_.insn_bytes.hex(" ")
+            reason = f"KVM internal error: {exit_.name} (suberror {exit_.suberror})"
+            reason += f" at rip {rip}" if rip is not None else ""
+            if instruction:  # KVM's fetch window: up to 15 bytes, the first 8 say enough here
+                more = " ..." if len(exit_.insn_bytes) > 8 else ""
+                reason += f", instruction bytes {exit_.insn_bytes[:8].hex(' ')}{more}"
             return _Stop(
                 WorkerStatus.INTERNAL_ERROR,
-                f"KVM internal error, suberror {exit_.suberror}",
+                reason,
                 suberror=exit_.suberror,
+                suberror_name=exit_.name,
                 data=_hex(exit_.data),
+                insn_bytes=instruction or None,
                 rip=rip,
+                **state,
             )
         if isinstance(exit_, kvm.FailEntryExit):
+            reason = f"guest entry failed, hardware reason {exit_.reason:#x}"
+            named = kvm.entry_failure_name(exit_.reason)
+            reason += f" ({named})" if named else ""
+            reason += f" at rip {rip}" if rip is not None else ""
             return _Stop(
                 WorkerStatus.FAILED_ENTRY,
-                f"guest entry failed, hardware reason {exit_.reason:#x}",
+                reason,
                 hardware_reason=f"{exit_.reason:#x}",
                 cpu=exit_.cpu,
                 rip=rip,
+                **state,
             )
-        reason = exit_.reason if isinstance(exit_, kvm.OtherExit) else -1
+        exit_reason = exit_.reason if isinstance(exit_, kvm.OtherExit) else -1
         return _Stop(
             WorkerStatus.UNHANDLED_EXIT,
-            f"unhandled exit reason {reason}",
-            exit_reason=reason,
+            f"unhandled exit reason {exit_reason}",
+            exit_reason=exit_reason,
             rip=rip,
+            **state,
         )
 
-    def _rip(self) -> str | None:
-        """The guest's instruction pointer, for the stop record (None if it cannot be read)."""
+    def _registers(self) -> tuple[str | None, dict[str, Any]]:
+        """The guest's RIP (None if it cannot be read) and its registers, for the stop record."""
+        state: dict[str, Any] = {}
+        rip = None
         try:
-            _, regs = self.calls.call(kvm.KVM_GET_REGS, bytes(ctypes.sizeof(kvm.kvm_regs)))
+            _, raw = self.calls.call(kvm.KVM_GET_REGS, bytes(ctypes.sizeof(kvm.kvm_regs)))
         except CallFailed:
-            return None
-        return f"{kvm.kvm_regs.from_buffer_copy(regs).rip:#x}"
+            pass
+        else:
+            regs = kvm.kvm_regs.from_buffer_copy(raw)
+            rip = f"{regs.rip:#x}"
+            state["regs"] = regs_record(regs)
+        try:
+            _, raw = self.calls.call(kvm.KVM_GET_SREGS, bytes(ctypes.sizeof(kvm.kvm_sregs)))
+        except CallFailed:
+            pass
+        else:
+            state["sregs"] = sregs_record(kvm.kvm_sregs.from_buffer_copy(raw))
+        return rip, state
 
     def log_counts(self) -> None:
         """The one record `vmsuper logs --summary` reads: exits by kind and by range, and
