@@ -98,8 +98,7 @@ class FwCfg(Device):
 
     def _directory(self) -> bytes:
         entries = [
-            _DIR_ENTRY.pack(len(self.items[key]), key, 0, name.encode())
-            for name, key in self.files
+            _DIR_ENTRY.pack(len(self.items[key]), key, 0, name.encode()) for name, key in self.files
         ]
         return struct.pack(">I", len(self.files)) + b"".join(entries)
 

@@ -146,7 +146,9 @@ class Uart16550(Device):
         if offset == MCR:
             return self.mcr, NO_ACTIONS
         if offset == LSR:
-            value = LSR_THRE | LSR_TEMT | (LSR_DR if self.rx else 0) | (LSR_OE if self.overrun else 0)
+            value = (
+                LSR_THRE | LSR_TEMT | (LSR_DR if self.rx else 0) | (LSR_OE if self.overrun else 0)
+            )
             self.overrun = False
             return value, self._update_irq()
         if offset == MSR:

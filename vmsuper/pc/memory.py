@@ -44,9 +44,7 @@ class PcMemory:
             conn.create_memory(
                 HIGH_RAM_START, ram_size - HIGH_RAM_START, fd=self.ram_fd, offset=HIGH_RAM_START
             ),
-            conn.create_memory(
-                GIB4 - len(firmware), len(firmware), read_only=True, fd=self.rom_fd
-            ),
+            conn.create_memory(GIB4 - len(firmware), len(firmware), read_only=True, fd=self.rom_fd),
         ]
         alias = min(len(firmware), LOW_ALIAS_SIZE)
         self.window = ShadowWindow(self, rom_alias_start=shadow.WINDOW_END - alias)
