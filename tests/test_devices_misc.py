@@ -3,13 +3,13 @@
 import pytest
 
 from vmsuper.devices import (
+    I8042,
     Bus,
     BusError,
     DebugCon,
     DebugExit,
     Device,
     ExitRun,
-    I8042,
     Log,
     PortA,
     PortRange,

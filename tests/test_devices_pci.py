@@ -2,8 +2,16 @@
 
 import struct
 
-from vmsuper.devices import I440fxHost, PciHost, Piix3Ide, Piix3Isa, RemapMemory, ResetRequest
-from vmsuper.devices import chipset, pci
+from vmsuper.devices import (
+    I440fxHost,
+    PciHost,
+    Piix3Ide,
+    Piix3Isa,
+    RemapMemory,
+    ResetRequest,
+    chipset,
+    pci,
+)
 from vmsuper.devices.chipset import PAM_READ, PAM_WRITE, pam_segments
 
 
@@ -109,7 +117,7 @@ def test_pam_segment_order():
         (0xEC000, 1),
         (0xF0000, 1),
     ]
-    assert chipset.PAM_COUNT == len(pam)
+    assert len(pam) == chipset.PAM_COUNT
 
 
 def test_reset_control_register():

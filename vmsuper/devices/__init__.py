@@ -29,6 +29,7 @@ from .pci import PciFunction, PciHost
 from .uart import Uart16550
 
 __all__ = [
+    "I8042",
     "Action",
     "Actions",
     "AtaChannel",
@@ -43,7 +44,6 @@ __all__ = [
     "ExitRun",
     "FwCfg",
     "I440fxHost",
-    "I8042",
     "ImageDisk",
     "Log",
     "MemoryDisk",

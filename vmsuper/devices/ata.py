@@ -341,7 +341,7 @@ class AtaChannel(Device):
         words[47] = 0x8001  # READ/WRITE MULTIPLE: 1 sector
         words[49] = 1 << 9  # LBA
         words[50] = 0x4000
-        words[53] = 0x0001  # words 54–58 valid
+        words[53] = 0x0001  # words 54-58 valid
         words[54] = self.cylinders
         words[55] = self.heads
         words[56] = self.per_track

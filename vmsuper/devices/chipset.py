@@ -3,8 +3,8 @@
 The IDs and subsystem IDs are QEMU's, because SeaBIOS recognises the machine by them (the
 host bridge's subsystem 1af4:1100 says "QEMU", its device 1237 "i440fx").
 
-PAM (Programmable Attribute Map, config registers 0x59–0x5f of the host bridge) decides for
-each segment of 0xc0000–0xfffff whether reads and writes go to RAM or to the ROM / PCI side.
+PAM (Programmable Attribute Map, config registers 0x59-0x5f of the host bridge) decides for
+each segment of 0xc0000-0xfffff whether reads and writes go to RAM or to the ROM / PCI side.
 A BIOS copies itself into RAM there and write-protects it ("shadowing"); the machine turns the
 attributes into memory slots (`vmsuper.pc.shadow`).
 """
@@ -29,7 +29,7 @@ PAM_WRITE = 0x2
 
 @dataclass(frozen=True, slots=True)
 class PamSegment:
-    """A piece of 0xc0000–0xfffff and its attribute bits (PAM_READ | PAM_WRITE)."""
+    """A piece of 0xc0000-0xfffff and its attribute bits (PAM_READ | PAM_WRITE)."""
 
     start: int
     length: int
@@ -39,7 +39,7 @@ class PamSegment:
 def pam_segments(pam: bytes) -> list[PamSegment]:
     """The 13 segments of the legacy window from the 7 PAM bytes.
 
-    PAM0's high nibble covers 0xf0000–0xfffff (64 KiB); every other nibble one 16 KiB segment
+    PAM0's high nibble covers 0xf0000-0xfffff (64 KiB); every other nibble one 16 KiB segment
     from 0xc0000 up, low nibble first.
     """
     segments = []
@@ -64,7 +64,7 @@ class I440fxHost(PciFunction):
             revision=0x02,
             subsystem=QEMU_SUBSYSTEM,
         )
-        self.set_writable(0x50, b"\xff" * 9)  # PMCCFG, DRAMC, DRAMT, PAM0–6
+        self.set_writable(0x50, b"\xff" * 9)  # PMCCFG, DRAMC, DRAMT, PAM0-6
         self.set_writable(PAM0, b"\x30" + b"\x33" * (PAM_COUNT - 1))
         self.set_writable(SMRAM, b"\x78")
         self.config[SMRAM] = 0x02
@@ -77,7 +77,7 @@ class I440fxHost(PciFunction):
         return pam_segments(self.pam)
 
     def config_written(self, offset: int, length: int) -> Actions:
-        if offset < PAM0 + PAM_COUNT and PAM0 < offset + length:
+        if offset < PAM0 + PAM_COUNT and offset + length > PAM0:
             return (RemapMemory(self.name),)
         return NO_ACTIONS
 
@@ -96,7 +96,7 @@ class Piix3Isa(PciFunction):
             subsystem=QEMU_SUBSYSTEM,
         )
         self.set_writable(0x40, b"\xff" * 0xC0)
-        self.config[0x60:0x64] = b"\x80" * 4  # PIRQA–D routed nowhere
+        self.config[0x60:0x64] = b"\x80" * 4  # PIRQA-D routed nowhere
 
 
 class Piix3Ide(PciFunction):

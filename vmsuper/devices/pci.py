@@ -1,7 +1,7 @@
 """PCI configuration mechanism #1 (ports 0xcf8/0xcfc) and the config space of PCI functions.
 
 `PciHost` is the host bridge's I/O face: the address register at 0xcf8 selects bus, device,
-function and register, the data window 0xcfc–0xcff reads and writes that function's config
+function and register, the data window 0xcfc-0xcff reads and writes that function's config
 space. Port 0xcf9, inside the same block, is the PIIX's reset control register (as on real
 chipsets and in QEMU): writing bit 2 asks for a reset. Only bus 0 exists; an absent function
 reads as all ones, which is how a guest learns it is absent.

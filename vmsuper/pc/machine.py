@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from vmsuper.devices import (
+    I8042,
     Actions,
     AtaChannel,
     Bus,
@@ -27,7 +28,6 @@ from vmsuper.devices import (
     ExitRun,
     FwCfg,
     I440fxHost,
-    I8042,
     Log,
     PciHost,
     Piix3Ide,

@@ -2,9 +2,9 @@
 
 One sealed memfd holds all RAM; another the firmware image. Guest-physical layout:
 
-- RAM 0–0x9ffff and 1 MiB up to the RAM size (at most 3 GiB, all below the PCI hole);
-- 0xa0000–0xbffff: nothing (no VGA);
-- 0xc0000–0xfffff: per PAM segment, the RAM behind it (read-write or read-only), the
+- RAM 0-0x9ffff and 1 MiB up to the RAM size (at most 3 GiB, all below the PCI hole);
+- 0xa0000-0xbffff: nothing (no VGA);
+- 0xc0000-0xfffff: per PAM segment, the RAM behind it (read-write or read-only), the
   firmware's low alias (read-only), or nothing — see `shadow`;
 - the firmware image read-only just below 4 GiB, where the CPU fetches its first instruction.
 
@@ -71,7 +71,7 @@ class PcMemory:
 
 
 class ShadowWindow:
-    """The memory objects of 0xc0000–0xfffff, kept in step with the PAM registers."""
+    """The memory objects of 0xc0000-0xfffff, kept in step with the PAM registers."""
 
     def __init__(self, memory: PcMemory, *, rom_alias_start: int) -> None:
         self.memory = memory

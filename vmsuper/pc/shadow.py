@@ -1,4 +1,4 @@
-"""What the legacy window 0xc0000–0xfffff shows, segment by segment, from the PAM attributes.
+"""What the legacy window 0xc0000-0xfffff shows, segment by segment, from the PAM attributes.
 
 Pure planning: `plan` turns the host bridge's PAM segments into `Backing`s, and the machine
 (`memory.ShadowWindow`) makes the memory slots. The rules, as QEMU applies them on i440FX:
@@ -6,7 +6,7 @@ Pure planning: `plan` turns the host bridge's PAM segments into `Backing`s, and 
 - read and write enabled: the RAM behind the segment, writable;
 - read enabled only: that RAM, read-only (writes are dropped: the BIOS is write-protected);
 - read disabled: reads go to the ROM side: the last 128 KiB of the firmware image for
-  0xe0000–0xfffff (as at power-on), nothing (reads of zeros) below 0xe0000. Writes there are
+  0xe0000-0xfffff (as at power-on), nothing (reads of zeros) below 0xe0000. Writes there are
   dropped, also in the write-only mode (writes to RAM, reads from ROM) that a BIOS does not use.
 """
 
