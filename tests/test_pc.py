@@ -86,6 +86,23 @@ def test_a_boot_sector_writes_a_sector_and_snapshot_keeps_the_image(
     assert after[: 2 * 512] == image[: 2 * 512] and after[3 * 512 :] == image[3 * 512 :]
 
 
+@pytest.mark.kvm
+@pytest.mark.timeout(BOOT_TIMEOUT + 60)
+def test_bios_is_write_protected_debugcon_logs_and_a_reset_ends_the_run(
+    vmsuper: VmRunner, tmp_path: Path
+) -> None:
+    source = (REPO / "tests" / "guests" / "pc_probe_boot.S").read_text()
+    disk = tmp_path / "probe.img"
+    disk.write_bytes(disk_image(boot_sector(source), {}))
+    result = boot(vmsuper, disk, "--debugcon")
+    assert result.status == 0, result.stdout + result.stderr
+    assert "f-segment: read-only" in result.stdout
+    assert "the guest asked for a reset (port 0xcf9 = 0x06)" in result.stderr
+    # SeaBIOS logs to port 0x402 only when it reads back 0xe9 there.
+    assert f"debugcon: {BANNER}" in result.stderr
+    assert "debugcon: Running on QEMU (i440fx)" in result.stderr
+
+
 def run_pc(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "CROSVM_SOCKET"}
     return subprocess.run(
