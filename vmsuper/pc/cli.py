@@ -1,6 +1,7 @@
 """``vmsuper-pc``: the PC machine as a vmsuper plugin.
 
-    vmsuper-pc --bios FILE --disk FILE [--memory MIB] [--snapshot] [--serial PATH] [--debugcon]
+    vmsuper-pc --bios FILE --disk FILE [--memory MIB] [--snapshot] [--serial PATH]
+               [--debugcon] [--sample-ms MS]
 
 Run it as the ``[plugin] path`` of a vmsuper config (configs/pc.toml). COM1 goes to standard
 output (and to ``--serial PATH``); a write to the isa-debug-exit port (0xf4) ends the run
@@ -56,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="enable the debug console at port 0x402 (SeaBIOS's log, on stderr)",
     )
+    parser.add_argument(
+        "--sample-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="sample the guest's instruction pointer every MS ms; summary on stderr at the end",
+    )
     return parser
 
 
@@ -88,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     serial_files: list[BinaryIO] = []
     try:
+        if args.sample_ms < 0:
+            raise UsageError(f"--sample-ms {args.sample_ms}: expected a positive interval")
         if not MIN_MEMORY_MIB <= args.memory <= MAX_MEMORY_MIB:
             raise UsageError(f"--memory {args.memory}: expected {MIN_MEMORY_MIB}..{MAX_MEMORY_MIB}")
         firmware = read_firmware(args.bios)
@@ -112,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serial_files=serial_files,
         serial_input=serial_input_fd(),
         debugcon=args.debugcon,
+        sample_interval_s=args.sample_ms / 1000,
     )
     conn = Connection.from_env()
     machine = PcMachine(conn, options)

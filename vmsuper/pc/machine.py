@@ -40,9 +40,10 @@ from vmsuper.devices import (
     Uart16550,
 )
 from vmsuper.devices.uart import COM1
-from vmsuper.plugin import Connection, Init, Io, IrqEvent, Vcpu
+from vmsuper.plugin import Connection, Init, Io, IrqEvent, User, Vcpu
 
 from .memory import PcMemory
+from .sampler import SAMPLE_TOKEN, Samples, start_sampling
 
 IDE_BOOT_PATH = "/pci@i0cf8/*@1,1/drive@0/disk@0"
 IRQ_LINES = (1, 4, 12, 14)
@@ -57,6 +58,7 @@ class PcOptions:
     serial_files: list[BinaryIO] = field(default_factory=list)
     serial_input: int | None = None  # fd to read COM1 input from, or None
     debugcon: bool = False
+    sample_interval_s: float = 0.0  # > 0: sample the guest's instruction pointer
     log: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)
 
 
@@ -100,7 +102,8 @@ class PcMachine:
             )
         self.irqs: dict[int, IrqEvent] = {line: conn.create_irq_event(line) for line in IRQ_LINES}
         self.memory.window.apply(self.host_bridge.segments())
-        self.status: int | None = None
+        self.samples = Samples()
+        self.stop_sampling = threading.Event()
 
     # --- actions -----------------------------------------------------------------------------
 
@@ -156,6 +159,14 @@ class PcMachine:
         """Serve the VCPU until a device ends the run; the exit status."""
         if self.options.serial_input is not None:
             threading.Thread(target=self._read_input, daemon=True).start()
+        if self.options.sample_interval_s > 0:
+            start_sampling(self.conn, self.options.sample_interval_s, self.stop_sampling)
+        try:
+            return self._serve(vcpu)
+        finally:
+            self.stop_sampling.set()
+
+    def _serve(self, vcpu: Vcpu) -> int:
         while True:
             event = vcpu.wait()
             if isinstance(event, Io):
@@ -166,6 +177,9 @@ class PcMachine:
                     vcpu.resume(data)
             elif isinstance(event, Init):
                 self.set_up_vcpu(vcpu)
+                vcpu.resume()
+            elif isinstance(event, User) and event.user == SAMPLE_TOKEN:
+                self.samples.add(vcpu.get_sregs().cs.base, vcpu.get_regs().rip)
                 vcpu.resume()
             else:
                 vcpu.resume()
@@ -185,4 +199,7 @@ class PcMachine:
 
     def exit_summary(self) -> str:
         counts = ", ".join(f"{name} {count}" for name, count in self.exits.most_common())
-        return f"exits by device: {counts}; memory remaps: {self.memory.window.remaps}"
+        summary = f"exits by device: {counts}; memory remaps: {self.memory.window.remaps}"
+        if self.options.sample_interval_s > 0:
+            summary += f"; {self.samples.summary()}"
+        return summary
