@@ -137,6 +137,14 @@ def test_command_line_errors_exit_2_before_any_vm(
     assert "Traceback" not in result.stderr
 
 
+def test_outside_vmsuper_it_says_how_to_run_it(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1024))
+    result = run_pc("--bios", str(BIOS), "--disk", str(disk))
+    assert result.returncode == 2
+    assert "CROSVM_SOCKET is not set" in result.stderr and "vmsuper plugin" in result.stderr
+
+
 @pytest.mark.kvm
 @pytest.mark.timeout(BOOT_TIMEOUT + 60)
 def test_configs_pc_toml_boots_sandboxed_as_shipped(tmp_path: Path) -> None:

@@ -113,8 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"vmsuper-pc: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
-    from vmsuper.plugin import Connection
+    from vmsuper.plugin import Connection, PluginError
 
+    try:
+        conn = Connection.from_env()
+    except PluginError as exc:
+        print(f"vmsuper-pc: error: {exc}: run it as a vmsuper plugin", file=sys.stderr)
+        return USAGE_ERROR
     options = PcOptions(
         firmware=firmware,
         disk=disk,
@@ -124,7 +129,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         debugcon=args.debugcon,
         sample_interval_s=args.sample_ms / 1000,
     )
-    conn = Connection.from_env()
     machine = PcMachine(conn, options)
     (vcpu,) = conn.get_vcpus()
     conn.start()

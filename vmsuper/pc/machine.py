@@ -116,7 +116,7 @@ class PcMachine:
             elif isinstance(action, SetIrq):
                 irq = self.irqs.get(action.line)
                 if irq is not None and action.level:
-                    irq.trigger()  # level until the guest acknowledges it (irqfd resample)
+                    irq.trigger()  # ISA lines are edge-triggered: a rising edge interrupts
             elif isinstance(action, RemapMemory):
                 self.memory.window.apply(self.host_bridge.segments())
             elif isinstance(action, Log):
