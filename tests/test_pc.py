@@ -103,6 +103,19 @@ def test_bios_is_write_protected_debugcon_logs_and_a_reset_ends_the_run(
     assert "debugcon: Running on QEMU (i440fx)" in result.stderr
 
 
+@pytest.mark.kvm
+@pytest.mark.timeout(BOOT_TIMEOUT + 60)
+def test_com1_input_reaches_the_guest(vmsuper: VmRunner, tmp_path: Path) -> None:
+    source = (REPO / "tests" / "guests" / "pc_echo_boot.S").read_text()
+    disk = tmp_path / "echo.img"
+    disk.write_bytes(disk_image(boot_sector(source), {}))
+    typed = tmp_path / "typed.txt"
+    typed.write_text("hello, guest\n")
+    result = boot(vmsuper, disk, "--snapshot", "--serial-input", str(typed))
+    assert result.status == DEBUG_EXIT_STATUS, result.stdout + result.stderr
+    assert "got: hello, guest" in result.stdout
+
+
 def run_pc(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "CROSVM_SOCKET"}
     return subprocess.run(
@@ -122,6 +135,7 @@ def run_pc(*args: str) -> subprocess.CompletedProcess[str]:
         (["--bios", str(BIOS), "--disk", "{good}", "--memory", "lots"], "invalid int value"),
         (["--bios", str(BIOS), "--disk", "{good}", "--serial", "/nonexistent/x"], "--serial"),
         (["--bios", str(BIOS), "--disk", "{good}", "--sample-ms", "-1"], "--sample-ms -1"),
+        (["--bios", str(BIOS), "--disk", "{good}", "--serial-input", "{missing}"], "--serial-in"),
     ],
 )
 def test_command_line_errors_exit_2_before_any_vm(

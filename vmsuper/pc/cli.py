@@ -1,7 +1,7 @@
 """``vmsuper-pc``: the PC machine as a vmsuper plugin.
 
     vmsuper-pc --bios FILE --disk FILE [--memory MIB] [--snapshot] [--serial PATH]
-               [--debugcon] [--sample-ms MS]
+               [--serial-input PATH] [--debugcon] [--sample-ms MS]
 
 Run it as the ``[plugin] path`` of a vmsuper config (configs/pc.toml). COM1 goes to standard
 output (and to ``--serial PATH``); a write to the isa-debug-exit port (0xf4) ends the run
@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
         "--snapshot", action="store_true", help="keep disk writes in memory; the image is unchanged"
     )
     parser.add_argument("--serial", metavar="PATH", help="also write COM1 output to this file")
+    parser.add_argument(
+        "--serial-input",
+        metavar="PATH",
+        help="feed COM1's input from this file or FIFO (vmsuper gives plugins no stdin)",
+    )
     parser.add_argument(
         "--debugcon",
         action="store_true",
@@ -105,6 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             disk = ImageDisk(args.disk, snapshot=args.snapshot)
         except DiskError as exc:
             raise UsageError(f"--disk: {exc}") from None
+        input_fd = serial_input_fd()
+        if args.serial_input:
+            try:
+                input_fd = os.open(args.serial_input, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise UsageError(f"--serial-input {args.serial_input}: {exc.strerror}") from None
         if args.serial:
             try:
                 serial_files.append(open(args.serial, "ab"))  # noqa: SIM115
@@ -125,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         disk=disk,
         ram_size=args.memory * MIB,
         serial_files=serial_files,
-        serial_input=serial_input_fd(),
+        serial_input=input_fd,
         debugcon=args.debugcon,
         sample_interval_s=args.sample_ms / 1000,
     )
