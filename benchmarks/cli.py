@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from vmsuper.shared.asm import AssemblyError
 
-from . import concurrent, cpu, exits, machine, memory, report, startup
+from . import concurrent, cpu, exits, machine, memory, pc, report, startup
 from .build import BuildError, build_all
 from .context import PATHS, Bench
 from .vmrun import RunError
@@ -31,7 +31,10 @@ SECTIONS: Final[dict[str, Section]] = {
     "startup": startup.startup,
     "memory": memory.memory,
     "concurrent": concurrent.concurrent,
+    "pc": pc.pc,
 }
+# Sections --quick leaves out: each boot of the PC machine takes seconds, beside QEMU too.
+NOT_QUICK: Final = frozenset({"pc"})
 DEFAULT_EXITS: Final = 5000
 DEFAULT_REPEAT: Final = 5
 QUICK_EXITS: Final = 50
@@ -91,7 +94,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         repeat=args.repeat or (QUICK_REPEAT if quick else DEFAULT_REPEAT),
         quick=quick,
     )
-    names = [n for n in SECTIONS if args.only is None or n in args.only]
+    names = [
+        n
+        for n in SECTIONS
+        if (args.only is None and not (quick and n in NOT_QUICK))
+        or (args.only is not None and n in args.only)
+    ]
     load_before = os.getloadavg()[0]
     started = time.monotonic()
     sections: dict[str, list[dict[str, Any]]] = {}

@@ -1,0 +1,1 @@
+"""A PC machine on the plugin SDK: SeaBIOS-compatible i440FX/PIIX3 devices booting a disk."""

@@ -1,0 +1,97 @@
+"""Guest memory of the PC: RAM, the firmware ROM, and the PAM-controlled legacy window.
+
+One sealed memfd holds all RAM; another the firmware image. Guest-physical layout:
+
+- RAM 0-0x9ffff and 1 MiB up to the RAM size (at most 3 GiB, all below the PCI hole);
+- 0xa0000-0xbffff: nothing (no VGA);
+- 0xc0000-0xfffff: per PAM segment, the RAM behind it (read-write or read-only), the
+  firmware's low alias (read-only), or nothing — see `shadow`;
+- the firmware image read-only just below 4 GiB, where the CPU fetches its first instruction.
+
+`ShadowWindow.apply` re-creates only the segments whose backing changed, destroying the old
+memory object first (KVM slots may not overlap); the VCPU is stopped in the PAM write while
+this happens, so the guest sees the new map from its next instruction.
+"""
+
+from __future__ import annotations
+
+import os
+
+from vmsuper.devices.chipset import PamSegment
+from vmsuper.plugin import Connection, Memory, sealed_memfd
+
+from . import shadow
+
+MIB = 1 << 20
+GIB4 = 1 << 32
+LOW_RAM_END = 0xA0000
+HIGH_RAM_START = 0x100000
+LOW_ALIAS_SIZE = 0x20000
+
+
+class PcMemory:
+    """Creates and owns the RAM and ROM memory objects of one PC."""
+
+    def __init__(self, conn: Connection, *, ram_size: int, firmware: bytes) -> None:
+        self.conn = conn
+        self.ram_size = ram_size
+        self.firmware_size = len(firmware)
+        self.ram_fd = sealed_memfd(ram_size, "vmsuper-pc-ram")
+        self.rom_fd = sealed_memfd(len(firmware), "vmsuper-pc-rom")
+        os.pwrite(self.rom_fd, firmware, 0)
+        self.objects: list[Memory] = [
+            conn.create_memory(0, LOW_RAM_END, fd=self.ram_fd),
+            conn.create_memory(
+                HIGH_RAM_START, ram_size - HIGH_RAM_START, fd=self.ram_fd, offset=HIGH_RAM_START
+            ),
+            conn.create_memory(GIB4 - len(firmware), len(firmware), read_only=True, fd=self.rom_fd),
+        ]
+        alias = min(len(firmware), LOW_ALIAS_SIZE)
+        self.window = ShadowWindow(self, rom_alias_start=shadow.WINDOW_END - alias)
+
+    def ram(self) -> Memory:
+        """The object holding low RAM; its ``mmap`` is the plugin's view of guest RAM from 0."""
+        return self.objects[0]
+
+    def map_backing(self, backing: shadow.Backing) -> Memory | None:
+        if backing.kind is shadow.Kind.NONE:
+            return None
+        if backing.kind is shadow.Kind.ROM:
+            offset = self.firmware_size - (shadow.WINDOW_END - backing.start)
+            return self.conn.create_memory(
+                backing.start, backing.length, read_only=True, fd=self.rom_fd, offset=offset
+            )
+        return self.conn.create_memory(
+            backing.start,
+            backing.length,
+            read_only=backing.kind is shadow.Kind.RAM_READ_ONLY,
+            fd=self.ram_fd,
+            offset=backing.start,
+        )
+
+
+class ShadowWindow:
+    """The memory objects of 0xc0000-0xfffff, kept in step with the PAM registers."""
+
+    def __init__(self, memory: PcMemory, *, rom_alias_start: int) -> None:
+        self.memory = memory
+        self.rom_alias_start = rom_alias_start
+        self.current: dict[int, tuple[shadow.Kind, Memory | None]] = {}
+        self.remaps = 0
+
+    def apply(self, segments: list[PamSegment]) -> int:
+        """Make the window match `segments`; returns how many segments changed."""
+        changed = 0
+        for backing in shadow.plan(segments, rom_alias_start=self.rom_alias_start):
+            kind, old = self.current.get(backing.start, (None, None))
+            if kind is backing.kind:
+                continue
+            if old is not None:
+                old.destroy()
+            self.current[backing.start] = (backing.kind, self.memory.map_backing(backing))
+            changed += 1
+        self.remaps += changed
+        return changed
+
+    def kinds(self) -> dict[int, shadow.Kind]:
+        return {start: kind for start, (kind, _) in sorted(self.current.items())}
