@@ -136,5 +136,8 @@ def test_user_namespaces_refused_is_not_ready() -> None:
     prefix = [unshare, "--user", "--map-root-user", "sh", "-c", script, "sh"]
     status, out = _check_in(dict(os.environ), prefix=prefix)
     assert status == 1, out
-    assert "  MISSING plugin sandbox (cannot sandbox the plugin: bwrap cannot set up" in out
+    assert (
+        "  MISSING plugin sandbox (cannot sandbox the plugin: the kernel refuses unprivileged"
+        " user namespaces (user.max_user_namespaces = 0)"
+    ) in out
     assert "(needed unless [plugin] sandbox = false)" in out
