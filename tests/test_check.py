@@ -140,4 +140,4 @@ def test_user_namespaces_refused_is_not_ready() -> None:
         "  MISSING plugin sandbox (cannot sandbox the plugin: the kernel refuses unprivileged"
         " user namespaces (user.max_user_namespaces = 0)"
     ) in out
-    assert "(needed unless [plugin] sandbox = false)" in out
+    assert "set [plugin] sandbox = false to run it unconfined" in out
