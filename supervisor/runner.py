@@ -20,13 +20,14 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmsuper.shared import kvm, logs, wire
 from vmsuper.shared.plugin_pb2 import MainResponse
 from vmsuper.shared.ranges import RangeTable
 from vmsuper.shared.shm import SharedRegion
-from vmsuper.supervisor import outcome
+from vmsuper.supervisor import outcome, runinfo
 from vmsuper.supervisor.config import Config
 from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
 from vmsuper.supervisor.sandbox import Sandbox
@@ -475,7 +476,22 @@ def _error_response(err: int) -> bytes:
     return response.SerializeToString()
 
 
-def run(config: Config) -> int:
+def _publish(run: Run, config_path: Path | None) -> list[Path]:
+    """Say where this run can be found (`runinfo`); a failure only costs `vmsuper stats`."""
+    assert run.region is not None
+    try:
+        return runinfo.publish(
+            log_dir=run.config.log.dir,
+            config=config_path,
+            vcpus=run.config.vm.vcpus,
+            shm_fd=run.region.fd,
+        )
+    except (OSError, runinfo.RunInfoError) as exc:
+        run.log.warning("run_info_failed", error=str(exc))
+        return []
+
+
+def run(config: Config, config_path: Path | None = None) -> int:
     """Run one VM to the end; returns vmsuper's exit status (see supervisor/outcome.py)."""
     config.log.dir.mkdir(parents=True, exist_ok=True)
     log = logs.configure_logging(config.log.dir / "supervisor.jsonl", level=config.log.level)
@@ -490,7 +506,11 @@ def run(config: Config) -> int:
             log.error("setup_failed", error=str(exc))
             print(f"vmsuper: {reason}", file=sys.stderr)
         else:
-            status, reason = Supervisor(run_state).serve()
+            published = _publish(run_state, config_path)
+            try:
+                status, reason = Supervisor(run_state).serve()
+            finally:
+                runinfo.withdraw(published)
     finally:
         run_state.close()
     log.info("run_finished", status=status, reason=reason)

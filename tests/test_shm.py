@@ -15,6 +15,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,7 @@ from vmsuper.shared.shm import (
     OP_RUN,
     Doorbell,
     ExitKind,
+    RegionView,
     RunState,
     SharedRegion,
     ShmError,
@@ -425,3 +427,49 @@ def test_close_refuses_while_a_view_is_held_and_is_idempotent() -> None:
     shared.close()
     shared.close()
     assert shared.mmap.closed
+
+
+# -- statistics and the read-only view ---------------------------------------------------------
+
+
+def test_a_wait_on_an_exit_lands_in_the_histogram_and_init_or_a_pause_do_not(
+    region: SharedRegion,
+) -> None:
+    slot = region.slot(1)
+    for state in (RunState.INIT, RunState.PAUSED, RunState.WAITING_PLUGIN):
+        slot.begin_wait(state)
+        reading = slot.reading()
+        assert reading.state is state
+        assert reading.waiting_ns is not None and reading.waiting_ns >= 0
+        slot.resumed()
+        assert slot.run_state is RunState.RUNNING
+        assert slot.reading().waiting_ns is None
+    reading = slot.reading()
+    assert reading.responses == 1
+    assert sum(reading.buckets) == 1
+    (bucket,) = [b for b, n in enumerate(reading.buckets) if n]
+    assert reading.response_max_ns == reading.response_sum_ns
+    assert reading.response_max_ns.bit_length() == bucket
+    assert region.slot(0).reading().responses == 0
+
+
+def test_region_view_maps_the_memfd_read_only(region: SharedRegion) -> None:
+    slot = region.slot(1)
+    slot.count(ExitKind.IO_OUT)
+    slot.begin_wait(RunState.PAUSED)
+    with RegionView.open(os.getpid(), region.fd) as view:
+        assert view.vcpus == 2
+        reading = view.reading(1)
+        assert reading.state is RunState.PAUSED
+        assert reading.exits["io_out"] == 1
+        slot.count(ExitKind.IO_OUT)  # the view sees the same pages, as they change
+        assert view.reading(1).exits["io_out"] == 2
+        with pytest.raises(TypeError):
+            view._mm[0:1] = b"x"  # mapped PROT_READ
+        with pytest.raises(IndexError):
+            view.reading(2)
+
+
+def test_region_view_refuses_an_fd_that_is_not_a_region(tmp_path: Path) -> None:
+    with open(tmp_path / "f", "wb") as f, pytest.raises(ShmError):
+        RegionView.open(os.getpid(), f.fileno())

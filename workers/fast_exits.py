@@ -56,6 +56,7 @@ class FastExits:
             done_seen=ctypes.addressof(doorbell.done_seen),
             counters=slot.cell_address("counters"),
             run_state=slot.cell_address("run_state"),
+            stats=slot.cell_address("stats"),
             table_gen=reader.gen_address,
             known_gen=(1 << 64) - 1,  # odd: never a published generation
             ranges=ctypes.addressof(self._array),

@@ -318,7 +318,7 @@ class VcpuWorker:
     def serve(self) -> WorkerStatus:
         """Serve the channel until the VCPU stops; the status to exit with."""
         log = self.log
-        self.slot.run_state = RunState.INIT
+        self.slot.begin_wait(RunState.INIT)
         log.info(
             "worker_started", transport=type(self.channel).__name__, fast_exits=bool(self._fast)
         )
@@ -359,12 +359,13 @@ class VcpuWorker:
 
     def _serve_until_resume(self, first: bytes | None = None) -> None:
         """Answer requests (`first`, if the C loop already read one, then the channel's)
-        until the plugin resumes the VCPU (or the channel ends)."""
+        until the plugin resumes the VCPU (or the channel ends).
+
+        The slot already says what the VCPU waits for (INIT, WAITING_PLUGIN or PAUSED: see
+        `VcpuSlot.begin_wait`), and keeps saying it until the Resume."""
         protocol = self.protocol
         channel = self.channel
         slot = self.slot
-        if protocol.phase is Phase.SERVING:
-            slot.run_state = RunState.WAITING_PLUGIN
         while True:
             if first is not None:
                 data: bytes | None = first
@@ -386,12 +387,10 @@ class VcpuWorker:
                 self._send(answer)
             phase = protocol.phase
             if phase is Phase.RUNNING:
-                slot.run_state = RunState.RUNNING
+                slot.resumed()
                 return
             if phase is Phase.STOPPED:
                 raise _Stop(WorkerStatus.CLEAN, "the plugin sent Shutdown")
-            if phase is Phase.SERVING:
-                slot.run_state = RunState.WAITING_PLUGIN
 
     # -- running the guest -----------------------------------------------------------------
 
@@ -416,8 +415,9 @@ class VcpuWorker:
             slot.count(ExitKind.USER)
             if self._debug:
                 self.log.debug("exit", kind="user", token=token)
-            slot.run_state = RunState.PAUSED
-            self._send(self.protocol.pause(token))
+            answer = self.protocol.pause(token)
+            slot.begin_wait(RunState.PAUSED)
+            self._send(answer)
             self._serve_until_resume()
         elif err != errno.EAGAIN:  # EAGAIN: an uninitialized VCPU woke up (INIT/SIPI)
             raise _Stop(
@@ -502,9 +502,12 @@ class VcpuWorker:
             answer = self._handle_rare_exit()
         if answer is None:
             return
-        self._send(answer)
         if protocol.phase is Phase.SERVING:
+            self.slot.begin_wait(RunState.WAITING_PLUGIN)
+            self._send(answer)
             self._serve_until_resume()
+        else:
+            self._send(answer)
 
     def _handle_rare_exit(self) -> bytes:
         exit_ = kvm.decode_exit(self._run)
