@@ -25,6 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from vmsuper.shared.runtime import (
+    RUNTIME_VARIABLE,
+    RuntimeDirError,
+    make_runtime_dir,
+    runtime_dir,
+)
+
 __all__ = [
     "FORMAT",
     "RUNTIME_VARIABLE",
@@ -42,8 +49,6 @@ __all__ = [
 
 FORMAT: Final = 1
 RUN_FILE: Final = "run.json"
-RUNTIME_VARIABLE: Final = "VMSUPER_RUNTIME_DIR"
-"""Overrides the runtime folder (tests use it to see only their own runs)."""
 
 
 class RunInfoError(Exception):
@@ -128,27 +133,6 @@ def _boot_time() -> float:
     raise RunInfoError("/proc/stat has no btime")
 
 
-def runtime_dir() -> Path:
-    """The host-wide folder of running runs: ``/run/vmsuper`` as root, else
-    ``$XDG_RUNTIME_DIR/vmsuper``, else ``<tmp>/vmsuper-<uid>``; `VMSUPER_RUNTIME_DIR` wins."""
-    override = os.environ.get(RUNTIME_VARIABLE)
-    if override:
-        return Path(override)
-    if os.geteuid() == 0:
-        return Path("/run/vmsuper")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return Path(xdg) / "vmsuper"
-    return Path(tempfile.gettempdir()) / f"vmsuper-{os.geteuid()}"
-
-
-def _make_runtime_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    owner = path.stat().st_uid
-    if owner != os.geteuid():
-        raise RunInfoError(f"runtime folder {path} belongs to uid {owner}, not to this user")
-
-
 def _write_atomically(path: Path, text: str) -> None:
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -187,8 +171,8 @@ def publish(*, log_dir: Path, config: Path | None, vcpus: int, shm_fd: int) -> l
     _write_atomically(log_dir / RUN_FILE, text)
     written.append(log_dir / RUN_FILE)
     folder = runtime_dir()
-    with contextlib.suppress(OSError, RunInfoError):
-        _make_runtime_dir(folder)
+    with contextlib.suppress(OSError, RunInfoError, RuntimeDirError):
+        make_runtime_dir(folder)
         remove_dead(folder)
         _write_atomically(folder / f"{pid}.json", text)
         written.append(folder / f"{pid}.json")

@@ -9,21 +9,68 @@ back its exit status, output and per-VCPU logs:
         assert result.status == 0
 
 Every test gets its own folder under pytest's tmp_path, so the fixture is safe under
-pytest-xdist.
+pytest-xdist. The fixture's VMs share the host through a capacity guard (`vmsuper.capacity`):
+at most ``--vmsuper-max-vcpus`` VCPUs (or ``VMSUPER_MAX_VCPUS``; default: the CPU count) run at
+once, across xdist workers and pytest sessions. A test that had to wait for room says so in
+its report (user property ``vmsuper_capacity_wait_s`` and a "vmsuper capacity" section).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from vmsuper.capacity import CapacityError, CapacityGuard, Lease, default_max_vcpus, parse_max_vcpus
 from vmsuper.testing import VmResult, VmRunner, VmSpec
 
 __all__ = ["VmResult", "VmRunner", "VmSpec"]
 
+MAX_VCPUS_OPTION = "--vmsuper-max-vcpus"
+WAIT_PROPERTY = "vmsuper_capacity_wait_s"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.getgroup("vmsuper").addoption(
+        MAX_VCPUS_OPTION,
+        metavar="N",
+        default=None,
+        help="most VCPUs of vmsuper VMs running at once on this host, across xdist workers "
+        "and pytest sessions (default: $VMSUPER_MAX_VCPUS, else the CPU count)",
+    )
+
+
+def _max_vcpus(config: pytest.Config) -> int:
+    text = config.getoption(MAX_VCPUS_OPTION)
+    try:
+        if text is not None:
+            return parse_max_vcpus(str(text), MAX_VCPUS_OPTION)
+        return default_max_vcpus()
+    except CapacityError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
 
 @pytest.fixture
-def vmsuper(tmp_path: Path) -> VmRunner:
-    """A VmRunner whose runs live in this test's own temporary folder."""
-    return VmRunner(tmp_path / "vmsuper")
+def vmsuper(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[VmRunner]:
+    """A VmRunner whose runs live in this test's own temporary folder and share the host's
+    VCPUs with every other test VM (the capacity guard)."""
+    item = request.node
+
+    def waited(lease: Lease, vcpus: int) -> None:
+        total = sum(value for name, value in item.user_properties if name == WAIT_PROPERTY)
+        item.user_properties[:] = [p for p in item.user_properties if p[0] != WAIT_PROPERTY]
+        item.user_properties.append((WAIT_PROPERTY, round(total + lease.waited_s, 3)))
+        item.add_report_section(
+            "call",
+            "vmsuper capacity",
+            f"a {vcpus}-VCPU VM waited {lease.waited_s:.3f} s for {len(lease.fds)} of the "
+            f"host's {guard.max_vcpus} VCPU slots",
+        )
+
+    guard = CapacityGuard(_max_vcpus(request.config))
+    runner = VmRunner(tmp_path / "vmsuper", capacity=guard, on_wait=waited)
+    try:
+        yield runner
+    finally:
+        runner.close()

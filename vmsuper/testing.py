@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmsuper.capacity import CapacityGuard, Lease
+
 DEFAULT_TIMEOUT = 60.0
 SANDBOX_VARIABLE = "VMSUPER_TEST_SANDBOX"
 
@@ -144,11 +146,20 @@ def _callable_plugin(folder: Path, func: Callable[..., Any]) -> Path:
 
 @dataclass
 class VmRunner:
-    """Starts VMs for tests; one folder per run below `base`."""
+    """Starts VMs for tests; one folder per run below `base`.
+
+    With a `capacity` guard, each VM first takes as many host-wide VCPU slots as it has VCPUs
+    (`vmsuper.capacity`); `run` gives them back when the VM has ended, `close` whatever
+    `start`ed VMs still hold. `on_wait` hears of every VM that had to wait for its slots.
+    """
 
     base: Path
     timeout: float = DEFAULT_TIMEOUT
+    capacity: CapacityGuard | None = None
+    on_wait: Callable[[Lease, int], None] | None = None
+    """Called with the lease and the VM's VCPU count when taking slots had to wait."""
     _count: int = 0
+    _leases: dict[int, Lease] = field(default_factory=dict)
 
     def folder(self) -> Path:
         self._count += 1
@@ -174,15 +185,39 @@ class VmRunner:
         log_dir = folder / "logs"
         config_path = folder / "vm.toml"
         config_path.write_text(spec.to_toml(plugin_path.resolve(), log_dir))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vmsuper", "run", str(config_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=os.environ.copy(),
-        )
+        lease = None
+        if self.capacity is not None:
+            lease = self.capacity.acquire(spec.vcpus)
+            if lease.waited and self.on_wait is not None:
+                self.on_wait(lease, spec.vcpus)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "vmsuper", "run", str(config_path)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                env=os.environ.copy(),
+            )
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        if lease is not None:
+            self._leases[proc.pid] = lease
         return proc, config_path, log_dir
+
+    def release(self, proc: subprocess.Popen[str]) -> None:
+        """Give back the capacity slots of a VM that `start` started (once it has ended)."""
+        lease = self._leases.pop(proc.pid, None)
+        if lease is not None:
+            lease.release()
+
+    def close(self) -> None:
+        """Give back every slot still held (the VMs' processes should have ended)."""
+        for lease in self._leases.values():
+            lease.release()
+        self._leases.clear()
 
     def run(
         self,
@@ -193,7 +228,10 @@ class VmRunner:
     ) -> VmResult:
         """Run a VM to the end. On a timeout vmsuper gets SIGTERM, then SIGKILL."""
         proc, config_path, log_dir = self.start(plugin, spec)
-        return finish(proc, config_path, log_dir, timeout or self.timeout)
+        try:
+            return finish(proc, config_path, log_dir, timeout or self.timeout)
+        finally:
+            self.release(proc)
 
 
 def finish(
