@@ -191,12 +191,16 @@ def test_top_renders_a_live_run_and_quits_on_q(live_vm: LiveVm) -> None:
 
 
 @pytest.mark.kvm
-def test_clean_shutdown_withdraws_run_json_and_stats_reads_the_logs(
+def test_a_run_cleans_dead_entries_withdraws_its_own_and_stats_reads_its_logs(
     tmp_path: Path, runtime: Path
 ) -> None:
+    ticks = runinfo.start_ticks(os.getpid())
+    assert ticks is not None
+    dead = _entry(runtime, os.getpid(), ticks + 1)  # left behind by a run that was killed
     vm = LiveVm(tmp_path / "vm")
     try:
         wait_for(lambda: (runtime / f"{vm.proc.pid}.json").exists(), "the runtime entry")
+        assert not dead.exists()  # the new run cleaned it up
         wait_for(lambda: only_vcpu(stats_json("--interval", "0"))["exits"]["total"] > 0, "an exit")
     finally:
         vm.close()

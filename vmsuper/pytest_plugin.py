@@ -13,10 +13,15 @@ pytest-xdist. The fixture's VMs share the host through a capacity guard (`vmsupe
 at most ``--vmsuper-max-vcpus`` VCPUs (or ``VMSUPER_MAX_VCPUS``; default: the CPU count) run at
 once, across xdist workers and pytest sessions. A test that had to wait for room says so in
 its report (user property ``vmsuper_capacity_wait_s`` and a "vmsuper capacity" section).
+
+Each VM the fixture starts also puts the host's name and the run's log folder into the test's
+report (user properties ``vmsuper_host`` and ``vmsuper_log_dir``, and a "vmsuper run"
+section), so a test that fails on a remote xdist worker (``--tx ssh=...``) says where to look.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +34,8 @@ __all__ = ["VmResult", "VmRunner", "VmSpec"]
 
 MAX_VCPUS_OPTION = "--vmsuper-max-vcpus"
 WAIT_PROPERTY = "vmsuper_capacity_wait_s"
+HOST_PROPERTY = "vmsuper_host"
+LOG_PROPERTY = "vmsuper_log_dir"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -68,8 +75,15 @@ def vmsuper(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[VmRunner
             f"host's {guard.max_vcpus} VCPU slots",
         )
 
+    def started(log_dir: Path) -> None:
+        item.user_properties.append((HOST_PROPERTY, socket.gethostname()))
+        item.user_properties.append((LOG_PROPERTY, str(log_dir.resolve())))
+        item.add_report_section(
+            "call", "vmsuper run", f"host: {socket.gethostname()}\nlog folder: {log_dir.resolve()}"
+        )
+
     guard = CapacityGuard(_max_vcpus(request.config))
-    runner = VmRunner(tmp_path / "vmsuper", capacity=guard, on_wait=waited)
+    runner = VmRunner(tmp_path / "vmsuper", capacity=guard, on_wait=waited, on_start=started)
     try:
         yield runner
     finally:

@@ -158,6 +158,8 @@ class VmRunner:
     capacity: CapacityGuard | None = None
     on_wait: Callable[[Lease, int], None] | None = None
     """Called with the lease and the VM's VCPU count when taking slots had to wait."""
+    on_start: Callable[[Path], None] | None = None
+    """Called with each run's log folder as its VM starts."""
     _count: int = 0
     _leases: dict[int, Lease] = field(default_factory=dict)
 
@@ -205,6 +207,8 @@ class VmRunner:
             raise
         if lease is not None:
             self._leases[proc.pid] = lease
+        if self.on_start is not None:
+            self.on_start(log_dir)
         return proc, config_path, log_dir
 
     def release(self, proc: subprocess.Popen[str]) -> None:
