@@ -250,32 +250,44 @@ def _processes(info: RunInfo) -> list[ProcessFigures]:
     return [_measure(p) for p in found]
 
 
-def live_snapshot(info: RunInfo, interval: float) -> RunSnapshot:
-    """Read a live run twice, `interval` seconds apart (0: once, no rates)."""
+def live_snapshots(infos: Sequence[RunInfo], interval: float) -> list[RunSnapshot]:
+    """Read live runs twice, `interval` seconds apart (0: once, no rates): every run's first
+    reading, one wait, every run's second reading."""
+    views: list[RegionView] = []
     try:
-        view = RegionView.open(info.pid, info.shm_fd)
-    except (OSError, ShmError) as exc:
-        raise StatsError(f"cannot map the counters of run {info.pid}: {exc}") from None
-    with view:
+        for info in infos:
+            try:
+                views.append(RegionView.open(info.pid, info.shm_fd))
+            except (OSError, ShmError) as exc:
+                raise StatsError(f"cannot map the counters of run {info.pid}: {exc}") from None
         start = time.monotonic()
-        first = [view.reading(v) for v in range(view.vcpus)]
+        first = [[view.reading(v) for v in range(view.vcpus)] for view in views]
         elapsed = None
         last = first
-        if interval > 0:
+        if interval > 0 and views:
             time.sleep(interval)
-            last = [view.reading(v) for v in range(view.vcpus)]
+            last = [[view.reading(v) for v in range(view.vcpus)] for view in views]
             elapsed = time.monotonic() - start
-    return RunSnapshot(
-        log_dir=info.log_dir,
-        live=True,
-        pid=info.pid,
-        host=info.host,
-        config=info.config,
-        started_at=info.started_at,
-        interval_s=elapsed,
-        vcpus=[_figures(v, first[v], last[v], elapsed) for v in range(len(first))],
-        processes=_processes(info),
-    )
+    finally:
+        for view in views:
+            view.close()
+    return [
+        RunSnapshot(
+            log_dir=info.log_dir,
+            live=True,
+            pid=info.pid,
+            host=info.host,
+            config=info.config,
+            started_at=info.started_at,
+            interval_s=elapsed,
+            vcpus=[
+                _figures(v, a, b, elapsed)
+                for v, (a, b) in enumerate(zip(before, after, strict=True))
+            ],
+            processes=_processes(info),
+        )
+        for info, before, after in zip(infos, first, last, strict=True)
+    ]
 
 
 def finished_snapshot(log_dir: Path) -> RunSnapshot:
@@ -334,13 +346,8 @@ def resolve(target: str) -> RunInfo | Path:
 def snapshot(targets: Sequence[str], interval: float) -> list[RunSnapshot]:
     """Snapshots of the named runs, or of every live run on the host with none named."""
     resolved = [resolve(t) for t in targets] if targets else list(runinfo.find_runs())
-    snaps = []
-    for item in resolved:
-        if isinstance(item, RunInfo):
-            snaps.append(live_snapshot(item, interval))
-        else:
-            snaps.append(finished_snapshot(item))
-    return snaps
+    live = iter(live_snapshots([r for r in resolved if isinstance(r, RunInfo)], interval))
+    return [next(live) if isinstance(r, RunInfo) else finished_snapshot(r) for r in resolved]
 
 
 # -- output -----------------------------------------------------------------------------------
