@@ -10,7 +10,8 @@ the same pages at the same address. It holds:
 - one `Mailbox` per VCPU: the ioctl a worker asks its runner thread to make, with an argument
   area whose address the runner hands straight to the kernel;
 - one statistics block per VCPU (`hotpath.VcpuStats`, the one definition C and Python share):
-  since when the VCPU waits on the plugin, and a log2 histogram of the plugin's response times.
+  since when the VCPU waits on the plugin, and a log2 histogram of the plugin's response times;
+- one `RangeCounts` per VCPU: the exits it forwarded per reserved range, live.
 
 The mapping is a sealed memfd (it cannot grow or shrink), so that `vmsuper stats` can map the
 same pages read-only through ``/proc/<pid>/fd/<fd>`` (`RegionView`) while the run goes on.
@@ -69,8 +70,8 @@ _U32_MASK: Final = (1 << 32) - 1
 _CACHE_LINE: Final = 64
 
 # Header: magic, version, vcpus, max_ranges, max_hints, (pad), size, table, slots, mailboxes,
-# statistics blocks.
-_HEADER = struct.Struct("<IIIIIIQQQQQ")
+# statistics blocks, range counts.
+_HEADER = struct.Struct("<IIIIIIQQQQQQ")
 MEMFD_NAME: Final = "vmsuper-shm"
 """The name of the region's memfd (``/proc/<pid>/fd/<fd>`` links to ``/memfd:vmsuper-shm``)."""
 
@@ -163,14 +164,18 @@ class _Layout:
         self.vcpus = vcpus
         self.max_ranges = max_ranges
         self.max_hints = max_hints
-        self.table = _CACHE_LINE
+        self.table = _round_up(_HEADER.size, _CACHE_LINE)
         self.hints = self.table + _PAYLOAD_OFF + _PAYLOAD_HEAD.size
         self.ranges = self.hints + max_hints * _REG_HINT.size
         table_end = self.ranges + max_ranges * _RANGE.size
         self.slots = _round_up(table_end, _CACHE_LINE)
         self.mailboxes = _round_up(self.slots + vcpus * _SLOT_SIZE, mmap.PAGESIZE)
         self.stats = self.mailboxes + vcpus * _MAIL_STRIDE
-        self.size = self.stats + vcpus * _STATS_STRIDE
+        self.range_counts = self.stats + vcpus * _STATS_STRIDE
+        # Range counts: generation and count, then the ranges (space, start, length), then
+        # one counter per range.
+        self.range_counts_stride = _round_up(16 + max_ranges * 32, _CACHE_LINE)
+        self.size = self.range_counts + vcpus * self.range_counts_stride
 
     def header(self) -> bytes:
         return _HEADER.pack(
@@ -185,6 +190,7 @@ class _Layout:
             self.slots,
             self.mailboxes,
             self.stats,
+            self.range_counts,
         )
 
 
@@ -556,6 +562,105 @@ class VcpuSlot:
         )
 
 
+def _range_key(rng: Range) -> int:
+    return rng.start | rng.space << 64
+
+
+class RangeCounts:
+    """One VCPU's forwarded exits per reserved range, kept live for `vmsuper stats`.
+
+    Only the VCPU's worker writes it. `describe` lays out the ranges of the table the worker
+    uses (under a seqlock: generation odd while it writes), carrying each range's count over
+    by (space, start); then each forwarded exit adds one to its range's counter: the C exit
+    loop through `counts_address`, Python through `add`. The worker's exit-count record is
+    fed by `take_c_counts`, which returns what the C loop added since the last call.
+    """
+
+    def __init__(self, region: SharedRegion, index: int) -> None:
+        layout = region._layout
+        self._q = region._q
+        base = (layout.range_counts + index * layout.range_counts_stride) // 8
+        self._gen = base
+        self._count = base + 1
+        self._ranges_cell = base + 2
+        self._counts = base + 2 + layout.max_ranges * 3
+        self._max = layout.max_ranges
+        self._address = region._base_address + self._counts * 8
+        self._ranges: list[Range] = []
+        self._index: dict[int, int] = {}
+        self._collected: list[int] = []
+
+    def counts_address(self) -> int:
+        """Where the counters lie (one u64 per described range, in order), for the C loop."""
+        return self._address
+
+    def describe(self, ranges: list[Range]) -> None:
+        """Count exits of `ranges` (in this order) from now on; at most max_ranges of them."""
+        q = self._q
+        ranges = ranges[: self._max]
+        old = {_range_key(r): q[self._counts + i] for i, r in enumerate(self._ranges)}
+        gen = q[self._gen]
+        q[self._gen] = (gen + 1) & _U64_MASK  # odd: writing
+        try:
+            for i, rng in enumerate(ranges):
+                cell = self._ranges_cell + 3 * i
+                q[cell] = rng.space
+                q[cell + 1] = rng.start
+                q[cell + 2] = rng.length
+                q[self._counts + i] = old.get(_range_key(rng), 0)
+            q[self._count] = len(ranges)
+        finally:
+            q[self._gen] = (gen + 2) & _U64_MASK
+        self._ranges = ranges
+        self._index = {_range_key(r): i for i, r in enumerate(ranges)}
+        self._collected = [q[self._counts + i] for i in range(len(ranges))]
+
+    @property
+    def ranges(self) -> list[Range]:
+        return list(self._ranges)
+
+    def add(self, rng: Range) -> None:
+        """One exit of `rng` forwarded by Python (not a described range: not counted here)."""
+        i = self._index.get(_range_key(rng))
+        if i is not None:
+            self._q[self._counts + i] += 1
+            self._collected[i] += 1
+
+    def take_c_counts(self) -> list[tuple[Range, int]]:
+        """The exits the C loop counted per range since the last call (or `describe`)."""
+        q, taken = self._q, []
+        for i, rng in enumerate(self._ranges):
+            now = q[self._counts + i]
+            if now != self._collected[i]:
+                taken.append((rng, now - self._collected[i]))
+                self._collected[i] = now
+        return taken
+
+
+def _read_range_counts(q: memoryview, layout: _Layout, index: int) -> list[tuple[Range, int]]:
+    """A consistent copy of a VCPU's `RangeCounts` (retried while its worker describes)."""
+    base = (layout.range_counts + index * layout.range_counts_stride) // 8
+    for _ in range(1000):
+        gen = q[base]
+        if gen & 1:
+            os.sched_yield()
+            continue
+        count = min(q[base + 1], layout.max_ranges)
+        cells = q[base + 2 : base + 2 + 3 * count].tolist()
+        counts_cell = base + 2 + layout.max_ranges * 3
+        counts = q[counts_cell : counts_cell + count].tolist()
+        if q[base] == gen:
+            found = []
+            for i in range(count):
+                space, start, length = cells[3 * i : 3 * i + 3]
+                try:
+                    found.append((Range(Space(space), start, length, False), counts[i]))
+                except ValueError:
+                    continue
+            return found
+    raise ShmError(f"VCPU {index}'s range counts kept changing while read")
+
+
 class Mailbox:
     """One VCPU's ioctl request from its worker to its runner thread, and the result.
 
@@ -797,6 +902,10 @@ class SharedRegion:
     def mailbox(self, index: int) -> Mailbox:
         return self._mailboxes[self._check_index(index)]
 
+    def range_counts(self, index: int) -> RangeCounts:
+        """VCPU `index`'s live range counts (make one per worker: it keeps the worker's view)."""
+        return RangeCounts(self, self._check_index(index))
+
     def _check_index(self, index: int) -> int:
         if not 0 <= index < self._layout.vcpus:
             raise IndexError(f"VCPU {index} outside 0..{self._layout.vcpus - 1}")
@@ -842,7 +951,14 @@ def _check_header(mm: mmap.mmap) -> _Layout:
         layout = _Layout(vcpus, max_ranges, max_hints)
     except ValueError as exc:
         raise ShmError(f"region header is inconsistent: {exc}") from None
-    expected = (layout.size, layout.table, layout.slots, layout.mailboxes, layout.stats)
+    expected = (
+        layout.size,
+        layout.table,
+        layout.slots,
+        layout.mailboxes,
+        layout.stats,
+        layout.range_counts,
+    )
     if (size, *offsets) != expected:
         raise ShmError("region header's offsets do not match its dimensions")
     if len(mm) < size:
@@ -947,6 +1063,12 @@ class RegionView:
             (slot + _STOP_REASON_OFF // 8) * 8,
             self._mm,
         )
+
+    def range_counts(self, index: int) -> list[tuple[Range, int]]:
+        """VCPU `index`'s forwarded exits per reserved range of the table it runs with."""
+        if not 0 <= index < self._layout.vcpus:
+            raise IndexError(f"VCPU {index} outside 0..{self._layout.vcpus - 1}")
+        return _read_range_counts(self._q, self._layout, index)
 
     def close(self) -> None:
         self._q.release()

@@ -2,8 +2,8 @@
 
 A live run (one whose `run.json` names a supervisor that still runs, see `runinfo`) is read
 from its shared-memory region, mapped read-only: per VCPU its state and for how long it has
-waited on the plugin, its exit counters and, from a second reading `interval` later, exits per
-second, and the plugin's response times (percentiles from the log2 histogram the exit engine
+waited on the plugin, its exit counters by kind and by reserved range and, from a second
+reading `interval` later, exits per second, and the plugin's response times (percentiles from the log2 histogram the exit engine
 keeps). psutil adds CPU time and USS of the supervisor, each VCPU worker and the plugin.
 
 A finished run (a log folder without a live run.json) gives its final figures instead: the
@@ -31,6 +31,7 @@ import psutil
 from vmsuper.shared.shm import RegionView, RunState, ShmError, VcpuReading
 from vmsuper.supervisor import runinfo
 from vmsuper.supervisor.runinfo import RunInfo, RunInfoError
+from vmsuper.workers.vcpu_protocol import range_label
 
 __all__ = [
     "FORMAT",
@@ -172,7 +173,11 @@ class RunSnapshot:
 
 
 def _figures(
-    vcpu: int, first: VcpuReading, last: VcpuReading, elapsed: float | None
+    vcpu: int,
+    first: VcpuReading,
+    last: VcpuReading,
+    elapsed: float | None,
+    ranges: dict[str, int] | None = None,
 ) -> VcpuFigures:
     state = state_name(last.state)
     rate = None
@@ -192,7 +197,7 @@ def _figures(
         waiting_s=_seconds(last.waiting_ns),
         exits=last.exits,
         exits_per_second=rate,
-        ranges=None,
+        ranges=ranges,
         responses=last.responses,
         response_s={(k if k.endswith("_s") else f"{k}_s"): v for k, v in response.items()},
         stop_reason=last.stop_reason,
@@ -250,6 +255,13 @@ def _processes(info: RunInfo) -> list[ProcessFigures]:
     return [_measure(p) for p in found]
 
 
+def _range_labels(view: RegionView, vcpu: int) -> dict[str, int] | None:
+    try:
+        return {range_label(rng): count for rng, count in view.range_counts(vcpu)}
+    except ShmError:  # its worker kept laying out new tables: no consistent copy
+        return None
+
+
 def live_snapshots(infos: Sequence[RunInfo], interval: float) -> list[RunSnapshot]:
     """Read live runs twice, `interval` seconds apart (0: once, no rates): every run's first
     reading, one wait, every run's second reading."""
@@ -268,6 +280,7 @@ def live_snapshots(infos: Sequence[RunInfo], interval: float) -> list[RunSnapsho
             time.sleep(interval)
             last = [[view.reading(v) for v in range(view.vcpus)] for view in views]
             elapsed = time.monotonic() - start
+        ranges = [[_range_labels(view, v) for v in range(view.vcpus)] for view in views]
     finally:
         for view in views:
             view.close()
@@ -281,12 +294,12 @@ def live_snapshots(infos: Sequence[RunInfo], interval: float) -> list[RunSnapsho
             started_at=info.started_at,
             interval_s=elapsed,
             vcpus=[
-                _figures(v, a, b, elapsed)
-                for v, (a, b) in enumerate(zip(before, after, strict=True))
+                _figures(v, a, b, elapsed, by_range)
+                for v, (a, b, by_range) in enumerate(zip(before, after, run_ranges, strict=True))
             ],
             processes=_processes(info),
         )
-        for info, before, after in zip(infos, first, last, strict=True)
+        for info, before, after, run_ranges in zip(infos, first, last, ranges, strict=True)
     ]
 
 

@@ -47,7 +47,7 @@ class SnapshotCollector(Collector):
         )
         ranges = CounterMetricFamily(
             "vmsuper_vcpu_range_exits",
-            "VCPU exits forwarded per reserved range (finished runs)",
+            "VCPU exits forwarded to the plugin per reserved range",
             labels=[*vcpu_labels, "range"],
         )
         rate = GaugeMetricFamily(

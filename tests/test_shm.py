@@ -401,12 +401,12 @@ def test_attach_checks_the_header(region: SharedRegion) -> None:
     with mmap.mmap(-1, region.size) as blank:
         with pytest.raises(ShmError, match="magic"):
             SharedRegion.attach(blank)
-        blank[:64] = region.mmap[:64]
+        blank[:128] = region.mmap[:128]  # the header (72 bytes) and then some
         blank[4:8] = (99).to_bytes(4, "little")
         with pytest.raises(ShmError, match="version"):
             SharedRegion.attach(blank)
     with mmap.mmap(-1, mmap.PAGESIZE) as small:
-        small[:64] = region.mmap[:64]
+        small[:128] = region.mmap[:128]
         with pytest.raises(ShmError, match="smaller"):
             SharedRegion.attach(small)
 
@@ -473,3 +473,22 @@ def test_region_view_maps_the_memfd_read_only(region: SharedRegion) -> None:
 def test_region_view_refuses_an_fd_that_is_not_a_region(tmp_path: Path) -> None:
     with open(tmp_path / "f", "wb") as f, pytest.raises(ShmError):
         RegionView.open(os.getpid(), f.fileno())
+
+
+def test_range_counts_carry_over_and_separate_the_c_loops_counts(region: SharedRegion) -> None:
+    a = Range(Space.IOPORT, 0x10, 1)
+    b = Range(Space.MMIO, 0x1000, 0x100)
+    c = Range(Space.MMIO, 0x2000, 0x100)
+    live = region.range_counts(1)
+    live.describe([a, b])
+    counters = (ctypes.c_uint64 * 2).from_address(live.counts_address())
+    counters[1] += 3  # the C loop counts three exits of b
+    live.add(a)  # Python forwards one of a
+    live.add(c)  # not described: not counted
+    assert live.take_c_counts() == [(b, 3)]
+    assert live.take_c_counts() == []
+    with RegionView.open(os.getpid(), region.fd) as view:
+        assert view.range_counts(1) == [(a, 1), (b, 3)]
+        assert view.range_counts(0) == []
+        live.describe([b, c])  # a new table: b keeps its count
+        assert view.range_counts(1) == [(b, 3), (c, 0)]

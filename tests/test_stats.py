@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vmsuper.supervisor import runinfo
 from vmsuper.supervisor.stats import percentile_ns
+from vmsuper.testing import VmSpec
 
 
 @pytest.fixture
@@ -102,6 +103,8 @@ def test_states_while_waiting_on_the_plugin_and_paused(live_vm: LiveVm) -> None:
     assert held["exits"]["per_second"] == 0  # no exit while the plugin holds this one
     later = only_vcpu(stats_json("--interval", "0", str(live_vm.log_dir)))
     assert later["waiting_s"] > held["waiting_s"]
+    # Every exit went to the plugin's one range (the C loop counted them in shared memory).
+    assert held["exits"]["by_range"] == {"ioport:0x10+1": held["exits"]["by_kind"]["io_out"]}
     responses = held["response"]["count"]
     live_vm.send("release")
     live_vm.send("pause")
@@ -117,6 +120,23 @@ def test_states_while_waiting_on_the_plugin_and_paused(live_vm: LiveVm) -> None:
         lambda: only_vcpu(stats_json("--interval", "0", str(live_vm.log_dir)))["state"] != "paused",
         "the VCPU to leave the pause",
     )
+
+
+@pytest.mark.kvm
+def test_live_range_counts_without_the_c_loop(tmp_path: Path, runtime: Path) -> None:
+    vm = LiveVm(tmp_path / "vm", VmSpec(sandbox=False, fast_exits=False))
+    try:
+        vm.send("hold")
+        vm.wait_mark("holding")
+        held = only_vcpu(stats_json("--interval", "0", str(vm.log_dir)))
+        assert held["state"] == "waiting_plugin"
+        assert held["response"]["count"] > 0
+        io_out = held["exits"]["by_kind"]["io_out"]
+        assert io_out > 0
+        assert held["exits"]["by_range"] == {"ioport:0x10+1": io_out}
+    finally:
+        vm.close()
+    assert vm.proc.returncode == 0
 
 
 @pytest.mark.kvm

@@ -46,9 +46,11 @@ from vmsuper.shared.shm import (
     Doorbell,
     ExitKind,
     Mailbox,
+    RangeCounts,
     RunState,
     SharedRegion,
     ShmError,
+    TableReader,
     VcpuSlot,
     drain_wakeup_pipe,
 )
@@ -259,6 +261,8 @@ class VcpuWorker:
         log: Any,
         debug: bool = False,
         fast: FastExits | None = None,
+        range_counts: RangeCounts | None = None,
+        reader: TableReader | None = None,
     ) -> None:
         self.vcpu = vcpu
         self.channel = channel
@@ -268,6 +272,9 @@ class VcpuWorker:
         self.protocol = VcpuProtocol(calls, ranges, log=log)
         self._debug = debug
         self._fast = fast
+        self._live = range_counts
+        self._reader = reader
+        self._live_gen = -1
         self._run = run
         self._page = page
         self._mmio_data = kvm.mmio_data(run)
@@ -286,6 +293,7 @@ class VcpuWorker:
         mailbox = spec.region.mailbox(spec.vcpu)
         slot = spec.region.slot(spec.vcpu)
         reader = spec.region.reader()
+        range_counts = spec.region.range_counts(spec.vcpu)
         fast = None
         if spec.fast_exits and not debug:
             fast = FastExits(
@@ -296,6 +304,7 @@ class VcpuWorker:
                 slot=slot,
                 reader=reader,
                 channel=channel,
+                range_counts=range_counts,
             )
         return cls(
             vcpu=spec.vcpu,
@@ -308,6 +317,8 @@ class VcpuWorker:
             log=log,
             debug=debug,
             fast=fast,
+            range_counts=range_counts,
+            reader=reader,
         )
 
     def release(self) -> None:
@@ -535,10 +546,19 @@ class VcpuWorker:
     def _count_access(self, answer: bytes | None, forwarded: ExitKind) -> None:
         if answer is None:
             self.slot.count(ExitKind.UNRESERVED)
-        elif self.protocol.phase is Phase.RUNNING:
+            return
+        if self.protocol.phase is Phase.RUNNING:
             self.slot.count(ExitKind.ASYNC_WRITE)
         else:
             self.slot.count(forwarded)
+        live, rng = self._live, self.protocol.last_range
+        if live is not None and rng is not None:
+            reader = self._reader
+            if self._fast is None and reader is not None and reader.gen != self._live_gen:
+                # Without the C loop, nothing else lays out the live counters for a new table.
+                self._live_gen = reader.gen
+                live.describe(list(reader.snapshot().ranges()))
+            live.add(rng)
 
     def _fatal_exit(self, exit_: kvm.Exit) -> _Stop:
         rip = self._rip()
