@@ -3,8 +3,9 @@
 A live run (one whose `run.json` names a supervisor that still runs, see `runinfo`) is read
 from its shared-memory region, mapped read-only: per VCPU its state and for how long it has
 waited on the plugin, its exit counters by kind and by reserved range and, from a second
-reading `interval` later, exits per second, and the plugin's response times (percentiles from the log2 histogram the exit engine
-keeps). psutil adds CPU time and USS of the supervisor, each VCPU worker and the plugin.
+reading `interval` later, exits per second, and the plugin's response times (percentiles from
+the log2 histogram the exit engine keeps). psutil adds CPU time and USS of the supervisor,
+each VCPU worker and the plugin.
 
 A finished run (a log folder without a live run.json) gives its final figures instead: the
 exit counts by kind and by reserved range that each worker logged at shutdown, and the run's
