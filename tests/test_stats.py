@@ -70,20 +70,19 @@ def only_vcpu(document: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.kvm
 def test_exit_count_rises_between_two_calls(live_vm: LiveVm, runtime: Path) -> None:
     first = stats_json("--interval", "0", str(live_vm.log_dir))
-    second = stats_json("--interval", "0", str(live_vm.proc.pid))
-    wait_for(
-        lambda: (
-            only_vcpu(stats_json("--interval", "0"))["exits"]["total"]
-            > only_vcpu(second)["exits"]["total"]
-        ),
-        "the exit count to rise again",
-    )
+    later: list[dict[str, Any]] = []
+
+    def rose() -> bool:  # a second call, by pid, sees more exits (2+: one was answered)
+        later[:] = [stats_json("--interval", "0", str(live_vm.proc.pid))]
+        return bool(only_vcpu(later[0])["exits"]["total"] > only_vcpu(first)["exits"]["total"] + 1)
+
+    wait_for(rose, "the exit count to rise")
     (run,) = first["runs"]
     assert run["live"] and run["pid"] == live_vm.proc.pid
     assert run["config"] == str(live_vm.config.resolve())
-    assert only_vcpu(second)["exits"]["total"] > only_vcpu(first)["exits"]["total"]
-    assert only_vcpu(second)["exits"]["by_kind"]["io_out"] > 0
-    assert only_vcpu(second)["response"]["count"] > 0
+    assert only_vcpu(later[0])["exits"]["by_kind"]["io_out"] > 0
+    assert only_vcpu(later[0])["response"]["count"] > 0
+    assert only_vcpu(stats_json("--interval", "0"))["exits"]["total"] > 0  # every live run
     roles = {p["role"] for p in run["processes"]}
     assert roles == {"supervisor", "vcpu_worker", "plugin"}
     assert all(p["cpu_s"] is not None and p["uss_bytes"] for p in run["processes"])
@@ -130,7 +129,6 @@ def test_live_range_counts_without_the_c_loop(tmp_path: Path, runtime: Path) -> 
         vm.wait_mark("holding")
         held = only_vcpu(stats_json("--interval", "0", str(vm.log_dir)))
         assert held["state"] == "waiting_plugin"
-        assert held["response"]["count"] > 0
         io_out = held["exits"]["by_kind"]["io_out"]
         assert io_out > 0
         assert held["exits"]["by_range"] == {"ioport:0x10+1": io_out}
