@@ -30,7 +30,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define VMS_ABI 1
+#define VMS_ABI 2
 
 struct vms_bell {
     uint32_t seq;
@@ -47,6 +47,19 @@ struct vms_mail {
     uint64_t pad2;
     struct vms_bell request;
     struct vms_bell done;
+};
+
+/* A VCPU's statistics block in shared memory (shm.py places one per VCPU; the reader is
+ * `vmsuper stats`). wait_since: CLOCK_MONOTONIC ns when the VCPU last began waiting on the
+ * plugin; then the plugin's response times to exits: count, sum, max, and a log2 histogram
+ * (bucket b: times of b significant bits in ns; the last bucket takes the rest). */
+#define VMS_BUCKETS 48
+struct vms_stats {
+    uint64_t wait_since;
+    uint64_t responses;
+    uint64_t response_sum_ns;
+    uint64_t response_max_ns;
+    uint64_t buckets[VMS_BUCKETS];
 };
 
 _Static_assert(offsetof(struct vms_mail, ret) == 8, "mailbox ret");
@@ -247,6 +260,7 @@ struct vms_worker {
     uint32_t *done_seen;
     uint64_t *counters;       /* the slot's exit counters, by ExitKind */
     uint64_t *run_state;      /* the slot's run state cell */
+    struct vms_stats *stats;  /* the VCPU's statistics block */
     const uint64_t *table_gen;
     uint64_t known_gen;       /* the generation `ranges` was built from */
     const struct vms_range *ranges; /* sorted by (space, start) */
@@ -535,6 +549,21 @@ static int receive_request(struct vms_worker *w, size_t *length)
     return 0;
 }
 
+/* The plugin answered the exit it was sent at stats->wait_since: count how long it took. */
+static void record_response(struct vms_stats *stats)
+{
+    uint64_t now = now_ns(), since = stats->wait_since;
+    uint64_t took = now > since ? now - since : 0;
+    unsigned bucket = took ? 64 - (unsigned)__builtin_clzll(took) : 0;
+    if (bucket >= VMS_BUCKETS)
+        bucket = VMS_BUCKETS - 1;
+    stats->buckets[bucket]++;
+    stats->responses++;
+    stats->response_sum_ns += took;
+    if (took > stats->response_max_ns)
+        stats->response_max_ns = took;
+}
+
 /* One exit, fresh from KVM_RUN: 0 when handled here (state says what comes next). */
 static int handle_exit(struct vms_worker *w)
 {
@@ -590,7 +619,8 @@ static int handle_exit(struct vms_worker *w)
     w->fwd_is_write = is_write;
     w->fwd_offset = offset;
     w->fwd_length = length;
-    *w->run_state = RUN_STATE_WAITING_PLUGIN;
+    w->stats->wait_since = now_ns();
+    __atomic_store_n(w->run_state, RUN_STATE_WAITING_PLUGIN, __ATOMIC_RELEASE);
     w->state = S_AWAIT_REPLY;
     return send_message(w, message, n);
 }
@@ -615,7 +645,8 @@ static int await_reply(struct vms_worker *w)
         memcpy(area, w->buf + offset, n);
         memset(area + n, 0, w->fwd_length - n);
     }
-    *w->run_state = RUN_STATE_RUNNING;
+    record_response(w->stats);
+    __atomic_store_n(w->run_state, RUN_STATE_RUNNING, __ATOMIC_RELEASE);
     return 0;
 }
 
@@ -680,7 +711,8 @@ int vms_worker_loop(struct vms_worker *w)
 #define WORKER_FIELDS(X)                                                                    \
     X(vms_worker, run) X(vms_worker, run_size) X(vms_worker, mail)                          \
     X(vms_worker, request_efd) X(vms_worker, done_efd) X(vms_worker, done_seen)             \
-    X(vms_worker, counters) X(vms_worker, run_state) X(vms_worker, table_gen)               \
+    X(vms_worker, counters) X(vms_worker, run_state) X(vms_worker, stats)                   \
+    X(vms_worker, table_gen)                                                                \
     X(vms_worker, known_gen) X(vms_worker, ranges) X(vms_worker, n_ranges)                  \
     X(vms_worker, range_counts) X(vms_worker, hint_set) X(vms_worker, hint_space)           \
     X(vms_worker, hint_address) X(vms_worker, pipes) X(vms_worker, in_fd)                   \
@@ -690,17 +722,22 @@ int vms_worker_loop(struct vms_worker *w)
     X(vms_worker, refusal) X(vms_worker, fds) X(vms_worker, fwd_space)                      \
     X(vms_worker, fwd_address) X(vms_worker, fwd_is_write) X(vms_worker, fwd_offset)        \
     X(vms_worker, fwd_length)
+#define STATS_FIELDS(X)                                                                     \
+    X(vms_stats, wait_since) X(vms_stats, responses) X(vms_stats, response_sum_ns)           \
+    X(vms_stats, response_max_ns) X(vms_stats, buckets)
 #define OFFSET(type, field) offsetof(struct type, field),
 #define NAME(type, field) #field " "
 
 static const uint64_t runner_offsets[] = {RUNNER_FIELDS(OFFSET) sizeof(struct vms_runner)};
 static const uint64_t range_offsets[] = {RANGE_FIELDS(OFFSET) sizeof(struct vms_range)};
 static const uint64_t worker_offsets[] = {WORKER_FIELDS(OFFSET) sizeof(struct vms_worker)};
+static const uint64_t stats_offsets[] = {STATS_FIELDS(OFFSET) sizeof(struct vms_stats)};
 static const char runner_names[] = RUNNER_FIELDS(NAME);
+static const char stats_names[] = STATS_FIELDS(NAME);
 static const char range_names[] = RANGE_FIELDS(NAME);
 static const char worker_names[] = WORKER_FIELDS(NAME);
 
-/* Layout 0 (runner), 1 (range) or 2 (worker): the field names (space-separated) and their
+/* Layout 0 (runner), 1 (range), 2 (worker) or 3 (statistics block): the field names (space-separated) and their
  * offsets, then the size; returns the number of offsets. */
 size_t vms_layout(int which, const char **names, const uint64_t **offsets)
 {
@@ -717,6 +754,10 @@ size_t vms_layout(int which, const char **names, const uint64_t **offsets)
         *names = worker_names;
         *offsets = worker_offsets;
         return sizeof worker_offsets / sizeof *worker_offsets;
+    case 3:
+        *names = stats_names;
+        *offsets = stats_offsets;
+        return sizeof stats_offsets / sizeof *stats_offsets;
     }
     *names = "";
     *offsets = NULL;

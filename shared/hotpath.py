@@ -25,10 +25,12 @@ from typing import Any, Final
 
 __all__ = [
     "ABI",
+    "HISTOGRAM_BUCKETS",
     "HotpathError",
     "Range",
     "RunnerContext",
     "RunnerResult",
+    "VcpuStats",
     "WorkerContext",
     "WorkerResult",
     "bell_ring",
@@ -41,7 +43,7 @@ __all__ = [
     "watch_signal",
 ]
 
-ABI: Final = 1
+ABI: Final = 2
 """Must equal VMS_ABI in hotpath.c: a stale build is refused rather than misread."""
 
 
@@ -91,6 +93,22 @@ class Range(ctypes.Structure):
     ]
 
 
+HISTOGRAM_BUCKETS: Final = 48
+"""VMS_BUCKETS in hotpath.c: log2 buckets of nanoseconds, up to 2**47 ns (39 hours)."""
+
+
+class VcpuStats(ctypes.Structure):
+    """`struct vms_stats`: one VCPU's statistics block in shared memory (shm.py places it)."""
+
+    _fields_ = [
+        ("wait_since", ctypes.c_uint64),
+        ("responses", ctypes.c_uint64),
+        ("response_sum_ns", ctypes.c_uint64),
+        ("response_max_ns", ctypes.c_uint64),
+        ("buckets", ctypes.c_uint64 * HISTOGRAM_BUCKETS),
+    ]
+
+
 class WorkerContext(ctypes.Structure):
     """`struct vms_worker`."""
 
@@ -103,6 +121,7 @@ class WorkerContext(ctypes.Structure):
         ("done_seen", ctypes.c_void_p),
         ("counters", ctypes.c_void_p),
         ("run_state", ctypes.c_void_p),
+        ("stats", ctypes.c_void_p),
         ("table_gen", ctypes.c_void_p),
         ("known_gen", ctypes.c_uint64),
         ("ranges", ctypes.c_void_p),
@@ -213,7 +232,7 @@ def _load() -> ctypes.CDLL:
             f"vmsuper's C library has ABI {lib.vms_abi()}, this code needs {ABI}: rebuild it "
             "(`pip install -e .`)"
         )
-    for which, struct in enumerate((RunnerContext, Range, WorkerContext)):
+    for which, struct in enumerate((RunnerContext, Range, WorkerContext, VcpuStats)):
         if layout(lib, which) != struct_layout(struct):
             raise HotpathError(
                 f"the C library's struct layout differs from {struct.__name__}: rebuild it "

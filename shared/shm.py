@@ -8,7 +8,13 @@ the same pages at the same address. It holds:
   is still current;
 - one `VcpuSlot` per VCPU: the pending pause token, the run state, exit counters;
 - one `Mailbox` per VCPU: the ioctl a worker asks its runner thread to make, with an argument
-  area whose address the runner hands straight to the kernel.
+  area whose address the runner hands straight to the kernel;
+- one statistics block per VCPU (`hotpath.VcpuStats`, the one definition C and Python share):
+  since when the VCPU waits on the plugin, and a log2 histogram of the plugin's response times;
+- one `RangeCounts` per VCPU: the exits it forwarded per reserved range, live.
+
+The mapping is a sealed memfd (it cannot grow or shrink), so that `vmsuper stats` can map the
+same pages read-only through ``/proc/<pid>/fd/<fd>`` (`RegionView`) while the run goes on.
 
 Memory ordering. Every field has a single writer process (the table, `pause_seq` and the pause
 tokens: the supervisor; `delivered_seq`, the run state and the counters: the VCPU's worker). The
@@ -29,6 +35,7 @@ import contextlib
 import ctypes
 import enum
 import errno
+import fcntl
 import mmap
 import os
 import struct
@@ -36,6 +43,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
@@ -47,7 +55,7 @@ if sys.byteorder != "little":  # pragma: no cover - vmsuper runs on x86-64 only
     raise ImportError("vmsuper's shared-memory layout assumes a little-endian host")
 
 MAGIC: Final = 0x48534D56  # "VMSH"
-VERSION: Final = 1
+VERSION: Final = 2
 DEFAULT_MAX_RANGES: Final = 1024
 DEFAULT_MAX_HINTS: Final = 16
 MAILBOX_ARG_SIZE: Final = 64 * 1024
@@ -61,8 +69,11 @@ _U64_MASK: Final = (1 << 64) - 1
 _U32_MASK: Final = (1 << 32) - 1
 _CACHE_LINE: Final = 64
 
-# Header: magic, version, vcpus, max_ranges, max_hints, (pad), size, table, slots, mailboxes.
-_HEADER = struct.Struct("<IIIIIIQQQQ")
+# Header: magic, version, vcpus, max_ranges, max_hints, (pad), size, table, slots, mailboxes,
+# statistics blocks, range counts.
+_HEADER = struct.Struct("<IIIIIIQQQQQQ")
+MEMFD_NAME: Final = "vmsuper-shm"
+"""The name of the region's memfd (``/proc/<pid>/fd/<fd>`` links to ``/memfd:vmsuper-shm``)."""
 
 # Table area: the seqlock generation alone on a line, then the payload.
 _PAYLOAD_OFF: Final = _CACHE_LINE
@@ -92,6 +103,17 @@ _BELL_SIZE: Final = 8
 _BELL_SLEEPING_OFF: Final = 4
 _MAIL_ARG_OFF: Final = _CACHE_LINE
 _MAIL_STRIDE: Final = _MAIL_ARG_OFF + MAILBOX_ARG_SIZE
+
+# Statistics block: `hotpath.VcpuStats` (checked against hotpath.c's `struct vms_stats` at load).
+_STATS_STRIDE: Final = ((ctypes.sizeof(hotpath.VcpuStats) + 63) // 64) * 64
+_S_WAIT_SINCE: Final = hotpath.VcpuStats.wait_since.offset // 8
+_S_RESPONSES: Final = hotpath.VcpuStats.responses.offset // 8
+_S_SUM: Final = hotpath.VcpuStats.response_sum_ns.offset // 8
+_S_MAX: Final = hotpath.VcpuStats.response_max_ns.offset // 8
+_S_BUCKETS: Final = hotpath.VcpuStats.buckets.offset // 8
+HISTOGRAM_BUCKETS: Final = hotpath.HISTOGRAM_BUCKETS
+"""Response-time buckets: bucket b counts times of `b` significant bits in nanoseconds, i.e.
+in [2**(b-1), 2**b) ns (bucket 0: 0 ns); the last one also takes everything longer."""
 
 
 class ShmError(Exception):
@@ -143,13 +165,18 @@ class _Layout:
         self.vcpus = vcpus
         self.max_ranges = max_ranges
         self.max_hints = max_hints
-        self.table = _CACHE_LINE
+        self.table = _round_up(_HEADER.size, _CACHE_LINE)
         self.hints = self.table + _PAYLOAD_OFF + _PAYLOAD_HEAD.size
         self.ranges = self.hints + max_hints * _REG_HINT.size
         table_end = self.ranges + max_ranges * _RANGE.size
         self.slots = _round_up(table_end, _CACHE_LINE)
         self.mailboxes = _round_up(self.slots + vcpus * _SLOT_SIZE, mmap.PAGESIZE)
-        self.size = self.mailboxes + vcpus * _MAIL_STRIDE
+        self.stats = self.mailboxes + vcpus * _MAIL_STRIDE
+        self.range_counts = self.stats + vcpus * _STATS_STRIDE
+        # Range counts: generation and count, then the ranges (space, start, length), then
+        # one counter per range.
+        self.range_counts_stride = _round_up(16 + max_ranges * 32, _CACHE_LINE)
+        self.size = self.range_counts + vcpus * self.range_counts_stride
 
     def header(self) -> bytes:
         return _HEADER.pack(
@@ -163,6 +190,8 @@ class _Layout:
             self.table,
             self.slots,
             self.mailboxes,
+            self.stats,
+            self.range_counts,
         )
 
 
@@ -423,15 +452,23 @@ class VcpuSlot:
         self._reason = off + _STOP_REASON_OFF
         self._lock = threading.Lock()
         self._base = region._base_address
+        stats = (region._layout.stats + index * _STATS_STRIDE) // 8
+        self._wait_since = stats + _S_WAIT_SINCE
+        self._responses = stats + _S_RESPONSES
+        self._sum = stats + _S_SUM
+        self._max = stats + _S_MAX
+        self._buckets = stats + _S_BUCKETS
 
     def cell_address(self, cell: str) -> int:
-        """The address of `pause_seq`, `delivered_seq`, `run_state` or `counters` (the first
-        counter; `ExitKind` indexes them), for the C loops in `hotpath`."""
+        """The address of `pause_seq`, `delivered_seq`, `run_state`, `counters` (the first
+        counter; `ExitKind` indexes them) or `stats` (the VCPU's `hotpath.VcpuStats`), for
+        the C loops in `hotpath`."""
         index = {
             "pause_seq": self._seq,
             "delivered_seq": self._delivered,
             "run_state": self._state,
             "counters": self._counters,
+            "stats": self._wait_since - _S_WAIT_SINCE,
         }[cell]
         return self._base + index * 8
 
@@ -478,6 +515,25 @@ class VcpuSlot:
     def run_state(self, state: RunState) -> None:
         self._q[self._state] = RunState(state)
 
+    def begin_wait(self, state: RunState) -> None:
+        """Enter a state that waits on the plugin (INIT, WAITING_PLUGIN, PAUSED), noting when
+        (CLOCK_MONOTONIC, a vDSO call: no system call per exit)."""
+        self._q[self._wait_since] = time.monotonic_ns()
+        self._q[self._state] = state
+
+    def resumed(self) -> None:
+        """The plugin resumed the VCPU: enter RUNNING; a wait on an exit (WAITING_PLUGIN, not
+        Init or a pause) adds its length to the response-time histogram."""
+        q = self._q
+        if q[self._state] == RunState.WAITING_PLUGIN:
+            took = max(0, time.monotonic_ns() - q[self._wait_since])
+            q[self._buckets + min(took.bit_length(), HISTOGRAM_BUCKETS - 1)] += 1
+            q[self._responses] += 1
+            q[self._sum] += took
+            if took > q[self._max]:
+                q[self._max] = took
+        q[self._state] = RunState.RUNNING
+
     def stop(self, reason: str) -> None:
         """Record why the VCPU stopped (truncated to fit), then enter STOPPED."""
         raw = reason.encode("utf-8", "replace")[: STOP_REASON_SIZE - 1]
@@ -499,6 +555,111 @@ class VcpuSlot:
     def counters(self) -> dict[str, int]:
         q, base = self._q, self._counters
         return {kind.name.lower(): q[base + kind] for kind in ExitKind}
+
+    def reading(self) -> VcpuReading:
+        """This VCPU's state, counters and statistics as they are now."""
+        return _read_stats(
+            self._q, self._state, self._counters, self._wait_since, self._reason, self._mm
+        )
+
+
+def _range_key(rng: Range) -> int:
+    return rng.start | rng.space << 64
+
+
+class RangeCounts:
+    """One VCPU's forwarded exits per reserved range, kept live for `vmsuper stats`.
+
+    Only the VCPU's worker writes it. `describe` lays out the ranges of the table the worker
+    uses (under a seqlock: generation odd while it writes), carrying each range's count over
+    by (space, start); then each forwarded exit adds one to its range's counter: the C exit
+    loop through `counts_address`, Python through `add`. The worker's exit-count record is
+    fed by `take_c_counts`, which returns what the C loop added since the last call.
+    """
+
+    def __init__(self, region: SharedRegion, index: int) -> None:
+        layout = region._layout
+        self._q = region._q
+        base = (layout.range_counts + index * layout.range_counts_stride) // 8
+        self._gen = base
+        self._count = base + 1
+        self._ranges_cell = base + 2
+        self._counts = base + 2 + layout.max_ranges * 3
+        self._max = layout.max_ranges
+        self._address = region._base_address + self._counts * 8
+        self._ranges: list[Range] = []
+        self._index: dict[int, int] = {}
+        self._collected: list[int] = []
+
+    def counts_address(self) -> int:
+        """Where the counters lie (one u64 per described range, in order), for the C loop."""
+        return self._address
+
+    def describe(self, ranges: list[Range]) -> None:
+        """Count exits of `ranges` (in this order) from now on; at most max_ranges of them."""
+        q = self._q
+        ranges = ranges[: self._max]
+        old = {_range_key(r): q[self._counts + i] for i, r in enumerate(self._ranges)}
+        gen = q[self._gen]
+        q[self._gen] = (gen + 1) & _U64_MASK  # odd: writing
+        try:
+            for i, rng in enumerate(ranges):
+                cell = self._ranges_cell + 3 * i
+                q[cell] = rng.space
+                q[cell + 1] = rng.start
+                q[cell + 2] = rng.length
+                q[self._counts + i] = old.get(_range_key(rng), 0)
+            q[self._count] = len(ranges)
+        finally:
+            q[self._gen] = (gen + 2) & _U64_MASK
+        self._ranges = ranges
+        self._index = {_range_key(r): i for i, r in enumerate(ranges)}
+        self._collected = [q[self._counts + i] for i in range(len(ranges))]
+
+    @property
+    def ranges(self) -> list[Range]:
+        return list(self._ranges)
+
+    def add(self, rng: Range) -> None:
+        """One exit of `rng` forwarded by Python (not a described range: not counted here)."""
+        i = self._index.get(_range_key(rng))
+        if i is not None:
+            self._q[self._counts + i] += 1
+            self._collected[i] += 1
+
+    def take_c_counts(self) -> list[tuple[Range, int]]:
+        """The exits the C loop counted per range since the last call (or `describe`)."""
+        q, taken = self._q, []
+        for i, rng in enumerate(self._ranges):
+            now = q[self._counts + i]
+            if now != self._collected[i]:
+                taken.append((rng, now - self._collected[i]))
+                self._collected[i] = now
+        return taken
+
+
+def _read_range_counts(q: memoryview, layout: _Layout, index: int) -> list[tuple[Range, int]]:
+    """A consistent copy of a VCPU's `RangeCounts` (retried while its worker describes)."""
+    base = (layout.range_counts + index * layout.range_counts_stride) // 8
+    for _ in range(1000):
+        gen = q[base]
+        if gen & 1:
+            os.sched_yield()
+            continue
+        count = min(q[base + 1], layout.max_ranges)
+        cells = q[base + 2 : base + 2 + 3 * count].tolist()
+        counts_cell = base + 2 + layout.max_ranges * 3
+        counts = q[counts_cell : counts_cell + count].tolist()
+        if q[base] == gen:
+            found = []
+            for i in range(count):
+                space, start, length = cells[3 * i : 3 * i + 3]
+                try:
+                    found.append((Range(Space(space), start, length, False), counts[i]))
+                except ValueError:
+                    continue
+            return found
+    raise ShmError(f"VCPU {index}'s range counts kept changing while read")
 
 
 class Mailbox:
@@ -692,6 +853,8 @@ class SharedRegion:
         self._slots = [VcpuSlot(self, i) for i in range(layout.vcpus)]
         self._mailboxes = [Mailbox(self, i) for i in range(layout.vcpus)]
         self._closed = False
+        self.fd = -1
+        """The memfd behind the mapping (`create`), kept open for `vmsuper stats`; -1 if none."""
 
     @classmethod
     def create(
@@ -702,9 +865,19 @@ class SharedRegion:
         max_hints: int = DEFAULT_MAX_HINTS,
     ) -> SharedRegion:
         layout = _Layout(vcpus, max_ranges, max_hints)
-        mm = mmap.mmap(-1, layout.size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, layout.size)
+            # A reader's mapping can never be cut short (no SIGBUS), nor the region grown.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            mm = mmap.mmap(fd, layout.size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            raise
         mm[: _HEADER.size] = layout.header()
-        return cls(mm, layout)
+        region = cls(mm, layout)
+        region.fd = fd
+        return region
 
     @classmethod
     def attach(cls, mm: mmap.mmap) -> SharedRegion:
@@ -712,22 +885,7 @@ class SharedRegion:
 
         `close()` then drops this object's hold on `mm` but leaves unmapping to its owner.
         """
-        if len(mm) < _HEADER.size:
-            raise ShmError(f"mapping of {len(mm)} bytes is too small for a region header")
-        magic, version, vcpus, max_ranges, max_hints, _, size, *offsets = _HEADER.unpack_from(mm)
-        if magic != MAGIC:
-            raise ShmError(f"not a vmsuper region (magic {magic:#x})")
-        if version != VERSION:
-            raise ShmError(f"region layout version {version}, this vmsuper speaks {VERSION}")
-        try:
-            layout = _Layout(vcpus, max_ranges, max_hints)
-        except ValueError as exc:
-            raise ShmError(f"region header is inconsistent: {exc}") from None
-        if (size, *offsets) != (layout.size, layout.table, layout.slots, layout.mailboxes):
-            raise ShmError("region header's offsets do not match its dimensions")
-        if len(mm) < size:
-            raise ShmError(f"mapping of {len(mm)} bytes is smaller than the region ({size})")
-        return cls(mm, layout, owns_mmap=False)
+        return cls(mm, _check_header(mm), owns_mmap=False)
 
     @property
     def vcpus(self) -> int:
@@ -750,6 +908,10 @@ class SharedRegion:
     def mailbox(self, index: int) -> Mailbox:
         return self._mailboxes[self._check_index(index)]
 
+    def range_counts(self, index: int) -> RangeCounts:
+        """VCPU `index`'s live range counts (make one per worker: it keeps the worker's view)."""
+        return RangeCounts(self, self._check_index(index))
+
     def _check_index(self, index: int) -> int:
         if not 0 <= index < self._layout.vcpus:
             raise IndexError(f"VCPU {index} outside 0..{self._layout.vcpus - 1}")
@@ -762,6 +924,9 @@ class SharedRegion:
         self._cbuf = None
         self._q.release()
         self._mv.release()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         if not self._owns_mmap:
             self._closed = True
             return
@@ -772,6 +937,150 @@ class SharedRegion:
         self._closed = True
 
     def __enter__(self) -> SharedRegion:
+        return self
+
+    def __exit__(
+        self, exc: type[BaseException] | None, val: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _check_header(mm: mmap.mmap) -> _Layout:
+    if len(mm) < _HEADER.size:
+        raise ShmError(f"mapping of {len(mm)} bytes is too small for a region header")
+    magic, version, vcpus, max_ranges, max_hints, _, size, *offsets = _HEADER.unpack_from(mm)
+    if magic != MAGIC:
+        raise ShmError(f"not a vmsuper region (magic {magic:#x})")
+    if version != VERSION:
+        raise ShmError(f"region layout version {version}, this vmsuper speaks {VERSION}")
+    try:
+        layout = _Layout(vcpus, max_ranges, max_hints)
+    except ValueError as exc:
+        raise ShmError(f"region header is inconsistent: {exc}") from None
+    expected = (
+        layout.size,
+        layout.table,
+        layout.slots,
+        layout.mailboxes,
+        layout.stats,
+        layout.range_counts,
+    )
+    if (size, *offsets) != expected:
+        raise ShmError("region header's offsets do not match its dimensions")
+    if len(mm) < size:
+        raise ShmError(f"mapping of {len(mm)} bytes is smaller than the region ({size})")
+    return layout
+
+
+@dataclass(frozen=True)
+class VcpuReading:
+    """One reading of a VCPU's slot and statistics block (each cell read once, no lock)."""
+
+    state: RunState | int
+    """The run state; a raw int only if the cell holds no known state."""
+    waiting_ns: int | None
+    """How long the VCPU has waited on the plugin (INIT, WAITING_PLUGIN, PAUSED), else None."""
+    exits: dict[str, int]
+    """Exits by `ExitKind` name in lower case."""
+    responses: int
+    response_sum_ns: int
+    response_max_ns: int
+    buckets: tuple[int, ...]
+    """`HISTOGRAM_BUCKETS` counts of plugin response times (see `HISTOGRAM_BUCKETS`)."""
+    stop_reason: str
+
+
+_WAITING_STATES: Final = frozenset({RunState.INIT, RunState.WAITING_PLUGIN, RunState.PAUSED})
+
+
+def _read_stats(
+    q: memoryview, state_cell: int, counters: int, stats: int, reason: int, mm: mmap.mmap
+) -> VcpuReading:
+    raw = q[state_cell]
+    try:
+        state: RunState | int = RunState(raw)
+    except ValueError:
+        state = raw
+    since = q[stats]
+    waiting = None
+    if state in _WAITING_STATES and since:
+        waiting = max(0, time.monotonic_ns() - since)
+    base = stats - _S_WAIT_SINCE
+    buckets = tuple(q[base + _S_BUCKETS : base + _S_BUCKETS + HISTOGRAM_BUCKETS])
+    text = mm[reason : reason + STOP_REASON_SIZE].split(b"\0", 1)[0].decode("utf-8", "replace")
+    return VcpuReading(
+        state=state,
+        waiting_ns=waiting,
+        exits={kind.name.lower(): q[counters + kind] for kind in ExitKind},
+        responses=q[base + _S_RESPONSES],
+        response_sum_ns=q[base + _S_SUM],
+        response_max_ns=q[base + _S_MAX],
+        buckets=buckets,
+        stop_reason=text,
+    )
+
+
+class RegionView:
+    """A read-only mapping of another process's region, for `vmsuper stats`: it reads the
+    slots and statistics blocks and never writes (the pages are mapped PROT_READ)."""
+
+    def __init__(self, mm: mmap.mmap) -> None:
+        self._mm = mm
+        self._layout = _check_header(mm)
+        self._q = memoryview(mm).cast("Q")
+
+    @classmethod
+    def open(cls, pid: int, fd: int) -> RegionView:
+        """Map the region that process `pid` holds as `fd` (same user or root).
+
+        Raises `ShmError` when that fd is not a vmsuper region, OSError when it cannot be
+        opened (the process is gone, or belongs to someone else)."""
+        path = f"/proc/{pid}/fd/{fd}"
+        if not os.readlink(path).startswith(f"/memfd:{MEMFD_NAME} "):
+            raise ShmError(f"{path} is not a vmsuper shared-memory region")
+        handle = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(handle).st_size
+            if size < _HEADER.size:
+                raise ShmError(f"{path} is too small for a region ({size} bytes)")
+            mm = mmap.mmap(handle, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        finally:
+            os.close(handle)
+        try:
+            return cls(mm)
+        except BaseException:
+            mm.close()
+            raise
+
+    @property
+    def vcpus(self) -> int:
+        return self._layout.vcpus
+
+    def reading(self, index: int) -> VcpuReading:
+        if not 0 <= index < self._layout.vcpus:
+            raise IndexError(f"VCPU {index} outside 0..{self._layout.vcpus - 1}")
+        slot = (self._layout.slots + index * _SLOT_SIZE) // 8
+        stats = (self._layout.stats + index * _STATS_STRIDE) // 8
+        return _read_stats(
+            self._q,
+            slot + _C_RUN_STATE,
+            slot + _C_COUNTERS,
+            stats + _S_WAIT_SINCE,
+            (slot + _STOP_REASON_OFF // 8) * 8,
+            self._mm,
+        )
+
+    def range_counts(self, index: int) -> list[tuple[Range, int]]:
+        """VCPU `index`'s forwarded exits per reserved range of the table it runs with."""
+        if not 0 <= index < self._layout.vcpus:
+            raise IndexError(f"VCPU {index} outside 0..{self._layout.vcpus - 1}")
+        return _read_range_counts(self._q, self._layout, index)
+
+    def close(self) -> None:
+        self._q.release()
+        self._mm.close()
+
+    def __enter__(self) -> RegionView:
         return self
 
     def __exit__(

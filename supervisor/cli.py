@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the plugin in a bubblewrap sandbox ([plugin] sandbox)",
     )
 
-    # These two parse their own arguments (see `main`); listed here for `vmsuper --help`.
+    # These parse their own arguments (see `main`); listed here for `vmsuper --help`.
     commands.add_parser(
         "check",
         help="check that this host can run vmsuper (see 'vmsuper check --help')",
@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="show, follow or summarize a run's logs",
         add_help=False,
     )
+    commands.add_parser(
+        "stats", help="one snapshot of live or finished runs' counters", add_help=False
+    )
+    commands.add_parser("top", help="a live view of every VCPU of every run", add_help=False)
     return parser
 
 
@@ -157,8 +161,8 @@ def _run(args: argparse.Namespace) -> int:
         return USAGE_ERROR
     try:
         runner = importlib.import_module("vmsuper.supervisor.runner")
-        run = cast(Callable[[Config], int], runner.run)
-        return run(config)
+        run = cast(Callable[[Config, Path], int], runner.run)
+        return run(config, args.config)
     except Exception as exc:  # the runner handles its own; this is the last line of defence
         print(f"vmsuper: internal error: {exc!r} (exit status {INTERNAL_ERROR})", file=sys.stderr)
         return INTERNAL_ERROR
@@ -173,6 +177,11 @@ def _check(argv: Sequence[str]) -> int:
 def _logs(argv: Sequence[str]) -> int:
     logview = importlib.import_module("vmsuper.supervisor.logview")
     main = cast(Callable[[list[str]], int], logview.main)
+    return main(list(argv))
+
+
+def _own_parser(module: str, argv: Sequence[str]) -> int:
+    main = cast(Callable[[list[str]], int], importlib.import_module(module).main)
     return main(list(argv))
 
 
@@ -198,11 +207,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     as_command = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        # These two parse their own options, in their own modules.
+        # These parse their own options, in their own modules.
         if argv[:1] == ["check"]:
             return _check(argv[1:])
         if argv[:1] == ["logs"]:
             return _logs(argv[1:])
+        if argv[:1] in (["stats"], ["top"]):
+            return _own_parser(f"vmsuper.supervisor.{argv[0]}", argv[1:])
         args = build_parser().parse_args(argv)
         if args.command == "run":
             status = _run(args)

@@ -21,13 +21,14 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmsuper.shared import kvm, logs, wire
 from vmsuper.shared.plugin_pb2 import MainResponse
 from vmsuper.shared.ranges import RangeTable
 from vmsuper.shared.shm import SharedRegion
-from vmsuper.supervisor import cgroups, outcome
+from vmsuper.supervisor import cgroups, outcome, runinfo
 from vmsuper.supervisor.config import Config
 from vmsuper.supervisor.executable import check_exec_format
 from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
@@ -570,7 +571,22 @@ def _error_response(err: int) -> bytes:
     return response.SerializeToString()
 
 
-def run(config: Config) -> int:
+def _publish(run: Run, config_path: Path | None) -> list[Path]:
+    """Say where this run can be found (`runinfo`); a failure only costs `vmsuper stats`."""
+    assert run.region is not None
+    try:
+        return runinfo.publish(
+            log_dir=run.config.log.dir,
+            config=config_path,
+            vcpus=run.config.vm.vcpus,
+            shm_fd=run.region.fd,
+        )
+    except (OSError, runinfo.RunInfoError) as exc:
+        run.log.warning("run_info_failed", error=str(exc))
+        return []
+
+
+def run(config: Config, config_path: Path | None = None) -> int:
     """Run one VM to the end; returns vmsuper's exit status (see supervisor/outcome.py).
 
     Whatever goes wrong ends here with a status and one line on stderr, never a traceback:
@@ -601,7 +617,11 @@ def run(config: Config) -> int:
             print(f"vmsuper: {reason}", file=sys.stderr)
         else:
             supervisor = Supervisor(run_state)
-            status, reason = supervisor.serve()
+            published = _publish(run_state, config_path)
+            try:
+                status, reason = supervisor.serve()
+            finally:
+                runinfo.withdraw(published)
     except Exception as exc:
         status, reason = outcome.EXIT_SUPERVISOR_FAILED, f"internal error: {exc!r}"
         log.error("crashed", error=repr(exc), trace=traceback.format_exc())

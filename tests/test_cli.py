@@ -31,11 +31,13 @@ def config_file(tmp_path: Path) -> Path:
 class FakeRunner:
     def __init__(self, status: int = 0, raises: BaseException | None = None) -> None:
         self.configs: list[Config] = []
+        self.config_paths: list[Path | None] = []
         self.status = status
         self.raises = raises
 
-    def run(self, config: Config) -> int:
+    def run(self, config: Config, config_path: Path | None = None) -> int:
         self.configs.append(config)
+        self.config_paths.append(config_path)
         if self.raises is not None:
             raise self.raises
         return self.status
@@ -59,6 +61,7 @@ def test_run_without_flags_uses_the_file(config_file: Path, runner: FakeRunner) 
     assert config.plugin.vcpu_transport == "socket"
     assert config.log.dir == config_file.parent / "logs"
     assert config.log.level == "warning"
+    assert runner.config_paths == [config_file]  # for the run's run.json
 
 
 def test_run_flags_override_config(

@@ -27,7 +27,12 @@ from vmsuper.workers.vcpu_protocol import encode_io_wait, plain_resume_data
 
 @pytest.mark.parametrize(
     ("which", "mirror"),
-    [(0, hotpath.RunnerContext), (1, hotpath.Range), (2, hotpath.WorkerContext)],
+    [
+        (0, hotpath.RunnerContext),
+        (1, hotpath.Range),
+        (2, hotpath.WorkerContext),
+        (3, hotpath.VcpuStats),
+    ],
 )
 def test_structs_match_their_ctypes_mirrors(which: int, mirror: type[ctypes.Structure]) -> None:
     c_layout = hotpath.layout(hotpath.library, which)

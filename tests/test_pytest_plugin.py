@@ -6,8 +6,11 @@ runs pytest on it, in process and under pytest-xdist, then checks the inner outc
 
 from __future__ import annotations
 
+import socket
 import sys
 import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -214,3 +217,37 @@ def test_the_fixture_sandboxes_by_default(
     pytester.makepyfile(test_user=SANDBOX_TESTS)
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+FAILING_ANYWHERE_TESTS = """
+from pathlib import Path
+
+SCRIPT = Path(__file__).parent / "my_plugin.py"
+
+
+def test_fails(vmsuper):
+    result = vmsuper.run(SCRIPT)
+    assert result.status == 1, "deliberately wrong"
+"""
+
+
+def test_a_failing_test_names_its_host_and_log_folder(pytester: pytest.Pytester) -> None:
+    script = pytester.path / "my_plugin.py"
+    script.write_text(PLUGIN_SCRIPT)
+    script.chmod(0o755)
+    pytester.makepyfile(test_fail=textwrap.dedent(FAILING_ANYWHERE_TESTS))
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "-p", "no:cacheprovider", "--junitxml=report.xml"
+    )
+    result.assert_outcomes(failed=1)
+    host = socket.gethostname()
+    result.stdout.fnmatch_lines(
+        ["*Captured vmsuper run call*", f"host: {host}", "log folder: */vmsuper/run1/logs"]
+    )
+    properties = {
+        prop.get("name"): prop.get("value")
+        for prop in ET.parse(pytester.path / "report.xml").iter("property")
+    }
+    assert properties["vmsuper_host"] == host
+    log_dir = Path(properties["vmsuper_log_dir"] or "")
+    assert (log_dir / "supervisor.jsonl").exists()

@@ -15,6 +15,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,7 @@ from vmsuper.shared.shm import (
     OP_RUN,
     Doorbell,
     ExitKind,
+    RegionView,
     RunState,
     SharedRegion,
     ShmError,
@@ -399,12 +401,12 @@ def test_attach_checks_the_header(region: SharedRegion) -> None:
     with mmap.mmap(-1, region.size) as blank:
         with pytest.raises(ShmError, match="magic"):
             SharedRegion.attach(blank)
-        blank[:64] = region.mmap[:64]
+        blank[:128] = region.mmap[:128]  # the header (72 bytes) and then some
         blank[4:8] = (99).to_bytes(4, "little")
         with pytest.raises(ShmError, match="version"):
             SharedRegion.attach(blank)
     with mmap.mmap(-1, mmap.PAGESIZE) as small:
-        small[:64] = region.mmap[:64]
+        small[:128] = region.mmap[:128]
         with pytest.raises(ShmError, match="smaller"):
             SharedRegion.attach(small)
 
@@ -425,3 +427,68 @@ def test_close_refuses_while_a_view_is_held_and_is_idempotent() -> None:
     shared.close()
     shared.close()
     assert shared.mmap.closed
+
+
+# -- statistics and the read-only view ---------------------------------------------------------
+
+
+def test_a_wait_on_an_exit_lands_in_the_histogram_and_init_or_a_pause_do_not(
+    region: SharedRegion,
+) -> None:
+    slot = region.slot(1)
+    for state in (RunState.INIT, RunState.PAUSED, RunState.WAITING_PLUGIN):
+        slot.begin_wait(state)
+        reading = slot.reading()
+        assert reading.state is state
+        assert reading.waiting_ns is not None and reading.waiting_ns >= 0
+        slot.resumed()
+        assert slot.run_state is RunState.RUNNING
+        assert slot.reading().waiting_ns is None
+    reading = slot.reading()
+    assert reading.responses == 1
+    assert sum(reading.buckets) == 1
+    (bucket,) = [b for b, n in enumerate(reading.buckets) if n]
+    assert reading.response_max_ns == reading.response_sum_ns
+    assert reading.response_max_ns.bit_length() == bucket
+    assert region.slot(0).reading().responses == 0
+
+
+def test_region_view_maps_the_memfd_read_only(region: SharedRegion) -> None:
+    slot = region.slot(1)
+    slot.count(ExitKind.IO_OUT)
+    slot.begin_wait(RunState.PAUSED)
+    with RegionView.open(os.getpid(), region.fd) as view:
+        assert view.vcpus == 2
+        reading = view.reading(1)
+        assert reading.state is RunState.PAUSED
+        assert reading.exits["io_out"] == 1
+        slot.count(ExitKind.IO_OUT)  # the view sees the same pages, as they change
+        assert view.reading(1).exits["io_out"] == 2
+        with pytest.raises(TypeError):
+            view._mm[0:1] = b"x"  # mapped PROT_READ
+        with pytest.raises(IndexError):
+            view.reading(2)
+
+
+def test_region_view_refuses_an_fd_that_is_not_a_region(tmp_path: Path) -> None:
+    with open(tmp_path / "f", "wb") as f, pytest.raises(ShmError):
+        RegionView.open(os.getpid(), f.fileno())
+
+
+def test_range_counts_carry_over_and_separate_the_c_loops_counts(region: SharedRegion) -> None:
+    a = Range(Space.IOPORT, 0x10, 1)
+    b = Range(Space.MMIO, 0x1000, 0x100)
+    c = Range(Space.MMIO, 0x2000, 0x100)
+    live = region.range_counts(1)
+    live.describe([a, b])
+    counters = (ctypes.c_uint64 * 2).from_address(live.counts_address())
+    counters[1] += 3  # the C loop counts three exits of b
+    live.add(a)  # Python forwards one of a
+    live.add(c)  # not described: not counted
+    assert live.take_c_counts() == [(b, 3)]
+    assert live.take_c_counts() == []
+    with RegionView.open(os.getpid(), region.fd) as view:
+        assert view.range_counts(1) == [(a, 1), (b, 3)]
+        assert view.range_counts(0) == []
+        live.describe([b, c])  # a new table: b keeps its count
+        assert view.range_counts(1) == [(b, 3), (c, 0)]

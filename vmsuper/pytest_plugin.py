@@ -15,15 +15,32 @@ through), and the last lines of the supervisor's and each VCPU's log.
 
 Without a usable /dev/kvm the fixture skips the test, saying why, or fails it in CI
 (CI=true) or with VMSUPER_REQUIRE_KVM=1.
+
+pytest-xdist. The fixture's VMs share the host through a capacity guard (`vmsuper.capacity`):
+at most ``--vmsuper-max-vcpus`` VCPUs (or ``VMSUPER_MAX_VCPUS``; default: the CPU count) run at
+once, across xdist workers and pytest sessions. A test that had to wait for room says so in
+its report (user property ``vmsuper_capacity_wait_s`` and a "vmsuper capacity" section).
+
+Each VM the fixture starts also puts the host's name and the run's log folder into the test's
+report (user properties ``vmsuper_host`` and ``vmsuper_log_dir``, and a "vmsuper run"
+section), so a test that fails on a remote xdist worker (``--tx ssh=...``) says where to look.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 
+from vmsuper.capacity import (
+    CapacityError,
+    CapacityGuard,
+    Lease,
+    default_max_vcpus,
+    parse_max_vcpus,
+)
 from vmsuper.testing import (
     VmResult,
     VmRunner,
@@ -34,12 +51,37 @@ from vmsuper.testing import (
 
 __all__ = ["VmResult", "VmRunner", "VmSpec"]
 
+MAX_VCPUS_OPTION = "--vmsuper-max-vcpus"
+WAIT_PROPERTY = "vmsuper_capacity_wait_s"
+HOST_PROPERTY = "vmsuper_host"
+LOG_PROPERTY = "vmsuper_log_dir"
 _RUNNER = pytest.StashKey[VmRunner]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.getgroup("vmsuper").addoption(
+        MAX_VCPUS_OPTION,
+        metavar="N",
+        default=None,
+        help="most VCPUs of vmsuper VMs running at once on this host, across xdist workers "
+        "and pytest sessions (default: $VMSUPER_MAX_VCPUS, else the CPU count)",
+    )
+
+
+def _max_vcpus(config: pytest.Config) -> int:
+    text = config.getoption(MAX_VCPUS_OPTION)
+    try:
+        if text is not None:
+            return parse_max_vcpus(str(text), MAX_VCPUS_OPTION)
+        return default_max_vcpus()
+    except CapacityError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 @pytest.fixture
 def vmsuper(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VmRunner]:
-    """A VmRunner whose runs live in this test's own temporary folder.
+    """A VmRunner whose runs live in this test's own temporary folder and share the host's
+    VCPUs with every other test VM (the capacity guard).
 
     The folder is opened (0755) to the unprivileged user a sandboxed plugin runs as, so that
     a plugin written there can run; its parent stays private to the test's user.
@@ -49,11 +91,35 @@ def vmsuper(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VmRunner
         if required_strictly():
             pytest.fail(f"the vmsuper fixture needs KVM (CI or VMSUPER_REQUIRE_KVM=1): {reason}")
         pytest.skip(f"the vmsuper fixture needs KVM: {reason}")
+    item = request.node
+
+    def waited(lease: Lease, vcpus: int) -> None:
+        total = sum(value for name, value in item.user_properties if name == WAIT_PROPERTY)
+        item.user_properties[:] = [p for p in item.user_properties if p[0] != WAIT_PROPERTY]
+        item.user_properties.append((WAIT_PROPERTY, round(total + lease.waited_s, 3)))
+        item.add_report_section(
+            "call",
+            "vmsuper capacity",
+            f"a {vcpus}-VCPU VM waited {lease.waited_s:.3f} s for {len(lease.fds)} of the "
+            f"host's {guard.max_vcpus} VCPU slots",
+        )
+
+    def started(log_dir: Path) -> None:
+        item.user_properties.append((HOST_PROPERTY, socket.gethostname()))
+        item.user_properties.append((LOG_PROPERTY, str(log_dir.resolve())))
+        item.add_report_section(
+            "call", "vmsuper run", f"host: {socket.gethostname()}\nlog folder: {log_dir.resolve()}"
+        )
+
     tmp_path.chmod(0o755)
-    runner = VmRunner(tmp_path / "vmsuper")
-    request.node.stash[_RUNNER] = runner
-    yield runner
-    runner.stop_all()
+    guard = CapacityGuard(_max_vcpus(request.config))
+    runner = VmRunner(tmp_path / "vmsuper", capacity=guard, on_wait=waited, on_start=started)
+    item.stash[_RUNNER] = runner
+    try:
+        yield runner
+    finally:
+        runner.stop_all()
+        runner.close()
 
 
 @pytest.hookimpl(wrapper=True)

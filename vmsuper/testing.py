@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmsuper.capacity import CapacityGuard, Lease
+
 DEFAULT_TIMEOUT = 60.0
 SANDBOX_VARIABLE = "VMSUPER_TEST_SANDBOX"
 KVM_PATH = "/dev/kvm"
@@ -189,12 +191,22 @@ class VmRunner:
 
     It keeps every run it started (`started`): the pytest plugin reports on them when a test
     fails (`report_sections`).
+
+    With a `capacity` guard, each VM first takes as many host-wide VCPU slots as it has VCPUs
+    (`vmsuper.capacity`); `run` gives them back when the VM has ended, `close` whatever
+    `start`ed VMs still hold. `on_wait` hears of every VM that had to wait for its slots.
     """
 
     base: Path
     timeout: float = DEFAULT_TIMEOUT
+    capacity: CapacityGuard | None = None
+    on_wait: Callable[[Lease, int], None] | None = None
+    """Called with the lease and the VM's VCPU count when taking slots had to wait."""
+    on_start: Callable[[Path], None] | None = None
+    """Called with each run's log folder as its VM starts."""
     _count: int = 0
     started: list[StartedRun] = field(default_factory=list)
+    _leases: dict[int, Lease] = field(default_factory=dict)
 
     def folder(self) -> Path:
         self._count += 1
@@ -224,16 +236,42 @@ class VmRunner:
         log_dir = folder / "logs"
         config_path = folder / "vm.toml"
         config_path.write_text(spec.to_toml(plugin_path.resolve(), log_dir))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vmsuper", "run", str(config_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=os.environ.copy(),
-        )
+        lease = None
+        if self.capacity is not None:
+            lease = self.capacity.acquire(spec.vcpus)
+            if lease.waited and self.on_wait is not None:
+                self.on_wait(lease, spec.vcpus)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "vmsuper", "run", str(config_path)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                env=os.environ.copy(),
+            )
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
         self.started.append(StartedRun(proc, config_path, log_dir))
+        if lease is not None:
+            self._leases[proc.pid] = lease
+        if self.on_start is not None:
+            self.on_start(log_dir)
         return proc, config_path, log_dir
+
+    def release(self, proc: subprocess.Popen[str]) -> None:
+        """Give back the capacity slots of a VM that `start` started (once it has ended)."""
+        lease = self._leases.pop(proc.pid, None)
+        if lease is not None:
+            lease.release()
+
+    def close(self) -> None:
+        """Give back every slot still held (the VMs' processes should have ended)."""
+        for lease in self._leases.values():
+            lease.release()
+        self._leases.clear()
 
     def run(
         self,
@@ -247,9 +285,13 @@ class VmRunner:
         return self.finish(proc, timeout=timeout)
 
     def finish(self, proc: subprocess.Popen[str], *, timeout: float | None = None) -> VmResult:
-        """`finish` for a run this runner started; the result is kept for the report."""
+        """`finish` for a run this runner started; the result is kept for the report, and
+        the run's capacity slots are given back."""
         run = next(r for r in self.started if r.proc is proc)
-        run.result = finish(proc, run.config_path, run.log_dir, timeout or self.timeout)
+        try:
+            run.result = finish(proc, run.config_path, run.log_dir, timeout or self.timeout)
+        finally:
+            self.release(proc)
         return run.result
 
     def stop_all(self) -> None:

@@ -14,8 +14,7 @@ import ctypes
 from typing import Final
 
 from vmsuper.shared import hotpath
-from vmsuper.shared.ranges import Range
-from vmsuper.shared.shm import Doorbell, ExitKind, Mailbox, TableReader, VcpuSlot
+from vmsuper.shared.shm import Doorbell, ExitKind, Mailbox, RangeCounts, TableReader, VcpuSlot
 from vmsuper.workers.vcpu_channel import MAX_REQUEST, MAX_REQUEST_FDS, Channel, PipeChannel
 from vmsuper.workers.vcpu_protocol import VcpuProtocol
 
@@ -39,14 +38,14 @@ class FastExits:
         slot: VcpuSlot,
         reader: TableReader,
         channel: Channel,
+        range_counts: RangeCounts,
     ) -> None:
         self._reader = reader
+        self._live = range_counts
         self._buffer = ctypes.create_string_buffer(MAX_REQUEST + 1)
         request_efd, done_efd = doorbell.fds()
         fds = channel.fds()
-        self._ranges: list[Range] = []
         self._array: ctypes.Array[hotpath.Range] = _NO_RANGES
-        self._counts: ctypes.Array[ctypes.c_uint64] = (ctypes.c_uint64 * 1)()
         self.context = hotpath.WorkerContext(
             run=run_address,
             run_size=run_size,
@@ -56,11 +55,12 @@ class FastExits:
             done_seen=ctypes.addressof(doorbell.done_seen),
             counters=slot.cell_address("counters"),
             run_state=slot.cell_address("run_state"),
+            stats=slot.cell_address("stats"),
             table_gen=reader.gen_address,
             known_gen=(1 << 64) - 1,  # odd: never a published generation
             ranges=ctypes.addressof(self._array),
             n_ranges=0,
-            range_counts=ctypes.addressof(self._counts),
+            range_counts=range_counts.counts_address(),
             pipes=isinstance(channel, PipeChannel),
             in_fd=fds[0],
             out_fd=fds[-1],
@@ -92,29 +92,26 @@ class FastExits:
         return page[context.fwd_offset : context.fwd_offset + context.fwd_length]
 
     def collect(self, protocol: VcpuProtocol) -> None:
-        """Move the loop's per-range counts into the protocol's (for the exit-count record)."""
-        counts = self._counts
-        for index, rng in enumerate(self._ranges):
-            if counts[index]:
-                protocol.add_range_count(rng, counts[index])
-                counts[index] = 0
+        """Add the loop's per-range counts to the protocol's (for the exit-count record)."""
+        for rng, count in self._live.take_c_counts():
+            protocol.add_range_count(rng, count)
 
     def _describe_table(self, protocol: VcpuProtocol) -> None:
         self.collect(protocol)
         snapshot = self._reader.snapshot()
         ranges = list(snapshot.ranges())  # IOPORT (0) first, each space by start
+        self._live.describe(ranges)
+        ranges = self._live.ranges  # the C loop sees no more ranges than the counters hold
         size = max(1, len(ranges))
         array = (hotpath.Range * size)(
             *(hotpath.Range(r.start, r.length, r.space, r.async_write) for r in ranges)
         )
-        counts = (ctypes.c_uint64 * size)()
         context = self.context
         context.ranges = ctypes.addressof(array)
-        context.range_counts = ctypes.addressof(counts)
         context.n_ranges = len(ranges)
         hint = snapshot.hint
         context.hint_set = hint is not None and hint.is_set
         context.hint_space = hint.space if hint is not None else 0
         context.hint_address = hint.address if hint is not None else 0
         context.known_gen = snapshot.gen
-        self._ranges, self._array, self._counts = ranges, array, counts
+        self._array = array

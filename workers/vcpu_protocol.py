@@ -309,6 +309,8 @@ class VcpuProtocol:
         self._counted: dict[int, Range] = {}
         self.last_refusal: str | None = None
         """Why the last failed request failed (also logged)."""
+        self.last_range: Range | None = None
+        """The reserved range of the last access `io_access` counted."""
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -544,6 +546,7 @@ class VcpuProtocol:
             if not is_write:
                 data[:] = bytes(len(data))
             return None
+        self.last_range = rng
         key = rng.start | rng.space << 64
         counts = self._counts
         count = counts.get(key, 0)

@@ -47,9 +47,11 @@ from vmsuper.shared.shm import (
     Doorbell,
     ExitKind,
     Mailbox,
+    RangeCounts,
     RunState,
     SharedRegion,
     ShmError,
+    TableReader,
     VcpuSlot,
     drain_wakeup_pipe,
 )
@@ -268,6 +270,8 @@ class VcpuWorker:
         debug: bool = False,
         fast: FastExits | None = None,
         essential: Any = None,
+        range_counts: RangeCounts | None = None,
+        reader: TableReader | None = None,
     ) -> None:
         self.vcpu = vcpu
         self.channel = channel
@@ -279,6 +283,9 @@ class VcpuWorker:
         self.protocol = VcpuProtocol(calls, ranges, log=log)
         self._debug = debug
         self._fast = fast
+        self._live = range_counts
+        self._reader = reader
+        self._live_gen = -1
         self._run = run
         self._page = page
         self._mmio_data = kvm.mmio_data(run)
@@ -299,6 +306,7 @@ class VcpuWorker:
         mailbox = spec.region.mailbox(spec.vcpu)
         slot = spec.region.slot(spec.vcpu)
         reader = spec.region.reader()
+        range_counts = spec.region.range_counts(spec.vcpu)
         fast = None
         if spec.fast_exits and not debug:
             fast = FastExits(
@@ -309,6 +317,7 @@ class VcpuWorker:
                 slot=slot,
                 reader=reader,
                 channel=channel,
+                range_counts=range_counts,
             )
         return cls(
             vcpu=spec.vcpu,
@@ -322,6 +331,8 @@ class VcpuWorker:
             debug=debug,
             fast=fast,
             essential=logs.essential_logger(),
+            range_counts=range_counts,
+            reader=reader,
         )
 
     def release(self) -> None:
@@ -332,12 +343,12 @@ class VcpuWorker:
     def serve(self) -> WorkerStatus:
         """Serve the channel until the VCPU stops; the status to exit with."""
         log = self.log
-        self.slot.run_state = RunState.INIT
+        self.slot.begin_wait(RunState.INIT)
         log.info(
             "worker_started", transport=type(self.channel).__name__, fast_exits=bool(self._fast)
         )
         try:
-            self._serve_until_resume(waiting=RunState.INIT)
+            self._serve_until_resume()
             log.info("init_done")
             log.info("running")
             self.running_since = time.monotonic()
@@ -372,17 +383,16 @@ class VcpuWorker:
         except ChannelFailed as exc:
             raise _Stop(WorkerStatus.PLUGIN_FAILURE, str(exc)) from exc
 
-    def _serve_until_resume(
-        self, first: bytes | None = None, *, waiting: RunState = RunState.WAITING_PLUGIN
-    ) -> None:
+    def _serve_until_resume(self, first: bytes | None = None) -> None:
         """Answer requests (`first`, if the C loop already read one, then the channel's)
-        until the plugin resumes the VCPU (or the channel ends). `waiting` is the run state
-        shown meanwhile: INIT for the Init exchange, so the watchdog tells the two apart."""
+        until the plugin resumes the VCPU (or the channel ends).
+
+        The slot already says what the VCPU waits for (INIT, WAITING_PLUGIN or PAUSED: see
+        `VcpuSlot.begin_wait`), and keeps saying it until the Resume; the watchdog and
+        `vmsuper stats` read it."""
         protocol = self.protocol
         channel = self.channel
         slot = self.slot
-        if protocol.phase is Phase.SERVING:
-            slot.run_state = waiting
         while True:
             if first is not None:
                 data: bytes | None = first
@@ -406,12 +416,10 @@ class VcpuWorker:
                 self._send(answer)
             phase = protocol.phase
             if phase is Phase.RUNNING:
-                slot.run_state = RunState.RUNNING
+                slot.resumed()
                 return
             if phase is Phase.STOPPED:
                 raise _Stop(WorkerStatus.CLEAN, "the plugin sent Shutdown")
-            if phase is Phase.SERVING:
-                slot.run_state = waiting
 
     def _check_framing(self, data: bytes) -> None:
         """Stop with the fix when the first request is framed for the pipes transport while
@@ -452,8 +460,9 @@ class VcpuWorker:
             slot.count(ExitKind.USER)
             if self._debug:
                 self.log.debug("exit", kind="user", token=token)
-            slot.run_state = RunState.PAUSED
-            self._send(self.protocol.pause(token))
+            answer = self.protocol.pause(token)
+            slot.begin_wait(RunState.PAUSED)
+            self._send(answer)
             self._serve_until_resume()
         elif err != errno.EAGAIN:  # EAGAIN: an uninitialized VCPU woke up (INIT/SIPI)
             raise _Stop(
@@ -540,9 +549,12 @@ class VcpuWorker:
             answer = self._handle_rare_exit()
         if answer is None:
             return
-        self._send(answer)
         if protocol.phase is Phase.SERVING:
+            self.slot.begin_wait(RunState.WAITING_PLUGIN)
+            self._send(answer)
             self._serve_until_resume()
+        else:
+            self._send(answer)
 
     def _answer_logged(self, answer: bytes | None, data: memoryview, **fields: Any) -> None:
         """At debug level: deliver the exit, wait for the plugin's Resume, then log the exit.
@@ -556,8 +568,11 @@ class VcpuWorker:
         try:
             if answer is not None:
                 started = time.perf_counter_ns()
+                serving = self.protocol.phase is Phase.SERVING
+                if serving:
+                    self.slot.begin_wait(RunState.WAITING_PLUGIN)
                 self._send(answer)
-                if self.protocol.phase is Phase.SERVING:
+                if serving:
                     self._serve_until_resume()
                     response_us = round((time.perf_counter_ns() - started) / 1000, 1)
                 resumed = True
@@ -598,10 +613,19 @@ class VcpuWorker:
     def _count_access(self, answer: bytes | None, forwarded: ExitKind) -> None:
         if answer is None:
             self.slot.count(ExitKind.UNRESERVED)
-        elif self.protocol.phase is Phase.RUNNING:
+            return
+        if self.protocol.phase is Phase.RUNNING:
             self.slot.count(ExitKind.ASYNC_WRITE)
         else:
             self.slot.count(forwarded)
+        live, rng = self._live, self.protocol.last_range
+        if live is not None and rng is not None:
+            reader = self._reader
+            if self._fast is None and reader is not None and reader.gen != self._live_gen:
+                # Without the C loop, nothing else lays out the live counters for a new table.
+                self._live_gen = reader.gen
+                live.describe(list(reader.snapshot().ranges()))
+            live.add(rng)
 
     def _fatal_exit(self, exit_: kvm.Exit) -> _Stop:
         rip, state = self._registers()

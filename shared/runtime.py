@@ -1,0 +1,42 @@
+"""The host-wide runtime folder of vmsuper: where live runs publish themselves (`run.json`
+entries, see supervisor/runinfo.py) and where the pytest plugin's capacity guard keeps its slot
+files (vmsuper/capacity.py)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Final
+
+__all__ = ["RUNTIME_VARIABLE", "RuntimeDirError", "make_runtime_dir", "runtime_dir"]
+
+RUNTIME_VARIABLE: Final = "VMSUPER_RUNTIME_DIR"
+"""Overrides the runtime folder (tests use it to see only their own runs)."""
+
+
+class RuntimeDirError(Exception):
+    """The runtime folder exists but belongs to another user."""
+
+
+def runtime_dir() -> Path:
+    """``/run/vmsuper`` as root, else ``$XDG_RUNTIME_DIR/vmsuper``, else
+    ``<tmp>/vmsuper-<uid>``; `VMSUPER_RUNTIME_DIR` wins."""
+    override = os.environ.get(RUNTIME_VARIABLE)
+    if override:
+        return Path(override)
+    if os.geteuid() == 0:
+        return Path("/run/vmsuper")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "vmsuper"
+    return Path(tempfile.gettempdir()) / f"vmsuper-{os.geteuid()}"
+
+
+def make_runtime_dir(path: Path) -> Path:
+    """Create `path` (mode 0700) if needed and check this user owns it; returns it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    owner = path.stat().st_uid
+    if owner != os.geteuid():
+        raise RuntimeDirError(f"runtime folder {path} belongs to uid {owner}, not to this user")
+    return path
