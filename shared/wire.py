@@ -27,6 +27,8 @@ import fcntl
 import os
 import select
 import socket
+import stat
+import struct
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ __all__ = [
     "MessageTooLarge",
     "TooManyFds",
     "WireError",
+    "close_received",
     "encode_delimited",
     "encode_varint",
     "enlarge_pipe",
@@ -111,11 +114,41 @@ def _close_all(fds: Iterable[int]) -> None:
     failure: OSError | None = None
     for fd in fds:
         try:
-            os.close(fd)
+            close_received(fd)
         except OSError as exc:
             failure = failure or exc
     if failure is not None:
         raise failure
+
+
+_NO_LINGER = struct.pack("ii", 0, 0)
+
+
+def close_received(fd: int) -> None:
+    """Close an fd that came from a peer, without waiting on it.
+
+    The last close of a socket with SO_LINGER set waits until its send queue drains or the
+    linger time ends (a peer can make that many seconds): lingering is turned off first, so
+    the close returns at once and the kernel sends what is queued on its own. Closing the
+    other kinds a peer can pass (memfds, pipes, eventfds, ...) does not wait.
+    """
+    try:
+        is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        is_socket = False
+    if is_socket:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            pass
+        else:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+            except OSError:
+                pass
+            finally:
+                sock.detach()
+    os.close(fd)
 
 
 @dataclass(slots=True)
