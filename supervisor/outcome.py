@@ -6,7 +6,7 @@
        HLT without the in-kernel irqchip) or a VCPU worker died
 125    a supervisor-side failure (the VM could not be set up, an internal error)
 128+N  the plugin was killed by signal N, or vmsuper itself was stopped by signal N
-       (SIGTERM, SIGINT) and shut down cleanly
+       (SIGTERM, SIGINT, SIGHUP) and shut down cleanly
 The first cause wins: a plugin that exits 0 after its VCPU triple-faulted still yields 124.
 """
 
@@ -38,8 +38,16 @@ def supervisor_failure(reason: str) -> Failure:
     return Failure(EXIT_SUPERVISOR_FAILED, reason)
 
 
+def signal_name(signum: int) -> str:
+    """SIGTERM for 15; "signal 35" for a number without a name (real-time signals)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def stopped_by_signal(signum: int) -> Failure:
-    return Failure(128 + signum, f"vmsuper stopped by {signal.Signals(signum).name}")
+    return Failure(128 + signum, f"vmsuper stopped by {signal_name(signum)}")
 
 
 def plugin_status(wait_status: int | None) -> tuple[int, str]:
@@ -48,7 +56,7 @@ def plugin_status(wait_status: int | None) -> tuple[int, str]:
         return EXIT_SUPERVISOR_FAILED, "the plugin's exit status is unknown"
     if os.WIFSIGNALED(wait_status):
         sig = os.WTERMSIG(wait_status)
-        return 128 + sig, f"plugin killed by {signal.Signals(sig).name}"
+        return 128 + sig, f"plugin killed by {signal_name(sig)}"
     code = os.WEXITSTATUS(wait_status)
     return code, f"plugin exited with status {code}"
 
