@@ -107,6 +107,8 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     request_size: int = _DEFAULT_LIMITS.request_size
     fds_per_message: int = _DEFAULT_LIMITS.fds_per_message
     plugin_open_files: int = _DEFAULT_LIMITS.plugin_open_files
+    plugin_log_bytes: int = _DEFAULT_LIMITS.plugin_log_bytes
+    plugin_log_lines: int = _DEFAULT_LIMITS.plugin_log_lines
 
     def to_limits(self) -> Limits:
         return Limits(**msgspec.structs.asdict(self))
@@ -123,6 +125,8 @@ _LIMIT_MAXIMA = {
     "request_size": 64 << 20,
     "fds_per_message": 253,  # SCM_MAX_FD
     "plugin_open_files": 1 << 20,
+    "plugin_log_bytes": 1 << 40,
+    "plugin_log_lines": 1 << 32,
 }
 
 

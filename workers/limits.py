@@ -31,3 +31,10 @@ class Limits:
     fds_per_message: int = 4
     # RLIMIT_NOFILE of the plugin process (soft and hard).
     plugin_open_files: int = 4096
+    # Bytes of the plugin's output kept in the run's logs, per stream (stderr records in
+    # supervisor.jsonl, plugin-stdout.log). Beyond: a `plugin_output_capped` record, and
+    # the rest only passed on to vmsuper's stdout and stderr.
+    plugin_log_bytes: int = 8 << 20
+    # Records of the plugin's stderr in supervisor.jsonl (one per line, or per piece of a
+    # long line). Beyond: as for plugin_log_bytes.
+    plugin_log_lines: int = 65536
