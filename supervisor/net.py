@@ -222,7 +222,7 @@ class Tap:
             return
         try:
             # Made persistent through a copy of the fd, the device would outlive every fd.
-            _ioctl(fd, _TUNSETPERSIST, 0)
+            fcntl.ioctl(fd, _TUNSETPERSIST, 0)  # the argument is the value, not a pointer
         except OSError:
             pass
         finally:
@@ -255,7 +255,7 @@ class Tap:
         return f"Tap({self.name!r}, {state}, {self.settings.host_ip}/{self.settings.prefixlen})"
 
 
-def _ioctl(fd: int, request: int, arg: bytes | int) -> bytes | int:
+def _ioctl(fd: int, request: int, arg: bytes) -> bytes:
     """The one place ioctls go through (so tests can make any step fail)."""
     return fcntl.ioctl(fd, request, arg)
 
@@ -289,9 +289,7 @@ def _delete_link(index: int) -> None:
 
 def _step(fd: int, request: int, arg: bytes, what: str, name: str) -> bytes:
     try:
-        result = _ioctl(fd, request, arg)
-        assert isinstance(result, bytes)
-        return result
+        return _ioctl(fd, request, arg)
     except OSError as exc:
         raise NetError(
             f"cannot {what} tap {name!r}: {exc.strerror}{_hint(exc.errno)}", exc.errno

@@ -1,7 +1,7 @@
 """vmsuper's exit status: one place that turns what happened into a number.
 
 0      the plugin exited 0 and nothing failed
-1-123  the plugin's own non-zero exit code
+1-255  the plugin's own non-zero exit code, passed through (124, 125, 128+N included)
 124    a VCPU stopped abnormally (guest triple fault, KVM internal error, failed entry,
        HLT without the in-kernel irqchip) or a VCPU worker died
 125    a supervisor-side failure (the VM could not be set up, an internal error)
