@@ -3,7 +3,8 @@
 The plugin never holds vmsuper's terminal or whatever else vmsuper's stdout is: both its
 outputs are pipes that the event loop reads. Every chunk read is passed on unchanged, as it
 comes, to vmsuper's stdout or stderr (that echo is not capped: it is the plugin's console, and
-vmsuper's own stdout and stderr are the user's to redirect), and is kept in the log folder:
+vmsuper's own stdout and stderr are the user's to redirect; it never blocks the loop either,
+see `OutputRelay`), and is kept in the log folder:
 
 - stderr, line by line, as `plugin_stderr` records in `supervisor.jsonl`;
 - stdout, byte for byte, in `plugin-stdout.log`.
@@ -23,11 +24,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 CHUNK = 65536
+# Bytes of the plugin's output waiting for vmsuper's stdout or stderr before its pipe is no
+# longer read; and what is written at a time once that polls writable (PIPE_BUF: a pipe with
+# room for it takes it whole, without blocking).
+ECHO_BUFFER = 1 << 20
+ECHO_WRITE = 4096
 MAX_LINE = 4096
 STDOUT_LOG_NAME = "plugin-stdout.log"
 
@@ -190,22 +197,66 @@ class StdoutFile:
 
 
 class OutputRelay:
-    """One of the plugin's output pipes: each chunk to `echo_fd` as is, and to `sink`."""
+    """One of the plugin's output pipes: each chunk to `echo_fd` as is, and to `sink`.
+
+    The echo never blocks the loop: what `echo_fd` (vmsuper's stdout or stderr: a terminal
+    the user paused, a pipe nobody reads) cannot take at once waits in a buffer, written in
+    pieces of `ECHO_WRITE` bytes whenever `echo_fd` polls writable (`pump_echo`). While more
+    than `ECHO_BUFFER` bytes wait, the plugin's pipe is not read (`wants_input`): the plugin's
+    own writes block, not vmsuper.
+    """
 
     def __init__(self, fd: int, echo_fd: int, sink: Sink) -> None:
         self.fd = fd
-        self._echo_fd = echo_fd
+        self.echo_fd = echo_fd
         self._sink = sink
+        self._echo = bytearray()
+        self._echo_broken = False
         self._closed = False
+
+    @property
+    def wants_input(self) -> bool:
+        return len(self._echo) < ECHO_BUFFER
+
+    @property
+    def echo_pending(self) -> bool:
+        return bool(self._echo)
+
+    @property
+    def closed(self) -> bool:
+        """The plugin's end is closed and the sink flushed (see `close`)."""
+        return self._closed
 
     def read(self) -> bool:
         """Take one chunk of what the pipe holds; False once the plugin's end is closed."""
         return self._read_chunk() is not None
 
+    def pump_echo(self) -> None:
+        """Write what waits for `echo_fd`, as long as it takes it without blocking."""
+        while self._echo and _writable(self.echo_fd):
+            try:
+                written = os.write(self.echo_fd, self._echo[:ECHO_WRITE])
+            except BlockingIOError:
+                return
+            except OSError:  # vmsuper's stdout or stderr is gone (a closed terminal or pipe)
+                self._echo_broken = True
+                self._echo.clear()
+                return
+            del self._echo[:written]
+
     def drain(self) -> None:
-        """Everything left in the pipe, without waiting for more."""
+        """At the end: everything still waiting or left in the pipe, waiting for `echo_fd`
+        if it must (the plugin is gone by then; vmsuper's own output is the user's)."""
+        self._flush_echo()
         while self._read_chunk():
-            pass
+            self._flush_echo()
+
+    def close(self) -> None:
+        """Flush the sink (a last line without newline) and close it; the pipe is the
+        plugin process's to close."""
+        if not self._closed:
+            self._closed = True
+            self._sink.close()
 
     def _read_chunk(self) -> bytes | None:
         """The chunk passed on; b"" when nothing is there yet, None at the end."""
@@ -217,24 +268,29 @@ class OutputRelay:
             return None
         if not chunk:
             return None
-        self._pass_on(chunk)
+        if not self._echo_broken:
+            self._echo += chunk
+            self.pump_echo()
+        self._sink.write(chunk)
         return chunk
 
-    def close(self) -> None:
-        """Flush the sink (a last line without newline) and close it; the pipe is the
-        plugin process's to close."""
-        if not self._closed:
-            self._closed = True
-            self._sink.close()
-
-    def _pass_on(self, chunk: bytes) -> None:
-        # vmsuper's stdout or stderr may be gone (a closed terminal, a closed pipe).
-        with contextlib.suppress(OSError):
-            _write_all(self._echo_fd, chunk)
-        self._sink.write(chunk)
+    def _flush_echo(self) -> None:
+        if self._echo:
+            with contextlib.suppress(OSError):
+                _write_all(self.echo_fd, self._echo)
+            self._echo.clear()
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _writable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    events = poller.poll(0)
+    if events and events[0][1] & (select.POLLERR | select.POLLNVAL):
+        return True  # the write says what is wrong
+    return bool(events)
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

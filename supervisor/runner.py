@@ -389,6 +389,31 @@ class Supervisor:
         if not relay.read():
             self.sel.unregister(relay.fd)
             relay.close()
+        self._steer_output(relay)
+
+    def _on_echo_writable(self, relay: OutputRelay) -> None:
+        relay.pump_echo()
+        self._steer_output(relay)
+
+    def _steer_output(self, relay: OutputRelay) -> None:
+        """Wait for vmsuper's stdout/stderr while echo waits, and stop reading the plugin's
+        pipe while too much does (see OutputRelay)."""
+        watched = self.sel.get_map()
+        if relay.echo_pending and relay.echo_fd not in watched:
+            try:
+                self.sel.register(
+                    relay.echo_fd, selectors.EVENT_WRITE, lambda _fd: self._on_echo_writable(relay)
+                )
+            except (OSError, ValueError):  # a file epoll cannot watch: writes never wait
+                relay.drain()
+        elif not relay.echo_pending and relay.echo_fd in watched:
+            self.sel.unregister(relay.echo_fd)
+        if relay.closed:
+            return
+        if relay.wants_input and relay.fd not in watched:
+            self.sel.register(relay.fd, selectors.EVENT_READ, lambda _fd: self._on_output(relay))
+        elif not relay.wants_input and relay.fd in watched:
+            self.sel.unregister(relay.fd)
 
     def _on_signal(self, fd: int) -> None:
         with contextlib.suppress(BlockingIOError):

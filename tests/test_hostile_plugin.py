@@ -4,10 +4,13 @@ the tap, its own output, fds it passes, the supervisor's fd table, odd exit stat
 from __future__ import annotations
 
 import json
+import os
 import resource
+import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +166,53 @@ def test_stdout_is_relayed_and_kept_bounded_in_the_log_folder(tmp_path: Path) ->
     assert [r["stream"] for r in result.records() if r["event"] == "plugin_output_capped"] == [
         "stdout"
     ]
+
+
+def test_a_stdout_nobody_reads_does_not_stop_the_supervisor(tmp_path: Path) -> None:
+    """vmsuper's stdout is a pipe the test does not read while the plugin floods its own."""
+    fifo = tmp_path / "served"
+    os.mkfifo(fifo)
+    body = f"""
+    import threading
+
+    def flood():
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(1, b"o" * 65536)
+
+    threading.Thread(target=flood, daemon=True).start()
+    MAIN.settimeout(20)
+    try:
+        served = sum(
+            errno_of(req(check_extension=pb.MainRequest.CheckExtension())) == 0
+            for _ in range(200)
+        )
+    except TimeoutError:
+        served = -1
+    with open({str(fifo)!r}, "w") as f:
+        f.write(f"{{served}}\\n")
+    os._exit(0)
+    """
+    plugin = write_python_plugin(tmp_path, "import contextlib\n" + plugin_source(body))
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    proc, config, logs = VmRunner(tmp_path / "runs").start(plugin)
+    try:
+        report = b""
+        deadline = time.monotonic() + 60
+        while not report.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "the plugin never reported"
+            if select.select([reader], [], [], remaining)[0]:
+                report += os.read(reader, 100)
+        assert report == b"200\n"
+        result = finish(proc, config, logs, timeout=60)
+    finally:
+        os.close(reader)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert result.status == 0, result.stderr
+    assert len(result.stdout) > 65536
 
 
 # -- the supervisor's fd table ------------------------------------------------------------------
