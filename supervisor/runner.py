@@ -452,7 +452,7 @@ class Supervisor:
         self._install_signals()
         try:
             if not cfg.plugin.sandbox:
-                print(UNSANDBOXED_NOTICE, file=sys.stderr, flush=True)
+                _tell(UNSANDBOXED_NOTICE)
             try:
                 self.plugin = PluginProcess.spawn(
                     cfg.plugin.path,
@@ -529,6 +529,12 @@ class Supervisor:
         return status, reason
 
 
+def _tell(line: str) -> None:
+    """One line on stderr, which may be gone by now (a terminal that hung up: EIO)."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
+
+
 def _error_response(err: int, like: bytes = b"") -> bytes:
     """A response carrying `err`, and the oneof case of the response `like`, if any."""
     response = MainResponse()
@@ -577,12 +583,12 @@ def run(config: Config) -> int:
         except (SetupError, OSError) as exc:
             reason = f"set-up failed: {exc}"
             log.error("setup_failed", error=str(exc))
-            print(f"vmsuper: {reason}", file=sys.stderr)
+            _tell(f"vmsuper: {reason}")
         else:
             status, reason = Supervisor(run_state).serve()
     finally:
         run_state.close()
     log.info("run_finished", status=status, reason=reason)
     if status != 0:
-        print(f"vmsuper: {reason} (exit status {status})", file=sys.stderr)
+        _tell(f"vmsuper: {reason} (exit status {status})")
     return status

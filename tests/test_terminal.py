@@ -18,7 +18,7 @@ import psutil
 import pytest
 from rawplugin import plugin_source
 
-from vmsuper.testing import VmRunner, VmSpec, finish, write_python_plugin
+from vmsuper.testing import VmResult, VmRunner, VmSpec, finish, write_python_plugin
 
 pytestmark = pytest.mark.kvm
 
@@ -106,12 +106,18 @@ class Terminal:
         self.output += chunk
         return bool(chunk)
 
+    def hang_up(self) -> None:
+        """Close the terminal's master side, as a closed terminal window does."""
+        os.close(self.master)
+        self.master = -1
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        os.close(self.master)
-        os.close(self.slave)
+        for fd in (self.master, self.slave):
+            if fd >= 0:
+                os.close(fd)
 
 
 @pytest.fixture
@@ -166,6 +172,27 @@ def test_ctrl_c_gives_the_plugin_its_grace_period(
     os.write(term.master, b"\x03")  # what Ctrl-C types: the terminal sends SIGINT
     assert term.wait() == 128 + signal.SIGINT, term.output
     assert b"SAW SHUTDOWN" in term.output
+
+
+def test_a_terminal_hang_up_gives_the_plugin_its_grace_period(
+    tmp_path: Path, terminal: type[Terminal]
+) -> None:
+    marker = tmp_path / "saw-shutdown"
+    body = WAITS_FOR_SHUTDOWN.replace(
+        'print("SAW SHUTDOWN", flush=True)', f"open({str(marker)!r}, 'w').close()"
+    )
+    config = write_config(tmp_path, body, VmSpec(sandbox=False, grace_period=20))
+    term = terminal(config)
+    term.read_until(b"READY")
+    term.hang_up()  # the kernel sends SIGHUP to the session's leader: vmsuper
+    assert term.proc.wait(timeout=DEADLINE) == 128 + signal.SIGHUP
+    assert marker.exists()
+    finished = [
+        r
+        for r in VmResult(0, "", "", config.parent / "logs", config).records()
+        if r["event"] == "run_finished"
+    ]
+    assert finished and finished[0]["status"] == 128 + signal.SIGHUP
 
 
 def run_ready(tmp_path: Path, sandbox: bool) -> tuple[subprocess.Popen[str], Path, Path]:
