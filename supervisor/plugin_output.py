@@ -13,7 +13,9 @@ Nothing the plugin writes can grow the supervisor or its logs without bound:
 
 - only the unfinished line is buffered, and at most `MAX_LINE` bytes of it: a longer line is
   logged in pieces of `MAX_LINE` bytes, every piece after the first with `continued: true`;
-- each byte is looked at once (no re-scan of a growing buffer);
+- each byte is looked at once (no re-scan of a growing buffer), and while stderr records are
+  written, one turn of the event loop reads at most `MAX_LINE` bytes of it (at most that many
+  records), so a flood of bare newlines cannot hold up the main requests;
 - at most `[limits] plugin_log_bytes` bytes per stream and `plugin_log_lines` records of stderr
   are logged per run. When a cap is hit, one `plugin_output_capped` record says so (and
   `plugin-stdout.log` ends with a line saying so); at the end, `plugin_output_dropped` says
@@ -99,6 +101,11 @@ class LineSplitter:
 class Sink(Protocol):
     """Where one stream's output is kept."""
 
+    @property
+    def read_size(self) -> int:
+        """The most to read from the pipe at a time: what one turn of the loop handles."""
+        ...
+
     def write(self, chunk: bytes) -> None: ...
 
     def close(self) -> None: ...
@@ -116,6 +123,12 @@ class StderrRecords:
         self._records = 0
         self._dropped = 0
         self._capped = False
+
+    @property
+    def read_size(self) -> int:
+        # One record per line: a chunk of bare newlines is as many records, so while
+        # records are written, one turn of the loop takes at most MAX_LINE of them.
+        return CHUNK if self._capped else MAX_LINE
 
     def write(self, chunk: bytes) -> None:
         if self._capped:
@@ -168,6 +181,10 @@ class StdoutFile:
         self._written = 0
         self._dropped = 0
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+
+    @property
+    def read_size(self) -> int:
+        return CHUNK
 
     def write(self, chunk: bytes) -> None:
         room = self._max_bytes - self._written
@@ -261,7 +278,7 @@ class OutputRelay:
     def _read_chunk(self) -> bytes | None:
         """The chunk passed on; b"" when nothing is there yet, None at the end."""
         try:
-            chunk = os.read(self.fd, CHUNK)
+            chunk = os.read(self.fd, self._sink.read_size)
         except BlockingIOError:
             return b""
         except OSError:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from vmsuper.supervisor.plugin_output import (
     ECHO_BUFFER,
+    MAX_LINE,
     LineSplitter,
     OutputRelay,
     Piece,
@@ -130,6 +131,8 @@ def pipes() -> Iterator[tuple[int, int, int, int]]:
 
 
 class Collect:
+    read_size = 65536
+
     def __init__(self) -> None:
         self.data = b""
 
@@ -166,3 +169,20 @@ def test_a_closed_echo_is_dropped_and_the_log_goes_on(pipes: tuple[int, int, int
     os.write(plugin_w, b"still logged\n")
     assert relay.read()
     assert not relay.echo_pending and sink.data == b"still logged\n"
+
+
+def test_one_turn_of_the_loop_writes_at_most_max_line_records(
+    pipes: tuple[int, int, int, int],
+) -> None:
+    plugin_r, plugin_w, echo_r, echo_w = pipes
+    log = Log()
+    relay = OutputRelay(plugin_r, echo_w, StderrRecords(log, max_bytes=1 << 20, max_records=5000))
+    os.write(plugin_w, b"\n" * 65536)
+    assert relay.read()
+    assert len(log.events("plugin_stderr")) == MAX_LINE
+    assert relay.read()  # the cap (5000 records) is reached here: reads grow again
+    assert len(log.events("plugin_stderr")) == 5000
+    assert relay.read()
+    assert log.events("plugin_output_dropped") == []  # counted at close
+    relay.close()
+    assert log.events("plugin_output_dropped") == [{"stream": "stderr", "bytes": 65536 - 5000}]
