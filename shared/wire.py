@@ -22,6 +22,7 @@ the client parses only what one `read` returns and rejects a response cut short.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import fcntl
 import os
@@ -128,27 +129,38 @@ def close_received(fd: int) -> None:
     """Close an fd that came from a peer, without waiting on it.
 
     The last close of a socket with SO_LINGER set waits until its send queue drains or the
-    linger time ends (a peer can make that many seconds): lingering is turned off first, so
-    the close returns at once and the kernel sends what is queued on its own. Closing the
-    other kinds a peer can pass (memfds, pipes, eventfds, ...) does not wait.
+    linger time ends (a peer can make that many seconds). Lingering is turned off first, so
+    the close returns at once and the kernel sends what is queued on its own; and since the
+    peer could turn it back on through a copy that it closes at just the wrong moment, a
+    socket is closed on a short-lived thread of its own, which is all such a close can hold
+    up. Closing the other kinds a peer can pass (memfds, pipes, eventfds...) does not wait.
     """
     try:
         is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
     except OSError:
         is_socket = False
-    if is_socket:
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError:
-            pass
-        else:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
-            except OSError:
-                pass
-            finally:
-                sock.detach()
-    os.close(fd)
+    if not is_socket:
+        os.close(fd)
+        return
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        pass
+    else:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+        sock.detach()
+    try:
+        threading.Thread(
+            target=_close_quietly, args=(fd,), name="close-socket", daemon=True
+        ).start()
+    except RuntimeError:  # no thread to be had: close here
+        os.close(fd)
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 @dataclass(slots=True)
