@@ -55,7 +55,8 @@ def test_a_full_shutdown_eventfd_does_not_wedge_the_exit(tmp_path: Path, sandbox
     assert "shutdown_started" in result.events()
 
 
-def test_a_full_shutdown_eventfd_does_not_wedge_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sandbox", [False, True], ids=["unsandboxed", "sandboxed"])
+def test_a_full_shutdown_eventfd_does_not_wedge_sigterm(tmp_path: Path, sandbox: bool) -> None:
     body = f"""
     _, fds = call(req(get_shutdown_eventfd=pb.MainRequest.GetShutdownEventfd()))
     os.eventfd_write(fds[0], {FULL_COUNTER})
@@ -64,7 +65,8 @@ def test_a_full_shutdown_eventfd_does_not_wedge_sigterm(tmp_path: Path) -> None:
         time.sleep(1)
     """
     plugin = write_python_plugin(tmp_path, plugin_source(body))
-    proc, config, logs = VmRunner(tmp_path / "runs").start(plugin, VmSpec(grace_period=0.2))
+    spec = VmSpec(grace_period=0.2, sandbox=sandbox)
+    proc, config, logs = VmRunner(tmp_path / "runs").start(plugin, spec)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "full"
     proc.send_signal(signal.SIGTERM)
