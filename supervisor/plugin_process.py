@@ -158,7 +158,9 @@ class PluginProcess:
         self._proc.returncode = os.waitstatus_to_exitcode(status)
         # A pid namespace's init exits only after every process in it is gone.
         for fd in self._namespace_pidfds:
-            select.select([fd], [], [], NAMESPACE_EXIT_TIMEOUT)
+            poller = select.poll()  # not select: the fd's number may pass FD_SETSIZE
+            poller.register(fd, select.POLLIN)
+            poller.poll(NAMESPACE_EXIT_TIMEOUT * 1000)
             os.close(fd)
         self._namespace_pidfds = []
         return unwrap_status(status) if self.sandboxed else status

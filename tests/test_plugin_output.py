@@ -174,7 +174,7 @@ def test_a_closed_echo_is_dropped_and_the_log_goes_on(pipes: tuple[int, int, int
 def test_one_turn_of_the_loop_writes_at_most_max_line_records(
     pipes: tuple[int, int, int, int],
 ) -> None:
-    plugin_r, plugin_w, echo_r, echo_w = pipes
+    plugin_r, plugin_w, _, echo_w = pipes
     log = Log()
     relay = OutputRelay(plugin_r, echo_w, StderrRecords(log, max_bytes=1 << 20, max_records=5000))
     os.write(plugin_w, b"\n" * 65536)
