@@ -31,6 +31,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ __all__ = [
     "read_plain",
     "recv_datagram",
     "send_datagram",
+    "wait_for_closes",
     "write_all",
 ]
 
@@ -150,17 +152,40 @@ def close_received(fd: int) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
         sock.detach()
+    closer = threading.Thread(target=_close_quietly, args=(fd,), name="close-socket", daemon=True)
+    with _closers_lock:
+        _closers.add(closer)
     try:
-        threading.Thread(
-            target=_close_quietly, args=(fd,), name="close-socket", daemon=True
-        ).start()
+        closer.start()
     except RuntimeError:  # no thread to be had: close here
+        with _closers_lock:
+            _closers.discard(closer)
         os.close(fd)
+
+
+_closers: set[threading.Thread] = set()
+_closers_lock = threading.Lock()
 
 
 def _close_quietly(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
+    try:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    finally:
+        with _closers_lock:
+            _closers.discard(threading.current_thread())
+
+
+def wait_for_closes(timeout: float) -> bool:
+    """Wait until every close `close_received` handed to a thread has returned; False if
+    one still has not after `timeout` seconds (for checks that count open fds)."""
+    deadline = time.monotonic() + timeout
+    with _closers_lock:
+        pending = list(_closers)
+    for closer in pending:
+        closer.join(max(0.0, deadline - time.monotonic()))
+    with _closers_lock:
+        return not _closers
 
 
 @dataclass(slots=True)

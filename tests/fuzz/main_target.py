@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
-from vmsuper.shared import kvm
+from vmsuper.shared import kvm, wire
 from vmsuper.shared.plugin_pb2 import MainRequest, MainResponse
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.workers.limits import Limits
@@ -148,6 +148,8 @@ class MainHarness:
                 yield worker
             finally:
                 failures = worker.destroy_all()
+            # Sockets the worker refused are closed on threads of their own (shared/wire.py).
+            expect(wire.wait_for_closes(10.0), "a refused socket's close did not return")
             fds_after, maps_after = fd_count(), memfd_mappings()
         finally:
             if collecting:
