@@ -14,7 +14,7 @@ Nothing the plugin writes can grow the supervisor or its logs without bound:
 - only the unfinished line is buffered, and at most `MAX_LINE` bytes of it: a longer line is
   logged in pieces of `MAX_LINE` bytes, every piece after the first with `continued: true`;
 - each byte is looked at once (no re-scan of a growing buffer), and while stderr records are
-  written, one turn of the event loop reads at most `MAX_LINE` bytes of it (at most that many
+  written, one turn of the event loop reads at most `LOGGED_READ` bytes of it (at most that many
   records), so a flood of bare newlines cannot hold up the main requests;
 - at most `[limits] plugin_log_bytes` bytes per stream and `plugin_log_lines` records of stderr
   are logged per run. When a cap is hit, one `plugin_output_capped` record says so (and
@@ -38,6 +38,9 @@ CHUNK = 65536
 ECHO_BUFFER = 1 << 20
 ECHO_WRITE = 4096
 MAX_LINE = 4096
+# What one turn of the loop reads of stderr while its lines are logged: a chunk of bare
+# newlines is that many records (about 30 µs each).
+LOGGED_READ = 1024
 STDOUT_LOG_NAME = "plugin-stdout.log"
 
 
@@ -127,8 +130,8 @@ class StderrRecords:
     @property
     def read_size(self) -> int:
         # One record per line: a chunk of bare newlines is as many records, so while
-        # records are written, one turn of the loop takes at most MAX_LINE of them.
-        return CHUNK if self._capped else MAX_LINE
+        # records are written, one turn of the loop takes at most LOGGED_READ of them.
+        return CHUNK if self._capped else LOGGED_READ
 
     def write(self, chunk: bytes) -> None:
         if self._capped:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from vmsuper.supervisor.plugin_output import (
     ECHO_BUFFER,
-    MAX_LINE,
+    LOGGED_READ,
     LineSplitter,
     OutputRelay,
     Piece,
@@ -171,18 +171,18 @@ def test_a_closed_echo_is_dropped_and_the_log_goes_on(pipes: tuple[int, int, int
     assert not relay.echo_pending and sink.data == b"still logged\n"
 
 
-def test_one_turn_of_the_loop_writes_at_most_max_line_records(
+def test_one_turn_of_the_loop_writes_at_most_logged_read_records(
     pipes: tuple[int, int, int, int],
 ) -> None:
     plugin_r, plugin_w, _, echo_w = pipes
     log = Log()
-    relay = OutputRelay(plugin_r, echo_w, StderrRecords(log, max_bytes=1 << 20, max_records=5000))
+    relay = OutputRelay(plugin_r, echo_w, StderrRecords(log, max_bytes=1 << 20, max_records=1500))
     os.write(plugin_w, b"\n" * 65536)
     assert relay.read()
-    assert len(log.events("plugin_stderr")) == MAX_LINE
-    assert relay.read()  # the cap (5000 records) is reached here: reads grow again
-    assert len(log.events("plugin_stderr")) == 5000
+    assert len(log.events("plugin_stderr")) == LOGGED_READ
+    assert relay.read()  # the cap (1500 records) is reached here: reads grow again
+    assert len(log.events("plugin_stderr")) == 1500
     assert relay.read()
     assert log.events("plugin_output_dropped") == []  # counted at close
     relay.close()
-    assert log.events("plugin_output_dropped") == [{"stream": "stderr", "bytes": 65536 - 5000}]
+    assert log.events("plugin_output_dropped") == [{"stream": "stderr", "bytes": 65536 - 1500}]
