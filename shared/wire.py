@@ -46,6 +46,7 @@ __all__ = [
     "DelimitedDecoder",
     "FramingError",
     "MessageTooLarge",
+    "NoRoomForFds",
     "TooManyFds",
     "WireError",
     "close_received",
@@ -110,6 +111,20 @@ class TooManyFds(WireError):
         super().__init__(f"datagram carried {count} or more fds, the limit is {limit}")
         self.count = count
         self.limit = limit
+
+
+class NoRoomForFds(TooManyFds):
+    """The kernel could not give the receiver the fds a datagram carried: the receiving
+    process is at its open-file limit (EMFILE). Every one that arrived was closed; `data` is
+    the datagram's bytes, so that the refusal can say what it refuses."""
+
+    def __init__(self, count: int, limit: int, data: bytes = b"") -> None:
+        WireError.__init__(
+            self, f"no room for the datagram's fds: {count} of them arrived (open-file limit)"
+        )
+        self.count = count
+        self.limit = limit
+        self.data = data
 
 
 def _close_all(fds: Iterable[int]) -> None:
@@ -232,7 +247,8 @@ def recv_datagram(
     A zero-length datagram counts as a hang-up too (the protocol has no empty message on
     sockets); fds that came with it are closed. A refused datagram (too large, too many fds)
     is consumed whole and its fds closed, so the connection stays usable: MessageTooLarge or
-    TooManyFds is raised. Non-blocking sockets with nothing queued raise BlockingIOError.
+    TooManyFds (NoRoomForFds when this process has no fd left for them) is raised.
+    Non-blocking sockets with nothing queued raise BlockingIOError.
     Non-`SCM_RIGHTS` control messages (credentials) are ignored.
     """
     if max_size < 0 or max_fds < 0:
@@ -253,6 +269,9 @@ def recv_datagram(
         return None
     if flags & socket.MSG_CTRUNC or len(fds) > max_fds:
         _close_all(fds)
+        if flags & socket.MSG_CTRUNC and max_fds > 0 and len(fds) < max_fds:
+            # There was room in the buffer for more: the kernel failed to install the rest.
+            raise NoRoomForFds(len(fds), max_fds, data)
         raise TooManyFds(len(fds) + 1 if flags & socket.MSG_CTRUNC else len(fds), max_fds)
     if flags & socket.MSG_TRUNC:
         # Only another reader of the same socket can swap the datagram after the peek.

@@ -24,8 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from google.protobuf.message import DecodeError
+
 from vmsuper.shared import kvm, logs, wire
-from vmsuper.shared.plugin_pb2 import MainResponse
+from vmsuper.shared.plugin_pb2 import MainRequest, MainResponse
 from vmsuper.shared.ranges import RangeTable
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.supervisor import outcome
@@ -257,6 +259,10 @@ class Supervisor:
         except wire.MessageTooLarge as exc:
             self.log.warning("main_request_refused", reason=str(exc))
             self._send(conn, _error_response(errno.EMSGSIZE), [], [])
+            return
+        except wire.NoRoomForFds as exc:
+            self.log.warning("main_request_refused", reason=str(exc))
+            self._send(conn, _refusal(errno.EMFILE, exc.data), [], [])
             return
         except wire.WireError as exc:
             self.log.warning("main_request_refused", reason=str(exc))
@@ -540,6 +546,17 @@ def _error_response(err: int, like: bytes = b"") -> bytes:
     response = MainResponse()
     if like:
         case = MainResponse.FromString(like).WhichOneof("message")
+        if case is not None:
+            getattr(response, case).SetInParent()
+    response.errno = err
+    return response.SerializeToString()
+
+
+def _refusal(err: int, request: bytes) -> bytes:
+    """A response carrying `err` and the oneof case of `request`, if it decodes."""
+    response = MainResponse()
+    with contextlib.suppress(DecodeError):
+        case = MainRequest.FromString(request).WhichOneof("message")
         if case is not None:
             getattr(response, case).SetInParent()
     response.errno = err

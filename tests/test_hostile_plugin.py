@@ -298,6 +298,55 @@ def test_running_out_of_fds_is_an_errno_on_the_wire(tmp_path: Path) -> None:
     assert "internal_error" not in events and "open_file_limit" in events
 
 
+NO_FD_LEFT = """
+# Io events take one fd each: once one is refused with EMFILE, the supervisor has none left.
+made = 0
+while True:
+    err = errno_of(req(create=pb.MainRequest.Create(id=made, io_event=pb.MainRequest.Create.IoEvent(
+        address=0x1000 + made, length=1))))
+    if err:
+        break
+    made += 1
+RESULTS["io_events"] = made > 50
+RESULTS["refused"] = err
+memory = req(create=pb.MainRequest.Create(id=100000, memory=pb.MainRequest.Create.Memory(
+    start=0, length=0x1000)))
+fd = sealed_memfd(0x1000)
+RESULTS["memory_without_room"] = errno_of(memory, fds=[fd])
+errno_of(req(destroy=pb.MainRequest.Destroy(id=0)))
+RESULTS["memory_with_room"] = errno_of(memory, fds=[fd])
+report()
+"""
+
+
+def test_no_fd_left_for_a_passed_memfd_is_emfile(tmp_path: Path) -> None:
+    plugin = write_python_plugin(tmp_path, plugin_source(NO_FD_LEFT))
+    runner = VmRunner(tmp_path / "runs")
+    folder = runner.folder()
+    config = folder / "vm.toml"
+    config.write_text(VmSpec().to_toml(plugin, folder / "logs"))
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmsuper", "run", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=low_limit,
+    )
+    result = finish(proc, config, folder / "logs", timeout=60)
+    assert result.status == 0, result.stderr
+    assert findings(result) == {
+        "io_events": True,
+        "refused": 24,  # EMFILE
+        "memory_without_room": 24,  # the memfd could not even be received
+        "memory_with_room": 0,
+    }
+
+
 # -- fds of the wrong kind ---------------------------------------------------------------------
 
 
