@@ -143,12 +143,14 @@ class MainHarness:
         collecting = gc.isenabled()
         gc.disable()
         try:
+            # Sockets refused are closed on threads of their own (shared/wire.py): none may
+            # still be closing while fds are counted.
+            expect(wire.wait_for_closes(10.0), "a refused socket's close did not return")
             fds_before, maps_before = fd_count(), memfd_mappings()
             try:
                 yield worker
             finally:
                 failures = worker.destroy_all()
-            # Sockets the worker refused are closed on threads of their own (shared/wire.py).
             expect(wire.wait_for_closes(10.0), "a refused socket's close did not return")
             fds_after, maps_after = fd_count(), memfd_mappings()
         finally:
