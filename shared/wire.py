@@ -22,12 +22,16 @@ the client parses only what one `read` returns and rejects a response cut short.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import fcntl
 import os
 import select
 import socket
+import stat
+import struct
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,14 +46,17 @@ __all__ = [
     "DelimitedDecoder",
     "FramingError",
     "MessageTooLarge",
+    "NoRoomForFds",
     "TooManyFds",
     "WireError",
+    "close_received",
     "encode_delimited",
     "encode_varint",
     "enlarge_pipe",
     "read_plain",
     "recv_datagram",
     "send_datagram",
+    "wait_for_closes",
     "write_all",
 ]
 
@@ -106,16 +113,94 @@ class TooManyFds(WireError):
         self.limit = limit
 
 
+class NoRoomForFds(TooManyFds):
+    """The kernel could not give the receiver the fds a datagram carried: the receiving
+    process is at its open-file limit (EMFILE). Every one that arrived was closed; `data` is
+    the datagram's bytes, so that the refusal can say what it refuses."""
+
+    def __init__(self, count: int, limit: int, data: bytes = b"") -> None:
+        WireError.__init__(
+            self, f"no room for the datagram's fds: {count} of them arrived (open-file limit)"
+        )
+        self.count = count
+        self.limit = limit
+        self.data = data
+
+
 def _close_all(fds: Iterable[int]) -> None:
     """Close every fd, even when closing one fails; the first failure is raised at the end."""
     failure: OSError | None = None
     for fd in fds:
         try:
-            os.close(fd)
+            close_received(fd)
         except OSError as exc:
             failure = failure or exc
     if failure is not None:
         raise failure
+
+
+_NO_LINGER = struct.pack("ii", 0, 0)
+
+
+def close_received(fd: int) -> None:
+    """Close an fd that came from a peer, without waiting on it.
+
+    The last close of a socket with SO_LINGER set waits until its send queue drains or the
+    linger time ends (a peer can make that many seconds). Lingering is turned off first, so
+    the close returns at once and the kernel sends what is queued on its own; and since the
+    peer could turn it back on through a copy that it closes at just the wrong moment, a
+    socket is closed on a short-lived thread of its own, which is all such a close can hold
+    up. Closing the other kinds a peer can pass (memfds, pipes, eventfds...) does not wait.
+    """
+    try:
+        is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        is_socket = False
+    if not is_socket:
+        os.close(fd)
+        return
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        pass
+    else:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+        sock.detach()
+    closer = threading.Thread(target=_close_quietly, args=(fd,), name="close-socket", daemon=True)
+    with _closers_lock:
+        _closers.add(closer)
+    try:
+        closer.start()
+    except RuntimeError:  # no thread to be had: close here
+        with _closers_lock:
+            _closers.discard(closer)
+        os.close(fd)
+
+
+_closers: set[threading.Thread] = set()
+_closers_lock = threading.Lock()
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    finally:
+        with _closers_lock:
+            _closers.discard(threading.current_thread())
+
+
+def wait_for_closes(timeout: float) -> bool:
+    """Wait until every close `close_received` handed to a thread has returned; False if
+    one still has not after `timeout` seconds (for checks that count open fds)."""
+    deadline = time.monotonic() + timeout
+    with _closers_lock:
+        pending = list(_closers)
+    for closer in pending:
+        closer.join(max(0.0, deadline - time.monotonic()))
+    with _closers_lock:
+        return not _closers
 
 
 @dataclass(slots=True)
@@ -162,7 +247,8 @@ def recv_datagram(
     A zero-length datagram counts as a hang-up too (the protocol has no empty message on
     sockets); fds that came with it are closed. A refused datagram (too large, too many fds)
     is consumed whole and its fds closed, so the connection stays usable: MessageTooLarge or
-    TooManyFds is raised. Non-blocking sockets with nothing queued raise BlockingIOError.
+    TooManyFds (NoRoomForFds when this process has no fd left for them) is raised.
+    Non-blocking sockets with nothing queued raise BlockingIOError.
     Non-`SCM_RIGHTS` control messages (credentials) are ignored.
     """
     if max_size < 0 or max_fds < 0:
@@ -183,6 +269,9 @@ def recv_datagram(
         return None
     if flags & socket.MSG_CTRUNC or len(fds) > max_fds:
         _close_all(fds)
+        if flags & socket.MSG_CTRUNC and max_fds > 0 and len(fds) < max_fds:
+            # There was room in the buffer for more: the kernel failed to install the rest.
+            raise NoRoomForFds(len(fds), max_fds, data)
         raise TooManyFds(len(fds) + 1 if flags & socket.MSG_CTRUNC else len(fds), max_fds)
     if flags & socket.MSG_TRUNC:
         # Only another reader of the same socket can swap the datagram after the peek.

@@ -131,6 +131,8 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     )
     plugin_processes: int = _DEFAULT_LIMITS.plugin_processes
     plugin_cpu: float = _DEFAULT_LIMITS.plugin_cpu
+    plugin_log_bytes: int = _DEFAULT_LIMITS.plugin_log_bytes
+    plugin_log_lines: int = _DEFAULT_LIMITS.plugin_log_lines
 
     def to_limits(self) -> Limits:
         fields = msgspec.structs.asdict(self)
@@ -149,6 +151,8 @@ _LIMIT_MAXIMA = {
     "request_size": 64 << 20,
     "fds_per_message": 253,  # SCM_MAX_FD
     "plugin_open_files": 1 << 20,
+    "plugin_log_bytes": 1 << 40,
+    "plugin_log_lines": 1 << 32,
 }
 # The plugin's cgroup: 0 is no limit; otherwise from the minimum to the maximum.
 MIN_PLUGIN_MEMORY = 1 << 20

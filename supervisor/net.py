@@ -3,6 +3,9 @@
 The plugin gets the tap's fd from `GetNetConfig` and moves Ethernet frames itself; the supervisor
 only owns the device's life. The tap is non-persistent, so the kernel removes it when the last fd
 to it is closed (ours and every copy handed out), and a crashed vmsuper leaves nothing behind.
+The plugin can make it persistent through its copy (TUNSETPERSIST needs no capability), so
+`close` does not rely on that: it clears persistence, deletes the link (RTM_DELLINK, by the
+index it was created with), and checks that the device is gone.
 
 As crosvm's plugin host did, the fd is opened with `IFF_TAP | IFF_NO_PI` and without
 `IFF_VNET_HDR` (frames are plain Ethernet, no virtio-net header) and in non-blocking mode. The
@@ -29,6 +32,7 @@ MAX_NAME_LEN = IFNAMSIZ - 1
 # <linux/if_tun.h>
 _TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
 _TUNGETIFF = 0x800454D2  # _IOR('T', 210, unsigned int)
+_TUNSETPERSIST = 0x400454CB  # _IOW('T', 203, int)
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
 _IFF_PERSIST = 0x0800
@@ -41,6 +45,13 @@ _SIOCSIFHWADDR = 0x8924
 # <net/if.h>, <net/if_arp.h>
 _IFF_UP = 0x1
 _ARPHRD_ETHER = 1
+# <linux/netlink.h>, <linux/rtnetlink.h>
+_RTM_DELLINK = 17
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST = 0x1
+_NLM_F_ACK = 0x4
+_NLMSGHDR = struct.Struct("=IHHII")
+_IFINFOMSG = struct.Struct("=BxHiII")
 
 _PERMISSION_HINT = " (vmsuper needs CAP_NET_ADMIN for [net])"
 _MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}")
@@ -153,10 +164,11 @@ def unique_tap_name(prefix: str = "vms") -> str:
 class Tap:
     """A configured, up, non-persistent tap device and the fd that keeps it alive."""
 
-    def __init__(self, fd: int, name: str, settings: NetSettings) -> None:
+    def __init__(self, fd: int, name: str, settings: NetSettings, index: int = 0) -> None:
         self._fd = fd
         self.name = name
         self.settings = settings
+        self.index = index or socket.if_nametoindex(name)
 
     @classmethod
     def create(cls, settings: NetSettings, *, name: str | None = None) -> Tap:
@@ -182,12 +194,13 @@ class Tap:
             ) from exc
         try:
             _attach(fd, name)
+            index = socket.if_nametoindex(name)
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
                 _configure(sock.fileno(), name, settings)
         except BaseException:
             os.close(fd)
             raise
-        return cls(fd, name, settings)
+        return cls(fd, name, settings, index)
 
     @property
     def fd(self) -> int:
@@ -200,10 +213,31 @@ class Tap:
         return self._fd < 0
 
     def close(self) -> None:
-        """Close our fd; the device goes away once every copy handed out is closed too."""
+        """Remove the device, whatever the copies handed out did to it, and close our fd.
+
+        Raises NetError if the device is still there afterwards.
+        """
         fd, self._fd = self._fd, -1
-        if fd >= 0:
+        if fd < 0:
+            return
+        try:
+            # Made persistent through a copy of the fd, the device would outlive every fd.
+            fcntl.ioctl(fd, _TUNSETPERSIST, 0)  # the argument is the value, not a pointer
+        except OSError:
+            pass
+        finally:
             os.close(fd)
+        if _link_name(self.index) != self.name:
+            return  # gone with our fd
+        try:
+            _delete_link(self.index)
+        except OSError as exc:
+            if exc.errno != errno.ENODEV:
+                raise NetError(
+                    f"cannot delete tap {self.name!r}: {exc.strerror}", exc.errno
+                ) from exc
+        if _link_name(self.index) == self.name:
+            raise NetError(f"tap {self.name!r} is still there after it was deleted")
 
     def __enter__(self) -> Tap:
         return self
@@ -224,6 +258,33 @@ class Tap:
 def _ioctl(fd: int, request: int, arg: bytes) -> bytes:
     """The one place ioctls go through (so tests can make any step fail)."""
     return fcntl.ioctl(fd, request, arg)
+
+
+def _link_name(index: int) -> str | None:
+    try:
+        return socket.if_indextoname(index)
+    except OSError:
+        return None
+
+
+def _delete_link(index: int) -> None:
+    """RTM_DELLINK for interface `index`, and its acknowledgement; OSError on refusal."""
+    with socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
+    ) as sock:
+        sock.bind((0, 0))
+        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0)
+        header = _NLMSGHDR.pack(
+            _NLMSGHDR.size + len(body), _RTM_DELLINK, _NLM_F_REQUEST | _NLM_F_ACK, 1, 0
+        )
+        sock.sendall(header + body)
+        reply = sock.recv(65536)
+    _, kind, _, _, _ = _NLMSGHDR.unpack_from(reply)
+    if kind != _NLMSG_ERROR:
+        raise OSError(errno.EPROTO, f"unexpected netlink reply type {kind}")
+    (error,) = struct.unpack_from("=i", reply, _NLMSGHDR.size)
+    if error:
+        raise OSError(-error, os.strerror(-error))
 
 
 def _step(fd: int, request: int, arg: bytes, what: str, name: str) -> bytes:

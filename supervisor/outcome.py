@@ -1,14 +1,14 @@
 """vmsuper's exit status: one place that turns what happened into a number.
 
 0      the plugin exited 0 and nothing failed
-1-123  the plugin's own non-zero exit code
+1-255  the plugin's own non-zero exit code, passed through (124, 125, 128+N included)
 124    the run timed out (`--timeout`, `[vm] timeout`) and shut down cleanly
 125    a supervisor-side failure (the VM could not be set up, the plugin could not be started,
        the log folder could not be made, an internal error)
 126    a VCPU stopped abnormally (guest triple fault, KVM internal error, failed entry,
        HLT without the in-kernel irqchip) or a VCPU worker died
 128+N  the plugin was killed by signal N, or vmsuper itself was stopped by signal N
-       (SIGTERM, SIGINT) and shut down cleanly; 137 (SIGKILL) also when the plugin hit
+       (SIGTERM, SIGINT, SIGHUP) and shut down cleanly; 137 (SIGKILL) also when the plugin hit
        the memory or process limit of its cgroup
 124 and 125 mean what they mean to users of GNU `timeout` (timed out; the wrapper itself
 failed), so a script that wraps a run in either reads the statuses the same way. The first
@@ -65,8 +65,16 @@ def timed_out(seconds: float) -> Failure:
     return Failure(EXIT_TIMED_OUT, f"timed out after {seconds:g} s")
 
 
+def signal_name(signum: int) -> str:
+    """SIGTERM for 15; "signal 35" for a number without a name (real-time signals)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def stopped_by_signal(signum: int) -> Failure:
-    return Failure(128 + signum, f"vmsuper stopped by {signal.Signals(signum).name}")
+    return Failure(128 + signum, f"vmsuper stopped by {signal_name(signum)}")
 
 
 def plugin_status(wait_status: int | None) -> tuple[int, str]:
@@ -75,7 +83,7 @@ def plugin_status(wait_status: int | None) -> tuple[int, str]:
         return EXIT_SUPERVISOR_FAILED, "the plugin's exit status is unknown"
     if os.WIFSIGNALED(wait_status):
         sig = os.WTERMSIG(wait_status)
-        return 128 + sig, f"plugin killed by {signal.Signals(sig).name}"
+        return 128 + sig, f"plugin killed by {signal_name(sig)}"
     code = os.WEXITSTATUS(wait_status)
     return code, f"plugin exited with status {code}"
 

@@ -1,8 +1,12 @@
 """Starting the plugin as the supervisor's direct child, and taking its exit status.
 
 The plugin inherits exactly one extra fd, its end of the first main socket, named by
-CROSVM_SOCKET as crosvm did. It dies with the supervisor (PR_SET_PDEATHSIG), so a killed
-vmsuper never leaves a plugin behind.
+CROSVM_SOCKET as crosvm did. Its stdin is /dev/null and its stdout and stderr are pipes that
+the supervisor reads (see plugin_output.py): it never holds vmsuper's terminal. It runs in a
+session of its own, so a terminal's signals (Ctrl-C, a hang-up) and signals to vmsuper's
+process group (`timeout`, `kill -- -PGID`) reach vmsuper alone, which decides when the plugin
+ends: shutdown eventfd, grace period, SIGKILL. It dies with the supervisor
+(PR_SET_PDEATHSIG), so a killed vmsuper never leaves a plugin behind.
 
 Sandboxed (see sandbox.py), the direct child is bwrap, which runs the plugin in its own pid
 namespace and dies with the supervisor too (--die-with-parent takes the whole namespace with
@@ -60,13 +64,14 @@ def _child_setup(
             hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(open_files, hard), hard))
     # Restore what the supervisor changed for itself, so the plugin starts with defaults.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGPIPE):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 class PluginProcess:
-    """A running plugin: pid, pidfd for the event loop, and the read end of its stderr."""
+    """A running plugin: pid, pidfd for the event loop, and the read ends of its stdout and
+    stderr (non-blocking)."""
 
     def __init__(self, proc: subprocess.Popen[bytes], *, sandboxed: bool = False) -> None:
         self._proc = proc
@@ -74,9 +79,11 @@ class PluginProcess:
         self._namespace_pidfds: list[int] = []
         self.pid = proc.pid
         self.pidfd = os.pidfd_open(proc.pid)
-        assert proc.stderr is not None
+        assert proc.stderr is not None and proc.stdout is not None
         self.stderr_fd = proc.stderr.fileno()
+        self.stdout_fd = proc.stdout.fileno()
         os.set_blocking(self.stderr_fd, False)
+        os.set_blocking(self.stdout_fd, False)
         self.wait_status: int | None = None
 
     @classmethod
@@ -115,7 +122,9 @@ class PluginProcess:
                     env=full_env,
                     pass_fds=fds,
                     stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
+                    start_new_session=True,
                     preexec_fn=functools.partial(
                         _child_setup,
                         open_files,
@@ -170,7 +179,9 @@ class PluginProcess:
         self._proc.returncode = os.waitstatus_to_exitcode(status)
         # A pid namespace's init exits only after every process in it is gone.
         for fd in self._namespace_pidfds:
-            select.select([fd], [], [], NAMESPACE_EXIT_TIMEOUT)
+            poller = select.poll()  # not select: the fd's number may pass FD_SETSIZE
+            poller.register(fd, select.POLLIN)
+            poller.poll(NAMESPACE_EXIT_TIMEOUT * 1000)
             os.close(fd)
         self._namespace_pidfds = []
         return unwrap_status(status) if self.sandboxed else status
@@ -180,8 +191,9 @@ class PluginProcess:
             os.close(fd)
         self._namespace_pidfds = []
         os.close(self.pidfd)
-        if self._proc.stderr is not None:
-            self._proc.stderr.close()
+        for stream in (self._proc.stdout, self._proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def unwrap_status(status: int) -> int:

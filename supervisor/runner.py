@@ -1,9 +1,9 @@
 """`vmsuper run`: set up the VM, start the plugin, serve it, and shut everything down.
 
-One thread, one selector: main sockets, the plugin's exit (pidfd) and stderr, the VCPU
-workers' exits (pidfds), SIGTERM/SIGINT (through the wakeup fd) and a timer for the plugin's
-cgroup counters. The VCPUs' runner threads
-start only at Start, after the workers are forked, so nothing is ever forked with threads.
+One thread, one selector: main sockets, the plugin's exit (pidfd), stdout and stderr, the VCPU
+workers' exits (pidfds), SIGTERM/SIGINT/SIGHUP (through the wakeup fd) and a timer for the
+plugin's cgroup counters. The VCPUs' runner threads start only at Start, after the workers are
+forked, so nothing is ever forked with threads.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import collections
 import contextlib
 import errno
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -24,15 +25,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from google.protobuf.message import DecodeError
+
 from vmsuper.shared import kvm, logs, wire
-from vmsuper.shared.plugin_pb2 import MainResponse
+from vmsuper.shared.plugin_pb2 import MainRequest, MainResponse
 from vmsuper.shared.ranges import RangeTable
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.supervisor import cgroups, outcome, runinfo
 from vmsuper.supervisor.config import Config
 from vmsuper.supervisor.executable import check_exec_format
+from vmsuper.supervisor.plugin_output import (
+    STDOUT_LOG_NAME,
+    OutputRelay,
+    StderrRecords,
+    StdoutFile,
+)
 from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
 from vmsuper.supervisor.sandbox import Sandbox
+from vmsuper.supervisor.shutdown_signal import Signalled, signal_shutdown
 from vmsuper.supervisor.vcpus import VcpuSet
 from vmsuper.supervisor.watchdog import Watchdog
 from vmsuper.workers.framing_check import unused_channels_hint
@@ -45,7 +55,14 @@ if TYPE_CHECKING:
 # Where KVM needs three pages for the real-mode TSS on Intel hosts; high and out of the way,
 # as other VMMs place it.
 TSS_ADDRESS = 0xFFFBD000
-STDERR_CHUNK = 65536
+# SIGINT (Ctrl-C), SIGTERM, SIGHUP (the terminal went away): an orderly shutdown, then 128+N.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Fds the supervisor needs besides the plugin's objects: logs, KVM, sockets, pipes, pidfds.
+FD_HEADROOM = 1024
+UNSANDBOXED_NOTICE = (
+    "vmsuper: the plugin runs unsandboxed, with all of vmsuper's privileges"
+    " ([plugin] sandbox = false)"
+)
 
 
 class SetupError(Exception):
@@ -175,7 +192,7 @@ class Supervisor:
         self.cgroup: cgroups.PluginCgroup | None = None
         self._limit_reached = False
         self.worker_pidfds: dict[int, int] = {}
-        self._stderr_tail = b""
+        self._relays: list[OutputRelay] = []
         self._signals: list[int] = []
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         assert run.vm is not None and run.system is not None and run.vcpus is not None
@@ -219,14 +236,14 @@ class Supervisor:
         def note(signum: int, frame: object) -> None:
             self._signals.append(signum)
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, note)
         signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         self.sel.register(self._wakeup_r, selectors.EVENT_READ, self._on_signal)
 
     def _restore_signals(self) -> None:
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
 
     def _add_connection(self, sock: socket.socket) -> None:
@@ -255,6 +272,10 @@ class Supervisor:
             self.log.warning("main_request_refused", reason=str(exc))
             self._send(conn, _error_response(errno.EMSGSIZE), [], [])
             return
+        except wire.NoRoomForFds as exc:
+            self.log.warning("main_request_refused", reason=str(exc))
+            self._send(conn, _refusal(errno.EMFILE, exc.data), [], [])
+            return
         except wire.WireError as exc:
             self.log.warning("main_request_refused", reason=str(exc))
             self._send(conn, _error_response(errno.EINVAL), [], [])
@@ -272,14 +293,24 @@ class Supervisor:
             return
         if reply.new_connection is not None:
             self._add_connection(reply.new_connection)
-        self._send(conn, reply.data, reply.fds, reply.close_after_send)
+        self._send(conn, reply.data, reply.fds, reply.close_after_send, reply.undo)
         if self.run.vcpus is not None and self.run.vcpus.started and not self.worker_pidfds:
             self._watch_workers()
 
     def _send(
-        self, conn: MainConnection, data: bytes, fds: list[int], close_after: list[int]
+        self,
+        conn: MainConnection,
+        data: bytes,
+        fds: list[int],
+        close_after: list[int],
+        undo: Callable[[], None] | None = None,
     ) -> None:
-        """Send now, or queue (and stop reading this connection) until the plugin reads."""
+        """Send now, or queue (and stop reading this connection) until the plugin reads.
+
+        A queued reply keeps its own copies of the fds; when there is no fd left for them
+        (EMFILE, ENFILE), the request is undone where it made something (`undo`) and answered
+        with that errno instead.
+        """
         if not conn.pending:
             try:
                 wire.send_datagram(conn.sock, data, fds)
@@ -294,7 +325,21 @@ class Supervisor:
                 return
             self.sel.modify(conn.sock, selectors.EVENT_WRITE, lambda _s: self._flush(conn))
         # Our own copies: the originals may be closed (a destroyed object) before this is sent.
-        conn.pending.append((data, [os.dup(fd) for fd in fds]))
+        copies: list[int] = []
+        try:
+            for fd in fds:
+                copies.append(os.dup(fd))
+        except OSError as exc:
+            _close_fds(copies)
+            copies = []
+            err = exc.errno or errno.EMFILE
+            self.log.warning(
+                "main_reply_failed", errno=err, reason=f"cannot queue the reply: {exc}"
+            )
+            if undo is not None:
+                undo()
+            data = _error_response(err, like=data)
+        conn.pending.append((data, copies))
         _close_fds(close_after)
 
     def _flush(self, conn: MainConnection) -> None:
@@ -391,35 +436,59 @@ class Supervisor:
         for problem in self.cgroup.remove():
             self.log.warning("cgroup_not_removed", error=problem)
 
-    def _on_plugin_stderr(self, fd: int) -> None:
-        try:
-            chunk = os.read(fd, STDERR_CHUNK)
-        except BlockingIOError:
-            return
-        if not chunk:
-            self.sel.unregister(fd)
-            self._flush_stderr(final=True)
-            return
-        self._stderr_tail += chunk
-        self._flush_stderr(final=False)
+    def _watch_output(self, plugin: PluginProcess) -> None:
+        """Relay the plugin's stdout and stderr (see plugin_output.py)."""
+        limits = self.run.limits
+        stdout_log = StdoutFile(
+            self.run.config.log.dir / STDOUT_LOG_NAME, self.log, max_bytes=limits.plugin_log_bytes
+        )
+        stderr_log = StderrRecords(
+            self.log, max_bytes=limits.plugin_log_bytes, max_records=limits.plugin_log_lines
+        )
+        for fd, echo_fd, sink in (
+            (plugin.stdout_fd, 1, stdout_log),
+            (plugin.stderr_fd, 2, stderr_log),
+        ):
+            relay = OutputRelay(fd, echo_fd, sink)
+            self._relays.append(relay)
+            self.sel.register(fd, selectors.EVENT_READ, lambda _fd, r=relay: self._on_output(r))
 
-    def _flush_stderr(self, *, final: bool) -> None:
-        *lines, self._stderr_tail = self._stderr_tail.split(b"\n")
-        if final and self._stderr_tail:
-            lines.append(self._stderr_tail)
-            self._stderr_tail = b""
-        for line in lines:
-            text = line.decode("utf-8", "replace")
-            self.log.info("plugin_stderr", line=text)
-            with contextlib.suppress(OSError):
-                os.write(2, line + b"\n")
+    def _on_output(self, relay: OutputRelay) -> None:
+        if not relay.read():
+            self.sel.unregister(relay.fd)
+            relay.close()
+        self._steer_output(relay)
+
+    def _on_echo_writable(self, relay: OutputRelay) -> None:
+        relay.pump_echo()
+        self._steer_output(relay)
+
+    def _steer_output(self, relay: OutputRelay) -> None:
+        """Wait for vmsuper's stdout/stderr while echo waits, and stop reading the plugin's
+        pipe while too much does (see OutputRelay)."""
+        watched = self.sel.get_map()
+        if relay.echo_pending and relay.echo_fd not in watched:
+            try:
+                self.sel.register(
+                    relay.echo_fd, selectors.EVENT_WRITE, lambda _fd: self._on_echo_writable(relay)
+                )
+            except (OSError, ValueError):  # a file epoll cannot watch: writes never wait
+                relay.drain()
+        elif not relay.echo_pending and relay.echo_fd in watched:
+            self.sel.unregister(relay.echo_fd)
+        if relay.closed:
+            return
+        if relay.wants_input and relay.fd not in watched:
+            self.sel.register(relay.fd, selectors.EVENT_READ, lambda _fd: self._on_output(relay))
+        elif not relay.wants_input and relay.fd in watched:
+            self.sel.unregister(relay.fd)
 
     def _on_signal(self, fd: int) -> None:
         with contextlib.suppress(BlockingIOError):
             os.read(fd, 512)
         signals, self._signals = self._signals, []
         for signum in signals:
-            self.log.info("signal_received", signal=signal.Signals(signum).name)
+            self.log.info("signal_received", signal=outcome.signal_name(signum))
             self.begin_shutdown(outcome.stopped_by_signal(signum), "signal")
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -432,8 +501,9 @@ class Supervisor:
         self.shutting_down = True
         self.watchdog.stop()
         self.log.info("shutdown_started", reason=why)
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self.run.shutdown_eventfd, 1)
+        signalled = signal_shutdown(self.run.shutdown_eventfd)
+        if signalled is not Signalled.WRITING:
+            self.log.warning("shutdown_eventfd", result=signalled.value)
         vcpus = self.run.vcpus
         assert vcpus is not None
         for pidfd in self.worker_pidfds.values():
@@ -450,6 +520,8 @@ class Supervisor:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._install_signals()
         try:
+            if not cfg.plugin.sandbox:
+                _tell(UNSANDBOXED_NOTICE)
             try:
                 check_exec_format(cfg.plugin.path)
                 limits = run.limits
@@ -476,7 +548,7 @@ class Supervisor:
             self.log.info("plugin_started", plugin_pid=self.plugin.pid, path=str(cfg.plugin.path))
             self._add_connection(ours)
             self.sel.register(self.plugin.pidfd, selectors.EVENT_READ, self._on_plugin_exit)
-            self.sel.register(self.plugin.stderr_fd, selectors.EVENT_READ, self._on_plugin_stderr)
+            self._watch_output(self.plugin)
             if self.cgroup is not None:
                 self.sel.register(self.cgroup.watch_fd, selectors.EVENT_READ, self._on_limit_watch)
             self._loop()
@@ -517,16 +589,9 @@ class Supervisor:
         if self.plugin is not None:
             self.plugin.kill()
             self.plugin.wait()
-            # Whatever the plugin wrote last.
-            while True:
-                try:
-                    chunk = os.read(self.plugin.stderr_fd, STDERR_CHUNK)
-                except (BlockingIOError, OSError):
-                    break
-                if not chunk:
-                    break
-                self._stderr_tail += chunk
-            self._flush_stderr(final=True)
+        for relay in self._relays:
+            relay.drain()  # whatever the plugin wrote last
+            relay.close()
         if not self.shutting_down:
             self.begin_shutdown(None, "finishing")
         for failure in self.worker.destroy_all():
@@ -565,10 +630,55 @@ def _sandbox(cfg: Config) -> Sandbox | None:
     return Sandbox.for_plugin(cfg.plugin, hidden=hidden)
 
 
-def _error_response(err: int) -> bytes:
+def _tell(line: str) -> None:
+    """One line on stderr, which may be gone by now (a terminal that hung up: EIO)."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
+
+
+def _error_response(err: int, like: bytes = b"") -> bytes:
+    """A response carrying `err`, and the oneof case of the response `like`, if any."""
     response = MainResponse()
+    if like:
+        case = MainResponse.FromString(like).WhichOneof("message")
+        if case is not None:
+            getattr(response, case).SetInParent()
     response.errno = err
     return response.SerializeToString()
+
+
+def _refusal(err: int, request: bytes) -> bytes:
+    """A response carrying `err` and the oneof case of `request`, if it decodes."""
+    response = MainResponse()
+    with contextlib.suppress(DecodeError):
+        case = MainRequest.FromString(request).WhichOneof("message")
+        if case is not None:
+            getattr(response, case).SetInParent()
+    response.errno = err
+    return response.SerializeToString()
+
+
+def raise_open_file_limit(limits: Limits, vcpus: int, log: Any) -> None:
+    """Let the supervisor hold every fd the limits allow the plugin to make it hold.
+
+    The soft RLIMIT_NOFILE is often 1024 (Debian's default) while the object limit alone
+    allows 4096 objects (an irq event holds two eventfds). The soft limit goes up to what
+    the limits need, never above the hard limit; whatever still runs out is answered with
+    EMFILE on the wire.
+    """
+    per_connection = 2 + 2 * vcpus + limits.fds_per_message  # socket, a queued reply's copies
+    wanted = 2 * limits.objects + limits.connections * per_connection + 4 * vcpus + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("open_file_limit", error=str(exc), soft=soft, hard=hard)
+            return
+        soft = target
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("open_file_limit", soft=soft, hard=hard, wanted=wanted)
 
 
 def _publish(run: Run, config_path: Path | None) -> list[Path]:
@@ -606,6 +716,7 @@ def run(config: Config, config_path: Path | None = None) -> int:
         return status
     _announce_start(config, logs.essential_logger())
     run_state = Run(config=config, log=log, limits=config.limits.to_limits())
+    raise_open_file_limit(run_state.limits, config.vm.vcpus, log)
     status, reason = outcome.EXIT_SUPERVISOR_FAILED, "set-up failed"
     supervisor: Supervisor | None = None
     try:
@@ -614,7 +725,7 @@ def run(config: Config, config_path: Path | None = None) -> int:
         except (SetupError, OSError) as exc:
             reason = f"set-up failed: {exc}"
             log.error("setup_failed", error=str(exc))
-            print(f"vmsuper: {reason}", file=sys.stderr)
+            _tell(f"vmsuper: {reason}")
         else:
             supervisor = Supervisor(run_state)
             published = _publish(run_state, config_path)
@@ -631,7 +742,7 @@ def run(config: Config, config_path: Path | None = None) -> int:
         run_state.close()
     logs.essential_logger().info("run_finished", status=status, reason=reason)
     if status != 0:
-        print(f"vmsuper: {reason} (exit status {status})", file=sys.stderr)
+        _tell(f"vmsuper: {reason} (exit status {status})")
     return status
 
 

@@ -341,7 +341,11 @@ class VcpuSet:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            ready, _, _ = select.select(list(waiting.values()), [], [], remaining)
+            # poll, not select: with many plugin objects the pidfds' numbers pass FD_SETSIZE.
+            poller = select.poll()
+            for fd in waiting.values():
+                poller.register(fd, select.POLLIN)
+            ready = {fd for fd, _ in poller.poll(remaining * 1000)}
             for vcpu in [v for v, fd in waiting.items() if fd in ready]:
                 del waiting[vcpu]
                 self.worker_exited(vcpu)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import socket
+import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -665,3 +667,36 @@ def test_write_all_to_closed_reader(pipe: tuple[int, int]) -> None:
     os.close(r)
     with pytest.raises(BrokenPipeError):
         write_all(w, b"x")
+
+
+# --- fds received and not kept ------------------------------------------------------------------
+
+
+def test_a_received_socket_is_closed_without_lingering() -> None:
+    """A peer's TCP socket with SO_LINGER and a full send queue: closing what we were sent
+    turns lingering off (the peer's copy shows it) and never waits on the caller's thread."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+        with server:
+            client.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    client.send(b"z" * 65536)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 60))
+            sent = os.dup(client.fileno())  # what arrived with a request
+            wire.close_received(sent)
+            assert wire.wait_for_closes(10.0)
+            with pytest.raises(OSError):
+                os.fstat(sent)
+            linger = client.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
+            assert struct.unpack("ii", linger)[0] == 0  # l_onoff: off (l_linger is kept)
+            client.close()  # lingering is off for this last close too: it returns at once
+
+
+def test_other_received_fds_are_closed_at_once() -> None:
+    r, w = os.pipe()
+    wire.close_received(r)
+    with pytest.raises(OSError):
+        os.fstat(r)
+    os.close(w)

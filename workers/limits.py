@@ -38,3 +38,10 @@ class Limits:
     plugin_processes: int = 1024
     # CPU time of the plugin, in cores (cpu.max / cfs_quota_us over a 100 ms period).
     plugin_cpu: float = 2.0
+    # Bytes of the plugin's output kept in the run's logs, per stream (stderr records in
+    # supervisor.jsonl, plugin-stdout.log). Beyond: a `plugin_output_capped` record, and
+    # the rest only passed on to vmsuper's stdout and stderr.
+    plugin_log_bytes: int = 8 << 20
+    # Records of the plugin's stderr in supervisor.jsonl (one per line, or per piece of a
+    # long line). Beyond: as for plugin_log_bytes.
+    plugin_log_lines: int = 65536

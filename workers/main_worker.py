@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import socket
 import struct
@@ -20,7 +21,7 @@ from typing import Protocol
 
 from google.protobuf.message import DecodeError
 
-from vmsuper.shared import kvm
+from vmsuper.shared import kvm, wire
 from vmsuper.shared.plugin_pb2 import MainRequest, MainResponse
 from vmsuper.shared.ranges import CallHint, RangeTable, RegHint, Space
 from vmsuper.workers.limits import Limits
@@ -81,6 +82,8 @@ class Reply:
     # Our copies of fds that were sent only for the plugin (e.g. a new connection's far end).
     close_after_send: list[int] = field(default_factory=list)
     new_connection: socket.socket | None = None
+    # Undoes what the request made, for a loop that finds it cannot deliver the reply.
+    undo: Callable[[], None] | None = None
     # Set when nothing could be decoded: the loop closes this connection.
     hang_up: bool = False
     error: str | None = None
@@ -226,7 +229,7 @@ class MainWorker:
                 dirty_log=mem.dirty_log,
             )
         finally:
-            os.close(memfd)  # the mapping keeps the memory alive
+            wire.close_received(memfd)  # the mapping keeps the memory alive
         self.objects.add(create.id, obj)
         return None
 
@@ -245,7 +248,11 @@ class MainWorker:
             os.close(fd)
             raise
         self.objects.add(create.id, obj)
-        return Reply(response.SerializeToString(), fds=[fd])
+        return Reply(
+            response.SerializeToString(),
+            fds=[fd],
+            undo=functools.partial(self._undo_create, create.id),
+        )
 
     def _create_irq_event(self, create: MainRequest.Create, response: MainResponse) -> Reply:
         trigger, resample = new_eventfd(), new_eventfd()
@@ -257,7 +264,19 @@ class MainWorker:
             os.close(resample)
             raise
         self.objects.add(create.id, obj)
-        return Reply(response.SerializeToString(), fds=[trigger, resample])
+        return Reply(
+            response.SerializeToString(),
+            fds=[trigger, resample],
+            undo=functools.partial(self._undo_create, create.id),
+        )
+
+    def _undo_create(self, obj_id: int) -> None:
+        """Destroy object `obj_id` again: its creator never got the reply."""
+        obj = self.objects.get(obj_id)
+        if obj is not None:
+            self.objects.remove(obj_id)
+            with contextlib.suppress(OSError):
+                obj.destroy(self.vm)
 
     def _destroy(self, request: MainRequest, response: MainResponse, fds: list[int]) -> None:
         obj = self.objects.remove(request.destroy.id)
@@ -486,6 +505,8 @@ def _space(value: int) -> Space:
 
 
 def _close_all(fds: Sequence[int]) -> None:
+    """Close fds the plugin sent that nothing keeps, without waiting on any (a lingering
+    socket)."""
     for fd in fds:
         with contextlib.suppress(OSError):
-            os.close(fd)
+            wire.close_received(fd)

@@ -749,7 +749,7 @@ def _max_fd() -> int:
     return int(hard)
 
 
-STOP_SIGNALS: Final = frozenset((signal.SIGTERM, signal.SIGINT))
+STOP_SIGNALS: Final = frozenset((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
 """Blocked by the parent around `fork` and by the worker until it is set up: a SIGTERM in
 that window would otherwise reach the supervisor's inherited handler (and be lost) or stop a
 worker that has not opened its log yet."""
@@ -761,8 +761,10 @@ def enter_worker(spec: WorkerSpec, *, parent_pid: int) -> NoReturn:
 
     Only what the worker needs survives: stdio, its VCPU fd (to map `kvm_run`), its channel
     end(s) and its doorbell's eventfds. The shared region is an anonymous shared mapping and
-    needs no fd. Logging moves to the worker's own file. SIGTERM stops the worker cleanly;
-    SIGINT is left to the supervisor (a terminal's ^C reaches the whole process group).
+    needs no fd. Logging moves to the worker's own file. The worker leaves vmsuper's session
+    and process group first: a terminal's Ctrl-C or hang-up, or a signal to vmsuper's process
+    group (`timeout`), reaches the supervisor only, which stops the workers in order after
+    the plugin's grace period. SIGTERM (the supervisor's) stops the worker cleanly.
     """
     status: int = WorkerStatus.SETUP_FAILED
     try:
@@ -771,6 +773,8 @@ def enter_worker(spec: WorkerSpec, *, parent_pid: int) -> NoReturn:
         signal.signal(signal.SIGTERM, _raise_exit)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        os.setsid()
         _set_parent_death_signal(parent_pid)
         logs.close_logging()
         keep = {0, 1, 2, spec.vcpu_fd, *spec.channel_fds, *spec.doorbell.fds()}

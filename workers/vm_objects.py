@@ -11,6 +11,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -228,6 +229,13 @@ def create_memory(
     """Map [offset, offset+length) of a sealed memfd and register it at guest `start`."""
     if offset + length >= U64_LIMIT or start + length >= U64_LIMIT:
         raise ObjectError(errno.EOVERFLOW, "offset/start + length overflows 64 bits")
+    # Only a memfd is guest memory; anything else (a socket, a pipe, a device) is refused
+    # before it is used, as an fd without the seal.
+    mode = os.fstat(memfd).st_mode
+    if not stat.S_ISREG(mode):
+        raise ObjectError(
+            errno.EPERM, f"memory fd is not a memfd (file type {stat.S_IFMT(mode):#o})"
+        )
     try:
         seals = fcntl.fcntl(memfd, F_GET_SEALS)
     except OSError as exc:

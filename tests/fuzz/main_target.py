@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
-from vmsuper.shared import kvm
+from vmsuper.shared import kvm, wire
 from vmsuper.shared.plugin_pb2 import MainRequest, MainResponse
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.workers.limits import Limits
@@ -143,11 +143,15 @@ class MainHarness:
         collecting = gc.isenabled()
         gc.disable()
         try:
+            # Sockets refused are closed on threads of their own (shared/wire.py): none may
+            # still be closing while fds are counted.
+            expect(wire.wait_for_closes(10.0), "a refused socket's close did not return")
             fds_before, maps_before = fd_count(), memfd_mappings()
             try:
                 yield worker
             finally:
                 failures = worker.destroy_all()
+            expect(wire.wait_for_closes(10.0), "a refused socket's close did not return")
             fds_after, maps_after = fd_count(), memfd_mappings()
         finally:
             if collecting:
