@@ -747,7 +747,10 @@ def run(config: Config, config_path: Path | None = None) -> int:
 
 
 START_LINE = "vmsuper: logs in "
-"""How the line that names a run's log folder on stderr begins (tests and tools skip it)."""
+"""How the line that names a run's log folder on stderr begins."""
+INFORMATIONAL = (START_LINE, UNSANDBOXED_NOTICE)
+"""How the lines vmsuper prints on stderr that report no cause begin (tests and tools that
+look for the cause skip them)."""
 
 
 def _announce_start(config: Config, essential: Any) -> None:

@@ -15,7 +15,7 @@ import pytest
 from vmsuper.shared import logs
 from vmsuper.supervisor import outcome, runner
 from vmsuper.supervisor.config import Config, load_config
-from vmsuper.supervisor.runner import START_LINE
+from vmsuper.supervisor.runner import INFORMATIONAL
 from vmsuper.testing import VmSpec, write_python_plugin
 
 
@@ -31,7 +31,7 @@ def _vmsuper_run(config: Path) -> subprocess.CompletedProcess[str]:
 
 def _one_line(stderr: str) -> str:
     assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if not line.startswith(START_LINE)]
+    lines = [line for line in stderr.splitlines() if not line.startswith(INFORMATIONAL)]
     assert len(lines) == 1, stderr
     return lines[0]
 

@@ -15,7 +15,7 @@ import pytest
 from vmsuper.shared import kvm
 from vmsuper.shared.asm import assemble
 from vmsuper.supervisor import outcome
-from vmsuper.supervisor.runner import START_LINE
+from vmsuper.supervisor.runner import INFORMATIONAL
 from vmsuper.testing import VmRunner, VmSpec, write_python_plugin
 
 pytestmark = pytest.mark.kvm
@@ -86,5 +86,5 @@ def test_int3_in_protected_mode_names_the_emulation_failure(
 
 
 def _said(line: str) -> bool:
-    """vmsuper's own lines on stderr, but the one naming the log folder."""
-    return line.startswith("vmsuper:") and not line.startswith(START_LINE)
+    """vmsuper's own lines on stderr that report a cause."""
+    return line.startswith("vmsuper:") and not line.startswith(INFORMATIONAL)

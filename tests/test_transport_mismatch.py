@@ -10,7 +10,7 @@ import pytest
 from rawplugin import plugin_source
 
 from vmsuper.supervisor import outcome
-from vmsuper.supervisor.runner import START_LINE
+from vmsuper.supervisor.runner import INFORMATIONAL
 from vmsuper.testing import VmRunner, VmSpec, write_python_plugin
 from vmsuper.workers.framing_check import length_delimited_request, unused_channels_hint
 
@@ -137,5 +137,5 @@ def test_the_hint_needs_every_sign() -> None:
 
 
 def _said(line: str) -> bool:
-    """vmsuper's own lines on stderr, but the one naming the log folder."""
-    return line.startswith("vmsuper:") and not line.startswith(START_LINE)
+    """vmsuper's own lines on stderr that report a cause."""
+    return line.startswith("vmsuper:") and not line.startswith(INFORMATIONAL)
