@@ -38,8 +38,27 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-import structlog
-from structlog.typing import FilteringBoundLogger
+
+def _import_structlog_without_rich() -> None:
+    """Import structlog while `rich` (installed for `vmsuper top`) cannot be imported.
+
+    structlog's console renderer imports rich when it can, about 100 ms that every
+    `vmsuper run` would pay at start-up; the JSON logs written here never use it. So the
+    import happens with rich hidden, and rich stays importable for everything after.
+    """
+    if "rich" in sys.modules or "structlog" in sys.modules:
+        return
+    sys.modules["rich"] = None  # type: ignore[assignment]  # "import rich" raises ImportError
+    try:
+        import structlog  # noqa: F401
+    finally:
+        del sys.modules["rich"]
+
+
+_import_structlog_without_rich()
+
+import structlog  # noqa: E402
+from structlog.typing import FilteringBoundLogger  # noqa: E402
 
 SUPERVISOR_LOG = "supervisor.jsonl"
 LEVELS = ("debug", "info", "warning", "error", "critical")
