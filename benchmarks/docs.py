@@ -21,7 +21,7 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 DOC: Final = ROOT / "docs" / "performance.md"
 RESULTS: Final = ROOT / "docs" / "performance.json"
 BEGIN: Final = (
-    "<!-- figures: begin (python -m benchmarks.docs renders this from performance.json) -->"
+    "<!-- figures: begin (rendered from performance.json by python -m benchmarks.docs) -->"
 )
 END: Final = "<!-- figures: end -->"
 
