@@ -707,15 +707,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     full = [[*row, sum(row[1:])] for row in rows]
     if len(full) > 1:
         full.append(["total", *(sum(col) for col in list(zip(*full, strict=True))[1:])])
-    cells = [header, *([str(c) for c in row] for row in full)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return [
-        "  "
-        + "  ".join(
-            c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)
-        ).rstrip()
-        for row in cells
-    ]
+    return _plain_table(header, [[str(c) for c in row] for row in full])
 
 
 def summarize(records: Iterable[Record], *, vcpus: set[int] | None = None) -> Summary:
