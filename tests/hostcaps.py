@@ -9,7 +9,13 @@ from pathlib import Path
 # The gate users' tests get from the pytest plugin is the suite's own.
 from vmsuper.testing import KVM_PATH, kvm_unusable_reason, required_strictly
 
-__all__ = ["KVM_PATH", "kvm_unusable_reason", "required_strictly", "tap_unusable_reason"]
+__all__ = [
+    "KVM_PATH",
+    "bound_below_tmp",
+    "kvm_unusable_reason",
+    "required_strictly",
+    "tap_unusable_reason",
+]
 
 TUN_PATH = "/dev/net/tun"
 CAP_NET_ADMIN = 12
@@ -26,3 +32,19 @@ def tap_unusable_reason() -> str | None:
     if not int(cap_eff.split()[1], 16) >> CAP_NET_ADMIN & 1:
         return "creating a tap needs CAP_NET_ADMIN"
     return None
+
+
+def bound_below_tmp(*extra: Path) -> set[str]:
+    """The first folders below /tmp that a sandboxed plugin sees besides its own: the
+    project's sources and venv are bound into the sandbox, so when the checkout lives below
+    /tmp (as a fresh clone may), /tmp inside shows their first folder too."""
+    import sys
+
+    import vmsuper
+
+    sources = Path(vmsuper.__file__).resolve().parent.parent
+    return {
+        path.parts[2]
+        for path in (*extra, sources, Path(sys.prefix))
+        if len(path.parts) > 2 and path.parts[:2] == ("/", "tmp")
+    }

@@ -17,7 +17,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import textwrap
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,9 +27,9 @@ import psutil
 import pytest
 import test_lifecycle as lifecycle
 import test_main_requests as main_requests
+from hostcaps import bound_below_tmp
 from rawplugin import plugin_source
 
-import vmsuper
 from vmsuper.shared import kvm, plugin_pb2
 from vmsuper.shared.asm import assemble
 from vmsuper.supervisor import seccomp
@@ -643,12 +642,7 @@ def test_the_plugin_sees_only_its_sandbox(tmp_path: Path, listener: int) -> None
     assert found["connect"] == "ECONNREFUSED"  # the host's listener is not reachable
     # Only the marker, and the first folder of the binds below /tmp (the plugin's, the mounts').
     # (The project's sources and venv are bound too: when they live below /tmp, so does theirs.)
-    bound_below_tmp = {
-        path.parts[2]
-        for path in (tmp_path, Path(vmsuper.__file__).resolve().parent.parent, Path(sys.prefix))
-        if path.parts[:2] == ("/", "tmp")
-    }
-    assert set(found["tmp"]) == {marker, *bound_below_tmp}
+    assert set(found["tmp"]) == {marker, *bound_below_tmp(tmp_path)}
     assert not Path("/tmp", marker).exists()
     assert found["ppid"] == 1 and found["pid"] < 10  # a pid namespace of its own
     # A session led inside the namespace (one led outside reads as 0): no controlling terminal.
