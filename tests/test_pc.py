@@ -109,10 +109,30 @@ def test_com1_input_reaches_the_guest(vmsuper: VmRunner, tmp_path: Path) -> None
     source = (REPO / "tests" / "guests" / "pc_echo_boot.S").read_text()
     disk = tmp_path / "echo.img"
     disk.write_bytes(disk_image(boot_sector(source), {}))
-    typed = tmp_path / "typed.txt"
-    typed.write_text("hello, guest\n")
-    result = boot(vmsuper, disk, "--snapshot", "--serial-input", str(typed))
-    assert result.status == DEBUG_EXIT_STATUS, result.stdout + result.stderr
+    typed = tmp_path / "typed.fifo"
+    os.mkfifo(typed)
+    # Held open for writing, so that the plugin's open of the FIFO does not wait for a writer.
+    line = os.open(typed, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        spec = VmSpec(
+            args=[
+                *("--bios", str(BIOS), "--disk", str(disk), "--snapshot"),
+                *("--serial-input", str(typed)),
+            ],
+            mounts=[(tmp_path, None, True)],
+        )
+        proc, _, _ = vmsuper.start(str(PC), spec)
+        assert proc.stdout is not None
+        seen = ""
+        while not seen.endswith("ready\n"):  # the boot sector waits for the line now
+            char = proc.stdout.read(1)
+            assert char, f"vmsuper-pc ended before the boot sector was ready: {seen!r}"
+            seen += char
+        os.write(line, b"hello, guest\n")
+    finally:
+        os.close(line)
+    result = vmsuper.finish(proc, timeout=BOOT_TIMEOUT)
+    assert result.status == DEBUG_EXIT_STATUS, seen + result.stdout + result.stderr
     assert "got: hello, guest" in result.stdout
 
 

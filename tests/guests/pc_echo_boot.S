@@ -1,5 +1,7 @@
-# A boot sector that reads a line from COM1 (polling the line status register for received
-# data), prints it back after "got: ", then writes 0x10 to port 0xf4 (status 33).
+# A boot sector that says "ready" on COM1, reads a line from COM1 (polling the line status
+# register for received data), prints it back after "got: ", then writes 0x10 to port 0xf4
+# (status 33). The test types the line only after "ready": input that came earlier could be
+# taken by the firmware's serial console, or cleared with the FIFO, as on real hardware.
 
         .set    COM1, 0x3f8
         .set    LINE, 0x8000
@@ -12,6 +14,8 @@
         mov     $0x7c00, %sp
         cld
 
+        mov     $ready, %si
+        call    print
         mov     $LINE, %di
 receive:
         mov     $COM1 + 5, %dx
@@ -53,6 +57,8 @@ wait_ready:
 printed:
         ret
 
+ready:
+        .asciz  "ready\n"
 got:
         .asciz  "got: "
 
