@@ -10,7 +10,7 @@ from __future__ import annotations
 import textwrap
 
 PRELUDE = '''
-import errno, json, mmap, os, socket, struct, sys, time, fcntl
+import errno, json, mmap, os, signal, socket, struct, sys, time, fcntl
 from vmsuper.shared import plugin_pb2 as pb, wire
 
 MAIN = socket.socket(fileno=int(os.environ["CROSVM_SOCKET"]))

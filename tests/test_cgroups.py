@@ -178,7 +178,7 @@ while True:
         if os.fork() == 0:  # the children keep the plugin's command line, marker included
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only SIGKILL ends them
             while True:
-                time.sleep(1)
+                signal.pause()  # until a signal ends it
     except OSError:
         pass
 """
@@ -329,7 +329,7 @@ def test_a_sigkilled_run_s_cgroup_is_removed_by_the_next_run(tmp_path: Path) -> 
     body = """
     print(json.dumps({"pid": os.getpid()}), flush=True)
     while True:
-        time.sleep(1)
+        signal.pause()  # until a signal ends it
     """
     plugin = write_python_plugin(tmp_path, plugin_source(body))
     proc, _config, _logs = VmRunner(tmp_path / "runs").start(plugin, VmSpec(sandbox=True))

@@ -118,7 +118,7 @@ def test_an_internal_error_in_set_up_is_125_with_a_crash_record(
 def test_an_internal_error_while_serving_reaps_the_plugin(
     config_of: MakeConfig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config, log_dir = config_of("import time\nwhile True:\n    time.sleep(1)\n")
+    config, log_dir = config_of("import signal\nwhile True:\n    signal.pause()\n")
 
     def broken(self: runner.Supervisor) -> None:
         raise KeyError("lost")

@@ -32,7 +32,7 @@ import signal
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 print(json.dumps({"pid": os.getpid()}), flush=True)
 while True:
-    time.sleep(1)
+    signal.pause()  # until a signal ends it
 """
 
 
