@@ -17,14 +17,13 @@ SDK_PLUGIN = Path(__file__).resolve().parent / "sdk_plugin.py"
 PLUGINS = ("native", "sdk")
 TRANSPORTS = ("socket", "pipes")
 DEFAULT_PATH: Final = "c+poll"
-# The ways vmsuper can serve an exit, as `[vm]` settings. The default leaves both keys out
-# (vmsuper's own defaults: plain exits in C, worker and runner poll for each other); `c` does
-# not poll (`poll_us = 0`); `python` is vmsuper before its C hot path: every exit in Python,
-# every hand-off a sleep on an eventfd.
+# The ways vmsuper can serve an exit, as `[vm]` settings. The default leaves the key out
+# (vmsuper's own default: worker and runner poll for each other); `c` does not poll
+# (`poll_us = 0`): every hand-off that waits is a sleep on an eventfd. (Runs before the exit
+# engine also had `python`, every exit in Python; the committed figures keep its rows.)
 PATHS: Final[dict[str, dict[str, Any]]] = {
     DEFAULT_PATH: {},
     "c": {"poll_us": 0},
-    "python": {"fast_exits": False, "poll_us": 0},
 }
 
 

@@ -282,7 +282,8 @@ COLUMNS: Final[dict[str, list[Column]]] = {
 TITLES: Final = {
     "exits": (
         "a. Exit round trips through vmsuper (per exit: median [min-max] of the runs;"
-        " path: c+poll = the defaults, c = poll_us 0, python = fast_exits false, poll_us 0)"
+        " path: c+poll = the defaults, c = poll_us 0, python = every exit in Python, before the"
+        " exit engine)"
     ),
     "reference": (
         "b. C reference, same VM and guest (inline = floor, pipe = crosvm's architecture,"

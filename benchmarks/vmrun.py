@@ -43,9 +43,7 @@ class RunSpec:
     vcpus: int = 1
     transport: str = "socket"
     low_latency: bool = False
-    # `[vm] fast_exits` and `[vm] poll_us`; None leaves the key out, so vmsuper's own
-    # default is what gets measured.
-    fast_exits: bool | None = None
+    # `[vm] poll_us`; None leaves the key out, so vmsuper's own default is what gets measured.
     poll_us: int | None = None
     holds: int = 0
     expect_report: bool = True
@@ -83,7 +81,6 @@ def config_toml(spec: RunSpec, args: Sequence[str], log_dir: Path) -> str:
     vm = VmSpec(
         vcpus=spec.vcpus,
         low_latency=spec.low_latency,
-        fast_exits=spec.fast_exits,
         poll_us=spec.poll_us,
         transport=spec.transport,
         args=list(args),

@@ -1,13 +1,15 @@
 /*
- * vmsuper's per-exit hot path, in C: the hand-off between a VCPU worker and its runner thread
- * (bells), the runner's KVM_RUN loop, and the worker's loop for the exits every plugin lives
- * on (I/O and MMIO accesses answered by a plain Resume). Loaded with ctypes by hotpath.py;
- * it has no Python API of its own, so it needs no Python headers.
+ * vmsuper's per-exit engine, in C: the hand-off between a VCPU worker and its runner thread
+ * (bells), the runner's KVM_RUN loop (the only place KVM_RUN is made), and the worker's loop,
+ * which decodes every I/O and MMIO exit, looks it up, counts it and serves it, owning the
+ * channel's transport. Loaded with ctypes by hotpath.py; it has no Python API of its own, so
+ * it needs no Python headers.
  *
- * Everything not plainly hot returns to Python, which owns the protocol: any other exit, an
- * access at the call hint's address, a table that changed since Python last described it,
- * a plugin request that is not exactly Resume{data}, errors, signals. The C loops only ever
- * do what the Python path would do, byte for byte (tests compare the two).
+ * What needs a protocol decision returns to Python as a decoded event in the worker's context
+ * (an access at the call hint's address, a plugin request that is not exactly Resume{data},
+ * a table that changed since Python last described it), as do the rare exits, errors and
+ * signals. Python answers through the functions below (vms_send, vms_receive,
+ * vms_finish_access, vms_begin_wait, vms_resumed): nothing here is done twice.
  *
  * Bells. A bell is a sequence number and a "sleeping" flag in shared memory, plus an eventfd.
  * Ringing bumps the number and writes the eventfd only if the waiter said it sleeps; waiting
@@ -27,10 +29,11 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
-#define VMS_ABI 2
+#define VMS_ABI 3
 
 struct vms_bell {
     uint32_t seq;
@@ -94,15 +97,27 @@ static void note_signal(int sig, siginfo_t *info, void *context)
 
 int vms_watch_signal(int sig)
 {
-    struct sigaction ours;
-    if (sig <= 0 || sig >= NSIG || sigaction(sig, NULL, &chained[sig]) < 0)
+    struct sigaction now, ours;
+    if (sig <= 0 || sig >= NSIG || sigaction(sig, NULL, &now) < 0)
         return -EINVAL;
-    if ((chained[sig].sa_flags & SA_SIGINFO) && chained[sig].sa_sigaction == note_signal)
-        return 0;
-    ours = chained[sig];
+    if ((now.sa_flags & SA_SIGINFO) && now.sa_sigaction == note_signal)
+        return 0; /* already watched: keep the handler it chains to */
+    chained[sig] = now;
+    ours = now;
     ours.sa_flags |= SA_SIGINFO;
     ours.sa_sigaction = note_signal;
     return sigaction(sig, &ours, NULL) < 0 ? -errno : 0;
+}
+
+/* Put back the handler vms_watch_signal found (0 also when it was not watched). */
+int vms_unwatch_signal(int sig)
+{
+    struct sigaction now;
+    if (sig <= 0 || sig >= NSIG || sigaction(sig, NULL, &now) < 0)
+        return -EINVAL;
+    if (!(now.sa_flags & SA_SIGINFO) || now.sa_sigaction != note_signal)
+        return 0;
+    return sigaction(sig, &chained[sig], NULL) < 0 ? -errno : 0;
 }
 
 /* Whether a watched signal came since the last call (and forget it). */
@@ -205,36 +220,45 @@ struct vms_runner {
     int64_t stopping;   /* set by Python, then the request bell rung */
     uint64_t spin_ns;
     int64_t error;      /* R_FAILED: the errno */
+    int64_t held_run;   /* a KVM_RUN request came while runs were held: made on the next call */
 };
 
 enum { R_STOP = 1, R_CALL = 2, R_HELD_RUN = 3, R_INTERRUPTED = 4, R_FAILED = 5 };
 
-/* Serve KVM_RUN requests until Python must act (another ioctl, stop, a signal while idle). */
+/* Serve KVM_RUN requests until Python must act (another ioctl, stop, a signal while idle, the
+ * first run while runs are held). This is the only place KVM_RUN is made. */
 int vms_runner_loop(struct vms_runner *r)
 {
     struct vms_mail *mail = r->mail;
     for (;;) {
-        int w = vms_bell_wait(&mail->request, (int)r->request_efd, r->request_seen, r->spin_ns,
-                              -1);
-        if (w == -EINTR)
-            return R_INTERRUPTED;
-        if (w < 0) {
-            r->error = -w;
-            return R_FAILED;
+        if (!r->held_run) {
+            int w = vms_bell_wait(&mail->request, (int)r->request_efd, r->request_seen,
+                                  r->spin_ns, -1);
+            if (w == -EINTR)
+                return R_INTERRUPTED;
+            if (w < 0) {
+                r->error = -w;
+                return R_FAILED;
+            }
         }
         if (__atomic_load_n(&r->stopping, __ATOMIC_SEQ_CST))
             return R_STOP;
-        if (mail->op != 0)
+        if (!r->held_run && mail->op != 0)
             return R_CALL;
-        if (r->hold_runs)
+        if (r->hold_runs) {
+            r->held_run = 1;
             return R_HELD_RUN;
+        }
+        r->held_run = 0;
+        /* A pause that came while the worker served the plugin: leave the guest at once (the
+         * supervisor set immediate_exit too, but the worker may have cleared it since). */
         if (__atomic_load_n(r->pause_seq, __ATOMIC_ACQUIRE) !=
             __atomic_load_n(r->delivered_seq, __ATOMIC_ACQUIRE))
             r->run->immediate_exit = 1;
         int ret = ioctl((int)r->vcpu_fd, KVM_RUN, 0);
         mail->ret = ret;
         mail->err = ret < 0 ? errno : 0;
-        w = vms_bell_ring(&mail->done, (int)r->done_efd);
+        int w = vms_bell_ring(&mail->done, (int)r->done_efd);
         if (w < 0) {
             r->error = -w;
             return R_FAILED;
@@ -242,13 +266,34 @@ int vms_runner_loop(struct vms_runner *r)
     }
 }
 
-/* -- the VCPU worker ---------------------------------------------------------------------- */
+/* -- the VCPU worker: one per-exit engine --------------------------------------------------
+ *
+ * Every I/O and MMIO exit is decoded here (vms_decode_access), looked up here
+ * (vms_find_range) and counted here (the slot's counters and the shared RangeCounts cells).
+ * Plain ones are answered here too: unreserved accesses, async writes, and reserved accesses
+ * sent as Wait{Io} and answered with a plain Resume{data}. What needs a protocol decision
+ * goes back to Python as a decoded event in the context (`access`, `range_index`...): an
+ * access at the call hint's address (Python adds the registers), a reply that is another
+ * request, a refused datagram, a table that changed, and exits that are not I/O or MMIO
+ * (Python decodes those rare ones with kvm.decode_exit). With report_exits set (debug
+ * logging) the loop also returns after every exit it completed, so Python can log it. */
 
 struct vms_range {
     uint64_t start;
     uint64_t length;
     uint64_t space;
     uint64_t async_write;
+};
+
+/* An I/O or MMIO exit, decoded from the run page. */
+struct vms_access {
+    uint64_t space;    /* SPACE_IOPORT or SPACE_MMIO */
+    uint64_t address;  /* the port or the physical address */
+    uint64_t is_write;
+    uint64_t offset;   /* the data area in the run page */
+    uint64_t length;   /* its bytes (I/O: size * count; MMIO: at most 8) */
+    uint64_t size;     /* I/O: bytes per access; MMIO: the length KVM gave */
+    uint64_t count;    /* I/O: accesses (string I/O); MMIO: 1 */
 };
 
 struct vms_worker {
@@ -265,10 +310,11 @@ struct vms_worker {
     uint64_t known_gen;       /* the generation `ranges` was built from */
     const struct vms_range *ranges; /* sorted by (space, start) */
     uint64_t n_ranges;
-    uint64_t *range_counts;   /* forwarded exits per range, since Python last collected */
+    uint64_t *range_counts;   /* the shared RangeCounts cells, one per range */
     uint64_t hint_set;
     uint64_t hint_space;
     uint64_t hint_address;
+    uint64_t hint_on_write;
     uint64_t pipes;           /* transport: 1 pipes, 0 socket */
     int64_t in_fd;
     int64_t out_fd;
@@ -277,23 +323,23 @@ struct vms_worker {
     uint64_t max_fds;
     uint64_t spin_ns;
     int64_t wake_fd;          /* Python's signal wake-up pipe (read end), or -1 */
+    uint64_t report_exits;    /* return W_DONE after each exit completed here */
     uint64_t state;
     /* Out: what Python needs when the loop returns. */
     int64_t error;            /* W_RUN_RESULT: KVM_RUN's errno; W_FAILED: the I/O errno */
-    uint64_t request_len;     /* W_REQUEST, W_REFUSED: bytes of the request in buf */
+    uint64_t request_len;     /* W_REQUEST, W_REFUSED, receive: bytes of the request in buf */
     uint64_t refusal;         /* W_REFUSED: the errno to answer with (0: none) */
     uint64_t fds;             /* W_REFUSED: fds that came with the request */
-    uint64_t fwd_space;       /* the access forwarded with the last Wait{Io} */
-    uint64_t fwd_address;
-    uint64_t fwd_is_write;
-    uint64_t fwd_offset;      /* its data area in the run page */
-    uint64_t fwd_length;
+    struct vms_access access; /* the last I/O or MMIO exit */
+    int64_t range_index;      /* its range, or -1 (unreserved) */
+    uint64_t delivered;       /* DELIVERED_*: what became of it */
+    uint64_t response_ns;     /* the plugin's response time to it (once resumed) */
 };
 
-enum { S_IDLE = 0, S_RUNNING = 1, S_AWAIT_REPLY = 2 };
+enum { S_IDLE = 0, S_RUNNING = 1, S_AWAIT_REPLY = 2, S_EXIT = 3 };
 enum {
     W_RUN_RESULT = 1, /* KVM_RUN failed (EINTR for a pause...): error */
-    W_EXIT = 2,       /* an exit for Python: it is in the run page */
+    W_EXIT = 2,       /* an exit that is not I/O or MMIO, for Python: it is in the run page */
     W_REQUEST = 3,    /* the reply to a forwarded access was not a plain Resume */
     W_REFUSED = 4,    /* ... or came in a form refused with an errno */
     W_INTERRUPTED = 5,
@@ -301,7 +347,11 @@ enum {
     W_FAILED = 7,     /* the channel failed: error */
     W_TOO_LARGE = 8,  /* pipes: a request over max_request, the stream is out of step */
     W_BELL_FAILED = 9,
+    W_TABLE = 10,     /* the table changed: describe it again, the exit is handled next call */
+    W_HINTED = 11,    /* an access at the call hint: Python sends Wait{Io} with registers */
+    W_DONE = 12,      /* report_exits: `access` was completed */
 };
+enum { DELIVERED_NONE = 0, DELIVERED_WAIT = 1, DELIVERED_NO_RESUME = 2 };
 enum { K_IO_IN = 0, K_IO_OUT, K_MMIO_READ, K_MMIO_WRITE, K_ASYNC_WRITE, K_UNRESERVED };
 enum { RUN_STATE_RUNNING = 2, RUN_STATE_WAITING_PLUGIN = 3 };
 enum { SPACE_IOPORT = 0, SPACE_MMIO = 1 };
@@ -328,6 +378,34 @@ int64_t vms_find_range(const struct vms_range *ranges, uint64_t n, uint64_t spac
     return -1;
 }
 
+/* Decode an I/O or MMIO exit: 1, or 0 for any other exit (or one whose data would lie
+ * outside the page, or exceed MAX_DATA: KVM never makes those). */
+int vms_decode_access(const struct kvm_run *run, uint64_t run_size, struct vms_access *a)
+{
+    if (run->exit_reason == KVM_EXIT_IO) {
+        a->space = SPACE_IOPORT;
+        a->address = run->io.port;
+        a->is_write = run->io.direction == KVM_EXIT_IO_OUT;
+        a->size = run->io.size;
+        a->count = run->io.count;
+        a->length = (uint64_t)run->io.size * run->io.count;
+        a->offset = run->io.data_offset;
+        if (a->offset > run_size || a->length > run_size - a->offset)
+            return 0;
+    } else if (run->exit_reason == KVM_EXIT_MMIO) {
+        a->space = SPACE_MMIO;
+        a->address = run->mmio.phys_addr;
+        a->is_write = run->mmio.is_write != 0;
+        a->size = run->mmio.len;
+        a->count = 1;
+        a->length = run->mmio.len < 8 ? run->mmio.len : 8;
+        a->offset = (uint64_t)((const uint8_t *)run->mmio.data - (const uint8_t *)run);
+    } else {
+        return 0;
+    }
+    return a->length <= MAX_DATA;
+}
+
 static size_t put_varint(uint8_t *out, uint64_t value)
 {
     size_t n = 0;
@@ -349,7 +427,8 @@ static size_t varint_size(uint64_t value)
     return n;
 }
 
-/* VcpuResponse{wait: {io: {...}}} as protobuf encodes it (encode_io_wait in Python). */
+/* VcpuResponse{wait: {io: {...}}} as protobuf encodes it: fields in number order, proto3
+ * defaults left out (tests hold it to protobuf's own encoding). */
 size_t vms_encode_io_wait(uint8_t *out, uint64_t space, uint64_t address, int is_write,
                           int no_resume, const uint8_t *data, size_t length)
 {
@@ -395,7 +474,7 @@ size_t vms_encode_io_wait(uint8_t *out, uint64_t space, uint64_t address, int is
     return n;
 }
 
-/* As Python's _read_varint: at most 10 bytes; 0 if cut short, too long or over 64 bits. */
+/* At most 10 bytes; 0 if cut short, too long or over 64 bits. */
 static int get_varint(const uint8_t *p, size_t n, size_t *pos, uint64_t *value)
 {
     uint64_t v = 0;
@@ -413,7 +492,8 @@ static int get_varint(const uint8_t *p, size_t n, size_t *pos, uint64_t *value)
     return 0;
 }
 
-/* 1 if the request is exactly Resume{data} (plain_resume_data in Python): data at *offset. */
+/* 1 if the request is exactly Resume{data} in the canonical encoding (what every client sends
+ * to answer an exit): data at *offset. Anything else, however valid, is for protobuf. */
 int vms_plain_resume(const uint8_t *p, size_t n, size_t *offset, size_t *length)
 {
     size_t pos = 1;
@@ -439,30 +519,39 @@ int vms_plain_resume(const uint8_t *p, size_t n, size_t *offset, size_t *length)
 
 static int hung_up(int err) { return err == EPIPE || err == ECONNRESET; }
 
-static int send_message(struct vms_worker *w, const uint8_t *msg, size_t length)
+/* Send one encoded response: a datagram, or length-delimited on the pipe. 0 or a W_ code. */
+int vms_send(struct vms_worker *w, const uint8_t *msg, size_t length)
 {
-    uint8_t framed[MAX_DATA + 64];
-    const uint8_t *p = msg;
-    size_t left = length;
-    if (w->pipes) {
-        size_t head = put_varint(framed, length);
-        memcpy(framed + head, msg, length);
-        p = framed;
-        left = head + length;
+    if (!w->pipes) {
+        for (;;) {
+            if (send((int)w->out_fd, msg, length, MSG_NOSIGNAL) >= 0)
+                return 0; /* a datagram goes whole or not at all */
+            if (errno == EINTR)
+                continue;
+            w->error = errno;
+            return hung_up(errno) ? W_HUNGUP : W_FAILED;
+        }
     }
-    while (left) {
-        ssize_t sent = w->pipes ? write((int)w->out_fd, p, left)
-                                : send((int)w->out_fd, p, left, MSG_NOSIGNAL);
+    uint8_t head[10];
+    size_t head_len = put_varint(head, length), done = 0, total = head_len + length;
+    while (done < total) {
+        struct iovec iov[2];
+        int parts = 0;
+        if (done < head_len) {
+            iov[parts++] = (struct iovec){.iov_base = head + done, .iov_len = head_len - done};
+            iov[parts++] = (struct iovec){.iov_base = (void *)msg, .iov_len = length};
+        } else {
+            iov[parts++] = (struct iovec){.iov_base = (void *)(msg + (done - head_len)),
+                                          .iov_len = total - done};
+        }
+        ssize_t sent = writev((int)w->out_fd, iov, parts);
         if (sent < 0) {
             if (errno == EINTR)
                 continue;
             w->error = errno;
             return hung_up(errno) ? W_HUNGUP : W_FAILED;
         }
-        if (!w->pipes)
-            return 0; /* a datagram goes whole or not at all */
-        p += sent;
-        left -= (size_t)sent;
+        done += (size_t)sent;
     }
     return 0;
 }
@@ -484,11 +573,17 @@ static void close_fds(struct msghdr *msg, uint64_t *count, int *truncated)
     }
 }
 
-/* Read the plugin's reply to a forwarded access into buf: 0, or a W_ code. */
-static int receive_request(struct vms_worker *w, size_t *length)
+/* Read one request into buf (request_len): 0, or a W_ code. On the socket a request too large
+ * (EMSGSIZE) or with fds (closed; EINVAL) is W_REFUSED and the channel goes on; on the pipes
+ * one too large leaves the stream out of step (W_TOO_LARGE). With check_signal, a signal noted
+ * before the read is W_INTERRUPTED (a loop must not block through it). */
+static int receive_request(struct vms_worker *w, int check_signal)
 {
     size_t room = w->max_request + 1;
-    if (signalled)
+    w->request_len = 0;
+    w->refusal = 0;
+    w->fds = 0;
+    if (check_signal && signalled)
         return W_INTERRUPTED;
     if (w->pipes) {
         ssize_t got = read((int)w->in_fd, w->buf, room);
@@ -502,7 +597,7 @@ static int receive_request(struct vms_worker *w, size_t *length)
             return W_HUNGUP;
         if ((uint64_t)got > w->max_request)
             return W_TOO_LARGE;
-        *length = (size_t)got;
+        w->request_len = (uint64_t)got;
         return 0;
     }
     union {
@@ -529,7 +624,6 @@ static int receive_request(struct vms_worker *w, size_t *length)
     int truncated;
     close_fds(&msg, &fds, &truncated);
     w->fds = truncated ? fds + 1 : fds;
-    w->request_len = 0;
     if ((uint64_t)got > w->max_request || (msg.msg_flags & MSG_TRUNC)) {
         w->refusal = EMSGSIZE;
         return W_REFUSED;
@@ -545,112 +639,123 @@ static int receive_request(struct vms_worker *w, size_t *length)
         w->request_len = (uint64_t)got;
         return W_REFUSED;
     }
-    *length = (size_t)got;
+    w->request_len = (uint64_t)got;
     return 0;
 }
 
-/* The plugin answered the exit it was sent at stats->wait_since: count how long it took. */
-static void record_response(struct vms_stats *stats)
+/* The channel's read for Python (serving requests outside the loop): as the loop reads. */
+int vms_receive(struct vms_worker *w) { return receive_request(w, 0); }
+
+/* Waits on the plugin: the run state cell and the statistics block, written only here. */
+void vms_begin_wait(struct vms_worker *w, uint64_t state)
 {
-    uint64_t now = now_ns(), since = stats->wait_since;
-    uint64_t took = now > since ? now - since : 0;
-    unsigned bucket = took ? 64 - (unsigned)__builtin_clzll(took) : 0;
-    if (bucket >= VMS_BUCKETS)
-        bucket = VMS_BUCKETS - 1;
-    stats->buckets[bucket]++;
-    stats->responses++;
-    stats->response_sum_ns += took;
-    if (took > stats->response_max_ns)
-        stats->response_max_ns = took;
+    w->stats->wait_since = now_ns();
+    __atomic_store_n(w->run_state, state, __ATOMIC_RELEASE);
 }
 
-/* One exit, fresh from KVM_RUN: 0 when handled here (state says what comes next). */
+/* The plugin resumed the VCPU: a wait on an exit (not Init or a pause) adds its length to the
+ * response-time histogram (also kept in response_ns). Then the VCPU is RUNNING. */
+void vms_resumed(struct vms_worker *w)
+{
+    struct vms_stats *stats = w->stats;
+    w->response_ns = 0;
+    if (__atomic_load_n(w->run_state, __ATOMIC_ACQUIRE) == RUN_STATE_WAITING_PLUGIN) {
+        uint64_t now = now_ns(), since = stats->wait_since;
+        uint64_t took = now > since ? now - since : 0;
+        unsigned bucket = took ? 64 - (unsigned)__builtin_clzll(took) : 0;
+        if (bucket >= VMS_BUCKETS)
+            bucket = VMS_BUCKETS - 1;
+        stats->buckets[bucket]++;
+        stats->responses++;
+        stats->response_sum_ns += took;
+        if (took > stats->response_max_ns)
+            stats->response_max_ns = took;
+        w->response_ns = took;
+    }
+    __atomic_store_n(w->run_state, RUN_STATE_RUNNING, __ATOMIC_RELEASE);
+}
+
+/* The plugin's Resume of the forwarded access (read by the loop, or by Python when the reply
+ * took the protocol's path): a read's value goes into the data area, at most its size,
+ * zero-padded; then the VCPU runs again. */
+void vms_finish_access(struct vms_worker *w, const uint8_t *data, size_t size)
+{
+    const struct vms_access *a = &w->access;
+    if (!a->is_write) {
+        uint8_t *area = (uint8_t *)w->run + a->offset;
+        size_t n = size < a->length ? size : a->length;
+        memcpy(area, data, n);
+        memset(area + n, 0, a->length - n);
+    }
+    vms_resumed(w);
+    w->state = S_IDLE;
+}
+
+/* One exit, fresh from KVM_RUN (or held over a table change): 0 when handled here. */
 static int handle_exit(struct vms_worker *w)
 {
-    struct kvm_run *run = w->run;
-    uint64_t space, address, is_write, length, offset;
-    if (run->exit_reason == KVM_EXIT_IO) {
-        space = SPACE_IOPORT;
-        address = run->io.port;
-        is_write = run->io.direction == KVM_EXIT_IO_OUT;
-        length = (uint64_t)run->io.size * run->io.count;
-        offset = run->io.data_offset;
-        if (offset > w->run_size || length > w->run_size - offset)
-            return W_EXIT;
-    } else if (run->exit_reason == KVM_EXIT_MMIO) {
-        space = SPACE_MMIO;
-        address = run->mmio.phys_addr;
-        is_write = run->mmio.is_write != 0;
-        length = run->mmio.len < 8 ? run->mmio.len : 8;
-        offset = (uint64_t)((uint8_t *)run->mmio.data - (uint8_t *)run);
-    } else {
+    struct vms_access *a = &w->access;
+    w->state = S_IDLE;
+    if (!vms_decode_access(w->run, w->run_size, a))
         return W_EXIT;
+    if (__atomic_load_n(w->table_gen, __ATOMIC_ACQUIRE) != w->known_gen) {
+        w->state = S_EXIT; /* Python describes the new table, then this exit is handled */
+        return W_TABLE;
     }
-    if (length > MAX_DATA)
-        return W_EXIT;
-    if (__atomic_load_n(w->table_gen, __ATOMIC_ACQUIRE) != w->known_gen)
-        return W_EXIT; /* Python reads the new table, then describes it again */
-    if (w->hint_set && space == w->hint_space && address == w->hint_address)
-        return W_EXIT; /* the plugin may want registers with this one */
-    uint8_t *data = (uint8_t *)run + offset;
-    int64_t index = vms_find_range(w->ranges, w->n_ranges, space, address);
-    if (index < 0 || (w->ranges[index].async_write && !is_write)) {
-        if (!is_write)
-            memset(data, 0, length);
+    uint8_t *data = (uint8_t *)w->run + a->offset;
+    int done = w->report_exits ? W_DONE : 0;
+    int64_t index = vms_find_range(w->ranges, w->n_ranges, a->space, a->address);
+    w->range_index = index;
+    w->delivered = DELIVERED_NONE;
+    w->response_ns = 0;
+    if (index < 0 || (w->ranges[index].async_write && !a->is_write)) {
+        if (!a->is_write)
+            memset(data, 0, a->length);
         w->counters[K_UNRESERVED]++;
-        return 0;
+        return done;
     }
     w->range_counts[index]++;
     uint8_t message[MAX_DATA + 64];
     static const uint8_t zeros[MAX_DATA];
-    if (is_write && w->ranges[index].async_write) {
-        size_t n = vms_encode_io_wait(message, space, address, 1, 1, data, length);
+    if (a->is_write && w->ranges[index].async_write) {
+        size_t n = vms_encode_io_wait(message, a->space, a->address, 1, 1, data, a->length);
         w->counters[K_ASYNC_WRITE]++;
-        return send_message(w, message, n);
+        w->delivered = DELIVERED_NO_RESUME;
+        int code = vms_send(w, message, n);
+        return code ? code : done;
     }
-    if (space == SPACE_IOPORT)
-        w->counters[is_write ? K_IO_OUT : K_IO_IN]++;
+    if (a->space == SPACE_IOPORT)
+        w->counters[a->is_write ? K_IO_OUT : K_IO_IN]++;
     else
-        w->counters[is_write ? K_MMIO_WRITE : K_MMIO_READ]++;
-    size_t n = vms_encode_io_wait(message, space, address, (int)is_write, 0,
-                                  is_write ? data : zeros, length);
-    w->fwd_space = space;
-    w->fwd_address = address;
-    w->fwd_is_write = is_write;
-    w->fwd_offset = offset;
-    w->fwd_length = length;
-    w->stats->wait_since = now_ns();
-    __atomic_store_n(w->run_state, RUN_STATE_WAITING_PLUGIN, __ATOMIC_RELEASE);
+        w->counters[a->is_write ? K_MMIO_WRITE : K_MMIO_READ]++;
+    w->delivered = DELIVERED_WAIT;
+    vms_begin_wait(w, RUN_STATE_WAITING_PLUGIN);
+    if (w->hint_set && a->space == w->hint_space && a->address == w->hint_address &&
+        a->is_write == w->hint_on_write)
+        return W_HINTED; /* Python sends it with the registers and serves until Resume */
     w->state = S_AWAIT_REPLY;
-    return send_message(w, message, n);
+    size_t n = vms_encode_io_wait(message, a->space, a->address, (int)a->is_write, 0,
+                                  a->is_write ? data : zeros, a->length);
+    return vms_send(w, message, n);
 }
 
 /* The forwarded access's answer: 0 after a plain Resume, else a W_ code. */
 static int await_reply(struct vms_worker *w)
 {
-    size_t length, offset, size;
-    int code = receive_request(w, &length);
+    size_t offset, size;
+    int code = receive_request(w, 1);
     if (code == W_INTERRUPTED)
         return code; /* still waiting: call again */
     w->state = S_IDLE;
     if (code)
         return code;
-    if (!vms_plain_resume(w->buf, length, &offset, &size)) {
-        w->request_len = length;
+    if (!vms_plain_resume(w->buf, w->request_len, &offset, &size))
         return W_REQUEST;
-    }
-    if (!w->fwd_is_write) {
-        uint8_t *area = (uint8_t *)w->run + w->fwd_offset;
-        size_t n = size < w->fwd_length ? size : w->fwd_length;
-        memcpy(area, w->buf + offset, n);
-        memset(area + n, 0, w->fwd_length - n);
-    }
-    record_response(w->stats);
-    __atomic_store_n(w->run_state, RUN_STATE_RUNNING, __ATOMIC_RELEASE);
-    return 0;
+    vms_finish_access(w, w->buf + offset, size);
+    return w->report_exits ? W_DONE : 0;
 }
 
-/* Run the guest and serve its hot exits until Python must act; returns a W_ code. */
+/* Run the guest and serve its exits until Python must act; returns a W_ code. */
 int vms_worker_loop(struct vms_worker *w)
 {
     struct vms_mail *mail = w->mail;
@@ -683,6 +788,8 @@ int vms_worker_loop(struct vms_worker *w)
                 w->error = mail->err;
                 return W_RUN_RESULT;
             }
+            /* fall through */
+        case S_EXIT:
             code = handle_exit(w);
             if (code)
                 return code;
@@ -705,7 +812,7 @@ int vms_worker_loop(struct vms_worker *w)
     X(vms_runner, vcpu_fd) X(vms_runner, run) X(vms_runner, mail) X(vms_runner, request_efd) \
     X(vms_runner, done_efd) X(vms_runner, request_seen) X(vms_runner, pause_seq)             \
     X(vms_runner, delivered_seq) X(vms_runner, hold_runs) X(vms_runner, stopping)            \
-    X(vms_runner, spin_ns) X(vms_runner, error)
+    X(vms_runner, spin_ns) X(vms_runner, error) X(vms_runner, held_run)
 #define RANGE_FIELDS(X)                                                                     \
     X(vms_range, start) X(vms_range, length) X(vms_range, space) X(vms_range, async_write)
 #define WORKER_FIELDS(X)                                                                    \
@@ -715,13 +822,16 @@ int vms_worker_loop(struct vms_worker *w)
     X(vms_worker, table_gen)                                                                \
     X(vms_worker, known_gen) X(vms_worker, ranges) X(vms_worker, n_ranges)                  \
     X(vms_worker, range_counts) X(vms_worker, hint_set) X(vms_worker, hint_space)           \
-    X(vms_worker, hint_address) X(vms_worker, pipes) X(vms_worker, in_fd)                   \
-    X(vms_worker, out_fd) X(vms_worker, buf) X(vms_worker, max_request)                     \
+    X(vms_worker, hint_address) X(vms_worker, hint_on_write) X(vms_worker, pipes)           \
+    X(vms_worker, in_fd) X(vms_worker, out_fd) X(vms_worker, buf) X(vms_worker, max_request) \
     X(vms_worker, max_fds) X(vms_worker, spin_ns) X(vms_worker, wake_fd)                    \
-    X(vms_worker, state) X(vms_worker, error) X(vms_worker, request_len)                    \
-    X(vms_worker, refusal) X(vms_worker, fds) X(vms_worker, fwd_space)                      \
-    X(vms_worker, fwd_address) X(vms_worker, fwd_is_write) X(vms_worker, fwd_offset)        \
-    X(vms_worker, fwd_length)
+    X(vms_worker, report_exits) X(vms_worker, state) X(vms_worker, error)                   \
+    X(vms_worker, request_len) X(vms_worker, refusal) X(vms_worker, fds)                    \
+    X(vms_worker, access) X(vms_worker, range_index) X(vms_worker, delivered)               \
+    X(vms_worker, response_ns)
+#define ACCESS_FIELDS(X)                                                                    \
+    X(vms_access, space) X(vms_access, address) X(vms_access, is_write)                     \
+    X(vms_access, offset) X(vms_access, length) X(vms_access, size) X(vms_access, count)
 #define STATS_FIELDS(X)                                                                     \
     X(vms_stats, wait_since) X(vms_stats, responses) X(vms_stats, response_sum_ns)           \
     X(vms_stats, response_max_ns) X(vms_stats, buckets)
@@ -732,13 +842,15 @@ static const uint64_t runner_offsets[] = {RUNNER_FIELDS(OFFSET) sizeof(struct vm
 static const uint64_t range_offsets[] = {RANGE_FIELDS(OFFSET) sizeof(struct vms_range)};
 static const uint64_t worker_offsets[] = {WORKER_FIELDS(OFFSET) sizeof(struct vms_worker)};
 static const uint64_t stats_offsets[] = {STATS_FIELDS(OFFSET) sizeof(struct vms_stats)};
+static const uint64_t access_offsets[] = {ACCESS_FIELDS(OFFSET) sizeof(struct vms_access)};
 static const char runner_names[] = RUNNER_FIELDS(NAME);
 static const char stats_names[] = STATS_FIELDS(NAME);
 static const char range_names[] = RANGE_FIELDS(NAME);
 static const char worker_names[] = WORKER_FIELDS(NAME);
+static const char access_names[] = ACCESS_FIELDS(NAME);
 
-/* Layout 0 (runner), 1 (range), 2 (worker) or 3 (statistics block): the field names (space-separated) and their
- * offsets, then the size; returns the number of offsets. */
+/* Layout 0 (runner), 1 (range), 2 (worker), 3 (statistics block) or 4 (access): the field
+ * names (space-separated) and their offsets, then the size; returns the number of offsets. */
 size_t vms_layout(int which, const char **names, const uint64_t **offsets)
 {
     switch (which) {
@@ -758,6 +870,10 @@ size_t vms_layout(int which, const char **names, const uint64_t **offsets)
         *names = stats_names;
         *offsets = stats_offsets;
         return sizeof stats_offsets / sizeof *stats_offsets;
+    case 4:
+        *names = access_names;
+        *offsets = access_offsets;
+        return sizeof access_offsets / sizeof *access_offsets;
     }
     *names = "";
     *offsets = NULL;

@@ -1,4 +1,4 @@
-"""The C half of the per-exit path (`hotpath.c`), loaded with ctypes.
+"""The per-exit engine (`hotpath.c`), loaded with ctypes.
 
 Each exit used to cost four process wake-ups (runner -> worker -> plugin and back) and about
 20 us of Python; crosvm's layout pays two wake-ups and no interpreter. The C library keeps
@@ -7,9 +7,10 @@ vmsuper's layout but removes both costs where it can:
 - bells: the worker/runner hand-off polls shared memory for a moment before sleeping on its
   eventfd, so a hand-off between two busy processes needs no wake-up at all;
 - the runner thread's `KVM_RUN` loop, run without the GIL;
-- the worker's loop over plain I/O and MMIO exits: Wait{Io} out, Resume{data} back.
+- the worker's loop over every I/O and MMIO exit: decoded, looked up, counted, and served
+  when plain (Wait{Io} out, Resume{data} back), with the channel's transport.
 
-Anything else goes back to Python (see `hotpath.c`). The library is built with the package
+What needs a protocol decision goes back to Python as a decoded event (see `hotpath.c`). The library is built with the package
 (`setup.py`); it has no Python API, so ctypes calls it directly and releases the GIL for the
 whole call.
 """
@@ -26,6 +27,8 @@ from typing import Any, Final
 __all__ = [
     "ABI",
     "HISTOGRAM_BUCKETS",
+    "Access",
+    "Delivered",
     "HotpathError",
     "Range",
     "RunnerContext",
@@ -35,15 +38,17 @@ __all__ = [
     "WorkerResult",
     "bell_ring",
     "bell_wait",
+    "decode_access",
     "encode_io_wait",
     "find_range",
     "library",
     "plain_resume",
     "take_signal",
+    "unwatch_signal",
     "watch_signal",
 ]
 
-ABI: Final = 2
+ABI: Final = 3
 """Must equal VMS_ABI in hotpath.c: a stale build is refused rather than misread."""
 
 
@@ -79,6 +84,7 @@ class RunnerContext(ctypes.Structure):
         ("stopping", ctypes.c_int64),
         ("spin_ns", ctypes.c_uint64),
         ("error", ctypes.c_int64),
+        ("held_run", ctypes.c_int64),
     ]
 
 
@@ -109,6 +115,20 @@ class VcpuStats(ctypes.Structure):
     ]
 
 
+class Access(ctypes.Structure):
+    """`struct vms_access`: an I/O or MMIO exit as the engine decoded it."""
+
+    _fields_ = [
+        ("space", ctypes.c_uint64),
+        ("address", ctypes.c_uint64),
+        ("is_write", ctypes.c_uint64),
+        ("offset", ctypes.c_uint64),
+        ("length", ctypes.c_uint64),
+        ("size", ctypes.c_uint64),
+        ("count", ctypes.c_uint64),
+    ]
+
+
 class WorkerContext(ctypes.Structure):
     """`struct vms_worker`."""
 
@@ -130,6 +150,7 @@ class WorkerContext(ctypes.Structure):
         ("hint_set", ctypes.c_uint64),
         ("hint_space", ctypes.c_uint64),
         ("hint_address", ctypes.c_uint64),
+        ("hint_on_write", ctypes.c_uint64),
         ("pipes", ctypes.c_uint64),
         ("in_fd", ctypes.c_int64),
         ("out_fd", ctypes.c_int64),
@@ -138,16 +159,16 @@ class WorkerContext(ctypes.Structure):
         ("max_fds", ctypes.c_uint64),
         ("spin_ns", ctypes.c_uint64),
         ("wake_fd", ctypes.c_int64),
+        ("report_exits", ctypes.c_uint64),
         ("state", ctypes.c_uint64),
         ("error", ctypes.c_int64),
         ("request_len", ctypes.c_uint64),
         ("refusal", ctypes.c_uint64),
         ("fds", ctypes.c_uint64),
-        ("fwd_space", ctypes.c_uint64),
-        ("fwd_address", ctypes.c_uint64),
-        ("fwd_is_write", ctypes.c_uint64),
-        ("fwd_offset", ctypes.c_uint64),
-        ("fwd_length", ctypes.c_uint64),
+        ("access", Access),
+        ("range_index", ctypes.c_int64),
+        ("delivered", ctypes.c_uint64),
+        ("response_ns", ctypes.c_uint64),
     ]
 
 
@@ -158,23 +179,47 @@ class RunnerResult(enum.IntEnum):
     CALL = 2
     """Another ioctl than KVM_RUN is posted: Python checks and makes it."""
     HELD_RUN = 3
-    """The first KVM_RUN, held while `hold_runs` is set (the Init barrier)."""
+    """The first KVM_RUN, held while `hold_runs` is set (the Init barrier); the next call
+    makes it."""
     INTERRUPTED = 4
     FAILED = 5
 
 
 class WorkerResult(enum.IntEnum):
-    """Why `vms_worker_loop` returned."""
+    """Why `vms_worker_loop` returned (the W_ codes of hotpath.c); also what `vms_send` and
+    `vms_receive` return besides 0."""
 
     RUN_RESULT = 1
+    """`KVM_RUN` failed (`error`): EINTR for a pause, EAGAIN, or a real failure."""
     EXIT = 2
+    """An exit that is not I/O or MMIO: Python decodes it (`kvm.decode_exit`)."""
     REQUEST = 3
+    """The reply to the forwarded `access` is another request than a plain Resume."""
     REFUSED = 4
+    """... or came in a form refused with `refusal` (fds, too large)."""
     INTERRUPTED = 5
     HUNGUP = 6
     FAILED = 7
     TOO_LARGE = 8
     BELL_FAILED = 9
+    TABLE = 10
+    """The range table changed: describe it again; the exit is handled on the next call."""
+    HINTED = 11
+    """`access` is at the call hint: Python sends Wait{Io} with registers and serves the
+    plugin until its Resume (`vms_finish_access`)."""
+    DONE = 12
+    """`report_exits`: `access` was completed (logged by Python), then call again."""
+
+
+class Delivered(enum.IntEnum):
+    """What became of the last access (`WorkerContext.delivered`)."""
+
+    NONE = 0
+    """Unreserved (or a read of an async range): handled without the plugin."""
+    WAIT = 1
+    """Sent as Wait{Io}; the VCPU waits for the plugin's Resume."""
+    NO_RESUME = 2
+    """An async write, sent with no_resume."""
 
 
 def layout(lib: ctypes.CDLL, which: int) -> dict[str, int]:
@@ -204,11 +249,18 @@ _SIGNATURES: Final[dict[str, tuple[list[Any], Any]]] = {
         _c.c_size_t,
     ),
     "vms_watch_signal": ([_c.c_int], _c.c_int),
+    "vms_unwatch_signal": ([_c.c_int], _c.c_int),
     "vms_take_signal": ([], _c.c_int),
     "vms_bell_ring": ([_c.c_void_p, _c.c_int], _c.c_int),
     "vms_bell_wait": ([_c.c_void_p, _c.c_int, _c.c_void_p, _c.c_uint64, _c.c_int], _c.c_int),
     "vms_runner_loop": ([_c.POINTER(RunnerContext)], _c.c_int),
     "vms_worker_loop": ([_c.POINTER(WorkerContext)], _c.c_int),
+    "vms_send": ([_c.POINTER(WorkerContext), _c.c_char_p, _c.c_size_t], _c.c_int),
+    "vms_receive": ([_c.POINTER(WorkerContext)], _c.c_int),
+    "vms_begin_wait": ([_c.POINTER(WorkerContext), _c.c_uint64], None),
+    "vms_resumed": ([_c.POINTER(WorkerContext)], None),
+    "vms_finish_access": ([_c.POINTER(WorkerContext), _c.c_char_p, _c.c_size_t], None),
+    "vms_decode_access": ([_c.c_void_p, _c.c_uint64, _c.POINTER(Access)], _c.c_int),
     "vms_find_range": ([_c.c_void_p, _c.c_uint64, _c.c_uint64, _c.c_uint64], _c.c_int64),
     "vms_encode_io_wait": (
         [_c.c_char_p, _c.c_uint64, _c.c_uint64, _c.c_int, _c.c_int, _c.c_char_p, _c.c_size_t],
@@ -232,7 +284,7 @@ def _load() -> ctypes.CDLL:
             f"vmsuper's C library has ABI {lib.vms_abi()}, this code needs {ABI}: rebuild it "
             "(`pip install -e .`)"
         )
-    for which, struct in enumerate((RunnerContext, Range, WorkerContext, VcpuStats)):
+    for which, struct in enumerate((RunnerContext, Range, WorkerContext, VcpuStats, Access)):
         if layout(lib, which) != struct_layout(struct):
             raise HotpathError(
                 f"the C library's struct layout differs from {struct.__name__}: rebuild it "
@@ -257,6 +309,13 @@ def watch_signal(signum: int) -> None:
         raise OSError(-err, f"cannot watch signal {signum}")
 
 
+def unwatch_signal(signum: int) -> None:
+    """Undo `watch_signal`: the handler it found is installed again."""
+    err = library.vms_unwatch_signal(signum)
+    if err:
+        raise OSError(-err, f"cannot unwatch signal {signum}")
+
+
 def take_signal() -> bool:
     """Whether a watched signal came since the last call."""
     return bool(library.vms_take_signal())
@@ -279,6 +338,15 @@ def bell_wait(bell: int, efd: int, seen: ctypes.c_uint32, spin_ns: int, wake_fd:
         raise InterruptedError(errno.EINTR, "a signal came while waiting on a bell")
     if err:
         raise OSError(-err, f"waiting on a bell failed: {err}")
+
+
+def decode_access(run_address: int, run_size: int) -> Access | None:
+    """The engine's decoding of the exit in the run page at `run_address`: None when it is not
+    an I/O or MMIO exit (those are `kvm.decode_exit`'s)."""
+    access = Access()
+    if not library.vms_decode_access(run_address, run_size, ctypes.byref(access)):
+        return None
+    return access
 
 
 def find_range(ranges: ctypes.Array[Range], space: int, address: int) -> int:

@@ -10,8 +10,10 @@ Calls go through libc's `ioctl` via ctypes, which releases the GIL (runner threa
 `KVM_RUN` concurrently) and takes any 64-bit address, including one into shared memory.
 A failed call raises `KvmError`, an `OSError` carrying the errno and the ioctl's name.
 
-`Kvm`, `Vm` and `Vcpu` each own one fd, in the style of rust-vmm's kvm-ioctls. Exits are
-decoded from the mmapped `kvm_run` page into small frozen dataclasses (`decode_exit`).
+`Kvm`, `Vm` and `Vcpu` each own one fd, in the style of rust-vmm's kvm-ioctls. The rare exits
+(Hyper-V, shutdown, internal error, failed entry, hlt) are decoded from the mmapped `kvm_run`
+page into small frozen dataclasses (`decode_exit`); I/O and MMIO exits are decoded by the exit
+engine in C (`hotpath.c`, `vms_decode_access`).
 
 KVM binds a VM to the process that created it: VM and VCPU ioctls from any other process,
 a forked child included, fail with `EIO`. A child can still `mmap` an inherited VCPU fd
@@ -1450,33 +1452,8 @@ class Vcpu(_FdOwner):
 
 
 # ---------------------------------------------------------------------------------------------
-# Exit decoding
-
-
-@dataclass(frozen=True, slots=True)
-class IoExit:
-    """Port I/O. The `count * size` data bytes live in the VCPU mapping at `data_offset`:
-    written by the guest for an OUT, to be filled in by the host for an IN."""
-
-    port: int
-    size: int
-    count: int
-    is_write: bool
-    data_offset: int
-
-    @property
-    def length(self) -> int:
-        return self.size * self.count
-
-
-@dataclass(frozen=True, slots=True)
-class MmioExit:
-    """MMIO access; for a read, answer by writing `length` bytes into `kvm_run.mmio.data`."""
-
-    address: int
-    length: int
-    is_write: bool
-    data: bytes
+# Exit decoding: the rare exits. I/O and MMIO exits are the exit engine's (`hotpath.c`
+# `vms_decode_access`): one decoder for the exits every plugin lives on.
 
 
 @dataclass(frozen=True, slots=True)
@@ -1531,9 +1508,7 @@ class OtherExit:
 
 
 Exit: TypeAlias = (
-    IoExit
-    | MmioExit
-    | HypervSynicExit
+    HypervSynicExit
     | HypervHcallExit
     | InternalErrorExit
     | FailEntryExit
@@ -1544,26 +1519,9 @@ Exit: TypeAlias = (
 
 
 def decode_exit(run: kvm_run) -> Exit:
-    """Describe the exit `run` reports (read right after `KVM_RUN` returned)."""
+    """Describe the exit `run` reports (read right after `KVM_RUN` returned). I/O and MMIO
+    exits are not decoded here (`OtherExit`): the exit engine decodes those."""
     reason = run.exit_reason
-    if reason == KVM_EXIT_IO:
-        io = run.io
-        return IoExit(
-            port=io.port,
-            size=io.size,
-            count=io.count,
-            is_write=io.direction == KVM_EXIT_IO_OUT,
-            data_offset=io.data_offset,
-        )
-    if reason == KVM_EXIT_MMIO:
-        mmio = run.mmio
-        length = min(mmio.len, 8)
-        return MmioExit(
-            address=mmio.phys_addr,
-            length=mmio.len,
-            is_write=bool(mmio.is_write),
-            data=bytes(mmio.data)[:length] if mmio.is_write else bytes(length),
-        )
     if reason == KVM_EXIT_HYPERV:
         hyperv = run.hyperv
         if hyperv.type == KVM_EXIT_HYPERV_SYNIC:
@@ -1600,20 +1558,3 @@ def _instruction_bytes(run: kvm_run, ndata: int) -> bytes:
         return b""
     size = min(failure.insn_size, len(failure.insn_bytes))
     return bytes(failure.insn_bytes)[:size]
-
-
-def io_data(mapping: mmap.mmap | memoryview | bytearray, exit_: IoExit) -> memoryview:
-    """The `count * size` data bytes of an I/O exit, as a writable view into the mapping."""
-    end = exit_.data_offset + exit_.length
-    view = memoryview(mapping)
-    if end > len(view):
-        raise ValueError(
-            f"I/O data at {exit_.data_offset:#x}+{exit_.length} lies outside the "
-            f"{len(view)}-byte VCPU mapping"
-        )
-    return view[exit_.data_offset : end]
-
-
-def mmio_data(run: kvm_run) -> memoryview:
-    """The 8-byte `kvm_run.mmio.data` as a writable byte view (fill it to answer a read)."""
-    return memoryview(run.mmio.data).cast("B")

@@ -66,7 +66,6 @@ class ConfigError(Exception):
 class VmConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     vcpus: int = 1
     low_latency: bool = False
-    fast_exits: bool = True
     poll_us: int = DEFAULT_POLL_US
     timeout: float = 0.0
     """Seconds the run may last before it is shut down as for SIGTERM; 0: no limit."""
@@ -111,6 +110,12 @@ class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen
 
 # Fields filled in by load_config, refused in the file and in overrides.
 _DERIVED_KEYS = ("log.root",)
+
+# Keys vmsuper no longer has, with what replaced them: refused with that sentence.
+_REMOVED_KEYS = {
+    "vm.fast_exits": "removed: every exit is served by the C exit engine (there is no Python "
+    "exit path to choose any more); delete the key",
+}
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -235,6 +240,10 @@ def load_config(
         if isinstance(raw.get(table), dict) and key in raw[table]:
             raise ConfigError(f"{label}: unknown key {config_shape.key_label(dotted)}")
     _apply_overrides(raw, overrides or {}, label)
+    for dotted, why in _REMOVED_KEYS.items():
+        table, _, key = dotted.partition(".")
+        if isinstance(raw.get(table), dict) and key in raw[table]:
+            raise ConfigError(_format(label, dotted, why, overridden))
     try:
         config_shape.check(raw, Config)
     except config_shape.ShapeError as exc:

@@ -21,7 +21,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from vmsuper.workers.vcpu_worker import WorkerStatus
+from vmsuper.workers.worker_status import WorkerStatus
 
 EXIT_OK = 0
 EXIT_TIMED_OUT = 124

@@ -119,7 +119,6 @@ def _set_up(run: Run) -> None:
         mmap_size=run.system.vcpu_mmap_size(),
         log_dir=cfg.log.dir,
         log_level=cfg.log.level,
-        fast_exits=cfg.vm.fast_exits,
         poll_ns=cfg.vm.poll_us * 1000,
     )
     run.closers.append(run.vcpus.shutdown)

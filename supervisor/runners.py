@@ -24,10 +24,12 @@ import os
 import signal
 import struct
 import threading
+from collections.abc import Callable
+from types import FrameType
 from typing import Any, Final
 
 from vmsuper.shared import hotpath, kvm
-from vmsuper.shared.shm import MAILBOX_ARG_SIZE, OP_RUN, Doorbell, Mailbox, VcpuSlot
+from vmsuper.shared.shm import MAILBOX_ARG_SIZE, Doorbell, Mailbox, VcpuSlot
 
 __all__ = [
     "ALLOWED_IOCTLS",
@@ -36,6 +38,7 @@ __all__ = [
     "VcpuRunner",
     "check_argument",
     "install_kick_handler",
+    "uninstall_kick_handler",
 ]
 
 KICK_SIGNAL: Final = signal.SIGUSR1
@@ -117,10 +120,20 @@ def _on_kick(signum: int, frame: object) -> None:
     """Nothing to do: the signal's job was to interrupt a runner's ioctl."""
 
 
-def install_kick_handler() -> None:
+def install_kick_handler() -> signal.Handlers | Callable[[int, FrameType | None], Any] | int | None:
     """Give KICK_SIGNAL a no-op Python handler (main thread only): with the default action the
-    signal would kill the process, and with SIG_IGN it would not interrupt `KVM_RUN`."""
-    signal.signal(KICK_SIGNAL, _on_kick)
+    signal would kill the process, and with SIG_IGN it would not interrupt `KVM_RUN`. Returns
+    the handler it replaced, for `uninstall_kick_handler`."""
+    return signal.signal(KICK_SIGNAL, _on_kick)
+
+
+def uninstall_kick_handler(
+    previous: signal.Handlers | Callable[[int, FrameType | None], Any] | int | None,
+) -> None:
+    """Put back the handler `install_kick_handler` replaced (main thread only), unless
+    someone installed another one since."""
+    if signal.getsignal(KICK_SIGNAL) is _on_kick:
+        signal.signal(KICK_SIGNAL, signal.SIG_DFL if previous is None else previous)
 
 
 class VcpuRunner:
@@ -137,7 +150,6 @@ class VcpuRunner:
         slot: VcpuSlot,
         barrier: threading.Barrier,
         log: Any,
-        fast: bool = True,
     ) -> None:
         self.vcpu = vcpu
         self._fd = vcpu_fd
@@ -150,7 +162,6 @@ class VcpuRunner:
         self.stopping = False
         self._alive = False
         self._alive_lock = threading.Lock()
-        self._fast = fast
         request_efd, done_efd = doorbell.fds()
         self._context = hotpath.RunnerContext(
             vcpu_fd=vcpu_fd,
@@ -200,19 +211,17 @@ class VcpuRunner:
     def _main(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, RUNNER_BLOCKED)
         try:
-            if self._fast:
-                self._fast_loop()
-            else:
-                self._loop()
+            self._loop()
         except Exception as exc:
             self._failed(exc)
         finally:
             with self._alive_lock:
                 self._alive = False
 
-    def _fast_loop(self) -> None:
-        """KVM_RUN requests are served in C (`hotpath.c`) without the GIL; Python makes the
-        other ioctls, the first run (after the Init barrier) and decides when to stop."""
+    def _loop(self) -> None:
+        """KVM_RUN requests are served in C (`vms_runner_loop`) without the GIL, the
+        `immediate_exit` re-arm included; Python makes the other ioctls and the first run
+        (after the Init barrier), and decides when to stop."""
         context = self._context
         pointer = ctypes.byref(context)
         runner_loop = hotpath.library.vms_runner_loop
@@ -231,35 +240,8 @@ class VcpuRunner:
                 if not self._pass_barrier():
                     return
                 context.hold_runs = 0
-                ret, err = self._run_once()
-            else:
-                ret, err = self._call(op, length)
-            mailbox.complete(ret, err)
-            doorbell.ring_done()
-
-    def _loop(self) -> None:
-        """The same as `_fast_loop`, all in Python (`[vm] fast_exits = false`)."""
-        mailbox = self._mailbox
-        doorbell = self._doorbell
-        before_first_run = True
-        while True:
-            try:
-                doorbell.wait_request()
-            except InterruptedError:  # a kick while it slept
-                if self.stopping:
-                    return
-                continue
-            if self.stopping:
-                return
-            op, length = mailbox.request()
-            if op == OP_RUN:
-                if before_first_run:
-                    before_first_run = False
-                    if not self._pass_barrier():
-                        return
-                ret, err = self._run_once()
-            else:
-                ret, err = self._call(op, length)
+                continue  # the held run is made by the C loop, now that runs are not held
+            ret, err = self._call(op, length)
             mailbox.complete(ret, err)
             doorbell.ring_done()
 
@@ -270,14 +252,6 @@ class VcpuRunner:
         except threading.BrokenBarrierError:
             return False
         return not self.stopping
-
-    def _run_once(self) -> tuple[int, int]:
-        if self._slot.pause_pending():
-            self._run.immediate_exit = 1
-        try:
-            return kvm.ioctl(self._fd, kvm.KVM_RUN), 0
-        except kvm.KvmError as exc:
-            return -1, exc.errno or errno.EIO
 
     def _failed(self, exc: Exception) -> None:
         """Never leave the worker waiting for an answer that cannot come: it stops and the

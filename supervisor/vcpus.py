@@ -36,8 +36,9 @@ from typing import Final, Literal
 
 from vmsuper.shared import kvm, logs, wire
 from vmsuper.shared.shm import Doorbell, SharedRegion
-from vmsuper.supervisor.runners import VcpuRunner, install_kick_handler
-from vmsuper.workers.vcpu_worker import STOP_SIGNALS, WorkerSpec, describe_exit, enter_worker
+from vmsuper.supervisor.runners import VcpuRunner, install_kick_handler, uninstall_kick_handler
+from vmsuper.workers.worker_process import STOP_SIGNALS, WorkerSpec, enter_worker
+from vmsuper.workers.worker_status import describe_exit
 
 __all__ = ["TRANSPORTS", "VcpuSet", "VcpuSetError"]
 
@@ -105,11 +106,10 @@ class VcpuSet:
         mmap_size: int,
         log_dir: Path,
         log_level: str,
-        fast_exits: bool = True,
         poll_ns: int = 0,
     ) -> None:
-        """`fast_exits`: serve plain exits in C (`hotpath`); `poll_ns`: how long a worker and
-        its runner poll for each other before they sleep (0: never)."""
+        """`poll_ns`: how long a worker and its runner poll for each other before they sleep
+        (0: never)."""
         if not 1 <= count <= region.vcpus:
             raise ValueError(f"VCPU count {count} outside 1..{region.vcpus} (the shared region)")
         if transport not in TRANSPORTS:
@@ -118,7 +118,7 @@ class VcpuSet:
             raise ValueError(f"unknown log level {log_level!r}")
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("a VcpuSet must be made in the main thread (signal handlers)")
-        install_kick_handler()
+        self._previous_kick_handler = install_kick_handler()
         self._vm = vm
         self.count = count
         self.transport = transport
@@ -126,7 +126,6 @@ class VcpuSet:
         self._mmap_size = mmap_size
         self._log_dir = log_dir
         self._log_level = log_level
-        self._fast_exits = fast_exits
         self._log = logs.get_logger()
         self.started = False
         self._shut_down = False
@@ -200,7 +199,6 @@ class VcpuSet:
                 slot=self._region.slot(i),
                 barrier=self._barrier,
                 log=self._log,
-                fast=self._fast_exits,
             )
             self._runners.append(runner)
             runner.start()
@@ -222,7 +220,6 @@ class VcpuSet:
                 region=self._region,
                 log_path=self._log_dir / logs.vcpu_log_name(i),
                 log_level=self._log_level,
-                fast_exits=self._fast_exits,
             )
             previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
             try:
@@ -318,6 +315,8 @@ class VcpuSet:
         self._reap_workers(deadline)
         self._join_runners(deadline)
         self._close_everything()
+        if not any(runner.alive for runner in self._runners):  # a live one may still be kicked
+            uninstall_kick_handler(self._previous_kick_handler)
 
     def _stop_runners(self) -> None:
         """Tell every runner to stop, and wake it wherever it waits: on its doorbell (ring),

@@ -19,7 +19,7 @@ import pytest
 from vmsuper.supervisor.config import VmConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-PATHS = ("c+poll", "c", "python")
+PATHS = ("c+poll", "c")
 SECTIONS = {"exits", "reference", "async", "ioeventfd", "cpu", "startup", "memory", "concurrent"}
 # The figures each section's rows must all carry (summaries unless noted).
 FIGURES = {
@@ -96,7 +96,7 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
 
     cpu = [(r["transport"], r["low_latency"], r["path"]) for r in sections["cpu"]]
     assert sorted(cpu) == sorted(
-        itertools.product(("socket", "pipes"), (False, True), ("c+poll", "python"))
+        itertools.product(("socket", "pipes"), (False, True), ("c+poll", "c"))
     )
 
     for row in sections["cpu"]:
@@ -164,7 +164,7 @@ for name, settings in PATHS.items():
     spec = RunSpec(plugin=["/bin/true"], low_latency=True, **settings)
     config.write_text(config_toml(spec, [], folder / "logs"))
     vm = load_config(config, check_plugin=False).vm
-    found[name] = [vm.fast_exits, vm.poll_us, vm.low_latency]
+    found[name] = [vm.poll_us, vm.low_latency]
 print(json.dumps(found))
 """
 
@@ -182,7 +182,6 @@ def test_each_exit_path_reaches_the_vm_config(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
     defaults = VmConfig()
     assert json.loads(done.stdout) == {
-        "c+poll": [defaults.fast_exits, defaults.poll_us, True],
-        "c": [defaults.fast_exits, 0, True],
-        "python": [False, 0, True],
+        "c+poll": [defaults.poll_us, True],
+        "c": [0, True],
     }

@@ -71,7 +71,7 @@ def test_accepted_documents_convert() -> None:
 def test_every_config_field_type_is_known() -> None:
     """A field type the walk cannot check would raise TypeError on the first config using it."""
     full = {
-        "vm": {"vcpus": 1, "low_latency": False, "fast_exits": True, "poll_us": 1},
+        "vm": {"vcpus": 1, "low_latency": False, "poll_us": 1},
         "plugin": {
             "path": "p",
             "args": ["a"],

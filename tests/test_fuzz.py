@@ -23,6 +23,7 @@ from fuzz.fds import FdKind, FdSpec, memfd_mappings, opened_fds
 from fuzz.hostile import VCPU_CASES, vcpu_request
 from fuzz.main_target import MainHarness
 from fuzz.processes import all_gone, descendants, read_json_line
+from fuzz.protocol_driver import DrivenProtocol
 from fuzz.vcpu_target import FakeRanges, FakeVcpu, VcpuHarness
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -37,7 +38,7 @@ from vmsuper.shared.plugin_pb2 import (
 )
 from vmsuper.testing import VmRunner, VmSpec, finish, write_python_plugin
 from vmsuper.workers.limits import Limits
-from vmsuper.workers.vcpu_protocol import Phase, VcpuProtocol
+from vmsuper.workers.vcpu_protocol import Phase
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -179,7 +180,7 @@ def test_vcpu_protocol_sequences(data: st.DataObject) -> None:
 def test_every_request_before_the_init_wait_is_eproto(data: st.DataObject) -> None:
     chooser = DataChooser(data)
     vcpu = FakeVcpu()
-    protocol = VcpuProtocol(vcpu, FakeRanges())
+    protocol = DrivenProtocol(vcpu, FakeRanges())
     refused_cases = [c for c in VCPU_CASES if c not in ("wait", "shutdown")]
     for _ in range(chooser.integer(1, 8)):
         request = vcpu_request(chooser, refused_cases)

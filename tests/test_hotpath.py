@@ -1,8 +1,9 @@
-"""The C hot path's pieces on their own: its structs against the ctypes mirrors, its protobuf
-encoding and parsing and its range lookup against the Python ones, and its bells.
+"""The exit engine's pieces on their own: its structs against the ctypes mirrors, its
+protobuf encoding and parsing against protobuf and the Python oracles (tests/wire_oracle.py),
+its range lookup against the range table, its signal watch, and its bells.
 
-The loops themselves run in tests/test_vcpus.py, where every test runs with the C loop and
-with the Python one.
+The loops themselves run in tests/test_vcpus.py (real KVM) and tests/test_vcpu_worker.py
+(scripted exits, checked against the protocol oracle).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from collections.abc import Iterator
 from types import FrameType
 
 import pytest
+from fuzz.wire_oracle import plain_resume_data, wire_fields
 from hypothesis import given
 from hypothesis import strategies as st
 
 from vmsuper.shared import hotpath
+from vmsuper.shared.plugin_pb2 import VcpuRequest, VcpuResponse
 from vmsuper.shared.ranges import RangeTable, Space
 from vmsuper.shared.shm import Doorbell, Mailbox, SharedRegion, drain_wakeup_pipe
-from vmsuper.workers.vcpu_protocol import encode_io_wait, plain_resume_data
 
 
 @pytest.mark.parametrize(
@@ -32,6 +34,7 @@ from vmsuper.workers.vcpu_protocol import encode_io_wait, plain_resume_data
         (1, hotpath.Range),
         (2, hotpath.WorkerContext),
         (3, hotpath.VcpuStats),
+        (4, hotpath.Access),
     ],
 )
 def test_structs_match_their_ctypes_mirrors(which: int, mirror: type[ctypes.Structure]) -> None:
@@ -52,11 +55,60 @@ u64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
     no_resume=st.booleans(),
     data=st.binary(max_size=300),
 )
-def test_wait_io_encoding_matches_python(
+def test_wait_io_encoding_is_protobufs_canonical_one(
     space: int, address: int, is_write: bool, no_resume: bool, data: bytes
 ) -> None:
-    expected = encode_io_wait(space, address, is_write, no_resume, data)
-    assert hotpath.encode_io_wait(space, address, is_write, no_resume, data) == expected
+    expected = VcpuResponse()
+    io = expected.wait.io
+    io.SetInParent()
+    io.space = space  # type: ignore[assignment]
+    io.address, io.is_write, io.no_resume, io.data = address, is_write, no_resume, data
+    encoded = hotpath.encode_io_wait(space, address, is_write, no_resume, data)
+    assert VcpuResponse.FromString(encoded) == expected
+    # The canonical encoding (which protobuf's serializer need not produce, so it is checked
+    # against the wire format itself): fields in number order, no proto3 default written.
+    [(wait, wait_body)] = wire_fields(encoded)
+    assert wait == (2, 2) and isinstance(wait_body, bytes)  # VcpuResponse.wait
+    [(io_field, io_body)] = wire_fields(wait_body)
+    assert io_field == (2, 2) and isinstance(io_body, bytes)  # Wait.io
+    fields = wire_fields(io_body)
+    numbers = [number for (number, _), _ in fields]
+    assert numbers == sorted(set(numbers)), "fields out of order, or repeated"
+    assert all(value not in (0, b"") for _, value in fields), "a proto3 default was written"
+
+
+def test_wire_fields_reads_the_canonical_form() -> None:
+    # space=1, address=0x3f8, data=b"hi", by hand from the wire format's rules.
+    io = b"\x08\x01" + b"\x10\xf8\x07" + b"\x2a\x02hi"
+    assert wire_fields(io) == [((1, 0), 1), ((2, 0), 0x3F8), ((5, 2), b"hi")]
+    assert (
+        hotpath.encode_io_wait(1, 0x3F8, False, False, b"hi")
+        == b"\x12" + bytes([len(io) + 2]) + b"\x12" + bytes([len(io)]) + io
+    )
+
+
+@given(data=st.binary(max_size=300))
+def test_plain_resume_reads_what_clients_send(data: bytes) -> None:
+    request = VcpuRequest(resume=VcpuRequest.Resume(data=data)).SerializeToString()
+    assert hotpath.plain_resume(request) == data
+
+
+@given(raw=st.binary(max_size=40))
+def test_plain_resume_accepts_only_plain_resumes(raw: bytes) -> None:
+    found = hotpath.plain_resume(raw)
+    if found is None:
+        return
+    request = VcpuRequest.FromString(raw)
+    assert request.WhichOneof("message") == "resume"
+    assert request.resume == VcpuRequest.Resume(data=found)
+
+
+def test_plain_resume_leaves_the_rest_to_protobuf() -> None:
+    with_regs = VcpuRequest(resume=VcpuRequest.Resume(data=b"x", regs=bytes(144)))
+    for request in (with_regs, VcpuRequest(wait=VcpuRequest.Wait())):
+        assert hotpath.plain_resume(request.SerializeToString()) is None
+    assert hotpath.plain_resume(b"\x12\x05\x0a\x03ab") is None  # cut short
+    assert hotpath.plain_resume(b"\x12\x02\x0a\x00\x00") is None  # trailing byte
 
 
 def _varint(value: int) -> bytes:
@@ -254,6 +306,37 @@ def test_a_signal_before_the_sleep_is_not_slept_through(
             bell.ring_request()
             hotpath.bell_wait(bell.request_bell, bell.fds()[0], bell.request_seen, 0, read_end)
         finally:
+            hotpath.unwatch_signal(signal.SIGUSR2)
             signal.set_wakeup_fd(previous)
             os.close(read_end)
             os.close(write_end)
+
+
+def _sigaction_handler(signum: int) -> int:
+    """The address of the handler the kernel would call for `signum` (0: SIG_DFL, 1: SIG_IGN)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    action = (ctypes.c_char * 256)()  # struct sigaction: the handler first, the rest unread
+    assert libc.sigaction(signum, None, action) == 0, ctypes.get_errno()
+    return ctypes.c_void_p.from_buffer(action).value or 0
+
+
+def test_a_watched_signal_can_be_unwatched(usr2_handler: None) -> None:
+    """The engine's handler in front of Python's is global state: unwatching puts back
+    exactly what was there, and the signal reaches Python's handler alone again."""
+    pythons = _sigaction_handler(signal.SIGUSR2)
+    hotpath.watch_signal(signal.SIGUSR2)
+    hotpath.watch_signal(signal.SIGUSR2)  # twice: still one handler in front
+    try:
+        assert _sigaction_handler(signal.SIGUSR2) != pythons
+        calls = _on_usr2.calls  # type: ignore[attr-defined]
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR2)
+        assert _on_usr2.calls == calls + 1  # type: ignore[attr-defined]
+        assert hotpath.take_signal()
+    finally:
+        hotpath.unwatch_signal(signal.SIGUSR2)
+    assert _sigaction_handler(signal.SIGUSR2) == pythons
+    signal.pthread_kill(threading.get_ident(), signal.SIGUSR2)
+    assert _on_usr2.calls == calls + 2  # type: ignore[attr-defined]
+    assert not hotpath.take_signal()  # no longer noted
+    hotpath.unwatch_signal(signal.SIGUSR2)  # unwatching what is not watched changes nothing
+    assert _sigaction_handler(signal.SIGUSR2) == pythons

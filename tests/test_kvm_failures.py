@@ -58,14 +58,12 @@ os.eventfd_read(shutdown)
 """
 
 
-@pytest.mark.parametrize("fast_exits", [True, False], ids=["c-loop", "python-loop"])
-def test_int3_in_protected_mode_names_the_emulation_failure(
-    tmp_path: Path, fast_exits: bool
-) -> None:
+@pytest.mark.parametrize("log_level", ["info", "debug"], ids=["engine", "engine-reporting"])
+def test_int3_in_protected_mode_names_the_emulation_failure(tmp_path: Path, log_level: str) -> None:
     binary = tmp_path / "guest.bin"
     binary.write_bytes(assemble("nop\nint3\n", bits=32, origin=LOAD))
     plugin = write_python_plugin(tmp_path, PLUGIN)
-    spec = VmSpec(args=[str(binary)], fast_exits=fast_exits, timeout=30)
+    spec = VmSpec(args=[str(binary)], log_level=log_level, timeout=30)
     result = VmRunner(tmp_path / "runs").run(plugin, spec)
     assert result.status == outcome.EXIT_VCPU_FAILED, result.stderr
     lines = [line for line in result.stderr.splitlines() if _said(line)]

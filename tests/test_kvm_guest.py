@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from vmsuper.shared import kvm
+from vmsuper.shared import hotpath, kvm
 from vmsuper.shared.asm import assemble
+from vmsuper.shared.ranges import Space
 
 pytestmark = pytest.mark.kvm
 
@@ -79,26 +80,28 @@ def drive(guest: Guest) -> list[tuple[str, int, bytes]]:
     events: list[tuple[str, int, bytes]] = []
     for _ in range(MAX_EXITS):
         guest.vcpu.run()
-        exit_ = kvm.decode_exit(guest.run)
-        if isinstance(exit_, kvm.IoExit):
-            data = kvm.io_data(guest.mapping, exit_)
-            if exit_.is_write:
-                if exit_.port == DONE_PORT:
-                    return events
-                events.append(("out", exit_.port, bytes(data)))
-            else:
-                data[:] = PORT_ANSWERS[exit_.port].to_bytes(exit_.length, "little")
-                events.append(("in", exit_.port, bytes(exit_.length)))
-        elif isinstance(exit_, kvm.MmioExit):
-            if exit_.is_write:
-                events.append(("mmio-write", exit_.address, exit_.data))
-            else:
-                answer = MMIO_ANSWERS[exit_.address].to_bytes(exit_.length, "little")
-                kvm.mmio_data(guest.run)[: exit_.length] = answer
-                events.append(("mmio-read", exit_.address, bytes(exit_.length)))
-        else:
+        # Decoded by the exit engine's own decoder, as every VCPU worker decodes them.
+        access = hotpath.decode_access(ctypes.addressof(guest.run), len(guest.mapping))
+        if access is None:
             regs = guest.vcpu.get_regs()
+            exit_ = kvm.decode_exit(guest.run)
             pytest.fail(f"unexpected exit {exit_} at rip {regs.rip:#x}")
+        data = memoryview(guest.mapping)[access.offset : access.offset + access.length]
+        if access.space == Space.IOPORT:
+            if access.is_write:
+                if access.address == DONE_PORT:
+                    data.release()
+                    return events
+                events.append(("out", access.address, bytes(data)))
+            else:
+                data[:] = PORT_ANSWERS[access.address].to_bytes(access.length, "little")
+                events.append(("in", access.address, bytes(access.length)))
+        elif access.is_write:
+            events.append(("mmio-write", access.address, bytes(data)))
+        else:
+            data[:] = MMIO_ANSWERS[access.address].to_bytes(access.length, "little")
+            events.append(("mmio-read", access.address, bytes(access.length)))
+        data.release()
     pytest.fail(f"the guest did not reach its done port within {MAX_EXITS} exits")
 
 

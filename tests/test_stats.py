@@ -122,8 +122,10 @@ def test_states_while_waiting_on_the_plugin_and_paused(live_vm: LiveVm) -> None:
 
 
 @pytest.mark.kvm
-def test_live_range_counts_without_the_c_loop(tmp_path: Path, runtime: Path) -> None:
-    vm = LiveVm(tmp_path / "vm", VmSpec(sandbox=False, fast_exits=False))
+def test_live_range_counts_while_the_engine_reports_every_exit(
+    tmp_path: Path, runtime: Path
+) -> None:
+    vm = LiveVm(tmp_path / "vm", VmSpec(sandbox=False, log_level="debug"))
     try:
         vm.send("hold")
         vm.wait_mark("holding")

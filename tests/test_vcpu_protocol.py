@@ -9,23 +9,24 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from fuzz.protocol_driver import DrivenProtocol
 
 from vmsuper.shared import kvm
-from vmsuper.shared.plugin_pb2 import AddressSpace, CpuidEntry, VcpuRequest, VcpuResponse
+from vmsuper.shared.plugin_pb2 import CpuidEntry, VcpuRequest, VcpuResponse
 from vmsuper.shared.ranges import CallHint, Range, RangeTable, RegHint, Space
 from vmsuper.workers.vcpu_protocol import (
     HV_CPUID_MAX_ENTRIES,
     STATE_SETS,
+    Answer,
+    Call,
     CallFailed,
     LocalProtocolError,
     Phase,
+    Resume,
     ResumeFailed,
+    Send,
     StateSet,
     VcpuProtocol,
-    encode_io_wait,
-    plain_resume_data,
     range_label,
 )
 
@@ -117,19 +118,19 @@ def decode(data: bytes | None) -> VcpuResponse:
 
 def make(
     *ranges: Range, hint: CallHint | None = None, vcpu: FakeVcpu | None = None
-) -> tuple[VcpuProtocol, FakeVcpu]:
+) -> tuple[DrivenProtocol, FakeVcpu]:
     vcpu = vcpu or FakeVcpu()
-    return VcpuProtocol(vcpu, FakeRanges(*ranges, hint=hint)), vcpu
+    return DrivenProtocol(vcpu, FakeRanges(*ranges, hint=hint)), vcpu
 
 
-def serving(*ranges: Range, hint: CallHint | None = None) -> tuple[VcpuProtocol, FakeVcpu]:
+def serving(*ranges: Range, hint: CallHint | None = None) -> tuple[DrivenProtocol, FakeVcpu]:
     proto, vcpu = make(*ranges, hint=hint)
     proto.receive_request(encode(wait=VcpuRequest.Wait()))
     assert proto.phase is Phase.SERVING
     return proto, vcpu
 
 
-def running(*ranges: Range, hint: CallHint | None = None) -> tuple[VcpuProtocol, FakeVcpu]:
+def running(*ranges: Range, hint: CallHint | None = None) -> tuple[DrivenProtocol, FakeVcpu]:
     proto, vcpu = serving(*ranges, hint=hint)
     assert proto.receive_request(encode(resume=VcpuRequest.Resume())) is None
     assert proto.phase is Phase.RUNNING
@@ -479,7 +480,6 @@ def test_async_write_goes_on_without_waiting_and_async_read_is_unreserved() -> N
     assert proto.io_access(Space.IOPORT, 0x80, False, memoryview(area)) is None
     assert area == b"\x00"
     assert proto.range_counts == {ASYNC: 2}
-    assert proto.range_count_labels() == {"ioport:0x80+1": 2}
 
 
 def test_string_io_forwards_every_byte() -> None:
@@ -578,9 +578,11 @@ def test_hyperv_synic() -> None:
 def test_exits_outside_running_are_local_errors() -> None:
     proto, _ = serving()
     with pytest.raises(LocalProtocolError):
-        proto.io_access(Space.IOPORT, 0, True, memoryview(bytearray(1)))
+        proto.protocol.access_forwarded()
     with pytest.raises(LocalProtocolError):
         proto.pause(1)
+    with pytest.raises(LocalProtocolError):
+        proto.hyperv_call(1, 2, 3, bytearray(8))
 
 
 def test_range_label() -> None:
@@ -588,114 +590,98 @@ def test_range_label() -> None:
     assert range_label(MMIO) == "mmio:0xd0000000+4096"
 
 
-# -- hand-made encodings against protobuf's -------------------------------------------------
-
-u64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
-blob = st.binary(max_size=600)
+# -- the actions themselves: what the protocol asks of the worker, in order --------------------
 
 
-@given(
-    space=st.sampled_from([0, 1]),
-    address=u64,
-    is_write=st.booleans(),
-    no_resume=st.booleans(),
-    data=blob,
-    regs=blob,
-    sregs=blob,
-    debugregs=blob,
-)
-def test_encode_io_wait_matches_protobuf(
-    space: int,
-    address: int,
-    is_write: bool,
-    no_resume: bool,
-    data: bytes,
-    regs: bytes,
-    sregs: bytes,
-    debugregs: bytes,
-) -> None:
-    expected = VcpuResponse()
-    io = expected.wait.io
-    io.SetInParent()
-    io.space = cast("AddressSpace", space)
-    io.address, io.is_write, io.no_resume, io.data = address, is_write, no_resume, data
-    io.regs, io.sregs, io.debugregs = regs, sregs, debugregs
-    encoded = encode_io_wait(space, address, is_write, no_resume, data, regs, sregs, debugregs)
-    # The same message, in the canonical encoding (which protobuf's serializer need not
-    # produce, so it is checked against the wire format itself).
-    assert VcpuResponse.FromString(encoded) == expected
-    [(wait, wait_body)] = wire_fields(encoded)
-    assert wait == (2, 2) and isinstance(wait_body, bytes)  # VcpuResponse.wait, a message
-    [(io_field, io_body)] = wire_fields(wait_body)
-    assert io_field == (2, 2) and isinstance(io_body, bytes)  # Wait.io
-    fields = wire_fields(io_body)
-    numbers = [number for (number, _), _ in fields]
-    assert numbers == sorted(set(numbers)), "fields out of order, or repeated"
-    assert all(value not in (0, b"") for _, value in fields), "a proto3 default was written"
+def steps_of(proto: VcpuProtocol, data: bytes) -> list[object]:
+    """Drive `receive_request` by hand: each Call answered with zeros of its size."""
+    steps = proto.receive_request(data)
+    actions: list[object] = []
+    try:
+        action = next(steps)
+        while True:
+            actions.append(action)
+            if isinstance(action, Call):
+                action = steps.send((0, bytes(len(action.arg))))
+            else:
+                action = next(steps)
+    except StopIteration:
+        pass
+    return actions
 
 
-def wire_fields(data: bytes) -> list[tuple[tuple[int, int], int | bytes]]:
-    """((field number, wire type), value) of each field of an encoded message, in order:
-    varints (type 0) as integers, length-delimited fields (type 2) as bytes."""
-    fields: list[tuple[tuple[int, int], int | bytes]] = []
-    pos = 0
-    while pos < len(data):
-        key, pos = read_varint(data, pos)
-        number, wire_type = key >> 3, key & 7
-        value: int | bytes
-        if wire_type == 0:
-            value, pos = read_varint(data, pos)
-        elif wire_type == 2:
-            size, pos = read_varint(data, pos)
-            value, pos = data[pos : pos + size], pos + size
-            assert len(value) == size, "cut short"
-        else:
-            raise AssertionError(f"unexpected wire type {wire_type}")
-        fields.append(((number, wire_type), value))
-    return fields
+def running_protocol() -> VcpuProtocol:
+    proto = VcpuProtocol()
+    steps_of(proto, encode(wait=VcpuRequest.Wait()))
+    steps_of(proto, encode(resume=VcpuRequest.Resume()))
+    assert proto.phase is Phase.RUNNING
+    return proto
 
 
-def read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            assert byte or shift == 7, "a varint with a redundant zero byte"
-            return value, pos
+def test_the_protocol_only_returns_actions() -> None:
+    proto = VcpuProtocol()
+    [init] = steps_of(proto, encode(wait=VcpuRequest.Wait()))
+    assert isinstance(init, Send) and decode(init.data).wait.WhichOneof("exit") == "init"
+    get = encode(get_state=VcpuRequest.GetState(set=VcpuRequest.REGS))
+    call, send = steps_of(proto, get)
+    assert call == Call(kvm.KVM_GET_REGS, bytes(STATE_SETS[StateSet.REGS][2]))
+    assert isinstance(send, Send) and decode(send.data).get_state.state == bytes(len(call.arg))
+    regs = bytes(STATE_SETS[StateSet.REGS][2])
+    actions = steps_of(proto, encode(resume=VcpuRequest.Resume(data=b"ab", regs=regs)))
+    assert actions == [Call(kvm.KVM_SET_REGS, regs), Resume(b"ab", None)]
+    assert proto.phase is Phase.RUNNING
 
 
-def test_wire_fields_reads_the_canonical_form() -> None:
-    # space=1, address=0x3f8, data=b"hi", by hand from the wire format's rules.
-    io = b"\x08\x01" + b"\x10\xf8\x07" + b"\x2a\x02hi"
-    assert wire_fields(io) == [((1, 0), 1), ((2, 0), 0x3F8), ((5, 2), b"hi")]
-    assert (
-        encode_io_wait(1, 0x3F8, False, False, b"hi")
-        == b"\x12" + bytes([len(io) + 2]) + b"\x12" + bytes([len(io)]) + io
-    )
+def test_a_failed_call_is_thrown_in_and_answered_with_its_errno() -> None:
+    proto = VcpuProtocol()
+    steps_of(proto, encode(wait=VcpuRequest.Wait()))
+    steps = proto.receive_request(encode(get_state=VcpuRequest.GetState(set=VcpuRequest.FPU)))
+    call = next(steps)
+    assert isinstance(call, Call) and call.request == kvm.KVM_GET_FPU
+    send = steps.throw(CallFailed(errno.EFAULT, call.request))
+    assert isinstance(send, Send)
+    response = decode(send.data)
+    assert response.WhichOneof("message") == "get_state" and response.errno == errno.EFAULT
+    with pytest.raises(StopIteration):
+        next(steps)
 
 
-@given(data=st.binary(max_size=300))
-def test_plain_resume_data_reads_what_clients_send(data: bytes) -> None:
-    request = VcpuRequest(resume=VcpuRequest.Resume(data=data)).SerializeToString()
-    assert plain_resume_data(request) == data
+def test_a_forwarded_access_is_answered_into_its_data_area() -> None:
+    proto = running_protocol()
+    proto.access_forwarded()
+    assert proto.phase is Phase.SERVING
+    [get, send] = steps_of(proto, encode(get_state=VcpuRequest.GetState(set=VcpuRequest.MP)))
+    assert isinstance(get, Call) and isinstance(send, Send)
+    actions = steps_of(proto, encode(resume=VcpuRequest.Resume(data=b"\x2a")))
+    assert actions == [Resume(b"\x2a", Answer.ACCESS)]
+    assert proto.phase is Phase.RUNNING
 
 
-@given(raw=st.binary(max_size=40))
-def test_plain_resume_data_accepts_only_plain_resumes(raw: bytes) -> None:
-    found = plain_resume_data(raw)
-    if found is None:
-        return
-    request = VcpuRequest.FromString(raw)
-    assert request.WhichOneof("message") == "resume"
-    assert request.resume == VcpuRequest.Resume(data=found)
+def test_a_hinted_access_fetches_registers_before_it_sends() -> None:
+    proto = running_protocol()
+    hint = CallHint(Space.IOPORT, 0x3F8, on_write=False, hints=(RegHint(send_debugregs=True),))
+    steps = proto.hinted_access(Space.IOPORT, 0x3F8, False, b"\xff\xff", hint)
+    regs_call = next(steps)
+    assert regs_call == Call(kvm.KVM_GET_REGS, bytes(STATE_SETS[StateSet.REGS][2]))
+    regs = regs_with(7)
+    dregs_call = steps.send((0, regs))
+    assert isinstance(dregs_call, Call) and dregs_call.request == kvm.KVM_GET_DEBUGREGS
+    send = steps.send((0, b"\x01" * len(dregs_call.arg)))
+    assert isinstance(send, Send)
+    io = decode(send.data).wait.io
+    assert (io.address, io.is_write, io.data, io.regs) == (0x3F8, False, bytes(2), regs)
+    assert io.debugregs == b"\x01" * len(dregs_call.arg) and io.sregs == b""
+    assert proto.phase is Phase.SERVING
+    assert steps_of(proto, encode(resume=VcpuRequest.Resume(data=b"z"))) == [
+        Resume(b"z", Answer.ACCESS)
+    ]
 
 
-def test_plain_resume_data_leaves_the_rest_to_protobuf() -> None:
-    with_regs = VcpuRequest(resume=VcpuRequest.Resume(data=b"x", regs=bytes(144)))
-    for request in (with_regs, VcpuRequest(wait=VcpuRequest.Wait())):
-        assert plain_resume_data(request.SerializeToString()) is None
-    assert plain_resume_data(b"\x12\x05\x0a\x03ab") is None  # cut short
-    assert plain_resume_data(b"\x12\x02\x0a\x00\x00") is None  # trailing byte
+def test_a_hypercall_is_answered_into_its_result() -> None:
+    proto = running_protocol()
+    proto.hyperv_call(1, 2, 3)
+    assert steps_of(proto, encode(resume=VcpuRequest.Resume(data=b"12345678"))) == [
+        Resume(b"12345678", Answer.HCALL_RESULT)
+    ]
+    proto.pause(5)
+    assert steps_of(proto, encode(resume=VcpuRequest.Resume(data=b"x"))) == [Resume(b"x", None)]

@@ -38,6 +38,7 @@ from vmsuper.shared.asm import assemble
 from vmsuper.shared.plugin_pb2 import CpuidEntry, VcpuRequest, VcpuResponse
 from vmsuper.shared.ranges import CallHint, RangeTable, RegHint, Space
 from vmsuper.shared.shm import RunState, SharedRegion
+from vmsuper.supervisor.runners import KICK_SIGNAL
 from vmsuper.supervisor.vcpus import VcpuSet, VcpuSetError
 from vmsuper.workers.vcpu_protocol import STATE_SETS, StateSet
 from vmsuper.workers.vcpu_worker import WorkerStatus
@@ -61,9 +62,8 @@ HALT = "cli\nhlt\n"
 class Machine:
     """A VM with 64 KiB of memory at 0, the shared region, and at most one VcpuSet."""
 
-    def __init__(self, log_dir: Path, *, fast_exits: bool = True, poll_ns: int = 0) -> None:
+    def __init__(self, log_dir: Path, *, poll_ns: int = 0) -> None:
         self.log_dir = log_dir
-        self.fast_exits = fast_exits
         self.poll_ns = poll_ns
         self.system = kvm.Kvm()
         self.vm = self.system.create_vm()
@@ -101,7 +101,6 @@ class Machine:
             mmap_size=self.system.vcpu_mmap_size(),
             log_dir=self.log_dir,
             log_level=log_level,
-            fast_exits=self.fast_exits,
             poll_ns=self.poll_ns,
         )
         fds = self.vcpus.plugin_fds()
@@ -135,20 +134,17 @@ class Machine:
         self.memory.close()
 
 
-EXIT_PATHS: dict[str, tuple[bool, int]] = {
-    "c": (True, 0),
-    "c-poll": (True, 50_000),
-    "python-poll": (False, 50_000),
+EXIT_PATHS: dict[str, int] = {
+    "sleep": 0,
+    "poll": 50_000,
 }
-"""(fast_exits, poll_ns): every test runs with plain exits served by the C loop (with and
-without polling, so the bells both sleep and spin) and by the Python one: they must behave the
-same."""
+"""poll_ns: every test runs with the worker and its runner polling for each other and not, so
+the bells both sleep and spin."""
 
 
 @pytest.fixture(params=list(EXIT_PATHS))
 def machine(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Machine]:
-    fast_exits, poll_ns = EXIT_PATHS[request.param]
-    m = Machine(tmp_path / "logs", fast_exits=fast_exits, poll_ns=poll_ns)
+    m = Machine(tmp_path / "logs", poll_ns=EXIT_PATHS[request.param])
     try:
         yield m
     finally:
@@ -873,6 +869,24 @@ def test_plugin_hanging_up_stops_the_worker_cleanly(machine: Machine, transport:
     machine.ends[0].close()
     assert wait_worker(machine, 0) is None
     assert machine.region.slot(0).stop_reason == "the plugin closed the channel"
+
+
+def test_the_kick_handler_is_the_sets_only_while_it_runs(machine: Machine) -> None:
+    """SIGUSR1 (the runners' kick) is process-wide state: the set installs its handler and
+    puts back what was there once its runners are gone."""
+
+    def ours(signum: int, frame: object) -> None:
+        pass
+
+    previous = signal.signal(KICK_SIGNAL, ours)
+    try:
+        machine.load(HALT)
+        vcpus = machine.make_vcpus(1, "socket")
+        assert signal.getsignal(KICK_SIGNAL) is not ours
+        vcpus.shutdown()
+        assert signal.getsignal(KICK_SIGNAL) is ours
+    finally:
+        signal.signal(KICK_SIGNAL, previous)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

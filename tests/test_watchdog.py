@@ -126,13 +126,13 @@ def _run(tmp_path: Path, spec: VmSpec, served: int) -> tuple[int, str, list[dict
 
 
 @pytest.mark.kvm
-@pytest.mark.parametrize("fast_exits", [True, False], ids=["c-loop", "python-loop"])
+@pytest.mark.parametrize("log_level", ["info", "debug"], ids=["engine", "engine-reporting"])
 @pytest.mark.parametrize("transport", ["socket", "pipes"])
 def test_an_exit_nobody_answers_is_named_once(
-    tmp_path: Path, fast_exits: bool, transport: str
+    tmp_path: Path, log_level: str, transport: str
 ) -> None:
     # The time limit ends the run several looks after the stall began, even on a busy host.
-    spec = VmSpec(timeout=8, stall_warning=1, fast_exits=fast_exits, poll_us=0, transport=transport)
+    spec = VmSpec(timeout=8, stall_warning=1, log_level=log_level, poll_us=0, transport=transport)
     status, stderr, stalls = _run(tmp_path, spec, served=1)
     assert status == 124, stderr
     lines = [line for line in stderr.splitlines() if "has waited" in line]

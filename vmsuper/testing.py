@@ -84,8 +84,7 @@ class VmSpec:
 
     vcpus: int = 1
     low_latency: bool = False
-    # [vm] fast_exits and poll_us; None leaves the key out (the config's default).
-    fast_exits: bool | None = None
+    # [vm] poll_us; None leaves the key out (the config's default).
     poll_us: int | None = None
     # [vm] timeout and stall_warning (seconds); None leaves the key out (no limit; 5 s).
     timeout: float | None = None
@@ -112,8 +111,6 @@ class VmSpec:
             f"vcpus = {self.vcpus}",
             f"low_latency = {json.dumps(self.low_latency)}",
         ]
-        if self.fast_exits is not None:
-            lines.append(f"fast_exits = {json.dumps(self.fast_exits)}")
         if self.poll_us is not None:
             lines.append(f"poll_us = {self.poll_us}")
         if self.timeout is not None:

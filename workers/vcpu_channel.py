@@ -1,5 +1,6 @@
-"""The worker's end of one VCPU channel: the two transports, as `receive`/`send` of whole
-encoded messages.
+"""The worker's end of one VCPU channel: `receive`/`send` of whole encoded messages, carried
+by the exit engine's C transport (`vms_receive`, `vms_send` in `hotpath.c`), the same code
+the engine's own loop reads and writes with.
 
 - socket: SOCK_SEQPACKET, one plain message per datagram both ways. A request that comes with
   file descriptors is refused (its fds closed) with EINVAL, one too large with EMSGSIZE; the
@@ -14,21 +15,23 @@ an error: the worker stops cleanly and the supervisor decides what that means fo
 
 from __future__ import annotations
 
+import ctypes
 import errno
-import socket
-from typing import Final, Protocol
+import os
+from typing import Final
 
-from vmsuper.shared import wire
+from vmsuper.shared import hotpath
+from vmsuper.shared.hotpath import WorkerResult
 
 __all__ = [
     "MAX_REQUEST",
     "MAX_REQUEST_FDS",
-    "Channel",
     "ChannelFailed",
     "HungUp",
-    "PipeChannel",
     "Refused",
-    "SocketChannel",
+    "VcpuChannel",
+    "channel_error",
+    "refusal",
 ]
 
 MAX_REQUEST: Final = 256 * 1024
@@ -57,83 +60,82 @@ class Refused(Exception):
         self.why = why
 
 
-class Channel(Protocol):
-    """One VCPU channel, worker side."""
+def refusal(context: hotpath.WorkerContext, data: bytes) -> Refused:
+    """The `Refused` for a request the C transport refused (`WorkerResult.REFUSED`)."""
+    code = int(context.refusal)
+    if code == errno.EINVAL:
+        why = f"request came with {context.fds} fds"
+    else:
+        why = f"request larger than {MAX_REQUEST} bytes"
+    return Refused(data or None, code, why)
 
-    def fds(self) -> tuple[int, ...]: ...
+
+class VcpuChannel:
+    """One VCPU channel, worker side, over the engine's context (`hotpath.WorkerContext`):
+    the fds, the transport and the request buffer are the engine loop's own."""
+
+    def __init__(self, fds: tuple[int, ...]) -> None:
+        if len(fds) not in (1, 2):
+            raise ValueError(f"a VCPU channel is one socket or two pipes, not {len(fds)} fds")
+        self._fds = fds
+        self.pipes = len(fds) == 2
+        self.buffer = ctypes.create_string_buffer(MAX_REQUEST + 1)
+
+    def fds(self) -> tuple[int, ...]:
+        return self._fds
+
+    def attach(self, context: hotpath.WorkerContext) -> None:
+        """Fill in the transport fields of the engine's context."""
+        context.pipes = self.pipes
+        context.in_fd = self._fds[0]
+        context.out_fd = self._fds[-1]
+        context.buf = ctypes.addressof(self.buffer)
+        context.max_request = MAX_REQUEST
+        context.max_fds = MAX_REQUEST_FDS
+        self._context = context
+        self._pointer = ctypes.byref(context)
+
+    @property
+    def transport(self) -> str:
+        return "pipes" if self.pipes else "socket"
+
+    def request(self) -> bytes:
+        """The request the last read left in the buffer."""
+        return self.buffer.raw[: self._context.request_len]
 
     def receive(self) -> bytes | None:
         """The next request; None when the plugin hung up. Raises `Refused`, `ChannelFailed`."""
-        ...
+        while True:
+            code = hotpath.library.vms_receive(self._pointer)
+            if code != WorkerResult.INTERRUPTED:
+                break  # a signal's handler ran meanwhile (PEP 475): read again
+        if code == 0:
+            return self.request()
+        if code == WorkerResult.HUNGUP:
+            return None
+        raise channel_error(code, self._context, self.request())
 
     def send(self, data: bytes) -> None:
         """Send one encoded response. Raises `HungUp`, `ChannelFailed`."""
-        ...
+        code = hotpath.library.vms_send(self._pointer, data, len(data))
+        if code == WorkerResult.HUNGUP:
+            err = int(self._context.error)
+            raise HungUp(f"[Errno {err}] {os.strerror(err)}")
+        if code:
+            raise channel_error(code, self._context)
 
 
-_HANGUP_ERRORS: Final = (BrokenPipeError, ConnectionResetError)
-
-
-class SocketChannel:
-    """SOCK_SEQPACKET: one plain message per datagram, both ways."""
-
-    def __init__(self, fd: int) -> None:
-        self._sock = socket.socket(fileno=fd)
-
-    def fds(self) -> tuple[int, ...]:
-        return (self._sock.fileno(),)
-
-    def receive(self) -> bytes | None:
-        try:
-            datagram = wire.recv_datagram(self._sock, max_size=MAX_REQUEST, max_fds=MAX_REQUEST_FDS)
-        except wire.MessageTooLarge as exc:
-            raise Refused(None, errno.EMSGSIZE, str(exc)) from None
-        except wire.TooManyFds as exc:
-            raise Refused(None, errno.EINVAL, str(exc)) from None
-        except _HANGUP_ERRORS:
-            return None
-        except (OSError, wire.WireError) as exc:
-            raise ChannelFailed(f"receive failed: {exc}") from exc
-        if datagram is None:
-            return None
-        if datagram.fds:
-            count = len(datagram.fds)
-            datagram.close_fds()
-            raise Refused(datagram.data, errno.EINVAL, f"request came with {count} fds")
-        return datagram.data
-
-    def send(self, data: bytes) -> None:
-        try:
-            wire.send_datagram(self._sock, data)
-        except _HANGUP_ERRORS as exc:
-            raise HungUp(str(exc)) from exc
-        except (OSError, wire.WireError) as exc:
-            raise ChannelFailed(f"send failed: {exc}") from exc
-
-
-class PipeChannel:
-    """Two pipes: plain requests, one per read; length-delimited responses."""
-
-    def __init__(self, request_fd: int, response_fd: int) -> None:
-        self._request_fd = request_fd
-        self._response_fd = response_fd
-
-    def fds(self) -> tuple[int, ...]:
-        return (self._request_fd, self._response_fd)
-
-    def receive(self) -> bytes | None:
-        try:
-            return wire.read_plain(self._request_fd, max_size=MAX_REQUEST)
-        except wire.MessageTooLarge as exc:
-            # The rest of the request may still be in the pipe: the stream is out of step.
-            raise ChannelFailed(f"request too large: {exc}") from exc
-        except OSError as exc:
-            raise ChannelFailed(f"read failed: {exc}") from exc
-
-    def send(self, data: bytes) -> None:
-        try:
-            wire.write_all(self._response_fd, wire.encode_delimited(data))
-        except _HANGUP_ERRORS as exc:
-            raise HungUp(str(exc)) from exc
-        except OSError as exc:
-            raise ChannelFailed(f"write failed: {exc}") from exc
+def channel_error(
+    code: int, context: hotpath.WorkerContext, request: bytes = b""
+) -> Refused | ChannelFailed:
+    """What a C transport code other than 0 and HUNGUP means (`vms_receive`, `vms_send`, or
+    the engine loop reading a reply)."""
+    if code == WorkerResult.REFUSED:
+        return refusal(context, request)
+    if code == WorkerResult.TOO_LARGE:
+        # The rest of the request may still be in the pipe: the stream is out of step.
+        return ChannelFailed(f"request too large: over {MAX_REQUEST} bytes")
+    if code == WorkerResult.FAILED:
+        err = int(context.error)
+        return ChannelFailed(f"channel I/O failed: [Errno {err}] {os.strerror(err)}")
+    return ChannelFailed(f"unexpected channel result {code}")

@@ -1,11 +1,18 @@
-"""The VCPU half of the plugin protocol, as a state machine that does no I/O of its own.
+"""The VCPU half of the plugin protocol, as a state machine that does no I/O at all.
 
-A `VcpuProtocol` is fed what happens on one VCPU — a request the plugin sent (bytes), an exit
-the guest made, a pause the supervisor asked for — and answers with the encoded response to
-send, if any, while its `phase` says what the worker does next. It never touches a socket,
-a pipe or KVM: ioctls go through the `VcpuCalls` it is given (the worker's mailbox to its
-runner thread; a fake in tests) and reserved ranges come from a `RangeSource` (the shared
-table). Framing (plain datagrams, length-delimited pipe writes) is the worker's business.
+A `VcpuProtocol` is fed what happens on one VCPU — a request the plugin sent (bytes), an event
+the exit engine hands over (an access it forwarded, one at the call hint, a Hyper-V exit, a
+pause) — and answers with *actions* for the worker to carry out: `Call` (run this allowlisted
+VCPU ioctl with this argument and send me the result), `Send` (these bytes to the plugin) and
+`Resume` (the plugin resumed the VCPU; this data answers the pending exit). It never touches a
+socket, a pipe, KVM or the run page, so it is tested without any of them
+(tests/test_vcpu_protocol.py). Methods that may need an ioctl are generators of actions: the
+worker sends each `Call`'s result back in (`generator.send`), or throws `CallFailed` in.
+
+Plain exits never reach this object: the C engine (`hotpath.c`) decodes every I/O and MMIO
+exit, looks up its range, answers unreserved accesses and async writes, sends Wait{Io} and
+reads a plain Resume{data} itself. It tells the protocol what it delivered (`access_forwarded`)
+only when the plugin's reply is some other request, which is served here.
 
 Transitions (every request gets exactly one response, except `Resume` and `Shutdown`):
 
@@ -14,21 +21,21 @@ phase      input                        output                                  
 =========  ===========================  =========================================  =========
 INIT       Wait                         Wait{Init}                                 SERVING
 INIT       any other request            that case, errno EPROTO (Init stays due)   INIT
-SERVING    Resume                       none; regs/sregs/debugregs applied, the    RUNNING
-                                        read data stored into the exit
-SERVING    Get/SetState, Get/SetMsrs,   that case, errno 0 or the failure          SERVING
-           SetCpuid, get_hyperv_cpuid,
+SERVING    Resume                       Calls setting regs/sregs/debugregs, then   RUNNING
+                                        Resume(data, where the answer goes)
+SERVING    Get/SetState, Get/SetMsrs,   Calls, then that case, errno 0 or the      SERVING
+           SetCpuid, get_hyperv_cpuid,  failure
            EnableCapability
 SERVING    Wait                         Wait, errno EPROTO (nothing is pending)    SERVING
 INIT,      Shutdown                     none                                       STOPPED
 SERVING
 INIT,      empty oneof                  empty response, errno ENOTTY               same
 SERVING    undecodable bytes            empty response, errno EBADMSG              same
-RUNNING    reserved access (sync),      Wait{Io} (+ regs per the call hint),       SERVING
-           Hyper-V exit, pause          Wait{HypervCall/HypervSynic}, Wait{User}
-RUNNING    write in an async range      Wait{Io, no_resume}                        RUNNING
-RUNNING    unreserved access, or a      none (writes dropped, reads zero-filled)   RUNNING
-           read in an async range
+RUNNING    access forwarded by the      none (the engine sent Wait{Io})            SERVING
+           engine
+RUNNING    access at the call hint      Calls getting regs (and sregs/debugregs    SERVING
+                                        per the hint), then Wait{Io} with them
+RUNNING    Hyper-V exit, pause          Wait{HypervCall/HypervSynic}, Wait{User}   SERVING
 =========  ===========================  =========================================  =========
 
 `Shutdown` has no response case in the schema, so it is honoured in any serving phase rather
@@ -51,30 +58,32 @@ import enum
 import errno
 import os
 import struct
-from collections.abc import Callable
-from typing import Any, Final, Protocol
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
 
 from google.protobuf.message import DecodeError
 
 from vmsuper.shared import kvm
 from vmsuper.shared.plugin_pb2 import VcpuRequest, VcpuResponse
 from vmsuper.shared.ranges import CallHint, Range, Space
-from vmsuper.shared.wire import encode_varint
 
 __all__ = [
     "HV_CPUID_MAX_ENTRIES",
     "STATE_SETS",
+    "Action",
+    "Answer",
+    "Call",
     "CallFailed",
     "LocalProtocolError",
     "Phase",
     "PluginProtocolError",
-    "RangeSource",
+    "Resume",
     "ResumeFailed",
+    "Send",
     "StateSet",
-    "VcpuCalls",
+    "Steps",
     "VcpuProtocol",
-    "encode_io_wait",
-    "plain_resume_data",
     "range_label",
 ]
 
@@ -113,22 +122,44 @@ class CallFailed(Exception):
         self.request = request
 
 
-class VcpuCalls(Protocol):
-    """Runs one ioctl on this VCPU (in the process that owns the VM)."""
+class Answer(enum.Enum):
+    """Where the data of the Resume that ends a wait goes."""
 
-    def call(self, request: int, arg: bytes | bytearray) -> tuple[int, bytes]:
-        """Run `request` with a copy of `arg` as its argument; return the ioctl's result and
-        the argument bytes afterwards (same length). Raise `CallFailed` on failure."""
-        ...
+    ACCESS = "access"
+    """The forwarded access's data area (a read's value; a write's answer is dropped)."""
+    HCALL_RESULT = "hcall_result"
+    """`kvm_run.hyperv.u.hcall.result`: the hypercall's answer (8 bytes)."""
 
 
-class RangeSource(Protocol):
-    """The reserved ranges and the call hint as this worker currently sees them."""
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Action: run VCPU ioctl `request` with a copy of `arg`; its result, (return value,
+    argument bytes afterwards), is sent back into the generator, a failure thrown in as
+    `CallFailed`."""
 
-    def lookup(self, space: Space, addr: int) -> Range | None: ...
+    request: int
+    arg: bytes | bytearray
 
-    @property
-    def hint(self) -> CallHint | None: ...
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Action: send these encoded bytes to the plugin."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Action: the plugin resumed the VCPU; `data` answers the pending exit, into `answer`
+    (None: nothing takes it)."""
+
+    data: bytes
+    answer: Answer | None
+
+
+Action: TypeAlias = Call | Send | Resume
+Steps: TypeAlias = Generator[Action, tuple[int, bytes], None]
+"""What the protocol's inputs return: actions, in order, for the worker to carry out."""
 
 
 class StateSet(enum.IntEnum):
@@ -186,95 +217,12 @@ _RESPONSE_CASE_NAMES: Final = frozenset(
 )
 
 
-_SMALL_VARINTS: Final = tuple(bytes((n,)) for n in range(128))
-
-
-def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return _SMALL_VARINTS[value]
-    if value < 0x4000:  # ports, lengths of register blocks
-        return bytes((value & 0x7F | 0x80, value >> 7))
-    return encode_varint(value)
-
-
-def _bytes_field(tag: bytes, value: bytes) -> bytes:
-    return tag + _varint(len(value)) + value
-
-
-def encode_io_wait(
-    space: int,
-    address: int,
-    is_write: bool,
-    no_resume: bool,
-    data: bytes,
-    regs: bytes = b"",
-    sregs: bytes = b"",
-    debugregs: bytes = b"",
-) -> bytes:
-    """`VcpuResponse{wait: {io: {...}}}` encoded by hand, byte for byte what protobuf makes
-    (fields in number order, proto3 defaults left out): this is every forwarded exit, and
-    building it through message objects costs several times as much."""
-    body = b""
-    if space:
-        body = b"\x08" + _varint(space)  # space = 1
-    if address:
-        body += b"\x10" + _varint(address)  # address = 2
-    if is_write:
-        body += b"\x18\x01"  # is_write = 3
-    if no_resume:
-        body += b"\x20\x01"  # no_resume = 4
-    if data:
-        body += _bytes_field(b"\x2a", data)  # data = 5
-    if regs:
-        body += _bytes_field(b"\x32", regs)  # regs = 6
-    if sregs:
-        body += _bytes_field(b"\x3a", sregs)  # sregs = 7
-    if debugregs:
-        body += _bytes_field(b"\x42", debugregs)  # debugregs = 8
-    # Wait.io = 2 inside VcpuResponse.wait = 2.
-    return _bytes_field(b"\x12", _bytes_field(b"\x12", body))
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    """(value, next position) of the varint at `pos`; (-1, pos) if it is cut short or long."""
-    value = 0
-    shift = 0
-    end = min(len(data), pos + 10)
-    while pos < end:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-    return -1, pos
-
-
-def plain_resume_data(request: bytes) -> bytes | None:
-    """The data of a request that is exactly `Resume{data}` in the canonical encoding (what
-    every client sends to answer an exit), else None: anything else, however valid, takes
-    the general protobuf path."""
-    if request[:1] != b"\x12":  # VcpuRequest.resume = 2
-        return None
-    length, pos = _read_varint(request, 1)
-    if length != len(request) - pos:
-        return None
-    if length == 0:
-        return b""
-    if request[pos] != 0x0A:  # Resume.data = 1, and nothing else
-        return None
-    size, start = _read_varint(request, pos + 1)
-    if size != len(request) - start:
-        return None
-    return request[start:]
-
-
 def range_label(rng: Range) -> str:
     """How a reserved range is named in logs and counters: ``ioport:0x3f8+8``."""
     return f"{rng.space.name.lower()}:{rng.start:#x}+{rng.length}"
 
 
-Handler = Callable[[Any, VcpuResponse], int]
+Handler = Callable[[Any, VcpuResponse], Generator[Action, tuple[int, bytes], int]]
 _HANDLERS: Final = {
     case: f"_{case}"
     for case in (
@@ -293,77 +241,69 @@ _HANDLERS: Final = {
 class VcpuProtocol:
     """The protocol state of one VCPU; see the module docstring for the transitions."""
 
-    def __init__(self, calls: VcpuCalls, ranges: RangeSource, *, log: Any = None) -> None:
+    def __init__(self, *, log: Any = None) -> None:
         self.phase = Phase.INIT
-        self._calls = calls
-        self._ranges = ranges
         self._log = log
-        # Reused for every message: building a fresh protobuf object per exit costs more than
-        # clearing one.
+        # Reused for every message: building a fresh protobuf object per request costs more
+        # than clearing one.
         self._request = VcpuRequest()
         self._response = VcpuResponse()
-        self._read_area: memoryview | None = None
-        # Exits per reserved range that went to the plugin, keyed by space and start (an int
-        # hashes faster than a Range).
-        self._counts: dict[int, int] = {}
-        self._counted: dict[int, Range] = {}
+        self._answer: Answer | None = None
         self.last_refusal: str | None = None
         """Why the last failed request failed (also logged)."""
-        self.last_range: Range | None = None
-        """The reserved range of the last access `io_access` counted."""
 
     # -- requests ------------------------------------------------------------------------------
 
-    def receive_request(self, data: bytes) -> bytes | None:
-        """Handle one request from the plugin; return the encoded response (None: no response
-        is due, after Resume or Shutdown). Raises `ResumeFailed` for a Resume whose register
-        state cannot be applied."""
+    def receive_request(self, data: bytes) -> Steps:
+        """Handle one request from the plugin: Calls as it needs them, then the response to
+        `Send` (none after Resume or Shutdown) or, for a Resume, `Resume`. Raises
+        `ResumeFailed` for a Resume whose register state cannot be applied."""
         phase = self.phase
-        if phase is Phase.SERVING:
-            resume_data = plain_resume_data(data)
-            if resume_data is not None:
-                self._finish_resume(resume_data)
-                return None
-        elif phase is not Phase.INIT:
+        if phase is not Phase.SERVING and phase is not Phase.INIT:
             raise LocalProtocolError(f"a request was read while the VCPU is {phase.value}")
         request = self._request
         try:
             request.ParseFromString(data)
         except DecodeError as exc:
-            return self._refuse(
-                None, errno.EBADMSG, f"undecodable request ({len(data)} bytes)", exc
+            yield Send(
+                self._refuse(None, errno.EBADMSG, f"undecodable request ({len(data)} bytes)", exc)
             )
+            return
         case = request.WhichOneof("message")
         if case is None:
-            return self._refuse(None, errno.ENOTTY, "request without a message")
+            yield Send(self._refuse(None, errno.ENOTTY, "request without a message"))
+            return
         if case == "shutdown":
             self.phase = Phase.STOPPED
-            return None
+            return
         if phase is Phase.INIT:
             if case != "wait":
-                return self._refuse(case, errno.EPROTO, f"{case} before the Init wait")
+                yield Send(self._refuse(case, errno.EPROTO, f"{case} before the Init wait"))
+                return
             self.phase = Phase.SERVING
             response = self._response
             response.Clear()
             response.wait.init.SetInParent()
-            return response.SerializeToString()
+            yield Send(response.SerializeToString())
+            return
         if case == "resume":
-            self._resume(request.resume)
-            return None
+            yield from self._resume(request.resume)
+            return
         if case == "wait":
-            return self._refuse(case, errno.EPROTO, "wait while no wait reason is pending")
+            yield Send(self._refuse(case, errno.EPROTO, "wait while no wait reason is pending"))
+            return
         response = self._response
         response.Clear()
         getattr(response, case).SetInParent()
         handler: Handler = getattr(self, _HANDLERS[case])
         try:
-            code = handler(getattr(request, case), response)
+            code = yield from handler(getattr(request, case), response)
         except CallFailed as exc:
             code = exc.errno
             self._note(case, code, str(exc))
         if code:
             response.errno = code
-        return response.SerializeToString()
+        yield Send(response.SerializeToString())
 
     def refuse_request(self, data: bytes, code: int, why: str) -> bytes:
         """Answer a request without acting on it (e.g. it came with file descriptors): its own
@@ -396,7 +336,7 @@ class VcpuProtocol:
                 reason=why,
             )
 
-    def _resume(self, resume: VcpuRequest.Resume) -> None:
+    def _resume(self, resume: VcpuRequest.Resume) -> Steps:
         for state_set, blob, name in (
             (StateSet.REGS, resume.regs, "regs"),
             (StateSet.SREGS, resume.sregs, "sregs"),
@@ -408,30 +348,29 @@ class VcpuProtocol:
             if len(blob) != size:
                 raise ResumeFailed(f"Resume carried {len(blob)} bytes of {name}, not {size}")
             try:
-                self._calls.call(set_request, blob)
+                yield Call(set_request, blob)
             except CallFailed as exc:
                 raise ResumeFailed(f"Resume carried {name} that KVM refused: {exc}") from exc
-        self._finish_resume(resume.data)
-
-    def _finish_resume(self, data: bytes) -> None:
-        area = self._read_area
-        if area is not None:
-            self._read_area = None
-            _fill(area, data)
+        answer, self._answer = self._answer, None
         self.phase = Phase.RUNNING
+        yield Resume(resume.data, answer)
 
     # -- state requests (each returns the errno for the response, 0 on success) --------------
 
-    def _get_state(self, request: VcpuRequest.GetState, response: VcpuResponse) -> int:
+    def _get_state(
+        self, request: VcpuRequest.GetState, response: VcpuResponse
+    ) -> Generator[Action, tuple[int, bytes], int]:
         entry = STATE_SETS.get(request.set)
         if entry is None:
             return self._invalid("get_state", f"unknown state set {request.set}")
         get_request, _, size = entry
-        _, out = self._calls.call(get_request, bytes(size))
+        _, out = yield Call(get_request, bytes(size))
         response.get_state.state = out
         return 0
 
-    def _set_state(self, request: VcpuRequest.SetState, response: VcpuResponse) -> int:
+    def _set_state(
+        self, request: VcpuRequest.SetState, response: VcpuResponse
+    ) -> Generator[Action, tuple[int, bytes], int]:
         entry = STATE_SETS.get(request.set)
         if entry is None:
             return self._invalid("set_state", f"unknown state set {request.set}")
@@ -439,17 +378,19 @@ class VcpuProtocol:
         if len(request.state) != size:
             name = StateSet(request.set).name
             return self._invalid("set_state", f"{len(request.state)} bytes of {name}, not {size}")
-        self._calls.call(set_request, request.state)
+        yield Call(set_request, request.state)
         return 0
 
-    def _get_msrs(self, request: VcpuRequest.GetMsrs, response: VcpuResponse) -> int:
+    def _get_msrs(
+        self, request: VcpuRequest.GetMsrs, response: VcpuResponse
+    ) -> Generator[Action, tuple[int, bytes], int]:
         indices = request.entry_indices
         count = len(indices)
         buf = bytearray(_COUNT_HEADER.size + count * _MSR_ENTRY.size)
         _COUNT_HEADER.pack_into(buf, 0, count)
         for i, index in enumerate(indices):
             _MSR_ENTRY.pack_into(buf, _COUNT_HEADER.size + i * _MSR_ENTRY.size, index, 0)
-        done, out = self._calls.call(kvm.KVM_GET_MSRS, buf)
+        done, out = yield Call(kvm.KVM_GET_MSRS, buf)
         if done != count:
             # KVM stops at the first MSR it cannot read; a short answer must not pass for a
             # whole one (the client would take the missing values as read).
@@ -460,7 +401,9 @@ class VcpuProtocol:
         response.get_msrs.entry_data.extend(values.tolist())
         return 0
 
-    def _set_msrs(self, request: VcpuRequest.SetMsrs, response: VcpuResponse) -> int:
+    def _set_msrs(
+        self, request: VcpuRequest.SetMsrs, response: VcpuResponse
+    ) -> Generator[Action, tuple[int, bytes], int]:
         entries = request.entries
         count = len(entries)
         buf = bytearray(_COUNT_HEADER.size + count * _MSR_ENTRY.size)
@@ -468,7 +411,7 @@ class VcpuProtocol:
         for i, entry in enumerate(entries):
             offset = _COUNT_HEADER.size + i * _MSR_ENTRY.size
             _MSR_ENTRY.pack_into(buf, offset, entry.index, entry.data)
-        done, _ = self._calls.call(kvm.KVM_SET_MSRS, buf)
+        done, _ = yield Call(kvm.KVM_SET_MSRS, buf)
         if done != count:
             return self._invalid(
                 "set_msrs",
@@ -476,7 +419,9 @@ class VcpuProtocol:
             )
         return 0
 
-    def _set_cpuid(self, request: VcpuRequest.SetCpuid, response: VcpuResponse) -> int:
+    def _set_cpuid(
+        self, request: VcpuRequest.SetCpuid, response: VcpuResponse
+    ) -> Generator[Action, tuple[int, bytes], int]:
         entries = request.entries
         buf = bytearray(_COUNT_HEADER.size + len(entries) * _CPUID_ENTRY.size)
         _COUNT_HEADER.pack_into(buf, 0, len(entries))
@@ -492,13 +437,15 @@ class VcpuProtocol:
                 e.ecx,
                 e.edx,
             )
-        self._calls.call(kvm.KVM_SET_CPUID2, buf)
+        yield Call(kvm.KVM_SET_CPUID2, buf)
         return 0
 
-    def _get_hyperv_cpuid(self, request: VcpuRequest.CpuidRequest, response: VcpuResponse) -> int:
+    def _get_hyperv_cpuid(
+        self, request: VcpuRequest.CpuidRequest, response: VcpuResponse
+    ) -> Generator[Action, tuple[int, bytes], int]:
         buf = bytearray(_COUNT_HEADER.size + HV_CPUID_MAX_ENTRIES * _CPUID_ENTRY.size)
         _COUNT_HEADER.pack_into(buf, 0, HV_CPUID_MAX_ENTRIES)
-        _, out = self._calls.call(kvm.KVM_GET_SUPPORTED_HV_CPUID, buf)
+        _, out = yield Call(kvm.KVM_GET_SUPPORTED_HV_CPUID, buf)
         (count,) = _COUNT_HEADER.unpack_from(out, 0)
         entries = response.get_hyperv_cpuid.entries
         for i in range(min(count, HV_CPUID_MAX_ENTRIES)):
@@ -519,11 +466,11 @@ class VcpuProtocol:
 
     def _enable_capability(
         self, request: VcpuRequest.EnableCapability, response: VcpuResponse
-    ) -> int:
+    ) -> Generator[Action, tuple[int, bytes], int]:
         cap = request.capability
         if cap not in _SYNIC_CAPS:
             return self._invalid("enable_capability", f"capability {cap} is not a SynIC one")
-        self._calls.call(kvm.KVM_ENABLE_CAP, _ENABLE_CAP.pack(cap, 0))
+        yield Call(kvm.KVM_ENABLE_CAP, _ENABLE_CAP.pack(cap, 0))
         return 0
 
     def _invalid(self, case: str, why: str) -> int:
@@ -532,84 +479,53 @@ class VcpuProtocol:
 
     # -- exits -----------------------------------------------------------------------------------
 
-    def io_access(
-        self, space: Space, address: int, is_write: bool, data: memoryview
-    ) -> bytes | None:
-        """The guest accessed `address` in `space`; `data` is the exit's data area in the run
-        page (what was written, or where the value read goes). Returns the wait reason to send,
-        or None when the access is handled here (unreserved: a read is zero-filled)."""
-        if self.phase is not Phase.RUNNING:
-            raise LocalProtocolError(f"an exit was reported while the VCPU is {self.phase.value}")
-        ranges = self._ranges
-        rng = ranges.lookup(space, address)
-        if rng is None or (rng.async_write and not is_write):
-            if not is_write:
-                data[:] = bytes(len(data))
-            return None
-        self.last_range = rng
-        key = rng.start | rng.space << 64
-        counts = self._counts
-        count = counts.get(key, 0)
-        if not count:
-            self._counted[key] = rng
-        counts[key] = count + 1
-        if is_write:
-            payload = data.tobytes()
-            if rng.async_write:
-                return encode_io_wait(space, address, True, True, payload)
-            self._read_area = None
-        else:
-            payload = bytes(len(data))
-            self._read_area = data
-        self.phase = Phase.SERVING
-        hint = ranges.hint
-        if hint is not None and hint.matches(space, address, is_write):
-            return self._hinted_wait(space, address, is_write, payload, hint)
-        return encode_io_wait(space, address, is_write, False, payload)
+    def access_forwarded(self) -> None:
+        """The engine sent Wait{Io} for an access, and the plugin's reply is for this object:
+        serve until Resume, whose data answers the access."""
+        self._begin_wait(Answer.ACCESS)
 
-    def forwarded(self, read_area: memoryview | None) -> None:
-        """The C exit loop sent Wait{Io} for an access (`read_area`: where a read's answer
-        goes) and hands the reply over: the same state `io_access` would have left."""
-        if self.phase is not Phase.RUNNING:
-            raise LocalProtocolError(f"an exit was reported while the VCPU is {self.phase.value}")
-        self.phase = Phase.SERVING
-        self._read_area = read_area
-
-    def add_range_count(self, rng: Range, count: int) -> None:
-        """Add `count` forwarded exits of `rng` (counted by the C exit loop)."""
-        key = rng.start | rng.space << 64
-        if key not in self._counts:
-            self._counted[key] = rng
-            self._counts[key] = 0
-        self._counts[key] += count
-
-    def _hinted_wait(
-        self, space: Space, address: int, is_write: bool, payload: bytes, hint: CallHint
-    ) -> bytes:
-        regs = self._fetch(StateSet.REGS)
+    def hinted_access(
+        self, space: Space, address: int, is_write: bool, data: bytes, hint: CallHint
+    ) -> Steps:
+        """An access at the call hint (the engine has counted it): Wait{Io} with the registers,
+        and the special registers and debug registers if the hint's first applying `RegHint`
+        asks for them. `data` is what a write wrote (a read sends zeros of its length)."""
+        self._begin_wait(Answer.ACCESS)
+        _, regs = yield self._fetch(StateSet.REGS)
         send_sregs, send_debugregs = hint.extra_state(*_FIRST_FOUR_REGS.unpack_from(regs))
-        sregs = self._fetch(StateSet.SREGS) if send_sregs else b""
-        debugregs = self._fetch(StateSet.DEBUGREGS) if send_debugregs else b""
-        return encode_io_wait(space, address, is_write, False, payload, regs, sregs, debugregs)
+        sregs = (yield self._fetch(StateSet.SREGS))[1] if send_sregs else b""
+        debugregs = (yield self._fetch(StateSet.DEBUGREGS))[1] if send_debugregs else b""
+        response = self._response
+        response.Clear()
+        io = response.wait.io
+        io.SetInParent()
+        io.space = space  # type: ignore[assignment]
+        io.address = address
+        io.is_write = is_write
+        io.data = data if is_write else bytes(len(data))
+        io.regs = regs
+        io.sregs = sregs
+        io.debugregs = debugregs
+        yield Send(response.SerializeToString())
 
-    def _fetch(self, state_set: StateSet) -> bytes:
+    @staticmethod
+    def _fetch(state_set: StateSet) -> Call:
         get_request, _, size = STATE_SETS[state_set]
-        return self._calls.call(get_request, bytes(size))[1]
+        return Call(get_request, bytes(size))
 
-    def hyperv_call(self, input: int, params0: int, params1: int, result: memoryview) -> bytes:
-        """A Hyper-V hypercall exit; the first 8 bytes of Resume.data go into `result`."""
-        response = self._begin_wait()
+    def hyperv_call(self, input: int, params0: int, params1: int) -> bytes:
+        """A Hyper-V hypercall exit; the first 8 bytes of Resume.data are its result."""
+        response = self._begin_wait(Answer.HCALL_RESULT)
         call = response.wait.hyperv_call
         call.SetInParent()
         call.input = input
         call.params0 = params0
         call.params1 = params1
-        self._read_area = result
         return response.SerializeToString()
 
     def hyperv_synic(self, msr: int, control: int, evt_page: int, msg_page: int) -> bytes:
         """A Hyper-V SynIC exit (the guest wrote a SynIC MSR)."""
-        response = self._begin_wait()
+        response = self._begin_wait(None)
         synic = response.wait.hyperv_synic
         synic.SetInParent()
         synic.msr = msr
@@ -620,37 +536,17 @@ class VcpuProtocol:
 
     def pause(self, token: int) -> bytes:
         """The VCPU left the guest for a pause request carrying `token`."""
-        response = self._begin_wait()
+        response = self._begin_wait(None)
         user = response.wait.user
         user.SetInParent()
         user.user = token
         return response.SerializeToString()
 
-    def _begin_wait(self) -> VcpuResponse:
+    def _begin_wait(self, answer: Answer | None) -> VcpuResponse:
         if self.phase is not Phase.RUNNING:
             raise LocalProtocolError(f"an exit was reported while the VCPU is {self.phase.value}")
         self.phase = Phase.SERVING
-        self._read_area = None
+        self._answer = answer
         response = self._response
         response.Clear()
         return response
-
-    @property
-    def range_counts(self) -> dict[Range, int]:
-        """Exits per reserved range that went to the plugin (a range reserved again at the
-        same start counts as the one first seen)."""
-        return {self._counted[key]: count for key, count in self._counts.items()}
-
-    def range_count_labels(self) -> dict[str, int]:
-        """`range_counts` keyed by `range_label`, for the exit-count log record."""
-        return {range_label(rng): count for rng, count in self.range_counts.items()}
-
-
-def _fill(area: memoryview, data: bytes) -> None:
-    """Copy the plugin's answer into an exit's data area: at most its size, zero-padded."""
-    size = len(area)
-    n = min(size, len(data))
-    if n:
-        area[:n] = data[:n]
-    if n < size:
-        area[n:] = bytes(size - n)

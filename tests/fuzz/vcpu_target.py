@@ -33,8 +33,6 @@ from vmsuper.workers.vcpu_protocol import (
     CallFailed,
     Phase,
     ResumeFailed,
-    VcpuProtocol,
-    plain_resume_data,
 )
 
 from .hostile import (
@@ -50,6 +48,8 @@ from .hostile import (
     u64,
     vcpu_request,
 )
+from .protocol_driver import DrivenProtocol
+from .wire_oracle import plain_resume_data
 
 GET_REQUESTS = {entry[0]: state_set for state_set, entry in STATE_SETS.items()}
 SET_REQUESTS = {entry[1]: state_set for state_set, entry in STATE_SETS.items()}
@@ -190,11 +190,11 @@ def change_ranges(ch: Chooser, ranges: FakeRanges, vcpu: FakeVcpu) -> None:
 
 
 def check_plain_resume(data: bytes, decoded: VcpuRequest | None) -> None:
-    """The Resume fast paths (Python's and the C loop's) must agree with each other, and with
-    protobuf on every input they accept."""
+    """The engine's Resume fast path must agree with the Python oracle, and with protobuf on
+    every input it accepts."""
     fast = plain_resume_data(data)
     in_c = hotpath.plain_resume(data)
-    expect(in_c == fast, f"the C loop reads {in_c!r} from {data.hex()}, Python {fast!r}")
+    expect(in_c == fast, f"the engine reads {in_c!r} from {data.hex()}, the oracle {fast!r}")
     if fast is None:
         return
     expect(decoded is not None, f"fast path took undecodable {data.hex()}")
@@ -210,7 +210,7 @@ class VcpuHarness:
     def __init__(self) -> None:
         self.vcpu = FakeVcpu()
         self.ranges = FakeRanges()
-        self.protocol = VcpuProtocol(self.vcpu, self.ranges)
+        self.protocol = DrivenProtocol(self.vcpu, self.ranges)
         self.phase = Phase.INIT
         self.read_area: bytearray | None = None
         """The exit data a Resume answers (a read or a hypercall), if one is pending."""
