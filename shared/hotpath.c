@@ -31,40 +31,10 @@
 #include <time.h>
 #include <unistd.h>
 
-struct vms_bell {
-    uint32_t seq;
-    uint32_t sleeping;
-};
-
-/* The mailbox head in shared memory (shm.py's _MAIL_HEAD, then the two bells). */
-struct vms_mail {
-    uint32_t op;
-    uint32_t length;
-    int64_t ret;
-    int32_t err;
-    uint32_t pad;
-    uint64_t pad2;
-    struct vms_bell request;
-    struct vms_bell done;
-};
-
-/* A VCPU's statistics block in shared memory (shm.py places one per VCPU; the reader is
- * `vmsuper stats`). wait_since: CLOCK_MONOTONIC ns when the VCPU last began waiting on the
- * plugin; then the plugin's response times to exits: count, sum, max, and a log2 histogram
- * (bucket b: times of b significant bits in ns; the last bucket takes the rest). */
-#define VMS_BUCKETS 48
-struct vms_stats {
-    uint64_t wait_since;
-    uint64_t responses;
-    uint64_t response_sum_ns;
-    uint64_t response_max_ns;
-    uint64_t buckets[VMS_BUCKETS];
-};
-
-_Static_assert(offsetof(struct vms_mail, ret) == 8, "mailbox ret");
-_Static_assert(offsetof(struct vms_mail, err) == 16, "mailbox err");
-_Static_assert(offsetof(struct vms_mail, request) == 32, "mailbox request bell");
-_Static_assert(offsetof(struct vms_mail, done) == 40, "mailbox done bell");
+/* The shared-memory structs (struct vms_mail with its two struct vms_bell, struct vms_stats)
+ * and the enums Python shares (ExitKind as K_*, RunState as RUN_STATE_*, Space as SPACE_*, the
+ * loops' results as R_* and W_*): generated from abi.py. */
+#include "vms_abi.h"
 
 static inline uint64_t now_ns(void)
 {
@@ -204,8 +174,6 @@ struct vms_runner {
     int64_t error;      /* R_FAILED: the errno */
 };
 
-enum { R_STOP = 1, R_CALL = 2, R_HELD_RUN = 3, R_INTERRUPTED = 4, R_FAILED = 5 };
-
 /* Serve KVM_RUN requests until Python must act (another ioctl, stop, a signal while idle). */
 int vms_runner_loop(struct vms_runner *r)
 {
@@ -288,20 +256,6 @@ struct vms_worker {
 };
 
 enum { S_IDLE = 0, S_RUNNING = 1, S_AWAIT_REPLY = 2 };
-enum {
-    W_RUN_RESULT = 1, /* KVM_RUN failed (EINTR for a pause...): error */
-    W_EXIT = 2,       /* an exit for Python: it is in the run page */
-    W_REQUEST = 3,    /* the reply to a forwarded access was not a plain Resume */
-    W_REFUSED = 4,    /* ... or came in a form refused with an errno */
-    W_INTERRUPTED = 5,
-    W_HUNGUP = 6,
-    W_FAILED = 7,     /* the channel failed: error */
-    W_TOO_LARGE = 8,  /* pipes: a request over max_request, the stream is out of step */
-    W_BELL_FAILED = 9,
-};
-enum { K_IO_IN = 0, K_IO_OUT, K_MMIO_READ, K_MMIO_WRITE, K_ASYNC_WRITE, K_UNRESERVED };
-enum { RUN_STATE_RUNNING = 2, RUN_STATE_WAITING_PLUGIN = 3 };
-enum { SPACE_IOPORT = 0, SPACE_MMIO = 1 };
 #define MAX_DATA 4096
 
 /* Index of the range holding (space, address), or -1. */

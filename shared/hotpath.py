@@ -21,7 +21,6 @@ and the SDK import this module's enums and never need it. A missing or stale bui
 from __future__ import annotations
 
 import ctypes
-import enum
 import errno
 import importlib
 from collections.abc import Iterable, Mapping
@@ -30,13 +29,12 @@ from types import ModuleType
 from typing import Any, Final, Protocol
 
 from vmsuper.shared import hotpath_source
+from vmsuper.shared.abi import RunnerResult, WorkerResult
 
 __all__ = [
-    "HISTOGRAM_BUCKETS",
     "HotpathError",
     "RunnerContext",
     "RunnerResult",
-    "VcpuStats",
     "WorkerContext",
     "WorkerResult",
     "bell_ring",
@@ -47,6 +45,10 @@ __all__ = [
     "library",
     "plain_resume",
     "ranges",
+    "seq_begin",
+    "seq_end",
+    "seq_publish",
+    "seq_read",
     "take_signal",
     "watch_signal",
 ]
@@ -57,53 +59,6 @@ REBUILD: Final = "rebuild it: `pip install --no-build-isolation -e .`, or `./dev
 class HotpathError(ImportError):
     """The compiled hot path is missing or was built from other sources than these."""
 
-
-HISTOGRAM_BUCKETS: Final = 48
-"""The length of `struct vms_stats`' histogram: log2 buckets of nanoseconds, up to 2**47 ns
-(39 hours)."""
-
-
-class VcpuStats(ctypes.Structure):
-    """`struct vms_stats`: one VCPU's statistics block in shared memory (shm.py places it).
-    A plain mirror, so `vmsuper stats` reads a live run without the compiled module; the
-    binding's test holds it to the C struct."""
-
-    _fields_ = [
-        ("wait_since", ctypes.c_uint64),
-        ("responses", ctypes.c_uint64),
-        ("response_sum_ns", ctypes.c_uint64),
-        ("response_max_ns", ctypes.c_uint64),
-        ("buckets", ctypes.c_uint64 * HISTOGRAM_BUCKETS),
-    ]
-
-
-class RunnerResult(enum.IntEnum):
-    """Why `vms_runner_loop` returned (`R_*` in hotpath.c)."""
-
-    STOP = 1
-    CALL = 2
-    """Another ioctl than KVM_RUN is posted: Python checks and makes it."""
-    HELD_RUN = 3
-    """The first KVM_RUN, held while `hold_runs` is set (the Init barrier)."""
-    INTERRUPTED = 4
-    FAILED = 5
-
-
-class WorkerResult(enum.IntEnum):
-    """Why `vms_worker_loop` returned (`W_*` in hotpath.c)."""
-
-    RUN_RESULT = 1
-    EXIT = 2
-    REQUEST = 3
-    REFUSED = 4
-    INTERRUPTED = 5
-    HUNGUP = 6
-    FAILED = 7
-    TOO_LARGE = 8
-    BELL_FAILED = 9
-
-
-_RESULT_PREFIXES: Final = {"R_": RunnerResult, "W_": WorkerResult}
 
 _loaded: ModuleType | None = None
 
@@ -131,11 +86,6 @@ def _load() -> ModuleType:
             f"vmsuper's compiled hot path was built from other sources than those in {here}: "
             + REBUILD
         )
-    lib = _hotpath.lib
-    for prefix, results in _RESULT_PREFIXES.items():
-        for result in results:
-            if getattr(lib, prefix + result.name) != result:
-                raise HotpathError(f"{results.__name__}.{result.name} differs from hotpath.c")
     return _hotpath
 
 
@@ -233,6 +183,40 @@ def bell_wait(bell: int, efd: int, seen: ctypes.c_uint32, spin_ns: int, wake_fd:
         raise InterruptedError(errno.EINTR, "a signal came while waiting on a bell")
     if err:
         raise OSError(-err, f"waiting on a bell failed: {err}")
+
+
+def seq_begin(gen: int) -> None:
+    """Make the seqlock generation at address `gen` odd before writing what it guards."""
+    module = binding()
+    module.lib.vms_seq_begin(module.ffi.cast("uint64_t *", gen))
+
+
+def seq_end(gen: int) -> int:
+    """Make it even again after the writes; returns the new generation."""
+    module = binding()
+    return int(module.lib.vms_seq_end(module.ffi.cast("uint64_t *", gen)))
+
+
+def seq_publish(gen: int, dst: int, data: bytes) -> int:
+    """Write `data` at address `dst` under the seqlock at `gen`; returns the new generation."""
+    module = binding()
+    ffi = module.ffi
+    return int(
+        module.lib.vms_seq_publish(
+            ffi.cast("uint64_t *", gen), ffi.cast("uint8_t *", dst), data, len(data)
+        )
+    )
+
+
+def seq_read(gen: int, src: int, out: bytearray) -> int | None:
+    """Fill `out` from address `src` as of one generation of the seqlock at `gen`, and return
+    that generation; None when a write was under way or came meanwhile (`out` is torn)."""
+    module = binding()
+    ffi = module.ffi
+    got = module.lib.vms_seq_read(
+        ffi.cast("uint64_t *", gen), ffi.from_buffer(out), ffi.cast("uint8_t *", src), len(out)
+    )
+    return None if got & 1 else int(got)
 
 
 def find_range(items: Iterable[_RangeLike], space: int, address: int) -> int:

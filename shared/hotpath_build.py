@@ -3,7 +3,8 @@
 cffi's API mode: the declarations below are what Python may call and read, and the module cffi
 generates from them is compiled together with `hotpath.c` itself, so the C compiler checks
 every prototype and every struct field against the real definitions (a mismatch fails the
-build, or the module's first use for a struct's size). `setup.py` names this file in
+build, or the module's first use for a struct's size). The shared-memory structs and enums
+are declared from `abi.py`, as `vms_abi.h` is. `setup.py` names this file in
 ``cffi_modules``, so `pip install -e .` (and `./dev`, when one of these files changes) builds it.
 
 The module also carries a digest of the files it was built from (`hotpath_source.py`), so a
@@ -20,32 +21,11 @@ import cffi
 HERE = Path(__file__).resolve().parent
 _source = runpy.run_path(str(HERE / "hotpath_source.py"))
 
+_abi = runpy.run_path(str(HERE / "abi.py"))
+
+# The shared-memory structs and enums come from abi.py; the rest is hotpath.c's and seqlock.c's.
 CDEF = """
 struct kvm_run;
-
-struct vms_bell {
-    uint32_t seq;
-    uint32_t sleeping;
-};
-
-struct vms_mail {
-    uint32_t op;
-    uint32_t length;
-    int64_t ret;
-    int32_t err;
-    uint32_t pad;
-    uint64_t pad2;
-    struct vms_bell request;
-    struct vms_bell done;
-};
-
-struct vms_stats {
-    uint64_t wait_since;
-    uint64_t responses;
-    uint64_t response_sum_ns;
-    uint64_t response_max_ns;
-    uint64_t buckets[48];
-};
 
 struct vms_runner {
     int64_t vcpu_fd;
@@ -108,20 +88,6 @@ struct vms_worker {
 };
 
 #define VMS_SOURCE_DIGEST ...
-#define R_STOP ...
-#define R_CALL ...
-#define R_HELD_RUN ...
-#define R_INTERRUPTED ...
-#define R_FAILED ...
-#define W_RUN_RESULT ...
-#define W_EXIT ...
-#define W_REQUEST ...
-#define W_REFUSED ...
-#define W_INTERRUPTED ...
-#define W_HUNGUP ...
-#define W_FAILED ...
-#define W_TOO_LARGE ...
-#define W_BELL_FAILED ...
 
 int vms_watch_signal(int sig);
 int vms_take_signal(void);
@@ -134,14 +100,20 @@ int64_t vms_find_range(const struct vms_range *ranges, uint64_t n, uint64_t spac
 size_t vms_encode_io_wait(uint8_t *out, uint64_t space, uint64_t address, int is_write,
                           int no_resume, const uint8_t *data, size_t length);
 int vms_plain_resume(const uint8_t *p, size_t n, size_t *offset, size_t *length);
+
+uint64_t vms_seq_begin(uint64_t *gen);
+uint64_t vms_seq_end(uint64_t *gen);
+uint64_t vms_seq_publish(uint64_t *gen, uint8_t *dst, const uint8_t *src, size_t n);
+uint64_t vms_seq_read(const uint64_t *gen, uint8_t *dst, const uint8_t *src, size_t n);
 """
 
 ffibuilder = cffi.FFI()
-ffibuilder.cdef(CDEF)
+ffibuilder.cdef(_abi["cdef"]() + CDEF)
 ffibuilder.set_source(
     "vmsuper.shared._hotpath",
     # One translation unit: the generated wrappers see hotpath.c's own definitions.
-    f'#define VMS_SOURCE_DIGEST {_source["digest"](HERE)}ULL\n#include "hotpath.c"\n',
+    f"#define VMS_SOURCE_DIGEST {_source['digest'](HERE)}ULL\n"
+    '#include "hotpath.c"\n#include "seqlock.c"\n',
     include_dirs=[str(HERE)],
     depends=[str(HERE / name) for name in _source["SOURCES"]],
     extra_compile_args=[

@@ -12,7 +12,14 @@ import hashlib
 from pathlib import Path
 from typing import Final
 
-SOURCES: Final = ("hotpath.c", "hotpath_build.py", "hotpath_source.py")
+SOURCES: Final = (
+    "hotpath.c",
+    "seqlock.c",
+    "vms_abi.h",
+    "abi.py",
+    "hotpath_build.py",
+    "hotpath_source.py",
+)
 """The files of `vmsuper.shared` the module is built from."""
 
 

@@ -29,21 +29,6 @@ from vmsuper.shared.shm import Doorbell, Mailbox, SharedRegion, drain_wakeup_pip
 from vmsuper.workers.vcpu_protocol import encode_io_wait, plain_resume_data
 
 
-def test_the_stats_mirror_matches_the_c_struct() -> None:
-    ffi = hotpath.binding().ffi
-    for name, *_ in hotpath.VcpuStats._fields_:
-        assert getattr(hotpath.VcpuStats, name).offset == ffi.offsetof("struct vms_stats", name)
-    assert ctypes.sizeof(hotpath.VcpuStats) == ffi.sizeof("struct vms_stats")
-
-
-def test_the_result_codes_are_the_c_ones() -> None:
-    lib = hotpath.binding().lib
-    for runner_result in hotpath.RunnerResult:
-        assert getattr(lib, f"R_{runner_result.name}") == runner_result
-    for worker_result in hotpath.WorkerResult:
-        assert getattr(lib, f"W_{worker_result.name}") == worker_result
-
-
 def test_contexts_take_addresses_for_pointers_and_read_back_by_name() -> None:
     seen = ctypes.c_uint32()
     context = hotpath.RunnerContext(request_seen=ctypes.addressof(seen), spin_ns=5, hold_runs=1)
@@ -369,3 +354,21 @@ def test_a_signal_before_the_sleep_is_not_slept_through(
             signal.set_wakeup_fd(previous)
             os.close(read_end)
             os.close(write_end)
+
+
+# -- seqlocks ---------------------------------------------------------------------------------
+
+
+def test_a_seqlock_read_sees_only_whole_writes() -> None:
+    cells = (ctypes.c_uint64 * 3)()  # the generation, then 16 bytes of data
+    gen, data = ctypes.addressof(cells), ctypes.addressof(cells) + 8
+    out = bytearray(16)
+    assert hotpath.seq_read(gen, data, out) == 0
+    assert hotpath.seq_publish(gen, data, b"A" * 16) == 2
+    assert hotpath.seq_read(gen, data, out) == 2 and out == b"A" * 16
+    hotpath.seq_begin(gen)  # a writer under way: nothing it guards may be taken
+    assert cells[0] == 3
+    ctypes.memmove(data, b"B" * 8, 8)
+    assert hotpath.seq_read(gen, data, out) is None
+    assert hotpath.seq_end(gen) == 4
+    assert hotpath.seq_read(gen, data, out) == 4 and out == b"B" * 8 + b"A" * 8
