@@ -1,7 +1,7 @@
-"""The per-exit engine (`hotpath.c`), loaded with ctypes.
+"""The per-exit engine (`hotpath.c`), through its cffi binding.
 
 Each exit used to cost four process wake-ups (runner -> worker -> plugin and back) and about
-20 us of Python; crosvm's layout pays two wake-ups and no interpreter. The C library keeps
+20 us of Python; crosvm's layout pays two wake-ups and no interpreter. The C code keeps
 vmsuper's layout but removes both costs where it can:
 
 - bells: the worker/runner hand-off polls shared memory for a moment before sleeping on its
@@ -10,292 +10,140 @@ vmsuper's layout but removes both costs where it can:
 - the worker's loop over every I/O and MMIO exit: decoded, looked up, counted, and served
   when plain (Wait{Io} out, Resume{data} back), with the channel's transport.
 
-What needs a protocol decision goes back to Python as a decoded event (see `hotpath.c`). The library is built with the package
-(`setup.py`); it has no Python API, so ctypes calls it directly and releases the GIL for the
-whole call.
+What needs a protocol decision goes back to Python as a decoded event (see `hotpath.c`). The
+package build compiles it into the cffi module `vmsuper.shared._hotpath` (`hotpath_build.py`:
+the C compiler checks every declaration Python uses against `hotpath.c`); cffi releases the GIL
+for every call.
+
+The compiled module is loaded on first use, not on import: `vmsuper logs`, `check`, `stats`
+and the SDK import this module's enums and never need it. A missing or stale build raises
+`HotpathError`, which says how to rebuild.
 """
 
 from __future__ import annotations
 
 import ctypes
-import enum
 import errno
-import importlib.machinery
+import importlib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from types import ModuleType
+from typing import Any, Final, Protocol
+
+from vmsuper.shared import hotpath_source
+from vmsuper.shared.abi import Delivered, RunnerResult, WorkerResult
 
 __all__ = [
-    "ABI",
-    "HISTOGRAM_BUCKETS",
-    "Access",
     "Delivered",
     "HotpathError",
-    "Range",
     "RunnerContext",
     "RunnerResult",
-    "VcpuStats",
     "WorkerContext",
     "WorkerResult",
     "bell_ring",
     "bell_wait",
+    "binding",
     "decode_access",
     "encode_io_wait",
     "find_range",
     "library",
     "plain_resume",
+    "ranges",
+    "seq_begin",
+    "seq_end",
+    "seq_publish",
+    "seq_read",
     "take_signal",
     "unwatch_signal",
     "watch_signal",
 ]
 
-ABI: Final = 3
-"""Must equal VMS_ABI in hotpath.c: a stale build is refused rather than misread."""
+REBUILD: Final = "rebuild it: `pip install --no-build-isolation -e .`, or `./dev test`"
 
 
 class HotpathError(ImportError):
-    """The C library is missing or does not match this Python code."""
+    """The compiled hot path is missing or was built from other sources than these."""
 
 
-def _library_path() -> Path:
-    here = Path(__file__).parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        candidate = here / f"_hotpath{suffix}"
-        if candidate.exists():
-            return candidate
-    raise HotpathError(
-        f"vmsuper's C library (_hotpath*.so) is not built in {here}: reinstall the package "
-        "(`pip install -e .`, or `./dev test`, which does it when hotpath.c changes)"
-    )
+_loaded: ModuleType | None = None
 
 
-class RunnerContext(ctypes.Structure):
-    """`struct vms_runner`."""
-
-    _fields_ = [
-        ("vcpu_fd", ctypes.c_int64),
-        ("run", ctypes.c_void_p),
-        ("mail", ctypes.c_void_p),
-        ("request_efd", ctypes.c_int64),
-        ("done_efd", ctypes.c_int64),
-        ("request_seen", ctypes.c_void_p),
-        ("pause_seq", ctypes.c_void_p),
-        ("delivered_seq", ctypes.c_void_p),
-        ("hold_runs", ctypes.c_int64),
-        ("stopping", ctypes.c_int64),
-        ("spin_ns", ctypes.c_uint64),
-        ("error", ctypes.c_int64),
-        ("held_run", ctypes.c_int64),
-    ]
+def binding() -> ModuleType:
+    """The compiled module (its `ffi` and `lib`), loaded and checked on the first call."""
+    global _loaded
+    if _loaded is None:
+        _loaded = _load()
+    return _loaded
 
 
-class Range(ctypes.Structure):
-    """`struct vms_range`: one reserved range, in an array sorted by (space, start)."""
-
-    _fields_ = [
-        ("start", ctypes.c_uint64),
-        ("length", ctypes.c_uint64),
-        ("space", ctypes.c_uint64),
-        ("async_write", ctypes.c_uint64),
-    ]
-
-
-HISTOGRAM_BUCKETS: Final = 48
-"""VMS_BUCKETS in hotpath.c: log2 buckets of nanoseconds, up to 2**47 ns (39 hours)."""
-
-
-class VcpuStats(ctypes.Structure):
-    """`struct vms_stats`: one VCPU's statistics block in shared memory (shm.py places it)."""
-
-    _fields_ = [
-        ("wait_since", ctypes.c_uint64),
-        ("responses", ctypes.c_uint64),
-        ("response_sum_ns", ctypes.c_uint64),
-        ("response_max_ns", ctypes.c_uint64),
-        ("buckets", ctypes.c_uint64 * HISTOGRAM_BUCKETS),
-    ]
-
-
-class Access(ctypes.Structure):
-    """`struct vms_access`: an I/O or MMIO exit as the engine decoded it."""
-
-    _fields_ = [
-        ("space", ctypes.c_uint64),
-        ("address", ctypes.c_uint64),
-        ("is_write", ctypes.c_uint64),
-        ("offset", ctypes.c_uint64),
-        ("length", ctypes.c_uint64),
-        ("size", ctypes.c_uint64),
-        ("count", ctypes.c_uint64),
-    ]
-
-
-class WorkerContext(ctypes.Structure):
-    """`struct vms_worker`."""
-
-    _fields_ = [
-        ("run", ctypes.c_void_p),
-        ("run_size", ctypes.c_uint64),
-        ("mail", ctypes.c_void_p),
-        ("request_efd", ctypes.c_int64),
-        ("done_efd", ctypes.c_int64),
-        ("done_seen", ctypes.c_void_p),
-        ("counters", ctypes.c_void_p),
-        ("run_state", ctypes.c_void_p),
-        ("stats", ctypes.c_void_p),
-        ("table_gen", ctypes.c_void_p),
-        ("known_gen", ctypes.c_uint64),
-        ("ranges", ctypes.c_void_p),
-        ("n_ranges", ctypes.c_uint64),
-        ("range_counts", ctypes.c_void_p),
-        ("hint_set", ctypes.c_uint64),
-        ("hint_space", ctypes.c_uint64),
-        ("hint_address", ctypes.c_uint64),
-        ("hint_on_write", ctypes.c_uint64),
-        ("pipes", ctypes.c_uint64),
-        ("in_fd", ctypes.c_int64),
-        ("out_fd", ctypes.c_int64),
-        ("buf", ctypes.c_void_p),
-        ("max_request", ctypes.c_uint64),
-        ("max_fds", ctypes.c_uint64),
-        ("spin_ns", ctypes.c_uint64),
-        ("wake_fd", ctypes.c_int64),
-        ("report_exits", ctypes.c_uint64),
-        ("state", ctypes.c_uint64),
-        ("error", ctypes.c_int64),
-        ("request_len", ctypes.c_uint64),
-        ("refusal", ctypes.c_uint64),
-        ("fds", ctypes.c_uint64),
-        ("access", Access),
-        ("range_index", ctypes.c_int64),
-        ("delivered", ctypes.c_uint64),
-        ("response_ns", ctypes.c_uint64),
-    ]
-
-
-class RunnerResult(enum.IntEnum):
-    """Why `vms_runner_loop` returned."""
-
-    STOP = 1
-    CALL = 2
-    """Another ioctl than KVM_RUN is posted: Python checks and makes it."""
-    HELD_RUN = 3
-    """The first KVM_RUN, held while `hold_runs` is set (the Init barrier); the next call
-    makes it."""
-    INTERRUPTED = 4
-    FAILED = 5
-
-
-class WorkerResult(enum.IntEnum):
-    """Why `vms_worker_loop` returned (the W_ codes of hotpath.c); also what `vms_send` and
-    `vms_receive` return besides 0."""
-
-    RUN_RESULT = 1
-    """`KVM_RUN` failed (`error`): EINTR for a pause, EAGAIN, or a real failure."""
-    EXIT = 2
-    """An exit that is not I/O or MMIO: Python decodes it (`kvm.decode_exit`)."""
-    REQUEST = 3
-    """The reply to the forwarded `access` is another request than a plain Resume."""
-    REFUSED = 4
-    """... or came in a form refused with `refusal` (fds, too large)."""
-    INTERRUPTED = 5
-    HUNGUP = 6
-    FAILED = 7
-    TOO_LARGE = 8
-    BELL_FAILED = 9
-    TABLE = 10
-    """The range table changed: describe it again; the exit is handled on the next call."""
-    HINTED = 11
-    """`access` is at the call hint: Python sends Wait{Io} with registers and serves the
-    plugin until its Resume (`vms_finish_access`)."""
-    DONE = 12
-    """`report_exits`: `access` was completed (logged by Python), then call again."""
-
-
-class Delivered(enum.IntEnum):
-    """What became of the last access (`WorkerContext.delivered`)."""
-
-    NONE = 0
-    """Unreserved (or a read of an async range): handled without the plugin."""
-    WAIT = 1
-    """Sent as Wait{Io}; the VCPU waits for the plugin's Resume."""
-    NO_RESUME = 2
-    """An async write, sent with no_resume."""
-
-
-def layout(lib: ctypes.CDLL, which: int) -> dict[str, int]:
-    """A C struct's field offsets by name, and its size under "sizeof" (see `vms_layout`)."""
-    names = ctypes.c_char_p()
-    table = ctypes.POINTER(ctypes.c_uint64)()
-    count = lib.vms_layout(which, ctypes.byref(names), ctypes.byref(table))
-    fields = (names.value or b"").decode().split()
-    offsets = [table[i] for i in range(count)]
-    if len(fields) + 1 != count:
-        raise HotpathError(f"the C library describes layout {which} inconsistently")
-    return {**dict(zip(fields, offsets, strict=False)), "sizeof": offsets[-1]}
-
-
-def struct_layout(struct: type[ctypes.Structure]) -> dict[str, int]:
-    """The same for a ctypes mirror."""
-    fields = {name: getattr(struct, name).offset for name, *_ in struct._fields_}
-    return {**fields, "sizeof": ctypes.sizeof(struct)}
-
-
-_c = ctypes
-_SIGNATURES: Final[dict[str, tuple[list[Any], Any]]] = {
-    # name: (argument types, result type), as declared in hotpath.c.
-    "vms_abi": ([], _c.c_int),
-    "vms_layout": (
-        [_c.c_int, _c.POINTER(_c.c_char_p), _c.POINTER(_c.POINTER(_c.c_uint64))],
-        _c.c_size_t,
-    ),
-    "vms_watch_signal": ([_c.c_int], _c.c_int),
-    "vms_unwatch_signal": ([_c.c_int], _c.c_int),
-    "vms_take_signal": ([], _c.c_int),
-    "vms_bell_ring": ([_c.c_void_p, _c.c_int], _c.c_int),
-    "vms_bell_wait": ([_c.c_void_p, _c.c_int, _c.c_void_p, _c.c_uint64, _c.c_int], _c.c_int),
-    "vms_runner_loop": ([_c.POINTER(RunnerContext)], _c.c_int),
-    "vms_worker_loop": ([_c.POINTER(WorkerContext)], _c.c_int),
-    "vms_send": ([_c.POINTER(WorkerContext), _c.c_char_p, _c.c_size_t], _c.c_int),
-    "vms_receive": ([_c.POINTER(WorkerContext)], _c.c_int),
-    "vms_begin_wait": ([_c.POINTER(WorkerContext), _c.c_uint64], None),
-    "vms_resumed": ([_c.POINTER(WorkerContext)], None),
-    "vms_finish_access": ([_c.POINTER(WorkerContext), _c.c_char_p, _c.c_size_t], None),
-    "vms_decode_access": ([_c.c_void_p, _c.c_uint64, _c.POINTER(Access)], _c.c_int),
-    "vms_find_range": ([_c.c_void_p, _c.c_uint64, _c.c_uint64, _c.c_uint64], _c.c_int64),
-    "vms_encode_io_wait": (
-        [_c.c_char_p, _c.c_uint64, _c.c_uint64, _c.c_int, _c.c_int, _c.c_char_p, _c.c_size_t],
-        _c.c_size_t,
-    ),
-    "vms_plain_resume": (
-        [_c.c_char_p, _c.c_size_t, _c.POINTER(_c.c_size_t), _c.POINTER(_c.c_size_t)],
-        _c.c_int,
-    ),
-}
-
-
-def _load() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(_library_path()), use_errno=True)
-    for name, (argtypes, restype) in _SIGNATURES.items():
-        function = getattr(lib, name)
-        function.argtypes = argtypes
-        function.restype = restype
-    if lib.vms_abi() != ABI:
+def _load() -> ModuleType:
+    try:
+        _hotpath = importlib.import_module("vmsuper.shared._hotpath")
+    except ImportError as exc:
         raise HotpathError(
-            f"vmsuper's C library has ABI {lib.vms_abi()}, this code needs {ABI}: rebuild it "
-            "(`pip install -e .`)"
+            f"vmsuper's compiled hot path cannot be loaded ({exc}): {REBUILD}"
+        ) from exc
+    here = Path(__file__).parent
+    # Beside the sources (a checkout), the module must be built from them as they are now.
+    sources_here = all((here / name).exists() for name in hotpath_source.SOURCES)
+    if sources_here and hotpath_source.digest(here) != _hotpath.lib.VMS_SOURCE_DIGEST:
+        raise HotpathError(
+            f"vmsuper's compiled hot path was built from other sources than those in {here}: "
+            + REBUILD
         )
-    for which, struct in enumerate((RunnerContext, Range, WorkerContext, VcpuStats, Access)):
-        if layout(lib, which) != struct_layout(struct):
-            raise HotpathError(
-                f"the C library's struct layout differs from {struct.__name__}: rebuild it "
-                "(`pip install -e .`)"
-            )
-    return lib
+    return _hotpath
 
 
-library: Final = _load()
-_bell_ring = library.vms_bell_ring
-_bell_wait = library.vms_bell_wait
+class _Library:
+    """`library.vms_*`: the C functions, loading the module on first use."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(binding().lib, name)
+
+
+library: Final = _Library()
+
+
+class _RangeLike(Protocol):
+    @property
+    def start(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+    @property
+    def space(self) -> int: ...
+    @property
+    def async_write(self) -> bool: ...
+
+
+def _new(struct: str, fields: Mapping[str, Any]) -> Any:
+    """A zeroed C `struct`, filled from `fields`; a pointer field may be given as an address."""
+    ffi = binding().ffi
+    types = dict(ffi.typeof(f"struct {struct}").fields)
+    values = {}
+    for name, value in fields.items():
+        ctype = types[name].type
+        if ctype.kind == "pointer" and isinstance(value, int):
+            value = ffi.cast(ctype, value)
+        values[name] = value
+    return ffi.new(f"struct {struct} *", values)
+
+
+def RunnerContext(**fields: Any) -> Any:
+    """A new `struct vms_runner` for `vms_runner_loop` (fields by name; pointers as addresses).
+    Read and set its fields as attributes; pass it to `library.vms_runner_loop` as it is."""
+    return _new("vms_runner", fields)
+
+
+def WorkerContext(**fields: Any) -> Any:
+    """A new `struct vms_worker` for `vms_worker_loop`, as `RunnerContext`."""
+    return _new("vms_worker", fields)
+
+
+def ranges(items: Iterable[_RangeLike]) -> Any:
+    """A C array of `struct vms_range` (sorted by (space, start) as the caller gives them),
+    never empty, for a context's `ranges` field; the caller keeps it alive while C uses it."""
+    rows = [(r.start, r.length, int(r.space), int(r.async_write)) for r in items]
+    return binding().ffi.new("struct vms_range[]", rows or [(0, 0, 0, 0)])
 
 
 def watch_signal(signum: int) -> None:
@@ -323,7 +171,8 @@ def take_signal() -> bool:
 
 def bell_ring(bell: int, efd: int) -> None:
     """Ring the bell at address `bell` (its waiter sleeps on `efd`)."""
-    err = _bell_ring(bell, efd)
+    module = binding()
+    err = module.lib.vms_bell_ring(module.ffi.cast("struct vms_bell *", bell), efd)
     if err:
         raise OSError(-err, f"ringing a bell failed: {err}")
 
@@ -333,38 +182,87 @@ def bell_wait(bell: int, efd: int, seen: ctypes.c_uint32, spin_ns: int, wake_fd:
     a signal came while it slept (with `wake_fd`, the read end of the process's
     `signal.set_wakeup_fd` pipe, also one that came while it polled): the caller drains that
     pipe and decides whether to wait again."""
-    err = _bell_wait(bell, efd, ctypes.addressof(seen), spin_ns, wake_fd)
+    module = binding()
+    ffi = module.ffi
+    err = module.lib.vms_bell_wait(
+        ffi.cast("struct vms_bell *", bell),
+        efd,
+        ffi.cast("uint32_t *", ctypes.addressof(seen)),
+        spin_ns,
+        wake_fd,
+    )
     if err == -errno.EINTR:
         raise InterruptedError(errno.EINTR, "a signal came while waiting on a bell")
     if err:
         raise OSError(-err, f"waiting on a bell failed: {err}")
 
 
-def decode_access(run_address: int, run_size: int) -> Access | None:
-    """The engine's decoding of the exit in the run page at `run_address`: None when it is not
-    an I/O or MMIO exit (those are `kvm.decode_exit`'s)."""
-    access = Access()
-    if not library.vms_decode_access(run_address, run_size, ctypes.byref(access)):
+def seq_begin(gen: int) -> None:
+    """Make the seqlock generation at address `gen` odd before writing what it guards."""
+    module = binding()
+    module.lib.vms_seq_begin(module.ffi.cast("uint64_t *", gen))
+
+
+def seq_end(gen: int) -> int:
+    """Make it even again after the writes; returns the new generation."""
+    module = binding()
+    return int(module.lib.vms_seq_end(module.ffi.cast("uint64_t *", gen)))
+
+
+def seq_publish(gen: int, dst: int, data: bytes) -> int:
+    """Write `data` at address `dst` under the seqlock at `gen`; returns the new generation."""
+    module = binding()
+    ffi = module.ffi
+    return int(
+        module.lib.vms_seq_publish(
+            ffi.cast("uint64_t *", gen), ffi.cast("uint8_t *", dst), data, len(data)
+        )
+    )
+
+
+def seq_read(gen: int, src: int, out: bytearray) -> int | None:
+    """Fill `out` from address `src` as of one generation of the seqlock at `gen`, and return
+    that generation; None when a write was under way or came meanwhile (`out` is torn)."""
+    module = binding()
+    ffi = module.ffi
+    got = module.lib.vms_seq_read(
+        ffi.cast("uint64_t *", gen), ffi.from_buffer(out), ffi.cast("uint8_t *", src), len(out)
+    )
+    return None if got & 1 else int(got)
+
+
+def decode_access(run_address: int, run_size: int) -> Any | None:
+    """The engine's decoding of the exit in the run page at `run_address` (a `struct
+    vms_access`: space, address, is_write, offset, length, size, count), or None when it is
+    not an I/O or MMIO exit (those are `kvm.decode_exit`'s)."""
+    ffi = binding().ffi
+    access = ffi.new("struct vms_access *")
+    run = ffi.cast("struct kvm_run *", run_address)
+    if not library.vms_decode_access(run, run_size, access):
         return None
     return access
 
 
-def find_range(ranges: ctypes.Array[Range], space: int, address: int) -> int:
-    """Index of the range holding (`space`, `address`) in `ranges`, or -1 (for tests)."""
-    return int(library.vms_find_range(ranges, len(ranges), space, address))
+def find_range(items: Iterable[_RangeLike], space: int, address: int) -> int:
+    """Index of the range holding (`space`, `address`) in `items`, or -1 (for tests)."""
+    rows = list(items)
+    return int(library.vms_find_range(ranges(rows), len(rows), space, address))
 
 
 def encode_io_wait(space: int, address: int, is_write: bool, no_resume: bool, data: bytes) -> bytes:
-    """The C encoding of Wait{Io} (for tests: it must equal the Python one)."""
-    out = ctypes.create_string_buffer(len(data) + 64)
+    """The engine's encoding of Wait{Io} (for tests: it must be protobuf's canonical one)."""
+    ffi = binding().ffi
+    out = ffi.new("uint8_t[]", len(data) + 64)
     n = library.vms_encode_io_wait(out, space, address, is_write, no_resume, data, len(data))
-    return out.raw[:n]
+    return bytes(ffi.buffer(out, n))
 
 
 def plain_resume(request: bytes) -> bytes | None:
-    """The C reading of a plain Resume{data} (for tests: it must equal the Python one)."""
-    offset = ctypes.c_size_t()
-    length = ctypes.c_size_t()
+    """The engine's reading of a plain Resume{data} (for tests: it must agree with protobuf and
+    the Python oracle)."""
+    ffi = binding().ffi
+    offset = ffi.new("size_t *")
+    length = ffi.new("size_t *")
     if not library.vms_plain_resume(request, len(request), offset, length):
         return None
-    return request[offset.value : offset.value + length.value]
+    return request[offset[0] : offset[0] + length[0]]

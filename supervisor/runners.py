@@ -223,12 +223,11 @@ class VcpuRunner:
         `immediate_exit` re-arm included; Python makes the other ioctls and the first run
         (after the Init barrier), and decides when to stop."""
         context = self._context
-        pointer = ctypes.byref(context)
         runner_loop = hotpath.library.vms_runner_loop
         mailbox = self._mailbox
         doorbell = self._doorbell
         while True:
-            result = runner_loop(pointer)
+            result = runner_loop(context)
             if self.stopping or result == hotpath.RunnerResult.STOP:
                 return
             if result == hotpath.RunnerResult.INTERRUPTED:

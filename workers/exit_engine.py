@@ -15,7 +15,7 @@ new table no longer holds are kept (`retired`) for the exit-count record.
 from __future__ import annotations
 
 import ctypes
-from typing import Final
+from typing import Any
 
 from vmsuper.shared import hotpath
 from vmsuper.shared.hotpath import WorkerResult
@@ -33,8 +33,6 @@ from vmsuper.workers.vcpu_channel import VcpuChannel
 from vmsuper.workers.vcpu_protocol import range_label
 
 __all__ = ["ExitEngine"]
-
-_NO_RANGES: Final = (hotpath.Range * 1)()
 
 assert int(ExitKind.UNRESERVED) == 5 and int(ExitKind.ASYNC_WRITE) == 4  # hotpath.c's order
 
@@ -57,7 +55,7 @@ class ExitEngine:
     ) -> None:
         self._reader = reader
         self._live = range_counts
-        self._array: ctypes.Array[hotpath.Range] = _NO_RANGES
+        self._array = hotpath.ranges(())
         self.retired: dict[str, int] = {}
         """Counts of ranges an older table held and the current one does not, by label."""
         self.hint: CallHint | None = None
@@ -75,18 +73,22 @@ class ExitEngine:
             stats=slot.cell_address("stats"),
             table_gen=reader.gen_address,
             known_gen=(1 << 64) - 1,  # odd: never a published generation
-            ranges=ctypes.addressof(self._array),
+            ranges=self._array,
             n_ranges=0,
             range_counts=range_counts.counts_address(),
             spin_ns=doorbell.spin_ns,
             wake_fd=doorbell.wake_fd,
             report_exits=report_exits,
             state=0,
+            **channel.context_fields(),
         )
         channel.attach(context)
         self.channel = channel
-        self._pointer = ctypes.byref(context)
+        self._pointer = context
         self._loop = hotpath.library.vms_worker_loop
+
+    context: Any
+    """The engine's `struct vms_worker` (cffi): the event is read from its fields."""
 
     def run(self) -> WorkerResult:
         """Run the guest and serve its exits until one needs Python."""
@@ -96,7 +98,7 @@ class ExitEngine:
         return result
 
     @property
-    def access(self) -> hotpath.Access:
+    def access(self) -> Any:
         """The last I/O or MMIO exit the engine decoded."""
         return self.context.access
 
@@ -138,11 +140,9 @@ class ExitEngine:
                 self.retired[label] = self.retired.get(label, 0) + count
         self._live.describe(ranges)
         ranges = self._live.ranges  # the engine sees no more ranges than the counters hold
-        array = (hotpath.Range * max(1, len(ranges)))(
-            *(hotpath.Range(r.start, r.length, r.space, r.async_write) for r in ranges)
-        )
+        array = hotpath.ranges(ranges)
         context = self.context
-        context.ranges = ctypes.addressof(array)
+        context.ranges = array
         context.n_ranges = len(ranges)
         hint = snapshot.hint
         self.hint = hint if hint is not None and hint.is_set else None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from typing import Final
+from typing import Any, Final
 
 from vmsuper.shared import hotpath
 from vmsuper.shared.hotpath import WorkerResult
@@ -60,7 +60,7 @@ class Refused(Exception):
         self.why = why
 
 
-def refusal(context: hotpath.WorkerContext, data: bytes) -> Refused:
+def refusal(context: Any, data: bytes) -> Refused:
     """The `Refused` for a request the C transport refused (`WorkerResult.REFUSED`)."""
     code = int(context.refusal)
     if code == errno.EINVAL:
@@ -71,7 +71,7 @@ def refusal(context: hotpath.WorkerContext, data: bytes) -> Refused:
 
 
 class VcpuChannel:
-    """One VCPU channel, worker side, over the engine's context (`hotpath.WorkerContext`):
+    """One VCPU channel, worker side, over the engine's context (a cffi `struct vms_worker`):
     the fds, the transport and the request buffer are the engine loop's own."""
 
     def __init__(self, fds: tuple[int, ...]) -> None:
@@ -84,16 +84,21 @@ class VcpuChannel:
     def fds(self) -> tuple[int, ...]:
         return self._fds
 
-    def attach(self, context: hotpath.WorkerContext) -> None:
-        """Fill in the transport fields of the engine's context."""
-        context.pipes = self.pipes
-        context.in_fd = self._fds[0]
-        context.out_fd = self._fds[-1]
-        context.buf = ctypes.addressof(self.buffer)
-        context.max_request = MAX_REQUEST
-        context.max_fds = MAX_REQUEST_FDS
+    def context_fields(self) -> dict[str, int]:
+        """The transport's fields of the engine's context (`hotpath.WorkerContext`)."""
+        return {
+            "pipes": self.pipes,
+            "in_fd": self._fds[0],
+            "out_fd": self._fds[-1],
+            "buf": ctypes.addressof(self.buffer),
+            "max_request": MAX_REQUEST,
+            "max_fds": MAX_REQUEST_FDS,
+        }
+
+    def attach(self, context: Any) -> None:
+        """Read and write through the engine's context, made with `context_fields`."""
         self._context = context
-        self._pointer = ctypes.byref(context)
+        self._pointer = context
 
     @property
     def transport(self) -> str:
@@ -125,9 +130,7 @@ class VcpuChannel:
             raise channel_error(code, self._context)
 
 
-def channel_error(
-    code: int, context: hotpath.WorkerContext, request: bytes = b""
-) -> Refused | ChannelFailed:
+def channel_error(code: int, context: Any, request: bytes = b"") -> Refused | ChannelFailed:
     """What a C transport code other than 0 and HUNGUP means (`vms_receive`, `vms_send`, or
     the engine loop reading a reply)."""
     if code == WorkerResult.REFUSED:
