@@ -86,13 +86,14 @@ class _State:
 _state = _State()
 
 
-def _after_fork_in_child() -> None:
-    # A thread of the parent may have held the lock at fork time; the child has no such thread.
-    _state.pid = os.getpid()
-    _state.lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def _take_over_after_fork() -> None:
+    """In a forked child, make the state this process's: its pid, and a fresh lock (a thread
+    of the parent may have held the old one at fork time; the child has no such thread).
+    Called by `configure_logging` and `close_logging`, the caller's explicit steps, rather than
+    by a fork hook installed when this module is imported."""
+    if _state.pid != os.getpid():
+        _state.pid = os.getpid()
+        _state.lock = threading.Lock()
 
 
 class _Sink:
@@ -181,6 +182,7 @@ def configure_logging(
     file = io.FileIO(fd, "a")
     if mark_live:
         fcntl.flock(file.fileno(), fcntl.LOCK_SH)
+    _take_over_after_fork()
     with _state.lock:
         old, _state.file = _state.file, file
         _state.pid = os.getpid()
@@ -216,6 +218,7 @@ def make_private_folder(path: Path) -> None:
 
 def close_logging() -> None:
     """Close the log file (at exit, or in tests); later records go to stderr."""
+    _take_over_after_fork()
     with _state.lock:
         old, _state.file = _state.file, None
         _state.echo_stderr = False

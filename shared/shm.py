@@ -483,25 +483,6 @@ class VcpuSlot:
     def run_state(self, state: RunState) -> None:
         self._q[self._state] = RunState(state)
 
-    def begin_wait(self, state: RunState) -> None:
-        """Enter a state that waits on the plugin (INIT, WAITING_PLUGIN, PAUSED), noting when
-        (CLOCK_MONOTONIC, a vDSO call: no system call per exit)."""
-        self._q[self._wait_since] = time.monotonic_ns()
-        self._q[self._state] = state
-
-    def resumed(self) -> None:
-        """The plugin resumed the VCPU: enter RUNNING; a wait on an exit (WAITING_PLUGIN, not
-        Init or a pause) adds its length to the response-time histogram."""
-        q = self._q
-        if q[self._state] == RunState.WAITING_PLUGIN:
-            took = max(0, time.monotonic_ns() - q[self._wait_since])
-            q[self._buckets + min(took.bit_length(), HISTOGRAM_BUCKETS - 1)] += 1
-            q[self._responses] += 1
-            q[self._sum] += took
-            if took > q[self._max]:
-                q[self._max] = took
-        q[self._state] = RunState.RUNNING
-
     def stop(self, reason: str) -> None:
         """Record why the VCPU stopped (truncated to fit), then enter STOPPED."""
         raw = reason.encode("utf-8", "replace")[: STOP_REASON_SIZE - 1]

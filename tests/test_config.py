@@ -132,6 +132,11 @@ def test_config_is_frozen(folder: Path) -> None:
         ),
         ("[vm]\ncpus = 1\n", "hello.toml: unknown key [vm] cpus"),
         (
+            PLUGIN_TABLE + "[vm]\nfast_exits = false\n",
+            "hello.toml: [vm] fast_exits: removed: every exit is served by the C exit engine"
+            " (there is no Python exit path to choose any more); delete the key",
+        ),
+        (
             PLUGIN_TABLE + "[vm]\ntimeout = -1\n",
             "hello.toml: [vm] timeout: expected seconds >= 0 (0: never), got -1.0",
         ),

@@ -16,9 +16,11 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from vmsuper.shared import hotpath
 from vmsuper.shared.ranges import CallHint, Range, RangeError, RangeTable, RegHint, Space
 from vmsuper.shared.shm import (
     MAILBOX_ARG_SIZE,
@@ -29,6 +31,7 @@ from vmsuper.shared.shm import (
     RunState,
     SharedRegion,
     ShmError,
+    VcpuSlot,
 )
 
 U64_MASK = (1 << 64) - 1
@@ -432,16 +435,25 @@ def test_close_refuses_while_a_view_is_held_and_is_idempotent() -> None:
 # -- statistics and the read-only view ---------------------------------------------------------
 
 
+def engine_over(slot: VcpuSlot) -> Any:
+    """The exit engine's context over `slot`'s run state and statistics, as a worker's is: the
+    engine is their only writer (`vms_begin_wait`, `vms_resumed`)."""
+    return hotpath.WorkerContext(
+        run_state=slot.cell_address("run_state"), stats=slot.cell_address("stats")
+    )
+
+
 def test_a_wait_on_an_exit_lands_in_the_histogram_and_init_or_a_pause_do_not(
     region: SharedRegion,
 ) -> None:
     slot = region.slot(1)
+    engine = engine_over(slot)
     for state in (RunState.INIT, RunState.PAUSED, RunState.WAITING_PLUGIN):
-        slot.begin_wait(state)
+        hotpath.library.vms_begin_wait(engine, state)
         reading = slot.reading()
         assert reading.state is state
         assert reading.waiting_ns is not None and reading.waiting_ns >= 0
-        slot.resumed()
+        hotpath.library.vms_resumed(engine)
         assert slot.run_state is RunState.RUNNING
         assert slot.reading().waiting_ns is None
     reading = slot.reading()
@@ -456,7 +468,7 @@ def test_a_wait_on_an_exit_lands_in_the_histogram_and_init_or_a_pause_do_not(
 def test_region_view_maps_the_memfd_read_only(region: SharedRegion) -> None:
     slot = region.slot(1)
     slot.count(ExitKind.IO_OUT)
-    slot.begin_wait(RunState.PAUSED)
+    hotpath.library.vms_begin_wait(engine_over(slot), RunState.PAUSED)
     with RegionView.open(os.getpid(), region.fd) as view:
         assert view.vcpus == 2
         reading = view.reading(1)
