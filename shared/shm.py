@@ -521,9 +521,9 @@ class RangeCounts:
 
     Only the VCPU's worker writes it. `describe` lays out the ranges of the table the worker
     uses (under a seqlock: generation odd while it writes), carrying each range's count over
-    by (space, start); then each forwarded exit adds one to its range's counter: the C exit
-    loop through `counts_address`, Python through `add`. The worker's exit-count record is
-    fed by `take_c_counts`, which returns what the C loop added since the last call.
+    by (space, start); then each forwarded exit adds one to its range's counter, always in the
+    exit engine (through `counts_address`): these cells are the counts' one home, which the
+    worker's exit-count record reads (`counts`).
     """
 
     def __init__(self, region: SharedRegion, index: int) -> None:
@@ -538,8 +538,6 @@ class RangeCounts:
         self._max = layout.max_ranges
         self._address = region._base_address + self._counts * 8
         self._ranges: list[Range] = []
-        self._index: dict[int, int] = {}
-        self._collected: list[int] = []
 
     def counts_address(self) -> int:
         """Where the counters lie (one u64 per described range, in order), for the C loop."""
@@ -562,29 +560,15 @@ class RangeCounts:
         finally:
             hotpath.seq_end(self._gen_address)
         self._ranges = ranges
-        self._index = {_range_key(r): i for i, r in enumerate(ranges)}
-        self._collected = [q[self._counts + i] for i in range(len(ranges))]
 
     @property
     def ranges(self) -> list[Range]:
         return list(self._ranges)
 
-    def add(self, rng: Range) -> None:
-        """One exit of `rng` forwarded by Python (not a described range: not counted here)."""
-        i = self._index.get(_range_key(rng))
-        if i is not None:
-            self._q[self._counts + i] += 1
-            self._collected[i] += 1
-
-    def take_c_counts(self) -> list[tuple[Range, int]]:
-        """The exits the C loop counted per range since the last call (or `describe`)."""
-        q, taken = self._q, []
-        for i, rng in enumerate(self._ranges):
-            now = q[self._counts + i]
-            if now != self._collected[i]:
-                taken.append((rng, now - self._collected[i]))
-                self._collected[i] = now
-        return taken
+    def counts(self) -> list[tuple[Range, int]]:
+        """Each described range with its count (the worker's own view: no seqlock needed)."""
+        q = self._q
+        return [(rng, q[self._counts + i]) for i, rng in enumerate(self._ranges)]
 
 
 def _read_range_counts(q: memoryview, layout: _Layout, index: int) -> list[tuple[Range, int]]:

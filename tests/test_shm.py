@@ -487,18 +487,16 @@ def test_region_view_refuses_an_fd_that_is_not_a_region(tmp_path: Path) -> None:
         RegionView.open(os.getpid(), f.fileno())
 
 
-def test_range_counts_carry_over_and_separate_the_c_loops_counts(region: SharedRegion) -> None:
+def test_range_counts_are_the_engines_cells_and_carry_over(region: SharedRegion) -> None:
     a = Range(Space.IOPORT, 0x10, 1)
     b = Range(Space.MMIO, 0x1000, 0x100)
     c = Range(Space.MMIO, 0x2000, 0x100)
     live = region.range_counts(1)
     live.describe([a, b])
     counters = (ctypes.c_uint64 * 2).from_address(live.counts_address())
-    counters[1] += 3  # the C loop counts three exits of b
-    live.add(a)  # Python forwards one of a
-    live.add(c)  # not described: not counted
-    assert live.take_c_counts() == [(b, 3)]
-    assert live.take_c_counts() == []
+    counters[1] += 3  # the engine counts three exits of b
+    counters[0] += 1  # and one of a
+    assert live.counts() == [(a, 1), (b, 3)]
     with RegionView.open(os.getpid(), region.fd) as view:
         assert view.range_counts(1) == [(a, 1), (b, 3)]
         assert view.range_counts(0) == []

@@ -16,6 +16,7 @@ import errno
 import gc
 import mmap
 import os
+import signal
 import socket
 import struct
 import threading
@@ -37,6 +38,7 @@ from vmsuper.workers.mailbox_calls import MailboxCalls
 from vmsuper.workers.vcpu_channel import VcpuChannel
 from vmsuper.workers.vcpu_protocol import Phase
 from vmsuper.workers.vcpu_worker import VcpuWorker, hcall_result_offset
+from vmsuper.workers.worker_process import WorkerSignals
 from vmsuper.workers.worker_status import WorkerStatus, describe_exit
 
 PAGE = 3 * mmap.PAGESIZE
@@ -427,6 +429,23 @@ def test_shutdown_request_is_a_clean_stop(rig: Rig) -> None:
     status = rig.serve([WAIT, VcpuRequest(shutdown=VcpuRequest.Shutdown())], [])
     assert status == WorkerStatus.CLEAN
     assert rig.worker.stop_reason == "the plugin sent Shutdown"
+
+
+def test_the_worker_signals_are_taken_back_as_they_were() -> None:
+    """A worker's signal handling is process-wide state: `uninstall` restores every handler,
+    the wake-up fd and the handler the engine put in front of Python's."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    signals = WorkerSignals()
+    signals.install()
+    try:
+        assert signal.getsignal(signal.SIGTERM) not in (before[signal.SIGTERM], None)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signals.wake_read >= 0
+    finally:
+        signals.uninstall()
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert signals.wake_read == -1
+    assert signal.set_wakeup_fd(-1) == -1  # none was set, and none is now
 
 
 def test_describe_exit() -> None:

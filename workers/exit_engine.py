@@ -19,7 +19,7 @@ from typing import Any
 
 from vmsuper.shared import hotpath
 from vmsuper.shared.hotpath import WorkerResult
-from vmsuper.shared.ranges import CallHint, Range
+from vmsuper.shared.ranges import CallHint
 from vmsuper.shared.shm import (
     Doorbell,
     ExitKind,
@@ -118,23 +118,16 @@ class ExitEngine:
         """Forwarded exits per reserved range, by label (`range_label`), for the exit-count
         record: the live shared counters, and those of ranges no longer in the table."""
         counts = dict(self.retired)
-        for rng, count in self._live_counts():
+        for rng, count in self._live.counts():
             label = range_label(rng)
             counts[label] = counts.get(label, 0) + count
         return {label: count for label, count in counts.items() if count}
-
-    def _live_counts(self) -> list[tuple[Range, int]]:
-        ranges = self._live.ranges
-        if not ranges:
-            return []
-        cells = (ctypes.c_uint64 * len(ranges)).from_address(self._live.counts_address())
-        return list(zip(ranges, cells, strict=True))
 
     def _describe_table(self) -> None:
         snapshot = self._reader.snapshot()
         ranges = list(snapshot.ranges())  # IOPORT (0) first, each space by start
         kept = {(r.space, r.start) for r in ranges}
-        for rng, count in self._live_counts():
+        for rng, count in self._live.counts():
             if (rng.space, rng.start) not in kept and count:
                 label = range_label(rng)
                 self.retired[label] = self.retired.get(label, 0) + count
