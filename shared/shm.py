@@ -102,10 +102,8 @@ _MAIL_BELLS_OFF: Final = abi.MAIL.offset("request")
 _BELL_SIZE: Final = abi.MAIL.offset("done") - abi.MAIL.offset("request")
 _BELL_SLEEPING_OFF: Final = abi.BELL.offset("sleeping")
 _MAIL_ARG_OFF: Final = abi.MAILBOX_ARG_OFFSET
-_MAIL_STRIDE: Final = _MAIL_ARG_OFF + MAILBOX_ARG_SIZE
 
 # Statistics block (`struct vms_stats`).
-_STATS_STRIDE: Final = abi.round_up(abi.STATS.size, _CACHE_LINE)
 _S_WAIT_SINCE: Final = abi.STATS.cell("wait_since")
 _S_RESPONSES: Final = abi.STATS.cell("responses")
 _S_SUM: Final = abi.STATS.cell("response_sum_ns")
@@ -128,7 +126,12 @@ _round_up = abi.round_up
 
 
 class _Layout:
-    """Offsets of every part of the region, computed once from its dimensions."""
+    """Offsets of every part of the region, computed once from its dimensions.
+
+    Page-aligned blocks: the header and the table first, then one block per VCPU holding its
+    mailbox, slot, statistics block and range counts, so that a VCPU's worker can keep its
+    own block and the table mapped and nothing else (`SharedRegion.confine_to`).
+    """
 
     def __init__(self, vcpus: int, max_ranges: int, max_hints: int) -> None:
         if vcpus <= 0:
@@ -144,17 +147,35 @@ class _Layout:
         self.hints = self.table + _PAYLOAD_OFF + _PAYLOAD_HEAD.size
         self.ranges = self.hints + max_hints * _REG_HINT.size
         table_end = self.ranges + max_ranges * _RANGE.size
-        self.slots = _round_up(table_end, _CACHE_LINE)
-        self.mailboxes = _round_up(self.slots + vcpus * _SLOT_SIZE, mmap.PAGESIZE)
-        self.stats = self.mailboxes + vcpus * _MAIL_STRIDE
-        self.range_counts = self.stats + vcpus * _STATS_STRIDE
-        self.range_counts_stride = _round_up(
-            abi.RANGE_COUNTS.size + max_ranges * (abi.COUNTED_RANGE.size + 8), _CACHE_LINE
-        )
-        self.size = self.range_counts + vcpus * self.range_counts_stride
+        self.blocks = _round_up(table_end, mmap.PAGESIZE)
+        # Offsets in a VCPU's block.
+        self.mailbox_offset = 0
+        self.slot_offset = _round_up(_MAIL_ARG_OFF + MAILBOX_ARG_SIZE, _CACHE_LINE)
+        self.stats_offset = _round_up(self.slot_offset + _SLOT_SIZE, _CACHE_LINE)
+        self.range_counts_offset = _round_up(self.stats_offset + abi.STATS.size, _CACHE_LINE)
+        counts_size = abi.RANGE_COUNTS.size + max_ranges * (abi.COUNTED_RANGE.size + 8)
+        self.block_size = _round_up(self.range_counts_offset + counts_size, mmap.PAGESIZE)
+        self.size = self.blocks + vcpus * self.block_size
 
-    def header(self) -> bytes:
-        return _HEADER.pack(
+    def block(self, index: int) -> int:
+        """Where VCPU `index`'s block starts."""
+        return self.blocks + index * self.block_size
+
+    def mailbox(self, index: int) -> int:
+        return self.block(index) + self.mailbox_offset
+
+    def slot(self, index: int) -> int:
+        return self.block(index) + self.slot_offset
+
+    def stats(self, index: int) -> int:
+        return self.block(index) + self.stats_offset
+
+    def range_counts(self, index: int) -> int:
+        return self.block(index) + self.range_counts_offset
+
+    def header_fields(self) -> tuple[int, ...]:
+        """`struct vms_region_header`, field by field."""
+        return (
             MAGIC,
             VERSION,
             self.vcpus,
@@ -163,11 +184,16 @@ class _Layout:
             0,
             self.size,
             self.table,
-            self.slots,
-            self.mailboxes,
-            self.stats,
-            self.range_counts,
+            self.blocks,
+            self.block_size,
+            self.mailbox_offset,
+            self.slot_offset,
+            self.stats_offset,
+            self.range_counts_offset,
         )
+
+    def header(self) -> bytes:
+        return _HEADER.pack(*self.header_fields())
 
 
 class TableSnapshot:
@@ -410,7 +436,7 @@ class VcpuSlot:
         self.index = index
         self._mm = region._mm
         self._q = region._q
-        off = region._layout.slots + index * _SLOT_SIZE
+        off = region._layout.slot(index)
         cell = off // 8
         self._seq = cell + _C_PAUSE_SEQ
         self._token = cell + _C_PAUSE_TOKEN
@@ -420,7 +446,7 @@ class VcpuSlot:
         self._reason = off + _STOP_REASON_OFF
         self._lock = threading.Lock()
         self._base = region._base_address
-        stats = (region._layout.stats + index * _STATS_STRIDE) // 8
+        stats = region._layout.stats(index) // 8
         self._wait_since = stats + _S_WAIT_SINCE
         self._responses = stats + _S_RESPONSES
         self._sum = stats + _S_SUM
@@ -548,7 +574,7 @@ class RangeCounts:
     def __init__(self, region: SharedRegion, index: int) -> None:
         layout = region._layout
         self._q = region._q
-        base = (layout.range_counts + index * layout.range_counts_stride) // 8
+        base = layout.range_counts(index) // 8
         self._gen = base + _RC_GEN
         self._gen_address = region._base_address + self._gen * 8
         self._count = base + _RC_COUNT
@@ -608,7 +634,7 @@ class RangeCounts:
 
 def _read_range_counts(q: memoryview, layout: _Layout, index: int) -> list[tuple[Range, int]]:
     """A consistent copy of a VCPU's `RangeCounts` (retried while its worker describes)."""
-    base = (layout.range_counts + index * layout.range_counts_stride) // 8
+    base = layout.range_counts(index) // 8
     ranges_cell = base + _RC_RANGES
     counts_cell = ranges_cell + layout.max_ranges * _RC_RANGE_CELLS
     for _ in range(1000):
@@ -644,7 +670,7 @@ class Mailbox:
         self.index = index
         self._mm = region._mm
         self._mv = region._mv
-        self._off = region._layout.mailboxes + index * _MAIL_STRIDE
+        self._off = region._layout.mailbox(index)
         self._arg = self._off + _MAIL_ARG_OFF
         self._address = region._base_address + self._arg
         self._bells = region._base_address + self._off + _MAIL_BELLS_OFF
@@ -822,6 +848,7 @@ class SharedRegion:
         self._slots = [VcpuSlot(self, i) for i in range(layout.vcpus)]
         self._mailboxes = [Mailbox(self, i) for i in range(layout.vcpus)]
         self._closed = False
+        self._confined_to: int | None = None
         self.fd = -1
         """The memfd behind the mapping (`create`), kept open for `vmsuper stats`; -1 if none."""
 
@@ -884,7 +911,42 @@ class SharedRegion:
     def _check_index(self, index: int) -> int:
         if not 0 <= index < self._layout.vcpus:
             raise IndexError(f"VCPU {index} outside 0..{self._layout.vcpus - 1}")
+        if self._confined_to is not None and index != self._confined_to:
+            raise ShmError(f"this process keeps only VCPU {self._confined_to}'s block mapped")
         return index
+
+    def confine_to(self, vcpu: int) -> None:
+        """Keep only VCPU `vcpu`'s block and the header and table mapped in this process.
+
+        For a forked VCPU worker, at start-up: every other VCPU's block (its mailbox, slot,
+        statistics and range counts) is unmapped from this process, so the worker can neither
+        read nor write another VCPU's state. The address range of each such block stays
+        reserved as inaccessible memory (an anonymous ``PROT_NONE`` mapping put over it with
+        ``MAP_FIXED``): nothing else can be mapped there, and this object can still unmap the
+        whole region when it is closed. Also closes this object's memfd, if it holds it.
+
+        Contract: after the call, `slot`, `mailbox` and `range_counts` of another VCPU raise
+        `ShmError`; objects for another VCPU taken before the call (and raw addresses into
+        its block) must not be used: any access kills the process with SIGSEGV. The table
+        (`reader()`, `table`) and this VCPU's objects work as before. Not undone; call once,
+        in a process that never needs the other VCPUs (never in the supervisor).
+        """
+        self._check_index(vcpu)
+        if self._closed:
+            raise ShmError("the region is closed")
+        layout = self._layout
+        for index in range(layout.vcpus):
+            if index != vcpu:
+                _reserve_inaccessible(self._base_address + layout.block(index), layout.block_size)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self._confined_to = vcpu
+
+    @property
+    def confined_to(self) -> int | None:
+        """The VCPU `confine_to` kept, or None."""
+        return self._confined_to
 
     def close(self) -> None:
         """Unmap the region in this process; views from `arg_view()` must be dropped first."""
@@ -914,10 +976,36 @@ class SharedRegion:
         self.close()
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_MAP_FAILED: Final = ctypes.c_void_p(-1).value
+_PROT_NONE: Final = 0
+_MAP_FIXED: Final = 0x10
+_MAP_NORESERVE: Final = 0x4000
+
+
+def _reserve_inaccessible(address: int, size: int) -> None:
+    """Replace the pages at [address, address + size) by an inaccessible reservation."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED | _MAP_NORESERVE
+    got = _libc.mmap(address, size, _PROT_NONE, flags, -1, 0)
+    if got == _MAP_FAILED or got != address:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot unmap {size} bytes at {address:#x}: {os.strerror(err)}")
+
+
 def _check_header(mm: mmap.mmap) -> _Layout:
     if len(mm) < _HEADER.size:
         raise ShmError(f"mapping of {len(mm)} bytes is too small for a region header")
-    magic, version, vcpus, max_ranges, max_hints, _, size, *offsets = _HEADER.unpack_from(mm)
+    fields = _HEADER.unpack_from(mm)
+    magic, version, vcpus, max_ranges, max_hints, _, size = fields[:7]
     if magic != MAGIC:
         raise ShmError(f"not a vmsuper region (magic {magic:#x})")
     if version != VERSION:
@@ -926,15 +1014,7 @@ def _check_header(mm: mmap.mmap) -> _Layout:
         layout = _Layout(vcpus, max_ranges, max_hints)
     except ValueError as exc:
         raise ShmError(f"region header is inconsistent: {exc}") from None
-    expected = (
-        layout.size,
-        layout.table,
-        layout.slots,
-        layout.mailboxes,
-        layout.stats,
-        layout.range_counts,
-    )
-    if (size, *offsets) != expected:
+    if fields != layout.header_fields():
         raise ShmError("region header's offsets do not match its dimensions")
     if len(mm) < size:
         raise ShmError(f"mapping of {len(mm)} bytes is smaller than the region ({size})")
@@ -1028,8 +1108,8 @@ class RegionView:
     def reading(self, index: int) -> VcpuReading:
         if not 0 <= index < self._layout.vcpus:
             raise IndexError(f"VCPU {index} outside 0..{self._layout.vcpus - 1}")
-        slot = (self._layout.slots + index * _SLOT_SIZE) // 8
-        stats = (self._layout.stats + index * _STATS_STRIDE) // 8
+        slot = self._layout.slot(index) // 8
+        stats = self._layout.stats(index) // 8
         return _read_stats(
             self._q,
             slot + _C_RUN_STATE,
