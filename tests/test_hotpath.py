@@ -25,7 +25,9 @@ from hypothesis import strategies as st
 
 from vmsuper.shared import hotpath, hotpath_source
 from vmsuper.shared.ranges import RangeTable, Space
-from vmsuper.shared.shm import Doorbell, Mailbox, SharedRegion, drain_wakeup_pipe
+from vmsuper.shared.shm import SharedRegion
+from vmsuper.shared.shm_doorbell import Doorbell, drain_wakeup_pipe
+from vmsuper.shared.shm_mailbox import Mailbox
 from vmsuper.workers.vcpu_protocol import encode_io_wait, plain_resume_data
 
 

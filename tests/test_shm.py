@@ -19,17 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from vmsuper.shared.abi import MAILBOX_ARG_SIZE, ExitKind, RunState
 from vmsuper.shared.ranges import CallHint, Range, RangeError, RangeTable, RegHint, Space
-from vmsuper.shared.shm import (
-    MAILBOX_ARG_SIZE,
-    OP_RUN,
-    Doorbell,
-    ExitKind,
-    RegionView,
-    RunState,
-    SharedRegion,
-    ShmError,
-)
+from vmsuper.shared.shm import RegionView, SharedRegion
+from vmsuper.shared.shm_doorbell import Doorbell
+from vmsuper.shared.shm_layout import ShmError
+from vmsuper.shared.shm_mailbox import OP_RUN
 
 U64_MASK = (1 << 64) - 1
 CHILD_DEADLINE = 30.0  # seconds a child waits for its peer before giving up with an error code
