@@ -75,9 +75,12 @@ def _load() -> ModuleType:
     try:
         _hotpath = importlib.import_module("vmsuper.shared._hotpath")
     except ImportError as exc:
-        raise HotpathError(
-            f"vmsuper's compiled hot path cannot be loaded ({exc}): {REBUILD}"
-        ) from exc
+        here = Path(__file__).parent
+        # A library built before the cffi binding: Python's suffix order prefers it to the
+        # abi3 module, and a rebuild leaves it there.
+        stale = sorted(p.name for p in here.glob("_hotpath.cpython-*.so"))
+        fix = f"remove {', '.join(stale)} from {here}, then {REBUILD}" if stale else REBUILD
+        raise HotpathError(f"vmsuper's compiled hot path cannot be loaded ({exc}): {fix}") from exc
     here = Path(__file__).parent
     # Beside the sources (a checkout), the module must be built from them as they are now.
     sources_here = all((here / name).exists() for name in hotpath_source.SOURCES)
