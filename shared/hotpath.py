@@ -32,6 +32,7 @@ from vmsuper.shared import hotpath_source
 from vmsuper.shared.abi import RunnerResult, WorkerResult
 
 __all__ = [
+    "Bell",
     "HotpathError",
     "RunnerContext",
     "RunnerResult",
@@ -160,32 +161,47 @@ def take_signal() -> bool:
     return bool(library.vms_take_signal())
 
 
+class Bell:
+    """One bell (`struct vms_bell` at `address`), waited on with this process's last-seen
+    number `seen`: its pointers are made once, for a hand-off that may come every exit."""
+
+    __slots__ = ("_bell", "_ring", "_seen", "_wait", "address", "seen")
+
+    def __init__(self, address: int, seen: ctypes.c_uint32) -> None:
+        module = binding()
+        self.address = address
+        self.seen = seen
+        self._bell = module.ffi.cast("struct vms_bell *", address)
+        self._seen = module.ffi.cast("uint32_t *", ctypes.addressof(seen))
+        self._ring = module.lib.vms_bell_ring
+        self._wait = module.lib.vms_bell_wait
+
+    def ring(self, efd: int) -> None:
+        """Ring it (its waiter sleeps on `efd`)."""
+        err = self._ring(self._bell, efd)
+        if err:
+            raise OSError(-err, f"ringing a bell failed: {err}")
+
+    def wait(self, efd: int, spin_ns: int, wake_fd: int = -1) -> None:
+        """Wait until it rang since `seen` (which is updated). Raises InterruptedError when
+        a signal came while it slept (with `wake_fd`, the read end of the process's
+        `signal.set_wakeup_fd` pipe, also one that came while it polled): the caller drains
+        that pipe and decides whether to wait again."""
+        err = self._wait(self._bell, efd, self._seen, spin_ns, wake_fd)
+        if err == -errno.EINTR:
+            raise InterruptedError(errno.EINTR, "a signal came while waiting on a bell")
+        if err:
+            raise OSError(-err, f"waiting on a bell failed: {err}")
+
+
 def bell_ring(bell: int, efd: int) -> None:
     """Ring the bell at address `bell` (its waiter sleeps on `efd`)."""
-    module = binding()
-    err = module.lib.vms_bell_ring(module.ffi.cast("struct vms_bell *", bell), efd)
-    if err:
-        raise OSError(-err, f"ringing a bell failed: {err}")
+    Bell(bell, ctypes.c_uint32()).ring(efd)
 
 
 def bell_wait(bell: int, efd: int, seen: ctypes.c_uint32, spin_ns: int, wake_fd: int = -1) -> None:
-    """Wait until the bell rang since `seen` (which is updated). Raises InterruptedError when
-    a signal came while it slept (with `wake_fd`, the read end of the process's
-    `signal.set_wakeup_fd` pipe, also one that came while it polled): the caller drains that
-    pipe and decides whether to wait again."""
-    module = binding()
-    ffi = module.ffi
-    err = module.lib.vms_bell_wait(
-        ffi.cast("struct vms_bell *", bell),
-        efd,
-        ffi.cast("uint32_t *", ctypes.addressof(seen)),
-        spin_ns,
-        wake_fd,
-    )
-    if err == -errno.EINTR:
-        raise InterruptedError(errno.EINTR, "a signal came while waiting on a bell")
-    if err:
-        raise OSError(-err, f"waiting on a bell failed: {err}")
+    """`Bell.wait` for the bell at address `bell`."""
+    Bell(bell, seen).wait(efd, spin_ns, wake_fd)
 
 
 def seq_begin(gen: int) -> None:

@@ -44,32 +44,42 @@ class Doorbell:
         """The read end of this process's `signal.set_wakeup_fd` pipe, if it has one (a VCPU
         worker): a wait then also ends for a signal that came while it polled, runs the
         handler and waits again, like an interrupted system call (PEP 475)."""
+        self._bells: tuple[hotpath.Bell, hotpath.Bell] | None = None
         self._closed = False
 
     def fds(self) -> tuple[int, int]:
         """(request fd, done fd): the eventfds the two sides sleep on."""
         return self._request, self._done
 
+    def _bell(self, which: int) -> hotpath.Bell:
+        """Bell 0 (request) or 1 (done), made on first use (it needs the compiled module)."""
+        if self._bells is None:
+            self._bells = (
+                hotpath.Bell(self.request_bell, self.request_seen),
+                hotpath.Bell(self.done_bell, self.done_seen),
+            )
+        return self._bells[which]
+
     def ring_request(self) -> None:
-        hotpath.bell_ring(self.request_bell, self._request)
+        self._bell(0).ring(self._request)
 
     def wait_request(self) -> int:
         """Block until a request is posted; the number of rings since the last wait. Raises
         InterruptedError if a signal came while it slept."""
-        return self._wait(self.request_bell, self._request, self.request_seen)
+        return self._wait(self._bell(0), self._request)
 
     def ring_done(self) -> None:
-        hotpath.bell_ring(self.done_bell, self._done)
+        self._bell(1).ring(self._done)
 
     def wait_done(self) -> int:
-        return self._wait(self.done_bell, self._done, self.done_seen)
+        return self._wait(self._bell(1), self._done)
 
-    def _wait(self, bell: int, efd: int, seen: ctypes.c_uint32) -> int:
-        before = seen.value
+    def _wait(self, bell: hotpath.Bell, efd: int) -> int:
+        before = bell.seen.value
         while True:
             try:
-                hotpath.bell_wait(bell, efd, seen, self.spin_ns, self.wake_fd)
-                return (seen.value - before) & _U32_MASK
+                bell.wait(efd, self.spin_ns, self.wake_fd)
+                return (bell.seen.value - before) & _U32_MASK
             except InterruptedError:
                 if self.wake_fd < 0:
                     raise

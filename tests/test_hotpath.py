@@ -354,12 +354,26 @@ def usr2_handler() -> Iterator[None]:
 def test_a_signal_while_a_bell_sleeps_interrupts_it(
     region: SharedRegion, usr2_handler: None
 ) -> None:
+    waiter = threading.get_ident()
+    woken = threading.Event()
+
+    def send() -> None:
+        # Once the waiter sleeps, at this very thread; again while it still sleeps, since a
+        # signal that lands just before its read() is handled without interrupting anything.
+        wait_until_sleeping(region.mailbox(0), 0)
+        while not woken.is_set():
+            signal.pthread_kill(waiter, signal.SIGUSR2)
+            woken.wait(0.05)
+
     with Doorbell(region.mailbox(0)) as bell:
-        sender = threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGUSR2))
+        sender = threading.Thread(target=send)
         sender.start()
-        with pytest.raises(InterruptedError):
-            hotpath.bell_wait(bell.request_bell, bell.fds()[0], bell.request_seen, 0)
-        sender.join()
+        try:
+            with pytest.raises(InterruptedError):
+                hotpath.bell_wait(bell.request_bell, bell.fds()[0], bell.request_seen, 0)
+        finally:
+            woken.set()
+            sender.join()
 
 
 def test_a_signal_before_the_sleep_is_not_slept_through(
