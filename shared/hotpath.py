@@ -9,13 +9,14 @@ vmsuper's layout but removes both costs where it can:
 - the runner thread's `KVM_RUN` loop, run without the GIL;
 - the worker's loop over plain I/O and MMIO exits: Wait{Io} out, Resume{data} back.
 
-Anything else goes back to Python (see `hotpath.c`). The package build compiles it into the
-cffi module `vmsuper.shared._hotpath` (`hotpath_build.py`: the C compiler checks every
-declaration Python uses against `hotpath.c`); cffi releases the GIL for every call.
+Anything else goes back to Python (see `hotpath.c`). The package build compiles it, with the
+shared region's seqlocks (`seqlock.c`), into the cffi module `vmsuper.shared._hotpath`
+(`hotpath_build.py`: the C compiler checks every declaration Python uses against its
+definition); cffi releases the GIL for every call.
 
-The compiled module is loaded on first use, not on import: `vmsuper logs`, `check`, `stats`
-and the SDK import this module's enums and never need it. A missing or stale build raises
-`HotpathError`, which says how to rebuild.
+The compiled module is loaded on first use, not on import: importing this module, the shared
+region's or the SDK, and `vmsuper logs`, `check`, `stats` or `--help`, never need it. A
+missing or stale build raises `HotpathError`, which says how to rebuild.
 """
 
 from __future__ import annotations

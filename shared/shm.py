@@ -26,14 +26,14 @@ same pages read-only through ``/proc/<pid>/fd/<fd>`` (`RegionView`) while the ru
 Memory ordering. Every field has a single writer process (the table, `pause_seq` and the pause
 tokens: the supervisor; `delivered_seq`, the run state and the counters: the VCPU's worker).
 The seqlocks (the table, a VCPU's range counts) are written, and the table read, by C
-functions with C11 atomics and fences (`seqlock.c`), one order for every writer. The other
-protocols below rely on x86-64's TSO model: a CPU's stores become visible to others in
-program order, and loads are not reordered with older loads. Every 64-bit cell is 8-byte
-aligned and read or written through a ``memoryview`` cast to ``Q``, which CPython does as one
-8-byte ``memcpy`` (a single ``mov``), so no cell is ever seen half-written. Distinct Python
-operations are separate calls into C, so the compiler cannot reorder them either. Hand-offs
-through the mailbox are ordered by the doorbell's bells, whose ring and wait are sequentially
-consistent atomic operations in C (`hotpath.c`).
+functions with C11 atomics and fences (`seqlock.c`), one order for every writer. The rest
+(the pause hand-off of `shm_slot`) relies on x86-64's TSO model: a CPU's stores become
+visible to others in program order, and loads are not reordered with older loads. Every
+64-bit cell is 8-byte aligned and read or written through a ``memoryview`` cast to ``Q``,
+which CPython does as one 8-byte ``memcpy`` (a single ``mov``), so no cell is ever seen
+half-written. Distinct Python operations are separate calls into C, so the compiler cannot
+reorder them either. Hand-offs through the mailbox are ordered by the doorbell's bells,
+whose ring and wait are sequentially consistent atomic operations in C (`hotpath.c`).
 
 Everything is little-endian (the host's order; checked at import).
 """
