@@ -29,7 +29,10 @@ from types import FrameType
 from typing import Any, Final
 
 from vmsuper.shared import hotpath, kvm
-from vmsuper.shared.shm import MAILBOX_ARG_SIZE, Doorbell, Mailbox, VcpuSlot
+from vmsuper.shared.abi import MAILBOX_ARG_SIZE
+from vmsuper.shared.shm_doorbell import Doorbell
+from vmsuper.shared.shm_mailbox import Mailbox
+from vmsuper.shared.shm_slot import VcpuSlot
 
 __all__ = [
     "ALLOWED_IOCTLS",

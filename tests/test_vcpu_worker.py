@@ -32,7 +32,9 @@ from hypothesis import strategies as st
 from vmsuper.shared import kvm
 from vmsuper.shared.plugin_pb2 import VcpuRequest, VcpuResponse
 from vmsuper.shared.ranges import CallHint, Range, RangeTable, RegHint, Space
-from vmsuper.shared.shm import OP_RUN, Doorbell, SharedRegion
+from vmsuper.shared.shm import SharedRegion
+from vmsuper.shared.shm_doorbell import Doorbell
+from vmsuper.shared.shm_mailbox import OP_RUN
 from vmsuper.workers.exit_engine import ExitEngine
 from vmsuper.workers.mailbox_calls import MailboxCalls
 from vmsuper.workers.vcpu_channel import VcpuChannel

@@ -18,17 +18,14 @@ import ctypes
 from typing import Any
 
 from vmsuper.shared import hotpath
+from vmsuper.shared.abi import ExitKind, RunState
 from vmsuper.shared.hotpath import WorkerResult
 from vmsuper.shared.ranges import CallHint
-from vmsuper.shared.shm import (
-    Doorbell,
-    ExitKind,
-    Mailbox,
-    RangeCounts,
-    RunState,
-    TableReader,
-    VcpuSlot,
-)
+from vmsuper.shared.shm_counts import RangeCounts
+from vmsuper.shared.shm_doorbell import Doorbell
+from vmsuper.shared.shm_mailbox import Mailbox
+from vmsuper.shared.shm_slot import VcpuSlot
+from vmsuper.shared.shm_table import TableReader
 from vmsuper.workers.vcpu_channel import VcpuChannel
 from vmsuper.workers.vcpu_protocol import range_label
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import errno
 
-from vmsuper.shared.shm import Doorbell, Mailbox, ShmError
+from vmsuper.shared.shm_doorbell import Doorbell
+from vmsuper.shared.shm_layout import ShmError
+from vmsuper.shared.shm_mailbox import Mailbox
 from vmsuper.workers.vcpu_protocol import CallFailed
 
 __all__ = ["MailboxCalls"]

@@ -27,9 +27,11 @@ import time
 from typing import Any
 
 from vmsuper.shared import hotpath, kvm
+from vmsuper.shared.abi import ExitKind, RunState
 from vmsuper.shared.hotpath import Delivered, WorkerResult
 from vmsuper.shared.ranges import Space
-from vmsuper.shared.shm import ExitKind, RunState, VcpuSlot, drain_wakeup_pipe
+from vmsuper.shared.shm_doorbell import drain_wakeup_pipe
+from vmsuper.shared.shm_slot import VcpuSlot
 from vmsuper.workers.exit_engine import ExitEngine
 from vmsuper.workers.fault_report import regs_record, sregs_record
 from vmsuper.workers.framing_check import PIPES_FIX, length_delimited_request

@@ -23,7 +23,8 @@ from types import FrameType
 from typing import Any, Final, NoReturn
 
 from vmsuper.shared import hotpath, kvm, logs
-from vmsuper.shared.shm import Doorbell, SharedRegion
+from vmsuper.shared.shm import SharedRegion
+from vmsuper.shared.shm_doorbell import Doorbell
 from vmsuper.workers.exit_engine import ExitEngine
 from vmsuper.workers.mailbox_calls import MailboxCalls
 from vmsuper.workers.vcpu_channel import VcpuChannel
