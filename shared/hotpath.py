@@ -40,6 +40,7 @@ __all__ = [
     "library",
     "plain_resume",
     "take_signal",
+    "trap_syscalls",
     "watch_signal",
 ]
 
@@ -218,6 +219,8 @@ _SIGNATURES: Final[dict[str, tuple[list[Any], Any]]] = {
         [_c.c_char_p, _c.c_size_t, _c.POINTER(_c.c_size_t), _c.POINTER(_c.c_size_t)],
         _c.c_int,
     ),
+    # Confinement (workers/confine.py): name the system call a seccomp trap stopped.
+    "vms_trap_syscalls": ([_c.c_void_p], _c.c_int),
 }
 
 
@@ -300,3 +303,12 @@ def plain_resume(request: bytes) -> bytes | None:
     if not library.vms_plain_resume(request, len(request), offset, length):
         return None
     return request[offset.value : offset.value + length.value]
+
+
+def trap_syscalls(cell: int) -> None:
+    """Catch SIGSYS from a seccomp trap: the trapped system call's number + 1 goes into the
+    64-bit cell at address `cell`, then the process dies by SIGSYS (`workers/confine.py`'s
+    filter kills it for resetting the handler). Call it before installing the filter."""
+    err = library.vms_trap_syscalls(cell)
+    if err:
+        raise OSError(-err, "cannot catch SIGSYS")

@@ -93,6 +93,7 @@ _C_PAUSE_TOKEN: Final = 1  # two cells: the token for seq s is at index s & 1
 _C_DELIVERED: Final = 3
 _C_RUN_STATE: Final = 4
 _C_COUNTERS: Final = 5
+_C_TRAPPED_SYSCALL: Final = 14  # a confined worker's trapped system call + 1 (hotpath.c)
 _STOP_REASON_OFF: Final = _SLOT_SIZE - STOP_REASON_SIZE
 
 # Mailbox: op, arg_len, ret, errno; then the doorbell's two bells (sequence number and
@@ -145,7 +146,7 @@ class ExitKind(enum.IntEnum):
     OTHER = 8
 
 
-assert _C_COUNTERS + len(ExitKind) <= _STOP_REASON_OFF // 8
+assert _C_COUNTERS + len(ExitKind) <= _C_TRAPPED_SYSCALL < _STOP_REASON_OFF // 8
 
 
 def _round_up(value: int, align: int) -> int:
@@ -449,6 +450,7 @@ class VcpuSlot:
         self._delivered = cell + _C_DELIVERED
         self._state = cell + _C_RUN_STATE
         self._counters = cell + _C_COUNTERS
+        self._trapped = cell + _C_TRAPPED_SYSCALL
         self._reason = off + _STOP_REASON_OFF
         self._lock = threading.Lock()
         self._base = region._base_address
@@ -461,14 +463,15 @@ class VcpuSlot:
 
     def cell_address(self, cell: str) -> int:
         """The address of `pause_seq`, `delivered_seq`, `run_state`, `counters` (the first
-        counter; `ExitKind` indexes them) or `stats` (the VCPU's `hotpath.VcpuStats`), for
-        the C loops in `hotpath`."""
+        counter; `ExitKind` indexes them), `stats` (the VCPU's `hotpath.VcpuStats`) or
+        `trapped_syscall` (see `trapped_syscall`), for the C code in `hotpath`."""
         index = {
             "pause_seq": self._seq,
             "delivered_seq": self._delivered,
             "run_state": self._state,
             "counters": self._counters,
             "stats": self._wait_since - _S_WAIT_SINCE,
+            "trapped_syscall": self._trapped,
         }[cell]
         return self._base + index * 8
 
@@ -547,6 +550,13 @@ class VcpuSlot:
     def stop_reason(self) -> str:
         raw = self._mm[self._reason : self._reason + STOP_REASON_SIZE]
         return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    @property
+    def trapped_syscall(self) -> int | None:
+        """The system call the worker's seccomp filter stopped it for (`workers/confine.py`),
+        if it did: the SIGSYS handler in `hotpath.c` stores the number + 1."""
+        value = self._q[self._trapped]
+        return value - 1 if value else None
 
     def count(self, kind: ExitKind) -> None:
         """Add one exit of `kind` (only the worker writes its counters)."""
