@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -17,11 +18,13 @@ import pytest
 from bpf_vm import run_filter, well_formed
 from rawplugin import plugin_source
 
-from vmsuper.shared import bpf
+from vmsuper.shared import bpf, hotpath
+from vmsuper.shared.shm import SharedRegion
 from vmsuper.supervisor import outcome
 from vmsuper.supervisor.vcpus import workers_user
 from vmsuper.testing import VmRunner, VmSpec, finish, write_python_plugin
 from vmsuper.workers import confine
+from vmsuper.workers.vcpu_worker import close_fds_except
 
 ALLOW = bpf.SECCOMP_RET_ALLOW
 TRAP = bpf.SECCOMP_RET_TRAP
@@ -217,3 +220,90 @@ def test_a_worker_that_misbehaves_is_killed_and_named(
     # Every worker was reaped before vmsuper exited (126: not by the signal "kill" tried).
     for vcpu in (0, 1):
         assert not psutil.pid_exists(result.vcpu_records(vcpu)[0]["pid"])
+
+
+# -- one process, confined or trapped, without a VM ------------------------------------------------
+
+
+def _in_child(body: Callable[[int], None]) -> tuple[int, dict[str, str]]:
+    """Fork; the child runs `body(write_fd)`, which writes one byte when it is ready to be
+    looked at, then waits for the parent to let it exit 0. Returns the child's wait status
+    and its /proc status as it was when it said it was ready (empty if it never did)."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            close_fds_except({0, 1, 2, ready_w, go_r})  # what the test process holds (KVM...)
+            body(ready_w)
+            os.read(go_r, 1)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(go_r)
+    status: dict[str, str] = {}
+    try:
+        if os.read(ready_r, 1):
+            status = _status(pid)
+    finally:
+        os.close(go_w)
+        os.close(ready_r)
+        _, wait_status = os.waitpid(pid, 0)
+    return wait_status, status
+
+
+@pytest.fixture
+def region() -> Iterator[SharedRegion]:
+    shared = SharedRegion.create(2)
+    yield shared
+    shared.close()
+
+
+def test_a_trapped_call_is_stored_and_the_process_dies_by_sigsys(region: SharedRegion) -> None:
+    slot = region.slot(1)
+
+    def trap_getppid(_ready: int) -> None:
+        allow: bpf.Program = [bpf.ret(ALLOW)]
+        verdicts: dict[int, bpf.Program] = {
+            NR["getppid"]: [bpf.ret(TRAP)],
+            NR["rt_sigaction"]: [
+                bpf.load(bpf.offset_arg_low(0)),
+                bpf.Insn(bpf.BPF_JEQ_K, signal.SIGSYS, jt="kill"),
+                bpf.ret(ALLOW),
+                "kill",
+                bpf.ret(KILL),
+            ],
+        }
+        hotpath.trap_syscalls(slot.cell_address("trapped_syscall"))
+        confine._check(confine._libc.prctl(38, 1, 0, 0, 0), "no_new_privs")
+        confine._install_filter(bpf.build_filter(verdicts, allow, foreign=KILL))
+        os.getppid()
+
+    wait_status, _ = _in_child(trap_getppid)
+    assert os.WIFSIGNALED(wait_status) and os.WTERMSIG(wait_status) == signal.SIGSYS
+    assert slot.trapped_syscall == NR["getppid"]
+    assert region.slot(0).trapped_syscall is None
+
+
+def test_an_unprivileged_worker_keeps_its_user_and_is_confined(region: SharedRegion) -> None:
+    """What a worker of a supervisor that is not root gets: the same, without a user switch."""
+    nobody = pwd.getpwnam("nobody")
+
+    def become_nobody_then_confine(ready: int) -> None:
+        if os.geteuid() == 0:  # stand in for an unprivileged supervisor
+            os.setgroups([])
+            os.setresgid(nobody.pw_gid, nobody.pw_gid, nobody.pw_gid)
+            os.setresuid(nobody.pw_uid, nobody.pw_uid, nobody.pw_uid)
+            confine._libc.prctl(4, 1, 0, 0, 0)  # dumpable again, as a forked worker is
+        confine.confine(0, confine.Confinement(), region, region.slot(0))
+        os.write(ready, b"!")
+
+    wait_status, status = _in_child(become_nobody_then_confine)
+    assert os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == 0
+    assert status["Seccomp"].strip() == "2" and status["NoNewPrivs"].strip() == "1"
+    for caps in ("CapEff", "CapPrm", "CapInh", "CapAmb"):
+        assert status[caps].strip() == "0" * 16, caps
+    expected = nobody.pw_uid if os.geteuid() == 0 else os.getuid()
+    assert {int(uid) for uid in status["Uid"].split()} == {expected}
