@@ -149,7 +149,9 @@ def _links(pid: int) -> list[str]:
 
 @pytest.fixture
 def unsandboxed_run(tmp_path: Path) -> Iterator[tuple[VmRunner, Path]]:
-    plugin = write_python_plugin(tmp_path, plugin_source(WAIT_FOR_SHUTDOWN))
+    # Guest memory first: the supervisor maps it, and the workers must not keep that.
+    body = "assert create_memory(1, 0, 0x10000) == 0\n" + WAIT_FOR_SHUTDOWN
+    plugin = write_python_plugin(tmp_path, plugin_source(body))
     runner = VmRunner(tmp_path / "runs")
     yield runner, plugin
     runner.stop_all()
@@ -183,9 +185,11 @@ def test_live_workers_are_confined(unsandboxed_run: tuple[VmRunner, Path], trans
             assert status["Groups"].strip() == ""
         kvm_links = [link for link in _links(pid) if "kvm" in link]
         assert kvm_links == [f"anon_inode:kvm-vcpu:{vcpu}"]
-        maps = Path(f"/proc/{pid}/maps").read_text()
-        assert f"anon_inode:kvm-vcpu:{1 - vcpu}" not in maps
-        assert f"anon_inode:kvm-vcpu:{vcpu}" in maps
+        # Shared mappings: the region and its own kvm_run page only (no other VCPU's page,
+        # no guest memory).
+        maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        shared = {line.split(maxsplit=5)[5] for line in maps if line.split()[1][3] == "s"}
+        assert shared == {"/memfd:vmsuper-shm (deleted)", f"anon_inode:kvm-vcpu:{vcpu}"}
     proc.send_signal(signal.SIGTERM)
     result = finish(proc, config, log_dir, timeout=30)
     assert result.status == 128 + signal.SIGTERM, result.stderr

@@ -4,8 +4,9 @@ A worker parses the plugin's bytes (in Python and in `hotpath.c`); if that code 
 subverted, the worker must hold nothing worth having. Once everything it needs is open and
 mapped, `confine` makes the worker:
 
-1. check it holds no KVM fd but its own VCPU's (no `/dev/kvm`, no VM fd, no other VCPU's) and
-   unmap every other VCPU's `kvm_run` page it inherited from the supervisor;
+1. check it holds no KVM fd but its own VCPU's (no `/dev/kvm`, no VM fd, no other VCPU's),
+   unmap every shared mapping it inherited from the supervisor but its region and its own
+   `kvm_run` page (the other VCPUs' pages, guest memory), and take /dev/null for stdin;
 2. become non-dumpable (no core file, no ptrace by other processes of its user) with
    `RLIMIT_CORE` 0;
 3. drop every capability: the bounding set (when it may), the ambient set, and, as root, its
@@ -119,7 +120,10 @@ _SECCOMP_SET_MODE_FILTER = 1
 _SECCOMP_FILTER_FLAG_TSYNC = 1
 _PROT_EXEC = 0x4
 _KVM_LINK = re.compile(r"anon_inode:kvm-vcpu:(\d+)|anon_inode:kvm-vm|/dev/kvm")
-_RUN_PAGE_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) .* anon_inode:kvm-vcpu:(\d+)$")
+_MAPPING = re.compile(  # a line of /proc/self/maps
+    r"(?P<start>[0-9a-f]+)-(?P<end>[0-9a-f]+) [-r][-w][-x](?P<shared>[sp])"
+    r" \S+ \S+ \S+ *(?P<path>.*)"
+)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -212,7 +216,8 @@ def confine(
     `ConfinementError` (the worker must then exit) if any step fails."""
     try:
         vcpu_fd = _check_fds(vcpu)
-        unmapped = _unmap_other_run_pages(vcpu)
+        unmapped = _unmap_shared_mappings(vcpu, slot.cell_address("pause_seq"))
+        _no_terminal_input()
         confine_to = getattr(region, "confine_to", None)
         if confine_to is not None:
             confine_to(vcpu)
@@ -227,7 +232,7 @@ def confine(
         facts = {
             "uid": os.getuid(),
             "gid": os.getgid(),
-            "run_pages_unmapped": unmapped,
+            "mappings_unmapped": unmapped,
             "vcpu_fd": vcpu_fd,
             "parent": parent,
         }
@@ -263,19 +268,34 @@ def _check_fds(vcpu: int) -> int | None:
     return own
 
 
-def _unmap_other_run_pages(vcpu: int) -> int:
-    """Unmap the other VCPUs' `kvm_run` pages the worker inherited from the supervisor's
-    mappings; how many. (Their mmap objects are never used nor collected in the worker.)"""
+def _unmap_shared_mappings(vcpu: int, region_address: int) -> int:
+    """Unmap every shared mapping the worker inherited but does not use: the other VCPUs'
+    `kvm_run` pages and the guest memory the supervisor had mapped (the plugin's memfds),
+    all but the region holding `region_address` and this VCPU's `kvm_run`; how many.
+    (Their Python objects are never used nor collected in the worker.)"""
     with open("/proc/self/maps") as maps:
-        found = [_RUN_PAGE_MAPPING.match(line.rstrip("\n")) for line in maps]
+        found = [_MAPPING.match(line.rstrip("\n")) for line in maps]
+    own = f"anon_inode:kvm-vcpu:{vcpu}"
     count = 0
     for match in found:
-        if match is None or int(match[3]) == vcpu:
+        if match is None or match["shared"] != "s":
             continue
-        start, end = int(match[1], 16), int(match[2], 16)
+        start, end = int(match["start"], 16), int(match["end"], 16)
+        if match["path"] == own or start <= region_address < end:
+            continue
         _check(_libc.munmap(ctypes.c_void_p(start), ctypes.c_size_t(end - start)), "munmap")
         count += 1
     return count
+
+
+def _no_terminal_input() -> None:
+    """stdin becomes /dev/null: vmsuper's may be the user's terminal, and a worker has no
+    business reading what is typed there (stdout and stderr stay, for tracebacks)."""
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(null, 0, inheritable=False)
+    finally:
+        os.close(null)
 
 
 class _CapHeader(ctypes.Structure):
