@@ -28,6 +28,7 @@ from typing import Any, Final
 
 from vmsuper.shared import hotpath, kvm
 from vmsuper.shared.shm import MAILBOX_ARG_SIZE, OP_RUN, Doorbell, Mailbox, VcpuSlot
+from vmsuper.supervisor import runner_seccomp
 
 __all__ = [
     "ALLOWED_IOCTLS",
@@ -200,6 +201,7 @@ class VcpuRunner:
     def _main(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, RUNNER_BLOCKED)
         try:
+            runner_seccomp.confine_thread(self._fd, ALLOWED_IOCTLS)
             if self._fast:
                 self._fast_loop()
             else:

@@ -5,10 +5,12 @@ the run must end with the cause named."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,9 +20,9 @@ import pytest
 from bpf_vm import run_filter, well_formed
 from rawplugin import plugin_source
 
-from vmsuper.shared import bpf, hotpath
+from vmsuper.shared import bpf, hotpath, kvm
 from vmsuper.shared.shm import SharedRegion
-from vmsuper.supervisor import outcome
+from vmsuper.supervisor import outcome, runner_seccomp, runners
 from vmsuper.supervisor.vcpus import workers_user
 from vmsuper.testing import VmRunner, VmSpec, finish, write_python_plugin
 from vmsuper.workers import confine
@@ -190,6 +192,16 @@ def test_live_workers_are_confined(unsandboxed_run: tuple[VmRunner, Path], trans
         maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
         shared = {line.split(maxsplit=5)[5] for line in maps if line.split()[1][3] == "s"}
         assert shared == {"/memfd:vmsuper-shm (deleted)", f"anon_inode:kvm-vcpu:{vcpu}"}
+    # In the supervisor, each runner thread runs under its own filter, the main thread not.
+    deadline = time.monotonic() + 30
+    while True:
+        tasks = {int(tid): _status(int(tid)) for tid in os.listdir(f"/proc/{proc.pid}/task")}
+        confined = [t["Seccomp"].strip() for t in tasks.values()].count("2")
+        if confined == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)  # the runners install their filters as they start
+    assert confined == 2
+    assert tasks[proc.pid]["Seccomp"].strip() == "0"
     proc.send_signal(signal.SIGTERM)
     result = finish(proc, config, log_dir, timeout=30)
     assert result.status == 128 + signal.SIGTERM, result.stderr
@@ -311,3 +323,53 @@ def test_an_unprivileged_worker_keeps_its_user_and_is_confined(region: SharedReg
         assert status[caps].strip() == "0" * 16, caps
     expected = nobody.pw_uid if os.geteuid() == 0 else os.getuid()
     assert {int(uid) for uid in status["Uid"].split()} == {expected}
+
+
+# -- runner threads ----------------------------------------------------------------------------
+
+
+def test_the_runner_filter_allows_its_vcpu_s_ioctls_only() -> None:
+    eperm = bpf.SECCOMP_RET_ERRNO | errno.EPERM
+    program = runner_seccomp.build_filter(7, runners.ALLOWED_IOCTLS)
+    well_formed(program)
+    allowed = {NR[name] for name in runner_seccomp.ALLOWED}
+    special = {NR["ioctl"], NR["mmap"], NR["mprotect"]}
+    for nr in set(range(1024)) - special:
+        assert run_filter(program, nr) == (ALLOW if nr in allowed else eperm), nr
+    for request in (kvm.KVM_RUN, kvm.KVM_GET_REGS, kvm.KVM_SET_MSRS):
+        assert run_filter(program, NR["ioctl"], (7, request)) == ALLOW
+        assert run_filter(program, NR["ioctl"], (8, request)) == eperm
+    for request in (kvm.KVM_CREATE_VCPU, kvm.KVM_SET_USER_MEMORY_REGION, 0x5412):
+        assert run_filter(program, NR["ioctl"], (7, request)) == eperm
+    assert run_filter(program, NR["mmap"], (0, 4096, PROT_READ | PROT_WRITE)) == ALLOW
+    assert run_filter(program, NR["mprotect"], (0, 4096, PROT_READ | PROT_EXEC)) == eperm
+    assert run_filter(program, 0, arch=0x40000003) == KILL
+
+
+def test_a_runner_thread_s_filter_holds_that_thread_only(tmp_path: Path) -> None:
+    seen: dict[str, int] = {}
+    confined, release = threading.Event(), threading.Event()
+
+    def confined_thread() -> None:
+        runner_seccomp.confine_thread(7, runners.ALLOWED_IOCTLS)
+        seen["tid"] = threading.get_native_id()
+        try:
+            os.open(tmp_path / "x", os.O_CREAT | os.O_WRONLY)
+        except OSError as exc:
+            seen["open"] = exc.errno or 0
+        confined.set()
+        release.wait(30)
+
+    thread = threading.Thread(target=confined_thread)
+    thread.start()
+    try:
+        assert confined.wait(30)
+        assert seen["open"] == errno.EPERM
+        assert _status(seen["tid"])["Seccomp"].strip() == "2"
+        # The rest of the process is not confined.
+        os.close(os.open(tmp_path / "y", os.O_CREAT | os.O_WRONLY))
+        assert _status(os.getpid())["Seccomp"].strip() == "0"
+    finally:
+        release.set()
+        thread.join(30)
+    assert not (tmp_path / "x").exists()
