@@ -1,8 +1,9 @@
 /*
  * vmsuper's per-exit hot path, in C: the hand-off between a VCPU worker and its runner thread
  * (bells), the runner's KVM_RUN loop, and the worker's loop for the exits every plugin lives
- * on (I/O and MMIO accesses answered by a plain Resume). Loaded with ctypes by hotpath.py;
- * it has no Python API of its own, so it needs no Python headers.
+ * on (I/O and MMIO accesses answered by a plain Resume). Compiled into the cffi module
+ * `vmsuper.shared._hotpath` (hotpath_build.py declares what Python calls, and the compiler
+ * checks those declarations against the definitions here); it needs no Python headers.
  *
  * Everything not plainly hot returns to Python, which owns the protocol: any other exit, an
  * access at the call hint's address, a table that changed since Python last described it,
@@ -30,42 +31,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#define VMS_ABI 2
-
-struct vms_bell {
-    uint32_t seq;
-    uint32_t sleeping;
-};
-
-/* The mailbox head in shared memory (shm.py's _MAIL_HEAD, then the two bells). */
-struct vms_mail {
-    uint32_t op;
-    uint32_t length;
-    int64_t ret;
-    int32_t err;
-    uint32_t pad;
-    uint64_t pad2;
-    struct vms_bell request;
-    struct vms_bell done;
-};
-
-/* A VCPU's statistics block in shared memory (shm.py places one per VCPU; the reader is
- * `vmsuper stats`). wait_since: CLOCK_MONOTONIC ns when the VCPU last began waiting on the
- * plugin; then the plugin's response times to exits: count, sum, max, and a log2 histogram
- * (bucket b: times of b significant bits in ns; the last bucket takes the rest). */
-#define VMS_BUCKETS 48
-struct vms_stats {
-    uint64_t wait_since;
-    uint64_t responses;
-    uint64_t response_sum_ns;
-    uint64_t response_max_ns;
-    uint64_t buckets[VMS_BUCKETS];
-};
-
-_Static_assert(offsetof(struct vms_mail, ret) == 8, "mailbox ret");
-_Static_assert(offsetof(struct vms_mail, err) == 16, "mailbox err");
-_Static_assert(offsetof(struct vms_mail, request) == 32, "mailbox request bell");
-_Static_assert(offsetof(struct vms_mail, done) == 40, "mailbox done bell");
+/* The shared-memory structs (struct vms_mail with its two struct vms_bell, struct vms_stats)
+ * and the enums Python shares (ExitKind as K_*, RunState as RUN_STATE_*, Space as SPACE_*, the
+ * loops' results as R_* and W_*): generated from abi.py. */
+#include "vms_abi.h"
 
 static inline uint64_t now_ns(void)
 {
@@ -73,8 +42,6 @@ static inline uint64_t now_ns(void)
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
-
-int vms_abi(void) { return VMS_ABI; }
 
 /* Signals. Python runs a handler only between bytecodes; a C loop that is about to block must
  * know a signal came meanwhile, or it would sleep through SIGTERM. vms_watch_signal puts a
@@ -207,8 +174,6 @@ struct vms_runner {
     int64_t error;      /* R_FAILED: the errno */
 };
 
-enum { R_STOP = 1, R_CALL = 2, R_HELD_RUN = 3, R_INTERRUPTED = 4, R_FAILED = 5 };
-
 /* Serve KVM_RUN requests until Python must act (another ioctl, stop, a signal while idle). */
 int vms_runner_loop(struct vms_runner *r)
 {
@@ -291,20 +256,6 @@ struct vms_worker {
 };
 
 enum { S_IDLE = 0, S_RUNNING = 1, S_AWAIT_REPLY = 2 };
-enum {
-    W_RUN_RESULT = 1, /* KVM_RUN failed (EINTR for a pause...): error */
-    W_EXIT = 2,       /* an exit for Python: it is in the run page */
-    W_REQUEST = 3,    /* the reply to a forwarded access was not a plain Resume */
-    W_REFUSED = 4,    /* ... or came in a form refused with an errno */
-    W_INTERRUPTED = 5,
-    W_HUNGUP = 6,
-    W_FAILED = 7,     /* the channel failed: error */
-    W_TOO_LARGE = 8,  /* pipes: a request over max_request, the stream is out of step */
-    W_BELL_FAILED = 9,
-};
-enum { K_IO_IN = 0, K_IO_OUT, K_MMIO_READ, K_MMIO_WRITE, K_ASYNC_WRITE, K_UNRESERVED };
-enum { RUN_STATE_RUNNING = 2, RUN_STATE_WAITING_PLUGIN = 3 };
-enum { SPACE_IOPORT = 0, SPACE_MMIO = 1 };
 #define MAX_DATA 4096
 
 /* Index of the range holding (space, address), or -1. */
@@ -697,71 +648,6 @@ int vms_worker_loop(struct vms_worker *w)
             return W_BELL_FAILED;
         }
     }
-}
-
-/* Every field Python fills in, by name and offset, then the struct's size: hotpath.py
- * refuses a library whose layout differs from its ctypes mirrors. */
-#define RUNNER_FIELDS(X)                                                                    \
-    X(vms_runner, vcpu_fd) X(vms_runner, run) X(vms_runner, mail) X(vms_runner, request_efd) \
-    X(vms_runner, done_efd) X(vms_runner, request_seen) X(vms_runner, pause_seq)             \
-    X(vms_runner, delivered_seq) X(vms_runner, hold_runs) X(vms_runner, stopping)            \
-    X(vms_runner, spin_ns) X(vms_runner, error)
-#define RANGE_FIELDS(X)                                                                     \
-    X(vms_range, start) X(vms_range, length) X(vms_range, space) X(vms_range, async_write)
-#define WORKER_FIELDS(X)                                                                    \
-    X(vms_worker, run) X(vms_worker, run_size) X(vms_worker, mail)                          \
-    X(vms_worker, request_efd) X(vms_worker, done_efd) X(vms_worker, done_seen)             \
-    X(vms_worker, counters) X(vms_worker, run_state) X(vms_worker, stats)                   \
-    X(vms_worker, table_gen)                                                                \
-    X(vms_worker, known_gen) X(vms_worker, ranges) X(vms_worker, n_ranges)                  \
-    X(vms_worker, range_counts) X(vms_worker, hint_set) X(vms_worker, hint_space)           \
-    X(vms_worker, hint_address) X(vms_worker, pipes) X(vms_worker, in_fd)                   \
-    X(vms_worker, out_fd) X(vms_worker, buf) X(vms_worker, max_request)                     \
-    X(vms_worker, max_fds) X(vms_worker, spin_ns) X(vms_worker, wake_fd)                    \
-    X(vms_worker, state) X(vms_worker, error) X(vms_worker, request_len)                    \
-    X(vms_worker, refusal) X(vms_worker, fds) X(vms_worker, fwd_space)                      \
-    X(vms_worker, fwd_address) X(vms_worker, fwd_is_write) X(vms_worker, fwd_offset)        \
-    X(vms_worker, fwd_length)
-#define STATS_FIELDS(X)                                                                     \
-    X(vms_stats, wait_since) X(vms_stats, responses) X(vms_stats, response_sum_ns)           \
-    X(vms_stats, response_max_ns) X(vms_stats, buckets)
-#define OFFSET(type, field) offsetof(struct type, field),
-#define NAME(type, field) #field " "
-
-static const uint64_t runner_offsets[] = {RUNNER_FIELDS(OFFSET) sizeof(struct vms_runner)};
-static const uint64_t range_offsets[] = {RANGE_FIELDS(OFFSET) sizeof(struct vms_range)};
-static const uint64_t worker_offsets[] = {WORKER_FIELDS(OFFSET) sizeof(struct vms_worker)};
-static const uint64_t stats_offsets[] = {STATS_FIELDS(OFFSET) sizeof(struct vms_stats)};
-static const char runner_names[] = RUNNER_FIELDS(NAME);
-static const char stats_names[] = STATS_FIELDS(NAME);
-static const char range_names[] = RANGE_FIELDS(NAME);
-static const char worker_names[] = WORKER_FIELDS(NAME);
-
-/* Layout 0 (runner), 1 (range), 2 (worker) or 3 (statistics block): the field names (space-separated) and their
- * offsets, then the size; returns the number of offsets. */
-size_t vms_layout(int which, const char **names, const uint64_t **offsets)
-{
-    switch (which) {
-    case 0:
-        *names = runner_names;
-        *offsets = runner_offsets;
-        return sizeof runner_offsets / sizeof *runner_offsets;
-    case 1:
-        *names = range_names;
-        *offsets = range_offsets;
-        return sizeof range_offsets / sizeof *range_offsets;
-    case 2:
-        *names = worker_names;
-        *offsets = worker_offsets;
-        return sizeof worker_offsets / sizeof *worker_offsets;
-    case 3:
-        *names = stats_names;
-        *offsets = stats_offsets;
-        return sizeof stats_offsets / sizeof *stats_offsets;
-    }
-    *names = "";
-    *offsets = NULL;
-    return 0;
 }
 
 /* -- confinement: naming the system call a confined VCPU worker was killed for ------------ *

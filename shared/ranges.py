@@ -7,21 +7,26 @@ errno for errno, because existing plugins test for them.
 
 from __future__ import annotations
 
-import enum
 import errno
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from vmsuper.shared.abi import Space
+
+__all__ = [
+    "U64_LIMIT",
+    "CallHint",
+    "Range",
+    "RangeError",
+    "RangeTable",
+    "RegHint",
+    "Space",
+    "find_range",
+]
+
 U64_LIMIT = 1 << 64
 """One past the largest 64-bit address or register value."""
-
-
-class Space(enum.IntEnum):
-    """An address space of the guest; the values are the schema's `AddressSpace`."""
-
-    IOPORT = 0
-    MMIO = 1
 
 
 class RangeError(OSError):

@@ -9,22 +9,27 @@ the same pages at the same address. It holds:
 - one `VcpuSlot` per VCPU: the pending pause token, the run state, exit counters;
 - one `Mailbox` per VCPU: the ioctl a worker asks its runner thread to make, with an argument
   area whose address the runner hands straight to the kernel;
-- one statistics block per VCPU (`hotpath.VcpuStats`, the one definition C and Python share):
-  since when the VCPU waits on the plugin, and a log2 histogram of the plugin's response times;
+- one statistics block per VCPU: since when the VCPU waits on the plugin, and a log2
+  histogram of the plugin's response times;
 - one `RangeCounts` per VCPU: the exits it forwarded per reserved range, live.
+
+Every struct in it, and the enums the C hot path shares, are defined once in `abi.py` (which
+generates the C header `vms_abi.h`); this module takes its offsets from there.
 
 The mapping is a sealed memfd (it cannot grow or shrink), so that `vmsuper stats` can map the
 same pages read-only through ``/proc/<pid>/fd/<fd>`` (`RegionView`) while the run goes on.
 
 Memory ordering. Every field has a single writer process (the table, `pause_seq` and the pause
-tokens: the supervisor; `delivered_seq`, the run state and the counters: the VCPU's worker). The
-protocols below rely on x86-64's TSO model: a CPU's stores become visible to others in program
-order, and loads are not reordered with older loads. Every 64-bit cell is 8-byte aligned and
-read or written through a ``memoryview`` cast to ``Q``, which CPython does as one 8-byte
-``memcpy`` (a single ``mov``), so no cell is ever seen half-written. Distinct Python operations
-are separate calls into C, so the compiler cannot reorder them either. Hand-offs through the
-mailbox are ordered by the doorbell's bells, whose ring and wait are sequentially consistent
-atomic operations in C (`hotpath.c`).
+tokens: the supervisor; `delivered_seq`, the run state and the counters: the VCPU's worker).
+The seqlocks (the table, a VCPU's range counts) are written, and the table read, by C
+functions with C11 atomics and fences (`seqlock.c`), one order for every writer. The other
+protocols below rely on x86-64's TSO model: a CPU's stores become visible to others in
+program order, and loads are not reordered with older loads. Every 64-bit cell is 8-byte
+aligned and read or written through a ``memoryview`` cast to ``Q``, which CPython does as one
+8-byte ``memcpy`` (a single ``mov``), so no cell is ever seen half-written. Distinct Python
+operations are separate calls into C, so the compiler cannot reorder them either. Hand-offs
+through the mailbox are ordered by the doorbell's bells, whose ring and wait are sequentially
+consistent atomic operations in C (`hotpath.c`).
 
 Everything is little-endian (the host's order; checked at import).
 """
@@ -33,12 +38,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import enum
 import errno
 import fcntl
 import mmap
 import os
-import struct
 import sys
 import threading
 import time
@@ -47,110 +50,82 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
-from vmsuper.shared import hotpath
+from vmsuper.shared import abi, hotpath
+from vmsuper.shared.abi import (
+    HISTOGRAM_BUCKETS,
+    MAILBOX_ARG_SIZE,
+    STOP_REASON_SIZE,
+    ExitKind,
+    RunState,
+)
 from vmsuper.shared.ranges import CallHint, Range, RangeError, RangeTable, RegHint, Space
 from vmsuper.shared.ranges import find_range as _find_range
 
 if sys.byteorder != "little":  # pragma: no cover - vmsuper runs on x86-64 only
     raise ImportError("vmsuper's shared-memory layout assumes a little-endian host")
 
-MAGIC: Final = 0x48534D56  # "VMSH"
-VERSION: Final = 2
+MAGIC: Final = abi.MAGIC
+VERSION: Final = abi.VERSION
 DEFAULT_MAX_RANGES: Final = 1024
 DEFAULT_MAX_HINTS: Final = 16
-MAILBOX_ARG_SIZE: Final = 64 * 1024
-"""Bytes of ioctl argument a mailbox carries: more than `kvm_cpuid2` with KVM's 256 entries
-(10 KiB), `kvm_msrs` with 4000 entries, `kvm_lapic_state` or `kvm_xsave`."""
 OP_RUN: Final = 0
 """Mailbox op meaning KVM_RUN; any other op is the ioctl request number itself."""
-STOP_REASON_SIZE: Final = 128
 
 _U64_MASK: Final = (1 << 64) - 1
 _U32_MASK: Final = (1 << 32) - 1
-_CACHE_LINE: Final = 64
+_CACHE_LINE: Final = abi.CACHE_LINE
 
-# Header: magic, version, vcpus, max_ranges, max_hints, (pad), size, table, slots, mailboxes,
-# statistics blocks, range counts.
-_HEADER = struct.Struct("<IIIIIIQQQQQQ")
+_HEADER = abi.REGION_HEADER.codec(f.name for f in abi.REGION_HEADER.fields)
 MEMFD_NAME: Final = "vmsuper-shm"
 """The name of the region's memfd (``/proc/<pid>/fd/<fd>`` links to ``/memfd:vmsuper-shm``)."""
 
-# Table area: the seqlock generation alone on a line, then the payload.
-_PAYLOAD_OFF: Final = _CACHE_LINE
-# count, number of reg hints, hint space, hint flags, hint address.
-_PAYLOAD_HEAD = struct.Struct("<IHBBQ")
-_HINT_SET: Final = 1
-_HINT_ON_WRITE: Final = 2
-# flags (match rax..rdx = bits 0-3, send_sregs = bit 4, send_debugregs = bit 5), rax..rdx.
-_REG_HINT = struct.Struct("<B7xQQQQ")
-# space, async_write, start, length.
-_RANGE = struct.Struct("<BBQQ")
+# Table area (`struct vms_table`): the seqlock generation alone on a line, then the payload:
+# its head, the register hints, the ranges.
+_PAYLOAD_OFF: Final = abi.TABLE_PAYLOAD
+_PAYLOAD_HEAD = abi.TABLE.codec(["count", "n_hints", "hint_space", "hint_flags", "hint_address"])
+_REG_HINT = abi.REG_HINT.codec(["flags", "rax", "rbx", "rcx", "rdx"])
+_RANGE = abi.TABLE_RANGE.codec(["space", "async_write", "start", "length"])
 
-# Slot: 64-bit cells, then the stop reason text.
-_SLOT_SIZE: Final = 256
-_C_PAUSE_SEQ: Final = 0
-_C_PAUSE_TOKEN: Final = 1  # two cells: the token for seq s is at index s & 1
-_C_DELIVERED: Final = 3
-_C_RUN_STATE: Final = 4
-_C_COUNTERS: Final = 5
-_C_TRAPPED_SYSCALL: Final = 14  # a confined worker's trapped system call + 1 (hotpath.c)
-_STOP_REASON_OFF: Final = _SLOT_SIZE - STOP_REASON_SIZE
+# Slot (`struct vms_slot`): 64-bit cells, then the stop reason text.
+_SLOT_SIZE: Final = abi.SLOT.size
+_C_PAUSE_SEQ: Final = abi.SLOT.cell("pause_seq")
+_C_PAUSE_TOKEN: Final = abi.SLOT.cell("pause_token")  # two cells: seq s's token is at s & 1
+_C_DELIVERED: Final = abi.SLOT.cell("delivered_seq")
+_C_RUN_STATE: Final = abi.SLOT.cell("run_state")
+_C_COUNTERS: Final = abi.SLOT.cell("counters")
+_C_TRAPPED_SYSCALL: Final = abi.SLOT.cell("trapped_syscall")  # hotpath.c's SIGSYS handler
+_STOP_REASON_OFF: Final = abi.SLOT.offset("stop_reason")
 
-# Mailbox: op, arg_len, ret, errno; then the doorbell's two bells (sequence number and
-# "sleeping" flag, 32-bit each; see hotpath.c); the argument area starts on the next line.
-_MAIL_HEAD = struct.Struct("<IIqi")
-_MAIL_BELLS_OFF: Final = 32
-_BELL_SIZE: Final = 8
-_BELL_SLEEPING_OFF: Final = 4
-_MAIL_ARG_OFF: Final = _CACHE_LINE
+# Mailbox (`struct vms_mail`): op, arg_len, ret, errno; then the doorbell's two bells; the
+# argument area starts on the next line.
+_MAIL_HEAD = abi.MAIL.codec(["op", "length", "ret", "err"])
+_MAIL_BELLS_OFF: Final = abi.MAIL.offset("request")
+_BELL_SIZE: Final = abi.MAIL.offset("done") - abi.MAIL.offset("request")
+_BELL_SLEEPING_OFF: Final = abi.BELL.offset("sleeping")
+_MAIL_ARG_OFF: Final = abi.MAILBOX_ARG_OFFSET
 _MAIL_STRIDE: Final = _MAIL_ARG_OFF + MAILBOX_ARG_SIZE
 
-# Statistics block: `hotpath.VcpuStats` (checked against hotpath.c's `struct vms_stats` at load).
-_STATS_STRIDE: Final = ((ctypes.sizeof(hotpath.VcpuStats) + 63) // 64) * 64
-_S_WAIT_SINCE: Final = hotpath.VcpuStats.wait_since.offset // 8
-_S_RESPONSES: Final = hotpath.VcpuStats.responses.offset // 8
-_S_SUM: Final = hotpath.VcpuStats.response_sum_ns.offset // 8
-_S_MAX: Final = hotpath.VcpuStats.response_max_ns.offset // 8
-_S_BUCKETS: Final = hotpath.VcpuStats.buckets.offset // 8
-HISTOGRAM_BUCKETS: Final = hotpath.HISTOGRAM_BUCKETS
-"""Response-time buckets: bucket b counts times of `b` significant bits in nanoseconds, i.e.
-in [2**(b-1), 2**b) ns (bucket 0: 0 ns); the last one also takes everything longer."""
+# Statistics block (`struct vms_stats`).
+_STATS_STRIDE: Final = abi.round_up(abi.STATS.size, _CACHE_LINE)
+_S_WAIT_SINCE: Final = abi.STATS.cell("wait_since")
+_S_RESPONSES: Final = abi.STATS.cell("responses")
+_S_SUM: Final = abi.STATS.cell("response_sum_ns")
+_S_MAX: Final = abi.STATS.cell("response_max_ns")
+_S_BUCKETS: Final = abi.STATS.cell("buckets")
+
+# Range counts (`struct vms_range_counts`): generation and count, then max_ranges ranges
+# (`struct vms_counted_range`: space, start, length), then max_ranges counters.
+_RC_GEN: Final = abi.RANGE_COUNTS.cell("gen")
+_RC_COUNT: Final = abi.RANGE_COUNTS.cell("count")
+_RC_RANGES: Final = abi.RANGE_COUNTS.size // 8
+_RC_RANGE_CELLS: Final = abi.COUNTED_RANGE.size // 8
 
 
 class ShmError(Exception):
     """The region is malformed or was asked for something its layout cannot hold."""
 
 
-class RunState(enum.IntEnum):
-    """What a VCPU is doing, as its worker last reported (for logs and shutdown)."""
-
-    NOT_STARTED = 0
-    INIT = 1
-    RUNNING = 2
-    WAITING_PLUGIN = 3
-    PAUSED = 4
-    STOPPED = 5
-
-
-class ExitKind(enum.IntEnum):
-    """Exit categories a worker counts; `VcpuSlot.counters()` names them in lower case."""
-
-    IO_IN = 0
-    IO_OUT = 1
-    MMIO_READ = 2
-    MMIO_WRITE = 3
-    ASYNC_WRITE = 4
-    UNRESERVED = 5
-    USER = 6
-    HYPERV = 7
-    OTHER = 8
-
-
-assert _C_COUNTERS + len(ExitKind) <= _C_TRAPPED_SYSCALL < _STOP_REASON_OFF // 8
-
-
-def _round_up(value: int, align: int) -> int:
-    return (value + align - 1) // align * align
+_round_up = abi.round_up
 
 
 class _Layout:
@@ -174,9 +149,9 @@ class _Layout:
         self.mailboxes = _round_up(self.slots + vcpus * _SLOT_SIZE, mmap.PAGESIZE)
         self.stats = self.mailboxes + vcpus * _MAIL_STRIDE
         self.range_counts = self.stats + vcpus * _STATS_STRIDE
-        # Range counts: generation and count, then the ranges (space, start, length), then
-        # one counter per range.
-        self.range_counts_stride = _round_up(16 + max_ranges * 32, _CACHE_LINE)
+        self.range_counts_stride = _round_up(
+            abi.RANGE_COUNTS.size + max_ranges * (abi.COUNTED_RANGE.size + 8), _CACHE_LINE
+        )
         self.size = self.range_counts + vcpus * self.range_counts_stride
 
     def header(self) -> bytes:
@@ -229,7 +204,8 @@ class SharedTable:
         self._mm = region._mm
         self._q = region._q
         self._gen = region._layout.table // 8
-        self._payload = region._layout.table + _PAYLOAD_OFF
+        self._gen_address = region._base_address + region._layout.table
+        self._payload_address = self._gen_address + _PAYLOAD_OFF
         self.max_ranges = region._layout.max_ranges
         self.max_hints = region._layout.max_hints
         self._lock = threading.Lock()
@@ -246,14 +222,7 @@ class SharedTable:
         """
         payload = self._encode(table, hint)
         with self._lock:
-            gen = self._q[self._gen]
-            try:
-                self._q[self._gen] = (gen + 1) & _U64_MASK  # odd: writing
-                self._mm[self._payload : self._payload + len(payload)] = payload
-            finally:
-                gen = (gen + 2) & _U64_MASK
-                self._q[self._gen] = gen  # even: stable
-        return gen
+            return hotpath.seq_publish(self._gen_address, self._payload_address, payload)
 
     def _encode(self, table: RangeTable, hint: CallHint | None) -> bytes:
         ranges = list(table.ranges())
@@ -273,7 +242,7 @@ class SharedTable:
         if hint is None:
             _PAYLOAD_HEAD.pack_into(out, 0, len(ranges), 0, 0, 0, 0)
         else:
-            flags = _HINT_SET | (_HINT_ON_WRITE if hint.on_write else 0)
+            flags = abi.HintFlag.SET | (abi.HintFlag.ON_WRITE if hint.on_write else 0)
             _PAYLOAD_HEAD.pack_into(
                 out, 0, len(ranges), len(reg_hints), hint.space, flags, hint.address
             )
@@ -288,30 +257,23 @@ class SharedTable:
         return bytes(out)
 
 
+_REG_HINT_FLAGS: Final = {
+    "match_rax": abi.RegHintFlag.MATCH_RAX,
+    "match_rbx": abi.RegHintFlag.MATCH_RBX,
+    "match_rcx": abi.RegHintFlag.MATCH_RCX,
+    "match_rdx": abi.RegHintFlag.MATCH_RDX,
+    "send_sregs": abi.RegHintFlag.SEND_SREGS,
+    "send_debugregs": abi.RegHintFlag.SEND_DEBUGREGS,
+}
+
+
 def _reg_hint_flags(rh: RegHint) -> int:
-    return (
-        rh.match_rax
-        | rh.match_rbx << 1
-        | rh.match_rcx << 2
-        | rh.match_rdx << 3
-        | rh.send_sregs << 4
-        | rh.send_debugregs << 5
-    )
+    return sum(int(flag) for name, flag in _REG_HINT_FLAGS.items() if getattr(rh, name))
 
 
 def _reg_hint_from(flags: int, rax: int, rbx: int, rcx: int, rdx: int) -> RegHint:
-    return RegHint(
-        match_rax=bool(flags & 1),
-        match_rbx=bool(flags & 2),
-        match_rcx=bool(flags & 4),
-        match_rdx=bool(flags & 8),
-        rax=rax,
-        rbx=rbx,
-        rcx=rcx,
-        rdx=rdx,
-        send_sregs=bool(flags & 16),
-        send_debugregs=bool(flags & 32),
-    )
+    named = {name: bool(flags & flag) for name, flag in _REG_HINT_FLAGS.items()}
+    return RegHint(rax=rax, rbx=rbx, rcx=rcx, rdx=rdx, **named)
 
 
 class TableReader:
@@ -335,7 +297,11 @@ class TableReader:
         self.gen_address = region._base_address + self._gen_idx * 8
         """Where the generation lies, for the C loop in `hotpath`."""
         self._payload = layout.table + _PAYLOAD_OFF
+        self._payload_address = self.gen_address + _PAYLOAD_OFF
         self._hints_len = layout.max_hints * _REG_HINT.size
+        self._copy = bytearray(
+            _PAYLOAD_HEAD.size + self._hints_len + layout.max_ranges * _RANGE.size
+        )
         self._max_ranges = layout.max_ranges
         self._max_hints = layout.max_hints
         self._snap = TableSnapshot(0, [], None)
@@ -376,29 +342,29 @@ class TableReader:
         return self._snap.gen
 
     def _reload(self) -> bool:
-        q, mm, gi, base = self._q, self._mm, self._gen_idx, self._payload
+        q, gi, copy = self._q, self._gen_idx, self._copy
         waits = 0
         while True:
-            g1 = q[gi]
-            if g1 & 1:
-                if g1 - 1 == self._gen:
+            if q[gi] == self._gen:
+                return False
+            gen = hotpath.seq_read(self.gen_address, self._payload_address, copy)
+            if gen is not None:
+                break
+            now = q[gi]
+            if now & 1:
+                if now - 1 == self._gen:
                     # A publish is under way, and the cached copy is the last one completed:
                     # still the current truth until that publish returns.
                     return False
                 waits += 1
                 self._wait(waits)
-                continue
-            head = mm[base : base + _PAYLOAD_HEAD.size]
-            count = min(_PAYLOAD_HEAD.unpack(head)[0], self._max_ranges)
-            start = base + _PAYLOAD_HEAD.size
-            body = mm[start : start + self._hints_len + count * _RANGE.size]
-            if q[gi] == g1:
-                break
-            self.retries += 1
-        if g1 == self._gen:
+            else:
+                self.retries += 1
+        if gen == self._gen:
             return False
-        self._snap = self._parse(g1, head, body)
-        self._gen = g1
+        head = bytes(copy[: _PAYLOAD_HEAD.size])
+        self._snap = self._parse(gen, head, bytes(copy[_PAYLOAD_HEAD.size :]))
+        self._gen = gen
         return True
 
     def _wait(self, waits: int) -> None:
@@ -413,13 +379,15 @@ class TableReader:
         count, n_hints, hint_space, flags, address = _PAYLOAD_HEAD.unpack(head)
         count = min(count, self._max_ranges)
         hint = None
-        if flags & _HINT_SET:
+        if flags & abi.HintFlag.SET:
             n_hints = min(n_hints, self._max_hints)
             reg_hints = tuple(
                 _reg_hint_from(*fields)
                 for fields in _REG_HINT.iter_unpack(body[: n_hints * _REG_HINT.size])
             )
-            hint = CallHint(Space(hint_space), address, bool(flags & _HINT_ON_WRITE), reg_hints)
+            hint = CallHint(
+                Space(hint_space), address, bool(flags & abi.HintFlag.ON_WRITE), reg_hints
+            )
         rbytes = body[self._hints_len : self._hints_len + count * _RANGE.size]
         ranges = [
             Range(Space(space), start, length, bool(async_write))
@@ -463,7 +431,7 @@ class VcpuSlot:
 
     def cell_address(self, cell: str) -> int:
         """The address of `pause_seq`, `delivered_seq`, `run_state`, `counters` (the first
-        counter; `ExitKind` indexes them), `stats` (the VCPU's `hotpath.VcpuStats`) or
+        counter; `ExitKind` indexes them), `stats` (the VCPU's `struct vms_stats`) or
         `trapped_syscall` (see `trapped_syscall`), for the C code in `hotpath`."""
         index = {
             "pause_seq": self._seq,
@@ -591,10 +559,11 @@ class RangeCounts:
         layout = region._layout
         self._q = region._q
         base = (layout.range_counts + index * layout.range_counts_stride) // 8
-        self._gen = base
-        self._count = base + 1
-        self._ranges_cell = base + 2
-        self._counts = base + 2 + layout.max_ranges * 3
+        self._gen = base + _RC_GEN
+        self._gen_address = region._base_address + self._gen * 8
+        self._count = base + _RC_COUNT
+        self._ranges_cell = base + _RC_RANGES
+        self._counts = self._ranges_cell + layout.max_ranges * _RC_RANGE_CELLS
         self._max = layout.max_ranges
         self._address = region._base_address + self._counts * 8
         self._ranges: list[Range] = []
@@ -610,18 +579,17 @@ class RangeCounts:
         q = self._q
         ranges = ranges[: self._max]
         old = {_range_key(r): q[self._counts + i] for i, r in enumerate(self._ranges)}
-        gen = q[self._gen]
-        q[self._gen] = (gen + 1) & _U64_MASK  # odd: writing
+        hotpath.seq_begin(self._gen_address)
         try:
             for i, rng in enumerate(ranges):
-                cell = self._ranges_cell + 3 * i
+                cell = self._ranges_cell + _RC_RANGE_CELLS * i
                 q[cell] = rng.space
                 q[cell + 1] = rng.start
                 q[cell + 2] = rng.length
                 q[self._counts + i] = old.get(_range_key(rng), 0)
             q[self._count] = len(ranges)
         finally:
-            q[self._gen] = (gen + 2) & _U64_MASK
+            hotpath.seq_end(self._gen_address)
         self._ranges = ranges
         self._index = {_range_key(r): i for i, r in enumerate(ranges)}
         self._collected = [q[self._counts + i] for i in range(len(ranges))]
@@ -651,16 +619,17 @@ class RangeCounts:
 def _read_range_counts(q: memoryview, layout: _Layout, index: int) -> list[tuple[Range, int]]:
     """A consistent copy of a VCPU's `RangeCounts` (retried while its worker describes)."""
     base = (layout.range_counts + index * layout.range_counts_stride) // 8
+    ranges_cell = base + _RC_RANGES
+    counts_cell = ranges_cell + layout.max_ranges * _RC_RANGE_CELLS
     for _ in range(1000):
-        gen = q[base]
+        gen = q[base + _RC_GEN]
         if gen & 1:
             os.sched_yield()
             continue
-        count = min(q[base + 1], layout.max_ranges)
-        cells = q[base + 2 : base + 2 + 3 * count].tolist()
-        counts_cell = base + 2 + layout.max_ranges * 3
+        count = min(q[base + _RC_COUNT], layout.max_ranges)
+        cells = q[ranges_cell : ranges_cell + _RC_RANGE_CELLS * count].tolist()
         counts = q[counts_cell : counts_cell + count].tolist()
-        if q[base] == gen:
+        if q[base + _RC_GEN] == gen:
             found = []
             for i in range(count):
                 space, start, length = cells[3 * i : 3 * i + 3]

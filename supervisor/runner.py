@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import DecodeError
 
-from vmsuper.shared import kvm, logs, wire
+from vmsuper.shared import hotpath, kvm, logs, wire
 from vmsuper.shared.plugin_pb2 import MainRequest, MainResponse
 from vmsuper.shared.ranges import RangeTable
 from vmsuper.shared.shm import SharedRegion
@@ -97,6 +97,10 @@ class Run:
 
 def _set_up(run: Run) -> None:
     cfg = run.config
+    try:
+        hotpath.binding()  # the runners and workers need it: a missing build fails here
+    except hotpath.HotpathError as exc:
+        raise SetupError(str(exc)) from exc
     try:
         run.system = kvm.Kvm()
     except OSError as exc:

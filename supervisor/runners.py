@@ -216,7 +216,7 @@ class VcpuRunner:
         """KVM_RUN requests are served in C (`hotpath.c`) without the GIL; Python makes the
         other ioctls, the first run (after the Init barrier) and decides when to stop."""
         context = self._context
-        pointer = ctypes.byref(context)
+        pointer = context
         runner_loop = hotpath.library.vms_runner_loop
         mailbox = self._mailbox
         doorbell = self._doorbell

@@ -1,5 +1,6 @@
-"""The C hot path's pieces on their own: its structs against the ctypes mirrors, its protobuf
-encoding and parsing and its range lookup against the Python ones, and its bells.
+"""The C hot path's pieces on their own: its binding (loaded only when used, refused when
+stale), its protobuf encoding and parsing and its range lookup against the Python ones, and
+its bells.
 
 The loops themselves run in tests/test_vcpus.py, where every test runs with the C loop and
 with the Python one.
@@ -10,34 +11,133 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmsuper.shared import hotpath
+from vmsuper.shared import hotpath, hotpath_source
 from vmsuper.shared.ranges import RangeTable, Space
 from vmsuper.shared.shm import Doorbell, Mailbox, SharedRegion, drain_wakeup_pipe
 from vmsuper.workers.vcpu_protocol import encode_io_wait, plain_resume_data
 
 
+def test_contexts_take_addresses_for_pointers_and_read_back_by_name() -> None:
+    seen = ctypes.c_uint32()
+    context = hotpath.RunnerContext(request_seen=ctypes.addressof(seen), spin_ns=5, hold_runs=1)
+    assert (context.spin_ns, context.hold_runs, context.stopping) == (5, 1, 0)
+    assert int(hotpath.binding().ffi.cast("uintptr_t", context.request_seen)) == ctypes.addressof(
+        seen
+    )
+    context.stopping = 1
+    assert context.stopping == 1
+    with pytest.raises(KeyError):
+        hotpath.WorkerContext(no_such_field=1)
+
+
+# What the tests below run in a child whose compiled hot path cannot be imported: it notes any
+# attempt, and says so at exit.
+_BLOCKED = """
+import atexit, sys
+attempts = []
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "vmsuper.shared._hotpath":
+            attempts.append(name)
+            raise ImportError("made unimportable for the test")
+atexit.register(lambda: print("engine-import-attempts:", len(attempts), file=sys.stderr))
+sys.meta_path.insert(0, Block())
+"""
+
+
+def _run_blocked(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _BLOCKED + code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "VMSUPER_RUNS_DIR": str(tmp_path / "runs")},
+    )
+
+
+def test_importing_the_binding_and_its_users_needs_no_compiled_module(tmp_path: Path) -> None:
+    done = _run_blocked(
+        "import vmsuper.shared.hotpath, vmsuper.shared.shm, vmsuper.plugin\n"
+        "import vmsuper.workers.fast_exits, vmsuper.supervisor.runners\n"
+        "from vmsuper.shared.shm import RegionView, SharedRegion\n"
+        "import os\n"
+        "region = SharedRegion.create(2)\n"
+        "with RegionView.open(os.getpid(), region.fd) as view:\n"
+        "    print(view.vcpus, view.reading(1).state.name)\n",
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "NOT_STARTED"]
+    assert "engine-import-attempts: 0" in done.stderr
+
+
 @pytest.mark.parametrize(
-    ("which", "mirror"),
-    [
-        (0, hotpath.RunnerContext),
-        (1, hotpath.Range),
-        (2, hotpath.WorkerContext),
-        (3, hotpath.VcpuStats),
-    ],
+    "argv", [["--help"], ["logs", "no-such-run"], ["check"], ["stats"], ["stats", "--json"]]
 )
-def test_structs_match_their_ctypes_mirrors(which: int, mirror: type[ctypes.Structure]) -> None:
-    c_layout = hotpath.layout(hotpath.library, which)
-    assert c_layout == hotpath.struct_layout(mirror)
-    assert len(c_layout) == len(mirror._fields_) + 1  # every field, and the size
+def test_commands_that_need_no_engine_run_without_it(argv: list[str], tmp_path: Path) -> None:
+    done = _run_blocked(
+        f"from vmsuper.supervisor.cli import main\nraise SystemExit(main({argv!r}))\n",
+        tmp_path,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "engine-import-attempts: 0" in done.stderr
+
+
+def test_first_use_without_the_compiled_module_says_how_to_build_it(tmp_path: Path) -> None:
+    done = _run_blocked(
+        "from vmsuper.shared import hotpath\n"
+        "try:\n"
+        "    hotpath.take_signal()\n"
+        "except hotpath.HotpathError as exc:\n"
+        "    print(exc)\n",
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "pip install --no-build-isolation -e ." in done.stdout
+    assert "./dev test" in done.stdout
+    assert "engine-import-attempts: 1" in done.stderr
+
+
+def test_a_run_without_the_compiled_module_fails_its_set_up_saying_how_to_build_it(
+    tmp_path: Path,
+) -> None:
+    config = Path(__file__).resolve().parent.parent / "configs" / "hello.toml"
+    done = _run_blocked(
+        "from vmsuper.supervisor.cli import main\n"
+        f"raise SystemExit(main(['run', {str(config)!r}, '--log-dir', 'logs']))\n",
+        tmp_path,
+    )
+    assert done.returncode == 125, done.stderr
+    assert "set-up failed: vmsuper's compiled hot path cannot be loaded" in done.stderr
+    assert "pip install --no-build-isolation -e ." in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_build_from_other_sources_is_refused(tmp_path: Path) -> None:
+    """The digest compiled into the module must be that of the sources beside it."""
+    package = Path(hotpath.__file__).parent
+    assert hotpath_source.digest(package) == hotpath.binding().lib.VMS_SOURCE_DIGEST
+    copy = tmp_path / "shared"
+    copy.mkdir()
+    for name in hotpath_source.SOURCES:
+        (copy / name).write_bytes((package / name).read_bytes())
+    assert hotpath_source.digest(copy) == hotpath.binding().lib.VMS_SOURCE_DIGEST
+    with (copy / "hotpath.c").open("a") as f:
+        f.write("/* changed */\n")
+    assert hotpath_source.digest(copy) != hotpath.binding().lib.VMS_SOURCE_DIGEST
 
 
 # -- encoding and parsing ---------------------------------------------------------------------
@@ -129,11 +229,8 @@ def test_range_lookup_matches_the_table(
             except Exception:  # an overlap in between: skip it
                 continue
     ranges = list(table.ranges())
-    array = (hotpath.Range * max(1, len(ranges)))(
-        *(hotpath.Range(r.start, r.length, r.space, r.async_write) for r in ranges)
-    )
     for space, address in [*probes, *((r.space, r.start) for r in ranges)]:
-        index = int(hotpath.library.vms_find_range(array, len(ranges), space, address))
+        index = hotpath.find_range(ranges, space, address)
         expected = table.lookup(space, address)
         assert (ranges[index] if index >= 0 else None) == expected
 
@@ -257,3 +354,21 @@ def test_a_signal_before_the_sleep_is_not_slept_through(
             signal.set_wakeup_fd(previous)
             os.close(read_end)
             os.close(write_end)
+
+
+# -- seqlocks ---------------------------------------------------------------------------------
+
+
+def test_a_seqlock_read_sees_only_whole_writes() -> None:
+    cells = (ctypes.c_uint64 * 3)()  # the generation, then 16 bytes of data
+    gen, data = ctypes.addressof(cells), ctypes.addressof(cells) + 8
+    out = bytearray(16)
+    assert hotpath.seq_read(gen, data, out) == 0
+    assert hotpath.seq_publish(gen, data, b"A" * 16) == 2
+    assert hotpath.seq_read(gen, data, out) == 2 and out == b"A" * 16
+    hotpath.seq_begin(gen)  # a writer under way: nothing it guards may be taken
+    assert cells[0] == 3
+    ctypes.memmove(data, b"B" * 8, 8)
+    assert hotpath.seq_read(gen, data, out) is None
+    assert hotpath.seq_end(gen) == 4
+    assert hotpath.seq_read(gen, data, out) == 4 and out == b"B" * 8 + b"A" * 8

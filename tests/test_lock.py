@@ -29,7 +29,7 @@ def test_digest_follows_every_input(tmp_path: Path) -> None:
     for old, new in [
         ('"psutil>=6"', '"psutil>=7"'),
         ('"ruff==0.17.6"', '"ruff==0.17.7"'),
-        ('requires = ["setuptools>=68"]', 'requires = ["setuptools>=69"]'),
+        ('"setuptools>=68"', '"setuptools>=69"'),
     ]:
         assert old in text
         changed.write_text(text.replace(old, new))

@@ -1,14 +1,20 @@
-"""Packaging: only the vmsuper namespace is importable, and the console script works."""
+"""Packaging: only the vmsuper namespace is importable, the console script works, and the C
+hot path is built by the package build."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 import vmsuper
+from vmsuper.shared import hotpath_source
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("name", ["supervisor", "workers", "shared"])
@@ -37,3 +43,21 @@ def test_console_script_reports_version(tmp_path: Path) -> None:
     proc = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert proc.returncode == 0
     assert vmsuper.__version__ in proc.stdout
+
+
+def test_cffi_builds_the_hot_path_and_runs_it() -> None:
+    """cffi is needed at build time (the build runs without isolation, from the lock) and at
+    run time (the compiled module imports `_cffi_backend`)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    requirement = re.compile(r"cffi\b")
+    assert any(requirement.match(r) for r in project["build-system"]["requires"])
+    assert any(requirement.match(r) for r in project["project"]["dependencies"])
+    assert 'cffi_modules=["shared/hotpath_build.py:ffibuilder"]' in (ROOT / "setup.py").read_text()
+
+
+def test_dev_rebuilds_the_hot_path_when_a_source_changes() -> None:
+    """`./dev` recompiles when any file the module's digest covers is newer than its stamp;
+    a file missing here would leave a stale module that `hotpath` then refuses."""
+    dev = (ROOT / "dev").read_text()
+    for name in hotpath_source.SOURCES:
+        assert f"[ shared/{name} -nt $built ]" in dev, name

@@ -11,7 +11,6 @@ table's generation moved on, so the worker rebuilds the array before the next ca
 from __future__ import annotations
 
 import ctypes
-from typing import Final
 
 from vmsuper.shared import hotpath
 from vmsuper.shared.shm import Doorbell, ExitKind, Mailbox, RangeCounts, TableReader, VcpuSlot
@@ -19,8 +18,6 @@ from vmsuper.workers.vcpu_channel import MAX_REQUEST, MAX_REQUEST_FDS, Channel, 
 from vmsuper.workers.vcpu_protocol import VcpuProtocol
 
 __all__ = ["FastExits"]
-
-_NO_RANGES: Final = (hotpath.Range * 1)()
 
 assert int(ExitKind.UNRESERVED) == 5 and int(ExitKind.ASYNC_WRITE) == 4  # hotpath.c's order
 
@@ -45,7 +42,7 @@ class FastExits:
         self._buffer = ctypes.create_string_buffer(MAX_REQUEST + 1)
         request_efd, done_efd = doorbell.fds()
         fds = channel.fds()
-        self._array: ctypes.Array[hotpath.Range] = _NO_RANGES
+        self._array = hotpath.ranges(())
         self.context = hotpath.WorkerContext(
             run=run_address,
             run_size=run_size,
@@ -58,7 +55,7 @@ class FastExits:
             stats=slot.cell_address("stats"),
             table_gen=reader.gen_address,
             known_gen=(1 << 64) - 1,  # odd: never a published generation
-            ranges=ctypes.addressof(self._array),
+            ranges=self._array,
             n_ranges=0,
             range_counts=range_counts.counts_address(),
             pipes=isinstance(channel, PipeChannel),
@@ -71,7 +68,7 @@ class FastExits:
             wake_fd=doorbell.wake_fd,
             state=0,
         )
-        self._pointer = ctypes.byref(self.context)
+        self._pointer = self.context
         self._loop = hotpath.library.vms_worker_loop
 
     def run(self, protocol: VcpuProtocol) -> hotpath.WorkerResult:
@@ -102,12 +99,9 @@ class FastExits:
         ranges = list(snapshot.ranges())  # IOPORT (0) first, each space by start
         self._live.describe(ranges)
         ranges = self._live.ranges  # the C loop sees no more ranges than the counters hold
-        size = max(1, len(ranges))
-        array = (hotpath.Range * size)(
-            *(hotpath.Range(r.start, r.length, r.space, r.async_write) for r in ranges)
-        )
+        array = hotpath.ranges(ranges)
         context = self.context
-        context.ranges = ctypes.addressof(array)
+        context.ranges = array
         context.n_ranges = len(ranges)
         hint = snapshot.hint
         context.hint_set = hint is not None and hint.is_set

@@ -1,0 +1,31 @@
+"""What the compiled hot path is built from, and the digest that tells a stale build.
+
+`hotpath_build.py` compiles the digest of these files into the module; `hotpath` compares it
+with the files beside it (when they are there: an installed wheel has only the module), so a
+module built from other sources is refused with the command that rebuilds it. Standard
+library only: the build loads this file on its own, before vmsuper is importable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Final
+
+SOURCES: Final = (
+    "hotpath.c",
+    "seqlock.c",
+    "vms_abi.h",
+    "abi.py",
+    "hotpath_build.py",
+    "hotpath_source.py",
+)
+"""The files of `vmsuper.shared` the module is built from."""
+
+
+def digest(directory: Path) -> int:
+    """A 63-bit digest of `SOURCES` in `directory` (fits a C integer constant as it is)."""
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update(name.encode() + b"\0" + (directory / name).read_bytes() + b"\0")
+    return int.from_bytes(h.digest()[:8], "little") >> 1
