@@ -218,6 +218,10 @@ def confine(
         vcpu_fd = _check_fds(vcpu)
         unmapped = _unmap_shared_mappings(vcpu, slot.cell_address("pause_seq"))
         _no_terminal_input()
+        # Test-only: where a subverted worker would write into another VCPU's block.
+        other_block = None
+        if confinement.misbehave == "write_other":
+            other_block = region.mailbox((vcpu + 1) % region.vcpus).head_address()
         confine_to = getattr(region, "confine_to", None)
         if confine_to is not None:
             confine_to(vcpu)
@@ -235,6 +239,7 @@ def confine(
             "mappings_unmapped": unmapped,
             "vcpu_fd": vcpu_fd,
             "parent": parent,
+            "other_block": other_block,
         }
         _read_no_source_files()
         wire.close_received_in_place()
@@ -380,6 +385,5 @@ def misbehave(action: str, vcpu: int, region: SharedRegion, confined: Mapping[st
         os.kill(confined["parent"], signal.SIGTERM)
     elif action == "exec_mapping":
         mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_EXEC)
-    elif action == "write_other":
-        other = (vcpu + 1) % region.vcpus
-        region.mailbox(other).complete(-1, errno.EIO)
+    elif action == "write_other":  # through an address taken before confinement
+        ctypes.memset(confined["other_block"], 0xFF, 8)
