@@ -245,10 +245,12 @@ REGION_HEADER = Struct(
         Field("pad", "uint32_t"),
         Field("size", U64),
         Field("table", U64),
-        Field("slots", U64),
-        Field("mailboxes", U64),
-        Field("stats", U64),
-        Field("range_counts", U64),
+        Field("vcpu_blocks", U64, doc="VCPU 0's block; each is page-aligned"),
+        Field("vcpu_block_size", U64),
+        Field("mailbox", U64, doc="offset in a VCPU's block"),
+        Field("slot", U64, doc="offset in a VCPU's block"),
+        Field("stats", U64, doc="offset in a VCPU's block"),
+        Field("range_counts", U64, doc="offset in a VCPU's block"),
     ],
 )
 
@@ -361,7 +363,7 @@ COUNTED_RANGE = Struct(
 STRUCTS: Final = tuple(_STRUCTS.values())
 
 MAGIC: Final = 0x48534D56  # "VMSH"
-VERSION: Final = 3
+VERSION: Final = 4
 """The region's layout version: a `vmsuper stats` of another version refuses to read it."""
 
 CONSTANTS: Final = {

@@ -9,13 +9,14 @@ vmsuper's layout but removes both costs where it can:
 - the runner thread's `KVM_RUN` loop, run without the GIL;
 - the worker's loop over plain I/O and MMIO exits: Wait{Io} out, Resume{data} back.
 
-Anything else goes back to Python (see `hotpath.c`). The package build compiles it into the
-cffi module `vmsuper.shared._hotpath` (`hotpath_build.py`: the C compiler checks every
-declaration Python uses against `hotpath.c`); cffi releases the GIL for every call.
+Anything else goes back to Python (see `hotpath.c`). The package build compiles it, with the
+shared region's seqlocks (`seqlock.c`), into the cffi module `vmsuper.shared._hotpath`
+(`hotpath_build.py`: the C compiler checks every declaration Python uses against its
+definition); cffi releases the GIL for every call.
 
-The compiled module is loaded on first use, not on import: `vmsuper logs`, `check`, `stats`
-and the SDK import this module's enums and never need it. A missing or stale build raises
-`HotpathError`, which says how to rebuild.
+The compiled module is loaded on first use, not on import: importing this module, the shared
+region's or the SDK, and `vmsuper logs`, `check`, `stats` or `--help`, never need it. A
+missing or stale build raises `HotpathError`, which says how to rebuild.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from vmsuper.shared import hotpath_source
 from vmsuper.shared.abi import RunnerResult, WorkerResult
 
 __all__ = [
+    "Bell",
     "HotpathError",
     "RunnerContext",
     "RunnerResult",
@@ -76,9 +78,12 @@ def _load() -> ModuleType:
     try:
         _hotpath = importlib.import_module("vmsuper.shared._hotpath")
     except ImportError as exc:
-        raise HotpathError(
-            f"vmsuper's compiled hot path cannot be loaded ({exc}): {REBUILD}"
-        ) from exc
+        here = Path(__file__).parent
+        # A library built before the cffi binding: Python's suffix order prefers it to the
+        # abi3 module, and a rebuild leaves it there.
+        stale = sorted(p.name for p in here.glob("_hotpath.cpython-*.so"))
+        fix = f"remove {', '.join(stale)} from {here}, then {REBUILD}" if stale else REBUILD
+        raise HotpathError(f"vmsuper's compiled hot path cannot be loaded ({exc}): {fix}") from exc
     here = Path(__file__).parent
     # Beside the sources (a checkout), the module must be built from them as they are now.
     sources_here = all((here / name).exists() for name in hotpath_source.SOURCES)
@@ -158,32 +163,47 @@ def take_signal() -> bool:
     return bool(library.vms_take_signal())
 
 
+class Bell:
+    """One bell (`struct vms_bell` at `address`), waited on with this process's last-seen
+    number `seen`: its pointers are made once, for a hand-off that may come every exit."""
+
+    __slots__ = ("_bell", "_ring", "_seen", "_wait", "address", "seen")
+
+    def __init__(self, address: int, seen: ctypes.c_uint32) -> None:
+        module = binding()
+        self.address = address
+        self.seen = seen
+        self._bell = module.ffi.cast("struct vms_bell *", address)
+        self._seen = module.ffi.cast("uint32_t *", ctypes.addressof(seen))
+        self._ring = module.lib.vms_bell_ring
+        self._wait = module.lib.vms_bell_wait
+
+    def ring(self, efd: int) -> None:
+        """Ring it (its waiter sleeps on `efd`)."""
+        err = self._ring(self._bell, efd)
+        if err:
+            raise OSError(-err, f"ringing a bell failed: {err}")
+
+    def wait(self, efd: int, spin_ns: int, wake_fd: int = -1) -> None:
+        """Wait until it rang since `seen` (which is updated). Raises InterruptedError when
+        a signal came while it slept (with `wake_fd`, the read end of the process's
+        `signal.set_wakeup_fd` pipe, also one that came while it polled): the caller drains
+        that pipe and decides whether to wait again."""
+        err = self._wait(self._bell, efd, self._seen, spin_ns, wake_fd)
+        if err == -errno.EINTR:
+            raise InterruptedError(errno.EINTR, "a signal came while waiting on a bell")
+        if err:
+            raise OSError(-err, f"waiting on a bell failed: {err}")
+
+
 def bell_ring(bell: int, efd: int) -> None:
     """Ring the bell at address `bell` (its waiter sleeps on `efd`)."""
-    module = binding()
-    err = module.lib.vms_bell_ring(module.ffi.cast("struct vms_bell *", bell), efd)
-    if err:
-        raise OSError(-err, f"ringing a bell failed: {err}")
+    Bell(bell, ctypes.c_uint32()).ring(efd)
 
 
 def bell_wait(bell: int, efd: int, seen: ctypes.c_uint32, spin_ns: int, wake_fd: int = -1) -> None:
-    """Wait until the bell rang since `seen` (which is updated). Raises InterruptedError when
-    a signal came while it slept (with `wake_fd`, the read end of the process's
-    `signal.set_wakeup_fd` pipe, also one that came while it polled): the caller drains that
-    pipe and decides whether to wait again."""
-    module = binding()
-    ffi = module.ffi
-    err = module.lib.vms_bell_wait(
-        ffi.cast("struct vms_bell *", bell),
-        efd,
-        ffi.cast("uint32_t *", ctypes.addressof(seen)),
-        spin_ns,
-        wake_fd,
-    )
-    if err == -errno.EINTR:
-        raise InterruptedError(errno.EINTR, "a signal came while waiting on a bell")
-    if err:
-        raise OSError(-err, f"waiting on a bell failed: {err}")
+    """`Bell.wait` for the bell at address `bell`."""
+    Bell(bell, seen).wait(efd, spin_ns, wake_fd)
 
 
 def seq_begin(gen: int) -> None:

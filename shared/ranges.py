@@ -1,7 +1,7 @@
 """Reserved I/O port / MMIO ranges and the call hint, as plain values (no I/O).
 
 The main worker owns one `RangeTable` and edits it on `ReserveRange`; the VCPU workers only ever
-see published snapshots of it (see `vmsuper.shared.shm`). The reservation rules are crosvm's,
+see published snapshots of it (see `vmsuper.shared.shm_table`). The reservation rules are crosvm's,
 errno for errno, because existing plugins test for them.
 """
 

@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 #define VMS_REGION_MAGIC 1213418838
-#define VMS_REGION_VERSION 3
+#define VMS_REGION_VERSION 4
 #define VMS_BUCKETS 48
 #define VMS_STOP_REASON_SIZE 128
 #define VMS_MAILBOX_ARG_OFFSET 64
@@ -86,10 +86,12 @@ struct vms_region_header {
     uint32_t pad;
     uint64_t size;
     uint64_t table;
-    uint64_t slots;
-    uint64_t mailboxes;
-    uint64_t stats;
-    uint64_t range_counts;
+    uint64_t vcpu_blocks; /* VCPU 0's block; each is page-aligned */
+    uint64_t vcpu_block_size;
+    uint64_t mailbox; /* offset in a VCPU's block */
+    uint64_t slot; /* offset in a VCPU's block */
+    uint64_t stats; /* offset in a VCPU's block */
+    uint64_t range_counts; /* offset in a VCPU's block */
 };
 
 /* The reserved ranges and the call hint: the seqlock generation alone on its cache line, then the payload: this head, max_hints struct vms_reg_hint, max_ranges struct vms_table_range. */
@@ -182,11 +184,13 @@ _Static_assert(offsetof(struct vms_region_header, max_hints) == 16, "offsetof(st
 _Static_assert(offsetof(struct vms_region_header, pad) == 20, "offsetof(struct vms_region_header, pad)");
 _Static_assert(offsetof(struct vms_region_header, size) == 24, "offsetof(struct vms_region_header, size)");
 _Static_assert(offsetof(struct vms_region_header, table) == 32, "offsetof(struct vms_region_header, table)");
-_Static_assert(offsetof(struct vms_region_header, slots) == 40, "offsetof(struct vms_region_header, slots)");
-_Static_assert(offsetof(struct vms_region_header, mailboxes) == 48, "offsetof(struct vms_region_header, mailboxes)");
-_Static_assert(offsetof(struct vms_region_header, stats) == 56, "offsetof(struct vms_region_header, stats)");
-_Static_assert(offsetof(struct vms_region_header, range_counts) == 64, "offsetof(struct vms_region_header, range_counts)");
-_Static_assert(sizeof(struct vms_region_header) == 72, "sizeof(struct vms_region_header)");
+_Static_assert(offsetof(struct vms_region_header, vcpu_blocks) == 40, "offsetof(struct vms_region_header, vcpu_blocks)");
+_Static_assert(offsetof(struct vms_region_header, vcpu_block_size) == 48, "offsetof(struct vms_region_header, vcpu_block_size)");
+_Static_assert(offsetof(struct vms_region_header, mailbox) == 56, "offsetof(struct vms_region_header, mailbox)");
+_Static_assert(offsetof(struct vms_region_header, slot) == 64, "offsetof(struct vms_region_header, slot)");
+_Static_assert(offsetof(struct vms_region_header, stats) == 72, "offsetof(struct vms_region_header, stats)");
+_Static_assert(offsetof(struct vms_region_header, range_counts) == 80, "offsetof(struct vms_region_header, range_counts)");
+_Static_assert(sizeof(struct vms_region_header) == 88, "sizeof(struct vms_region_header)");
 
 _Static_assert(offsetof(struct vms_table, gen) == 0, "offsetof(struct vms_table, gen)");
 _Static_assert(offsetof(struct vms_table, gen_line) == 8, "offsetof(struct vms_table, gen_line)");

@@ -27,7 +27,10 @@ import threading
 from typing import Any, Final
 
 from vmsuper.shared import hotpath, kvm
-from vmsuper.shared.shm import MAILBOX_ARG_SIZE, OP_RUN, Doorbell, Mailbox, VcpuSlot
+from vmsuper.shared.abi import MAILBOX_ARG_SIZE
+from vmsuper.shared.shm_doorbell import Doorbell
+from vmsuper.shared.shm_mailbox import OP_RUN, Mailbox
+from vmsuper.shared.shm_slot import VcpuSlot
 from vmsuper.supervisor import runner_seccomp
 
 __all__ = [

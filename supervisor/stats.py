@@ -29,7 +29,10 @@ from typing import Any, Final
 
 import psutil
 
-from vmsuper.shared.shm import RegionView, RunState, ShmError, VcpuReading
+from vmsuper.shared.abi import RunState
+from vmsuper.shared.shm import RegionView
+from vmsuper.shared.shm_layout import ShmError
+from vmsuper.shared.shm_slot import VcpuReading
 from vmsuper.supervisor import runinfo
 from vmsuper.supervisor.runinfo import RunInfo, RunInfoError
 from vmsuper.workers.vcpu_protocol import range_label
@@ -97,7 +100,7 @@ class VcpuFigures:
     response_s: dict[str, float | None]
     stop_reason: str
     buckets: tuple[int, ...] | None = None
-    """The response-time histogram (log2 buckets of ns, see `shm.HISTOGRAM_BUCKETS`)."""
+    """The response-time histogram (log2 buckets of ns, see `abi.HISTOGRAM_BUCKETS`)."""
     response_sum_ns: int = 0
 
     @property

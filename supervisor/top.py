@@ -25,7 +25,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from vmsuper.shared.shm import RegionView, ShmError, VcpuReading
+from vmsuper.shared.shm import RegionView
+from vmsuper.shared.shm_layout import ShmError
+from vmsuper.shared.shm_slot import VcpuReading
 from vmsuper.supervisor import runinfo
 from vmsuper.supervisor.runinfo import RunInfo
 from vmsuper.supervisor.stats import PERCENTILES, percentile_ns, state_name

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Final, Literal
 
 from vmsuper.shared import kvm, logs, wire
-from vmsuper.shared.shm import Doorbell, SharedRegion
+from vmsuper.shared.shm import SharedRegion
+from vmsuper.shared.shm_doorbell import Doorbell
 from vmsuper.supervisor import sandbox_user
 from vmsuper.supervisor.runners import VcpuRunner, install_kick_handler
 from vmsuper.workers import confine

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from vmsuper.shared import kvm
-from vmsuper.shared.shm import RunState, SharedRegion
+from vmsuper.shared.abi import RunState
+from vmsuper.shared.shm import SharedRegion
 
 __all__ = [
     "Sample",

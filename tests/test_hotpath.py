@@ -23,9 +23,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmsuper.shared import hotpath, hotpath_source
+from vmsuper.shared import abi, hotpath, hotpath_source
 from vmsuper.shared.ranges import RangeTable, Space
-from vmsuper.shared.shm import Doorbell, Mailbox, SharedRegion, drain_wakeup_pipe
+from vmsuper.shared.shm import SharedRegion
+from vmsuper.shared.shm_doorbell import Doorbell, drain_wakeup_pipe
+from vmsuper.shared.shm_mailbox import Mailbox
 from vmsuper.workers.vcpu_protocol import encode_io_wait, plain_resume_data
 
 
@@ -109,6 +111,39 @@ def test_first_use_without_the_compiled_module_says_how_to_build_it(tmp_path: Pa
     assert "pip install --no-build-isolation -e ." in done.stdout
     assert "./dev test" in done.stdout
     assert "engine-import-attempts: 1" in done.stderr
+
+
+def test_a_library_from_before_the_binding_is_named_for_removal(tmp_path: Path) -> None:
+    """A pre-cffi build left beside the sources (no module init) is what Python imports
+    first; the error names it, since a rebuild alone would not remove it."""
+    package = tmp_path / "vmsuper" / "shared"
+    package.mkdir(parents=True)
+    (tmp_path / "vmsuper" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "hotpath.py").write_text(Path(hotpath.__file__).read_text())
+    (package / "hotpath_source.py").write_text(Path(hotpath_source.__file__).read_text())
+    (package / "abi.py").write_text(Path(abi.__file__).read_text())
+    old = package / "_hotpath.cpython-311-x86_64-linux-gnu.so"
+    source = tmp_path / "empty.c"
+    source.write_text("int vms_abi(void) { return 2; }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(old), str(source)], check=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from vmsuper.shared import hotpath\n"
+            "try:\n"
+            "    hotpath.binding()\n"
+            "except hotpath.HotpathError as exc:\n"
+            "    print(exc)\n",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"remove {old.name} from {package}" in done.stdout
 
 
 def test_a_run_without_the_compiled_module_fails_its_set_up_saying_how_to_build_it(
@@ -319,12 +354,26 @@ def usr2_handler() -> Iterator[None]:
 def test_a_signal_while_a_bell_sleeps_interrupts_it(
     region: SharedRegion, usr2_handler: None
 ) -> None:
+    waiter = threading.get_ident()
+    woken = threading.Event()
+
+    def send() -> None:
+        # Once the waiter sleeps, at this very thread; again while it still sleeps, since a
+        # signal that lands just before its read() is handled without interrupting anything.
+        wait_until_sleeping(region.mailbox(0), 0)
+        while not woken.is_set():
+            signal.pthread_kill(waiter, signal.SIGUSR2)
+            woken.wait(0.05)
+
     with Doorbell(region.mailbox(0)) as bell:
-        sender = threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGUSR2))
+        sender = threading.Thread(target=send)
         sender.start()
-        with pytest.raises(InterruptedError):
-            hotpath.bell_wait(bell.request_bell, bell.fds()[0], bell.request_seen, 0)
-        sender.join()
+        try:
+            with pytest.raises(InterruptedError):
+                hotpath.bell_wait(bell.request_bell, bell.fds()[0], bell.request_seen, 0)
+        finally:
+            woken.set()
+            sender.join()
 
 
 def test_a_signal_before_the_sleep_is_not_slept_through(

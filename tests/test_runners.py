@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from vmsuper.shared import kvm
-from vmsuper.shared.shm import MAILBOX_ARG_SIZE
+from vmsuper.shared.abi import MAILBOX_ARG_SIZE
 from vmsuper.supervisor.runners import ALLOWED_IOCTLS, check_argument
 
 

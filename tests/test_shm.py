@@ -19,17 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from vmsuper.shared.abi import MAILBOX_ARG_SIZE, ExitKind, RunState
 from vmsuper.shared.ranges import CallHint, Range, RangeError, RangeTable, RegHint, Space
-from vmsuper.shared.shm import (
-    MAILBOX_ARG_SIZE,
-    OP_RUN,
-    Doorbell,
-    ExitKind,
-    RegionView,
-    RunState,
-    SharedRegion,
-    ShmError,
-)
+from vmsuper.shared.shm import RegionView, SharedRegion
+from vmsuper.shared.shm_doorbell import Doorbell
+from vmsuper.shared.shm_layout import ShmError
+from vmsuper.shared.shm_mailbox import OP_RUN
 
 U64_MASK = (1 << 64) - 1
 CHILD_DEADLINE = 30.0  # seconds a child waits for its peer before giving up with an error code
@@ -492,3 +487,81 @@ def test_range_counts_carry_over_and_separate_the_c_loops_counts(region: SharedR
         assert view.range_counts(0) == []
         live.describe([b, c])  # a new table: b keeps its count
         assert view.range_counts(1) == [(b, 3), (c, 0)]
+
+
+def _region_mappings(fd_name: str = "memfd:vmsuper-shm") -> list[tuple[int, int]]:
+    """[start, end) of this process's mappings of the region's memfd."""
+    found = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if fd_name in line:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            found.append((start, end))
+    return found
+
+
+def test_each_vcpu_has_one_page_aligned_block() -> None:
+    with SharedRegion.create(3) as region:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(region.mmap))
+        blocks = []
+        for i in range(3):
+            cells = [
+                region.mailbox(i).arg_address(),
+                region.slot(i).cell_address("pause_seq"),
+                region.slot(i).cell_address("stats"),
+                region.range_counts(i).counts_address(),
+            ]
+            start = min(cells) - base
+            blocks.append(start)
+            assert start % mmap.PAGESIZE == 0 or (start - 64) % mmap.PAGESIZE == 0
+        assert blocks == sorted(blocks)
+        assert region.reader().gen_address - base < blocks[0]
+
+
+def test_a_confined_worker_maps_only_its_own_block_and_the_table() -> None:
+    """After `confine_to(1)` in a forked child, VCPU 1's objects and the table work, VCPU 0's
+    block is gone: touching it kills the child with SIGSEGV."""
+    with SharedRegion.create(2) as region:
+        table = RangeTable()
+        table.reserve(Space.IOPORT, 0x3F8, 8)
+        region.table.publish(table, None)
+        other = region.slot(0)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.close(read_end)
+                before = len(_region_mappings())
+                region.confine_to(1)
+                slot = region.slot(1)
+                slot.count(ExitKind.IO_IN)
+                slot.begin_wait(RunState.WAITING_PLUGIN)
+                slot.resumed()
+                region.mailbox(1).post(0x1234, b"arg")
+                region.range_counts(1).describe(list(table.ranges()))
+                assert region.reader().lookup(Space.IOPORT, 0x3F9) is not None
+                with pytest.raises(ShmError):
+                    region.slot(0)
+                assert region.fd == -1
+                mapped = _region_mappings()
+                base = ctypes.addressof(ctypes.c_char.from_buffer(region.mmap))
+                own = region.mailbox(1).arg_address() - 64  # the mailbox opens the block
+                assert mapped[0][0] == base and mapped[0][1] <= region.slot(1).cell_address(
+                    "pause_seq"
+                )
+                assert mapped[1:] == [(own, base + region.size)]
+                os.write(write_end, f"{before} {len(mapped)}\n".encode())
+                other.count(ExitKind.IO_IN)  # VCPU 0's block: SIGSEGV
+            except BaseException as exc:
+                os.write(write_end, f"failed: {exc!r}\n".encode())
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        with os.fdopen(read_end) as reports:
+            said = reports.read()
+        _, status = os.waitpid(pid, 0)
+        assert said.split() == ["1", "2"], said  # the table's block and VCPU 1's
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV, said
+        # The parent's mapping is untouched.
+        assert region.slot(0).counters()["io_in"] == 0
+        assert region.slot(1).counters()["io_in"] == 1

@@ -34,10 +34,11 @@ import psutil
 import pytest
 
 from vmsuper.shared import kvm, wire
+from vmsuper.shared.abi import RunState
 from vmsuper.shared.asm import assemble
 from vmsuper.shared.plugin_pb2 import CpuidEntry, VcpuRequest, VcpuResponse
 from vmsuper.shared.ranges import CallHint, RangeTable, RegHint, Space
-from vmsuper.shared.shm import RunState, SharedRegion
+from vmsuper.shared.shm import SharedRegion
 from vmsuper.supervisor.vcpus import VcpuSet, VcpuSetError
 from vmsuper.workers.vcpu_protocol import STATE_SETS, StateSet
 from vmsuper.workers.vcpu_worker import WorkerStatus

@@ -6,7 +6,8 @@ mapped, `confine` makes the worker:
 
 1. check it holds no KVM fd but its own VCPU's (no `/dev/kvm`, no VM fd, no other VCPU's),
    unmap every shared mapping it inherited from the supervisor but its region and its own
-   `kvm_run` page (the other VCPUs' pages, guest memory), and take /dev/null for stdin;
+   `kvm_run` page (the other VCPUs' pages, guest memory), keep only its own VCPU's block of
+   the region (`SharedRegion.confine_to`), and take /dev/null for stdin;
 2. become non-dumpable (no core file, no ptrace by other processes of its user) with
    `RLIMIT_CORE` 0;
 3. drop every capability: the bounding set (when it may), the ambient set, and, as root, its
@@ -25,7 +26,8 @@ tracebacks it logs name file, line and function but carry no source text (`linec
 not to read files), and everything it imports is imported before.
 
 Firecracker's jailer and per-thread filters are the model; here the worker is a process of its
-own, so the filter covers the process (TSYNC), and the mappings of other VCPUs go away too.
+own, so the filter covers the process (TSYNC), and the other VCPUs' memory goes away too: a
+write into another VCPU's mailbox or slot is a SIGSEGV.
 
 `MISBEHAVE_VARIABLE` is a test-only hook: the supervisor reads it from its own environment
 (the plugin cannot set that) and a worker told to misbehave does so right after confinement,
@@ -48,7 +50,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from vmsuper.shared import bpf, hotpath, kvm, wire
-from vmsuper.shared.shm import SharedRegion, VcpuSlot
+from vmsuper.shared.shm import SharedRegion
+from vmsuper.shared.shm_slot import VcpuSlot
 
 __all__ = [
     "ALLOWED",
@@ -222,9 +225,10 @@ def confine(
         other_block = None
         if confinement.misbehave == "write_other":
             other_block = region.mailbox((vcpu + 1) % region.vcpus).head_address()
-        confine_to = getattr(region, "confine_to", None)
-        if confine_to is not None:
-            confine_to(vcpu)
+        # The region's memfd went with every other fd the worker does not use, right after
+        # fork (`close_fds_except`): its number is stale, maybe reused, and must not be closed.
+        region.fd = -1
+        region.confine_to(vcpu)
         _check(_libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "PR_SET_DUMPABLE")
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         parent = os.getppid()

@@ -13,7 +13,12 @@ from __future__ import annotations
 import ctypes
 
 from vmsuper.shared import hotpath
-from vmsuper.shared.shm import Doorbell, ExitKind, Mailbox, RangeCounts, TableReader, VcpuSlot
+from vmsuper.shared.abi import ExitKind
+from vmsuper.shared.shm_counts import RangeCounts
+from vmsuper.shared.shm_doorbell import Doorbell
+from vmsuper.shared.shm_mailbox import Mailbox
+from vmsuper.shared.shm_slot import VcpuSlot
+from vmsuper.shared.shm_table import TableReader
 from vmsuper.workers.vcpu_channel import MAX_REQUEST, MAX_REQUEST_FDS, Channel, PipeChannel
 from vmsuper.workers.vcpu_protocol import VcpuProtocol
 

@@ -40,21 +40,16 @@ from types import FrameType
 from typing import Any, Final, NoReturn, Protocol
 
 from vmsuper.shared import hotpath, kvm, logs
+from vmsuper.shared.abi import ExitKind, RunState
 from vmsuper.shared.hotpath import WorkerResult
 from vmsuper.shared.ranges import Space
-from vmsuper.shared.shm import (
-    OP_RUN,
-    Doorbell,
-    ExitKind,
-    Mailbox,
-    RangeCounts,
-    RunState,
-    SharedRegion,
-    ShmError,
-    TableReader,
-    VcpuSlot,
-    drain_wakeup_pipe,
-)
+from vmsuper.shared.shm import SharedRegion
+from vmsuper.shared.shm_counts import RangeCounts
+from vmsuper.shared.shm_doorbell import Doorbell, drain_wakeup_pipe
+from vmsuper.shared.shm_layout import ShmError
+from vmsuper.shared.shm_mailbox import OP_RUN, Mailbox
+from vmsuper.shared.shm_slot import VcpuSlot
+from vmsuper.shared.shm_table import TableReader
 from vmsuper.workers import confine
 from vmsuper.workers.fast_exits import FastExits
 from vmsuper.workers.fault_report import regs_record, sregs_record

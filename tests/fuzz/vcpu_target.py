@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from vmsuper.shared import hotpath, kvm
+from vmsuper.shared.abi import MAILBOX_ARG_SIZE
 from vmsuper.shared.plugin_pb2 import VcpuRequest, VcpuResponse
 from vmsuper.shared.ranges import CallHint, Range, RangeError, RangeTable, RegHint, Space
-from vmsuper.shared.shm import MAILBOX_ARG_SIZE
 from vmsuper.workers.vcpu_protocol import (
     HV_CPUID_MAX_ENTRIES,
     STATE_SETS,

@@ -1,0 +1,110 @@
+"""The doorbell of a VCPU's mailbox: the worker's "request posted" to its runner thread and the
+runner's "done" back, each a bell in the mailbox's head (`hotpath.c`) plus an eventfd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from types import TracebackType
+from typing import Final
+
+from vmsuper.shared import abi, hotpath
+from vmsuper.shared.shm_mailbox import Mailbox
+
+_BELL_STRIDE: Final = abi.MAIL.offset("done") - abi.MAIL.offset("request")
+_U32_MASK: Final = (1 << 32) - 1
+
+
+class Doorbell:
+    """The hand-off of one mailbox: "request posted" (worker -> runner) and "done" (back).
+
+    Each direction is a bell (`hotpath.c`): a sequence number and a "sleeping" flag in the
+    mailbox's head, and an eventfd to sleep on. A waiter polls the number for `spin_ns`
+    first, so a hand-off between two busy processes costs no wake-up; a ring writes the
+    eventfd only when its waiter sleeps. Each process keeps its own last-seen numbers.
+    """
+
+    def __init__(self, mailbox: Mailbox, *, spin_ns: int = 0) -> None:
+        if spin_ns < 0:
+            raise ValueError(f"spin_ns must not be negative: {spin_ns}")
+        self._request = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            self._done = os.eventfd(0, os.EFD_CLOEXEC)
+        except OSError:
+            os.close(self._request)
+            raise
+        self.request_bell = mailbox.bells_address()
+        self.done_bell = self.request_bell + _BELL_STRIDE
+        self.request_seen = ctypes.c_uint32(mailbox.bell_seq(0))
+        self.done_seen = ctypes.c_uint32(mailbox.bell_seq(1))
+        self.spin_ns = spin_ns
+        self.wake_fd = -1
+        """The read end of this process's `signal.set_wakeup_fd` pipe, if it has one (a VCPU
+        worker): a wait then also ends for a signal that came while it polled, runs the
+        handler and waits again, like an interrupted system call (PEP 475)."""
+        self._bells: tuple[hotpath.Bell, hotpath.Bell] | None = None
+        self._closed = False
+
+    def fds(self) -> tuple[int, int]:
+        """(request fd, done fd): the eventfds the two sides sleep on."""
+        return self._request, self._done
+
+    def _bell(self, which: int) -> hotpath.Bell:
+        """Bell 0 (request) or 1 (done), made on first use (it needs the compiled module)."""
+        if self._bells is None:
+            self._bells = (
+                hotpath.Bell(self.request_bell, self.request_seen),
+                hotpath.Bell(self.done_bell, self.done_seen),
+            )
+        return self._bells[which]
+
+    def ring_request(self) -> None:
+        self._bell(0).ring(self._request)
+
+    def wait_request(self) -> int:
+        """Block until a request is posted; the number of rings since the last wait. Raises
+        InterruptedError if a signal came while it slept."""
+        return self._wait(self._bell(0), self._request)
+
+    def ring_done(self) -> None:
+        self._bell(1).ring(self._done)
+
+    def wait_done(self) -> int:
+        return self._wait(self._bell(1), self._done)
+
+    def _wait(self, bell: hotpath.Bell, efd: int) -> int:
+        before = bell.seen.value
+        while True:
+            try:
+                bell.wait(efd, self.spin_ns, self.wake_fd)
+                return (bell.seen.value - before) & _U32_MASK
+            except InterruptedError:
+                if self.wake_fd < 0:
+                    raise
+                drain_wakeup_pipe(self.wake_fd)  # the handlers run before the next wait
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._request)
+            os.close(self._done)
+
+    def __enter__(self) -> Doorbell:
+        return self
+
+    def __exit__(
+        self, exc: type[BaseException] | None, val: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def drain_wakeup_pipe(fd: int) -> None:
+    """Empty a non-blocking `signal.set_wakeup_fd` pipe (Python already noted the signals);
+    nothing for -1 (no pipe)."""
+    if fd < 0:
+        return
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 256):
+            pass
