@@ -238,6 +238,7 @@ def test_a_worker_that_misbehaves_is_killed_and_named(
     # Every worker was reaped before vmsuper exited (126: not by the signal "kill" tried).
     for vcpu in (0, 1):
         assert not psutil.pid_exists(result.vcpu_records(vcpu)[0]["pid"])
+    assert not psutil.pid_exists(json.loads(result.stdout.splitlines()[0])["pid"])  # the plugin
 
 
 # -- one process, confined or trapped, without a VM ------------------------------------------------
