@@ -122,7 +122,7 @@ class VcpuSet:
     ) -> None:
         """`fast_exits`: serve plain exits in C (`hotpath`); `poll_ns`: how long a worker and
         its runner poll for each other before they sleep (0: never); `worker_user`: who the
-        workers become (`worker_user()`; None: its default)."""
+        workers become (`workers_user()`; None: its default)."""
         if not 1 <= count <= region.vcpus:
             raise ValueError(f"VCPU count {count} outside 1..{region.vcpus} (the shared region)")
         if transport not in TRANSPORTS:
@@ -134,6 +134,10 @@ class VcpuSet:
         install_kick_handler()
         user = worker_user if worker_user is not None else workers_user(None)
         self._worker_ids = (user.uid, user.gid) if user.switch else (None, None)
+        # Test-only (`confine.MISBEHAVE_VARIABLE`); a malformed value fails here, before Start.
+        self._misbehave = [
+            confine.misbehaviour_from_environment(i, os.environ) for i in range(count)
+        ]
         self._vm = vm
         self.count = count
         self.transport = transport
@@ -229,7 +233,7 @@ class VcpuSet:
                 stream.flush()
         for i in range(self.count):
             uid, gid = self._worker_ids
-            misbehave = confine.misbehaviour_from_environment(i, os.environ)
+            misbehave = self._misbehave[i]
             spec = WorkerSpec(
                 vcpu=i,
                 vcpu_fd=self._vcpus[i].fd,
