@@ -88,7 +88,7 @@ def test_a_boot_sector_writes_a_sector_and_snapshot_keeps_the_image(
 
 @pytest.mark.kvm
 @pytest.mark.timeout(BOOT_TIMEOUT + 60)
-def test_bios_is_write_protected_debugcon_logs_and_a_reset_ends_the_run(
+def test_bios_is_write_protected_smbios_is_ours_debugcon_logs_and_a_reset_ends_the_run(
     vmsuper: VmRunner, tmp_path: Path
 ) -> None:
     source = (REPO / "tests" / "guests" / "pc_probe_boot.S").read_text()
@@ -97,6 +97,9 @@ def test_bios_is_write_protected_debugcon_logs_and_a_reset_ends_the_run(
     result = boot(vmsuper, disk, "--debugcon")
     assert result.status == 0, result.stdout + result.stderr
     assert "f-segment: read-only" in result.stdout
+    # SeaBIOS placed the tables vmsuper-pc gave through fw_cfg (its own would say "Bochs").
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    assert "SMBIOS product: vmsuper-pc" in lines, result.stdout
     assert "the guest asked for a reset (port 0xcf9 = 0x06)" in result.stderr
     # SeaBIOS logs to port 0x402 only when it reads back 0xe9 there.
     assert f"debugcon: {BANNER}" in result.stderr

@@ -42,11 +42,14 @@ from vmsuper.devices import (
 from vmsuper.devices.uart import COM1
 from vmsuper.plugin import Connection, Init, Io, IrqEvent, User, Vcpu
 
+from . import smbios
 from .memory import PcMemory
 from .sampler import SAMPLE_TOKEN, Samples, start_sampling
+from .smbios import smbios_files
 
 IDE_BOOT_PATH = "/pci@i0cf8/*@1,1/drive@0/disk@0"
 IRQ_LINES = (1, 4, 12, 14)
+CPUS = 1
 RESET_STATUS = 0  # like QEMU with -no-reboot: a reset request ends the run normally
 
 
@@ -77,17 +80,21 @@ class PcMachine:
         pci.attach(1, 0, Piix3Isa())
         pci.attach(1, 1, Piix3Ide())
         self.uart = Uart16550(COM1, async_transmit=options.serial_input is None)
+        fw_cfg = FwCfg.for_pc(
+            ram_below_4g=options.ram_size,
+            cpus=CPUS,
+            boot_order=[IDE_BOOT_PATH],
+            serial_console=COM1,
+        )
+        anchor, tables = smbios_files(ram_size=options.ram_size, cpus=CPUS)
+        fw_cfg.add_file(smbios.ANCHOR_NAME, anchor)
+        fw_cfg.add_file(smbios.TABLES_NAME, tables)
         self.bus = Bus(
             [
                 pci,
                 self.uart,
                 Cmos(ram_below_4g=options.ram_size),
-                FwCfg.for_pc(
-                    ram_below_4g=options.ram_size,
-                    cpus=1,
-                    boot_order=[IDE_BOOT_PATH],
-                    serial_console=COM1,
-                ),
+                fw_cfg,
                 AtaChannel(options.disk),
                 I8042(),
                 PortA(),
