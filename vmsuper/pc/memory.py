@@ -8,9 +8,10 @@ One sealed memfd holds all RAM; another the firmware image. Guest-physical layou
   firmware's low alias (read-only), or nothing — see `shadow`;
 - the firmware image read-only just below 4 GiB, where the CPU fetches its first instruction.
 
-`ShadowWindow.apply` re-creates only the segments whose backing changed, destroying the old
-memory object first (KVM slots may not overlap); the VCPU is stopped in the PAM write while
-this happens, so the guest sees the new map from its next instruction.
+`ShadowWindow.apply` keeps one memory object per run of segments of one kind, and re-creates
+only the runs that changed, destroying the old memory objects first (KVM slots may not
+overlap); the VCPU is stopped in the PAM write while this happens, so the guest sees the new
+map from its next instruction.
 """
 
 from __future__ import annotations
@@ -76,22 +77,21 @@ class ShadowWindow:
     def __init__(self, memory: PcMemory, *, rom_alias_start: int) -> None:
         self.memory = memory
         self.rom_alias_start = rom_alias_start
-        self.current: dict[int, tuple[shadow.Kind, Memory | None]] = {}
+        self.current: dict[shadow.Backing, Memory | None] = {}
         self.remaps = 0
 
     def apply(self, segments: list[PamSegment]) -> int:
-        """Make the window match `segments`; returns how many segments changed."""
-        changed = 0
-        for backing in shadow.plan(segments, rom_alias_start=self.rom_alias_start):
-            kind, old = self.current.get(backing.start, (None, None))
-            if kind is backing.kind:
-                continue
+        """Make the window match `segments`; returns how many memory objects it destroyed
+        and created."""
+        wanted = shadow.coalesce(shadow.plan(segments, rom_alias_start=self.rom_alias_start))
+        requests = 0
+        for backing in [backing for backing in self.current if backing not in wanted]:
+            old = self.current.pop(backing)
             if old is not None:
                 old.destroy()
-            self.current[backing.start] = (backing.kind, self.memory.map_backing(backing))
-            changed += 1
-        self.remaps += changed
-        return changed
-
-    def kinds(self) -> dict[int, shadow.Kind]:
-        return {start: kind for start, (kind, _) in sorted(self.current.items())}
+                requests += 1
+        for backing in [backing for backing in wanted if backing not in self.current]:
+            new = self.current[backing] = self.memory.map_backing(backing)
+            requests += new is not None
+        self.remaps += requests
+        return requests
