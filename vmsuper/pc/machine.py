@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,6 +111,8 @@ class PcMachine:
         self.irqs: dict[int, IrqEvent] = {line: conn.create_irq_event(line) for line in IRQ_LINES}
         self.memory.window.apply(self.host_bridge.segments())
         self.samples = Samples()
+        self.started = 0.0  # perf_counter() when the VCPU loop started
+        self.handling_s = 0.0  # time from an I/O exit's arrival to its answer
         self.stop_sampling = threading.Event()
 
     # --- actions -----------------------------------------------------------------------------
@@ -174,14 +177,17 @@ class PcMachine:
             self.stop_sampling.set()
 
     def _serve(self, vcpu: Vcpu) -> int:
+        self.started = time.perf_counter()
         while True:
             event = vcpu.wait()
             if isinstance(event, Io):
+                handling = time.perf_counter()
                 data, status = self.handle(event)
                 if status is not None:
                     return status
                 if not event.no_resume:
                     vcpu.resume(data)
+                self.handling_s += time.perf_counter() - handling
             elif isinstance(event, Init):
                 self.set_up_vcpu(vcpu)
                 vcpu.resume()
@@ -207,6 +213,12 @@ class PcMachine:
     def exit_summary(self) -> str:
         counts = ", ".join(f"{name} {count}" for name, count in self.exits.most_common())
         summary = f"exits by device: {counts}; memory remaps: {self.memory.window.remaps}"
+        if self.started:
+            run_s = time.perf_counter() - self.started
+            summary += (
+                f"; handling exits: {1000 * self.handling_s:.0f} ms of {run_s:.2f} s "
+                f"({100 * self.handling_s / run_s:.1f}%)"
+            )
         if self.options.sample_interval_s > 0:
             summary += f"; {self.samples.summary()}"
         return summary
