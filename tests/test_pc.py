@@ -25,11 +25,12 @@ DEBUG_EXIT_STATUS = 33  # (0x10 << 1) | 1
 BOOT_TIMEOUT = 300.0  # SeaBIOS runs instruction by instruction on an emulating KVM
 
 
-def boot(vmsuper: VmRunner, disk: Path, *extra: str) -> VmResult:
+def boot(vmsuper: VmRunner, disk: Path, *extra: str, vcpus: int = 1) -> VmResult:
     """Run vmsuper-pc on `disk`; its folder is shown to the plugin, writable, if sandboxed."""
     spec = VmSpec(
         args=["--bios", str(BIOS), "--disk", str(disk), *extra],
         mounts=[(disk.parent, None, True)],
+        vcpus=vcpus,
     )
     return vmsuper.run(str(PC), spec, timeout=BOOT_TIMEOUT)
 
@@ -59,6 +60,18 @@ def test_seabios_boots_the_demo_disk(vmsuper: VmRunner, tmp_path: Path) -> None:
         MESSAGE.decode().strip(),
     ), result.stdout
     assert "the guest wrote 0x10 to port 0xf4" in result.stderr
+
+
+@pytest.mark.kvm
+@pytest.mark.timeout(BOOT_TIMEOUT + 60)
+def test_seabios_wakes_the_second_vcpu_and_boots(vmsuper: VmRunner, tmp_path: Path) -> None:
+    disk = tmp_path / "demo.img"
+    disk.write_bytes(demo_image())
+    result = boot(vmsuper, disk, "--snapshot", "--debugcon", vcpus=2)
+    assert result.status == DEBUG_EXIT_STATUS, result.stdout + result.stderr
+    # SeaBIOS counts the application processors that ran its wake-up code (INIT, SIPI).
+    assert "debugcon: Found 2 cpu(s) max supported 2 cpu(s)" in result.stderr
+    assert MESSAGE.decode().strip() in result.stdout
 
 
 @pytest.mark.kvm
