@@ -173,8 +173,8 @@ class PcMachine:
     def run(self, vcpus: Sequence[Vcpu]) -> int:
         """Serve the VCPUs until a device ends the run; the exit status.
 
-        The first VCPU is served on this thread, the others on their own (daemon) threads:
-        the run ends when any of them sees a device end it, and the process exits then.
+        Each VCPU is served on its own (daemon) thread; the run ends when any of them sees a
+        device end it (or its channel fail), and the process exits then.
         """
         if self.options.serial_input is not None:
             threading.Thread(target=self._read_input, daemon=True).start()
@@ -182,12 +182,11 @@ class PcMachine:
             start_sampling(self.conn, self.options.sample_interval_s, self.stop_sampling)
         self.started = time.perf_counter()
         ended: queue.SimpleQueue[int | BaseException] = queue.SimpleQueue()
-        for vcpu in vcpus[1:]:
+        for vcpu in vcpus:
             threading.Thread(
                 target=self._serve_to, args=(vcpu, ended), name=f"vcpu-{vcpu.index}", daemon=True
             ).start()
         try:
-            self._serve_to(vcpus[0], ended)
             outcome = ended.get()
         finally:
             self.stop_sampling.set()
