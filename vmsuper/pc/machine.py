@@ -48,7 +48,6 @@ from . import smbios
 from .cpuid import cpuid_for_vcpu
 from .memory import PcMemory
 from .sampler import SAMPLE_TOKEN, Samples, start_sampling
-from .smbios import smbios_files
 
 IDE_BOOT_PATH = "/pci@i0cf8/*@1,1/drive@0/disk@0"
 IRQ_LINES = (1, 4, 12, 14)
@@ -89,7 +88,7 @@ class PcMachine:
             boot_order=[IDE_BOOT_PATH],
             serial_console=COM1,
         )
-        anchor, tables = smbios_files(ram_size=options.ram_size, cpus=options.cpus)
+        anchor, tables = smbios.smbios_files(ram_size=options.ram_size, cpus=options.cpus)
         fw_cfg.add_file(smbios.ANCHOR_NAME, anchor)
         fw_cfg.add_file(smbios.TABLES_NAME, tables)
         self.bus = Bus(
