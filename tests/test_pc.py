@@ -117,6 +117,7 @@ def test_bios_is_write_protected_smbios_is_ours_debugcon_logs_and_a_reset_ends_t
     # SeaBIOS logs to port 0x402 only when it reads back 0xe9 there.
     assert f"debugcon: {BANNER}" in result.stderr
     assert "debugcon: Running on QEMU (i440fx)" in result.stderr
+    assert "debugcon: QEMU fw_cfg DMA interface supported" in result.stderr
 
 
 @pytest.mark.kvm

@@ -87,6 +87,7 @@ class PcMachine:
             cpus=options.cpus,
             boot_order=[IDE_BOOT_PATH],
             serial_console=COM1,
+            memory=self.memory.guest_ram,
         )
         anchor, tables = smbios.smbios_files(ram_size=options.ram_size, cpus=options.cpus)
         fw_cfg.add_file(smbios.ANCHOR_NAME, anchor)

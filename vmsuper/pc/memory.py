@@ -16,9 +16,11 @@ map from its next instruction.
 
 from __future__ import annotations
 
+import mmap
 import os
 
 from vmsuper.devices.chipset import PamSegment
+from vmsuper.devices.fw_cfg import GuestMemoryError
 from vmsuper.plugin import Connection, Memory, sealed_memfd
 
 from . import shadow
@@ -49,6 +51,7 @@ class PcMemory:
         ]
         alias = min(len(firmware), LOW_ALIAS_SIZE)
         self.window = ShadowWindow(self, rom_alias_start=shadow.WINDOW_END - alias)
+        self.guest_ram = GuestRam(self.ram_fd, ram_size)
 
     def ram(self) -> Memory:
         """The object holding low RAM; its ``mmap`` is the plugin's view of guest RAM from 0."""
@@ -69,6 +72,30 @@ class PcMemory:
             fd=self.ram_fd,
             offset=backing.start,
         )
+
+
+class GuestRam:
+    """The plugin's view of the guest's RAM, for devices that do DMA (fw_cfg).
+
+    One shared mapping of the RAM file, whose offsets are guest-physical addresses; only
+    0-0x9ffff and 1 MiB up to the RAM size are RAM for DMA (not the legacy window).
+    """
+
+    def __init__(self, ram_fd: int, ram_size: int) -> None:
+        self.view = mmap.mmap(ram_fd, ram_size)
+        self.areas = ((0, LOW_RAM_END), (HIGH_RAM_START, ram_size))
+
+    def _check(self, address: int, length: int) -> None:
+        if not any(start <= address and address + length <= end for start, end in self.areas):
+            raise GuestMemoryError(f"{address:#x}+{length:#x} is not RAM")
+
+    def read(self, address: int, length: int) -> bytes:
+        self._check(address, length)
+        return self.view[address : address + length]
+
+    def write(self, address: int, data: bytes) -> None:
+        self._check(address, len(data))
+        self.view[address : address + len(data)] = data
 
 
 class ShadowWindow:
