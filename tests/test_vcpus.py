@@ -42,7 +42,7 @@ from vmsuper.shared.shm import SharedRegion
 from vmsuper.supervisor.runners import KICK_SIGNAL
 from vmsuper.supervisor.vcpus import VcpuSet, VcpuSetError
 from vmsuper.workers.vcpu_protocol import STATE_SETS, StateSet
-from vmsuper.workers.vcpu_worker import WorkerStatus
+from vmsuper.workers.worker_status import WorkerStatus
 
 pytestmark = pytest.mark.kvm
 

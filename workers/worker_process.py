@@ -2,9 +2,10 @@
 
 `enter_worker` runs in the freshly forked child: it keeps only the fds the worker needs,
 leaves vmsuper's session, installs the worker's signal handling (`WorkerSignals`, which can be
-taken back), opens the worker's own log, builds the engine and the worker, serves, and ends
-with `os._exit(status)` (`worker_status`). The reason is logged (error level, with details)
-and stored in the VCPU's shared slot before exiting, where `describe_exit` finds it.
+taken back), opens the worker's own log, builds the engine and the worker, gives up what it
+does not need (`confine`), serves, and ends with `os._exit(status)` (`worker_status`). The
+reason is logged (error level, with details) and stored in the VCPU's shared slot before
+exiting, where `describe_exit` finds it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Final, NoReturn
 from vmsuper.shared import hotpath, kvm, logs
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.shared.shm_doorbell import Doorbell
+from vmsuper.workers import confine
 from vmsuper.workers.exit_engine import ExitEngine
 from vmsuper.workers.mailbox_calls import MailboxCalls
 from vmsuper.workers.vcpu_channel import VcpuChannel
@@ -54,6 +56,8 @@ class WorkerSpec:
     region: SharedRegion
     log_path: Path
     log_level: str
+    confinement: confine.Confinement = field(default_factory=confine.Confinement)
+    """What the worker gives up before serving (`workers/confine.py`): always confined."""
 
 
 def _raise_exit(signum: int, frame: FrameType | None) -> None:
@@ -215,6 +219,15 @@ def enter_worker(spec: WorkerSpec, *, parent_pid: int) -> NoReturn:
 
 def _run_worker(spec: WorkerSpec, log: Any) -> int:
     worker = build_worker(spec, log, essential=logs.essential_logger())
+    try:
+        confined = confine.confine(spec.vcpu, spec.confinement, spec.region, worker.slot)
+    except confine.ConfinementError as exc:
+        log.error("stopped", reason=str(exc), status=int(WorkerStatus.SETUP_FAILED))
+        worker.slot.stop(str(exc))
+        return WorkerStatus.SETUP_FAILED
+    log.info("worker_confined", uid=confined["uid"], gid=confined["gid"])
+    if spec.confinement.misbehave is not None:
+        confine.misbehave(spec.confinement.misbehave, spec.vcpu, spec.region, confined)
     status: int = WorkerStatus.UNEXPECTED
     try:
         # SIGTERM was blocked across fork and setup (see `STOP_SIGNALS`); one that came
