@@ -252,6 +252,20 @@ def test_the_cli_imports_only_what_its_command_needs() -> None:
     assert done.stdout == "[]\n"
 
 
+def test_dataclasses_on_the_run_path_have_docstrings() -> None:
+    # A dataclass without one gets its signature as __doc__, computed by inspect.signature at
+    # import: a cost on every `vmsuper run`'s start-up for a docstring nobody reads.
+    done = _python(
+        "import dataclasses, sys, vmsuper.supervisor.cli, vmsuper.supervisor.runner\n"
+        "print(sorted(f'{name}.{c.__qualname__}' for name, m in list(sys.modules.items())\n"
+        "    if name.startswith('vmsuper.') for c in vars(m).values()\n"
+        "    if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == name\n"
+        "    and (c.__doc__ or '').startswith(c.__name__ + '(')))"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
+
+
 def test_exit_now_flushes_output_and_keeps_the_status() -> None:
     done = _python(
         "import sys\n"
