@@ -65,10 +65,12 @@ def _import_structlog_lightly() -> None:
     import happens with rich hidden, and rich stays importable for everything after.
 
     Its package also imports `structlog.stdlib`, which imports asyncio (with ssl, about a
-    sixth of the supervisor's imports) for async methods vmsuper does not use. structlog
+    tenth of the supervisor's imports) for async methods vmsuper does not use. structlog
     gets a stand-in for asyncio instead (`_ImportedOnFirstUse`), which imports the real
     module on first use, so those methods still work; once structlog is in, the stand-in
-    leaves `sys.modules` and any later ``import asyncio`` gets the real module.
+    leaves `sys.modules` and any later ``import asyncio`` gets the real module. Should a
+    structlog release read asyncio at import, the stand-in imports it then: correct, only
+    no faster (tests/test_cli.py would notice).
     """
     if "structlog" in sys.modules:
         return
