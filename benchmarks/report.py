@@ -275,6 +275,7 @@ COLUMNS: Final[dict[str, list[Column]]] = {
         ("exec->Booting s", _summary("to_booting_s", 2)),
         ("exec->boot sector s", _summary("to_boot_sector_s", 2)),
         ("exec->exit s", _summary("to_exit_s", 2)),
+        ("in plugin %", _summary("plugin_share_pct", 1)),
         ("VCPU exits (mean per boot)", _exits),
     ],
 }

@@ -307,7 +307,8 @@ SLOT = Struct(
         Field("delivered_seq", U64, doc="written by the worker"),
         Field("run_state", U64, doc="enum vms_run_state"),
         Field("counters", U64, len(ExitKind), doc="by enum vms_exit_kind"),
-        Field("reserved", U64, 16 - 5 - len(ExitKind)),
+        Field("trapped_syscall", U64, doc="a confined worker's trapped system call + 1 (0: none)"),
+        Field("reserved", U64, 16 - 6 - len(ExitKind)),
         Field("stop_reason", "char", STOP_REASON_SIZE, doc="UTF-8, NUL-padded"),
     ],
 )

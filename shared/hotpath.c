@@ -649,3 +649,54 @@ int vms_worker_loop(struct vms_worker *w)
         }
     }
 }
+
+/* -- confinement: naming the system call a confined VCPU worker was killed for ------------ *
+ *
+ * A confined worker's seccomp filter (workers/confine.py) answers a call outside its allowlist
+ * with SECCOMP_RET_TRAP: the kernel skips the call and delivers SIGSYS, whose siginfo names it.
+ * The handler stores that number + 1 in the worker's shared slot (0 means none), where the
+ * supervisor reads it once it reaps the worker, then asks to reset SIGSYS's handler: the
+ * filter kills the process outright for rt_sigaction(SIGSYS), so the worker dies by SIGSYS
+ * there, and a hostile worker cannot put a handler of its own in this one's place either.
+ * Nothing here returns to the interrupted code. */
+#include <sys/syscall.h>
+
+static uint64_t *trapped_cell;
+
+static void on_trapped_syscall(int sig, siginfo_t *info, void *context)
+{
+    (void)context;
+    if (trapped_cell != NULL)
+        __atomic_store_n(trapped_cell, (uint64_t)(uint32_t)info->si_syscall + 1, __ATOMIC_SEQ_CST);
+    struct sigaction fallback;
+    memset(&fallback, 0, sizeof fallback);
+    fallback.sa_handler = SIG_DFL;
+    /* The kernel's sigaction for x86-64 takes the sigset's size, 8 bytes. */
+    syscall(SYS_rt_sigaction, sig, &fallback, NULL, 8);
+    /* Reached only without the filter (a test of this handler alone): die all the same. */
+    sigset_t unblock;
+    sigemptyset(&unblock);
+    sigaddset(&unblock, sig);
+    signal(sig, SIG_DFL);
+    sigprocmask(SIG_UNBLOCK, &unblock, NULL);
+    raise(sig);
+    _exit(128 + sig);
+}
+
+/* Catch SIGSYS with the handler above, storing into `cell` (a 64-bit cell of shared memory);
+ * 0, or -errno. Call it before the filter is installed. */
+int vms_trap_syscalls(uint64_t *cell)
+{
+    struct sigaction action;
+    sigset_t sigsys;
+    memset(&action, 0, sizeof action);
+    action.sa_sigaction = on_trapped_syscall;
+    action.sa_flags = SA_SIGINFO;
+    sigfillset(&action.sa_mask); /* nothing else runs on top of it */
+    trapped_cell = cell;
+    if (sigaction(SIGSYS, &action, NULL) < 0)
+        return -errno;
+    sigemptyset(&sigsys);
+    sigaddset(&sigsys, SIGSYS);
+    return sigprocmask(SIG_UNBLOCK, &sigsys, NULL) < 0 ? -errno : 0;
+}

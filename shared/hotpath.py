@@ -52,6 +52,7 @@ __all__ = [
     "seq_publish",
     "seq_read",
     "take_signal",
+    "trap_syscalls",
     "watch_signal",
 ]
 
@@ -261,3 +262,13 @@ def plain_resume(request: bytes) -> bytes | None:
     if not library.vms_plain_resume(request, len(request), offset, length):
         return None
     return request[offset[0] : offset[0] + length[0]]
+
+
+def trap_syscalls(cell: int) -> None:
+    """Catch SIGSYS from a seccomp trap: the trapped system call's number + 1 goes into the
+    64-bit cell at address `cell`, then the process dies by SIGSYS (`workers/confine.py`'s
+    filter kills it for resetting the handler). Call it before installing the filter."""
+    module = binding()
+    err = module.lib.vms_trap_syscalls(module.ffi.cast("uint64_t *", cell))
+    if err:
+        raise OSError(-err, "cannot catch SIGSYS")

@@ -105,6 +105,8 @@ uint64_t vms_seq_begin(uint64_t *gen);
 uint64_t vms_seq_end(uint64_t *gen);
 uint64_t vms_seq_publish(uint64_t *gen, uint8_t *dst, const uint8_t *src, size_t n);
 uint64_t vms_seq_read(const uint64_t *gen, uint8_t *dst, const uint8_t *src, size_t n);
+
+int vms_trap_syscalls(uint64_t *cell);
 """
 
 ffibuilder = cffi.FFI()

@@ -33,6 +33,7 @@ _C_PAUSE_TOKEN: Final = abi.SLOT.cell("pause_token")  # two cells: seq s's token
 _C_DELIVERED: Final = abi.SLOT.cell("delivered_seq")
 _C_RUN_STATE: Final = abi.SLOT.cell("run_state")
 _C_COUNTERS: Final = abi.SLOT.cell("counters")
+_C_TRAPPED_SYSCALL: Final = abi.SLOT.cell("trapped_syscall")  # hotpath.c's SIGSYS handler
 _STOP_REASON_OFF: Final = abi.SLOT.offset("stop_reason")
 
 # Statistics block (`struct vms_stats`).
@@ -65,6 +66,7 @@ class VcpuSlot:
         self._delivered = cell + _C_DELIVERED
         self._state = cell + _C_RUN_STATE
         self._counters = cell + _C_COUNTERS
+        self._trapped = cell + _C_TRAPPED_SYSCALL
         self._reason = off + _STOP_REASON_OFF
         self._layout = memory.layout
         self._lock = threading.Lock()
@@ -78,14 +80,15 @@ class VcpuSlot:
 
     def cell_address(self, cell: str) -> int:
         """The address of `pause_seq`, `delivered_seq`, `run_state`, `counters` (the first
-        counter; `ExitKind` indexes them) or `stats` (the VCPU's `struct vms_stats`), for
-        the C loops in `hotpath`."""
+        counter; `ExitKind` indexes them), `stats` (the VCPU's `struct vms_stats`) or
+        `trapped_syscall` (see `trapped_syscall`), for the C code in `hotpath`."""
         index = {
             "pause_seq": self._seq,
             "delivered_seq": self._delivered,
             "run_state": self._state,
             "counters": self._counters,
             "stats": self._wait_since - _S_WAIT_SINCE,
+            "trapped_syscall": self._trapped,
         }[cell]
         return self._base + index * 8
 
@@ -164,6 +167,13 @@ class VcpuSlot:
     def stop_reason(self) -> str:
         raw = self._mm[self._reason : self._reason + STOP_REASON_SIZE]
         return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    @property
+    def trapped_syscall(self) -> int | None:
+        """The system call the worker's seccomp filter stopped it for (`workers/confine.py`),
+        if it did: the SIGSYS handler in `hotpath.c` stores the number + 1."""
+        value = self._q[self._trapped]
+        return value - 1 if value else None
 
     def count(self, kind: ExitKind) -> None:
         """Add one exit of `kind` (only the worker writes its counters)."""

@@ -131,7 +131,8 @@ struct vms_slot {
     uint64_t delivered_seq; /* written by the worker */
     uint64_t run_state; /* enum vms_run_state */
     uint64_t counters[9]; /* by enum vms_exit_kind */
-    uint64_t reserved[2];
+    uint64_t trapped_syscall; /* a confined worker's trapped system call + 1 (0: none) */
+    uint64_t reserved[1];
     char stop_reason[128]; /* UTF-8, NUL-padded */
 };
 
@@ -220,7 +221,8 @@ _Static_assert(offsetof(struct vms_slot, pause_token) == 8, "offsetof(struct vms
 _Static_assert(offsetof(struct vms_slot, delivered_seq) == 24, "offsetof(struct vms_slot, delivered_seq)");
 _Static_assert(offsetof(struct vms_slot, run_state) == 32, "offsetof(struct vms_slot, run_state)");
 _Static_assert(offsetof(struct vms_slot, counters) == 40, "offsetof(struct vms_slot, counters)");
-_Static_assert(offsetof(struct vms_slot, reserved) == 112, "offsetof(struct vms_slot, reserved)");
+_Static_assert(offsetof(struct vms_slot, trapped_syscall) == 112, "offsetof(struct vms_slot, trapped_syscall)");
+_Static_assert(offsetof(struct vms_slot, reserved) == 120, "offsetof(struct vms_slot, reserved)");
 _Static_assert(offsetof(struct vms_slot, stop_reason) == 128, "offsetof(struct vms_slot, stop_reason)");
 _Static_assert(sizeof(struct vms_slot) == 256, "sizeof(struct vms_slot)");
 

@@ -50,6 +50,7 @@ __all__ = [
     "TooManyFds",
     "WireError",
     "close_received",
+    "close_received_in_place",
     "encode_delimited",
     "encode_varint",
     "enlarge_pipe",
@@ -151,7 +152,11 @@ def close_received(fd: int) -> None:
     peer could turn it back on through a copy that it closes at just the wrong moment, a
     socket is closed on a short-lived thread of its own, which is all such a close can hold
     up. Closing the other kinds a peer can pass (memfds, pipes, eventfds...) does not wait.
+    After `close_received_in_place`, every fd is closed at once on the calling thread.
     """
+    if _in_place:
+        os.close(fd)
+        return
     try:
         is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
     except OSError:
@@ -176,6 +181,17 @@ def close_received(fd: int) -> None:
         with _closers_lock:
             _closers.discard(closer)
         os.close(fd)
+
+
+_in_place = False
+
+
+def close_received_in_place() -> None:
+    """Make `close_received` close fds at once, on the caller's thread: for a process that may
+    start no thread nor look at an fd (a confined VCPU worker, `workers/confine.py`), where a
+    close that lingers holds up only the sending plugin's own VCPU, as in `hotpath.c`."""
+    global _in_place
+    _in_place = True
 
 
 _closers: set[threading.Thread] = set()

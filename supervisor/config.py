@@ -72,6 +72,9 @@ class VmConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=
     """Seconds the run may last before it is shut down as for SIGTERM; 0: no limit."""
     stall_warning: float = DEFAULT_STALL_WARNING
     """Seconds a VCPU may wait on the plugin (or stay in Init) before a warning; 0: never."""
+    worker_user: str | None = None
+    """The unprivileged host user a root vmsuper's VCPU workers switch to (None: the first of
+    `workers/confine.py`'s `WORKER_USERS` this host has)."""
 
 
 class MountConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -317,8 +320,9 @@ def _check(config: Config) -> None:
     for i, arg in enumerate(plugin.args):
         if "\0" in arg:
             raise _KeyError(f"plugin.args[{i}]", "must not contain a NUL character")
-    if plugin.user is not None and not re.fullmatch(r"[^\0/:\s]+", plugin.user):
-        raise _KeyError("plugin.user", f"expected a user name, got {plugin.user!r}")
+    for key, user in (("plugin.user", plugin.user), ("vm.worker_user", config.vm.worker_user)):
+        if user is not None and not re.fullmatch(r"[^\0/:\s]+", user):
+            raise _KeyError(key, f"expected a user name, got {user!r}")
     for i, mount in enumerate(plugin.mounts):
         _check_mount(i, mount)
     if config.net is not None:
@@ -394,7 +398,9 @@ def _resolve(config: Config, folder: Path, stem: str, *, bare: bool, check_plugi
         _resolve_mount(i, m, folder, check=check_plugin) for i, m in enumerate(config.plugin.mounts)
     )
     if check_plugin and config.plugin.user is not None:
-        _check_user(config.plugin.user)
+        _check_user(config.plugin.user, "plugin.user", "the plugin")
+    if check_plugin and config.vm.worker_user is not None:
+        _check_user(config.vm.worker_user, "vm.worker_user", "the VCPU workers")
     log_dir = _absolute(Path(_expand_log_dir(str(config.log.dir), stem)), folder)
     log_root = _absolute(Path(_log_root(str(config.log.dir))), folder)
     net = config.net
@@ -450,13 +456,13 @@ def _resolve_plugin(path: Path, folder: Path, *, bare: bool, check: bool) -> Pat
     return resolved
 
 
-def _check_user(name: str) -> None:
+def _check_user(name: str, key: str, who: str) -> None:
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        raise _KeyError("plugin.user", f"no user {name!r} in the passwd database") from None
+        raise _KeyError(key, f"no user {name!r} in the passwd database") from None
     if entry.pw_uid == 0 or entry.pw_gid == 0:
-        raise _KeyError("plugin.user", f"{name} has uid or gid 0: the plugin would be root")
+        raise _KeyError(key, f"{name} has uid or gid 0: {who} would be root")
 
 
 def _log_root(template: str) -> str:

@@ -42,8 +42,9 @@ from vmsuper.supervisor.plugin_output import (
 )
 from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
 from vmsuper.supervisor.sandbox import Sandbox
+from vmsuper.supervisor.sandbox_user import UserError
 from vmsuper.supervisor.shutdown_signal import Signalled, signal_shutdown
-from vmsuper.supervisor.vcpus import VcpuSet
+from vmsuper.supervisor.vcpus import VcpuSet, workers_user
 from vmsuper.supervisor.watchdog import Watchdog
 from vmsuper.workers.framing_check import unused_channels_hint
 from vmsuper.workers.limits import Limits
@@ -115,6 +116,10 @@ def _set_up(run: Run) -> None:
         raise SetupError(f"cannot create the VM: {exc}") from exc
     run.region = SharedRegion.create(cfg.vm.vcpus)
     run.closers.append(run.region.close)
+    try:
+        worker_user = workers_user(cfg.vm.worker_user)
+    except UserError as exc:
+        raise SetupError(str(exc)) from exc
     run.vcpus = VcpuSet(
         run.vm,
         count=cfg.vm.vcpus,
@@ -125,6 +130,7 @@ def _set_up(run: Run) -> None:
         log_level=cfg.log.level,
         fast_exits=cfg.vm.fast_exits,
         poll_ns=cfg.vm.poll_us * 1000,
+        worker_user=worker_user,
     )
     run.closers.append(run.vcpus.shutdown)
     run.closers.append(run.vcpus.close_plugin_fds)

@@ -31,6 +31,7 @@ from vmsuper.shared.abi import MAILBOX_ARG_SIZE
 from vmsuper.shared.shm_doorbell import Doorbell
 from vmsuper.shared.shm_mailbox import OP_RUN, Mailbox
 from vmsuper.shared.shm_slot import VcpuSlot
+from vmsuper.supervisor import runner_seccomp
 
 __all__ = [
     "ALLOWED_IOCTLS",
@@ -203,6 +204,7 @@ class VcpuRunner:
     def _main(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, RUNNER_BLOCKED)
         try:
+            runner_seccomp.confine_thread(self._fd, ALLOWED_IOCTLS)
             if self._fast:
                 self._fast_loop()
             else:

@@ -61,27 +61,33 @@ def plugin_user(configured: str | None) -> PluginUser:
     Only a root supervisor can switch users; an unprivileged one runs the plugin as itself,
     and refuses a configured user other than itself rather than ignoring the config.
     """
+    return host_user(configured, key="[plugin] user", defaults=DEFAULT_USERS, who="the plugin")
+
+
+def host_user(configured: str | None, *, key: str, defaults: Sequence[str], who: str) -> PluginUser:
+    """The unprivileged host user config `key` names (None: the first of `defaults` this host
+    has) for `who` ("the plugin", "the VCPU workers") to run as; see `plugin_user`."""
     if os.geteuid() != 0:
         me = _entry(os.getuid())
         if configured is not None and configured != me.pw_name:
             raise UserError(
-                f"[plugin] user = {configured!r} needs vmsuper to run as root; "
-                f"it runs as {me.pw_name}, and so would the plugin"
+                f"{key} = {configured!r} needs vmsuper to run as root; "
+                f"it runs as {me.pw_name}, and so would {who}"
             )
         return PluginUser(me.pw_name, os.getuid(), os.getgid(), switch=False)
-    for name in (configured,) if configured is not None else DEFAULT_USERS:
+    for name in (configured,) if configured is not None else defaults:
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
             continue
         if entry.pw_uid == 0 or entry.pw_gid == 0:
-            raise UserError(f"[plugin] user: {name} has uid or gid 0: the plugin would be root")
+            raise UserError(f"{key}: {name} has uid or gid 0: {who} would be root")
         return PluginUser(name, entry.pw_uid, entry.pw_gid, switch=True)
     if configured is not None:
-        raise UserError(f"[plugin] user: no user {configured!r} in the passwd database")
+        raise UserError(f"{key}: no user {configured!r} in the passwd database")
     raise UserError(
-        f"none of the users {', '.join(DEFAULT_USERS)} exists to run the plugin as: "
-        "create one or name another with [plugin] user"
+        f"none of the users {', '.join(defaults)} exists to run {who} as: "
+        f"create one or name another with {key}"
     )
 
 

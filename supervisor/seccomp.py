@@ -13,48 +13,27 @@ socket of a family not in the list fails with EAFNOSUPPORT, as for a family the 
 AF_VSOCK, AF_PACKET, AF_BLUETOOTH, AF_ALG and the rest are not isolated, or not needed, by the
 sandbox's network namespace.
 
-Only x86-64 system calls pass: the x32 ABI and 32-bit entry points are refused wholesale, since
-their numbers differ and a filter on x86-64 numbers would not hold for them.
-
-Why not libseccomp: its Python bindings (pyseccomp, through ctypes) take about 120 ms to import
-and 20 ms to build this filter, against well under a millisecond here, and vmsuper builds it
-at every start. The program is small enough to check completely: the tests run it in a BPF
-interpreter for every system call number, and compare every number with the kernel headers.
-
-The dispatch on the system call number is a binary search over runs of numbers with the same
-verdict, so a call costs about ten comparisons, not one per listed name.
+Only x86-64 system calls pass: the x32 ABI and 32-bit entry points get ENOSYS wholesale. The
+program is built by `shared/bpf.py` (which says why not libseccomp); the tests run it in a BPF
+interpreter for every system call number.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
-import struct
-from collections.abc import Iterator, Mapping
-from typing import NamedTuple
 
-AUDIT_ARCH_X86_64 = 0xC000003E
-X32_SYSCALL_BIT = 0x40000000
-
-SECCOMP_RET_ALLOW = 0x7FFF0000
-SECCOMP_RET_ERRNO = 0x00050000
-
-# struct seccomp_data: int nr; u32 arch; u64 instruction_pointer; u64 args[6] (little endian).
-OFFSET_NR = 0
-OFFSET_ARCH = 4
-
-
-def offset_arg_low(index: int) -> int:
-    """Offset of the low 32 bits of system call argument `index`."""
-    return 16 + 8 * index
-
-
-# Classic BPF opcodes (linux/filter.h).
-BPF_LD_W_ABS = 0x20
-BPF_JEQ_K = 0x15
-BPF_JGE_K = 0x35
-BPF_JSET_K = 0x45
-BPF_RET_K = 0x06
+from vmsuper.shared.bpf import (
+    BPF_JEQ_K,
+    BPF_JSET_K,
+    SECCOMP_RET_ALLOW,
+    SECCOMP_RET_ERRNO,
+    Insn,
+    Program,
+    load,
+    offset_arg_low,
+    ret,
+)
+from vmsuper.shared.bpf import build_filter as build_program
 
 # x86-64 system call numbers (asm/unistd_64.h; checked against the header by the tests).
 # Allowed without looking at the arguments: Docker's default list for x86-64, less what DENIED
@@ -442,94 +421,52 @@ RET_EPERM = SECCOMP_RET_ERRNO | errno.EPERM
 RET_ENOSYS = SECCOMP_RET_ERRNO | errno.ENOSYS
 
 
-class _Insn(NamedTuple):  # not a dataclass: cheaper to create at every start
-    code: int
-    k: int
-    jt: str | None = None  # label to jump to when true (conditional jumps only)
-    jf: str | None = None  # label when false; None = the next instruction
-
-
-Program = list["_Insn | str"]
-
-
-def _ret(value: int) -> _Insn:
-    return _Insn(BPF_RET_K, value)
-
-
-def _load(offset: int) -> _Insn:
-    return _Insn(BPF_LD_W_ABS, offset)
-
-
-def _assemble(program: Program) -> bytes:
-    """Resolve labels (plain strings in the list) and pack `struct sock_filter` entries."""
-    labels: dict[str, int] = {}
-    insns: list[_Insn] = []
-    for item in program:
-        if isinstance(item, str):
-            labels[item] = len(insns)
-        else:
-            insns.append(item)
-
-    def jump(at: int, label: str | None) -> int:
-        if label is None:
-            return 0
-        offset = labels[label] - at - 1
-        if not 0 <= offset <= 255:
-            raise ValueError(f"jump to {label} out of range ({offset})")
-        return offset
-
-    fields: list[int] = []
-    for i, insn in enumerate(insns):
-        fields += (insn.code, jump(i, insn.jt), jump(i, insn.jf), insn.k)
-    return struct.pack("<" + "HBBI" * len(insns), *fields)
-
-
 # -- the rules of the calls that look at their arguments -------------------------------------
 
 
 def _flags_rule(refused: int) -> Program:
     return [
-        _load(offset_arg_low(0)),
-        _Insn(BPF_JSET_K, refused, jt="eperm"),
-        _ret(RET_ALLOW),
+        load(offset_arg_low(0)),
+        Insn(BPF_JSET_K, refused, jt="eperm"),
+        ret(RET_ALLOW),
         "eperm",
-        _ret(RET_EPERM),
+        ret(RET_EPERM),
     ]
 
 
 def _ioctl_rule() -> Program:
     # The kernel reads the request number as 32 bits, so the low half is the whole of it.
     return [
-        _load(offset_arg_low(1)),
-        _Insn(BPF_JEQ_K, TIOCSTI, jt="eperm"),
-        _Insn(BPF_JEQ_K, TIOCLINUX, jt="eperm"),
-        _ret(RET_ALLOW),
+        load(offset_arg_low(1)),
+        Insn(BPF_JEQ_K, TIOCSTI, jt="eperm"),
+        Insn(BPF_JEQ_K, TIOCLINUX, jt="eperm"),
+        ret(RET_ALLOW),
         "eperm",
-        _ret(RET_EPERM),
+        ret(RET_EPERM),
     ]
 
 
 def _socket_rule() -> Program:
     # The family and the protocol are ints: the kernel ignores the high halves.
     return [
-        _load(offset_arg_low(0)),
-        *(_Insn(BPF_JEQ_K, family, jt="allow") for family in SOCKET_FAMILIES),
-        _Insn(BPF_JEQ_K, AF_NETLINK, jt="netlink"),
-        _ret(SECCOMP_RET_ERRNO | SOCKET_ERRNO),
+        load(offset_arg_low(0)),
+        *(Insn(BPF_JEQ_K, family, jt="allow") for family in SOCKET_FAMILIES),
+        Insn(BPF_JEQ_K, AF_NETLINK, jt="netlink"),
+        ret(SECCOMP_RET_ERRNO | SOCKET_ERRNO),
         "netlink",
-        _load(offset_arg_low(2)),
-        _Insn(BPF_JEQ_K, NETLINK_ROUTE, jt="allow"),
-        _ret(SECCOMP_RET_ERRNO | NETLINK_ERRNO),
+        load(offset_arg_low(2)),
+        Insn(BPF_JEQ_K, NETLINK_ROUTE, jt="allow"),
+        ret(SECCOMP_RET_ERRNO | NETLINK_ERRNO),
         "allow",
-        _ret(RET_ALLOW),
+        ret(RET_ALLOW),
     ]
 
 
 def _rules() -> dict[int, Program]:
     """The verdict of each listed number: a program that ends in a return."""
     # One object each: runs compare verdicts by identity.
-    allow: Program = [_ret(RET_ALLOW)]
-    eperm: Program = [_ret(RET_EPERM)]
+    allow: Program = [ret(RET_ALLOW)]
+    eperm: Program = [ret(RET_EPERM)]
     verdicts: dict[int, Program] = dict.fromkeys(ALLOWED.values(), allow)
     verdicts.update(dict.fromkeys(DENIED.values(), eperm))
     verdicts[NR_CLONE] = _flags_rule(CLONE_NAMESPACE_FLAGS)
@@ -539,60 +476,6 @@ def _rules() -> dict[int, Program]:
     return verdicts
 
 
-def _runs(verdicts: Mapping[int, Program]) -> list[tuple[int, Program]]:
-    """(first number, verdict) for each run of numbers with the same verdict, from 0 on; the
-    last run goes on to every higher number. Unlisted numbers get ENOSYS."""
-    enosys: Program = [_ret(RET_ENOSYS)]
-    runs: list[tuple[int, Program]] = []
-    for nr in range(max(verdicts) + 2):
-        verdict = verdicts.get(nr, enosys)
-        if not runs or runs[-1][1] is not verdict:
-            runs.append((nr, verdict))
-    return runs
-
-
-def _search(runs: list[tuple[int, Program]], labels: Iterator[int]) -> Program:
-    """A binary search on the number (already loaded) that ends in each run's verdict."""
-    if len(runs) == 1:
-        verdict = runs[0][1]
-        if len(verdict) == 1:
-            return verdict
-        tag = next(labels)  # the verdict's own labels, made unique: it may appear twice
-        return [
-            f"{item}.{tag}" if isinstance(item, str) else _relabel(item, tag) for item in verdict
-        ]
-    middle = len(runs) // 2
-    high = f"high.{next(labels)}"
-    return [
-        _Insn(BPF_JGE_K, runs[middle][0], jt=high),
-        *_search(runs[:middle], labels),
-        high,
-        *_search(runs[middle:], labels),
-    ]
-
-
-def _relabel(insn: _Insn, tag: int) -> _Insn:
-    if insn.jt is None and insn.jf is None:
-        return insn
-    return _Insn(
-        insn.code,
-        insn.k,
-        None if insn.jt is None else f"{insn.jt}.{tag}",
-        None if insn.jf is None else f"{insn.jf}.{tag}",
-    )
-
-
 def build_filter() -> bytes:
-    """The filter program, ready for ``bwrap --seccomp FD``."""
-    program: Program = [
-        _load(OFFSET_ARCH),
-        _Insn(BPF_JEQ_K, AUDIT_ARCH_X86_64, jt="x86-64"),
-        _ret(RET_ENOSYS),
-        "x86-64",
-        _load(OFFSET_NR),
-        _Insn(BPF_JGE_K, X32_SYSCALL_BIT, jf="search"),
-        _ret(RET_ENOSYS),
-        "search",
-        *_search(_runs(_rules()), itertools.count()),
-    ]
-    return _assemble(program)
+    """The filter program, ready for ``bwrap --seccomp FD``; unlisted numbers get ENOSYS."""
+    return build_program(_rules(), [ret(RET_ENOSYS)], foreign=RET_ENOSYS)

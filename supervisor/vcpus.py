@@ -37,7 +37,9 @@ from typing import Final, Literal
 from vmsuper.shared import kvm, logs, wire
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.shared.shm_doorbell import Doorbell
+from vmsuper.supervisor import sandbox_user
 from vmsuper.supervisor.runners import VcpuRunner, install_kick_handler
+from vmsuper.workers import confine
 from vmsuper.workers.vcpu_worker import STOP_SIGNALS, WorkerSpec, describe_exit, enter_worker
 
 __all__ = ["TRANSPORTS", "VcpuSet", "VcpuSetError"]
@@ -87,6 +89,14 @@ class _Channel:
         self.worker = []
 
 
+def workers_user(configured: str | None) -> sandbox_user.PluginUser:
+    """Who the VCPU workers run as for `[vm] worker_user` = `configured` (None: the first of
+    `confine.WORKER_USERS` the host has); raises `sandbox_user.UserError`."""
+    return sandbox_user.host_user(
+        configured, key="[vm] worker_user", defaults=confine.WORKER_USERS, who="the VCPU workers"
+    )
+
+
 def _close_all(fds: Iterable[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
@@ -108,9 +118,11 @@ class VcpuSet:
         log_level: str,
         fast_exits: bool = True,
         poll_ns: int = 0,
+        worker_user: sandbox_user.PluginUser | None = None,
     ) -> None:
         """`fast_exits`: serve plain exits in C (`hotpath`); `poll_ns`: how long a worker and
-        its runner poll for each other before they sleep (0: never)."""
+        its runner poll for each other before they sleep (0: never); `worker_user`: who the
+        workers become (`workers_user()`; None: its default)."""
         if not 1 <= count <= region.vcpus:
             raise ValueError(f"VCPU count {count} outside 1..{region.vcpus} (the shared region)")
         if transport not in TRANSPORTS:
@@ -120,6 +132,12 @@ class VcpuSet:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("a VcpuSet must be made in the main thread (signal handlers)")
         install_kick_handler()
+        user = worker_user if worker_user is not None else workers_user(None)
+        self._worker_ids = (user.uid, user.gid) if user.switch else (None, None)
+        # Test-only (`confine.MISBEHAVE_VARIABLE`); a malformed value fails here, before Start.
+        self._misbehave = [
+            confine.misbehaviour_from_environment(i, os.environ) for i in range(count)
+        ]
         self._vm = vm
         self.count = count
         self.transport = transport
@@ -214,6 +232,8 @@ class VcpuSet:
             with contextlib.suppress(Exception):
                 stream.flush()
         for i in range(self.count):
+            uid, gid = self._worker_ids
+            misbehave = self._misbehave[i]
             spec = WorkerSpec(
                 vcpu=i,
                 vcpu_fd=self._vcpus[i].fd,
@@ -224,6 +244,7 @@ class VcpuSet:
                 log_path=self._log_dir / logs.vcpu_log_name(i),
                 log_level=self._log_level,
                 fast_exits=self._fast_exits,
+                confinement=confine.Confinement(uid=uid, gid=gid, misbehave=misbehave),
             )
             previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
             try:
@@ -283,7 +304,11 @@ class VcpuSet:
         return self._record(vcpu, status)
 
     def _record(self, vcpu: int, wait_status: int) -> str | None:
-        reason = describe_exit(vcpu, wait_status, self._region.slot(vcpu).stop_reason)
+        slot = self._region.slot(vcpu)
+        if os.WIFSIGNALED(wait_status) and os.WTERMSIG(wait_status) == signal.SIGSYS:
+            reason: str | None = confine.describe_seccomp_kill(slot.trapped_syscall)
+        else:
+            reason = describe_exit(vcpu, wait_status, slot.stop_reason)
         self._statuses[vcpu] = reason
         if os.WIFEXITED(wait_status):
             self._codes[vcpu] = os.WEXITSTATUS(wait_status)

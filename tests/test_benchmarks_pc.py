@@ -52,7 +52,20 @@ def test_the_pc_target_compares_the_boot_sector_times() -> None:
     (goal,) = report.targets({"pc": rows})
     assert goal["measured"] == pytest.approx(0.75)
     assert goal["met"] is True
+    rows[0]["plugin_share_pct"] = {"median": 2.5, "min": 2.0, "max": 3.0, "runs": 3}
     text = report.render({"pc": rows}, [goal])
+    assert "2.5 [2.0-3.0]" in text
     assert "exits:uart 10" in text and "vmsuper-pc" in text and "qemu+kvm" in text
     (slower,) = report.targets({"pc": [_row("vmsuper-pc", 5.0), _row("qemu+kvm", 4.0)]})
     assert slower["met"] is False
+
+
+def test_the_plugin_summary_gives_exits_and_the_share_spent_serving_them() -> None:
+    line = (
+        "vmsuper-pc: exits by device: pci 548, uart 498, debug-exit 1; memory remaps: 16; "
+        "handling exits: 90 ms of 4.50 s (2.0%)\n"
+    )
+    exits, share = pc.plugin_summary("noise\n" + line)
+    assert exits == {"exits:pci": 548, "exits:uart": 498, "exits:debug-exit": 1}
+    assert share == pytest.approx(2.0)
+    assert pc.plugin_summary("no summary") == ({}, None)

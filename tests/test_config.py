@@ -490,6 +490,26 @@ def test_plugin_user_errors_name_the_key(folder: Path, value: str, message: str)
     assert error_of(path) == f"{path}: {message}"
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            '"no-such-user-vmsuper"',
+            "[vm] worker_user: no user 'no-such-user-vmsuper' in the passwd database",
+        ),
+        ('"root"', "[vm] worker_user: root has uid or gid 0: the VCPU workers would be root"),
+        ('"a b"', "[vm] worker_user: expected a user name, got 'a b'"),
+        ("0", "[vm] worker_user: expected a string, got integer"),
+    ],
+)
+def test_worker_user_errors_name_the_key(folder: Path, value: str, message: str) -> None:
+    path = write(folder, f"[vm]\nworker_user = {value}\n" + PLUGIN_TABLE)
+    assert error_of(path) == f"{path}: {message}"
+    assert load_config(write(folder, PLUGIN_TABLE)).vm.worker_user is None
+    kept = load_config(write(folder, '[vm]\nworker_user = "daemon"\n' + PLUGIN_TABLE))
+    assert kept.vm.worker_user == "daemon"
+
+
 def test_plugin_user_is_kept_and_checked_only_with_plugin_checks(folder: Path) -> None:
     assert load_config(write(folder, PLUGIN_TABLE + 'user = "daemon"\n')).plugin.user == "daemon"
     path = write(folder, PLUGIN_TABLE + 'user = "no-such-user-vmsuper"\n')

@@ -59,3 +59,9 @@ def test_extended_memory_saturates_and_nvram_is_writable():
     dev.write(c.INDEX_PORT, b"\x50")
     dev.write(c.DATA_PORT, b"\xab")
     assert reg(dev, 0x50) == 0xAB
+
+
+def test_outw_to_the_index_port_sets_the_index_then_writes_the_data_port():
+    dev = make(ram=32 << 20)
+    dev.write(c.INDEX_PORT, bytes([0x51 | c.NMI_DISABLE, 0xCD]))
+    assert reg(dev, 0x51) == 0xCD

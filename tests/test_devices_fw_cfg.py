@@ -83,3 +83,79 @@ def test_file_names_are_checked():
         except ValueError:
             continue
         raise AssertionError(f"{name!r} was accepted")
+
+
+class FakeRam:
+    """`size` bytes of guest RAM from address 0."""
+
+    def __init__(self, size: int = 0x10000) -> None:
+        self.bytes = bytearray(size)
+
+    def read(self, address: int, length: int) -> bytes:
+        if address + length > len(self.bytes):
+            raise f.GuestMemoryError("not RAM")
+        return bytes(self.bytes[address : address + length])
+
+    def write(self, address: int, data: bytes) -> None:
+        if address + len(data) > len(self.bytes):
+            raise f.GuestMemoryError("not RAM")
+        self.bytes[address : address + len(data)] = data
+
+
+REQUEST = 0x1000
+BUFFER = 0x2000
+
+
+def dma(dev: FwCfg, ram: FakeRam, control: int, length: int, address: int = BUFFER) -> int:
+    """Run one DMA request from REQUEST; the control word the device left there."""
+    ram.write(REQUEST, struct.pack(">IIQ", control, length, address))
+    dev.write(f.DMA_PORT, struct.pack(">I", 0))
+    dev.write(f.DMA_LOW_PORT, struct.pack(">I", REQUEST))
+    return struct.unpack(">I", ram.read(REQUEST, 4))[0]
+
+
+def test_dma_is_announced_and_claimed_only_with_guest_memory():
+    plain = FwCfg()
+    assert [r.start for r in plain.ranges()] == [f.SELECTOR_PORT]
+    with_dma = FwCfg(FakeRam())
+    assert [(r.start, r.length) for r in with_dma.ranges()] == [(0x510, 2), (0x514, 8)]
+    select(with_dma, f.ID)
+    assert struct.unpack("<I", data(with_dma, 4)) == (f.ID_TRADITIONAL | f.ID_DMA,)
+    assert with_dma.read(f.DMA_PORT, 4).data + with_dma.read(f.DMA_LOW_PORT, 4).data == (
+        b"QEMU CFG"
+    )
+
+
+def test_dma_selects_and_reads_into_guest_memory_and_zero_fills_past_the_end():
+    ram = FakeRam()
+    dev = FwCfg.for_pc(ram_below_4g=128 << 20, cpus=2, memory=ram)
+    ram.write(BUFFER, b"\xaa" * 16)
+    key = f.NB_CPUS << 16
+    assert dma(dev, ram, key | f.DMA_SELECT | f.DMA_READ, 4) == 0
+    assert ram.read(BUFFER, 5) == b"\x02\x00\x00\x00\xaa"
+    select(dev, f.SIGNATURE)
+    assert dma(dev, ram, f.DMA_READ, 2) == 0  # no select: goes on from the port's selection
+    assert ram.read(BUFFER, 2) == b"QE"
+    assert data(dev, 2) == b"MU"  # and the data port goes on after it
+
+
+def test_dma_skip_then_read_and_writes_are_refused():
+    ram = FakeRam()
+    dev = FwCfg(ram)
+    assert dma(dev, ram, (f.SIGNATURE << 16) | f.DMA_SELECT | f.DMA_SKIP, 3) == 0
+    assert dma(dev, ram, f.DMA_READ, 1) == 0
+    assert ram.read(BUFFER, 1) == b"U"
+    assert dma(dev, ram, (f.SIGNATURE << 16) | f.DMA_SELECT | f.DMA_WRITE, 4) == f.DMA_ERROR
+    select(dev, f.SIGNATURE)
+    assert data(dev, 4) == b"QEMU"
+
+
+def test_dma_outside_ram_sets_the_error_bit_or_is_dropped():
+    ram = FakeRam(0x3000)
+    dev = FwCfg(ram)
+    control = (f.SIGNATURE << 16) | f.DMA_SELECT | f.DMA_READ
+    assert dma(dev, ram, control, 4, address=0x2FFE) == f.DMA_ERROR
+    before = bytes(ram.bytes)
+    dev.write(f.DMA_PORT, struct.pack(">I", 1))  # the request itself at 4 GiB + REQUEST
+    dev.write(f.DMA_LOW_PORT, struct.pack(">I", REQUEST))
+    assert bytes(ram.bytes) == before

@@ -25,11 +25,12 @@ DEBUG_EXIT_STATUS = 33  # (0x10 << 1) | 1
 BOOT_TIMEOUT = 300.0  # SeaBIOS runs instruction by instruction on an emulating KVM
 
 
-def boot(vmsuper: VmRunner, disk: Path, *extra: str) -> VmResult:
+def boot(vmsuper: VmRunner, disk: Path, *extra: str, vcpus: int = 1) -> VmResult:
     """Run vmsuper-pc on `disk`; its folder is shown to the plugin, writable, if sandboxed."""
     spec = VmSpec(
         args=["--bios", str(BIOS), "--disk", str(disk), *extra],
         mounts=[(disk.parent, None, True)],
+        vcpus=vcpus,
     )
     return vmsuper.run(str(PC), spec, timeout=BOOT_TIMEOUT)
 
@@ -62,6 +63,18 @@ def test_seabios_boots_the_demo_disk(vmsuper: VmRunner, tmp_path: Path) -> None:
 
 
 @pytest.mark.kvm
+@pytest.mark.timeout(BOOT_TIMEOUT + 60)
+def test_seabios_wakes_the_second_vcpu_and_boots(vmsuper: VmRunner, tmp_path: Path) -> None:
+    disk = tmp_path / "demo.img"
+    disk.write_bytes(demo_image())
+    result = boot(vmsuper, disk, "--snapshot", "--debugcon", vcpus=2)
+    assert result.status == DEBUG_EXIT_STATUS, result.stdout + result.stderr
+    # SeaBIOS counts the application processors that ran its wake-up code (INIT, SIPI).
+    assert "debugcon: Found 2 cpu(s) max supported 2 cpu(s)" in result.stderr
+    assert MESSAGE.decode().strip() in result.stdout
+
+
+@pytest.mark.kvm
 @pytest.mark.timeout(2 * BOOT_TIMEOUT + 60)
 def test_a_boot_sector_writes_a_sector_and_snapshot_keeps_the_image(
     vmsuper: VmRunner, tmp_path: Path
@@ -88,7 +101,7 @@ def test_a_boot_sector_writes_a_sector_and_snapshot_keeps_the_image(
 
 @pytest.mark.kvm
 @pytest.mark.timeout(BOOT_TIMEOUT + 60)
-def test_bios_is_write_protected_debugcon_logs_and_a_reset_ends_the_run(
+def test_bios_is_write_protected_smbios_is_ours_debugcon_logs_and_a_reset_ends_the_run(
     vmsuper: VmRunner, tmp_path: Path
 ) -> None:
     source = (REPO / "tests" / "guests" / "pc_probe_boot.S").read_text()
@@ -97,10 +110,14 @@ def test_bios_is_write_protected_debugcon_logs_and_a_reset_ends_the_run(
     result = boot(vmsuper, disk, "--debugcon")
     assert result.status == 0, result.stdout + result.stderr
     assert "f-segment: read-only" in result.stdout
+    # SeaBIOS placed the tables vmsuper-pc gave through fw_cfg (its own would say "Bochs").
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    assert "SMBIOS product: vmsuper-pc" in lines, result.stdout
     assert "the guest asked for a reset (port 0xcf9 = 0x06)" in result.stderr
     # SeaBIOS logs to port 0x402 only when it reads back 0xe9 there.
     assert f"debugcon: {BANNER}" in result.stderr
     assert "debugcon: Running on QEMU (i440fx)" in result.stderr
+    assert "debugcon: QEMU fw_cfg DMA interface supported" in result.stderr
 
 
 @pytest.mark.kvm

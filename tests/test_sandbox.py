@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import socket
-import struct
 import subprocess
 import textwrap
 import uuid
@@ -27,10 +26,11 @@ import psutil
 import pytest
 import test_lifecycle as lifecycle
 import test_main_requests as main_requests
+from bpf_vm import run_filter, well_formed
 from hostcaps import bound_below_tmp
 from rawplugin import plugin_source
 
-from vmsuper.shared import kvm, plugin_pb2
+from vmsuper.shared import bpf, kvm, plugin_pb2
 from vmsuper.shared.asm import assemble
 from vmsuper.supervisor import seccomp
 from vmsuper.supervisor.config import MountConfig, PluginConfig
@@ -413,40 +413,7 @@ def test_allowed_denied_and_special_calls_do_not_overlap() -> None:
 
 
 def test_filter_is_well_formed() -> None:
-    program = seccomp.build_filter()
-    assert len(program) % 8 == 0
-    count = len(program) // 8
-    insns = [struct.unpack_from("<HBBI", program, 8 * i) for i in range(count)]
-    for i, (code, jt, jf, _k) in enumerate(insns):
-        if code & 0x07 == 0x05:  # BPF_JMP: both targets inside the program
-            assert i + 1 + max(jt, jf) < count
-    assert insns[-1][0] == seccomp.BPF_RET_K
-    assert insns[0] == (seccomp.BPF_LD_W_ABS, 0, 0, seccomp.OFFSET_ARCH)
-    assert count <= 4096  # BPF_MAXINSNS
-
-
-def run_filter(
-    program: bytes, nr: int, args: tuple[int, ...] = (), arch: int = seccomp.AUDIT_ARCH_X86_64
-) -> int:
-    """Classic BPF, as the kernel runs a seccomp program: the verdict for one system call."""
-    data = struct.pack("<iIQ6Q", nr, arch, 0, *(list(args) + [0] * 6)[:6])
-    insns = [struct.unpack_from("<HBBI", program, 8 * i) for i in range(len(program) // 8)]
-    accumulator, pc = 0, 0
-    for _ in range(len(insns)):  # jumps only go forward
-        code, jt, jf, k = insns[pc]
-        pc += 1
-        if code == seccomp.BPF_RET_K:
-            return k
-        if code == seccomp.BPF_LD_W_ABS:
-            (accumulator,) = struct.unpack_from("<I", data, k)
-            continue
-        taken = {
-            seccomp.BPF_JEQ_K: accumulator == k,
-            seccomp.BPF_JGE_K: accumulator >= k,
-            seccomp.BPF_JSET_K: bool(accumulator & k),
-        }[code]
-        pc += jt if taken else jf
-    raise AssertionError("ran off the end of the program")
+    well_formed(seccomp.build_filter())
 
 
 ALLOW = seccomp.SECCOMP_RET_ALLOW
@@ -474,7 +441,7 @@ def test_every_system_call_number_gets_its_listed_verdict(program: bytes) -> Non
     assert run_filter(program, seccomp.NR_CLONE3) == refused(errno.ENOSYS)
     for name in ("read", "write", "mmap", "futex", "execve", "exit_group", "sendmsg", "recvmsg"):
         assert run_filter(program, seccomp.ALLOWED[name]) == ALLOW
-    for high in (seccomp.X32_SYSCALL_BIT | 0, seccomp.X32_SYSCALL_BIT | 1, 0xFFFFFFFF):
+    for high in (bpf.X32_SYSCALL_BIT | 0, bpf.X32_SYSCALL_BIT | 1, 0xFFFFFFFF):
         assert run_filter(program, high - (1 << 32) if high >= 1 << 31 else high) == refused(
             errno.ENOSYS
         )

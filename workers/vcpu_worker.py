@@ -34,7 +34,7 @@ import struct
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final, NoReturn, Protocol
@@ -50,6 +50,7 @@ from vmsuper.shared.shm_layout import ShmError
 from vmsuper.shared.shm_mailbox import OP_RUN, Mailbox
 from vmsuper.shared.shm_slot import VcpuSlot
 from vmsuper.shared.shm_table import TableReader
+from vmsuper.workers import confine
 from vmsuper.workers.fast_exits import FastExits
 from vmsuper.workers.fault_report import regs_record, sregs_record
 from vmsuper.workers.framing_check import PIPES_FIX, length_delimited_request
@@ -200,6 +201,8 @@ class WorkerSpec:
     fast_exits: bool = True
     """Serve plain I/O and MMIO exits in C (`FastExits`); never at debug level, which logs
     every exit."""
+    confinement: confine.Confinement = field(default_factory=confine.Confinement)
+    """What the worker gives up before serving (`workers/confine.py`): always confined."""
 
 
 class _Stop(Exception):
@@ -804,6 +807,15 @@ def _run_worker(spec: WorkerSpec, log: Any) -> int:
     else:
         channel = PipeChannel(spec.channel_fds[0], spec.channel_fds[1])
     worker = VcpuWorker.from_spec(spec, channel, log)
+    try:
+        confined = confine.confine(spec.vcpu, spec.confinement, spec.region, worker.slot)
+    except confine.ConfinementError as exc:
+        log.error("stopped", reason=str(exc), status=int(WorkerStatus.SETUP_FAILED))
+        worker.slot.stop(str(exc))
+        return WorkerStatus.SETUP_FAILED
+    log.info("worker_confined", uid=confined["uid"], gid=confined["gid"])
+    if spec.confinement.misbehave is not None:
+        confine.misbehave(spec.confinement.misbehave, spec.vcpu, spec.region, confined)
     status: int = WorkerStatus.UNEXPECTED
     try:
         # SIGTERM was blocked across fork and setup (see `STOP_SIGNALS`); one that came

@@ -98,7 +98,7 @@ class Cmos(Device):
 
     def write(self, address: int, data: bytes) -> Actions:
         if address == INDEX_PORT:
-            self.index = data[-1] & 0x7F  # bit 7 masks NMIs: nothing to mask here
+            self.index = data[0] & 0x7F  # bit 7 masks NMIs: nothing to mask here
             if len(data) > 1:  # `outw` to 0x70 also writes the data port
                 self.write_register(self.index, data[1])
         else:

@@ -131,20 +131,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PluginError as exc:
         print(f"vmsuper-pc: error: {exc}: run it as a vmsuper plugin", file=sys.stderr)
         return USAGE_ERROR
+    vcpus = conn.get_vcpus()  # as many CPUs as the config's [vm] vcpus
     options = PcOptions(
         firmware=firmware,
         disk=disk,
         ram_size=args.memory * MIB,
+        cpus=len(vcpus),
         serial_files=serial_files,
         serial_input=input_fd,
         debugcon=args.debugcon,
         sample_interval_s=args.sample_ms / 1000,
     )
     machine = PcMachine(conn, options)
-    (vcpu,) = conn.get_vcpus()
     conn.start()
     try:
-        status = machine.run(vcpu)
+        status = machine.run(vcpus)
     finally:
         sys.stdout.flush()
         print(f"vmsuper-pc: {machine.exit_summary()}", file=sys.stderr, flush=True)

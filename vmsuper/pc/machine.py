@@ -1,18 +1,20 @@
 """The PC machine: i440FX/PIIX3 devices on one bus, PC memory, and the VCPU's event loop.
 
-`PcMachine.build` creates the memory and devices and claims their ranges on a connection;
-`run` serves the VCPU until a device ends the run, and returns the exit status. Devices are
-sans-I/O: this is where their actions happen (interrupts through irqfds, memory remaps,
-serial output, the end of the run).
+`PcMachine` creates the memory and devices and claims their ranges on a connection; `run`
+serves the VCPUs, one thread each, until a device ends the run, and returns the exit status.
+Devices are sans-I/O: this is where their actions happen (interrupts through irqfds, memory
+remaps, serial output, the end of the run).
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import sys
 import threading
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -42,6 +44,8 @@ from vmsuper.devices import (
 from vmsuper.devices.uart import COM1
 from vmsuper.plugin import Connection, Init, Io, IrqEvent, User, Vcpu
 
+from . import smbios
+from .cpuid import cpuid_for_vcpu
 from .memory import PcMemory
 from .sampler import SAMPLE_TOKEN, Samples, start_sampling
 
@@ -55,6 +59,7 @@ class PcOptions:
     firmware: bytes
     disk: Disk
     ram_size: int
+    cpus: int = 1  # one per VCPU of the VM
     serial_files: list[BinaryIO] = field(default_factory=list)
     serial_input: int | None = None  # fd to read COM1 input from, or None
     debugcon: bool = False
@@ -77,17 +82,22 @@ class PcMachine:
         pci.attach(1, 0, Piix3Isa())
         pci.attach(1, 1, Piix3Ide())
         self.uart = Uart16550(COM1, async_transmit=options.serial_input is None)
+        fw_cfg = FwCfg.for_pc(
+            ram_below_4g=options.ram_size,
+            cpus=options.cpus,
+            boot_order=[IDE_BOOT_PATH],
+            serial_console=COM1,
+            memory=self.memory.guest_ram,
+        )
+        anchor, tables = smbios.smbios_files(ram_size=options.ram_size, cpus=options.cpus)
+        fw_cfg.add_file(smbios.ANCHOR_NAME, anchor)
+        fw_cfg.add_file(smbios.TABLES_NAME, tables)
         self.bus = Bus(
             [
                 pci,
                 self.uart,
-                Cmos(ram_below_4g=options.ram_size),
-                FwCfg.for_pc(
-                    ram_below_4g=options.ram_size,
-                    cpus=1,
-                    boot_order=[IDE_BOOT_PATH],
-                    serial_console=COM1,
-                ),
+                Cmos(ram_below_4g=options.ram_size, cpus=options.cpus),
+                fw_cfg,
                 AtaChannel(options.disk),
                 I8042(),
                 PortA(),
@@ -103,6 +113,9 @@ class PcMachine:
         self.irqs: dict[int, IrqEvent] = {line: conn.create_irq_event(line) for line in IRQ_LINES}
         self.memory.window.apply(self.host_bridge.segments())
         self.samples = Samples()
+        self.supported_cpuid = conn.get_supported_cpuid()
+        self.started = 0.0  # perf_counter() when the VCPU loops started
+        self.handling_s = 0.0  # time from an I/O exit's arrival to its answer
         self.stop_sampling = threading.Event()
 
     # --- actions -----------------------------------------------------------------------------
@@ -138,8 +151,10 @@ class PcMachine:
     # --- the VCPU ----------------------------------------------------------------------------
 
     def set_up_vcpu(self, vcpu: Vcpu) -> None:
-        """The CPUID KVM supports; registers stay at reset (first fetch at 0xfffffff0)."""
-        vcpu.set_cpuid(self.conn.get_supported_cpuid())
+        """The CPUID KVM supports with the VCPU's APIC ID; registers stay at reset (first fetch
+        at 0xfffffff0). VCPUs after the first wait in the in-kernel local APIC until the
+        firmware wakes them (INIT, then SIPI), as application processors do."""
+        vcpu.set_cpuid(cpuid_for_vcpu(self.supported_cpuid, vcpu.index))
 
     def handle(self, event: Io) -> tuple[bytes, int | None]:
         """Serve one access: (data for a read, exit status if the run ends)."""
@@ -155,26 +170,48 @@ class PcMachine:
         device = self.bus.find(event.space, event.address)
         return device.name if device is not None else f"{event.space.name}:{event.address:#x}"
 
-    def run(self, vcpu: Vcpu) -> int:
-        """Serve the VCPU until a device ends the run; the exit status."""
+    def run(self, vcpus: Sequence[Vcpu]) -> int:
+        """Serve the VCPUs until a device ends the run; the exit status.
+
+        Each VCPU is served on its own (daemon) thread; the run ends when any of them sees a
+        device end it (or its channel fail), and the process exits then.
+        """
         if self.options.serial_input is not None:
             threading.Thread(target=self._read_input, daemon=True).start()
         if self.options.sample_interval_s > 0:
             start_sampling(self.conn, self.options.sample_interval_s, self.stop_sampling)
+        self.started = time.perf_counter()
+        ended: queue.SimpleQueue[int | BaseException] = queue.SimpleQueue()
+        for vcpu in vcpus:
+            threading.Thread(
+                target=self._serve_to, args=(vcpu, ended), name=f"vcpu-{vcpu.index}", daemon=True
+            ).start()
         try:
-            return self._serve(vcpu)
+            outcome = ended.get()
         finally:
             self.stop_sampling.set()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _serve_to(self, vcpu: Vcpu, ended: queue.SimpleQueue[int | BaseException]) -> None:
+        try:
+            ended.put(self._serve(vcpu))
+        except BaseException as exc:  # handed to the thread that waits
+            ended.put(exc)
 
     def _serve(self, vcpu: Vcpu) -> int:
         while True:
             event = vcpu.wait()
             if isinstance(event, Io):
+                handling = time.perf_counter()
                 data, status = self.handle(event)
                 if status is not None:
                     return status
                 if not event.no_resume:
                     vcpu.resume(data)
+                with self.lock:
+                    self.handling_s += time.perf_counter() - handling
             elif isinstance(event, Init):
                 self.set_up_vcpu(vcpu)
                 vcpu.resume()
@@ -200,6 +237,12 @@ class PcMachine:
     def exit_summary(self) -> str:
         counts = ", ".join(f"{name} {count}" for name, count in self.exits.most_common())
         summary = f"exits by device: {counts}; memory remaps: {self.memory.window.remaps}"
+        if self.started:
+            run_s = time.perf_counter() - self.started
+            summary += (
+                f"; handling exits: {1000 * self.handling_s:.0f} ms of {run_s:.2f} s "
+                f"({100 * self.handling_s / run_s:.1f}%)"
+            )
         if self.options.sample_interval_s > 0:
             summary += f"; {self.samples.summary()}"
         return summary

@@ -1,7 +1,9 @@
 """What the legacy window 0xc0000-0xfffff shows, segment by segment, from the PAM attributes.
 
-Pure planning: `plan` turns the host bridge's PAM segments into `Backing`s, and the machine
-(`memory.ShadowWindow`) makes the memory slots. The rules, as QEMU applies them on i440FX:
+Pure planning: `plan` turns the host bridge's PAM segments into `Backing`s, `coalesce` joins
+neighbours of one kind (so that the window takes a few memory slots, not 13, and a PAM write
+re-creates few), and the machine (`memory.ShadowWindow`) makes the memory slots. The rules,
+as QEMU applies them on i440FX:
 
 - read and write enabled: the RAM behind the segment, writable;
 - read enabled only: that RAM, read-only (writes are dropped: the BIOS is write-protected);
@@ -35,6 +37,10 @@ class Backing:
     length: int
     kind: Kind
 
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
 
 def plan(segments: list[PamSegment], *, rom_alias_start: int = ROM_ALIAS_START) -> list[Backing]:
     """The backing of every PAM segment; `rom_alias_start` is where the firmware alias begins
@@ -49,3 +55,16 @@ def plan(segments: list[PamSegment], *, rom_alias_start: int = ROM_ALIAS_START) 
             kind = Kind.NONE
         backings.append(Backing(segment.start, segment.length, kind))
     return backings
+
+
+def coalesce(backings: list[Backing]) -> list[Backing]:
+    """`backings` (in address order) with adjacent ones of the same kind joined; RAM and the
+    firmware alias are contiguous in their files, so a joined range is one memory object."""
+    joined: list[Backing] = []
+    for backing in backings:
+        last = joined[-1] if joined else None
+        if last is not None and last.kind is backing.kind and last.end == backing.start:
+            joined[-1] = Backing(last.start, last.length + backing.length, last.kind)
+        else:
+            joined.append(backing)
+    return joined

@@ -1,0 +1,97 @@
+"""A seccomp filter for each runner thread (`supervisor/runners.py`), installed by the thread
+itself when it starts.
+
+A runner executes what its VCPU's worker posts in the shared mailbox, so a worker that could
+subvert it would act with the supervisor's privileges. Its filter lets it do only a runner's
+job: KVM ioctls on its own VCPU's fd (`KVM_RUN` and the allowlist `runners.ALLOWED_IOCTLS`),
+the bells (eventfd reads and writes, `poll`, `futex`, `sched_yield`), memory, signals, its
+log records and ending the thread. Unlike a worker's filter it covers this thread only (no
+TSYNC): the supervisor's other threads open files, fork and make VM ioctls. A call outside
+the list fails with EPERM rather than killing anything: the thread runs inside the
+supervisor, which must still shut down cleanly, and a failed call ends up as a failed runner
+(`runner_failed`), which stops the run. Firecracker's per-thread VCPU filters are the model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Iterable
+from typing import Final
+
+from vmsuper.shared import bpf, kvm
+
+__all__ = ["ALLOWED", "build_filter", "confine_thread"]
+
+ALLOWED: Final = (
+    "read",  # the bells' eventfds
+    "write",  # eventfds, log records (supervisor.jsonl, stderr), the signal wake-up pipe
+    "poll",  # a bell's sleep
+    "ppoll",
+    "futex",  # the GIL, locks, the Init barrier
+    "sched_yield",  # a bell's polling
+    "clock_gettime",
+    "gettimeofday",
+    "mmap",  # memory (never PROT_EXEC)
+    "mprotect",
+    "munmap",
+    "mremap",
+    "madvise",
+    "brk",
+    "rt_sigprocmask",
+    "rt_sigreturn",  # the kick signal's handler
+    "restart_syscall",
+    "getpid",
+    "gettid",
+    "exit",  # the end of the thread
+)
+_PROT_EXEC: Final = 0x4
+_SECCOMP_SET_MODE_FILTER: Final = 1
+_PR_SET_NO_NEW_PRIVS: Final = 38
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def build_filter(vcpu_fd: int, ioctls: Iterable[int]) -> bytes:
+    """The filter of the runner of `vcpu_fd`: `ALLOWED`, `ioctl` on `vcpu_fd` with `KVM_RUN`
+    or one of `ioctls`, `mmap`/`mprotect` without PROT_EXEC; anything else gets EPERM (and
+    another architecture's entry points kill the process)."""
+    nr = bpf.SYSCALLS
+    eperm = bpf.SECCOMP_RET_ERRNO | errno.EPERM
+    allow: bpf.Program = [bpf.ret(bpf.SECCOMP_RET_ALLOW)]
+    verdicts: dict[int, bpf.Program] = {nr[name]: allow for name in ALLOWED}
+    no_exec: bpf.Program = [
+        bpf.load(bpf.offset_arg_low(2)),
+        bpf.Insn(bpf.BPF_JSET_K, _PROT_EXEC, jt="refuse"),
+        bpf.ret(bpf.SECCOMP_RET_ALLOW),
+        "refuse",
+        bpf.ret(eperm),
+    ]
+    verdicts[nr["mmap"]] = verdicts[nr["mprotect"]] = no_exec
+    # fd and request are ints to the kernel: the low halves are the whole of them.
+    verdicts[nr["ioctl"]] = [
+        bpf.load(bpf.offset_arg_low(0)),
+        bpf.Insn(bpf.BPF_JEQ_K, vcpu_fd, jf="refuse"),
+        bpf.load(bpf.offset_arg_low(1)),
+        *(
+            bpf.Insn(bpf.BPF_JEQ_K, request, jt="allow")
+            for request in sorted({kvm.KVM_RUN, *ioctls})
+        ),
+        "refuse",
+        bpf.ret(eperm),
+        "allow",
+        bpf.ret(bpf.SECCOMP_RET_ALLOW),
+    ]
+    return bpf.build_filter(verdicts, [bpf.ret(eperm)], foreign=bpf.SECCOMP_RET_KILL_PROCESS)
+
+
+def confine_thread(vcpu_fd: int, ioctls: Iterable[int]) -> None:
+    """Install `build_filter(vcpu_fd, ioctls)` on the calling thread only (with no_new_privs,
+    also this thread's only, so an unprivileged supervisor may install it too)."""
+    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"PR_SET_NO_NEW_PRIVS: {os.strerror(err)}")
+    program, _buffer = bpf.fprog(build_filter(vcpu_fd, ioctls))
+    if _libc.syscall(bpf.SYSCALLS["seccomp"], _SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(program)):
+        err = ctypes.get_errno()
+        raise OSError(err, f"seccomp(SECCOMP_SET_MODE_FILTER): {os.strerror(err)}")
