@@ -155,6 +155,8 @@ _SCALARS: Final = {
 
 @dataclass(frozen=True)
 class Field:
+    """One member of a shared-memory `Struct`."""
+
     name: str
     ctype: str
     """A scalar of `_SCALARS`, or another `Struct` by its C name ("struct vms_bell")."""

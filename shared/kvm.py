@@ -1458,6 +1458,8 @@ class Vcpu(_FdOwner):
 
 @dataclass(frozen=True, slots=True)
 class HypervSynicExit:
+    """Hyper-V SynIC MSR write (`KVM_EXIT_HYPERV_SYNIC`)."""
+
     msr: int
     control: int
     evt_page: int
@@ -1475,6 +1477,8 @@ class HypervHcallExit:
 
 @dataclass(frozen=True, slots=True)
 class InternalErrorExit:
+    """KVM could not handle the exit itself (`KVM_EXIT_INTERNAL_ERROR`)."""
+
     suberror: int
     data: tuple[int, ...]
     insn_bytes: bytes = b""
@@ -1488,22 +1492,26 @@ class InternalErrorExit:
 
 @dataclass(frozen=True, slots=True)
 class FailEntryExit:
+    """The hardware refused to enter the guest (`KVM_EXIT_FAIL_ENTRY`)."""
+
     reason: int
     cpu: int
 
 
 @dataclass(frozen=True, slots=True)
 class ShutdownExit:
-    pass
+    """The guest shut down, e.g. on a triple fault (`KVM_EXIT_SHUTDOWN`)."""
 
 
 @dataclass(frozen=True, slots=True)
 class HltExit:
-    pass
+    """The guest halted (`KVM_EXIT_HLT`)."""
 
 
 @dataclass(frozen=True, slots=True)
 class OtherExit:
+    """Any other exit reason."""
+
     reason: int
 
 

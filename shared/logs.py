@@ -29,33 +29,68 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import io
 import json
 import os
 import sys
 import threading
+import types
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
 
-def _import_structlog_without_rich() -> None:
-    """Import structlog while `rich` (installed for `vmsuper top`) cannot be imported.
+class _ImportedOnFirstUse(types.ModuleType):
+    """Stands in for a module while structlog is imported; reading any of its attributes
+    imports the real module and reads the attribute from it."""
+
+    def __getattr__(self, name: str) -> Any:
+        name_of_module = self.__name__
+        if sys.modules.get(name_of_module) is self:
+            del sys.modules[name_of_module]
+        return getattr(importlib.import_module(name_of_module), name)
+
+
+# Modules structlog imports at the top of its package but uses only inside functions vmsuper
+# never calls: asyncio, for its async logging methods (``ainfo`` and the like).
+_DEFERRED_BY_STRUCTLOG = ("asyncio",)
+
+
+def _import_structlog_lightly() -> None:
+    """Import structlog without what only its console renderer and async methods need.
 
     structlog's console renderer imports rich when it can, about 100 ms that every
     `vmsuper run` would pay at start-up; the JSON logs written here never use it. So the
     import happens with rich hidden, and rich stays importable for everything after.
+
+    Its package also imports `structlog.stdlib`, which imports asyncio (with ssl, about a
+    tenth of the supervisor's imports) for async methods vmsuper does not use. structlog
+    gets a stand-in for asyncio instead (`_ImportedOnFirstUse`), which imports the real
+    module on first use, so those methods still work; once structlog is in, the stand-in
+    leaves `sys.modules` and any later ``import asyncio`` gets the real module. Should a
+    structlog release read asyncio at import, the stand-in imports it then: correct, only
+    no faster (tests/test_cli.py would notice).
     """
-    if "rich" in sys.modules or "structlog" in sys.modules:
+    if "structlog" in sys.modules:
         return
-    sys.modules["rich"] = None  # type: ignore[assignment]  # "import rich" raises ImportError
+    hidden = [] if "rich" in sys.modules else ["rich"]
+    stand_ins = {name: _ImportedOnFirstUse(name) for name in _DEFERRED_BY_STRUCTLOG}
+    stand_ins = {name: module for name, module in stand_ins.items() if name not in sys.modules}
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # "import rich" raises ImportError
+    sys.modules.update(stand_ins)
     try:
         import structlog  # noqa: F401
     finally:
-        del sys.modules["rich"]
+        for name in hidden:
+            del sys.modules[name]
+        for name, module in stand_ins.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
 
 
-_import_structlog_without_rich()
+_import_structlog_lightly()
 
 import structlog  # noqa: E402
 from structlog.typing import FilteringBoundLogger  # noqa: E402

@@ -5,7 +5,6 @@ files (vmsuper/capacity.py)."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Final
 
@@ -30,6 +29,8 @@ def runtime_dir() -> Path:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "vmsuper"
+    import tempfile  # here: the only case that needs it (a few ms of `vmsuper run`'s start-up)
+
     return Path(tempfile.gettempdir()) / f"vmsuper-{os.geteuid()}"
 
 

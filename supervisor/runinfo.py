@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -134,7 +133,13 @@ def _boot_time() -> float:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # A name of this process's own rather than tempfile's (whose import, with random's, costs
+    # every `vmsuper run` a few ms at start-up). Whatever a dead process of the same pid left
+    # there (a file, a link) is removed first, and the new file is created afresh, 0600.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -92,6 +92,8 @@ class StillInInit:
 
 @dataclass
 class _Wait:
+    """A wait seen in progress: since when, and whether it was warned about."""
+
     key: tuple[Phase, int]
     since: float
     warned: bool = False

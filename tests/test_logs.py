@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -265,3 +267,24 @@ def test_a_killed_supervisor_is_not_live(tmp_path: Path) -> None:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     assert not logs.run_is_live(tmp_path)
+
+
+def test_structlog_s_async_methods_work_though_asyncio_was_deferred(tmp_path: Path) -> None:
+    # A fresh interpreter, so that structlog is imported here with asyncio's stand-in.
+    log_file = tmp_path / "x.jsonl"
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from vmsuper.shared import logs\n"
+        "assert 'asyncio' not in sys.modules\n"
+        f"log = logs.configure_logging(Path({str(log_file)!r}), level='info')\n"
+        "import asyncio\n"
+        "assert type(sys.modules['asyncio']) is type(sys)\n"
+        "asyncio.run(log.ainfo('from_a_coroutine', n=1))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    [record] = read(log_file)
+    assert (record["event"], record["n"]) == ("from_a_coroutine", 1)

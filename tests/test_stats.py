@@ -303,3 +303,24 @@ def test_percentiles_come_from_log2_buckets() -> None:
     assert percentile_ns(buckets, 0.99, 2**30) == 1 << 20
     assert percentile_ns(buckets, 1.0, 700_000_000) == 700_000_000  # capped at the maximum
     assert percentile_ns([0] * 48, 0.5, 0) is None
+
+
+def test_run_json_is_written_whole_over_a_dead_process_s_leftover(tmp_path: Path) -> None:
+    target = tmp_path / runinfo.RUN_FILE
+    leftover = tmp_path / f".{target.name}.{os.getpid()}.tmp"
+    leftover.write_text("half a file from a dead process of the same pid")
+    runinfo._write_atomically(target, '{"a": 1}')
+    assert target.read_text() == '{"a": 1}'
+    assert (target.stat().st_mode & 0o777) == 0o600
+    assert not leftover.exists()
+
+
+def test_run_json_is_not_written_through_a_leftover_link(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("kept")
+    target = tmp_path / runinfo.RUN_FILE
+    (tmp_path / f".{target.name}.{os.getpid()}.tmp").symlink_to(victim)
+    runinfo._write_atomically(target, '{"a": 1}')
+    assert victim.read_text() == "kept"
+    assert target.read_text() == '{"a": 1}'
+    assert not target.is_symlink()
