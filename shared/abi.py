@@ -379,14 +379,19 @@ RANGE_COUNTS = Struct(
 
 COUNTED_RANGE = Struct(
     "vms_counted_range",
-    "A range whose exits are counted.",
-    [Field("space", U64), Field("start", U64), Field("length", U64)],
+    "A reserved range as the worker's engine looks it up, and whose exits are counted.",
+    [
+        Field("space", U64),
+        Field("start", U64),
+        Field("length", U64),
+        Field("async_write", U64, doc="1: writes go to the plugin without waiting"),
+    ],
 )
 
 STRUCTS: Final = tuple(_STRUCTS.values())
 
 MAGIC: Final = 0x48534D56  # "VMSH"
-VERSION: Final = 4
+VERSION: Final = 5
 """The region's layout version: a `vmsuper stats` of another version refuses to read it."""
 
 CONSTANTS: Final = {

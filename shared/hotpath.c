@@ -243,13 +243,6 @@ int vms_runner_loop(struct vms_runner *r)
  * (Python decodes those rare ones with kvm.decode_exit). With report_exits set (debug
  * logging) the loop also returns after every exit it completed, so Python can log it. */
 
-struct vms_range {
-    uint64_t start;
-    uint64_t length;
-    uint64_t space;
-    uint64_t async_write;
-};
-
 /* An I/O or MMIO exit, decoded from the run page. */
 struct vms_access {
     uint64_t space;    /* SPACE_IOPORT or SPACE_MMIO */
@@ -272,10 +265,10 @@ struct vms_worker {
     uint64_t *run_state;      /* the slot's run state cell */
     struct vms_stats *stats;  /* the VCPU's statistics block */
     const uint64_t *table_gen;
-    uint64_t known_gen;       /* the generation `ranges` was built from */
-    const struct vms_range *ranges; /* sorted by (space, start) */
+    uint64_t known_gen;       /* the table generation `ranges` describes */
+    const struct vms_counted_range *ranges; /* the VCPU's RangeCounts: sorted by (space, start) */
     uint64_t n_ranges;
-    uint64_t *range_counts;   /* the shared RangeCounts cells, one per range */
+    uint64_t *range_counts;   /* the RangeCounts counters, one per range */
     uint64_t hint_set;
     uint64_t hint_space;
     uint64_t hint_address;
@@ -306,13 +299,13 @@ enum { S_IDLE = 0, S_RUNNING = 1, S_AWAIT_REPLY = 2, S_EXIT = 3 };
 #define MAX_DATA 4096
 
 /* Index of the range holding (space, address), or -1. */
-int64_t vms_find_range(const struct vms_range *ranges, uint64_t n, uint64_t space,
+int64_t vms_find_range(const struct vms_counted_range *ranges, uint64_t n, uint64_t space,
                        uint64_t address)
 {
     uint64_t lo = 0, hi = n; /* first index whose (space, start) > (space, address) */
     while (lo < hi) {
         uint64_t mid = lo + (hi - lo) / 2;
-        const struct vms_range *m = &ranges[mid];
+        const struct vms_counted_range *m = &ranges[mid];
         if (m->space < space || (m->space == space && m->start <= address))
             lo = mid + 1;
         else
@@ -320,7 +313,7 @@ int64_t vms_find_range(const struct vms_range *ranges, uint64_t n, uint64_t spac
     }
     if (lo == 0)
         return -1;
-    const struct vms_range *found = &ranges[lo - 1];
+    const struct vms_counted_range *found = &ranges[lo - 1];
     if (found->space == space && address - found->start < found->length)
         return (int64_t)(lo - 1);
     return -1;

@@ -49,7 +49,6 @@ __all__ = [
     "find_range",
     "library",
     "plain_resume",
-    "ranges",
     "seq_begin",
     "seq_end",
     "seq_publish",
@@ -142,13 +141,6 @@ def RunnerContext(**fields: Any) -> Any:
 def WorkerContext(**fields: Any) -> Any:
     """A new `struct vms_worker` for `vms_worker_loop`, as `RunnerContext`."""
     return _new("vms_worker", fields)
-
-
-def ranges(items: Iterable[_RangeLike]) -> Any:
-    """A C array of `struct vms_range` (sorted by (space, start) as the caller gives them),
-    never empty, for a context's `ranges` field; the caller keeps it alive while C uses it."""
-    rows = [(r.start, r.length, int(r.space), int(r.async_write)) for r in items]
-    return binding().ffi.new("struct vms_range[]", rows or [(0, 0, 0, 0)])
 
 
 def watch_signal(signum: int) -> None:
@@ -265,8 +257,9 @@ def decode_access(run_address: int, run_size: int) -> Any | None:
 
 def find_range(items: Iterable[_RangeLike], space: int, address: int) -> int:
     """Index of the range holding (`space`, `address`) in `items`, or -1 (for tests)."""
-    rows = list(items)
-    return int(library.vms_find_range(ranges(rows), len(rows), space, address))
+    rows = [(int(r.space), r.start, r.length, int(r.async_write)) for r in items]
+    array = binding().ffi.new("struct vms_counted_range[]", rows or [(0, 0, 0, 0)])
+    return int(library.vms_find_range(array, len(rows), space, address))
 
 
 def encode_io_wait(space: int, address: int, is_write: bool, no_resume: bool, data: bytes) -> bytes:

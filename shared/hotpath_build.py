@@ -43,13 +43,6 @@ struct vms_runner {
     int64_t held_run;
 };
 
-struct vms_range {
-    uint64_t start;
-    uint64_t length;
-    uint64_t space;
-    uint64_t async_write;
-};
-
 struct vms_access {
     uint64_t space;
     uint64_t address;
@@ -72,7 +65,7 @@ struct vms_worker {
     struct vms_stats *stats;
     const uint64_t *table_gen;
     uint64_t known_gen;
-    const struct vms_range *ranges;
+    const struct vms_counted_range *ranges;
     uint64_t n_ranges;
     uint64_t *range_counts;
     uint64_t hint_set;
@@ -114,7 +107,7 @@ void vms_begin_wait(struct vms_worker *w, uint64_t state);
 void vms_resumed(struct vms_worker *w);
 void vms_finish_access(struct vms_worker *w, const uint8_t *data, size_t size);
 int vms_decode_access(const struct kvm_run *run, uint64_t run_size, struct vms_access *a);
-int64_t vms_find_range(const struct vms_range *ranges, uint64_t n, uint64_t space,
+int64_t vms_find_range(const struct vms_counted_range *ranges, uint64_t n, uint64_t space,
                        uint64_t address);
 size_t vms_encode_io_wait(uint8_t *out, uint64_t space, uint64_t address, int is_write,
                           int no_resume, const uint8_t *data, size_t length);

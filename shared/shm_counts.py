@@ -1,6 +1,6 @@
-"""One VCPU's forwarded exits per reserved range, live in the shared region for `vmsuper
-stats`: its worker writes them (`RangeCounts`) under a seqlock of its own, anyone reads them
-(`read_range_counts`).
+"""One VCPU's reserved ranges as its exit engine looks them up, with the forwarded exits per
+range, live in the shared region for `vmsuper stats`: its worker writes them (`RangeCounts`)
+under a seqlock of its own, anyone reads them (`read_range_counts`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from vmsuper.shared.ranges import Range, Space
 from vmsuper.shared.shm_layout import Layout, RegionMemory, ShmError
 
 # Range counts (`struct vms_range_counts`): generation and count, then max_ranges ranges
-# (`struct vms_counted_range`: space, start, length), then max_ranges counters.
+# (`struct vms_counted_range`: space, start, length, async_write), then max_ranges counters.
 _RC_GEN: Final = abi.RANGE_COUNTS.cell("gen")
 _RC_COUNT: Final = abi.RANGE_COUNTS.cell("count")
 _RC_RANGES: Final = abi.RANGE_COUNTS.size // 8
@@ -25,13 +25,14 @@ def _range_key(rng: Range) -> int:
 
 
 class RangeCounts:
-    """One VCPU's forwarded exits per reserved range, kept live for `vmsuper stats`.
+    """One VCPU's reserved ranges and forwarded exits per range, kept live for `vmsuper stats`.
 
     Only the VCPU's worker writes it. `describe` lays out the ranges of the table the worker
     uses (under a seqlock: generation odd while it writes), carrying each range's count over
-    by (space, start); then each forwarded exit adds one to its range's counter, always in the
-    exit engine (through `counts_address`): these cells are the counts' one home, which the
-    worker's exit-count record reads (`counts`).
+    by (space, start). The exit engine looks accesses up in these very ranges
+    (`ranges_address`: the worker's one copy of the table) and adds one to a range's counter
+    for each exit it forwards (`counts_address`): these cells are the counts' one home, which
+    the worker's exit-count record reads (`counts`).
     """
 
     def __init__(self, memory: RegionMemory, index: int) -> None:
@@ -45,11 +46,17 @@ class RangeCounts:
         self._counts = self._ranges_cell + layout.max_ranges * _RC_RANGE_CELLS
         self._max = layout.max_ranges
         self._address = memory.address + self._counts * 8
+        self._ranges_address = memory.address + self._ranges_cell * 8
         self._ranges: list[Range] = []
 
     def counts_address(self) -> int:
         """Where the counters lie (one u64 per described range, in order), for the C loop."""
         return self._address
+
+    def ranges_address(self) -> int:
+        """Where the described ranges lie (`struct vms_counted_range`, in order), for the C
+        loop's lookup."""
+        return self._ranges_address
 
     def describe(self, ranges: list[Range]) -> None:
         """Count exits of `ranges` (in this order) from now on; at most max_ranges of them."""
@@ -63,6 +70,7 @@ class RangeCounts:
                 q[cell] = rng.space
                 q[cell + 1] = rng.start
                 q[cell + 2] = rng.length
+                q[cell + 3] = int(rng.async_write)
                 q[self._counts + i] = old.get(_range_key(rng), 0)
             q[self._count] = len(ranges)
         finally:
@@ -95,9 +103,10 @@ def read_range_counts(q: memoryview, layout: Layout, index: int) -> list[tuple[R
         if q[base + _RC_GEN] == gen:
             found = []
             for i in range(count):
-                space, start, length = cells[3 * i : 3 * i + 3]
+                space, start, length, async_write = cells[4 * i : 4 * i + 4]
                 try:
-                    found.append((Range(Space(space), start, length, False), counts[i]))
+                    rng = Range(Space(space), start, length, bool(async_write))
+                    found.append((rng, counts[i]))
                 except ValueError:
                     continue
             return found

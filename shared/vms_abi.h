@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 #define VMS_REGION_MAGIC 1213418838
-#define VMS_REGION_VERSION 4
+#define VMS_REGION_VERSION 5
 #define VMS_BUCKETS 48
 #define VMS_STOP_REASON_SIZE 128
 #define VMS_MAILBOX_ARG_OFFSET 64
@@ -178,11 +178,12 @@ struct vms_range_counts {
     uint64_t count;
 };
 
-/* A range whose exits are counted. */
+/* A reserved range as the worker's engine looks it up, and whose exits are counted. */
 struct vms_counted_range {
     uint64_t space;
     uint64_t start;
     uint64_t length;
+    uint64_t async_write; /* 1: writes go to the plugin without waiting */
 };
 
 _Static_assert(offsetof(struct vms_region_header, magic) == 0, "offsetof(struct vms_region_header, magic)");
@@ -263,6 +264,7 @@ _Static_assert(sizeof(struct vms_range_counts) == 16, "sizeof(struct vms_range_c
 _Static_assert(offsetof(struct vms_counted_range, space) == 0, "offsetof(struct vms_counted_range, space)");
 _Static_assert(offsetof(struct vms_counted_range, start) == 8, "offsetof(struct vms_counted_range, start)");
 _Static_assert(offsetof(struct vms_counted_range, length) == 16, "offsetof(struct vms_counted_range, length)");
-_Static_assert(sizeof(struct vms_counted_range) == 24, "sizeof(struct vms_counted_range)");
+_Static_assert(offsetof(struct vms_counted_range, async_write) == 24, "offsetof(struct vms_counted_range, async_write)");
+_Static_assert(sizeof(struct vms_counted_range) == 32, "sizeof(struct vms_counted_range)");
 
 #endif

@@ -3,10 +3,11 @@ engine's copy of the reserved ranges, and the decoded events it hands back.
 
 The engine runs the guest and serves every exit it can on its own (see `hotpath.c`); when it
 returns, `run()` says why and the context holds the decoded event (`access`, `range_index`,
-`delivered`, `response_ns`). Python never decodes an I/O or MMIO exit itself. The ranges and
-the call hint reach the engine as an array built from the shared table's snapshot; an exit
-made after the table's generation moved on comes back as `TABLE`, and is handled on the next
-`run()`, once the array is rebuilt.
+`delivered`, `response_ns`). Python never decodes an I/O or MMIO exit itself. The engine
+looks accesses up in the VCPU's `RangeCounts` (the worker's one copy of the ranges, which
+`vmsuper stats` reads too), laid out from the shared table's snapshot; an exit made after the
+table's generation moved on comes back as `TABLE`, and is handled on the next `run()`, once
+the ranges are laid out again.
 
 Range counts have one home, the shared `RangeCounts` cells the engine increments; ranges a
 new table no longer holds are kept (`retired`) for the exit-count record.
@@ -52,7 +53,6 @@ class ExitEngine:
     ) -> None:
         self._reader = reader
         self._live = range_counts
-        self._array = hotpath.ranges(())
         self.retired: dict[str, int] = {}
         """Counts of ranges an older table held and the current one does not, by label."""
         self.hint: CallHint | None = None
@@ -70,7 +70,7 @@ class ExitEngine:
             stats=slot.cell_address("stats"),
             table_gen=reader.gen_address,
             known_gen=(1 << 64) - 1,  # odd: never a published generation
-            ranges=self._array,
+            ranges=range_counts.ranges_address(),
             n_ranges=0,
             range_counts=range_counts.counts_address(),
             spin_ns=doorbell.spin_ns,
@@ -129,11 +129,8 @@ class ExitEngine:
                 label = range_label(rng)
                 self.retired[label] = self.retired.get(label, 0) + count
         self._live.describe(ranges)
-        ranges = self._live.ranges  # the engine sees no more ranges than the counters hold
-        array = hotpath.ranges(ranges)
         context = self.context
-        context.ranges = array
-        context.n_ranges = len(ranges)
+        context.n_ranges = len(self._live.ranges)  # at most the max_ranges the counters hold
         hint = snapshot.hint
         self.hint = hint if hint is not None and hint.is_set else None
         context.hint_set = self.hint is not None
@@ -141,4 +138,3 @@ class ExitEngine:
         context.hint_address = hint.address if hint is not None else 0
         context.hint_on_write = hint.on_write if hint is not None else 0
         context.known_gen = snapshot.gen
-        self._array = array
