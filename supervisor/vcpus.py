@@ -293,7 +293,8 @@ class VcpuSet:
 
     def worker_exited(self, vcpu: int) -> str | None:
         """Reap VCPU `vcpu`'s worker (call when its pidfd is readable: this waits for it).
-        None when it stopped cleanly, else why it stopped, naming the VCPU."""
+        None when it stopped cleanly, else why it stopped (the caller names the VCPU, as
+        `outcome.worker_failure` does)."""
         if vcpu in self._statuses:
             return self._statuses[vcpu]
         pid = self._pids[vcpu]
@@ -305,7 +306,7 @@ class VcpuSet:
         if os.WIFSIGNALED(wait_status) and os.WTERMSIG(wait_status) == signal.SIGSYS:
             reason: str | None = confine.describe_seccomp_kill(slot.trapped_syscall)
         else:
-            reason = describe_exit(vcpu, wait_status, slot.stop_reason)
+            reason = describe_exit(wait_status, slot.stop_reason)
         self._statuses[vcpu] = reason
         if os.WIFEXITED(wait_status):
             self._codes[vcpu] = os.WEXITSTATUS(wait_status)

@@ -407,7 +407,7 @@ def test_fatal_exits_stop_with_their_status(
     assert (level, event, fields["status"]) == ("error", "stopped", int(status))
     if status != WorkerStatus.RUN_FAILED:
         assert fields["rip"] == "0x1234"
-    described = describe_exit(0, int(status) << 8, worker.stop_reason)
+    described = describe_exit(int(status) << 8, worker.stop_reason)
     assert described is not None and f"status {int(status)}" in described
 
 
@@ -451,11 +451,11 @@ def test_the_worker_signals_are_taken_back_as_they_were() -> None:
 
 
 def test_describe_exit() -> None:
-    assert describe_exit(3, 0) is None
-    killed = describe_exit(3, 9)  # the wait status of a process killed by signal 9
-    assert killed == "VCPU 3 worker was killed by signal 9 (SIGKILL)"
-    text = describe_exit(1, 14 << 8, "write failed: EIO")
-    assert text == "VCPU 1 worker exited with status 14 (plugin channel failure: write failed: EIO)"
+    assert describe_exit(0) is None
+    killed = describe_exit(9)  # the wait status of a process killed by signal 9
+    assert killed == "worker was killed by signal 9 (SIGKILL)"
+    text = describe_exit(14 << 8, "write failed: EIO")
+    assert text == "worker exited with status 14 (plugin channel failure: write failed: EIO)"
 
 
 # -- the engine against the protocol oracle -------------------------------------------------

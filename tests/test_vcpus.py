@@ -829,7 +829,7 @@ def test_triple_fault_stops_the_worker_with_its_status(machine: Machine, transpo
     end.send(resume())
     reason = wait_worker(machine, 0)
     assert reason is not None
-    assert "VCPU 0" in reason and f"status {WorkerStatus.GUEST_SHUTDOWN.value}" in reason
+    assert reason.startswith(f"worker exited with status {WorkerStatus.GUEST_SHUTDOWN.value}")
     assert "triple fault" in reason
     assert end.at_eof()
     stopped = [r for r in machine.records(0) if r["event"] == "stopped"]
@@ -845,7 +845,7 @@ def test_killed_worker_is_reported_with_the_signal(machine: Machine) -> None:
     wait_until(lambda: machine.region.slot(0).run_state == RunState.RUNNING, "running")
     os.kill(vcpus.worker_pids()[0], signal.SIGKILL)
     reason = wait_worker(machine, 0)
-    assert reason is not None and "VCPU 0" in reason and "SIGKILL" in reason
+    assert reason == "worker was killed by signal 9 (SIGKILL)"
     assert vcpus.worker_exited(0) == reason  # reaped once, remembered
 
 

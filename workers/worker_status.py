@@ -57,8 +57,9 @@ STATUS_MEANINGS: Final[dict[int, str]] = {
 }
 
 
-def describe_exit(vcpu: int, wait_status: int, stop_reason: str = "") -> str | None:
-    """A sentence for a worker's wait status; None for a clean stop."""
+def describe_exit(wait_status: int, stop_reason: str = "") -> str | None:
+    """A sentence for a worker's wait status (the caller names the VCPU, as in "vcpu 1:
+    worker exited with status 14 (...)"); None for a clean stop."""
     if os.WIFEXITED(wait_status):
         code = os.WEXITSTATUS(wait_status)
         if code == WorkerStatus.CLEAN:
@@ -68,12 +69,12 @@ def describe_exit(vcpu: int, wait_status: int, stop_reason: str = "") -> str | N
             meaning = stop_reason  # it already says what the status means, and more
         elif stop_reason:
             meaning = f"{meaning}: {stop_reason}"
-        return f"VCPU {vcpu} worker exited with status {code} ({meaning})"
+        return f"worker exited with status {code} ({meaning})"
     if os.WIFSIGNALED(wait_status):
         number = os.WTERMSIG(wait_status)
         try:
             name = signal.Signals(number).name
         except ValueError:
             name = f"signal {number}"
-        return f"VCPU {vcpu} worker was killed by signal {number} ({name})"
-    return f"VCPU {vcpu} worker ended with wait status {wait_status:#x}"
+        return f"worker was killed by signal {number} ({name})"
+    return f"worker ended with wait status {wait_status:#x}"
