@@ -311,6 +311,7 @@ def test_an_unprivileged_worker_keeps_its_user_and_is_confined(region: SharedReg
     nobody = pwd.getpwnam("nobody")
 
     def become_nobody_then_confine(ready: int) -> None:
+        hotpath.binding()  # a worker has the engine loaded, as its supervisor's user, by now
         if os.geteuid() == 0:  # stand in for an unprivileged supervisor
             os.setgroups([])
             os.setresgid(nobody.pw_gid, nobody.pw_gid, nobody.pw_gid)

@@ -218,6 +218,9 @@ def confine(
     Call it once everything the worker needs is open, mapped and imported. Raises
     `ConfinementError` (the worker must then exit) if any step fails."""
     try:
+        # The compiled engine loads on first use; the worker's user may not be able to read
+        # the installation (a checkout in a private folder), so it is loaded while it still can.
+        hotpath.binding()
         vcpu_fd = _check_fds(vcpu)
         unmapped = _unmap_shared_mappings(vcpu, slot.cell_address("pause_seq"))
         _no_terminal_input()
