@@ -3,8 +3,9 @@
  * (bells), the runner's KVM_RUN loop (the only place KVM_RUN is made), and the worker's loop,
  * which decodes every I/O and MMIO exit, looks it up, counts it and serves it, owning the
  * channel's transport. Compiled into the cffi module `vmsuper.shared._hotpath`
- * (hotpath_build.py declares what Python calls, and the compiler checks those declarations
- * against the definitions here); it needs no Python headers.
+ * (hotpath.h declares what Python calls, for this file and for cffi's cdef alike, and the
+ * compiler checks those declarations against the definitions here); it needs no Python
+ * headers.
  *
  * What needs a protocol decision returns to Python as a decoded event in the worker's context
  * (an access at the call hint's address, a plugin request that is not exactly Resume{data},
@@ -37,7 +38,7 @@
 /* The shared-memory structs (struct vms_mail with its two struct vms_bell, struct vms_stats)
  * and the enums Python shares (ExitKind as K_*, RunState as RUN_STATE_*, Space as SPACE_*, the
  * loops' results as R_* and W_*): generated from abi.py. */
-#include "vms_abi.h"
+#include "hotpath.h"
 
 static inline uint64_t now_ns(void)
 {
@@ -174,22 +175,6 @@ int vms_bell_wait(struct vms_bell *bell, int efd, uint32_t *seen, uint64_t spin_
 
 /* -- the runner thread ------------------------------------------------------------------- */
 
-struct vms_runner {
-    int64_t vcpu_fd;
-    struct kvm_run *run;
-    struct vms_mail *mail;
-    int64_t request_efd;
-    int64_t done_efd;
-    uint32_t *request_seen;
-    const uint64_t *pause_seq;
-    const uint64_t *delivered_seq;
-    int64_t hold_runs;  /* before the first run: leave it to Python (the Init barrier) */
-    int64_t stopping;   /* set by Python, then the request bell rung */
-    uint64_t spin_ns;
-    int64_t error;      /* R_FAILED: the errno */
-    int64_t held_run;   /* a KVM_RUN request came while runs were held: made on the next call */
-};
-
 /* Serve KVM_RUN requests until Python must act (another ioctl, stop, a signal while idle, the
  * first run while runs are held). This is the only place KVM_RUN is made. */
 int vms_runner_loop(struct vms_runner *r)
@@ -242,57 +227,6 @@ int vms_runner_loop(struct vms_runner *r)
  * request, a refused datagram, a table that changed, and exits that are not I/O or MMIO
  * (Python decodes those rare ones with kvm.decode_exit). With report_exits set (debug
  * logging) the loop also returns after every exit it completed, so Python can log it. */
-
-/* An I/O or MMIO exit, decoded from the run page. */
-struct vms_access {
-    uint64_t space;    /* SPACE_IOPORT or SPACE_MMIO */
-    uint64_t address;  /* the port or the physical address */
-    uint64_t is_write;
-    uint64_t offset;   /* the data area in the run page */
-    uint64_t length;   /* its bytes (I/O: size * count; MMIO: at most 8) */
-    uint64_t size;     /* I/O: bytes per access; MMIO: the length KVM gave */
-    uint64_t count;    /* I/O: accesses (string I/O); MMIO: 1 */
-};
-
-struct vms_worker {
-    struct kvm_run *run;
-    uint64_t run_size;
-    struct vms_mail *mail;
-    int64_t request_efd;
-    int64_t done_efd;
-    uint32_t *done_seen;
-    uint64_t *counters;       /* the slot's exit counters, by ExitKind */
-    uint64_t *run_state;      /* the slot's run state cell */
-    struct vms_stats *stats;  /* the VCPU's statistics block */
-    const uint64_t *table_gen;
-    uint64_t known_gen;       /* the table generation `ranges` describes */
-    const struct vms_counted_range *ranges; /* the VCPU's RangeCounts: sorted by (space, start) */
-    uint64_t n_ranges;
-    uint64_t *range_counts;   /* the RangeCounts counters, one per range */
-    uint64_t hint_set;
-    uint64_t hint_space;
-    uint64_t hint_address;
-    uint64_t hint_on_write;
-    uint64_t pipes;           /* transport: 1 pipes, 0 socket */
-    int64_t in_fd;
-    int64_t out_fd;
-    uint8_t *buf;             /* room for max_request + 1 bytes */
-    uint64_t max_request;
-    uint64_t max_fds;
-    uint64_t spin_ns;
-    int64_t wake_fd;          /* Python's signal wake-up pipe (read end), or -1 */
-    uint64_t report_exits;    /* return W_DONE after each exit completed here */
-    uint64_t state;
-    /* Out: what Python needs when the loop returns. */
-    int64_t error;            /* W_RUN_RESULT: KVM_RUN's errno; W_FAILED: the I/O errno */
-    uint64_t request_len;     /* W_REQUEST, W_REFUSED, receive: bytes of the request in buf */
-    uint64_t refusal;         /* W_REFUSED: the errno to answer with (0: none) */
-    uint64_t fds;             /* W_REFUSED: fds that came with the request */
-    struct vms_access access; /* the last I/O or MMIO exit */
-    int64_t range_index;      /* its range, or -1 (unreserved) */
-    uint64_t delivered;       /* DELIVERED_*: what became of it */
-    uint64_t response_ns;     /* the plugin's response time to it (once resumed) */
-};
 
 /* The worker loop's state between calls; the W_ results and DELIVERED_ values are abi.py's. */
 enum { S_IDLE = 0, S_RUNNING = 1, S_AWAIT_REPLY = 2, S_EXIT = 3 };

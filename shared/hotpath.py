@@ -12,8 +12,9 @@ vmsuper's layout but removes both costs where it can:
 
 What needs a protocol decision goes back to Python as a decoded event (see `hotpath.c`). The
 package build compiles it, with the shared region's seqlocks (`seqlock.c`), into the cffi module
-`vmsuper.shared._hotpath` (`hotpath_build.py`: the C compiler checks every declaration Python
-uses against its definition); cffi releases the GIL for every call.
+`vmsuper.shared._hotpath` (`hotpath.h` declares what Python uses, once, for C and for cffi;
+the C compiler checks every declaration against its definition); cffi releases the GIL for
+every call.
 
 The compiled module is loaded on first use, not on import: importing this module, the shared
 region's or the SDK, and `vmsuper logs`, `check`, `stats` or `--help`, never need it. A

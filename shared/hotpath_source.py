@@ -14,6 +14,7 @@ from typing import Final
 
 SOURCES: Final = (
     "hotpath.c",
+    "hotpath.h",
     "seqlock.c",
     "vms_abi.h",
     "abi.py",

@@ -73,15 +73,29 @@ def test_the_header_asserts_catch_a_layout_the_compiler_disagrees_with(tmp_path:
     assert "offsetof(struct vms_mail, ret)" in done.stderr
 
 
-def test_hotpath_c_defines_none_of_the_shared_structs_and_enums() -> None:
-    source = (SHARED / "hotpath.c").read_text()
-    assert '#include "vms_abi.h"' in source
+@pytest.mark.parametrize("name", ["hotpath.c", "hotpath.h"])
+def test_hotpath_c_defines_none_of_the_shared_structs_and_enums(name: str) -> None:
+    source = (SHARED / name).read_text()
+    included = "hotpath.h" if name == "hotpath.c" else "vms_abi.h"
+    assert f'#include "{included}"' in source
     for struct in abi.STRUCTS:
         assert not re.search(rf"{struct.ctype}\s*{{", source), struct.name
     for enum_type, (_, prefix) in abi.ENUMS.items():
         for member in enum_type:
             assert not re.search(rf"\b{prefix}{member.name}\s*=", source), member
     assert "#define VMS_BUCKETS" not in source
+
+
+def test_the_contexts_and_prototypes_are_declared_once_in_hotpath_h() -> None:
+    """hotpath.c defines the loops' contexts nowhere but through hotpath.h, which is also
+    cffi's cdef: a second declaration could drift from the first."""
+    source = (SHARED / "hotpath.c").read_text()
+    header = (SHARED / "hotpath.h").read_text()
+    for struct in ("vms_runner", "vms_access", "vms_worker"):
+        assert re.search(rf"struct {struct}\s*{{", header), struct
+        assert not re.search(rf"struct {struct}\s*{{", source), struct
+    build = (SHARED / "hotpath_build.py").read_text()
+    assert "struct vms_" not in build and "int vms_" not in build
 
 
 def test_codecs_pack_the_fields_at_their_offsets() -> None:
