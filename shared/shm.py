@@ -48,6 +48,7 @@ import sys
 from types import TracebackType
 from typing import Final
 
+from vmsuper.shared import libc_mmap
 from vmsuper.shared.ranges import Range
 from vmsuper.shared.shm_counts import RangeCounts, read_range_counts
 from vmsuper.shared.shm_layout import (
@@ -214,17 +215,6 @@ class SharedRegion:
         self.close()
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_MAP_FAILED: Final = ctypes.c_void_p(-1).value
 _PROT_NONE: Final = 0
 _MAP_FIXED: Final = 0x10
 _MAP_NORESERVE: Final = 0x4000
@@ -233,8 +223,8 @@ _MAP_NORESERVE: Final = 0x4000
 def _reserve_inaccessible(address: int, size: int) -> None:
     """Replace the pages at [address, address + size) by an inaccessible reservation."""
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED | _MAP_NORESERVE
-    got = _libc.mmap(address, size, _PROT_NONE, flags, -1, 0)
-    if got == _MAP_FAILED or got != address:
+    got = libc_mmap.mmap(address, size, _PROT_NONE, flags, -1, 0)
+    if got == libc_mmap.MAP_FAILED or got != address:
         err = ctypes.get_errno()
         raise OSError(err, f"cannot unmap {size} bytes at {address:#x}: {os.strerror(err)}")
 

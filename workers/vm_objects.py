@@ -15,7 +15,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from vmsuper.shared import kvm
+from vmsuper.shared import kvm, libc_mmap
 from vmsuper.shared.ranges import Space
 from vmsuper.workers.limits import Limits
 
@@ -24,19 +24,6 @@ F_SEAL_SHRINK = 0x0002
 PAGE_SIZE = 4096
 U64_LIMIT = 1 << 64
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.restype = ctypes.c_int
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
 
 PROT_READ = 0x1
 PROT_WRITE = 0x2
@@ -82,7 +69,7 @@ class MemoryObject(VmObject):
         try:
             kvm.ioctl(vm.fd, kvm.KVM_SET_USER_MEMORY_REGION, region)
         finally:
-            _libc.munmap(self.host_address, self.length)
+            libc_mmap.munmap(self.host_address, self.length)
 
     def dirty_bitmap(self, vm: kvm.Vm) -> bytes:
         """KVM's dirty bitmap, trimmed to exactly ceil(pages / 8) bytes as the client expects."""
@@ -251,8 +238,8 @@ def create_memory(
         raise ObjectError(errno.ENOSPC, "guest memory limit reached")
     slot = table.allocate_slot()
     prot = PROT_READ if read_only else PROT_READ | PROT_WRITE
-    address = _libc.mmap(None, length, prot, MAP_SHARED, memfd, offset)
-    if address is None or address == _MAP_FAILED:
+    address = libc_mmap.mmap(None, length, prot, MAP_SHARED, memfd, offset)
+    if address is None or address == libc_mmap.MAP_FAILED:
         err = ctypes.get_errno()
         table.release_slot(slot)
         raise ObjectError(err, f"mmap of the memory fd failed: {os.strerror(err)}")
@@ -266,7 +253,7 @@ def create_memory(
         kvm.ioctl(vm.fd, kvm.KVM_SET_USER_MEMORY_REGION, region)
     except kvm.KvmError:
         table.release_slot(slot)
-        _libc.munmap(address, length)
+        libc_mmap.munmap(address, length)
         raise
     table.guest_memory += length
     return MemoryObject(slot, start, length, address, dirty_log, read_only)
