@@ -16,10 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import pc, report
 from benchmarks.vmrun import RunError
 
+# The stand-in writes the banner, waits until the harness has read it out of the pipe (FIONREAD
+# on its stdout: no byte left unread), then writes the rest, so the two are read apart.
 STAND_IN = """
-import os, sys, time
+import array, fcntl, os, sys, termios, time
 os.write(1, b"\\x1bcSeaBIOS (version x)\\n")
-time.sleep(0.2)
+unread, end = array.array("i", [1]), time.monotonic() + 30
+while unread[0] and time.monotonic() < end:
+    fcntl.ioctl(1, termios.FIONREAD, unread)
+    time.sleep(0.001)
 os.write(1, b"Booting from Hard Disk...\\nBoot sector: hello\\n")
 sys.exit(int(sys.argv[1]))
 """
