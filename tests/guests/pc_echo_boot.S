@@ -40,27 +40,7 @@ halt:
         hlt
         jmp     halt
 
-print:
-        lodsb
-        test    %al, %al
-        jz      printed
-        mov     %al, %ah
-        mov     $COM1 + 5, %dx
-wait_ready:
-        in      %dx, %al
-        test    $0x20, %al
-        jz      wait_ready
-        mov     %ah, %al
-        mov     $COM1, %dx
-        out     %al, %dx
-        jmp     print
-printed:
-        ret
-
 ready:
         .asciz  "ready\n"
 got:
         .asciz  "got: "
-
-        .org    510
-        .byte   0x55, 0xaa

@@ -26,7 +26,7 @@
         cmp     %bl, %cl
         je      1f
         mov     $writable, %si
-1:      call    print_ds
+1:      call    print
 
         xor     %di, %di                # ES = 0xf000 still
 find_anchor:
@@ -55,7 +55,7 @@ walk:
 type1:
         push    %si
         mov     $product, %si
-        call    print_ds
+        call    print
         pop     %si
         movzbw  %es:1(%si), %ax         # formatted length: the strings follow
         add     %ax, %si
@@ -66,7 +66,7 @@ type1:
 no_type1:
         mov     $no_system, %si
 report_smbios:
-        call    print_ds
+        call    print
 
         mov     $0x06, %al
         mov     $0xcf9, %dx
@@ -92,30 +92,14 @@ skip_string:
         jnz     skip_string
         ret
 
-print_ds:
-        push    %es
-        push    %ds
-        pop     %es
-        call    print_es
-        pop     %es
-        ret
-
-# Print the NUL-terminated string at ES:SI on COM1, waiting for the transmitter each time.
+# Print the NUL-terminated string at ES:SI on COM1 (`print`, added after this code, prints
+# from DS:SI).
 print_es:
-        mov     %es:(%si), %ah
-        inc     %si
-        test    %ah, %ah
-        jz      printed
-        mov     $COM1 + 5, %dx
-wait_ready:
-        in      %dx, %al
-        test    $0x20, %al
-        jz      wait_ready
-        mov     %ah, %al
-        mov     $COM1, %dx
-        out     %al, %dx
-        jmp     print_es
-printed:
+        push    %ds
+        push    %es
+        pop     %ds
+        call    print
+        pop     %ds
         ret
 
 read_only:
@@ -130,6 +114,3 @@ no_smbios:
         .asciz  "SMBIOS: no entry point\r\n"
 no_system:
         .asciz  "SMBIOS: no system structure\r\n"
-
-        .org    510
-        .byte   0x55, 0xaa

@@ -67,23 +67,6 @@ halt:
         hlt
         jmp     halt
 
-print:
-        lodsb
-        test    %al, %al
-        jz      printed
-        mov     %al, %ah
-        mov     $COM1 + 5, %dx
-wait_ready:
-        in      %dx, %al
-        test    $0x20, %al
-        jz      wait_ready
-        mov     %ah, %al
-        mov     $COM1, %dx
-        out     %al, %dx
-        jmp     print
-printed:
-        ret
-
 boot_drive:
         .byte   0
 text:
@@ -97,6 +80,3 @@ read_failed:
         .asciz  "read failed\r\n"
 mismatch:
         .asciz  "read back something else\r\n"
-
-        .org    510
-        .byte   0x55, 0xaa

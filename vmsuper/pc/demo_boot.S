@@ -43,30 +43,9 @@ halt:
         hlt
         jmp     halt
 
-# Print the NUL-terminated string at DS:SI on COM1, waiting for the transmitter each time.
-print:
-        lodsb
-        test    %al, %al
-        jz      printed
-        mov     %al, %ah
-        mov     $COM1 + 5, %dx
-wait_ready:
-        in      %dx, %al                # line status: bit 5, transmitter holding register empty
-        test    $0x20, %al
-        jz      wait_ready
-        mov     %ah, %al
-        mov     $COM1, %dx
-        out     %al, %dx
-        jmp     print
-printed:
-        ret
-
 boot_drive:
         .byte   0
 hello:
         .asciz  "Boot sector: reading sector 1 through INT 13h\r\n"
 error:
         .asciz  "Boot sector: INT 13h failed\r\n"
-
-        .org    510
-        .byte   0x55, 0xaa

@@ -22,8 +22,10 @@ MESSAGE = b"Hello from sector 1 of the vmsuper PC demo disk!\r\n"
 
 
 def boot_sector(source: str) -> bytes:
-    """Assemble a boot sector; it must come out as exactly 512 bytes ending in 55 aa."""
-    code = assemble(source, bits=16, origin=BOOT_ADDRESS)
+    """Assemble a boot sector from `source`, its own code and data, followed by `print` (a
+    string to COM1: `boot_print.S`) and the boot signature; it must fit in 512 bytes."""
+    tail = resources.files("vmsuper.pc").joinpath("boot_print.S").read_text()
+    code = assemble(source.rstrip("\n") + "\n\n" + tail, bits=16, origin=BOOT_ADDRESS)
     if len(code) != SECTOR or code[-2:] != b"\x55\xaa":
         raise ValueError(f"a boot sector is 512 bytes ending in 55 aa, got {len(code)} bytes")
     return code
