@@ -8,8 +8,6 @@ import os
 import resource
 import select
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -262,22 +260,12 @@ def run_with_open_files(
     source = PIPELINED_IRQ_EVENTS.format(count=count, start=start)
     plugin = write_python_plugin(tmp_path, plugin_source("import select\n" + source))
     runner = VmRunner(tmp_path / "runs")
-    folder = runner.folder()
-    config = folder / "vm.toml"
-    config.write_text(VmSpec().to_toml(plugin, folder / "logs"))
 
     def low_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vmsuper", "run", str(config)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=low_limit,
-    )
-    return finish(proc, config, folder / "logs", timeout=60)
+    proc, _, _ = runner.start(plugin, VmSpec(), popen={"preexec_fn": low_limit})
+    return runner.finish(proc, timeout=60)
 
 
 def test_a_low_soft_open_file_limit_is_raised_for_the_objects_allowed(tmp_path: Path) -> None:
@@ -322,22 +310,12 @@ report()
 def test_no_fd_left_for_a_passed_memfd_is_emfile(tmp_path: Path) -> None:
     plugin = write_python_plugin(tmp_path, plugin_source(NO_FD_LEFT))
     runner = VmRunner(tmp_path / "runs")
-    folder = runner.folder()
-    config = folder / "vm.toml"
-    config.write_text(VmSpec().to_toml(plugin, folder / "logs"))
 
     def low_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vmsuper", "run", str(config)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=low_limit,
-    )
-    result = finish(proc, config, folder / "logs", timeout=60)
+    proc, _, _ = runner.start(plugin, VmSpec(), popen={"preexec_fn": low_limit})
+    result = runner.finish(proc, timeout=60)
     assert result.status == 0, result.stderr
     assert findings(result) == {
         "io_events": True,

@@ -199,20 +199,11 @@ def run_ready(tmp_path: Path, sandbox: bool) -> tuple[subprocess.Popen[str], Pat
     """vmsuper as the leader of its own process group, its plugin started and waiting."""
     plugin = write_python_plugin(tmp_path, plugin_source(WAITS_FOR_SHUTDOWN))
     runner = VmRunner(tmp_path / "runs")
-    folder = runner.folder()
-    config = folder / "vm.toml"
-    config.write_text(VmSpec(sandbox=sandbox, grace_period=20).to_toml(plugin, folder / "logs"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vmsuper", "run", str(config)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        process_group=0,
-    )
+    spec = VmSpec(sandbox=sandbox, grace_period=20)
+    proc, config, log_dir = runner.start(plugin, spec, popen={"process_group": 0})
     assert proc.stdout is not None
     assert proc.stdout.readline().startswith("READY")
-    return proc, config, folder / "logs"
+    return proc, config, log_dir
 
 
 @pytest.mark.parametrize(

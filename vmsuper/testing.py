@@ -212,12 +212,18 @@ class VmRunner:
         return path
 
     def start(
-        self, plugin: Path | str | Callable[..., Any], spec: VmSpec | None = None
+        self,
+        plugin: Path | str | Callable[..., Any],
+        spec: VmSpec | None = None,
+        *,
+        popen: Mapping[str, Any] | None = None,
     ) -> tuple[subprocess.Popen[str], Path, Path]:
         """Start `vmsuper run` without waiting; returns (process, config path, log dir).
 
         The process's stdout and stderr are pipes: collect them, and the exit status, with
         `finish(process, config_path, log_dir, timeout)` (or `self.finish(process)`).
+        `popen` adds keyword arguments of `subprocess.Popen` (e.g. ``process_group=0``, or a
+        ``preexec_fn`` that lowers a limit vmsuper starts with).
         """
         spec = spec or VmSpec()
         folder = self.folder()
@@ -246,6 +252,7 @@ class VmRunner:
                 stdin=subprocess.DEVNULL,
                 text=True,
                 env=os.environ.copy(),
+                **(popen or {}),
             )
         except BaseException:
             if lease is not None:
