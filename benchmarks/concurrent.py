@@ -2,9 +2,11 @@
 
 Users run vmsuper as parallel test suites do: more busy VMs than cores. Each batch starts K
 runs of the native plugin's exit loop at the same moment (threads, one `vmsuper run` each)
-and waits for all of them; the C reference's `pipe` mode (crosvm's architecture: a VCPU thread
-and a plugin process over pipes) runs the same way. Batches of every kind are interleaved, so
-drifts of the machine's speed hit them alike.
+and waits for all of them; the C reference runs the same way in three modes: `pipe` (crosvm's
+architecture: a VCPU thread and a plugin process over pipes), and `relay` and `forward`, the
+floor in C of vmsuper's process layout (a VCPU thread, a worker process, the plugin process)
+with four and three wake-ups per exit. Batches of every kind are interleaved, so drifts of the
+machine's speed hit them alike.
 
 Per batch:
 - wall: from starting the first run to the end of the last, start-up included;
@@ -13,6 +15,10 @@ Per batch:
 
 vmsuper runs along its default path and with `poll_us = 0`, because polling, which pays off
 on an idle machine, is what could hurt when no core is free.
+
+Every row but the `pipe` reference's gets its medians over `pipe`'s with as many VMs
+(`*_vs_reference`); vmsuper's rows also over `relay`'s (`*_vs_relay`): how far vmsuper is from
+the floor of its own layout.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ VM_COUNTS: Final = (1, 2, 4, 8)
 QUICK_VM_COUNTS: Final = (2,)
 EXITS_FACTOR: Final = 4  # 20,000 exits per VM with the default 5,000
 CONCURRENT_PATHS: Final = (DEFAULT_PATH, "c")
+# The C reference's modes, each a row (its `path`); `pipe` is the one every row is compared with.
+REFERENCE_MODES: Final = ("pipe", "relay", "forward")
 
 
 def children_cpu_s() -> float:
@@ -76,7 +84,8 @@ def keys(bench: Bench) -> list[dict[str, Any]]:
     for vms in counts:
         for transport, path in itertools.product(TRANSPORTS, CONCURRENT_PATHS):
             found.append({"what": "vmsuper", "vms": vms, "transport": transport, "path": path})
-        found.append({"what": "reference", "vms": vms, "transport": "pipes", "path": "pipe"})
+        for mode in REFERENCE_MODES:
+            found.append({"what": "reference", "vms": vms, "transport": "pipes", "path": mode})
     return found
 
 
@@ -105,7 +114,7 @@ def concurrent(bench: Bench) -> list[dict[str, Any]]:
 
 def _jobs(bench: Bench, key: dict[str, Any], exits: int) -> list[Callable[[], object]]:
     if key["what"] == "reference":
-        argv = bench.reference("pipe", 1, exits)
+        argv = bench.reference(key["path"], 1, exits)
         return [lambda: _check_reference(run_command(argv), exits) for _ in range(key["vms"])]
     spec = bench.spec("native", "loop", exits, transport=key["transport"], **PATHS[key["path"]])
     name = f"concurrent-{key['vms']}-{key['transport']}-{key['path']}"
@@ -120,11 +129,16 @@ def _check_reference(report: dict[str, Any], exits: int) -> None:
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """vmsuper's wall and CPU time over the reference's with as many VMs (medians)."""
-    references = {r["vms"]: r for r in rows if r["what"] == "reference"}
+    """Wall and CPU time (medians) over the reference's with as many VMs: every other row's
+    over `pipe`'s (`*_vs_reference`), vmsuper's also over `relay`'s (`*_vs_relay`)."""
+    references = {(r["vms"], r["path"]): r for r in rows if r["what"] == "reference"}
     for row in rows:
-        ref = references.get(row["vms"])
-        if row["what"] != "vmsuper" or ref is None:
-            continue
-        row["wall_vs_reference"] = ratio(row["wall_s"]["median"], ref["wall_s"]["median"])
-        row["cpu_vs_reference"] = ratio(row["cpu_s"]["median"], ref["cpu_s"]["median"])
+        compared = [("pipe", "reference")]
+        if row["what"] == "vmsuper":
+            compared.append(("relay", "relay"))
+        for mode, name in compared:
+            ref = references.get((row["vms"], mode))
+            if ref is None or ref is row:
+                continue
+            row[f"wall_vs_{name}"] = ratio(row["wall_s"]["median"], ref["wall_s"]["median"])
+            row[f"cpu_vs_{name}"] = ratio(row["cpu_s"]["median"], ref["cpu_s"]["median"])

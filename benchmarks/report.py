@@ -33,6 +33,7 @@ def add_ratios(exit_rows: list[Row], reference_rows: list[Row]) -> None:
                 "pipe": "vs_crosvm",
                 "socket": "vs_crosvm_socket",
                 "relay": "vs_relay",
+                "forward": "vs_forward",
                 "inline": "vs_floor",
             }
             row[name[ref["mode"]]] = ratio(
@@ -198,6 +199,7 @@ COLUMNS: Final[dict[str, list[Column]]] = {
         ("x crosvm", _value("vs_crosvm", "{:.2f}")),
         ("x crosvm(sock)", _value("vs_crosvm_socket", "{:.2f}")),
         ("x relay", _value("vs_relay", "{:.2f}")),
+        ("x forward", _value("vs_forward", "{:.2f}")),
         ("x floor", _value("vs_floor", "{:.1f}")),
     ],
     "reference": [
@@ -268,6 +270,8 @@ COLUMNS: Final[dict[str, list[Column]]] = {
         ("CPU us/exit", _summary("cpu_us_per_exit")),
         ("x ref wall", _value("wall_vs_reference", "{:.2f}")),
         ("x ref CPU", _value("cpu_vs_reference", "{:.2f}")),
+        ("x relay wall", _value("wall_vs_relay", "{:.2f}")),
+        ("x relay CPU", _value("cpu_vs_relay", "{:.2f}")),
     ],
     "pc": [
         ("machine", _value("machine")),
@@ -288,7 +292,7 @@ TITLES: Final = {
     ),
     "reference": (
         "b. C reference, same VM and guest (inline = floor, pipe = crosvm's architecture,"
-        " relay = vmsuper's process layout)"
+        " relay = vmsuper's process layout, forward = the same with one hand-off less)"
     ),
     "async": "c. Async-write exits (1 VCPU; the plugin only drains)",
     "ioeventfd": "c. ioeventfd writes (in-kernel, no exit)",
@@ -296,8 +300,9 @@ TITLES: Final = {
     "startup": "d. Start-up (from the exec of vmsuper run)",
     "memory": "e. Memory while the VM runs and the plugin waits",
     "concurrent": (
-        "f. K one-VCPU VMs at once against K C references (pipe); wall and CPU of each batch,"
-        " start-up included"
+        "f. K one-VCPU VMs at once against K C references (pipe = crosvm's architecture; relay,"
+        " forward = the floor of vmsuper's process layout); wall and CPU of each batch, start-up"
+        " included; x ref = over pipe"
     ),
     "pc": (
         "g. The PC machine beside QEMU: SeaBIOS boots the demo disk (median [min-max] of the"

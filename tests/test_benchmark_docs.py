@@ -35,3 +35,26 @@ def test_splice_replaces_only_the_generated_part() -> None:
     assert docs.splice(document, "new") == f"intro\n{docs.BEGIN}\nnew\n{docs.END}\nafter\n"
     with pytest.raises(docs.DocsError):
         docs.splice("no markers here", "new")
+
+
+def test_main_renders_the_committed_file_given_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given the committed JSON itself it renders it; given another run it copies it first."""
+    run = json.loads(docs.RESULTS.read_text())
+    (tmp_path / "docs").mkdir()
+    results, document = tmp_path / "docs" / "performance.json", tmp_path / "docs" / "performance.md"
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    monkeypatch.setattr(docs, "RESULTS", results)
+    monkeypatch.setattr(docs, "DOC", document)
+    results.write_text(json.dumps(run))
+    document.write_text(f"intro\n{docs.BEGIN}\n{docs.END}\n")
+    assert docs.main([str(results)]) == 0
+    assert docs.render(run) in document.read_text()
+
+    newer = tmp_path / "newer.json"
+    run["settings"]["date"] = "2027-01-01"
+    newer.write_text(json.dumps(run))
+    assert docs.main([str(newer)]) == 0
+    assert json.loads(results.read_text())["settings"]["date"] == "2027-01-01"
+    assert "Run of 2027-01-01" in document.read_text()

@@ -89,10 +89,11 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
     expected = {(*key, "c+poll") for key in defaults} | set(variants)
     assert sorted(combos) == sorted(expected)
     for row in exits:
-        for ratio in ("vs_crosvm", "vs_crosvm_socket", "vs_relay", "vs_floor"):
+        for ratio in ("vs_crosvm", "vs_crosvm_socket", "vs_relay", "vs_forward", "vs_floor"):
             assert isinstance(row[ratio], float) and row[ratio] > 0, (ratio, row)
     modes = {(r["mode"], r["low_latency"]) for r in sections["reference"]}
-    assert modes == set(itertools.product(("inline", "pipe", "socket", "relay"), (False, True)))
+    all_modes = ("inline", "pipe", "socket", "relay", "forward")
+    assert modes == set(itertools.product(all_modes, (False, True)))
 
     cpu = [(r["transport"], r["low_latency"], r["path"]) for r in sections["cpu"]]
     assert sorted(cpu) == sorted(
@@ -103,15 +104,19 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
         if row["low_latency"] is not None:
             assert isinstance(row["cpu_vs_crosvm"], float) and row["cpu_vs_crosvm"] > 0
 
-    # K VMs at once (2 in a quick run): vmsuper along both paths, and the reference.
+    # K VMs at once (2 in a quick run): vmsuper along both paths, and the reference's layouts.
     batches = {(r["what"], r["vms"], r["transport"], r["path"]) for r in sections["concurrent"]}
     assert batches == {
         *itertools.product(("vmsuper",), (2,), ("socket", "pipes"), ("c+poll", "c")),
-        ("reference", 2, "pipes", "pipe"),
+        *itertools.product(("reference",), (2,), ("pipes",), ("pipe", "relay", "forward")),
     }
     for row in sections["concurrent"]:
-        if row["what"] == "vmsuper":
-            assert row["wall_vs_reference"] > 0 and row["cpu_vs_reference"] > 0
+        ratios = {
+            "vmsuper": ("wall_vs_reference", "cpu_vs_reference", "wall_vs_relay", "cpu_vs_relay"),
+            "reference": () if row["path"] == "pipe" else ("wall_vs_reference", "cpu_vs_reference"),
+        }[row["what"]]
+        for name in ratios:
+            assert isinstance(row[name], float) and row[name] > 0, (name, row)
 
     startup = {(r["plugin"], r.get("low_latency")): r for r in sections["startup"]}
     for ll in (False, True):

@@ -1,0 +1,115 @@
+"""The concurrent section's harness without KVM: which batches run, the ratios between rows,
+and the table, for results with and without the `relay` and `forward` reference rows."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# The harness is not installed: it runs from the checkout, as `python -m benchmarks`.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import concurrent, docs, report
+from benchmarks.build import Programs
+from benchmarks.context import Bench
+
+
+def summary(value: float) -> dict[str, Any]:
+    return {"median": value, "min": value, "max": value, "runs": 1}
+
+
+def row(what: str, path: str, wall: float, cpu: float, vms: int = 4) -> dict[str, Any]:
+    transport = "pipes" if what == "reference" else "socket"
+    return {
+        "what": what,
+        "vms": vms,
+        "transport": transport,
+        "path": path,
+        "exits_each": 20000,
+        "wall_s": summary(wall),
+        "cpu_s": summary(cpu),
+        "cpu_us_per_exit": summary(cpu / (20000 * vms) * 1e6),
+    }
+
+
+def test_every_vm_count_runs_vmsuper_and_each_reference_mode(tmp_path: Path) -> None:
+    bench = Bench(Programs(tmp_path / "p", tmp_path / "r"), tmp_path, 1, 1, quick=False)
+    keys = concurrent.keys(bench)
+    for vms in concurrent.VM_COUNTS:
+        found = [(k["what"], k["transport"], k["path"]) for k in keys if k["vms"] == vms]
+        assert found == [
+            ("vmsuper", "socket", "c+poll"),
+            ("vmsuper", "socket", "c"),
+            ("vmsuper", "pipes", "c+poll"),
+            ("vmsuper", "pipes", "c"),
+            ("reference", "pipes", "pipe"),
+            ("reference", "pipes", "relay"),
+            ("reference", "pipes", "forward"),
+        ]
+
+
+def test_rows_are_compared_with_pipe_and_vmsuper_also_with_relay() -> None:
+    rows = [
+        row("vmsuper", "c+poll", 2.0, 4.0),
+        row("reference", "pipe", 1.0, 2.0),
+        row("reference", "relay", 1.6, 3.2),
+        row("reference", "forward", 1.2, 2.5),
+    ]
+    concurrent.add_ratios(rows)
+    ours, pipe, relay, forward = rows
+    assert ours["wall_vs_reference"] == pytest.approx(2.0)
+    assert ours["cpu_vs_reference"] == pytest.approx(2.0)
+    assert ours["wall_vs_relay"] == pytest.approx(1.25)
+    assert ours["cpu_vs_relay"] == pytest.approx(1.25)
+    assert relay["wall_vs_reference"] == pytest.approx(1.6)
+    assert forward["cpu_vs_reference"] == pytest.approx(1.25)
+    assert not {"wall_vs_reference", "wall_vs_relay"} & pipe.keys()
+    assert not {"wall_vs_relay", "cpu_vs_relay"} & (relay.keys() | forward.keys())
+
+
+def test_without_relay_rows_only_the_pipe_ratios_are_added() -> None:
+    rows = [row("vmsuper", "c+poll", 2.0, 4.0), row("reference", "pipe", 1.0, 2.0)]
+    rows.append(row("reference", "relay", 1.5, 3.0, vms=8))  # another VM count: not compared
+    concurrent.add_ratios(rows)
+    assert rows[0]["wall_vs_reference"] == pytest.approx(2.0)
+    assert "wall_vs_relay" not in rows[0]
+    assert "wall_vs_reference" not in rows[2]
+
+
+def test_only_vmsuper_rows_are_held_to_the_concurrent_targets() -> None:
+    rows = [row("vmsuper", "c+poll", 3.0, 4.0)]
+    rows += [row("reference", mode, 1.0, 2.0) for mode in concurrent.REFERENCE_MODES]
+    concurrent.add_ratios(rows)
+    (goal,) = report.targets({"concurrent": rows})
+    assert goal["target"] == "4 VMs at once, socket, wall / 4 references"
+    assert goal["measured"] == pytest.approx(3.0)
+
+
+def cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def test_the_table_shows_the_new_columns_empty_for_older_results() -> None:
+    """Results from before the relay and forward rows render, with `-` in the new columns."""
+    old = [row("vmsuper", "c+poll", 2.0, 4.0), row("reference", "pipe", 1.0, 2.0)]
+    new = [row("vmsuper", "c+poll", 2.0, 4.0, vms=8), row("reference", "pipe", 1.0, 2.0, vms=8)]
+    new += [row("reference", "relay", 1.6, 3.2, vms=8), row("reference", "forward", 1.2, 2.4, 8)]
+    concurrent.add_ratios(old)
+    concurrent.add_ratios(new)
+    columns = report.COLUMNS["concurrent"]
+    lines = docs.markdown_table(columns, old + new).splitlines()
+    head = cells(lines[0])
+    table = [dict(zip(head, cells(line), strict=True)) for line in lines[2:]]
+    ratios = ["x ref wall", "x ref CPU", "x relay wall", "x relay CPU"]
+    assert [table[0][name] for name in ratios] == ["2.00", "2.00", "-", "-"]
+    assert [table[2][name] for name in ratios] == ["2.00", "2.00", "1.25", "1.25"]
+    assert [(r["path"], r["x ref wall"], r["x relay wall"]) for r in table[3:]] == [
+        ("pipe", "-", "-"),
+        ("relay", "1.60", "-"),
+        ("forward", "1.20", "-"),
+    ]
+    printed = report.table(columns, old + new)  # the harness's own printout of the same rows
+    assert "x relay wall" in printed and len(printed.splitlines()) == len(lines)
