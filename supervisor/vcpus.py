@@ -39,6 +39,7 @@ from vmsuper.shared import kvm, logs, wire
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.shared.shm_doorbell import Doorbell
 from vmsuper.supervisor import sandbox_user
+from vmsuper.supervisor.poll_gate import PollGate
 from vmsuper.supervisor.runners import (
     RunnerExits,
     VcpuRunner,
@@ -170,6 +171,10 @@ class VcpuSet:
             raise ValueError(f"unknown log level {log_level!r}")
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("a VcpuSet must be made in the main thread (signal handlers)")
+        self._poll_ns = poll_ns
+        self.poll_gate: PollGate | None = None
+        """From `start`: sets the polling window from the host's CPU pressure; the caller
+        ticks it (`poll_gate.INTERVAL_S`)."""
         self._previous_kick_handler = install_kick_handler()
         user = worker_user if worker_user is not None else workers_user(None)
         self._worker_ids = (user.uid, user.gid) if user.switch else (None, None)
@@ -202,7 +207,7 @@ class VcpuSet:
             for i in range(count):
                 self._channels.append(_Channel(transport))
                 self._doorbells.append(Doorbell(region.mailbox(i), spin_ns=poll_ns))
-                region.mailbox(i).poll_ns = poll_ns
+                region.mailbox(i).poll_ns = poll_ns  # until `poll_gate` says otherwise
         except BaseException:
             self._close_everything()
             raise
@@ -272,6 +277,9 @@ class VcpuSet:
             self._runners.append(runner)
             runner.start()
         self.started = True
+        self.poll_gate = PollGate(
+            [self._region.mailbox(i) for i in range(self.count)], self._poll_ns
+        )
         self._log.info("vcpu_workers_started", vcpus=self.count, workers=list(self._pids.values()))
 
     def _fork_workers(self) -> None:
@@ -386,6 +394,8 @@ class VcpuSet:
         if self._shut_down:
             return
         self._shut_down = True
+        if self.poll_gate is not None:
+            self.poll_gate.close()
         deadline = time.monotonic() + timeout
         self._stop_runners()
         for vcpu, pid in self._pids.items():
