@@ -109,6 +109,19 @@ class Delivered(enum.IntEnum):
     """An async write, sent with no_resume."""
 
 
+class Forward(enum.IntEnum):
+    """Whether a runner may serve its VCPU's next exit itself (the mailbox's `forward`).
+
+    The worker offers it (OK) before it rings for a KVM_RUN; a runner that forwards an access
+    to the plugin claims it (OK to SENT, by compare-and-swap) before it sends the Wait, and
+    the worker then reads the plugin's reply. A worker that finds the plugin writing while
+    nothing was claimed withdraws the offer (OK to NO, by compare-and-swap)."""
+
+    NO = 0
+    OK = 1
+    SENT = 2
+
+
 class HintFlag(enum.IntFlag):
     """The table head's `hint_flags`."""
 
@@ -135,6 +148,7 @@ ENUMS: Final[dict[type[enum.IntEnum | enum.IntFlag], tuple[str, str]]] = {
     RunnerResult: ("vms_runner_result", "R_"),
     WorkerResult: ("vms_worker_result", "W_"),
     Delivered: ("vms_delivered", "DELIVERED_"),
+    Forward: ("vms_forward", "FORWARD_"),
     HintFlag: ("vms_hint_flag", "HINT_"),
     RegHintFlag: ("vms_reg_hint_flag", "REG_HINT_"),
 }
@@ -329,7 +343,7 @@ SLOT = Struct(
         Field("run_state", U64, doc="enum vms_run_state"),
         Field("counters", U64, len(ExitKind), doc="by enum vms_exit_kind"),
         Field("trapped_syscall", U64, doc="a confined worker's trapped system call + 1 (0: none)"),
-        Field("reserved", U64, 16 - 6 - len(ExitKind)),
+        Field("runner_served", U64, doc="exits the runner served without waking the worker"),
         Field("stop_reason", "char", STOP_REASON_SIZE, doc="UTF-8, NUL-padded"),
     ],
 )
@@ -349,8 +363,8 @@ MAIL = Struct(
         Field("length", "uint32_t", doc="bytes of argument"),
         Field("ret", "int64_t"),
         Field("err", "int32_t"),
-        Field("pad", "uint32_t"),
-        Field("pad2", U64),
+        Field("poll_ns", "uint32_t", doc="how long its runner and worker poll now (ns)"),
+        Field("forward", U64, doc="enum vms_forward"),
         Field("request", "struct vms_bell"),
         Field("done", "struct vms_bell"),
     ],
@@ -373,8 +387,17 @@ STATS = Struct(
 RANGE_COUNTS = Struct(
     "vms_range_counts",
     "A VCPU's forwarded exits per range, under a seqlock of its worker's: this head, then "
-    "max_ranges struct vms_counted_range, then max_ranges uint64_t counters.",
-    [Field("gen", U64, doc="odd while the worker writes"), Field("count", U64)],
+    "max_ranges struct vms_counted_range, then max_ranges uint64_t counters. The head also "
+    "says which table the ranges come from and its call hint, for the runner's lookups.",
+    [
+        Field("gen", U64, doc="odd while the worker writes"),
+        Field("count", U64),
+        Field("table_gen", U64, doc="the table's generation the ranges describe"),
+        Field("hint_set", U64),
+        Field("hint_space", U64),
+        Field("hint_address", U64),
+        Field("hint_on_write", U64),
+    ],
 )
 
 COUNTED_RANGE = Struct(
@@ -391,7 +414,7 @@ COUNTED_RANGE = Struct(
 STRUCTS: Final = tuple(_STRUCTS.values())
 
 MAGIC: Final = 0x48534D56  # "VMSH"
-VERSION: Final = 5
+VERSION: Final = 6
 """The region's layout version: a `vmsuper stats` of another version refuses to read it."""
 
 CONSTANTS: Final = {

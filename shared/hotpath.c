@@ -15,8 +15,9 @@
  *
  * Bells. A bell is a sequence number and a "sleeping" flag in shared memory, plus an eventfd.
  * Ringing bumps the number and writes the eventfd only if the waiter said it sleeps; waiting
- * polls the number for up to spin_ns, then says it sleeps, checks once more and blocks on the
- * eventfd. Both sides use sequentially consistent operations between their store and load,
+ * polls the number for up to a window (the mailbox's poll_ns, which the supervisor sets from
+ * the host's CPU pressure; see also "Adaptive polling"), then says it sleeps, checks once
+ * more and blocks on the eventfd. Both sides use sequentially consistent operations between their store and load,
  * so one of them always sees the other (no lost wake-up); a stale eventfd count only causes
  * one extra check.
  */
@@ -131,23 +132,54 @@ static int sleep_on(int efd, int wake_fd)
     return 0;
 }
 
-/* 0 once the bell rang since *seen (updated), -EINTR if a signal came (see sleep_on). */
-int vms_bell_wait(struct vms_bell *bell, int efd, uint32_t *seen, uint64_t spin_ns, int wake_fd)
+/* Adaptive polling, in the spirit of KVM's halt-polling. Polling for the other side pays off
+ * only while a core is free to run it: on a host with more busy threads than cores the poller
+ * takes the very CPU the awaited thread needs, and a poll that ends in sleep anyway was pure
+ * loss. So each waiter keeps a score of its recent waits that outlasted the window (*misses,
+ * a moving average: up by an eighth of the way to 256 for a miss, down by an eighth for a
+ * hit), polls only while fewer than half missed, and judges a wait it slept through by how
+ * long it took, so polling resumes once the waits are short again. */
+#define MISSES_FULL 256u
+
+static int bell_sleep(struct vms_bell *bell, int efd, uint32_t *seen, int wake_fd);
+
+static inline int worth_polling(const uint64_t *misses)
+{
+    return misses == NULL || *misses < MISSES_FULL / 2;
+}
+
+static inline void record_wait(uint64_t *misses, int missed)
+{
+    if (misses != NULL)
+        *misses = *misses - (*misses >> 3) + (missed ? MISSES_FULL / 8 : 0);
+}
+
+/* vms_bell_wait, polling only while worth it (misses: the waiter's score, or NULL: always). */
+static int bell_wait(struct vms_bell *bell, int efd, uint32_t *seen, uint64_t spin_ns,
+                     int wake_fd, uint64_t *misses)
 {
     uint32_t seq = __atomic_load_n(&bell->seq, __ATOMIC_ACQUIRE);
     if (seq != *seen) {
         *seen = seq;
         return 0;
     }
+    uint64_t start = spin_ns ? now_ns() : 0;
+    if (spin_ns && !worth_polling(misses)) {
+        int err = bell_sleep(bell, efd, seen, wake_fd);
+        if (!err)
+            record_wait(misses, now_ns() - start > spin_ns);
+        return err;
+    }
     if (spin_ns) {
         /* Poll, yielding the CPU now and then: on a busy machine the process this one waits
          * for (or the plugin) may be queued behind it on this very CPU. */
-        uint64_t deadline = now_ns() + spin_ns;
+        uint64_t deadline = start + spin_ns;
         for (unsigned i = 1;; i++) {
             __builtin_ia32_pause();
             seq = __atomic_load_n(&bell->seq, __ATOMIC_ACQUIRE);
             if (seq != *seen) {
                 *seen = seq;
+                record_wait(misses, 0);
                 return 0;
             }
             if ((i & 15) == 0) {
@@ -156,7 +188,21 @@ int vms_bell_wait(struct vms_bell *bell, int efd, uint32_t *seen, uint64_t spin_
                 sched_yield();
             }
         }
+        record_wait(misses, 1);
     }
+    return bell_sleep(bell, efd, seen, wake_fd);
+}
+
+/* 0 once the bell rang since *seen (updated), -EINTR if a signal came (see sleep_on). */
+int vms_bell_wait(struct vms_bell *bell, int efd, uint32_t *seen, uint64_t spin_ns, int wake_fd)
+{
+    return bell_wait(bell, efd, seen, spin_ns, wake_fd, NULL);
+}
+
+/* Say the waiter sleeps, then sleep until the bell rings. */
+static int bell_sleep(struct vms_bell *bell, int efd, uint32_t *seen, int wake_fd)
+{
+    uint32_t seq;
     __atomic_store_n(&bell->sleeping, 1, __ATOMIC_SEQ_CST);
     for (;;) {
         seq = __atomic_load_n(&bell->seq, __ATOMIC_SEQ_CST);
@@ -175,15 +221,23 @@ int vms_bell_wait(struct vms_bell *bell, int efd, uint32_t *seen, uint64_t spin_
 
 /* -- the runner thread ------------------------------------------------------------------- */
 
+static size_t put_varint(uint8_t *out, uint64_t value);
+static int serve_exit(struct vms_runner *r);
+enum { SERVED_NOT = 0, SERVED_RUN_AGAIN = 1, SERVED_FORWARDED = 2 };
+
 /* Serve KVM_RUN requests until Python must act (another ioctl, stop, a signal while idle, the
- * first run while runs are held). This is the only place KVM_RUN is made. */
+ * first run while runs are held). This is the only place KVM_RUN is made. An exit the runner
+ * serves itself (serve_exit) either runs the guest again at once or waits for the worker to
+ * ring once the plugin has replied; every other exit is rung back to the worker. */
 int vms_runner_loop(struct vms_runner *r)
 {
     struct vms_mail *mail = r->mail;
+    int again = 0; /* the runner served the last exit itself: run again without a request */
     for (;;) {
-        if (!r->held_run) {
-            int w = vms_bell_wait(&mail->request, (int)r->request_efd, r->request_seen,
-                                  r->spin_ns, -1);
+        if (!r->held_run && !again) {
+            int w = bell_wait(&mail->request, (int)r->request_efd, r->request_seen,
+                              __atomic_load_n(&mail->poll_ns, __ATOMIC_RELAXED), -1,
+                              &r->poll_misses);
             if (w == -EINTR)
                 return R_INTERRUPTED;
             if (w < 0) {
@@ -191,6 +245,7 @@ int vms_runner_loop(struct vms_runner *r)
                 return R_FAILED;
             }
         }
+        again = 0;
         if (__atomic_load_n(&r->stopping, __ATOMIC_SEQ_CST))
             return R_STOP;
         if (!r->held_run && mail->op != 0)
@@ -208,6 +263,14 @@ int vms_runner_loop(struct vms_runner *r)
         int ret = ioctl((int)r->vcpu_fd, KVM_RUN, 0);
         mail->ret = ret;
         mail->err = ret < 0 ? errno : 0;
+        if (ret == 0 && r->forwarding &&
+            __atomic_load_n(&mail->forward, __ATOMIC_ACQUIRE) == FORWARD_OK) {
+            int served = serve_exit(r);
+            if (served == SERVED_RUN_AGAIN)
+                again = 1;
+            if (served != SERVED_NOT)
+                continue;
+        }
         int w = vms_bell_ring(&mail->done, (int)r->done_efd);
         if (w < 0) {
             r->error = -w;
@@ -347,6 +410,121 @@ size_t vms_encode_io_wait(uint8_t *out, uint64_t space, uint64_t address, int is
         n += length;
     }
     return n;
+}
+
+/* -- exits the runner serves without the worker ------------------------------------------
+ *
+ * Each hand-off between runner and worker costs a wake-up, and when the host has fewer free
+ * cores than busy threads every wake-up is a context switch. So when the worker offers it
+ * (mail->forward == FORWARD_OK, set before it rings for a KVM_RUN), the runner serves the
+ * exits that need no decision of the worker's: an unreserved access (a read gives zeros) and
+ * an async write (sent with no_resume) go straight back into the guest, and a plain reserved
+ * access goes to the plugin as Wait{Io}, after which the worker, woken by the plugin's reply
+ * instead of by the runner, reads and parses that reply (await_run). The runner only writes
+ * to the plugin and never reads from it: every byte the plugin sends is still parsed by the
+ * confined worker. Everything else (an access at the call hint, a table the worker has not
+ * described yet, a large access, the rare exits, an async write the channel cannot take at
+ * once) is rung back to the worker as before. The lookup reads the worker's RangeCounts
+ * block, which the worker writes only while the runner waits for it. */
+#define FORWARD_MAX_DATA 256
+
+/* Write one encoded response: 1 once it went out whole, 0 if it would block, -1 if the
+ * channel failed. */
+static int send_nowait(struct vms_runner *r, const uint8_t *msg, size_t length)
+{
+    ssize_t sent;
+    size_t total = length;
+    if (!r->pipes) {
+        sent = send((int)r->out_fd, msg, length, MSG_DONTWAIT | MSG_NOSIGNAL);
+    } else {
+        uint8_t framed[10 + FORWARD_MAX_DATA + 64];
+        size_t head = put_varint(framed, length);
+        memcpy(framed + head, msg, length);
+        total = head + length;
+        /* Less than PIPE_BUF bytes: the pipe takes them whole or not at all. */
+        sent = write((int)r->out_fd, framed, total);
+    }
+    if (sent == (ssize_t)total)
+        return 1;
+    return sent < 0 && (errno == EAGAIN || errno == EINTR) ? 0 : -1;
+}
+
+/* send_nowait, waiting for room while the plugin does not read (a kick interrupts the wait;
+ * the runner then gives up if it is stopping): 1, or -1 if the channel failed or it stops. */
+static int send_waiting(struct vms_runner *r, const uint8_t *msg, size_t length)
+{
+    for (;;) {
+        int sent = send_nowait(r, msg, length);
+        if (sent)
+            return sent;
+        struct pollfd room = {.fd = (int)r->out_fd, .events = POLLOUT};
+        if (poll(&room, 1, -1) < 0 && errno != EINTR)
+            return -1;
+        if (__atomic_load_n(&r->stopping, __ATOMIC_SEQ_CST))
+            return -1;
+    }
+}
+
+static int serve_exit(struct vms_runner *r)
+{
+    const struct vms_range_counts *head = r->range_head;
+    struct vms_access a;
+    if (!vms_decode_access(r->run, r->run_size, &a) || a.length > FORWARD_MAX_DATA)
+        return SERVED_NOT;
+    if (__atomic_load_n(r->table_gen, __ATOMIC_ACQUIRE) != head->table_gen)
+        return SERVED_NOT; /* the worker describes the new table first */
+    uint8_t *data = (uint8_t *)r->run + a.offset;
+    /* The block is the worker's to write: a count beyond the block must not take the lookup,
+     * or the counter it increments, out of it. */
+    uint64_t count = head->count < r->max_ranges ? head->count : r->max_ranges;
+    int64_t index = vms_find_range(r->ranges, count, a.space, a.address);
+    if (index < 0 || (r->ranges[index].async_write && !a.is_write)) {
+        if (!a.is_write)
+            memset(data, 0, a.length);
+        r->counters[K_UNRESERVED]++;
+        (*r->served)++;
+        return SERVED_RUN_AGAIN;
+    }
+    uint8_t message[FORWARD_MAX_DATA + 64];
+    if (a.is_write && r->ranges[index].async_write) {
+        size_t n = vms_encode_io_wait(message, a.space, a.address, 1, 1, data, a.length);
+        if (send_nowait(r, message, n) != 1)
+            return SERVED_NOT; /* the worker sends it, and sees the channel's error */
+        r->counters[K_ASYNC_WRITE]++;
+        r->range_counts[index]++;
+        (*r->served)++;
+        return SERVED_RUN_AGAIN;
+    }
+    if (head->hint_set && a.space == head->hint_space && a.address == head->hint_address &&
+        a.is_write == head->hint_on_write)
+        return SERVED_NOT; /* the worker sends it with the registers */
+    static const uint8_t zeros[FORWARD_MAX_DATA];
+    size_t n = vms_encode_io_wait(message, a.space, a.address, (int)a.is_write, 0,
+                                  a.is_write ? data : zeros, a.length);
+    /* Everything the worker reads once the reply comes is written before the claim. */
+    uint64_t *kind = &r->counters[a.space == SPACE_IOPORT ? (a.is_write ? K_IO_OUT : K_IO_IN)
+                                                         : (a.is_write ? K_MMIO_WRITE
+                                                                       : K_MMIO_READ)];
+    (*kind)++;
+    r->range_counts[index]++;
+    (*r->served)++;
+    r->stats->wait_since = now_ns();
+    uint64_t state = __atomic_exchange_n(r->run_state, RUN_STATE_WAITING_PLUGIN, __ATOMIC_SEQ_CST);
+    uint64_t offered = FORWARD_OK;
+    if (!__atomic_compare_exchange_n(&r->mail->forward, &offered, FORWARD_SENT, 0,
+                                     __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+        /* The worker withdrew the offer: it serves this exit itself. */
+        __atomic_store_n(r->run_state, state, __ATOMIC_SEQ_CST);
+        (*kind)--;
+        r->range_counts[index]--;
+        (*r->served)--;
+        return SERVED_NOT;
+    }
+    /* Claimed: the worker now waits for the plugin's reply, so the Wait must go out. A
+     * channel that failed makes the worker's read fail too (or the plugin never answers,
+     * as it could anyway); either way it is the worker's to see. */
+    send_waiting(r, message, n);
+    return SERVED_FORWARDED;
 }
 
 /* At most 10 bytes; 0 if cut short, too long or over 64 bits. */
@@ -630,6 +808,109 @@ static int await_reply(struct vms_worker *w)
     return w->report_exits ? W_DONE : 0;
 }
 
+/* Wait in S_RUNNING while the runner may serve the exit itself (the offer is out): until
+ * the runner rings (an exit for the worker: 0) or the plugin writes after the runner claimed
+ * an access for it (1: read the reply), or -errno (-EINTR: a signal). The worker sleeps on
+ * its bell and the plugin's channel at once, and never waits for the runner itself. The
+ * plugin writing while nothing was claimed (a client that answers early) makes the worker
+ * withdraw the offer and wait for the runner alone: the early bytes stay unread and answer
+ * the next Wait, as they would without the offer. */
+static int await_run(struct vms_worker *w)
+{
+    struct vms_mail *mail = w->mail;
+    struct vms_bell *bell = &mail->done;
+    int readable = 0;
+    uint64_t spin_ns = __atomic_load_n(&mail->poll_ns, __ATOMIC_RELAXED);
+    uint64_t start = spin_ns ? now_ns() : 0;
+    /* Poll until deadline (0: sleep); judged: this wait's hit or miss is recorded. */
+    uint64_t deadline = spin_ns && worth_polling(&w->poll_misses) ? start + spin_ns : 0;
+    int judged = !spin_ns;
+    for (unsigned i = 1;; i++) {
+        uint32_t seq = __atomic_load_n(&bell->seq, __ATOMIC_SEQ_CST);
+        uint64_t offer = __atomic_load_n(&mail->forward, __ATOMIC_SEQ_CST);
+        int event = seq != *w->done_seen ? 0 : readable && offer == FORWARD_SENT ? 1 : -1;
+        if (event >= 0) {
+            if (!judged)
+                record_wait(&w->poll_misses, !deadline && now_ns() - start > spin_ns);
+            if (event == 0)
+                *w->done_seen = seq;
+            return event;
+        }
+        if (offer == FORWARD_NO)
+            return bell_wait(bell, (int)w->done_efd, w->done_seen, spin_ns, (int)w->wake_fd,
+                             judged ? NULL : &w->poll_misses);
+        if (readable) {
+            uint64_t expected = FORWARD_OK;
+            __atomic_compare_exchange_n(&mail->forward, &expected, FORWARD_NO, 0,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+            readable = 0;
+            continue;
+        }
+        if (signalled)
+            return -EINTR;
+        if (deadline) {
+            /* Poll as the bells do: the runner's ring or claim in memory, and once the
+             * runner claimed an access, the plugin's reply on the channel, so neither wakes
+             * this process from sleep. */
+            __builtin_ia32_pause();
+            if (offer == FORWARD_SENT) {
+                /* A system call a check: yield after each, so the plugin, which may share
+                 * this CPU, is never kept waiting longer than one check. */
+                struct pollfd in = {.fd = (int)w->in_fd, .events = POLLIN};
+                readable = poll(&in, 1, 0) > 0;
+                if (readable)
+                    continue;
+                sched_yield();
+            }
+            if ((i & 15) == 0) {
+                if (now_ns() >= deadline) {
+                    deadline = 0;
+                    record_wait(&w->poll_misses, 1);
+                    judged = 1;
+                } else {
+                    sched_yield();
+                }
+            }
+            continue;
+        }
+        __atomic_store_n(&bell->sleeping, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&bell->seq, __ATOMIC_SEQ_CST) != *w->done_seen) {
+            __atomic_store_n(&bell->sleeping, 0, __ATOMIC_SEQ_CST);
+            continue;
+        }
+        struct pollfd fds[3] = {
+            {.fd = (int)w->done_efd, .events = POLLIN},
+            {.fd = (int)w->in_fd, .events = POLLIN},
+            {.fd = (int)w->wake_fd, .events = POLLIN},
+        };
+        int n = poll(fds, w->wake_fd >= 0 ? 3 : 2, -1);
+        int err = errno;
+        __atomic_store_n(&bell->sleeping, 0, __ATOMIC_SEQ_CST);
+        if (n < 0)
+            return -err;
+        if (fds[0].revents & POLLIN) {
+            uint64_t count;
+            if (read((int)w->done_efd, &count, sizeof count) < 0 && errno != EINTR)
+                return -errno;
+        }
+        if (w->wake_fd >= 0 && fds[2].revents)
+            return -EINTR;
+        readable = fds[1].revents != 0;
+    }
+}
+
+/* The runner sent the access in the run page to the plugin: take it up as if this loop had
+ * sent it (handle_exit), to read the reply. */
+static void take_forwarded(struct vms_worker *w)
+{
+    struct vms_access *a = &w->access;
+    vms_decode_access(w->run, w->run_size, a);
+    w->range_index = vms_find_range(w->ranges, w->n_ranges, a->space, a->address);
+    w->delivered = DELIVERED_WAIT;
+    w->response_ns = 0;
+    w->state = S_AWAIT_REPLY;
+}
+
 /* Run the guest and serve its exits until Python must act; returns a W_ code. */
 int vms_worker_loop(struct vms_worker *w)
 {
@@ -642,6 +923,11 @@ int vms_worker_loop(struct vms_worker *w)
             mail->length = 0;
             mail->ret = 0;
             mail->err = 0;
+            /* The runner may serve the exit itself once the table is described (known_gen
+             * is odd until then). */
+            __atomic_store_n(&mail->forward,
+                             w->forwarding && !(w->known_gen & 1) ? FORWARD_OK : FORWARD_NO,
+                             __ATOMIC_SEQ_CST);
             code = vms_bell_ring(&mail->request, (int)w->request_efd);
             if (code < 0) {
                 w->error = -code;
@@ -650,13 +936,22 @@ int vms_worker_loop(struct vms_worker *w)
             w->state = S_RUNNING;
             /* fall through */
         case S_RUNNING:
-            code = vms_bell_wait(&mail->done, (int)w->done_efd, w->done_seen, w->spin_ns,
-                                 (int)w->wake_fd);
+            code = w->forwarding
+                       ? await_run(w)
+                       : bell_wait(&mail->done, (int)w->done_efd, w->done_seen,
+                                   __atomic_load_n(&mail->poll_ns, __ATOMIC_RELAXED),
+                                   (int)w->wake_fd, &w->poll_misses);
             if (code == -EINTR)
                 return W_INTERRUPTED;
             if (code < 0) {
                 w->error = -code;
                 return W_BELL_FAILED;
+            }
+            /* The runner waits for the next request: nothing more of its may be served. */
+            __atomic_store_n(&mail->forward, FORWARD_NO, __ATOMIC_SEQ_CST);
+            if (code == 1) {
+                take_forwarded(w);
+                break;
             }
             w->state = S_IDLE;
             if (mail->err) {

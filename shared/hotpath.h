@@ -23,9 +23,25 @@ struct vms_runner {
     const uint64_t *delivered_seq;
     int64_t hold_runs;  /* before the first run: leave it to Python (the Init barrier) */
     int64_t stopping;   /* set by Python, then the request bell rung */
-    uint64_t spin_ns;
+    uint64_t poll_misses; /* adaptive polling: the score of recent waits (see hotpath.c) */
     int64_t error;      /* R_FAILED: the errno */
     int64_t held_run;   /* a KVM_RUN request came while runs were held: made on the next call */
+    /* Serving exits without the worker (when the worker offers it: mail->forward). All in
+     * this process's mapping of the VCPU's block; out_fd writes to the plugin without
+     * blocking (pipes: its own open file description, O_NONBLOCK). forwarding 0: never. */
+    uint64_t forwarding;
+    uint64_t run_size;
+    const uint64_t *table_gen;
+    const struct vms_range_counts *range_head;
+    const struct vms_counted_range *ranges;
+    uint64_t *range_counts;
+    uint64_t max_ranges;      /* what the block holds, whatever count the worker wrote */
+    uint64_t *counters;
+    uint64_t *run_state;
+    struct vms_stats *stats;
+    uint64_t *served;         /* the slot's runner_served */
+    uint64_t pipes;
+    int64_t out_fd;
 };
 
 /* An I/O or MMIO exit, decoded from the run page. */
@@ -64,9 +80,10 @@ struct vms_worker {
     uint8_t *buf;             /* room for max_request + 1 bytes */
     uint64_t max_request;
     uint64_t max_fds;
-    uint64_t spin_ns;
+    uint64_t poll_misses;     /* adaptive polling: the score of recent waits (see hotpath.c) */
     int64_t wake_fd;          /* Python's signal wake-up pipe (read end), or -1 */
     uint64_t report_exits;    /* return W_DONE after each exit completed here */
+    uint64_t forwarding;      /* offer the runner its next exit (mail->forward) */
     uint64_t state;
     /* Out: what Python needs when the loop returns. */
     int64_t error;            /* W_RUN_RESULT: KVM_RUN's errno; W_FAILED: the I/O errno */

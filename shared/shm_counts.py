@@ -16,6 +16,11 @@ from vmsuper.shared.shm_layout import Layout, RegionMemory, ShmError
 # (`struct vms_counted_range`: space, start, length, async_write), then max_ranges counters.
 _RC_GEN: Final = abi.RANGE_COUNTS.cell("gen")
 _RC_COUNT: Final = abi.RANGE_COUNTS.cell("count")
+_RC_SOURCE: Final = tuple(
+    abi.RANGE_COUNTS.cell(name)
+    for name in ("table_gen", "hint_set", "hint_space", "hint_address", "hint_on_write")
+)
+_NO_TABLE: Final = (1 << 64) - 1  # odd: never a published generation
 _RC_RANGES: Final = abi.RANGE_COUNTS.size // 8
 _RC_RANGE_CELLS: Final = abi.COUNTED_RANGE.size // 8
 
@@ -42,12 +47,19 @@ class RangeCounts:
         self._gen = base + _RC_GEN
         self._gen_address = memory.address + self._gen * 8
         self._count = base + _RC_COUNT
+        self._base = base
+        self._head_address = memory.address + base * 8
         self._ranges_cell = base + _RC_RANGES
         self._counts = self._ranges_cell + layout.max_ranges * _RC_RANGE_CELLS
         self._max = layout.max_ranges
         self._address = memory.address + self._counts * 8
         self._ranges_address = memory.address + self._ranges_cell * 8
         self._ranges: list[Range] = []
+
+    @property
+    def max_ranges(self) -> int:
+        """How many ranges the block holds."""
+        return self._max
 
     def counts_address(self) -> int:
         """Where the counters lie (one u64 per described range, in order), for the C loop."""
@@ -58,8 +70,23 @@ class RangeCounts:
         loop's lookup."""
         return self._ranges_address
 
-    def describe(self, ranges: list[Range]) -> None:
-        """Count exits of `ranges` (in this order) from now on; at most max_ranges of them."""
+    def head_address(self) -> int:
+        """Where `struct vms_range_counts` lies: the runner reads which table and call hint
+        the ranges come from there."""
+        return self._head_address
+
+    def describe(
+        self,
+        ranges: list[Range],
+        *,
+        table_gen: int = _NO_TABLE,
+        hint: tuple[int, int, int] | None = None,
+    ) -> None:
+        """Count exits of `ranges` (in this order) from now on; at most max_ranges of them.
+
+        `table_gen` is the generation of the table they come from and `hint` its call hint
+        (space, address, on_write), or None: with them the runner serves exits itself (the
+        default, an odd generation, matches no table)."""
         q = self._q
         ranges = ranges[: self._max]
         old = {_range_key(r): q[self._counts + i] for i, r in enumerate(self._ranges)}
@@ -73,6 +100,9 @@ class RangeCounts:
                 q[cell + 3] = int(rng.async_write)
                 q[self._counts + i] = old.get(_range_key(rng), 0)
             q[self._count] = len(ranges)
+            source = (table_gen, 1, *hint) if hint is not None else (table_gen, 0, 0, 0, 0)
+            for cell, value in zip(_RC_SOURCE, source, strict=True):
+                q[self._base + cell] = value
         finally:
             hotpath.seq_end(self._gen_address)
         self._ranges = ranges

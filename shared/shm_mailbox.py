@@ -22,6 +22,8 @@ _MAIL_BELLS_OFF: Final = abi.MAIL.offset("request")
 _BELL_SIZE: Final = abi.MAIL.offset("done") - abi.MAIL.offset("request")
 _BELL_SLEEPING_OFF: Final = abi.BELL.offset("sleeping")
 _MAIL_ARG_OFF: Final = abi.MAILBOX_ARG_OFFSET
+_MAIL_POLL = abi.MAIL.codec(["poll_ns"])
+_MAIL_POLL_OFF: Final = abi.MAIL.offset("poll_ns")
 
 
 class Mailbox:
@@ -60,6 +62,17 @@ class Mailbox:
         """Whether the waiter of bell 0 (request) or 1 (done) sleeps on its eventfd now."""
         start = self._off + _MAIL_BELLS_OFF + which * _BELL_SIZE + _BELL_SLEEPING_OFF
         return self._mm[start : start + 4] != bytes(4)
+
+    @property
+    def poll_ns(self) -> int:
+        """How long the VCPU's runner and worker poll for each other (and the worker for the
+        plugin's reply) before they sleep; the supervisor sets it (`poll_gate`)."""
+        (value,) = _MAIL_POLL.unpack_from(self._mm, self._off + _MAIL_POLL_OFF)
+        return int(value)
+
+    @poll_ns.setter
+    def poll_ns(self, value: int) -> None:
+        _MAIL_POLL.pack_into(self._mm, self._off + _MAIL_POLL_OFF, value)
 
     def arg_address(self) -> int:
         """The argument area's address in this process (the same in every forked worker)."""

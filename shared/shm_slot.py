@@ -34,6 +34,7 @@ _C_DELIVERED: Final = abi.SLOT.cell("delivered_seq")
 _C_RUN_STATE: Final = abi.SLOT.cell("run_state")
 _C_COUNTERS: Final = abi.SLOT.cell("counters")
 _C_TRAPPED_SYSCALL: Final = abi.SLOT.cell("trapped_syscall")  # hotpath.c's SIGSYS handler
+_C_RUNNER_SERVED: Final = abi.SLOT.cell("runner_served")  # written by the runner's C loop
 _STOP_REASON_OFF: Final = abi.SLOT.offset("stop_reason")
 
 # Statistics block (`struct vms_stats`).
@@ -67,6 +68,7 @@ class VcpuSlot:
         self._state = cell + _C_RUN_STATE
         self._counters = cell + _C_COUNTERS
         self._trapped = cell + _C_TRAPPED_SYSCALL
+        self._runner_served = cell + _C_RUNNER_SERVED
         self._reason = off + _STOP_REASON_OFF
         self._layout = memory.layout
         self._lock = threading.Lock()
@@ -80,8 +82,9 @@ class VcpuSlot:
 
     def cell_address(self, cell: str) -> int:
         """The address of `pause_seq`, `delivered_seq`, `run_state`, `counters` (the first
-        counter; `ExitKind` indexes them), `stats` (the VCPU's `struct vms_stats`) or
-        `trapped_syscall` (see `trapped_syscall`), for the C code in `hotpath`."""
+        counter; `ExitKind` indexes them), `stats` (the VCPU's `struct vms_stats`),
+        `trapped_syscall` (see `trapped_syscall`) or `runner_served`, for the C code in
+        `hotpath`."""
         index = {
             "pause_seq": self._seq,
             "delivered_seq": self._delivered,
@@ -89,6 +92,7 @@ class VcpuSlot:
             "counters": self._counters,
             "stats": self._wait_since - _S_WAIT_SINCE,
             "trapped_syscall": self._trapped,
+            "runner_served": self._runner_served,
         }[cell]
         return self._base + index * 8
 
@@ -164,6 +168,12 @@ class VcpuSlot:
         q, base = self._q, self._counters
         return {kind.name.lower(): q[base + kind] for kind in ExitKind}
 
+    @property
+    def runner_served(self) -> int:
+        """Exits the VCPU's runner served without waking its worker (counted in `counters`
+        too): unreserved accesses, async writes, and accesses whose Wait it sent itself."""
+        return self._q[self._runner_served]
+
     def reading(self) -> VcpuReading:
         """This VCPU's state, counters and statistics as they are now."""
         return read_vcpu(self._q, self._mm, self._layout, self.index)
@@ -185,6 +195,8 @@ class VcpuReading:
     buckets: tuple[int, ...]
     """`HISTOGRAM_BUCKETS` counts of plugin response times (see `HISTOGRAM_BUCKETS`)."""
     stop_reason: str
+    runner_served: int = 0
+    """Exits its runner served without waking the worker (counted among `exits` too)."""
 
 
 _WAITING_STATES: Final = frozenset({RunState.INIT, RunState.WAITING_PLUGIN, RunState.PAUSED})
@@ -218,4 +230,5 @@ def read_vcpu(q: memoryview, mm: mmap.mmap, layout: Layout, index: int) -> VcpuR
         response_max_ns=q[base + _S_MAX],
         buckets=buckets,
         stop_reason=text,
+        runner_served=q[slot // 8 + _C_RUNNER_SERVED],
     )

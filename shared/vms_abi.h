@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 #define VMS_REGION_MAGIC 1213418838
-#define VMS_REGION_VERSION 5
+#define VMS_REGION_VERSION 6
 #define VMS_BUCKETS 48
 #define VMS_STOP_REASON_SIZE 128
 #define VMS_MAILBOX_ARG_OFFSET 64
@@ -69,6 +69,12 @@ enum vms_delivered {
     DELIVERED_NONE = 0,
     DELIVERED_WAIT = 1,
     DELIVERED_NO_RESUME = 2,
+};
+
+enum vms_forward {
+    FORWARD_NO = 0,
+    FORWARD_OK = 1,
+    FORWARD_SENT = 2,
 };
 
 enum vms_hint_flag {
@@ -141,7 +147,7 @@ struct vms_slot {
     uint64_t run_state; /* enum vms_run_state */
     uint64_t counters[9]; /* by enum vms_exit_kind */
     uint64_t trapped_syscall; /* a confined worker's trapped system call + 1 (0: none) */
-    uint64_t reserved[1];
+    uint64_t runner_served; /* exits the runner served without waking the worker */
     char stop_reason[128]; /* UTF-8, NUL-padded */
 };
 
@@ -157,8 +163,8 @@ struct vms_mail {
     uint32_t length; /* bytes of argument */
     int64_t ret;
     int32_t err;
-    uint32_t pad;
-    uint64_t pad2;
+    uint32_t poll_ns; /* how long its runner and worker poll now (ns) */
+    uint64_t forward; /* enum vms_forward */
     struct vms_bell request;
     struct vms_bell done;
 };
@@ -172,10 +178,15 @@ struct vms_stats {
     uint64_t buckets[48];
 };
 
-/* A VCPU's forwarded exits per range, under a seqlock of its worker's: this head, then max_ranges struct vms_counted_range, then max_ranges uint64_t counters. */
+/* A VCPU's forwarded exits per range, under a seqlock of its worker's: this head, then max_ranges struct vms_counted_range, then max_ranges uint64_t counters. The head also says which table the ranges come from and its call hint, for the runner's lookups. */
 struct vms_range_counts {
     uint64_t gen; /* odd while the worker writes */
     uint64_t count;
+    uint64_t table_gen; /* the table's generation the ranges describe */
+    uint64_t hint_set;
+    uint64_t hint_space;
+    uint64_t hint_address;
+    uint64_t hint_on_write;
 };
 
 /* A reserved range as the worker's engine looks it up, and whose exits are counted. */
@@ -232,7 +243,7 @@ _Static_assert(offsetof(struct vms_slot, delivered_seq) == 24, "offsetof(struct 
 _Static_assert(offsetof(struct vms_slot, run_state) == 32, "offsetof(struct vms_slot, run_state)");
 _Static_assert(offsetof(struct vms_slot, counters) == 40, "offsetof(struct vms_slot, counters)");
 _Static_assert(offsetof(struct vms_slot, trapped_syscall) == 112, "offsetof(struct vms_slot, trapped_syscall)");
-_Static_assert(offsetof(struct vms_slot, reserved) == 120, "offsetof(struct vms_slot, reserved)");
+_Static_assert(offsetof(struct vms_slot, runner_served) == 120, "offsetof(struct vms_slot, runner_served)");
 _Static_assert(offsetof(struct vms_slot, stop_reason) == 128, "offsetof(struct vms_slot, stop_reason)");
 _Static_assert(sizeof(struct vms_slot) == 256, "sizeof(struct vms_slot)");
 
@@ -244,8 +255,8 @@ _Static_assert(offsetof(struct vms_mail, op) == 0, "offsetof(struct vms_mail, op
 _Static_assert(offsetof(struct vms_mail, length) == 4, "offsetof(struct vms_mail, length)");
 _Static_assert(offsetof(struct vms_mail, ret) == 8, "offsetof(struct vms_mail, ret)");
 _Static_assert(offsetof(struct vms_mail, err) == 16, "offsetof(struct vms_mail, err)");
-_Static_assert(offsetof(struct vms_mail, pad) == 20, "offsetof(struct vms_mail, pad)");
-_Static_assert(offsetof(struct vms_mail, pad2) == 24, "offsetof(struct vms_mail, pad2)");
+_Static_assert(offsetof(struct vms_mail, poll_ns) == 20, "offsetof(struct vms_mail, poll_ns)");
+_Static_assert(offsetof(struct vms_mail, forward) == 24, "offsetof(struct vms_mail, forward)");
 _Static_assert(offsetof(struct vms_mail, request) == 32, "offsetof(struct vms_mail, request)");
 _Static_assert(offsetof(struct vms_mail, done) == 40, "offsetof(struct vms_mail, done)");
 _Static_assert(sizeof(struct vms_mail) == 48, "sizeof(struct vms_mail)");
@@ -259,7 +270,12 @@ _Static_assert(sizeof(struct vms_stats) == 416, "sizeof(struct vms_stats)");
 
 _Static_assert(offsetof(struct vms_range_counts, gen) == 0, "offsetof(struct vms_range_counts, gen)");
 _Static_assert(offsetof(struct vms_range_counts, count) == 8, "offsetof(struct vms_range_counts, count)");
-_Static_assert(sizeof(struct vms_range_counts) == 16, "sizeof(struct vms_range_counts)");
+_Static_assert(offsetof(struct vms_range_counts, table_gen) == 16, "offsetof(struct vms_range_counts, table_gen)");
+_Static_assert(offsetof(struct vms_range_counts, hint_set) == 24, "offsetof(struct vms_range_counts, hint_set)");
+_Static_assert(offsetof(struct vms_range_counts, hint_space) == 32, "offsetof(struct vms_range_counts, hint_space)");
+_Static_assert(offsetof(struct vms_range_counts, hint_address) == 40, "offsetof(struct vms_range_counts, hint_address)");
+_Static_assert(offsetof(struct vms_range_counts, hint_on_write) == 48, "offsetof(struct vms_range_counts, hint_on_write)");
+_Static_assert(sizeof(struct vms_range_counts) == 56, "sizeof(struct vms_range_counts)");
 
 _Static_assert(offsetof(struct vms_counted_range, space) == 0, "offsetof(struct vms_counted_range, space)");
 _Static_assert(offsetof(struct vms_counted_range, start) == 8, "offsetof(struct vms_counted_range, start)");

@@ -31,7 +31,7 @@ from vmsuper.shared import hotpath, kvm, logs, wire
 from vmsuper.shared.plugin_pb2 import MainRequest, MainResponse
 from vmsuper.shared.ranges import RangeTable
 from vmsuper.shared.shm import SharedRegion
-from vmsuper.supervisor import cgroups, outcome, runinfo
+from vmsuper.supervisor import cgroups, outcome, poll_gate, runinfo
 from vmsuper.supervisor.config import Config
 from vmsuper.supervisor.executable import check_exec_format
 from vmsuper.supervisor.plugin_output import (
@@ -197,6 +197,7 @@ class Supervisor:
         self.failure: outcome.Failure | None = None
         self.shutting_down = False
         self.deadline: float | None = None
+        self._next_poll_check: float | None = None
         self.plugin: PluginProcess | None = None
         self.cgroup: cgroups.PluginCgroup | None = None
         self._limit_reached = False
@@ -372,6 +373,9 @@ class Supervisor:
             self.sel.register(pidfd, selectors.EVENT_READ, lambda _fd, v=vcpu: self._on_worker(v))
         self.log.info("vcpus_started", vcpus=len(self.worker_pidfds))
         self.watchdog.vcpus_started(self.run.vcpus.run_pages(), time.monotonic())
+        gate = self.run.vcpus.poll_gate
+        if gate is not None and gate.active:
+            self._next_poll_check = time.monotonic() + poll_gate.INTERVAL_S
 
     def _on_watchdog(self) -> None:
         """The time limit and stalled VCPUs (see supervisor/watchdog.py)."""
@@ -578,7 +582,11 @@ class Supervisor:
                     self.plugin.kill()
                     self.plugin.wait()
                     return
-            watch = self.watchdog.wake_in(time.monotonic())
+            now = time.monotonic()
+            watch = self.watchdog.wake_in(now)
+            if self._next_poll_check is not None:
+                check = max(0.0, self._next_poll_check - now)
+                watch = check if watch is None else min(watch, check)
             if watch is not None and (timeout is None or watch < timeout):
                 timeout = watch
             for key, _ in self.sel.select(timeout):
@@ -593,6 +601,18 @@ class Supervisor:
                         outcome.supervisor_failure(f"internal error: {exc!r}"), "bug"
                     )
             self._on_watchdog()
+            self._check_polling()
+
+    def _check_polling(self) -> None:
+        """Polling only while the host has CPU to spare (see supervisor/poll_gate.py)."""
+        if self._next_poll_check is None or time.monotonic() < self._next_poll_check:
+            return
+        gate = self.run.vcpus.poll_gate if self.run.vcpus is not None else None
+        if gate is None or self.shutting_down:
+            self._next_poll_check = None
+            return
+        gate.tick()
+        self._next_poll_check = time.monotonic() + poll_gate.INTERVAL_S
 
     def _finish(self) -> tuple[int, str]:
         if self.plugin is not None:

@@ -26,7 +26,7 @@ __all__ = ["ALLOWED", "build_filter", "confine_thread"]
 
 ALLOWED: Final = (
     "read",  # the bells' eventfds
-    "write",  # eventfds, log records (supervisor.jsonl, stderr), the signal wake-up pipe
+    "write",  # eventfds, log records, the signal wake-up pipe, Waits to the plugin (pipes)
     "poll",  # a bell's sleep
     "ppoll",
     "futex",  # the GIL, locks, the Init barrier
@@ -52,10 +52,11 @@ _PR_SET_NO_NEW_PRIVS: Final = 38
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def build_filter(vcpu_fd: int, ioctls: Iterable[int]) -> bytes:
+def build_filter(vcpu_fd: int, ioctls: Iterable[int], send_fd: int | None = None) -> bytes:
     """The filter of the runner of `vcpu_fd`: `ALLOWED`, `ioctl` on `vcpu_fd` with `KVM_RUN`
-    or one of `ioctls`, `mmap`/`mprotect` without PROT_EXEC; anything else gets EPERM (and
-    another architecture's entry points kill the process)."""
+    or one of `ioctls`, `mmap`/`mprotect` without PROT_EXEC, `sendto` on `send_fd` only (its
+    socket to the plugin, for the exits it serves); anything else gets EPERM (and another
+    architecture's entry points kill the process)."""
     nr = bpf.SYSCALLS
     eperm = bpf.SECCOMP_RET_ERRNO | errno.EPERM
     allow: bpf.Program = [bpf.ret(bpf.SECCOMP_RET_ALLOW)]
@@ -82,16 +83,24 @@ def build_filter(vcpu_fd: int, ioctls: Iterable[int]) -> bytes:
         "allow",
         bpf.ret(bpf.SECCOMP_RET_ALLOW),
     ]
+    if send_fd is not None:
+        verdicts[nr["sendto"]] = [
+            bpf.load(bpf.offset_arg_low(0)),
+            bpf.Insn(bpf.BPF_JEQ_K, send_fd, jt="allow"),
+            bpf.ret(eperm),
+            "allow",
+            bpf.ret(bpf.SECCOMP_RET_ALLOW),
+        ]
     return bpf.build_filter(verdicts, [bpf.ret(eperm)], foreign=bpf.SECCOMP_RET_KILL_PROCESS)
 
 
-def confine_thread(vcpu_fd: int, ioctls: Iterable[int]) -> None:
-    """Install `build_filter(vcpu_fd, ioctls)` on the calling thread only (with no_new_privs,
-    also this thread's only, so an unprivileged supervisor may install it too)."""
+def confine_thread(vcpu_fd: int, ioctls: Iterable[int], send_fd: int | None = None) -> None:
+    """Install `build_filter(vcpu_fd, ioctls, send_fd)` on the calling thread only (with
+    no_new_privs, also this thread's only, so an unprivileged supervisor may install it too)."""
     if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"PR_SET_NO_NEW_PRIVS: {os.strerror(err)}")
-    program, _buffer = bpf.fprog(build_filter(vcpu_fd, ioctls))
+    program, _buffer = bpf.fprog(build_filter(vcpu_fd, ioctls, send_fd))
     if _libc.syscall(bpf.SYSCALLS["seccomp"], _SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(program)):
         err = ctypes.get_errno()
         raise OSError(err, f"seccomp(SECCOMP_SET_MODE_FILTER): {os.strerror(err)}")

@@ -25,11 +25,13 @@ import signal
 import struct
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Final
 
 from vmsuper.shared import hotpath, kvm
 from vmsuper.shared.abi import MAILBOX_ARG_SIZE
+from vmsuper.shared.shm_counts import RangeCounts
 from vmsuper.shared.shm_doorbell import Doorbell
 from vmsuper.shared.shm_mailbox import Mailbox
 from vmsuper.shared.shm_slot import VcpuSlot
@@ -39,6 +41,7 @@ __all__ = [
     "ALLOWED_IOCTLS",
     "KICK_SIGNAL",
     "RUNNER_BLOCKED",
+    "RunnerExits",
     "VcpuRunner",
     "check_argument",
     "install_kick_handler",
@@ -140,6 +143,38 @@ def uninstall_kick_handler(
         signal.signal(KICK_SIGNAL, signal.SIG_DFL if previous is None else previous)
 
 
+@dataclass(frozen=True)
+class RunnerExits:
+    """What a runner needs to serve exits itself (see `hotpath.c`, "exits the runner serves
+    without the worker"): its VCPU's range counts (the worker's lookup table), the table's
+    generation, and its own fd to write to the plugin without blocking (`send_fd`, owned by
+    the caller; on the pipes transport, `pipes`)."""
+
+    range_counts: RangeCounts
+    table_gen_address: int
+    send_fd: int
+    pipes: bool
+    run_size: int
+    """Bytes of the VCPU's mapping (the run page and what follows it)."""
+
+    def context_fields(self, slot: VcpuSlot) -> dict[str, Any]:
+        return {
+            "forwarding": 1,
+            "run_size": self.run_size,
+            "table_gen": self.table_gen_address,
+            "range_head": self.range_counts.head_address(),
+            "ranges": self.range_counts.ranges_address(),
+            "range_counts": self.range_counts.counts_address(),
+            "max_ranges": self.range_counts.max_ranges,
+            "counters": slot.cell_address("counters"),
+            "run_state": slot.cell_address("run_state"),
+            "stats": slot.cell_address("stats"),
+            "served": slot.cell_address("runner_served"),
+            "pipes": int(self.pipes),
+            "out_fd": self.send_fd,
+        }
+
+
 class VcpuRunner:
     """The thread that makes one VCPU's ioctls for its worker."""
 
@@ -154,6 +189,7 @@ class VcpuRunner:
         slot: VcpuSlot,
         barrier: threading.Barrier,
         log: Any,
+        exits: RunnerExits | None = None,
     ) -> None:
         self.vcpu = vcpu
         self._fd = vcpu_fd
@@ -163,6 +199,7 @@ class VcpuRunner:
         self._slot = slot
         self._barrier = barrier
         self._log = log
+        self._exits = exits
         self.stopping = False
         self._alive = False
         self._alive_lock = threading.Lock()
@@ -178,7 +215,7 @@ class VcpuRunner:
             delivered_seq=slot.cell_address("delivered_seq"),
             hold_runs=1,
             stopping=0,
-            spin_ns=doorbell.spin_ns,
+            **(exits.context_fields(slot) if exits is not None else {}),
         )
         self._thread = threading.Thread(target=self._main, name=f"vcpu{vcpu}-runner", daemon=True)
 
@@ -215,7 +252,9 @@ class VcpuRunner:
     def _main(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, RUNNER_BLOCKED)
         try:
-            runner_seccomp.confine_thread(self._fd, ALLOWED_IOCTLS)
+            runner_seccomp.confine_thread(
+                self._fd, ALLOWED_IOCTLS, send_fd=self._exits.send_fd if self._exits else None
+            )
             self._loop()
         except Exception as exc:
             self._failed(exc)

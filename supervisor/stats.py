@@ -102,6 +102,8 @@ class VcpuFigures:
     buckets: tuple[int, ...] | None = None
     """The response-time histogram (log2 buckets of ns, see `abi.HISTOGRAM_BUCKETS`)."""
     response_sum_ns: int = 0
+    served_by_runner: int | None = None
+    """Exits the runner served without waking the worker (live runs only)."""
 
     @property
     def total(self) -> int:
@@ -117,6 +119,7 @@ class VcpuFigures:
                 "by_kind": self.exits,
                 "by_range": self.ranges,
                 "per_second": self.exits_per_second,
+                "served_by_runner": self.served_by_runner,
             },
             "response": {
                 "count": self.responses,
@@ -207,6 +210,7 @@ def _figures(
         stop_reason=last.stop_reason,
         buckets=last.buckets,
         response_sum_ns=last.response_sum_ns,
+        served_by_runner=last.runner_served,
     )
 
 

@@ -7,7 +7,8 @@ Lifecycle:
    Requests a plugin writes to a channel before Start wait there, unread.
 2. `start()` (the plugin's Start): creates the VCPUs, forks one worker per VCPU while this
    process has no other thread, then starts one runner thread per VCPU. The supervisor's
-   copies of the worker ends are closed, so a plugin sees EOF when a worker exits.
+   copies of the worker ends are closed; each runner keeps a write-only end of its own (for
+   the exits it serves itself) until `shutdown`.
 3. `pause(mask, token)`: records the token in each selected VCPU's slot, sets
    `immediate_exit` in the supervisor's own mapping of its `kvm_run`, and kicks its runner.
 4. `worker_exited(vcpu)` when a worker's pidfd becomes readable: reaps it and describes an
@@ -38,7 +39,13 @@ from vmsuper.shared import kvm, logs, wire
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.shared.shm_doorbell import Doorbell
 from vmsuper.supervisor import sandbox_user
-from vmsuper.supervisor.runners import VcpuRunner, install_kick_handler, uninstall_kick_handler
+from vmsuper.supervisor.poll_gate import PollGate
+from vmsuper.supervisor.runners import (
+    RunnerExits,
+    VcpuRunner,
+    install_kick_handler,
+    uninstall_kick_handler,
+)
 from vmsuper.workers import confine
 from vmsuper.workers.worker_process import STOP_SIGNALS, WorkerSpec, enter_worker
 from vmsuper.workers.worker_status import describe_exit
@@ -62,6 +69,9 @@ class _Channel:
     def __init__(self, transport: str) -> None:
         self.plugin: list[int] = []
         self.worker: list[int] = []
+        self.runner = -1
+        """The runner's own way to write to the plugin (`open_runner_end`), or -1."""
+        self.pipes = transport != "socket"
         if transport == "socket":
             plugin_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             self.plugin.append(plugin_end.detach())
@@ -81,9 +91,39 @@ class _Channel:
             self.close_worker()
             raise
 
+    def open_runner_end(self) -> None:
+        """Give the runner a way to write to the plugin that never blocks (call while the
+        worker's ends are still open here): the socket again (it sends with MSG_DONTWAIT), or
+        the request pipe opened anew through /proc, a file description of its own whose
+        O_NONBLOCK leaves the worker's blocking writes alone."""
+        if self.runner >= 0:
+            return
+        if not self.pipes:
+            self.runner = os.dup(self.worker[0])
+            return
+        self.runner = os.open(
+            f"/proc/self/fd/{self.worker[1]}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+        )
+
     def close_plugin(self) -> None:
         _close_all(self.plugin)
         self.plugin = []
+
+    def silence_runner_end(self) -> None:
+        """Let the plugin see EOF once the worker's ends are gone, although the runner thread
+        may still run: /dev/null takes the runner's fd number (closing it could hand the number
+        to another file while the thread may still write to it)."""
+        if self.runner < 0:
+            return
+        null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.dup2(null, self.runner, inheritable=False)
+        finally:
+            os.close(null)
+
+    def close_runner_end(self) -> None:
+        _close_all([self.runner] if self.runner >= 0 else [])
+        self.runner = -1
 
     def close_worker(self) -> None:
         _close_all(self.worker)
@@ -131,6 +171,10 @@ class VcpuSet:
             raise ValueError(f"unknown log level {log_level!r}")
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("a VcpuSet must be made in the main thread (signal handlers)")
+        self._poll_ns = poll_ns
+        self.poll_gate: PollGate | None = None
+        """From `start`: sets the polling window from the host's CPU pressure; the caller
+        ticks it (`poll_gate.INTERVAL_S`)."""
         self._previous_kick_handler = install_kick_handler()
         user = worker_user if worker_user is not None else workers_user(None)
         self._worker_ids = (user.uid, user.gid) if user.switch else (None, None)
@@ -163,6 +207,7 @@ class VcpuSet:
             for i in range(count):
                 self._channels.append(_Channel(transport))
                 self._doorbells.append(Doorbell(region.mailbox(i), spin_ns=poll_ns))
+                region.mailbox(i).poll_ns = poll_ns  # until `poll_gate` says otherwise
         except BaseException:
             self._close_everything()
             raise
@@ -207,8 +252,17 @@ class VcpuSet:
             self._release_vcpus()
             raise
         for channel in self._channels:
+            channel.open_runner_end()
             channel.close_worker()
+        gen_address = self._region.reader().gen_address
         for i in range(self.count):
+            exits = RunnerExits(
+                range_counts=self._region.range_counts(i),
+                table_gen_address=gen_address,
+                send_fd=self._channels[i].runner,
+                pipes=self._channels[i].pipes,
+                run_size=self._mmap_size,
+            )
             runner = VcpuRunner(
                 vcpu=i,
                 vcpu_fd=self._vcpus[i].fd,
@@ -218,10 +272,14 @@ class VcpuSet:
                 slot=self._region.slot(i),
                 barrier=self._barrier,
                 log=self._log,
+                exits=exits,
             )
             self._runners.append(runner)
             runner.start()
         self.started = True
+        self.poll_gate = PollGate(
+            [self._region.mailbox(i) for i in range(self.count)], self._poll_ns
+        )
         self._log.info("vcpu_workers_started", vcpus=self.count, workers=list(self._pids.values()))
 
     def _fork_workers(self) -> None:
@@ -308,6 +366,9 @@ class VcpuSet:
         else:
             reason = describe_exit(wait_status, slot.stop_reason)
         self._statuses[vcpu] = reason
+        if vcpu < len(self._channels):
+            # The plugin sees EOF on the channel of a VCPU whose worker is gone.
+            self._channels[vcpu].silence_runner_end()
         if os.WIFEXITED(wait_status):
             self._codes[vcpu] = os.WEXITSTATUS(wait_status)
         return reason
@@ -333,6 +394,8 @@ class VcpuSet:
         if self._shut_down:
             return
         self._shut_down = True
+        if self.poll_gate is not None:
+            self.poll_gate.close()
         deadline = time.monotonic() + timeout
         self._stop_runners()
         for vcpu, pid in self._pids.items():
@@ -420,6 +483,8 @@ class VcpuSet:
             # to something else while it still uses them.
             self._log.error("vcpus_left_open", reason="a runner thread did not stop")
             return
+        for channel in self._channels:
+            channel.close_runner_end()
         for doorbell in self._doorbells:
             with contextlib.suppress(OSError):
                 doorbell.close()

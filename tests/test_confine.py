@@ -350,6 +350,19 @@ def test_the_runner_filter_allows_its_vcpu_s_ioctls_only() -> None:
     assert run_filter(program, 0, arch=0x40000003) == KILL
 
 
+def test_the_runner_filter_sends_on_its_own_channel_only() -> None:
+    eperm = bpf.SECCOMP_RET_ERRNO | errno.EPERM
+    program = runner_seccomp.build_filter(7, runners.ALLOWED_IOCTLS, send_fd=9)
+    well_formed(program)
+    assert run_filter(program, NR["sendto"], (9,)) == ALLOW
+    for fd in (7, 8, 10, 0):
+        assert run_filter(program, NR["sendto"], (fd,)) == eperm
+    for other in ("sendmsg", "recvfrom", "recvmsg", "connect"):
+        assert run_filter(program, NR[other], (9,)) == eperm
+    without = runner_seccomp.build_filter(7, runners.ALLOWED_IOCTLS)
+    assert run_filter(without, NR["sendto"], (9,)) == eperm
+
+
 def test_a_runner_thread_s_filter_holds_that_thread_only(tmp_path: Path) -> None:
     seen: dict[str, int] = {}
     confined, release = threading.Event(), threading.Event()

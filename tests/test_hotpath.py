@@ -35,8 +35,8 @@ from vmsuper.shared.shm_mailbox import Mailbox
 
 def test_contexts_take_addresses_for_pointers_and_read_back_by_name() -> None:
     seen = ctypes.c_uint32()
-    context = hotpath.RunnerContext(request_seen=ctypes.addressof(seen), spin_ns=5, hold_runs=1)
-    assert (context.spin_ns, context.hold_runs, context.stopping) == (5, 1, 0)
+    context = hotpath.RunnerContext(request_seen=ctypes.addressof(seen), out_fd=5, hold_runs=1)
+    assert (context.out_fd, context.hold_runs, context.stopping) == (5, 1, 0)
     assert int(hotpath.binding().ffi.cast("uintptr_t", context.request_seen)) == ctypes.addressof(
         seen
     )

@@ -34,7 +34,7 @@ import psutil
 import pytest
 
 from vmsuper.shared import kvm, wire
-from vmsuper.shared.abi import RunState
+from vmsuper.shared.abi import RANGE_COUNTS, RunState
 from vmsuper.shared.asm import assemble
 from vmsuper.shared.plugin_pb2 import CpuidEntry, VcpuRequest, VcpuResponse
 from vmsuper.shared.ranges import CallHint, RangeTable, RegHint, Space
@@ -540,9 +540,13 @@ def test_port_io(machine: Machine, transport: str) -> None:
     answers = {SERIAL + 1: deque(b"\x5a" + b"xyz"), SERIAL + 2: deque(b"\xef\xbe")}
     written = serve_reads(end, answers, until=1 + 1 + 2 + 5 + 3)
     assert written == b"\x5b" + b"\x00" + b"\xef\xbe" + b"hello" + b"xyz"
-    counts = machine.region.slot(0).counters()
+    slot = machine.region.slot(0)
+    counts = slot.counters()
     assert counts["unreserved"] == 2
     assert counts["io_in"] >= 3 and counts["io_out"] >= 5
+    # The first exit comes back to the worker, which describes the table; the runner serves
+    # every later one itself (the worker only reads the plugin's replies).
+    assert slot.runner_served == sum(counts.values()) - 1
 
 
 MMIO = f"""
@@ -630,6 +634,73 @@ def test_async_writes_do_not_wait_and_coalesce(machine: Machine, transport: str)
     if transport == "pipes":
         assert end.batches[0] > 1  # several delimited responses in one read
     assert slot.counters()["async_write"] == 20
+    assert slot.runner_served >= 20  # the async writes never woke the worker
+
+
+EARLY = f"""
+    mov ${SERIAL + 1}, %dx
+    in %dx, %al
+    mov %al, %bl
+    in %dx, %al                  /* its answer was sent before its Wait */
+    mov ${SERIAL}, %dx
+    out %al, %dx
+    mov %bl, %al
+    out %al, %dx
+    {HALT}
+"""
+
+
+def test_a_reply_sent_early_answers_the_next_wait(machine: Machine) -> None:
+    """A client that answers before it is asked (on the socket, where each datagram stays one
+    request) gets what it would get without the runner serving exits: its early Resume
+    answers the next Wait, which the plugin still receives."""
+    machine.load(EARLY)
+    machine.start(1, "socket")
+    end = machine.ends[0]
+    init(end, 0)
+    end.send(resume())
+    first = io_of(end.recv())
+    assert (first.address, first.is_write) == (SERIAL + 1, False)
+    end.send(resume(b"\x11"))
+    end.send(resume(b"\x22"))  # early: before the second read's Wait
+    second = io_of(end.recv())
+    assert (second.address, second.is_write) == (SERIAL + 1, False)
+    written = []
+    for _ in range(2):
+        io = io_of(end.recv())
+        written.append(io.data)
+        end.send(resume())
+    assert written == [b"\x22", b"\x11"]
+    assert machine.region.slot(0).counters()["io_in"] == 2
+
+
+UNRESERVED_LOOP = """
+1:  mov $0x200, %dx
+    in %dx, %al                  /* unreserved: the runner gives zero and runs on */
+    jmp 1b
+"""
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_forged_range_count_keeps_the_runner_within_the_block(
+    machine: Machine, transport: str
+) -> None:
+    """The worker writes its RangeCounts block and the runner looks accesses up in it: a
+    subverted worker's count far beyond the block must not take the runner (a thread of the
+    supervisor, here of this very process) out of it."""
+    machine.load(UNRESERVED_LOOP)
+    machine.start(1, transport)
+    end = machine.ends[0]
+    init(end, 0)
+    end.send(resume())
+    slot = machine.region.slot(0)
+    wait_until(lambda: slot.runner_served > 10, "the runner serving exits")
+    head = machine.region.range_counts(0).head_address()
+    ctypes.c_uint64.from_address(head + RANGE_COUNTS.offset("count")).value = 1 << 62
+    served = slot.runner_served
+    wait_until(lambda: slot.runner_served > served + 1000, "more exits after the forgery")
+    served = slot.runner_served  # counted after the exit's kind: read first
+    assert slot.counters()["unreserved"] >= served
 
 
 HINTED = f"""
@@ -1010,10 +1081,13 @@ def test_logs_lifecycle_counts_and_debug_exits(machine: Machine, level: str) -> 
     assert counts["ranges"]["ioport:0x3f8+8"] >= 8
     assert counts["exits"]["unreserved"] == 2
     exits = [r for r in records if r["event"] == "exit"]
+    served = machine.region.slot(0).runner_served
     if level == "debug":
         assert len(exits) >= 10 and exits[0]["kind"] == "io"
+        assert served == 0  # the worker logs every exit, so it serves them all
     else:
         assert exits == []
+        assert served > 0
 
 
 def test_socket_request_with_fds_is_refused_and_fds_closed(machine: Machine) -> None:

@@ -73,9 +73,10 @@ class ExitEngine:
             ranges=range_counts.ranges_address(),
             n_ranges=0,
             range_counts=range_counts.counts_address(),
-            spin_ns=doorbell.spin_ns,
             wake_fd=doorbell.wake_fd,
             report_exits=report_exits,
+            # Debug logging records every exit here, so the runner must not serve any.
+            forwarding=not report_exits,
             state=0,
             **channel.context_fields(),
         )
@@ -128,11 +129,14 @@ class ExitEngine:
             if (rng.space, rng.start) not in kept and count:
                 label = range_label(rng)
                 self.retired[label] = self.retired.get(label, 0) + count
-        self._live.describe(ranges)
-        context = self.context
-        context.n_ranges = len(self._live.ranges)  # at most the max_ranges the counters hold
         hint = snapshot.hint
         self.hint = hint if hint is not None and hint.is_set else None
+        hint_cells = None
+        if self.hint is not None:
+            hint_cells = (int(self.hint.space), self.hint.address, int(self.hint.on_write))
+        self._live.describe(ranges, table_gen=snapshot.gen, hint=hint_cells)
+        context = self.context
+        context.n_ranges = len(self._live.ranges)  # at most the max_ranges the counters hold
         context.hint_set = self.hint is not None
         context.hint_space = hint.space if hint is not None else 0
         context.hint_address = hint.address if hint is not None else 0

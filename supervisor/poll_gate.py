@@ -1,0 +1,135 @@
+"""Whether the VCPUs' runners and workers may poll now: on only while the host has CPU to spare.
+
+Polling (`[vm] poll_us`) saves a wake-up per hand-off when a core is free to run the thread
+being waited for; when the host has more runnable threads than cores, the poller takes the
+very CPU that thread needs, and every VM polling makes every VM slower. The kernel says which
+case holds: its CPU pressure (`/proc/pressure/cpu`, "some": the share of time at least one
+runnable task waited for a CPU). So the supervisor samples that share every `INTERVAL` and
+writes each VCPU's polling window into its mailbox (`Mailbox.poll_ns`), which the C loops read
+at every wait: the configured window while the pressure stays below `THRESHOLD`, 0 above it.
+
+`PollPolicy` is the decision, fed readings and returning the window (no I/O, tested alone);
+`PollGate` is the shell: the file, a timerfd for the event loop, the mailboxes. Without the
+file (a kernel without PSI) the window stays as configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from vmsuper.shared.shm_mailbox import Mailbox
+
+__all__ = ["HOLD_MAX_S", "HOLD_MIN_S", "INTERVAL_S", "THRESHOLD", "PollGate", "PollPolicy"]
+
+PRESSURE_FILE: Final = "/proc/pressure/cpu"
+INTERVAL_S: Final = 0.025
+THRESHOLD: Final = 0.5
+"""Stall share above which polling stops: half the time, some task waited for a CPU."""
+HOLD_MIN_S: Final = 0.05
+HOLD_MAX_S: Final = 1.6
+"""How long polling stays off before it is tried again: doubled each time a try finds the host
+still busy (from HOLD_MIN_S, at most HOLD_MAX_S), back to HOLD_MIN_S once the host is calm."""
+
+
+class PollPolicy:
+    """The decision: fed the kernel's cumulative stall time, says the polling window now.
+
+    Polling goes off as soon as one interval's stall share passes THRESHOLD. It stays off for
+    a hold, and after the hold only if the host is calm (with polling off, pressure comes from
+    others); then it goes back on, and a next stop doubles the hold, so a host that stays busy
+    sees a short try every HOLD_MAX_S at most.
+    """
+
+    def __init__(self, window_ns: int) -> None:
+        self.window_ns = window_ns
+        self.polling = window_ns > 0
+        self._last: tuple[float, int] | None = None
+        self._hold = HOLD_MIN_S
+        self._off_until = 0.0
+
+    def update(self, now: float, stall_us: int) -> int:
+        """The window (ns) after a reading of the cumulative stall time `stall_us` at `now`
+        (seconds, monotonic)."""
+        last, self._last = self._last, (now, stall_us)
+        if self.window_ns == 0 or last is None or now <= last[0]:
+            return self.current()
+        share = (stall_us - last[1]) / ((now - last[0]) * 1e6)
+        busy = share > THRESHOLD
+        if self.polling and busy:
+            self.polling = False
+            self._off_until = now + self._hold
+            self._hold = min(self._hold * 2, HOLD_MAX_S)
+        elif not self.polling and now >= self._off_until:
+            if busy:
+                self._off_until = now + self._hold
+            else:
+                self.polling = True
+        elif self.polling and now >= self._off_until + self._hold:
+            self._hold = HOLD_MIN_S  # calm for a whole hold since polling came back
+        return self.current()
+
+    def current(self) -> int:
+        return self.window_ns if self.polling else 0
+
+
+def read_stall_us(fd: int) -> int:
+    """The "some" line's total (µs) of a /proc/pressure file open at `fd`."""
+    text = os.pread(fd, 256, 0).decode("ascii", "replace")
+    for word in text.split("\n", 1)[0].split():
+        if word.startswith("total="):
+            return int(word[6:])
+    raise ValueError(f"no total in {text!r}")
+
+
+class PollGate:
+    """The VCPUs' polling windows, set from the host's CPU pressure (see the module doc)."""
+
+    def __init__(
+        self,
+        mailboxes: Sequence[Mailbox],
+        window_ns: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        pressure_file: str = PRESSURE_FILE,
+    ) -> None:
+        self._mailboxes = list(mailboxes)
+        self.policy = PollPolicy(window_ns)
+        self._clock = clock
+        self._fd = -1
+        if window_ns > 0:
+            with contextlib.suppress(OSError):
+                self._fd = os.open(pressure_file, os.O_RDONLY | os.O_CLOEXEC)
+        self._set(self.policy.current())
+
+    @property
+    def active(self) -> bool:
+        """False when there is nothing to decide: polling is off, or the kernel has no PSI."""
+        return self._fd >= 0
+
+    def tick(self) -> None:
+        """Take a reading and set the windows (call every INTERVAL_S while VCPUs run)."""
+        if self._fd < 0:
+            return
+        try:
+            stall = read_stall_us(self._fd)
+        except (OSError, ValueError):
+            self.close()  # unreadable now: keep polling as configured
+            self._set(self.policy.window_ns)
+            return
+        before = self.policy.current()
+        now = self.policy.update(self._clock(), stall)
+        if now != before:
+            self._set(now)
+
+    def _set(self, window_ns: int) -> None:
+        for mailbox in self._mailboxes:
+            mailbox.poll_ns = window_ns
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

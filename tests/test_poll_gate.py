@@ -1,0 +1,157 @@
+"""The polling gate: polling only while the host's CPU pressure leaves CPU to spare."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmsuper.shared.shm import SharedRegion
+from vmsuper.supervisor import poll_gate
+from vmsuper.supervisor.poll_gate import HOLD_MAX_S, HOLD_MIN_S, PollGate, PollPolicy
+
+WINDOW = 50_000
+STEP = poll_gate.INTERVAL_S
+
+
+class Host:
+    """A clock and the kernel's cumulative stall time, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.stall_us = 0
+
+    def advance(self, share: float, seconds: float = STEP) -> None:
+        self.now += seconds
+        self.stall_us += int(share * seconds * 1e6)
+
+    def feed(self, policy: PollPolicy, share: float, seconds: float = STEP) -> int:
+        self.advance(share, seconds)
+        return policy.update(self.now, self.stall_us)
+
+
+def test_polling_stays_on_while_the_host_is_calm() -> None:
+    host, policy = Host(), PollPolicy(WINDOW)
+    assert policy.update(host.now, host.stall_us) == WINDOW  # the first reading: a baseline
+    for _ in range(100):
+        assert host.feed(policy, 0.3) == WINDOW
+
+
+def test_pressure_stops_polling_for_a_hold_then_it_is_tried_again() -> None:
+    host, policy = Host(), PollPolicy(WINDOW)
+    policy.update(host.now, host.stall_us)
+    assert host.feed(policy, 0.9) == 0
+    # Off for the hold, whatever the readings say meanwhile.
+    assert host.feed(policy, 0.0, HOLD_MIN_S / 2) == 0
+    assert host.feed(policy, 0.0, HOLD_MIN_S / 2) == WINDOW
+
+
+def test_a_host_that_stays_busy_keeps_polling_off() -> None:
+    host, policy = Host(), PollPolicy(WINDOW)
+    policy.update(host.now, host.stall_us)
+    assert host.feed(policy, 1.0) == 0
+    for _ in range(200):  # others keep the CPUs busy: never back on
+        assert host.feed(policy, 0.8) == 0
+
+
+def test_each_failed_try_doubles_the_hold_up_to_its_bound() -> None:
+    host, policy = Host(), PollPolicy(WINDOW)
+    policy.update(host.now, host.stall_us)
+    holds = []
+    for _ in range(8):
+        assert host.feed(policy, 1.0) == 0  # polling made the host busy again
+        off = 0.0
+        while host.feed(policy, 0.0) == 0:
+            off += STEP
+        holds.append(off)
+    assert holds[0] < holds[1] < holds[2]
+    assert HOLD_MIN_S - STEP <= holds[0] <= HOLD_MIN_S + STEP
+    assert all(hold <= HOLD_MAX_S + STEP for hold in holds)
+    assert holds[-1] >= HOLD_MAX_S - 2 * STEP
+
+
+def test_a_calm_spell_resets_the_hold() -> None:
+    host, policy = Host(), PollPolicy(WINDOW)
+    policy.update(host.now, host.stall_us)
+    for _ in range(4):  # grow the hold
+        host.feed(policy, 1.0)
+        while host.feed(policy, 0.0) == 0:
+            pass
+    for _ in range(int(HOLD_MAX_S / STEP) + 2):  # calm, polling on, for over a hold
+        assert host.feed(policy, 0.1) == WINDOW
+    assert host.feed(policy, 1.0) == 0
+    off = 0.0
+    while host.feed(policy, 0.0) == 0:
+        off += STEP
+    assert off <= HOLD_MIN_S + STEP
+
+
+def test_no_window_means_no_polling_whatever_the_host() -> None:
+    host, policy = Host(), PollPolicy(0)
+    for share in (0.0, 1.0, 0.0):
+        assert host.feed(policy, share) == 0
+
+
+@pytest.fixture
+def region() -> Iterator[SharedRegion]:
+    shared = SharedRegion.create(2)
+    yield shared
+    shared.close()
+
+
+def _pressure(path: Path, total: int) -> None:
+    path.write_text(
+        f"some avg10=0.00 avg60=0.00 avg300=0.00 total={total}\n"
+        "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+    )
+
+
+def test_the_gate_writes_every_vcpu_s_window_from_the_file(
+    region: SharedRegion, tmp_path: Path
+) -> None:
+    pressure = tmp_path / "cpu"
+    _pressure(pressure, 0)
+    host = Host()
+    mailboxes = [region.mailbox(0), region.mailbox(1)]
+    gate = PollGate(mailboxes, WINDOW, clock=lambda: host.now, pressure_file=str(pressure))
+    try:
+        assert gate.active
+        assert [m.poll_ns for m in mailboxes] == [WINDOW, WINDOW]
+        gate.tick()  # the baseline
+        host.advance(0.95)
+        _pressure(pressure, host.stall_us)
+        gate.tick()
+        assert [m.poll_ns for m in mailboxes] == [0, 0]
+        host.advance(0.0, HOLD_MIN_S)
+        _pressure(pressure, host.stall_us)
+        gate.tick()
+        assert [m.poll_ns for m in mailboxes] == [WINDOW, WINDOW]
+    finally:
+        gate.close()
+
+
+def test_without_pressure_figures_the_window_stays_as_configured(
+    region: SharedRegion, tmp_path: Path
+) -> None:
+    mailbox = region.mailbox(0)
+    gate = PollGate([mailbox], WINDOW, pressure_file=str(tmp_path / "absent"))
+    assert not gate.active and mailbox.poll_ns == WINDOW
+    gate.tick()
+    assert mailbox.poll_ns == WINDOW
+    garbled = tmp_path / "garbled"
+    garbled.write_text("nothing here\n")
+    gate = PollGate([mailbox], WINDOW, pressure_file=str(garbled))
+    mailbox.poll_ns = 0
+    gate.tick()  # unreadable: the gate gives up and leaves polling as configured
+    assert not gate.active and mailbox.poll_ns == WINDOW
+
+
+def test_the_host_s_pressure_file_reads() -> None:
+    fd = os.open(poll_gate.PRESSURE_FILE, os.O_RDONLY)
+    try:
+        first = poll_gate.read_stall_us(fd)
+        assert first >= 0 and poll_gate.read_stall_us(fd) >= first
+    finally:
+        os.close(fd)
