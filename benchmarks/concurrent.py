@@ -5,7 +5,9 @@ runs of the native plugin's exit loop at the same moment (threads, one `vmsuper 
 and waits for all of them; the C reference runs the same way in three modes: `pipe` (crosvm's
 architecture: a VCPU thread and a plugin process over pipes), and `relay` and `forward`, the
 floor in C of vmsuper's process layout (a VCPU thread, a worker process, the plugin process)
-with four and three wake-ups per exit. Batches of every kind are interleaved, so drifts of the
+with four wake-ups per exit (every exit through the worker) and three (the VCPU thread writes
+the exit to the plugin and the worker reads the reply, as vmsuper's runner and worker serve a
+plain exit). Batches of every kind are interleaved, so drifts of the
 machine's speed hit them alike.
 
 Per batch:
@@ -17,8 +19,8 @@ vmsuper runs along its default path and with `poll_us = 0`, because polling, whi
 on an idle machine, is what could hurt when no core is free.
 
 Every row but the `pipe` reference's gets its medians over `pipe`'s with as many VMs
-(`*_vs_reference`); vmsuper's rows also over `relay`'s (`*_vs_relay`): how far vmsuper is from
-the floor of its own layout.
+(`*_vs_reference`); vmsuper's rows also over `forward`'s (`*_vs_forward`): how far vmsuper is
+from the floor of its own layout.
 """
 
 from __future__ import annotations
@@ -130,12 +132,12 @@ def _check_reference(report: dict[str, Any], exits: int) -> None:
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Wall and CPU time (medians) over the reference's with as many VMs: every other row's
-    over `pipe`'s (`*_vs_reference`), vmsuper's also over `relay`'s (`*_vs_relay`)."""
+    over `pipe`'s (`*_vs_reference`), vmsuper's also over `forward`'s (`*_vs_forward`)."""
     references = {(r["vms"], r["path"]): r for r in rows if r["what"] == "reference"}
     for row in rows:
         compared = [("pipe", "reference")]
         if row["what"] == "vmsuper":
-            compared.append(("relay", "relay"))
+            compared.append(("forward", "forward"))
         for mode, name in compared:
             ref = references.get((row["vms"], mode))
             if ref is None or ref is row:

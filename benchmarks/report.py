@@ -270,8 +270,8 @@ COLUMNS: Final[dict[str, list[Column]]] = {
         ("CPU us/exit", _summary("cpu_us_per_exit")),
         ("x ref wall", _value("wall_vs_reference", "{:.2f}")),
         ("x ref CPU", _value("cpu_vs_reference", "{:.2f}")),
-        ("x relay wall", _value("wall_vs_relay", "{:.2f}")),
-        ("x relay CPU", _value("cpu_vs_relay", "{:.2f}")),
+        ("x forward wall", _value("wall_vs_forward", "{:.2f}")),
+        ("x forward CPU", _value("cpu_vs_forward", "{:.2f}")),
     ],
     "pc": [
         ("machine", _value("machine")),
@@ -292,7 +292,8 @@ TITLES: Final = {
     ),
     "reference": (
         "b. C reference, same VM and guest (inline = floor, pipe = crosvm's architecture,"
-        " relay = vmsuper's process layout, forward = the same with one hand-off less)"
+        " relay = vmsuper's process layout with every exit through the worker, forward = the"
+        " same as vmsuper serves a plain exit: one hand-off less)"
     ),
     "async": "c. Async-write exits (1 VCPU; the plugin only drains)",
     "ioeventfd": "c. ioeventfd writes (in-kernel, no exit)",
@@ -301,8 +302,8 @@ TITLES: Final = {
     "memory": "e. Memory while the VM runs and the plugin waits",
     "concurrent": (
         "f. K one-VCPU VMs at once against K C references (pipe = crosvm's architecture; relay,"
-        " forward = the floor of vmsuper's process layout); wall and CPU of each batch, start-up"
-        " included; x ref = over pipe"
+        " forward = the floor of vmsuper's process layout, forward as vmsuper serves plain exits);"
+        " wall and CPU of each batch, start-up included; x ref = over pipe"
     ),
     "pc": (
         "g. The PC machine beside QEMU: SeaBIOS boots the demo disk (median [min-max] of the"

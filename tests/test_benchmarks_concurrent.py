@@ -51,7 +51,7 @@ def test_every_vm_count_runs_vmsuper_and_each_reference_mode(tmp_path: Path) -> 
         ]
 
 
-def test_rows_are_compared_with_pipe_and_vmsuper_also_with_relay() -> None:
+def test_rows_are_compared_with_pipe_and_vmsuper_also_with_forward() -> None:
     rows = [
         row("vmsuper", "c+poll", 2.0, 4.0),
         row("reference", "pipe", 1.0, 2.0),
@@ -62,20 +62,20 @@ def test_rows_are_compared_with_pipe_and_vmsuper_also_with_relay() -> None:
     ours, pipe, relay, forward = rows
     assert ours["wall_vs_reference"] == pytest.approx(2.0)
     assert ours["cpu_vs_reference"] == pytest.approx(2.0)
-    assert ours["wall_vs_relay"] == pytest.approx(1.25)
-    assert ours["cpu_vs_relay"] == pytest.approx(1.25)
+    assert ours["wall_vs_forward"] == pytest.approx(2.0 / 1.2)
+    assert ours["cpu_vs_forward"] == pytest.approx(1.6)
     assert relay["wall_vs_reference"] == pytest.approx(1.6)
     assert forward["cpu_vs_reference"] == pytest.approx(1.25)
-    assert not {"wall_vs_reference", "wall_vs_relay"} & pipe.keys()
-    assert not {"wall_vs_relay", "cpu_vs_relay"} & (relay.keys() | forward.keys())
+    assert not {"wall_vs_reference", "wall_vs_forward"} & pipe.keys()
+    assert not {"wall_vs_forward", "cpu_vs_forward"} & (relay.keys() | forward.keys())
 
 
-def test_without_relay_rows_only_the_pipe_ratios_are_added() -> None:
+def test_without_forward_rows_only_the_pipe_ratios_are_added() -> None:
     rows = [row("vmsuper", "c+poll", 2.0, 4.0), row("reference", "pipe", 1.0, 2.0)]
-    rows.append(row("reference", "relay", 1.5, 3.0, vms=8))  # another VM count: not compared
+    rows.append(row("reference", "forward", 1.5, 3.0, vms=8))  # another VM count: not compared
     concurrent.add_ratios(rows)
     assert rows[0]["wall_vs_reference"] == pytest.approx(2.0)
-    assert "wall_vs_relay" not in rows[0]
+    assert "wall_vs_forward" not in rows[0]
     assert "wall_vs_reference" not in rows[2]
 
 
@@ -103,13 +103,13 @@ def test_the_table_shows_the_new_columns_empty_for_older_results() -> None:
     lines = docs.markdown_table(columns, old + new).splitlines()
     head = cells(lines[0])
     table = [dict(zip(head, cells(line), strict=True)) for line in lines[2:]]
-    ratios = ["x ref wall", "x ref CPU", "x relay wall", "x relay CPU"]
+    ratios = ["x ref wall", "x ref CPU", "x forward wall", "x forward CPU"]
     assert [table[0][name] for name in ratios] == ["2.00", "2.00", "-", "-"]
-    assert [table[2][name] for name in ratios] == ["2.00", "2.00", "1.25", "1.25"]
-    assert [(r["path"], r["x ref wall"], r["x relay wall"]) for r in table[3:]] == [
+    assert [table[2][name] for name in ratios] == ["2.00", "2.00", "1.67", "1.67"]
+    assert [(r["path"], r["x ref wall"], r["x forward wall"]) for r in table[3:]] == [
         ("pipe", "-", "-"),
         ("relay", "1.60", "-"),
         ("forward", "1.20", "-"),
     ]
     printed = report.table(columns, old + new)  # the harness's own printout of the same rows
-    assert "x relay wall" in printed and len(printed.splitlines()) == len(lines)
+    assert "x forward wall" in printed and len(printed.splitlines()) == len(lines)
