@@ -10,15 +10,16 @@
  *   pipe    crosvm's plugin architecture: each VCPU thread forwards every I/O exit to a
  *           separate plugin *process* over a pair of pipes and waits for its one-byte reply.
  *   socket  the same over one SOCK_SEQPACKET socket pair per VCPU.
- *   relay   vmsuper's process layout in C: the VCPU thread rings an eventfd for a separate
- *           worker process, which forwards the exit to the plugin process over pipes, waits
- *           for the reply and rings a second eventfd to let the VCPU thread re-enter. It
- *           separates the cost of the extra hop from the cost of Python.
+ *   relay   vmsuper's process layout in C, every exit through the worker: the VCPU thread
+ *           rings an eventfd for a separate worker process, which forwards the exit to the
+ *           plugin process over pipes, waits for the reply and rings a second eventfd to let
+ *           the VCPU thread re-enter. It separates the cost of the extra hop from the cost of
+ *           Python.
  *   forward relay's three processes with one hand-off less (three wake-ups per exit where
- *           relay has four): the VCPU thread writes the exit to the plugin's pipe itself, and
- *           the worker process reads the plugin's reply and rings an eventfd to let the VCPU
- *           thread re-enter. The worker still reads every byte the plugin sends; the VCPU's
- *           process only writes to the plugin.
+ *           relay has four), as vmsuper serves a plain exit: the VCPU thread writes the exit
+ *           to the plugin's pipe itself, and the worker process reads the plugin's reply and
+ *           rings an eventfd to let the VCPU thread re-enter. The worker still reads every
+ *           byte the plugin sends; the VCPU's process only writes to the plugin.
  *
  * The VM is built as vmsuper builds it (TSS address, in-kernel irqchip, PIT), with 64 KiB of
  * memory at 0 and GUEST_BIN loaded at 0x1000, every VCPU in real mode at 0x1000 (application
