@@ -284,6 +284,17 @@ def init(end: PluginEnd, vcpu: int, *, rbx: int = 0, protected: bool = False) ->
         assert set_state(end, StateSet.MP, bytes(runnable)).errno == 0
 
 
+def boot(machine: Machine, source: str, transport: str) -> PluginEnd:
+    """Load `source`, start one VCPU on `transport`, finish its Init and resume it: the
+    plugin's end of its channel, the guest running."""
+    machine.load(source)
+    machine.start(1, transport)
+    end = machine.ends[0]
+    init(end, 0)
+    end.send(resume())
+    return end
+
+
 def wait_readable(fd: int, timeout: float = TIMEOUT) -> None:
     ready, _, _ = select.select([fd], [], [], timeout)
     assert ready, f"fd {fd} not readable within {timeout} s"
@@ -610,11 +621,7 @@ ASYNC_BURST = f"""
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_async_writes_do_not_wait_and_coalesce(machine: Machine, transport: str) -> None:
-    machine.load(ASYNC_BURST)
-    machine.start(1, transport)
-    end = machine.ends[0]
-    init(end, 0)
-    end.send(resume())
+    end = boot(machine, ASYNC_BURST, transport)
     slot = machine.region.slot(0)
     # The VCPU runs through all the async writes without an answer, up to the sync write.
     wait_until(
@@ -654,11 +661,7 @@ def test_a_reply_sent_early_answers_the_next_wait(machine: Machine) -> None:
     """A client that answers before it is asked (on the socket, where each datagram stays one
     request) gets what it would get without the runner serving exits: its early Resume
     answers the next Wait, which the plugin still receives."""
-    machine.load(EARLY)
-    machine.start(1, "socket")
-    end = machine.ends[0]
-    init(end, 0)
-    end.send(resume())
+    end = boot(machine, EARLY, "socket")
     first = io_of(end.recv())
     assert (first.address, first.is_write) == (SERIAL + 1, False)
     end.send(resume(b"\x11"))
@@ -688,11 +691,7 @@ def test_a_forged_range_count_keeps_the_runner_within_the_block(
     """The worker writes its RangeCounts block and the runner looks accesses up in it: a
     subverted worker's count far beyond the block must not take the runner (a thread of the
     supervisor, here of this very process) out of it."""
-    machine.load(UNRESERVED_LOOP)
-    machine.start(1, transport)
-    end = machine.ends[0]
-    init(end, 0)
-    end.send(resume())
+    boot(machine, UNRESERVED_LOOP, transport)
     slot = machine.region.slot(0)
     wait_until(lambda: slot.runner_served > 10, "the runner serving exits")
     head = machine.region.range_counts(0).head_address()
