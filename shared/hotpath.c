@@ -140,6 +140,8 @@ static int sleep_on(int efd, int wake_fd)
  * hit), polls only while fewer than half missed, and judges a wait it slept through by how
  * long it took, so polling resumes once the waits are short again. */
 #define MISSES_FULL 256u
+/* The worker polls for the plugin's reply only from plugins whose replies take less. */
+#define REPLY_POLL_MAX_NS 20000u
 
 static int bell_sleep(struct vms_bell *bell, int efd, uint32_t *seen, int wake_fd);
 
@@ -724,6 +726,7 @@ void vms_resumed(struct vms_worker *w)
         if (took > stats->response_max_ns)
             stats->response_max_ns = took;
         w->response_ns = took;
+        w->reply_ns = w->reply_ns - (w->reply_ns >> 3) + (took >> 3);
     }
     __atomic_store_n(w->run_state, RUN_STATE_RUNNING, __ATOMIC_RELEASE);
 }
@@ -809,9 +812,9 @@ static int await_reply(struct vms_worker *w)
 }
 
 /* Wait in S_RUNNING while the runner may serve the exit itself (the offer is out): until
- * the runner rings (an exit for the worker: 0) or the plugin writes after the runner claimed
- * an access for it (1: read the reply), or -errno (-EINTR: a signal). The worker sleeps on
- * its bell and the plugin's channel at once, and never waits for the runner itself. The
+ * the runner rings (an exit for the worker: 0) or has claimed an access for the plugin (1:
+ * read the reply), or -errno (-EINTR: a signal). Asleep, the worker watches its bell and the
+ * plugin's channel at once; it never waits for the runner itself. The
  * plugin writing while nothing was claimed (a client that answers early) makes the worker
  * withdraw the offer and wait for the runner alone: the early bytes stay unread and answer
  * the next Wait, as they would without the offer. */
@@ -821,24 +824,23 @@ static int await_run(struct vms_worker *w)
     struct vms_bell *bell = &mail->done;
     int readable = 0;
     uint64_t spin_ns = __atomic_load_n(&mail->poll_ns, __ATOMIC_RELAXED);
-    uint64_t start = spin_ns ? now_ns() : 0;
-    /* Poll until deadline (0: sleep); judged: this wait's hit or miss is recorded. */
-    uint64_t deadline = spin_ns && worth_polling(&w->poll_misses) ? start + spin_ns : 0;
-    int judged = !spin_ns;
+    uint64_t deadline = spin_ns ? now_ns() + spin_ns : 0; /* poll until then; 0: sleep */
     for (unsigned i = 1;; i++) {
         uint32_t seq = __atomic_load_n(&bell->seq, __ATOMIC_SEQ_CST);
         uint64_t offer = __atomic_load_n(&mail->forward, __ATOMIC_SEQ_CST);
-        int event = seq != *w->done_seen ? 0 : readable && offer == FORWARD_SENT ? 1 : -1;
-        if (event >= 0) {
-            if (!judged)
-                record_wait(&w->poll_misses, !deadline && now_ns() - start > spin_ns);
-            if (event == 0)
-                *w->done_seen = seq;
-            return event;
+        if (seq != *w->done_seen) {
+            *w->done_seen = seq;
+            return 0;
         }
+        /* Once the runner sent the Wait, the reply is all there is to wait for: polled for
+         * while the plugin answers quickly, else read blocking (a slow plugin needs the CPU a
+         * poller would take more than the worker needs to see its reply early). */
+        if (offer == FORWARD_SENT &&
+            (readable || !deadline || w->reply_ns >= REPLY_POLL_MAX_NS))
+            return 1;
         if (offer == FORWARD_NO)
             return bell_wait(bell, (int)w->done_efd, w->done_seen, spin_ns, (int)w->wake_fd,
-                             judged ? NULL : &w->poll_misses);
+                             &w->poll_misses);
         if (readable) {
             uint64_t expected = FORWARD_OK;
             __atomic_compare_exchange_n(&mail->forward, &expected, FORWARD_NO, 0,
@@ -863,13 +865,10 @@ static int await_run(struct vms_worker *w)
                 sched_yield();
             }
             if ((i & 15) == 0) {
-                if (now_ns() >= deadline) {
+                if (now_ns() >= deadline)
                     deadline = 0;
-                    record_wait(&w->poll_misses, 1);
-                    judged = 1;
-                } else {
+                else
                     sched_yield();
-                }
             }
             continue;
         }

@@ -81,6 +81,7 @@ struct vms_worker {
     uint64_t max_request;
     uint64_t max_fds;
     uint64_t poll_misses;     /* adaptive polling: the score of recent waits (see hotpath.c) */
+    uint64_t reply_ns;        /* a moving average of the plugin's response times */
     int64_t wake_fd;          /* Python's signal wake-up pipe (read end), or -1 */
     uint64_t report_exits;    /* return W_DONE after each exit completed here */
     uint64_t forwarding;      /* offer the runner its next exit (mail->forward) */
