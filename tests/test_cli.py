@@ -230,16 +230,22 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 
 
 # What `vmsuper run` must not import before it serves the plugin (start-up time): the other
-# commands' modules, rich (structlog's console renderer), asyncio with ssl (structlog's async
-# methods: see shared/logs.py), and tempfile with random (only a runtime folder in <tmp>).
+# commands' modules; rich, asyncio with ssl, logging and pickle (logging libraries: the logs are
+# vmsuper's own, shared/logs.py); tempfile with random (only a runtime folder in <tmp>);
+# protobuf's pure-Python message module with text_format (the upb backend never calls them:
+# shared/deferred_imports.py).
 NOT_IMPORTED_BY_RUN = (
     "vmsuper.supervisor.logview",
     "vmsuper.supervisor.check",
     "rich",
+    "structlog",
+    "logging",
+    "pickle",
     "asyncio",
     "ssl",
     "tempfile",
     "random",
+    "google.protobuf.text_format",
 )
 
 
@@ -250,6 +256,27 @@ def test_the_cli_imports_only_what_its_command_needs() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[]\n"
+
+
+def test_protobuf_s_pure_python_messages_wait_for_first_use() -> None:
+    # Imported, a message made, encoded and decoded: the stand-in is still there. Printing a
+    # message (text_format reads the real module) still works.
+    done = _python(
+        "import sys\n"
+        "from vmsuper.shared import deferred_imports, plugin_pb2\n"
+        "name = deferred_imports.PROTOBUF_PURE_PYTHON\n"
+        "request = plugin_pb2.MainRequest()\n"
+        "request.create.id = 7\n"
+        "again = plugin_pb2.MainRequest.FromString(request.SerializeToString())\n"
+        "print(type(sys.modules[name]).__name__, again.create.id)\n"
+        "from google.protobuf.internal import python_message\n"
+        "print(python_message._AttachFieldHelpers.__name__, str(again).split())\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "ImportedOnFirstUse 7",
+        "_AttachFieldHelpers ['create', '{', 'id:', '7', '}']",
+    ]
 
 
 def test_dataclasses_on_the_run_path_have_docstrings() -> None:
