@@ -233,7 +233,8 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 # commands' modules; rich, asyncio with ssl, logging and pickle (logging libraries: the logs are
 # vmsuper's own, shared/logs.py); tempfile with random (only a runtime folder in <tmp>);
 # protobuf's pure-Python message module with text_format (the upb backend never calls them:
-# shared/deferred_imports.py); the VCPU workers' modules (imported at Start, before the fork:
+# shared/deferred_imports.py); a validation library with typing_extensions (the config's tables
+# are NamedTuples, checked and built by supervisor/config_shape.py); the VCPU workers' modules (imported at Start, before the fork:
 # supervisor/vcpus.py).
 NOT_IMPORTED_BY_RUN = (
     "vmsuper.supervisor.logview",
@@ -247,6 +248,8 @@ NOT_IMPORTED_BY_RUN = (
     "tempfile",
     "random",
     "google.protobuf.text_format",
+    "msgspec",
+    "typing_extensions",
     "vmsuper.workers.worker_process",
     "vmsuper.workers.vcpu_worker",
     "vmsuper.workers.vcpu_protocol",
