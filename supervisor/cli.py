@@ -7,7 +7,8 @@ before the runner takes over.
 
 Start-up time counts (it is on the way to the plugin's first request), so each command
 imports only what it uses: `check` and `logs` are handed their arguments before the main
-parser is built, and the runner is imported once the config has loaded.
+parser is built; `run` loads the config and hands it to supervisor/launch.py, which starts
+the plugin and only then imports the runner.
 """
 
 from __future__ import annotations
@@ -160,8 +161,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"vmsuper run: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     try:
-        runner = importlib.import_module("vmsuper.supervisor.runner")
-        run = cast(Callable[[Config, Path], int], runner.run)
+        # The plugin is started first; the runner's imports overlap its start (launch.py).
+        launch = importlib.import_module("vmsuper.supervisor.launch")
+        run = cast(Callable[[Config, Path], int], launch.run)
         return run(config, args.config)
     except Exception as exc:  # the runner handles its own; this is the last line of defence
         print(f"vmsuper: internal error: {exc!r} (exit status {INTERNAL_ERROR})", file=sys.stderr)

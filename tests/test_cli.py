@@ -46,9 +46,9 @@ class FakeRunner:
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch) -> FakeRunner:
     fake = FakeRunner(status=7)
-    module = types.ModuleType("vmsuper.supervisor.runner")
+    module = types.ModuleType("vmsuper.supervisor.launch")
     module.run = fake.run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "vmsuper.supervisor.runner", module)
+    monkeypatch.setitem(sys.modules, "vmsuper.supervisor.launch", module)
     return fake
 
 
@@ -177,9 +177,9 @@ def test_bad_flags_are_usage_errors(
 
 def test_interrupt_is_130(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeRunner(raises=KeyboardInterrupt())
-    module = types.ModuleType("vmsuper.supervisor.runner")
+    module = types.ModuleType("vmsuper.supervisor.launch")
     module.run = fake.run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "vmsuper.supervisor.runner", module)
+    monkeypatch.setitem(sys.modules, "vmsuper.supervisor.launch", module)
     assert cli.main(["run", str(config_file)]) == 130
 
 
@@ -234,8 +234,8 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 # vmsuper's own, shared/logs.py); tempfile with random (only a runtime folder in <tmp>);
 # protobuf's pure-Python message module with text_format (the upb backend never calls them:
 # shared/deferred_imports.py); a validation library with typing_extensions (the config's tables
-# are NamedTuples, checked and built by supervisor/config_shape.py); the VCPU workers' modules (imported at Start, before the fork:
-# supervisor/vcpus.py).
+# are NamedTuples, checked and built by supervisor/config_shape.py); the VCPU workers' modules
+# (imported at Start, before the fork: supervisor/vcpus.py).
 NOT_IMPORTED_BY_RUN = (
     "vmsuper.supervisor.logview",
     "vmsuper.supervisor.check",
@@ -261,6 +261,29 @@ def test_the_cli_imports_only_what_its_command_needs() -> None:
     done = _python(
         "import sys, vmsuper.supervisor.cli, vmsuper.supervisor.runner\n"
         f"print([m for m in {NOT_IMPORTED_BY_RUN!r} if m in sys.modules])"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
+
+
+# What the runner needs for the VM and the event loop, imported only once the plugin is started
+# (supervisor/launch.py), so that the plugin's start overlaps these imports.
+IMPORTED_AFTER_THE_PLUGIN_STARTS = (
+    "vmsuper.supervisor.runner",
+    "vmsuper.shared.kvm",
+    "vmsuper.shared.hotpath",
+    "vmsuper.shared.shm",
+    "vmsuper.shared.plugin_pb2",
+    "google.protobuf",
+    "vmsuper.workers.main_worker",
+    "vmsuper.supervisor.vcpus",
+)
+
+
+def test_the_plugin_is_started_before_the_runner_is_imported() -> None:
+    done = _python(
+        "import sys, vmsuper.supervisor.cli, vmsuper.supervisor.launch\n"
+        f"print([m for m in {IMPORTED_AFTER_THE_PLUGIN_STARTS!r} if m in sys.modules])"
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[]\n"

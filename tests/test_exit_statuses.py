@@ -143,7 +143,7 @@ def test_the_command_turns_an_uncaught_error_into_125(
     config = tmp_path / "vm.toml"
     config.write_text(VmSpec(sandbox=False).to_toml(plugin, tmp_path / "logs"))
 
-    def broken(config: object, config_path: object = None) -> int:
+    def broken(config: object, config_path: object = None, launch: object = None) -> int:
         raise RuntimeError("before the log")
 
     monkeypatch.setattr(runner, "run", broken)
