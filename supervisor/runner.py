@@ -347,7 +347,7 @@ class Supervisor:
             return
         for found in self.watchdog.stalls(now):
             message = found.message()
-            self.log.warning("vcpu_stalled", message=message, **vars(found))
+            self.log.warning("vcpu_stalled", message=message, **found._asdict())
             with contextlib.suppress(OSError):
                 os.write(2, f"vmsuper: warning: {message}\n".encode())
 
