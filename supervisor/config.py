@@ -34,7 +34,6 @@ import math
 import os
 import pwd
 import re
-import shutil
 import string
 import time
 import tomllib
@@ -45,6 +44,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 from vmsuper.supervisor import config_shape
 from vmsuper.supervisor.config_shape import Description
+from vmsuper.supervisor.which import which
 from vmsuper.workers.limits import Limits
 
 MAX_VCPUS = 64
@@ -434,7 +434,7 @@ def _resolve_plugin(path: Path, folder: Path, *, bare: bool, check: bool) -> Pat
     if bare:
         local = folder / text
         if not local.exists():
-            found = shutil.which(text)
+            found = which(text)
             if found is not None:
                 return Path(os.path.abspath(found))
             if check:

@@ -189,10 +189,10 @@ def begin(config: Config) -> Launch | int:
         launch.failure = outcome.supervisor_failure(str(exc))
         log.error("plugin_start_failed", error=str(exc))
     except Exception as exc:  # vmsuper's own: the run ends as for any crash (runner.run)
-        import traceback
+        import traceback  # only for this record
 
         launch.failure = outcome.supervisor_failure(f"internal error: {exc!r}")
-        log.error("crashed", error=repr(exc), trace=traceback.format_exc())
+        log.error("crashed", error=repr(exc), trace="".join(traceback.format_exception(exc)))
     finally:
         theirs.close()
     return launch

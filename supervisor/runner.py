@@ -19,7 +19,6 @@ import resource
 import selectors
 import socket
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,7 +216,7 @@ class Supervisor:
         self.log.info("main_request_failed", request=case, errno=err, reason=reason)
 
     def _request_crashed(self, case: str, exc: BaseException) -> None:
-        trace = "".join(traceback.format_exception(exc))
+        trace = _trace(exc)
         self.log.error("main_request_internal_error", request=case, error=repr(exc), trace=trace)
 
     def _add_connection(self, sock: socket.socket) -> None:
@@ -576,6 +575,14 @@ def _refusal(err: int, request: bytes) -> bytes:
     return response.SerializeToString()
 
 
+def _trace(exc: BaseException) -> str:
+    """`exc`'s traceback as text (traceback, with the textwrap it imports, is imported for the
+    rare record that carries one rather than at every start)."""
+    import traceback
+
+    return "".join(traceback.format_exception(exc))
+
+
 def raise_open_file_limit(limits: Limits, vcpus: int, log: Any) -> None:
     """Let the supervisor hold every fd the limits allow the plugin to make it hold.
 
@@ -653,7 +660,7 @@ def run(config: Config, config_path: Path | None = None, launch: Launch | None =
                     runinfo.withdraw(published)
     except Exception as exc:
         status, reason = outcome.EXIT_SUPERVISOR_FAILED, f"internal error: {exc!r}"
-        log.error("crashed", error=repr(exc), trace=traceback.format_exc())
+        log.error("crashed", error=repr(exc), trace=_trace(exc))
         launch.abandon()
     finally:
         run_state.close()

@@ -235,7 +235,8 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 # protobuf's pure-Python message module with text_format (the upb backend never calls them:
 # shared/deferred_imports.py); a validation library with typing_extensions (the config's tables
 # are NamedTuples, checked and built by supervisor/config_shape.py); the VCPU workers' modules
-# (imported at Start, before the fork: supervisor/vcpus.py).
+# (imported at Start, before the fork: supervisor/vcpus.py); traceback (for the rare record
+# that carries one); shutil with its compression modules (PATH look-ups: supervisor/which.py).
 NOT_IMPORTED_BY_RUN = (
     "vmsuper.supervisor.logview",
     "vmsuper.supervisor.check",
@@ -250,6 +251,8 @@ NOT_IMPORTED_BY_RUN = (
     "google.protobuf.text_format",
     "msgspec",
     "typing_extensions",
+    "traceback",
+    "shutil",
     "vmsuper.workers.worker_process",
     "vmsuper.workers.vcpu_worker",
     "vmsuper.workers.vcpu_protocol",
