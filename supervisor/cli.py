@@ -63,8 +63,25 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    """argparse's help formatter at the width argparse would take, without the shutil import
+    its default makes (argparse makes a formatter for every argument it adds, and every run
+    would pay the import): the COLUMNS variable, else the terminal's width, else 80; less 2."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return argparse.HelpFormatter(prog, width=(columns or 80) - 2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        formatter_class=_formatter,
         prog="vmsuper",
         description="A KVM host for plugin VMMs speaking crosvm's plugin protocol.",
     )
@@ -73,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser(
         "run",
+        formatter_class=_formatter,
         help="run a VM and its plugin as a config file describes",
         description="Run a VM and its plugin as CONFIG describes. Flags override config keys.",
         epilog=(

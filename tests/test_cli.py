@@ -263,6 +263,7 @@ NOT_IMPORTED_BY_RUN = (
 def test_the_cli_imports_only_what_its_command_needs() -> None:
     done = _python(
         "import sys, vmsuper.supervisor.cli, vmsuper.supervisor.runner\n"
+        "vmsuper.supervisor.cli.build_parser().parse_args(['run', 'vm.toml'])\n"
         f"print([m for m in {NOT_IMPORTED_BY_RUN!r} if m in sys.modules])"
     )
     assert done.returncode == 0, done.stderr
@@ -351,6 +352,19 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out == f"vmsuper {__version__}\n"
+
+
+def test_help_is_as_wide_as_columns_says(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def help_lines(columns: str) -> list[str]:
+        monkeypatch.setenv("COLUMNS", columns)
+        with pytest.raises(SystemExit):
+            cli.main(["run", "--help"])
+        return capsys.readouterr().out.splitlines()
+
+    narrow, wide = help_lines("60"), help_lines("200")
+    assert max(len(line) for line in narrow) <= 60 < max(len(line) for line in wide)
 
 
 def test_run_help_names_the_overridden_keys(capsys: pytest.CaptureFixture[str]) -> None:
