@@ -271,8 +271,11 @@ def test_the_cli_imports_only_what_its_command_needs() -> None:
 
 
 # What the runner needs for the VM and the event loop, imported only once the plugin is started
-# (supervisor/launch.py), so that the plugin's start overlaps these imports.
+# (supervisor/launch.py), so that the plugin's start overlaps these imports; dataclasses (with
+# inspect) among them, as the records imported before are NamedTuples.
 IMPORTED_AFTER_THE_PLUGIN_STARTS = (
+    "dataclasses",
+    "inspect",
     "vmsuper.supervisor.runner",
     "vmsuper.shared.kvm",
     "vmsuper.shared.hotpath",
