@@ -1,13 +1,9 @@
 """The run configuration: a TOML file decoded into frozen, validated structs.
 
-`config_shape` checks the shape (tables, key names, types) against the tables here and builds
-them; this module adds the checks a type cannot state (ranges, addresses, the plugin
-executable) and turns every failure into one `ConfigError` naming the file and the key, e.g.
+msgspec checks the shape (tables, key names, types); this module adds the checks msgspec
+cannot express with a useful message (ranges, addresses, the plugin executable) and turns
+every failure into one `ConfigError` naming the file and the key, e.g.
 ``hello.toml: [vm] vcpus: expected an integer from 1 to 64, got 65``.
-
-The tables are NamedTuples: immutable, compared by value, and made at import without the
-generated code of a dataclass (whose creation costs each `vmsuper run` about half a
-millisecond a class) or a validation library's import.
 
 Paths in the file are relative to the file's folder, so a config works from any directory:
 
@@ -36,14 +32,14 @@ import pwd
 import re
 import string
 import time
-import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal
+
+import msgspec
 
 from vmsuper.supervisor import config_shape
-from vmsuper.supervisor.config_shape import Description
 from vmsuper.supervisor.which import which
 from vmsuper.workers.limits import Limits
 
@@ -67,7 +63,7 @@ class ConfigError(Exception):
     """The config file is missing, unreadable or wrong; the message names file and key."""
 
 
-class VmConfig(NamedTuple):
+class VmConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     vcpus: int = 1
     low_latency: bool = False
     poll_us: int = DEFAULT_POLL_US
@@ -80,7 +76,7 @@ class VmConfig(NamedTuple):
     `workers/confine.py`'s `WORKER_USERS` this host has)."""
 
 
-class MountConfig(NamedTuple):
+class MountConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """A host path the sandboxed plugin sees at `dst` (None: at `src`)."""
 
     src: Path
@@ -88,7 +84,7 @@ class MountConfig(NamedTuple):
     writable: bool = False
 
 
-class PluginConfig(NamedTuple):
+class PluginConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     path: Path
     args: tuple[str, ...] = ()
     env: dict[str, str] = {}
@@ -101,13 +97,13 @@ class PluginConfig(NamedTuple):
     user: str | None = None
 
 
-class NetConfig(NamedTuple):
+class NetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     host_ip: ipaddress.IPv4Address
     netmask: ipaddress.IPv4Address
     mac: str
 
 
-class LogConfig(NamedTuple):
+class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     dir: Path = Path(DEFAULT_LOG_DIR)
     level: LogLevel = "info"
     # Not a key of the file: set by load_config to the folder that holds every run's log
@@ -125,7 +121,7 @@ _REMOVED_KEYS = {
 }
 
 
-class LimitsConfig(NamedTuple):
+class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """What one plugin may make the supervisor hold; defaults and errnos in workers/limits.py."""
 
     connections: int = _DEFAULT_LIMITS.connections
@@ -138,7 +134,7 @@ class LimitsConfig(NamedTuple):
     fds_per_message: int = _DEFAULT_LIMITS.fds_per_message
     plugin_open_files: int = _DEFAULT_LIMITS.plugin_open_files
     # A size: bytes, or a string with a unit ("512M", "8GiB"); an int once loaded.
-    plugin_memory: Annotated[int | str, Description(_SIZE_DESCRIPTION)] = (
+    plugin_memory: Annotated[int | str, msgspec.Meta(description=_SIZE_DESCRIPTION)] = (
         _DEFAULT_LIMITS.plugin_memory
     )
     plugin_processes: int = _DEFAULT_LIMITS.plugin_processes
@@ -147,7 +143,7 @@ class LimitsConfig(NamedTuple):
     plugin_log_lines: int = _DEFAULT_LIMITS.plugin_log_lines
 
     def to_limits(self) -> Limits:
-        fields = self._asdict()
+        fields = msgspec.structs.asdict(self)
         fields["plugin_memory"] = parse_size(self.plugin_memory)
         return Limits(**fields)
 
@@ -187,12 +183,12 @@ def parse_size(value: int | str) -> int:
     return int(match[1]) << _SIZE_SHIFTS.get(unit, 0)
 
 
-class Config(NamedTuple):
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    vm: VmConfig = msgspec.field(default_factory=VmConfig)
     plugin: PluginConfig
-    vm: VmConfig = VmConfig()
     net: NetConfig | None = None
-    log: LogConfig = LogConfig()
-    limits: LimitsConfig = LimitsConfig()
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
 
 
 class _KeyError(Exception):
@@ -231,13 +227,13 @@ def load_config(
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
         # Decoded here rather than by the TOML parser, so the message does not depend on how
-        # a parser reports bad bytes.
+        # a msgspec release reports bad bytes.
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{label}: not valid UTF-8 (byte {exc.start})") from None
     try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        raw = msgspec.toml.decode(text)
+    except msgspec.DecodeError as exc:
         raise ConfigError(f"{label}: invalid TOML: {_toml_message(exc)}") from None
     if not isinstance(raw, dict):  # pragma: no cover - TOML documents are always tables
         raise ConfigError(f"{label}: expected a TOML table")
@@ -255,7 +251,9 @@ def load_config(
         config_shape.check(raw, Config)
     except config_shape.ShapeError as exc:
         raise ConfigError(_format(label, exc.key, exc.message, overridden)) from None
-    config = config_shape.build(raw, Config)
+    # The shape is known good: what conversion could still refuse is a bug of the walk above,
+    # reported with msgspec's own words rather than blamed on a key.
+    config = msgspec.convert(raw, Config, dec_hook=_dec_hook)
     folder = path.resolve().parent
     # Path("./x") prints as "x", so whether the file wrote a bare name is read from the text.
     bare = "/" not in raw["plugin"]["path"]
@@ -273,17 +271,17 @@ def _format(label: str, key: str, message: str, overridden: set[str]) -> str:
     return f"{label}: {where}: {message}" if where else f"{label}: {message}"
 
 
-def _toml_message(exc: tomllib.TOMLDecodeError) -> str:
+def _toml_message(exc: msgspec.DecodeError) -> str:
     message = str(exc)
     return message[:1].lower() + message[1:]
 
 
 def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, object], label: str) -> None:
-    tables = typing.get_type_hints(Config)
+    tables = {f.name: f.type for f in msgspec.structs.fields(Config)}
     for dotted, value in overrides.items():
         table, _, key = dotted.partition(".")
-        struct = _table_of(tables.get(table))
-        fields = set(struct._fields) if struct is not None else set()
+        struct = _struct_of(tables.get(table))
+        fields = {f.name for f in msgspec.structs.fields(struct)} if struct is not None else set()
         if key not in fields or dotted in _DERIVED_KEYS:
             raise ConfigError(f"{label}: unknown override key {dotted!r}")
         section = raw.setdefault(table, {})
@@ -291,16 +289,24 @@ def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, object], label
             section[key] = str(value) if isinstance(value, Path) else value
 
 
-def _table_of(annotation: object) -> Any:
-    """The table an annotation of `Config` names (`NetConfig | None` -> NetConfig), or None."""
+def _struct_of(annotation: object) -> type[msgspec.Struct] | None:
     for candidate in (annotation, *typing.get_args(annotation)):
-        if isinstance(candidate, type) and config_shape.is_table(candidate):
+        if isinstance(candidate, type) and issubclass(candidate, msgspec.Struct):
             return candidate
     return None
 
 
+def _dec_hook(kind: type, value: object) -> object:
+    """Builds the two field types TOML has no literal for; config_shape checked the strings."""
+    if kind is Path:
+        return Path(typing.cast(str, value))
+    if kind is ipaddress.IPv4Address:
+        return ipaddress.IPv4Address(typing.cast(str, value))
+    raise NotImplementedError(kind)
+
+
 def _check(config: Config) -> None:
-    """The checks the tables' types cannot state; each raises `_KeyError` naming its key."""
+    """The checks msgspec's types cannot state; each raises `_KeyError` naming its key."""
     vcpus = config.vm.vcpus
     if not 1 <= vcpus <= MAX_VCPUS:
         raise _KeyError("vm.vcpus", f"expected an integer from 1 to {MAX_VCPUS}, got {vcpus}")
@@ -408,12 +414,15 @@ def _resolve(config: Config, folder: Path, stem: str, *, bare: bool, check_plugi
     log_root = _absolute(Path(_log_root(str(config.log.dir))), folder)
     net = config.net
     if net is not None:
-        net = net._replace(mac=net.mac.lower())
-    return config._replace(
-        plugin=config.plugin._replace(path=plugin_path, mounts=mounts),
+        net = msgspec.structs.replace(net, mac=net.mac.lower())
+    return msgspec.structs.replace(
+        config,
+        plugin=msgspec.structs.replace(config.plugin, path=plugin_path, mounts=mounts),
         net=net,
-        log=config.log._replace(dir=log_dir, root=log_root),
-        limits=config.limits._replace(plugin_memory=parse_size(config.limits.plugin_memory)),
+        log=msgspec.structs.replace(config.log, dir=log_dir, root=log_root),
+        limits=msgspec.structs.replace(
+            config.limits, plugin_memory=parse_size(config.limits.plugin_memory)
+        ),
     )
 
 
@@ -422,7 +431,7 @@ def _resolve_mount(index: int, mount: MountConfig, folder: Path, *, check: bool)
     if check and not src.exists():
         raise _KeyError(f"plugin.mounts[{index}].src", f"{src} does not exist")
     dst = src if mount.dst is None else Path(os.path.normpath(mount.dst))
-    return mount._replace(src=src, dst=dst)
+    return msgspec.structs.replace(mount, src=src, dst=dst)
 
 
 def _absolute(path: Path, folder: Path) -> Path:

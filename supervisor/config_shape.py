@@ -1,9 +1,9 @@
-"""The shape of a decoded config document, checked against the config's tables, then built.
+"""The shape of a decoded config document, checked against the config's structs.
 
-The config's tables are NamedTuples (see supervisor/config.py): their annotations say what
-each key takes. `check` walks a decoded TOML document against them and gives every shape error
-vmsuper's own message naming the key; `build` then makes the tables from a document `check`
-has accepted, so it meets no surprise.
+msgspec converts the document, but its error text is not an interface: a message built by
+parsing it breaks when a release rewords it. So the document is walked here first, against
+the same struct definitions and annotations, and every shape error gets vmsuper's own message
+naming the key. Conversion then only meets documents this walk has accepted.
 
 Keys are dotted paths: "vm.vcpus", "plugin.args[1]", "plugin.mounts[0].src".
 """
@@ -14,25 +14,9 @@ import ipaddress
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, TypeVar
+from typing import Annotated, Any, Literal
 
-Table = TypeVar("Table", bound=NamedTuple)
-
-
-class Description(NamedTuple):
-    """`Annotated` metadata: what a field takes, in words, for the message when it gets
-    something else (``Annotated[int | str, Description('a size ("512M") or ...')]``)."""
-
-    text: str
-
-
-def is_table(annotation: object) -> bool:
-    """Whether `annotation` is a table of the config (a NamedTuple class)."""
-    return (
-        isinstance(annotation, type)
-        and issubclass(annotation, tuple)
-        and (hasattr(annotation, "_fields"))
-    )
+import msgspec
 
 
 class ShapeError(Exception):
@@ -44,22 +28,9 @@ class ShapeError(Exception):
         self.message = message
 
 
-class MissingKey(ShapeError):
-    """A required key is not there."""
-
-
-def check(document: object, table: type[tuple[Any, ...]]) -> None:
-    """Raise `ShapeError` for the first part of `document` that `table` cannot take: the first
-    wrong value in the tables' order, else the first missing key."""
-    _check(document, table, "")
-
-
-def build(document: dict[str, Any], table: type[Table]) -> Table:
-    """The `table` that `document` (accepted by `check`) describes: arrays become tuples,
-    paths `Path`s, addresses `IPv4Address`es, integers given for a number floats."""
-    built = _build(document, table)
-    assert isinstance(built, table)
-    return built
+def check(document: object, struct: type[msgspec.Struct]) -> None:
+    """Raise `ShapeError` for the first part of `document` that `struct` cannot take."""
+    _check(document, struct, "")
 
 
 def key_label(key: str) -> str:
@@ -88,8 +59,8 @@ def _check(value: object, annotation: Any, key: str) -> None:
     origin = typing.get_origin(annotation)
     if origin is Annotated:
         _check_described(value, annotation, key)
-    elif is_table(annotation):
-        _check_table(value, annotation, key)
+    elif isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+        _check_struct(value, annotation, key)
     elif origin in (typing.Union, types.UnionType):
         # TOML has no null, so `T | None` is just T when present.
         members = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -128,9 +99,9 @@ def _check(value: object, annotation: Any, key: str) -> None:
 
 
 def _check_described(value: object, annotation: Any, key: str) -> None:
-    """`Annotated[T, Description(...)]`: the description says what is expected."""
+    """`Annotated[T, msgspec.Meta(description=...)]`: the description says what is expected."""
     inner, *extras = typing.get_args(annotation)
-    described = [m.text for m in extras if isinstance(m, Description)]
+    described = [m.description for m in extras if isinstance(m, msgspec.Meta) and m.description]
     try:
         _check(value, inner, key)
     except ShapeError as exc:
@@ -162,58 +133,19 @@ def _check_union(value: object, members: list[Any], key: str) -> None:
     raise ShapeError(key, f"expected {wanted}, got {_got(value)}")
 
 
-def _check_table(value: object, table: type[tuple[Any, ...]], key: str) -> None:
+def _check_struct(value: object, struct: type[msgspec.Struct], key: str) -> None:
     if not isinstance(value, dict):
         raise ShapeError(key, f"expected a table, got {_got(value)}")
-    names: tuple[str, ...] = table._fields  # type: ignore[attr-defined]
-    defaults: dict[str, object] = table._field_defaults  # type: ignore[attr-defined]
-    hints = typing.get_type_hints(table, include_extras=True)
+    fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+    hints = typing.get_type_hints(struct, include_extras=True)
     for name in value:
-        if name not in names:
+        if name not in fields:
             if not key:
                 raise ShapeError("", f"unknown table [{name}]")
             raise ShapeError("", f"unknown key {key_label(key)} {name}")
-    missing: MissingKey | None = None
-    for name in names:
+    for name, field in fields.items():
         if name in value:
-            try:
-                _check(value[name], hints[name], f"{key}.{name}" if key else name)
-            except MissingKey as exc:
-                missing = missing or exc
-        elif name not in defaults:
+            _check(value[name], hints[field.name], f"{key}.{name}" if key else name)
+        elif field.required:
             where = f"{key_label(key)} {name}" if key else f"[{name}]"
-            missing = missing or MissingKey("", f"{where} is required")
-    if missing is not None:
-        raise missing
-
-
-def _build(value: Any, annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        return _build(value, typing.get_args(annotation)[0])
-    if is_table(annotation):
-        hints = typing.get_type_hints(annotation)
-        return annotation(**{name: _build(item, hints[name]) for name, item in value.items()})
-    if origin in (typing.Union, types.UnionType):
-        for member in typing.get_args(annotation):
-            if member is not type(None):
-                try:
-                    _check(value, member, "")
-                except ShapeError:
-                    continue
-                return _build(value, member)
-        raise TypeError(f"{value!r} fits no member of {annotation!r}")  # pragma: no cover
-    if origin is tuple:
-        return tuple(_build(item, typing.get_args(annotation)[0]) for item in value)
-    if origin is list:
-        return [_build(item, typing.get_args(annotation)[0]) for item in value]
-    if origin is dict:
-        item_type = typing.get_args(annotation)[1]
-        return {name: _build(item, item_type) for name, item in value.items()}
-    if annotation is Path:
-        return Path(value)
-    if annotation is ipaddress.IPv4Address:
-        return ipaddress.IPv4Address(value)
-    if annotation is float:
-        return float(value)
-    return value
+            raise ShapeError("", f"{where} is required")

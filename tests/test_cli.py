@@ -233,10 +233,9 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 # commands' modules; rich, asyncio with ssl, logging and pickle (logging libraries: the logs are
 # vmsuper's own, shared/logs.py); tempfile with random (only a runtime folder in <tmp>);
 # protobuf's pure-Python message module with text_format (the upb backend never calls them:
-# shared/deferred_imports.py); a validation library with typing_extensions (the config's tables
-# are NamedTuples, checked and built by supervisor/config_shape.py); the VCPU workers' modules
-# (imported at Start, before the fork: supervisor/vcpus.py); traceback (for the rare record
-# that carries one); shutil with its compression modules (PATH look-ups: supervisor/which.py).
+# shared/deferred_imports.py); the VCPU workers' modules (imported at Start, before the fork:
+# supervisor/vcpus.py); traceback (for the rare record that carries one); shutil with its
+# compression modules (PATH look-ups: supervisor/which.py).
 NOT_IMPORTED_BY_RUN = (
     "vmsuper.supervisor.logview",
     "vmsuper.supervisor.check",
@@ -249,8 +248,6 @@ NOT_IMPORTED_BY_RUN = (
     "tempfile",
     "random",
     "google.protobuf.text_format",
-    "msgspec",
-    "typing_extensions",
     "traceback",
     "shutil",
     "vmsuper.workers.worker_process",
