@@ -7,15 +7,14 @@ sort as text), ``level``, ``pid``, ``vcpu`` (when the process or the call has on
 
 Each record is written with a single unbuffered ``write`` to a file opened for append, so a
 crash (even SIGKILL) loses nothing and processes sharing a file never interleave within a
-line. Records below the level are dropped before anything is rendered, so ``log.debug`` on
-the hot path costs a method call and a comparison.
+line. Records below the level are dropped by structlog's filtering logger before any
+processing, so ``log.debug`` on the hot path costs a method call.
 
-The loggers here are vmsuper's own, a few lines over ``json``: a logging library (structlog
-with the ``logging`` and ``pickle`` it imports) cost about a tenth of every `vmsuper run`'s
-start-up for the little used of it. A logger holds only its bound fields; the level, the file
-and the process's pid and vcpu live in one state object that every logger reads at each call,
-so re-configuring (a forked worker switching to its own file and level) reaches loggers made
-before it.
+structlog's configuration is global to a process and loggers cache it on first use, so
+re-configuring (a forked worker switching to its own file) must reach loggers that are
+already cached: the processors and the output sink here are fixed objects whose state is
+swapped, rather than new objects. (The one exception: a cached logger keeps the level filter
+it was made with, so lowering the level later does not reach it; raising it does.)
 
 A few records are kept at every level, because `vmsuper logs --summary` and ``--follow`` are
 built on them: the supervisor's ``run_started`` and ``run_finished`` and each worker's
@@ -30,22 +29,76 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import io
 import json
 import os
 import sys
 import threading
-import time
-from collections.abc import Mapping
+import types
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
+
+class _ImportedOnFirstUse(types.ModuleType):
+    """Stands in for a module while structlog is imported; reading any of its attributes
+    imports the real module and reads the attribute from it."""
+
+    def __getattr__(self, name: str) -> Any:
+        name_of_module = self.__name__
+        if sys.modules.get(name_of_module) is self:
+            del sys.modules[name_of_module]
+        return getattr(importlib.import_module(name_of_module), name)
+
+
+# Modules structlog imports at the top of its package but uses only inside functions vmsuper
+# never calls: asyncio, for its async logging methods (``ainfo`` and the like).
+_DEFERRED_BY_STRUCTLOG = ("asyncio",)
+
+
+def _import_structlog_lightly() -> None:
+    """Import structlog without what only its console renderer and async methods need.
+
+    structlog's console renderer imports rich when it can, about 100 ms that every
+    `vmsuper run` would pay at start-up; the JSON logs written here never use it. So the
+    import happens with rich hidden, and rich stays importable for everything after.
+
+    Its package also imports `structlog.stdlib`, which imports asyncio (with ssl, about a
+    tenth of the supervisor's imports) for async methods vmsuper does not use. structlog
+    gets a stand-in for asyncio instead (`_ImportedOnFirstUse`), which imports the real
+    module on first use, so those methods still work; once structlog is in, the stand-in
+    leaves `sys.modules` and any later ``import asyncio`` gets the real module. Should a
+    structlog release read asyncio at import, the stand-in imports it then: correct, only
+    no faster (tests/test_cli.py would notice).
+    """
+    if "structlog" in sys.modules:
+        return
+    hidden = [] if "rich" in sys.modules else ["rich"]
+    stand_ins = {name: _ImportedOnFirstUse(name) for name in _DEFERRED_BY_STRUCTLOG}
+    stand_ins = {name: module for name, module in stand_ins.items() if name not in sys.modules}
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # "import rich" raises ImportError
+    sys.modules.update(stand_ins)
+    try:
+        import structlog  # noqa: F401
+    finally:
+        for name in hidden:
+            del sys.modules[name]
+        for name, module in stand_ins.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
+
+
+_import_structlog_lightly()
+
+import structlog  # noqa: E402
+from structlog.typing import FilteringBoundLogger  # noqa: E402
+
 SUPERVISOR_LOG = "supervisor.jsonl"
 LEVELS = ("debug", "info", "warning", "error", "critical")
-_LEVEL_NUMBERS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+_LEVEL_NUMBERS = {name: structlog.processors.NAME_TO_LEVEL[name] for name in LEVELS}
 _FIXED_FIELDS = ("timestamp", "level", "pid", "vcpu", "event")
-_KEEP_ALL = 0
-"""The threshold of `essential_logger`: below every level."""
 
 
 def vcpu_log_name(vcpu: int) -> str:
@@ -54,7 +107,7 @@ def vcpu_log_name(vcpu: int) -> str:
 
 
 class _State:
-    """What every logger reads at each call; replaced field by field on re-configuration."""
+    """What the processors and the sink read; replaced field by field on re-configuration."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
@@ -78,101 +131,66 @@ def _take_over_after_fork() -> None:
         _state.lock = threading.Lock()
 
 
-def _timestamp() -> str:
-    """Now, as ``YYYY-mm-ddTHH:MM:SS.ffffffZ`` (UTC, always with microseconds)."""
-    ns = time.time_ns()
-    seconds, micros = divmod(ns // 1000, 1_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
+class _Sink:
+    """The wrapped logger every structlog logger writes to; the file behind it can change."""
+
+    def msg(self, message: str) -> None:
+        data = (message + "\n").encode()
+        with _state.lock:
+            file = _state.file
+            if file is None:
+                sys.stderr.write(data.decode())
+                return
+            view = memoryview(data)
+            while view:
+                written = file.write(view)
+                view = view[written or 0 :]
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
 
 
-def _exception_text(exc_info: object) -> str | None:
-    """The traceback an ``exc_info`` field asks for: True (the exception being handled), an
-    exception, or a ``sys.exc_info()`` tuple; None when there is none."""
-    import traceback  # only records that carry a traceback need it
-
-    if isinstance(exc_info, BaseException):
-        return "".join(traceback.format_exception(exc_info))
-    if isinstance(exc_info, tuple):
-        exc_info = exc_info[1]
-        return None if exc_info is None else _exception_text(exc_info)
-    if exc_info:
-        exc = sys.exception()
-        return None if exc is None else "".join(traceback.format_exception(exc))
-    return None
+_SINK = _Sink()
 
 
-def _write(line: str) -> None:
-    """One rendered record to the current file, in one write; to stderr when there is none."""
-    data = (line + "\n").encode()
-    with _state.lock:
-        file = _state.file
-        if file is None:
-            sys.stderr.write(line + "\n")
-            return
-        view = memoryview(data)
-        while view:
-            written = file.write(view)
-            view = view[written or 0 :]
+def _sink_factory(*_args: object) -> _Sink:
+    return _SINK
 
 
-class Logger:
-    """A logger: ``log.info("event_name", key=value, ...)`` writes one record.
+def _drop_below_level(_logger: object, method: str, event: MutableMapping[str, Any]) -> Any:
+    # Loggers cached before a re-configuration keep their old filtering class; this keeps a
+    # raised level effective for them too.
+    if structlog.processors.NAME_TO_LEVEL.get(method, 100) < _state.min_level:
+        raise structlog.DropEvent
+    return event
 
-    ``exception`` is ``error`` with the traceback of the exception being handled; any call
-    may pass ``exc_info`` (True, an exception or a ``sys.exc_info()`` tuple) to add one as
-    the ``exception`` field. Fields bound at creation (`get_logger`) come in every record.
-    """
 
-    __slots__ = ("_bound", "_threshold")
+def _order_fields(_logger: object, _method: str, event: MutableMapping[str, Any]) -> Any:
+    """Put the fixed fields first (readable lines) and add pid and vcpu."""
+    event.setdefault("pid", _state.pid)
+    if _state.vcpu is not None:
+        event.setdefault("vcpu", _state.vcpu)
+    ordered = {key: event.pop(key) for key in _FIXED_FIELDS if key in event}
+    ordered.update(event)
+    return ordered
 
-    def __init__(self, bound: dict[str, Any], *, threshold: int | None = None) -> None:
-        self._bound = bound
-        self._threshold = threshold
-        """None: the configured level; `_KEEP_ALL`: every record."""
 
-    def bind(self, **fields: Any) -> Logger:
-        """A logger like this one with `fields` added to every record."""
-        return Logger({**self._bound, **fields}, threshold=self._threshold)
+def _echo(_logger: object, _method: str, event: MutableMapping[str, Any]) -> Any:
+    if _state.echo_stderr:
+        # A closed or broken stderr must not stop the log file.
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(format_text(event) + "\n")
+    return event
 
-    def _log(self, level: int, name: str, event: str, fields: dict[str, Any]) -> None:
-        threshold = _state.min_level if self._threshold is None else self._threshold
-        if level < threshold:
-            return
-        record: dict[str, Any] = {"timestamp": _timestamp(), "level": name, "pid": _state.pid}
-        vcpu = fields.pop("vcpu", self._bound.get("vcpu", _state.vcpu))
-        if vcpu is not None:
-            record["vcpu"] = vcpu
-        record["event"] = event
-        record.update(self._bound)
-        record.update(fields)
-        if "exc_info" in record:
-            text = _exception_text(record.pop("exc_info"))
-            if text is not None:
-                record["exception"] = text
-        if _state.echo_stderr:
-            # A closed or broken stderr must not stop the log file.
-            with contextlib.suppress(OSError, ValueError):
-                sys.stderr.write(format_text(record) + "\n")
-        _write(json.dumps(record, default=repr))
 
-    def debug(self, event: str, **fields: Any) -> None:
-        self._log(10, "debug", event, fields)
-
-    def info(self, event: str, **fields: Any) -> None:
-        self._log(20, "info", event, fields)
-
-    def warning(self, event: str, **fields: Any) -> None:
-        self._log(30, "warning", event, fields)
-
-    def error(self, event: str, **fields: Any) -> None:
-        self._log(40, "error", event, fields)
-
-    def exception(self, event: str, **fields: Any) -> None:
-        fields.setdefault("exc_info", True)
-        self._log(40, "error", event, fields)
-
-    def critical(self, event: str, **fields: Any) -> None:
-        self._log(50, "critical", event, fields)
+_KEPT_PROCESSORS: list[Any] = [
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="%Y-%m-%dT%H:%M:%S.%fZ", utc=True),
+    structlog.processors.format_exc_info,
+    _order_fields,
+    _echo,
+    structlog.processors.JSONRenderer(),
+]
+_PROCESSORS: list[Any] = [_drop_below_level, *_KEPT_PROCESSORS]
 
 
 def configure_logging(
@@ -182,7 +200,7 @@ def configure_logging(
     vcpu: int | None = None,
     echo_stderr: bool = False,
     mark_live: bool = False,
-) -> Logger:
+) -> FilteringBoundLogger:
     """Send this process's records to `path` (appended, created with its folder if needed).
 
     Call it again after fork with the worker's own file and `vcpu`; the previous file is closed.
@@ -208,6 +226,12 @@ def configure_logging(
         _state.echo_stderr = echo_stderr
     if old is not None:
         old.close()
+    structlog.configure(
+        processors=_PROCESSORS,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVEL_NUMBERS[name]),
+        logger_factory=_sink_factory,
+        cache_logger_on_first_use=True,
+    )
     return get_logger()
 
 
@@ -237,18 +261,25 @@ def close_logging() -> None:
         old.close()
 
 
-def get_logger(**initial: object) -> Logger:
+def get_logger(**initial: object) -> FilteringBoundLogger:
     """A logger bound to `initial` fields, following the current configuration."""
-    return Logger(dict(initial))
+    logger: FilteringBoundLogger = structlog.get_logger(**initial)
+    return logger
 
 
-def essential_logger() -> Logger:
+def essential_logger() -> FilteringBoundLogger:
     """A logger whose records are written whatever the level (to the current file).
 
     Only for the few records a run's summary is built from: a run logged at ``warning`` must
     still say that it started, how it ended and what each VCPU did.
     """
-    return Logger({}, threshold=_KEEP_ALL)
+    logger: FilteringBoundLogger = structlog.wrap_logger(
+        _SINK,
+        processors=_KEPT_PROCESSORS,
+        wrapper_class=structlog.make_filtering_bound_logger(0),
+        cache_logger_on_first_use=False,
+    )
+    return logger
 
 
 def run_is_live(folder: Path) -> bool:

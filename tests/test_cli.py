@@ -230,8 +230,9 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 
 
 # What `vmsuper run` must not import before it serves the plugin (start-up time): the other
-# commands' modules; rich, asyncio with ssl, logging and pickle (logging libraries: the logs are
-# vmsuper's own, shared/logs.py); tempfile with random (only a runtime folder in <tmp>);
+# commands' modules; rich and asyncio with ssl (structlog's console renderer and async
+# methods, which vmsuper does not use: shared/logs.py); tempfile with random (only a runtime
+# folder in <tmp>);
 # protobuf's pure-Python message module with text_format (the upb backend never calls them:
 # shared/deferred_imports.py); the VCPU workers' modules (imported at Start, before the fork:
 # supervisor/vcpus.py); traceback (for the rare record that carries one); shutil with its
@@ -240,9 +241,6 @@ NOT_IMPORTED_BY_RUN = (
     "vmsuper.supervisor.logview",
     "vmsuper.supervisor.check",
     "rich",
-    "structlog",
-    "logging",
-    "pickle",
     "asyncio",
     "ssl",
     "tempfile",
