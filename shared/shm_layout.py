@@ -9,8 +9,7 @@ worker can keep only its own block and the table mapped (`SharedRegion.confine_t
 from __future__ import annotations
 
 import mmap
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from vmsuper.shared import abi
 from vmsuper.shared.abi import (
@@ -128,8 +127,7 @@ def check_header(mm: mmap.mmap) -> Layout:
     return layout
 
 
-@dataclass(frozen=True)
-class RegionMemory:
+class RegionMemory(NamedTuple):
     """A mapped region as its parts use it: the mapping, views of it, where it lies in this
     process, and its layout."""
 

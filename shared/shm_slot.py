@@ -11,8 +11,7 @@ from __future__ import annotations
 import mmap
 import threading
 import time
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from vmsuper.shared import abi
 from vmsuper.shared.abi import (
@@ -179,8 +178,7 @@ class VcpuSlot:
         return read_vcpu(self._q, self._mm, self._layout, self.index)
 
 
-@dataclass(frozen=True)
-class VcpuReading:
+class VcpuReading(NamedTuple):
     """One reading of a VCPU's slot and statistics block (each cell read once, no lock)."""
 
     state: RunState | int

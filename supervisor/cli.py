@@ -7,7 +7,8 @@ before the runner takes over.
 
 Start-up time counts (it is on the way to the plugin's first request), so each command
 imports only what it uses: `check` and `logs` are handed their arguments before the main
-parser is built, and the runner is imported once the config has loaded.
+parser is built; `run` loads the config and hands it to supervisor/launch.py, which starts
+the plugin and only then imports the runner.
 """
 
 from __future__ import annotations
@@ -62,8 +63,25 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    """argparse's help formatter at the width argparse would take, without the shutil import
+    its default makes (argparse makes a formatter for every argument it adds, and every run
+    would pay the import): the COLUMNS variable, else the terminal's width, else 80; less 2."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return argparse.HelpFormatter(prog, width=(columns or 80) - 2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        formatter_class=_formatter,
         prog="vmsuper",
         description="A KVM host for plugin VMMs speaking crosvm's plugin protocol.",
     )
@@ -72,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser(
         "run",
+        formatter_class=_formatter,
         help="run a VM and its plugin as a config file describes",
         description="Run a VM and its plugin as CONFIG describes. Flags override config keys.",
         epilog=(
@@ -160,8 +179,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"vmsuper run: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     try:
-        runner = importlib.import_module("vmsuper.supervisor.runner")
-        run = cast(Callable[[Config, Path], int], runner.run)
+        # The plugin is started first; the runner's imports overlap its start (launch.py).
+        launch = importlib.import_module("vmsuper.supervisor.launch")
+        run = cast(Callable[[Config, Path], int], launch.run)
         return run(config, args.config)
     except Exception as exc:  # the runner handles its own; this is the last line of defence
         print(f"vmsuper: internal error: {exc!r} (exit status {INTERNAL_ERROR})", file=sys.stderr)

@@ -30,7 +30,6 @@ import math
 import os
 import pwd
 import re
-import shutil
 import string
 import time
 import typing
@@ -41,6 +40,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from vmsuper.supervisor import config_shape
+from vmsuper.supervisor.which import which
 from vmsuper.workers.limits import Limits
 
 MAX_VCPUS = 64
@@ -443,7 +443,7 @@ def _resolve_plugin(path: Path, folder: Path, *, bare: bool, check: bool) -> Pat
     if bare:
         local = folder / text
         if not local.exists():
-            found = shutil.which(text)
+            found = which(text)
             if found is not None:
                 return Path(os.path.abspath(found))
             if check:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vmsuper.workers.worker_status import WorkerStatus
 
@@ -30,8 +30,7 @@ EXIT_VCPU_FAILED = 126
 EXIT_CONFIG_ERROR = 2
 
 
-@dataclass(frozen=True)
-class Failure:
+class Failure(NamedTuple):
     """The first thing that went wrong, with the status it maps to."""
 
     status: int

@@ -27,9 +27,8 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 CHUNK = 65536
 # Bytes of the plugin's output waiting for vmsuper's stdout or stderr before its pipe is no
@@ -44,8 +43,7 @@ LOGGED_READ = 1024
 STDOUT_LOG_NAME = "plugin-stdout.log"
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """A line of output, or a piece of a long one; `continued`: it goes on the previous one."""
 
     data: bytes

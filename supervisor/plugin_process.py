@@ -73,9 +73,10 @@ class PluginProcess:
     """A running plugin: pid, pidfd for the event loop, and the read ends of its stdout and
     stderr (non-blocking)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], *, sandboxed: bool = False) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], *, sandbox: Sandbox | None = None) -> None:
         self._proc = proc
-        self.sandboxed = sandboxed
+        self._sandbox = sandbox
+        self.sandboxed = sandbox is not None
         self._namespace_pidfds: list[int] = []
         self.pid = proc.pid
         self.pidfd = os.pidfd_open(proc.pid)
@@ -98,15 +99,15 @@ class PluginProcess:
         sandbox: Sandbox | None = None,
         open_files: int | None = None,
         before_exec: Callable[[], None] | None = None,
+        wait: bool = True,
     ) -> PluginProcess:
         """Start the plugin, behind `wrapper` (an argv prefix) and in `sandbox` if given.
 
         Sandboxed, this returns once the sandbox is set up and the plugin about to run (see
-        `Sandbox.starter`), so that one that cannot be set up is a `SandboxError` (a
-        `PluginStartError`) naming the cause, not a plugin that seems to exit with status 1.
-        `open_files` becomes the plugin's RLIMIT_NOFILE (soft and hard). `before_exec` runs
-        in the child before it executes anything (it joins the plugin's cgroup); if it fails,
-        nothing is executed.
+        `wait_started`); `wait=False` returns at once, for the caller to call `wait_started`
+        after work of its own. `open_files` becomes the plugin's RLIMIT_NOFILE (soft and hard).
+        `before_exec` runs in the child before it executes anything (it joins the plugin's
+        cgroup); if it fails, nothing is executed.
         """
         full_env = dict(os.environ)
         full_env.update(env)
@@ -136,18 +137,30 @@ class PluginProcess:
                 raise PluginStartError(f"cannot start plugin {path}: {exc.strerror}") from exc
             except subprocess.SubprocessError as exc:  # before_exec failed
                 raise PluginStartError(f"cannot start plugin {path}: set-up failed: {exc}") from exc
-        plugin = cls(proc, sandboxed=sandbox is not None)
-        if sandbox is not None:
+        plugin = cls(proc, sandbox=sandbox)
+        if wait:
             try:
-                sandbox.wait_started(
-                    plugin.stderr_fd, lambda: os.waitstatus_to_exitcode(plugin.wait())
-                )
+                plugin.wait_started()
             except BaseException:
-                plugin.kill()
-                plugin.wait()
                 plugin.close()
                 raise
         return plugin
+
+    def wait_started(self) -> None:
+        """Sandboxed, wait until the sandbox is set up and the plugin about to run (see
+        `Sandbox.starter`), so that one that cannot be set up is a `SandboxError` (a
+        `PluginStartError`) naming the cause, not a plugin that seems to exit with status 1;
+        the sandbox is killed and reaped then. Unsandboxed, returns at once."""
+        if self._sandbox is None:
+            return
+        try:
+            self._sandbox.wait_started(
+                self.stderr_fd, lambda: os.waitstatus_to_exitcode(self.wait())
+            )
+        except BaseException:
+            self.kill()
+            self.wait()
+            raise
 
     def poll(self) -> int | None:
         """Reap the plugin if it has exited; returns its raw wait status."""
@@ -187,10 +200,13 @@ class PluginProcess:
         return unwrap_status(status) if self.sandboxed else status
 
     def close(self) -> None:
+        """Close the fds held for the plugin (once: a second call does nothing)."""
         for fd in self._namespace_pidfds:
             os.close(fd)
         self._namespace_pidfds = []
-        os.close(self.pidfd)
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
         for stream in (self._proc.stdout, self._proc.stderr):
             if stream is not None:
                 stream.close()

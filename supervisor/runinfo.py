@@ -20,9 +20,8 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from vmsuper.shared.runtime import (
     RUNTIME_VARIABLE,
@@ -54,8 +53,7 @@ class RunInfoError(Exception):
     """A run.json is missing, unreadable or not one vmsuper wrote."""
 
 
-@dataclass(frozen=True)
-class RunInfo:
+class RunInfo(NamedTuple):
     """One run, as its supervisor published it."""
 
     pid: int
@@ -75,7 +73,7 @@ class RunInfo:
     format: int = FORMAT
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1) + "\n"
+        return json.dumps(self._asdict(), indent=1) + "\n"
 
     @classmethod
     def from_json(cls, text: str, where: str) -> RunInfo:

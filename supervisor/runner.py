@@ -1,4 +1,7 @@
-"""`vmsuper run`: set up the VM, start the plugin, serve it, and shut everything down.
+"""`vmsuper run`: set up the VM, serve the plugin, and shut everything down.
+
+The plugin is started first, before this module is imported (supervisor/launch.py): its start
+overlaps the imports here and the VM's set-up.
 
 One thread, one selector: main sockets, the plugin's exit (pidfd), stdout and stderr, the VCPU
 workers' exits (pidfds), SIGTERM/SIGINT/SIGHUP (through the wakeup fd) and a timer for the
@@ -14,12 +17,8 @@ import errno
 import os
 import resource
 import selectors
-import signal
 import socket
-import struct
-import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,9 @@ from vmsuper.shared.plugin_pb2 import MainRequest, MainResponse
 from vmsuper.shared.ranges import RangeTable
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.supervisor import cgroups, outcome, poll_gate, runinfo
+from vmsuper.supervisor import launch as launching
 from vmsuper.supervisor.config import Config
-from vmsuper.supervisor.executable import check_exec_format
+from vmsuper.supervisor.launch import INFORMATIONAL, START_LINE, UNSANDBOXED_NOTICE, Launch, tell
 from vmsuper.supervisor.plugin_output import (
     STDOUT_LOG_NAME,
     OutputRelay,
@@ -41,7 +41,6 @@ from vmsuper.supervisor.plugin_output import (
     StdoutFile,
 )
 from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
-from vmsuper.supervisor.sandbox import Sandbox
 from vmsuper.supervisor.sandbox_user import UserError
 from vmsuper.supervisor.shutdown_signal import Signalled, signal_shutdown
 from vmsuper.supervisor.vcpus import VcpuSet, workers_user
@@ -53,17 +52,13 @@ from vmsuper.workers.main_worker import MainWorker, NetInfo
 if TYPE_CHECKING:
     from vmsuper.supervisor.net import Tap
 
+__all__ = ["INFORMATIONAL", "START_LINE", "UNSANDBOXED_NOTICE", "Run", "Supervisor", "run"]
+
 # Where KVM needs three pages for the real-mode TSS on Intel hosts; high and out of the way,
 # as other VMMs place it.
 TSS_ADDRESS = 0xFFFBD000
-# SIGINT (Ctrl-C), SIGTERM, SIGHUP (the terminal went away): an orderly shutdown, then 128+N.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Fds the supervisor needs besides the plugin's objects: logs, KVM, sockets, pipes, pidfds.
 FD_HEADROOM = 1024
-UNSANDBOXED_NOTICE = (
-    "vmsuper: the plugin runs unsandboxed, with all of vmsuper's privileges"
-    " ([plugin] sandbox = false)"
-)
 
 
 class SetupError(Exception):
@@ -83,7 +78,6 @@ class Run:
     vcpus: VcpuSet | None = None
     tap: Tap | None = None
     shutdown_eventfd: int = -1
-    latency_fd: int = -1
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
@@ -146,21 +140,6 @@ def _set_up(run: Run) -> None:
         except Exception as exc:
             raise SetupError(str(exc)) from exc
         run.closers.append(run.tap.close)
-    if cfg.vm.low_latency:
-        run.latency_fd = _hold_low_latency(run.log)
-        if run.latency_fd >= 0:
-            run.closers.append(lambda: os.close(run.latency_fd))
-
-
-def _hold_low_latency(log: Any) -> int:
-    """Ask the idle governor for shallow C-states while the fd stays open."""
-    try:
-        fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY | os.O_CLOEXEC)
-        os.write(fd, struct.pack("<i", 0))
-    except OSError as exc:
-        log.warning("low_latency_unavailable", error=str(exc))
-        return -1
-    return fd
 
 
 @dataclass
@@ -189,8 +168,9 @@ def _close_fds(fds: list[int]) -> None:
 class Supervisor:
     """The event loop of one run."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, launch: Launch) -> None:
         self.run = run
+        self.launch = launch
         self.log = run.log
         self.sel = selectors.DefaultSelector()
         self.connections: dict[int, MainConnection] = {}
@@ -198,13 +178,11 @@ class Supervisor:
         self.shutting_down = False
         self.deadline: float | None = None
         self._next_poll_check: float | None = None
-        self.plugin: PluginProcess | None = None
-        self.cgroup: cgroups.PluginCgroup | None = None
+        self.plugin: PluginProcess | None = launch.plugin
+        self.cgroup: cgroups.PluginCgroup | None = launch.cgroup
         self._limit_reached = False
         self.worker_pidfds: dict[int, int] = {}
         self._relays: list[OutputRelay] = []
-        self._signals: list[int] = []
-        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         assert run.vm is not None and run.system is not None and run.vcpus is not None
         assert run.region is not None
         self.watchdog = Watchdog(
@@ -239,22 +217,8 @@ class Supervisor:
         self.log.info("main_request_failed", request=case, errno=err, reason=reason)
 
     def _request_crashed(self, case: str, exc: BaseException) -> None:
-        trace = "".join(traceback.format_exception(exc))
+        trace = _trace(exc)
         self.log.error("main_request_internal_error", request=case, error=repr(exc), trace=trace)
-
-    def _install_signals(self) -> None:
-        def note(signum: int, frame: object) -> None:
-            self._signals.append(signum)
-
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, note)
-        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
-        self.sel.register(self._wakeup_r, selectors.EVENT_READ, self._on_signal)
-
-    def _restore_signals(self) -> None:
-        signal.set_wakeup_fd(-1)
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
 
     def _add_connection(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -386,7 +350,7 @@ class Supervisor:
             return
         for found in self.watchdog.stalls(now):
             message = found.message()
-            self.log.warning("vcpu_stalled", message=message, **vars(found))
+            self.log.warning("vcpu_stalled", message=message, **found._asdict())
             with contextlib.suppress(OSError):
                 os.write(2, f"vmsuper: warning: {message}\n".encode())
 
@@ -444,11 +408,6 @@ class Supervisor:
             self.cgroup.kill_all()
             self.begin_shutdown(outcome.plugin_limit_reached(reason), reason)
 
-    def _remove_cgroup(self) -> None:
-        assert self.cgroup is not None
-        for problem in self.cgroup.remove():
-            self.log.warning("cgroup_not_removed", error=problem)
-
     def _watch_output(self, plugin: PluginProcess) -> None:
         """Relay the plugin's stdout and stderr (see plugin_output.py)."""
         limits = self.run.limits
@@ -496,11 +455,8 @@ class Supervisor:
         elif not relay.wants_input and relay.fd in watched:
             self.sel.unregister(relay.fd)
 
-    def _on_signal(self, fd: int) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.read(fd, 512)
-        signals, self._signals = self._signals, []
-        for signum in signals:
+    def _on_signal(self, _fd: int) -> None:
+        for signum in self.launch.signals.take():
             self.log.info("signal_received", signal=outcome.signal_name(signum))
             self.begin_shutdown(outcome.stopped_by_signal(signum), "signal")
 
@@ -527,47 +483,27 @@ class Supervisor:
         self.deadline = time.monotonic() + self.run.config.plugin.grace_period
 
     def serve(self) -> tuple[int, str]:
-        """Start the plugin and serve until the run ends; returns (exit status, reason)."""
-        run = self.run
-        cfg = run.config
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._install_signals()
+        """Serve the launched plugin until the run ends; returns (exit status, reason)."""
+        plugin = self.plugin
+        sock = self.launch.sock
+        assert plugin is not None and sock is not None
+        self.sel.register(self.launch.signals.read_fd, selectors.EVENT_READ, self._on_signal)
         try:
-            if not cfg.plugin.sandbox:
-                _tell(UNSANDBOXED_NOTICE)
-            try:
-                check_exec_format(cfg.plugin.path)
-                limits = run.limits
-                self.cgroup = cgroups.for_run(
-                    limits.plugin_memory, limits.plugin_processes, limits.plugin_cpu
-                )
-                if self.cgroup is not None:
-                    run.closers.append(self._remove_cgroup)  # after the plugin is reaped
-                self.plugin = PluginProcess.spawn(
-                    cfg.plugin.path,
-                    cfg.plugin.args,
-                    cfg.plugin.env,
-                    theirs.fileno(),
-                    sandbox=_sandbox(cfg),
-                    open_files=run.limits.plugin_open_files,
-                    before_exec=self.cgroup.enter if self.cgroup is not None else None,
-                )
-            except PluginStartError as exc:
-                self.failure = outcome.supervisor_failure(str(exc))
-                self.log.error("plugin_start_failed", error=str(exc))
-                return self._finish()
-            finally:
-                theirs.close()
-            self.log.info("plugin_started", plugin_pid=self.plugin.pid, path=str(cfg.plugin.path))
-            self._add_connection(ours)
-            self.sel.register(self.plugin.pidfd, selectors.EVENT_READ, self._on_plugin_exit)
-            self._watch_output(self.plugin)
-            if self.cgroup is not None:
-                self.sel.register(self.cgroup.watch_fd, selectors.EVENT_READ, self._on_limit_watch)
-            self._loop()
+            plugin.wait_started()
+        except PluginStartError as exc:
+            self.failure = outcome.supervisor_failure(str(exc))
+            self.log.error("plugin_start_failed", error=str(exc))
             return self._finish()
-        finally:
-            self._restore_signals()
+        path = str(self.run.config.plugin.path)
+        self.log.info("plugin_started", plugin_pid=plugin.pid, path=path)
+        self.launch.sock = None
+        self._add_connection(sock)
+        self.sel.register(plugin.pidfd, selectors.EVENT_READ, self._on_plugin_exit)
+        self._watch_output(plugin)
+        if self.cgroup is not None:
+            self.sel.register(self.cgroup.watch_fd, selectors.EVENT_READ, self._on_limit_watch)
+        self._loop()
+        return self._finish()
 
     def _loop(self) -> None:
         assert self.plugin is not None
@@ -631,38 +567,10 @@ class Supervisor:
             conn.close()
         self.connections.clear()
         self.sel.close()
-        os.close(self._wakeup_r)
-        os.close(self._wakeup_w)
         status, reason = outcome.decide(
             self.failure, self.plugin.wait_status if self.plugin is not None else None
         )
-        if self.plugin is not None:
-            self.plugin.close()
         return status, reason
-
-    def abandon(self) -> None:
-        """After a crash of vmsuper's own: kill and reap the plugin, whatever state it is in."""
-        plugin = self.plugin
-        if plugin is None:
-            return
-        with contextlib.suppress(Exception):
-            plugin.kill()
-            plugin.wait()
-            plugin.close()
-
-
-def _sandbox(cfg: Config) -> Sandbox | None:
-    """The plugin's sandbox, hiding the log root (other runs' logs) from it; None: unconfined."""
-    if not cfg.plugin.sandbox:
-        return None
-    hidden = () if cfg.log.root is None else (cfg.log.root,)
-    return Sandbox.for_plugin(cfg.plugin, hidden=hidden)
-
-
-def _tell(line: str) -> None:
-    """One line on stderr, which may be gone by now (a terminal that hung up: EIO)."""
-    with contextlib.suppress(OSError):
-        print(line, file=sys.stderr, flush=True)
 
 
 def _error_response(err: int, like: bytes = b"") -> bytes:
@@ -685,6 +593,14 @@ def _refusal(err: int, request: bytes) -> bytes:
             getattr(response, case).SetInParent()
     response.errno = err
     return response.SerializeToString()
+
+
+def _trace(exc: BaseException) -> str:
+    """`exc`'s traceback as text (traceback, with the textwrap it imports, is imported for the
+    rare record that carries one rather than at every start)."""
+    import traceback
+
+    return "".join(traceback.format_exception(exc))
 
 
 def raise_open_file_limit(limits: Limits, vcpus: int, log: Any) -> None:
@@ -725,70 +641,51 @@ def _publish(run: Run, config_path: Path | None) -> list[Path]:
         return []
 
 
-def run(config: Config, config_path: Path | None = None) -> int:
+def run(config: Config, config_path: Path | None = None, launch: Launch | None = None) -> int:
     """Run one VM to the end; returns vmsuper's exit status (see supervisor/outcome.py).
 
-    Whatever goes wrong ends here with a status and one line on stderr, never a traceback:
-    a log folder that cannot be made is a supervisor-side failure (125), and so is any
-    exception of vmsuper's own, whose traceback goes to supervisor.jsonl (`crashed`).
+    `launch` is the run's start (`launch.begin`: the log, the plugin started); without it, the
+    run starts here. Whatever goes wrong ends here with a status and one line on stderr, never
+    a traceback: a log folder that cannot be made is a supervisor-side failure (125), and so is
+    any exception of vmsuper's own, whose traceback goes to supervisor.jsonl (`crashed`).
     """
-    try:
-        logs.make_private_folder(config.log.dir)
-        log = logs.configure_logging(
-            config.log.dir / "supervisor.jsonl", level=config.log.level, mark_live=True
-        )
-    except OSError as exc:
-        said = exc.strerror or str(exc)
-        reason = f"cannot create the log folder {config.log.dir}: {said}"
-        status = outcome.EXIT_SUPERVISOR_FAILED
-        print(f"vmsuper: {reason} (exit status {status})", file=sys.stderr)
-        return status
-    _announce_start(config, logs.essential_logger())
-    run_state = Run(config=config, log=log, limits=config.limits.to_limits())
-    raise_open_file_limit(run_state.limits, config.vm.vcpus, log)
+    if launch is None:
+        begun = launching.begin(config)
+        if isinstance(begun, int):
+            return begun
+        launch = begun
+    log = launch.log
+    run_state = Run(config=config, log=log, limits=launch.limits)
     status, reason = outcome.EXIT_SUPERVISOR_FAILED, "set-up failed"
     supervisor: Supervisor | None = None
     try:
-        try:
-            _set_up(run_state)
-        except (SetupError, OSError) as exc:
-            reason = f"set-up failed: {exc}"
-            log.error("setup_failed", error=str(exc))
-            _tell(f"vmsuper: {reason}")
+        raise_open_file_limit(run_state.limits, config.vm.vcpus, log)
+        if launch.plugin is None:
+            assert launch.failure is not None
+            status, reason = outcome.decide(launch.failure, None)
         else:
-            supervisor = Supervisor(run_state)
-            published = _publish(run_state, config_path)
             try:
-                status, reason = supervisor.serve()
-            finally:
-                runinfo.withdraw(published)
+                _set_up(run_state)
+            except (SetupError, OSError) as exc:
+                reason = f"set-up failed: {exc}"
+                log.error("setup_failed", error=str(exc))
+                tell(f"vmsuper: {reason}")
+                launch.abandon()
+            else:
+                supervisor = Supervisor(run_state, launch)
+                published = _publish(run_state, config_path)
+                try:
+                    status, reason = supervisor.serve()
+                finally:
+                    runinfo.withdraw(published)
     except Exception as exc:
         status, reason = outcome.EXIT_SUPERVISOR_FAILED, f"internal error: {exc!r}"
-        log.error("crashed", error=repr(exc), trace=traceback.format_exc())
-        if supervisor is not None:
-            supervisor.abandon()
+        log.error("crashed", error=repr(exc), trace=_trace(exc))
+        launch.abandon()
     finally:
         run_state.close()
+        launch.close()  # the plugin is reaped: its cgroup goes too
     logs.essential_logger().info("run_finished", status=status, reason=reason)
     if status != 0:
-        _tell(f"vmsuper: {reason} (exit status {status})")
+        tell(f"vmsuper: {reason} (exit status {status})")
     return status
-
-
-START_LINE = "vmsuper: logs in "
-"""How the line that names a run's log folder on stderr begins."""
-INFORMATIONAL = (START_LINE, UNSANDBOXED_NOTICE)
-"""How the lines vmsuper prints on stderr that report no cause begin (tests and tools that
-look for the cause skip them)."""
-
-
-def _announce_start(config: Config, essential: Any) -> None:
-    """The run_started record (kept at every log level) and one line on stderr naming the logs."""
-    essential.info(
-        "run_started",
-        vcpus=config.vm.vcpus,
-        transport=config.plugin.vcpu_transport,
-        log_dir=str(config.log.dir),
-    )
-    with contextlib.suppress(OSError, ValueError):
-        print(f"{START_LINE}{config.log.dir}", file=sys.stderr, flush=True)

@@ -36,7 +36,6 @@ import contextlib
 import os
 import pwd
 import select
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,6 +46,7 @@ from vmsuper.supervisor import sandbox_user, seccomp
 from vmsuper.supervisor.config import PluginConfig
 from vmsuper.supervisor.plugin_process import PluginStartError
 from vmsuper.supervisor.sandbox_user import PluginUser
+from vmsuper.supervisor.which import which
 
 SYSTEM_DIRS = ("/usr",)
 SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -173,7 +173,7 @@ class Sandbox(NamedTuple):
         are host folders the plugin must not see even inside a bound folder (the log root)."""
         env = dict(os.environ if environ is None else environ)
         env.update(plugin.env)
-        found = bwrap or shutil.which("bwrap", path=env.get("PATH"))
+        found = bwrap or which("bwrap", path=env.get("PATH"))
         if found is None:
             raise SandboxError(
                 "bwrap (bubblewrap) is not installed: install it (Debian: apt-get install "
@@ -435,7 +435,7 @@ def script_interpreters(path: str, env: Mapping[str, str]) -> list[str]:
         found.append(interpreter)
         if os.path.basename(interpreter) == "env" and len(words) > 1:
             command = _env_command(words[1])
-            resolved = None if command is None else shutil.which(command, path=env.get("PATH"))
+            resolved = None if command is None else which(command, path=env.get("PATH"))
             if resolved is not None:
                 found.append(os.path.abspath(resolved))
                 interpreter = found[-1]

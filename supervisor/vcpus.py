@@ -47,7 +47,6 @@ from vmsuper.supervisor.runners import (
     uninstall_kick_handler,
 )
 from vmsuper.workers import confine
-from vmsuper.workers.worker_process import STOP_SIGNALS, WorkerSpec, enter_worker
 from vmsuper.workers.worker_status import describe_exit
 
 __all__ = ["TRANSPORTS", "VcpuSet", "VcpuSetError"]
@@ -283,6 +282,10 @@ class VcpuSet:
         self._log.info("vcpu_workers_started", vcpus=self.count, workers=list(self._pids.values()))
 
     def _fork_workers(self) -> None:
+        # The workers' own modules (exit engine, protocol, worker loop) are imported at Start,
+        # the first time they are needed: a run the plugin never starts does without them.
+        from vmsuper.workers.worker_process import STOP_SIGNALS, WorkerSpec, enter_worker
+
         parent = os.getpid()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):

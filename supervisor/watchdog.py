@@ -60,8 +60,7 @@ class Sample(NamedTuple):
     exit: str = ""
 
 
-@dataclass(frozen=True)
-class Stall:
+class Stall(NamedTuple):
     """VCPU `vcpu` has waited `waited` seconds for the plugin to answer `exit`."""
 
     vcpu: int
@@ -74,8 +73,7 @@ class Stall:
         )
 
 
-@dataclass(frozen=True)
-class StillInInit:
+class StillInInit(NamedTuple):
     """These VCPUs have not been resumed from Init `waited` seconds after Start."""
 
     vcpus: tuple[int, ...]

@@ -46,9 +46,9 @@ class FakeRunner:
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch) -> FakeRunner:
     fake = FakeRunner(status=7)
-    module = types.ModuleType("vmsuper.supervisor.runner")
+    module = types.ModuleType("vmsuper.supervisor.launch")
     module.run = fake.run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "vmsuper.supervisor.runner", module)
+    monkeypatch.setitem(sys.modules, "vmsuper.supervisor.launch", module)
     return fake
 
 
@@ -177,9 +177,9 @@ def test_bad_flags_are_usage_errors(
 
 def test_interrupt_is_130(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeRunner(raises=KeyboardInterrupt())
-    module = types.ModuleType("vmsuper.supervisor.runner")
+    module = types.ModuleType("vmsuper.supervisor.launch")
     module.run = fake.run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "vmsuper.supervisor.runner", module)
+    monkeypatch.setitem(sys.modules, "vmsuper.supervisor.launch", module)
     assert cli.main(["run", str(config_file)]) == 130
 
 
@@ -230,8 +230,13 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 
 
 # What `vmsuper run` must not import before it serves the plugin (start-up time): the other
-# commands' modules, rich (structlog's console renderer), asyncio with ssl (structlog's async
-# methods: see shared/logs.py), and tempfile with random (only a runtime folder in <tmp>).
+# commands' modules; rich and asyncio with ssl (structlog's console renderer and async
+# methods, which vmsuper does not use: shared/logs.py); tempfile with random (only a runtime
+# folder in <tmp>);
+# protobuf's pure-Python message module with text_format (the upb backend never calls them:
+# shared/deferred_imports.py); the VCPU workers' modules (imported at Start, before the fork:
+# supervisor/vcpus.py); traceback (for the rare record that carries one); shutil with its
+# compression modules (PATH look-ups: supervisor/which.py).
 NOT_IMPORTED_BY_RUN = (
     "vmsuper.supervisor.logview",
     "vmsuper.supervisor.check",
@@ -240,16 +245,71 @@ NOT_IMPORTED_BY_RUN = (
     "ssl",
     "tempfile",
     "random",
+    "google.protobuf.text_format",
+    "traceback",
+    "shutil",
+    "vmsuper.workers.worker_process",
+    "vmsuper.workers.vcpu_worker",
+    "vmsuper.workers.vcpu_protocol",
+    "vmsuper.workers.exit_engine",
 )
 
 
 def test_the_cli_imports_only_what_its_command_needs() -> None:
     done = _python(
         "import sys, vmsuper.supervisor.cli, vmsuper.supervisor.runner\n"
+        "vmsuper.supervisor.cli.build_parser().parse_args(['run', 'vm.toml'])\n"
         f"print([m for m in {NOT_IMPORTED_BY_RUN!r} if m in sys.modules])"
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[]\n"
+
+
+# What the runner needs for the VM and the event loop, imported only once the plugin is started
+# (supervisor/launch.py), so that the plugin's start overlaps these imports; dataclasses (with
+# inspect) among them, as the records imported before are NamedTuples.
+IMPORTED_AFTER_THE_PLUGIN_STARTS = (
+    "dataclasses",
+    "inspect",
+    "vmsuper.supervisor.runner",
+    "vmsuper.shared.kvm",
+    "vmsuper.shared.hotpath",
+    "vmsuper.shared.shm",
+    "vmsuper.shared.plugin_pb2",
+    "google.protobuf",
+    "vmsuper.workers.main_worker",
+    "vmsuper.supervisor.vcpus",
+)
+
+
+def test_the_plugin_is_started_before_the_runner_is_imported() -> None:
+    done = _python(
+        "import sys, vmsuper.supervisor.cli, vmsuper.supervisor.launch\n"
+        f"print([m for m in {IMPORTED_AFTER_THE_PLUGIN_STARTS!r} if m in sys.modules])"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
+
+
+def test_protobuf_s_pure_python_messages_wait_for_first_use() -> None:
+    # Imported, a message made, encoded and decoded: the stand-in is still there. Printing a
+    # message (text_format reads the real module) still works.
+    done = _python(
+        "import sys\n"
+        "from vmsuper.shared import deferred_imports, plugin_pb2\n"
+        "name = deferred_imports.PROTOBUF_PURE_PYTHON\n"
+        "request = plugin_pb2.MainRequest()\n"
+        "request.create.id = 7\n"
+        "again = plugin_pb2.MainRequest.FromString(request.SerializeToString())\n"
+        "print(type(sys.modules[name]).__name__, again.create.id)\n"
+        "from google.protobuf.internal import python_message\n"
+        "print(python_message._AttachFieldHelpers.__name__, str(again).split())\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "ImportedOnFirstUse 7",
+        "_AttachFieldHelpers ['create', '{', 'id:', '7', '}']",
+    ]
 
 
 def test_dataclasses_on_the_run_path_have_docstrings() -> None:
@@ -290,6 +350,19 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out == f"vmsuper {__version__}\n"
+
+
+def test_help_is_as_wide_as_columns_says(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def help_lines(columns: str) -> list[str]:
+        monkeypatch.setenv("COLUMNS", columns)
+        with pytest.raises(SystemExit):
+            cli.main(["run", "--help"])
+        return capsys.readouterr().out.splitlines()
+
+    narrow, wide = help_lines("60"), help_lines("200")
+    assert max(len(line) for line in narrow) <= 60 < max(len(line) for line in wide)
 
 
 def test_run_help_names_the_overridden_keys(capsys: pytest.CaptureFixture[str]) -> None:

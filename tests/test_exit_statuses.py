@@ -4,6 +4,9 @@ the plugin could have chosen (1..123), never "bad config" (2) once the config wa
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -114,6 +117,63 @@ def test_an_internal_error_in_set_up_is_125_with_a_crash_record(
     assert finished[-1]["status"] == 125
 
 
+def test_a_set_up_that_fails_after_the_plugin_started_kills_and_reaps_it(
+    config_of: MakeConfig,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The plugin starts before the VM is set up (supervisor/launch.py); it says its pid
+    # through a FIFO, and the set-up fails once it has.
+    fifo = tmp_path / "pid"
+    os.mkfifo(fifo)
+    config, log_dir = config_of(
+        f"import os, signal\nwith open({str(fifo)!r}, 'w') as f:\n"
+        "    f.write(str(os.getpid()))\nwhile True:\n    signal.pause()\n"
+    )
+    said: list[int] = []
+
+    def fails(run: runner.Run) -> None:
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            assert select.select([fd], [], [], 30)[0], "the plugin never started"
+            said.append(int(os.read(fd, 32)))
+        finally:
+            os.close(fd)
+        raise runner.SetupError("no VM here")
+
+    monkeypatch.setattr(runner, "_set_up", fails)
+    assert runner.run(config) == outcome.EXIT_SUPERVISOR_FAILED
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if not line.startswith(INFORMATIONAL)] == [
+        "vmsuper: set-up failed: no VM here",
+        "vmsuper: set-up failed: no VM here (exit status 125)",
+    ]
+    assert not psutil.pid_exists(said[0])
+    events = [r["event"] for r in _records(log_dir)]
+    assert "setup_failed" in events and "plugin_started" not in events
+
+
+@pytest.mark.kvm
+def test_a_stop_signal_during_set_up_ends_the_run_in_order(
+    config_of: MakeConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Noted from before the plugin starts (launch.StopSignals), taken by the loop once it runs.
+    config, log_dir = config_of("import signal\nwhile True:\n    signal.pause()\n")
+    set_up = runner._set_up
+
+    def signalled_meanwhile(run: runner.Run) -> None:
+        set_up(run)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(runner, "_set_up", signalled_meanwhile)
+    assert runner.run(config) == 128 + signal.SIGTERM
+    records = _records(log_dir)
+    assert [r["reason"] for r in records if r["event"] == "shutdown_started"] == ["signal"]
+    (started,) = [r for r in records if r["event"] == "plugin_started"]
+    assert not psutil.pid_exists(int(str(started["plugin_pid"])))
+
+
 @pytest.mark.kvm
 def test_an_internal_error_while_serving_reaps_the_plugin(
     config_of: MakeConfig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -143,7 +203,7 @@ def test_the_command_turns_an_uncaught_error_into_125(
     config = tmp_path / "vm.toml"
     config.write_text(VmSpec(sandbox=False).to_toml(plugin, tmp_path / "logs"))
 
-    def broken(config: object, config_path: object = None) -> int:
+    def broken(config: object, config_path: object = None, launch: object = None) -> int:
         raise RuntimeError("before the log")
 
     monkeypatch.setattr(runner, "run", broken)

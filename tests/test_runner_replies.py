@@ -12,6 +12,7 @@ import pytest
 
 from vmsuper.shared import logs
 from vmsuper.shared.plugin_pb2 import MainRequest, MainResponse
+from vmsuper.supervisor import launch as launching
 from vmsuper.supervisor import runner
 from vmsuper.supervisor.config import load_config
 
@@ -26,9 +27,10 @@ def supervisor(tmp_path: Path) -> Iterator[runner.Supervisor]:
     config = load_config(config_path)
     log = logs.configure_logging(tmp_path / "supervisor.jsonl", level="info")
     run = runner.Run(config=config, log=log)
+    launch = launching.Launch(config, log, launching.StopSignals())  # no plugin
     try:
         runner._set_up(run)
-        sup = runner.Supervisor(run)
+        sup = runner.Supervisor(run, launch)
         try:
             yield sup
         finally:
@@ -37,6 +39,7 @@ def supervisor(tmp_path: Path) -> Iterator[runner.Supervisor]:
             sup.sel.close()
     finally:
         run.close()
+        launch.close()
         logs.close_logging()
 
 

@@ -6,12 +6,15 @@ and can be set in the config's [limits] table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Per-VM resource limits, enforced by the main worker and the event loop."""
+class Limits(NamedTuple):
+    """Per-VM resource limits, enforced by the main worker and the event loop.
+
+    A NamedTuple rather than a frozen dataclass: `vmsuper run` imports it before it starts
+    the plugin, where a dataclass would cost the creation of its methods and the import of
+    dataclasses (with inspect)."""
 
     # Main connections open at once, the first included. NewConnection beyond -> EMFILE.
     connections: int = 64

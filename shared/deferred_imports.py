@@ -1,0 +1,39 @@
+"""Modules that a library imports at its top but vmsuper's path never uses, imported on first use.
+
+protobuf's `descriptor_pool` and `builder` import its pure-Python message module
+(`google.protobuf.internal.python_message`, which brings `text_format`, `pickle`, `calendar`
+and more: about a tenth of `vmsuper run`'s imports) even when the upb backend makes every
+message class and never calls it. `defer` puts a stand-in in `sys.modules` under the module's
+name; the first attribute read from the stand-in imports the real module (the stand-in leaves
+`sys.modules` then) and returns the real attribute, so whoever does need the module (the
+pure-Python backend, a message printed as text) gets it, only later.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
+
+
+class ImportedOnFirstUse(types.ModuleType):
+    """Stands in for a module not imported yet; reading any of its attributes imports the real
+    module and reads the attribute from it."""
+
+    def __getattr__(self, name: str) -> Any:
+        name_of_module = self.__name__
+        if sys.modules.get(name_of_module) is self:
+            del sys.modules[name_of_module]
+        return getattr(importlib.import_module(name_of_module), name)
+
+
+def defer(name: str) -> None:
+    """Import module `name` on first use rather than when something imports it (if it is not
+    imported already)."""
+    if name not in sys.modules:
+        sys.modules[name] = ImportedOnFirstUse(name)
+
+
+PROTOBUF_PURE_PYTHON = "google.protobuf.internal.python_message"
+"""protobuf's pure-Python messages: see the module's docstring."""

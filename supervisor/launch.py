@@ -1,0 +1,235 @@
+"""The first steps of `vmsuper run`: the run's log, the stop signals, and the plugin started.
+
+A run's start-up is mostly Python importing the supervisor. This module imports little, so the
+plugin is started before the rest is imported and the VM set up (supervisor/runner.py): the
+plugin's own start (joining its cgroup, the sandbox's set-up, its exec and initialisation)
+overlaps that work instead of following it. The plugin's requests wait, unread, on its socket
+until the event loop serves them; a set-up that fails kills the plugin before anything answers
+it (`Launch.abandon`).
+
+SIGTERM, SIGINT and SIGHUP are noted from before the plugin starts (`StopSignals`), and the
+event loop takes what was noted, so a signal that comes while the VM is set up ends the run in
+order, with the plugin reaped and its cgroup removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+from vmsuper.shared import logs
+from vmsuper.supervisor import cgroups, outcome
+from vmsuper.supervisor.config import Config
+from vmsuper.supervisor.executable import check_exec_format
+from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
+from vmsuper.supervisor.sandbox import Sandbox
+from vmsuper.workers.limits import Limits
+
+# SIGINT (Ctrl-C), SIGTERM, SIGHUP (the terminal went away): an orderly shutdown, then 128+N.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+UNSANDBOXED_NOTICE = (
+    "vmsuper: the plugin runs unsandboxed, with all of vmsuper's privileges"
+    " ([plugin] sandbox = false)"
+)
+START_LINE = "vmsuper: logs in "
+"""How the line that names a run's log folder on stderr begins."""
+INFORMATIONAL = (START_LINE, UNSANDBOXED_NOTICE)
+"""How the lines vmsuper prints on stderr that report no cause begin (tests and tools that
+look for the cause skip them)."""
+
+
+class StopSignals:
+    """The stop signals, noted for the event loop: a handler records each and the wake-up fd
+    (`read_fd`, for the loop's selector) gets a byte."""
+
+    def __init__(self) -> None:
+        self.read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._noted: list[int] = []
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        def note(signum: int, frame: object) -> None:
+            self._noted.append(signum)
+
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, note)
+        signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+
+    def take(self) -> list[int]:
+        """The signals noted since the last call, oldest first."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.read_fd, 512)
+        noted, self._noted = self._noted, []
+        return noted
+
+    def close(self) -> None:
+        """Put back the handlers `install` found, and close the wake-up fds."""
+        if self._previous:
+            signal.set_wakeup_fd(-1)
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous.clear()
+        os.close(self.read_fd)
+        os.close(self._write_fd)
+
+
+class Launch:
+    """What the first steps leave to the run: its log and limits, the stop signals, and the
+    plugin with its main socket and cgroup (`plugin` None: it could not be started, `failure`
+    says why)."""
+
+    def __init__(self, config: Config, log: Any, signals: StopSignals) -> None:
+        self.config = config
+        self.log = log
+        self.limits: Limits = config.limits.to_limits()
+        self.signals = signals
+        self.plugin: PluginProcess | None = None
+        self.sock: socket.socket | None = None
+        self.cgroup: cgroups.PluginCgroup | None = None
+        self.failure: outcome.Failure | None = None
+        self.latency_fd = -1
+        self._closed = False
+
+    def abandon(self) -> None:
+        """Kill and reap the plugin, whatever state it is in (the run ends before serving it)."""
+        plugin = self.plugin
+        if plugin is None:
+            return
+        with contextlib.suppress(Exception):
+            plugin.kill()
+            plugin.wait()
+
+    def close(self) -> None:
+        """Release what the launch holds (once); the plugin must be reaped by now."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.plugin is not None:
+            with contextlib.suppress(OSError):
+                self.plugin.close()
+            self.plugin = None
+        if self.sock is not None:
+            self.sock.close()
+        if self.cgroup is not None:
+            for problem in self.cgroup.remove():
+                self.log.warning("cgroup_not_removed", error=problem)
+            self.cgroup = None
+        if self.latency_fd >= 0:
+            os.close(self.latency_fd)
+            self.latency_fd = -1
+        self.signals.close()
+
+
+def run(config: Config, config_path: Path | None = None) -> int:
+    """`vmsuper run`: start the plugin (`begin`), then import the runner and hand it the run
+    (`runner.run`); returns vmsuper's exit status."""
+    launch = begin(config)
+    if isinstance(launch, int):
+        return launch
+    try:
+        from vmsuper.supervisor import runner
+
+        return runner.run(config, config_path, launch=launch)
+    finally:  # after a failure of vmsuper's own; a run that ended has done this already
+        launch.abandon()
+        launch.close()
+
+
+def begin(config: Config) -> Launch | int:
+    """Open the run's log, note the stop signals and start the plugin.
+
+    Returns vmsuper's exit status instead when the log folder cannot be made (125, with one
+    line on stderr). A plugin that cannot be started leaves `Launch.failure` set.
+    """
+    try:
+        logs.make_private_folder(config.log.dir)
+        log = logs.configure_logging(
+            config.log.dir / "supervisor.jsonl", level=config.log.level, mark_live=True
+        )
+    except OSError as exc:
+        said = exc.strerror or str(exc)
+        reason = f"cannot create the log folder {config.log.dir}: {said}"
+        status = outcome.EXIT_SUPERVISOR_FAILED
+        print(f"vmsuper: {reason} (exit status {status})", file=sys.stderr)
+        return status
+    _announce_start(config, logs.essential_logger())
+    signals = StopSignals()
+    signals.install()
+    launch = Launch(config, log, signals)
+    if config.vm.low_latency:  # from before the plugin runs, as the VCPUs may run at once
+        launch.latency_fd = _hold_low_latency(log)
+    if not config.plugin.sandbox:
+        tell(UNSANDBOXED_NOTICE)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    launch.sock = ours
+    try:
+        plugin = config.plugin
+        check_exec_format(plugin.path)
+        limits = launch.limits
+        launch.cgroup = cgroups.for_run(
+            limits.plugin_memory, limits.plugin_processes, limits.plugin_cpu
+        )
+        launch.plugin = PluginProcess.spawn(
+            plugin.path,
+            plugin.args,
+            plugin.env,
+            theirs.fileno(),
+            sandbox=_sandbox(config),
+            open_files=limits.plugin_open_files,
+            before_exec=launch.cgroup.enter if launch.cgroup is not None else None,
+            wait=False,
+        )
+    except PluginStartError as exc:
+        launch.failure = outcome.supervisor_failure(str(exc))
+        log.error("plugin_start_failed", error=str(exc))
+    except Exception as exc:  # vmsuper's own: the run ends as for any crash (runner.run)
+        import traceback  # only for this record
+
+        launch.failure = outcome.supervisor_failure(f"internal error: {exc!r}")
+        log.error("crashed", error=repr(exc), trace="".join(traceback.format_exception(exc)))
+    finally:
+        theirs.close()
+    return launch
+
+
+def _hold_low_latency(log: Any) -> int:
+    """Ask the idle governor for shallow C-states while the fd stays open."""
+    try:
+        fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY | os.O_CLOEXEC)
+        os.write(fd, struct.pack("<i", 0))
+    except OSError as exc:
+        log.warning("low_latency_unavailable", error=str(exc))
+        return -1
+    return fd
+
+
+def _sandbox(cfg: Config) -> Sandbox | None:
+    """The plugin's sandbox, hiding the log root (other runs' logs) from it; None: unconfined."""
+    if not cfg.plugin.sandbox:
+        return None
+    hidden = () if cfg.log.root is None else (cfg.log.root,)
+    return Sandbox.for_plugin(cfg.plugin, hidden=hidden)
+
+
+def tell(line: str) -> None:
+    """One line on stderr, which may be gone by now (a terminal that hung up: EIO)."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
+
+
+def _announce_start(config: Config, essential: Any) -> None:
+    """The run_started record (kept at every level) and one line on stderr naming the logs."""
+    essential.info(
+        "run_started",
+        vcpus=config.vm.vcpus,
+        transport=config.plugin.vcpu_transport,
+        log_dir=str(config.log.dir),
+    )
+    with contextlib.suppress(OSError, ValueError):
+        print(f"{START_LINE}{config.log.dir}", file=sys.stderr, flush=True)
