@@ -235,8 +235,8 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 # folder in <tmp>);
 # protobuf's pure-Python message module with text_format (the upb backend never calls them:
 # shared/deferred_imports.py); the VCPU workers' modules (imported at Start, before the fork:
-# supervisor/vcpus.py); traceback (for the rare record that carries one); shutil with its
-# compression modules (PATH look-ups: supervisor/which.py).
+# supervisor/vcpus.py); shutil with its compression modules (PATH look-ups:
+# supervisor/which.py).
 NOT_IMPORTED_BY_RUN = (
     "vmsuper.supervisor.logview",
     "vmsuper.supervisor.check",
@@ -246,7 +246,6 @@ NOT_IMPORTED_BY_RUN = (
     "tempfile",
     "random",
     "google.protobuf.text_format",
-    "traceback",
     "shutil",
     "vmsuper.workers.worker_process",
     "vmsuper.workers.vcpu_worker",
@@ -266,11 +265,8 @@ def test_the_cli_imports_only_what_its_command_needs() -> None:
 
 
 # What the runner needs for the VM and the event loop, imported only once the plugin is started
-# (supervisor/launch.py), so that the plugin's start overlaps these imports; dataclasses (with
-# inspect) among them, as the records imported before are NamedTuples.
+# (supervisor/launch.py), so that the plugin's start overlaps these imports.
 IMPORTED_AFTER_THE_PLUGIN_STARTS = (
-    "dataclasses",
-    "inspect",
     "vmsuper.supervisor.runner",
     "vmsuper.shared.kvm",
     "vmsuper.shared.hotpath",
