@@ -133,6 +133,9 @@ def run(config: Config, config_path: Path | None = None) -> int:
     if isinstance(launch, int):
         return launch
     try:
+        # With the runner, the VCPU workers' modules, while the plugin starts: at Start they
+        # would be imported between the plugin's Start and its first exit.
+        import vmsuper.workers.worker_process  # noqa: F401
         from vmsuper.supervisor import runner
 
         return runner.run(config, config_path, launch=launch)

@@ -282,8 +282,8 @@ class VcpuSet:
         self._log.info("vcpu_workers_started", vcpus=self.count, workers=list(self._pids.values()))
 
     def _fork_workers(self) -> None:
-        # The workers' own modules (exit engine, protocol, worker loop) are imported at Start,
-        # the first time they are needed: a run the plugin never starts does without them.
+        # The workers' own modules (exit engine, protocol, worker loop): `vmsuper run` imports
+        # them while its plugin starts (supervisor/launch.py); other users of the set, here.
         from vmsuper.workers.worker_process import STOP_SIGNALS, WorkerSpec, enter_worker
 
         parent = os.getpid()

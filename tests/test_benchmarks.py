@@ -112,7 +112,12 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
     }
     for row in sections["concurrent"]:
         ratios = {
-            "vmsuper": ("wall_vs_reference", "cpu_vs_reference", "wall_vs_forward", "cpu_vs_forward"),
+            "vmsuper": (
+                "wall_vs_reference",
+                "cpu_vs_reference",
+                "wall_vs_forward",
+                "cpu_vs_forward",
+            ),
             "reference": () if row["path"] == "pipe" else ("wall_vs_reference", "cpu_vs_reference"),
         }[row["what"]]
         for name in ratios:

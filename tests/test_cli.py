@@ -234,8 +234,8 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 # methods, which vmsuper does not use: shared/logs.py); tempfile with random (only a runtime
 # folder in <tmp>);
 # protobuf's pure-Python message module with text_format (the upb backend never calls them:
-# shared/deferred_imports.py); the VCPU workers' modules (imported at Start, before the fork:
-# supervisor/vcpus.py); shutil with its compression modules (PATH look-ups:
+# shared/deferred_imports.py); the VCPU workers' modules (imported with the runner, once the
+# plugin is started: supervisor/launch.py); shutil with its compression modules (PATH look-ups:
 # supervisor/which.py).
 NOT_IMPORTED_BY_RUN = (
     "vmsuper.supervisor.logview",
