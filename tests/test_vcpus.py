@@ -555,9 +555,14 @@ def test_port_io(machine: Machine, transport: str) -> None:
     counts = slot.counters()
     assert counts["unreserved"] == 2
     assert counts["io_in"] >= 3 and counts["io_out"] >= 5
-    # The first exit comes back to the worker, which describes the table; the runner serves
-    # every later one itself (the worker only reads the plugin's replies).
-    assert slot.runner_served == sum(counts.values()) - 1
+    # The first exit comes back to the worker, which describes the table; without polling the
+    # runner serves every later one itself (the worker only reads the plugin's replies). With
+    # polling, the plain accesses of a plugin as slow as this test's go through the worker
+    # (hotpath.c, REPLY_POLL_MAX_NS), the unreserved ones never.
+    if machine.poll_ns == 0:
+        assert slot.runner_served == sum(counts.values()) - 1
+    else:
+        assert counts["unreserved"] <= slot.runner_served <= sum(counts.values()) - 1
 
 
 MMIO = f"""
