@@ -786,10 +786,10 @@ static int await_reply(struct vms_worker *w)
 /* Wait in S_RUNNING while the runner may serve the exit itself (the offer is out): until
  * the runner rings (an exit for the worker: 0) or has claimed an access for the plugin (1:
  * read the reply), or -errno (-EINTR: a signal). Asleep, the worker watches its bell and the
- * plugin's channel at once; it never waits for the runner itself. The
- * plugin writing while nothing was claimed (a client that answers early) makes the worker
- * withdraw the offer and wait for the runner alone: the early bytes stay unread and answer
- * the next Wait, as they would without the offer. */
+ * plugin's channel at once; it never waits for the runner itself. The plugin writing while
+ * nothing was claimed (a client that answers early) makes the worker withdraw the offer and
+ * wait for the runner alone: the early bytes stay unread and answer the next Wait, as they
+ * would without the offer. */
 static int await_run(struct vms_worker *w)
 {
     struct vms_mail *mail = w->mail;
