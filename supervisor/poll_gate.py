@@ -23,10 +23,21 @@ from typing import Final
 
 from vmsuper.shared.shm_mailbox import Mailbox
 
-__all__ = ["HOLD_MAX_S", "HOLD_MIN_S", "INTERVAL_S", "THRESHOLD", "PollGate", "PollPolicy"]
+__all__ = [
+    "FIRST_INTERVAL_S",
+    "HOLD_MAX_S",
+    "HOLD_MIN_S",
+    "INTERVAL_S",
+    "THRESHOLD",
+    "PollGate",
+    "PollPolicy",
+]
 
 PRESSURE_FILE: Final = "/proc/pressure/cpu"
 INTERVAL_S: Final = 0.025
+FIRST_INTERVAL_S: Final = 0.005
+"""The first reading after the VCPUs start comes sooner: VMs started together on a busy host
+then poll for a few milliseconds only."""
 THRESHOLD: Final = 0.5
 """Stall share above which polling stops: half the time, some task waited for a CPU."""
 HOLD_MIN_S: Final = 0.05
@@ -104,6 +115,7 @@ class PollGate:
             with contextlib.suppress(OSError):
                 self._fd = os.open(pressure_file, os.O_RDONLY | os.O_CLOEXEC)
         self._set(self.policy.current())
+        self.tick()  # the baseline of the first interval
 
     @property
     def active(self) -> bool:

@@ -339,7 +339,7 @@ class Supervisor:
         self.watchdog.vcpus_started(self.run.vcpus.run_pages(), time.monotonic())
         gate = self.run.vcpus.poll_gate
         if gate is not None and gate.active:
-            self._next_poll_check = time.monotonic() + poll_gate.INTERVAL_S
+            self._next_poll_check = time.monotonic() + poll_gate.FIRST_INTERVAL_S
 
     def _on_watchdog(self) -> None:
         """The time limit and stalled VCPUs (see supervisor/watchdog.py)."""

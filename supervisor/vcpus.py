@@ -245,6 +245,11 @@ class VcpuSet:
                 mapping, run = kvm.map_run(vcpu.fd, self._mmap_size)
                 self._maps.append(mapping)
                 self._runs.append(run)
+            # Before the fork, so its first reading is a baseline by the time the VCPUs run
+            # (the workers close its file with every fd they do not use).
+            self.poll_gate = PollGate(
+                [self._region.mailbox(i) for i in range(self.count)], self._poll_ns
+            )
             self._fork_workers()
         except BaseException:
             self._kill_workers()
@@ -276,9 +281,6 @@ class VcpuSet:
             self._runners.append(runner)
             runner.start()
         self.started = True
-        self.poll_gate = PollGate(
-            [self._region.mailbox(i) for i in range(self.count)], self._poll_ns
-        )
         self._log.info("vcpu_workers_started", vcpus=self.count, workers=list(self._pids.values()))
 
     def _fork_workers(self) -> None:

@@ -117,9 +117,8 @@ def test_the_gate_writes_every_vcpu_s_window_from_the_file(
     mailboxes = [region.mailbox(0), region.mailbox(1)]
     gate = PollGate(mailboxes, WINDOW, clock=lambda: host.now, pressure_file=str(pressure))
     try:
-        assert gate.active
+        assert gate.active  # and its first reading, a baseline, is taken
         assert [m.poll_ns for m in mailboxes] == [WINDOW, WINDOW]
-        gate.tick()  # the baseline
         host.advance(0.95)
         _pressure(pressure, host.stall_us)
         gate.tick()
@@ -142,9 +141,9 @@ def test_without_pressure_figures_the_window_stays_as_configured(
     assert mailbox.poll_ns == WINDOW
     garbled = tmp_path / "garbled"
     garbled.write_text("nothing here\n")
-    gate = PollGate([mailbox], WINDOW, pressure_file=str(garbled))
     mailbox.poll_ns = 0
-    gate.tick()  # unreadable: the gate gives up and leaves polling as configured
+    gate = PollGate([mailbox], WINDOW, pressure_file=str(garbled))
+    # Its first reading fails: the gate gives up and leaves polling as configured.
     assert not gate.active and mailbox.poll_ns == WINDOW
 
 
