@@ -229,6 +229,13 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _finds_none(code: str) -> None:
+    """`code`, run in a fresh interpreter, prints an empty list (of what it looked for)."""
+    done = _python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
+
+
 # What `vmsuper run` must not import before it serves the plugin (start-up time): the other
 # commands' modules; rich and asyncio with ssl (structlog's console renderer and async
 # methods, which vmsuper does not use: shared/logs.py); tempfile with random (only a runtime
@@ -255,13 +262,11 @@ NOT_IMPORTED_BY_RUN = (
 
 
 def test_the_cli_imports_only_what_its_command_needs() -> None:
-    done = _python(
+    _finds_none(
         "import sys, vmsuper.supervisor.cli, vmsuper.supervisor.runner\n"
         "vmsuper.supervisor.cli.build_parser().parse_args(['run', 'vm.toml'])\n"
         f"print([m for m in {NOT_IMPORTED_BY_RUN!r} if m in sys.modules])"
     )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "[]\n"
 
 
 # What the runner needs for the VM and the event loop, imported only once the plugin is started
@@ -279,12 +284,10 @@ IMPORTED_AFTER_THE_PLUGIN_STARTS = (
 
 
 def test_the_plugin_is_started_before_the_runner_is_imported() -> None:
-    done = _python(
+    _finds_none(
         "import sys, vmsuper.supervisor.cli, vmsuper.supervisor.launch\n"
         f"print([m for m in {IMPORTED_AFTER_THE_PLUGIN_STARTS!r} if m in sys.modules])"
     )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "[]\n"
 
 
 def test_protobuf_s_pure_python_messages_wait_for_first_use() -> None:
@@ -311,15 +314,13 @@ def test_protobuf_s_pure_python_messages_wait_for_first_use() -> None:
 def test_dataclasses_on_the_run_path_have_docstrings() -> None:
     # A dataclass without one gets its signature as __doc__, computed by inspect.signature at
     # import: a cost on every `vmsuper run`'s start-up for a docstring nobody reads.
-    done = _python(
+    _finds_none(
         "import dataclasses, sys, vmsuper.supervisor.cli, vmsuper.supervisor.runner\n"
         "print(sorted(f'{name}.{c.__qualname__}' for name, m in list(sys.modules.items())\n"
         "    if name.startswith('vmsuper.') for c in vars(m).values()\n"
         "    if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == name\n"
         "    and (c.__doc__ or '').startswith(c.__name__ + '(')))"
     )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "[]\n"
 
 
 def test_exit_now_flushes_output_and_keeps_the_status() -> None:
