@@ -93,8 +93,8 @@ class _Channel:
     def open_runner_end(self) -> None:
         """Give the runner a way to write to the plugin that never blocks (call while the
         worker's ends are still open here): the socket again (it sends with MSG_DONTWAIT), or
-        the request pipe opened anew through /proc, a file description of its own whose
-        O_NONBLOCK leaves the worker's blocking writes alone."""
+        the response pipe's write end opened anew through /proc, a file description of its own
+        whose O_NONBLOCK leaves the worker's blocking writes alone."""
         if self.runner >= 0:
             return
         if not self.pipes:
