@@ -84,6 +84,7 @@ __all__ = [
     "StateSet",
     "Steps",
     "VcpuProtocol",
+    "carry_out",
     "range_label",
 ]
 
@@ -160,6 +161,34 @@ class Resume:
 Action: TypeAlias = Call | Send | Resume
 Steps: TypeAlias = Generator[Action, tuple[int, bytes], None]
 """What the protocol's inputs return: actions, in order, for the worker to carry out."""
+
+
+def carry_out(
+    steps: Steps,
+    call: Callable[[int, bytes | bytearray], tuple[int, bytes]],
+    send: Callable[[bytes], None],
+    resume: Callable[[Resume], None],
+) -> None:
+    """Carry out a protocol input's actions in order: each `Call` through `call`, whose result
+    (or `CallFailed`) goes back into `steps`; each `Send` and `Resume` to its handler."""
+    try:
+        action = next(steps)
+        while True:
+            if isinstance(action, Call):
+                try:
+                    result = call(action.request, action.arg)
+                except CallFailed as exc:
+                    action = steps.throw(exc)
+                    continue
+                action = steps.send(result)
+                continue
+            if isinstance(action, Send):
+                send(action.data)
+            else:
+                resume(action)
+            action = next(steps)
+    except StopIteration:
+        pass
 
 
 class StateSet(enum.IntEnum):

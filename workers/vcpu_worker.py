@@ -45,14 +45,13 @@ from vmsuper.workers.vcpu_channel import (
 )
 from vmsuper.workers.vcpu_protocol import (
     Answer,
-    Call,
     CallFailed,
     Phase,
     PluginProtocolError,
     Resume,
-    Send,
     Steps,
     VcpuProtocol,
+    carry_out,
 )
 from vmsuper.workers.worker_status import WorkerStatus
 
@@ -156,25 +155,7 @@ class VcpuWorker:
 
     def _perform(self, steps: Steps) -> None:
         """Carry out a protocol input's actions, in order, feeding each Call's result back."""
-        calls = self.calls
-        try:
-            action = next(steps)
-            while True:
-                if isinstance(action, Call):
-                    try:
-                        result = calls.call(action.request, action.arg)
-                    except CallFailed as exc:
-                        action = steps.throw(exc)
-                        continue
-                    action = steps.send(result)
-                    continue
-                if isinstance(action, Send):
-                    self._send(action.data)
-                elif isinstance(action, Resume):
-                    self._resume(action)
-                action = next(steps)
-        except StopIteration:
-            pass
+        carry_out(steps, self.calls.call, self._send, self._resume)
 
     def _resume(self, action: Resume) -> None:
         engine = self.engine

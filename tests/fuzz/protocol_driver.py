@@ -16,13 +16,11 @@ from vmsuper.shared import hotpath
 from vmsuper.shared.ranges import CallHint, Range, Space
 from vmsuper.workers.vcpu_protocol import (
     Answer,
-    Call,
-    CallFailed,
     Phase,
     Resume,
-    Send,
     Steps,
     VcpuProtocol,
+    carry_out,
 )
 
 
@@ -69,26 +67,9 @@ class DrivenProtocol:
         return self.protocol.last_refusal
 
     def perform(self, steps: Steps) -> list[bytes]:
-        """Carry out every action; the messages sent, in order."""
+        """Carry out every action (as the worker does); the messages sent, in order."""
         sent: list[bytes] = []
-        try:
-            action = next(steps)
-            while True:
-                if isinstance(action, Call):
-                    try:
-                        result = self.calls.call(action.request, action.arg)
-                    except CallFailed as exc:
-                        action = steps.throw(exc)
-                        continue
-                    action = steps.send(result)
-                    continue
-                if isinstance(action, Send):
-                    sent.append(action.data)
-                else:
-                    self._resume(action)
-                action = next(steps)
-        except StopIteration:
-            pass
+        carry_out(steps, self.calls.call, sent.append, self._resume)
         return sent
 
     def _resume(self, action: Resume) -> None:
