@@ -61,6 +61,17 @@ def report():
 '''
 
 
+WAIT_FOR_SHUTDOWN = """
+call(req(start=pb.MainRequest.Start()))
+_, fds = call(req(get_shutdown_eventfd=pb.MainRequest.GetShutdownEventfd()))
+print(json.dumps({"pid": os.getpid()}), flush=True)
+os.eventfd_read(fds[0])  # blocks until the VM shuts down
+sys.exit(0)
+"""
+"""A plugin body: start the VCPUs, print the plugin's pid as a JSON line, then wait until
+vmsuper shuts the VM down."""
+
+
 def plugin_source(body: str) -> str:
     """A complete plugin: the prelude, then the test's own code (dedented)."""
     return PRELUDE + "\n" + textwrap.dedent(body)

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from bpf_vm import run_filter, well_formed
-from rawplugin import plugin_source
+from rawplugin import WAIT_FOR_SHUTDOWN, plugin_source
 
 from vmsuper.shared import bpf, hotpath, kvm
 from vmsuper.shared.shm import SharedRegion
@@ -107,14 +107,6 @@ def test_workers_run_as_an_unprivileged_user() -> None:
 
 
 # -- real runs -------------------------------------------------------------------------------
-
-WAIT_FOR_SHUTDOWN = """
-call(req(start=pb.MainRequest.Start()))
-_, fds = call(req(get_shutdown_eventfd=pb.MainRequest.GetShutdownEventfd()))
-print(json.dumps({"pid": os.getpid()}), flush=True)
-os.eventfd_read(fds[0])  # blocks until the VM shuts down
-sys.exit(0)
-"""
 
 
 def _confined_pids(log_dir: Path, vcpus: int, deadline: float) -> dict[int, int]:

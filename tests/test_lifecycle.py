@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from rawplugin import plugin_source
+from rawplugin import WAIT_FOR_SHUTDOWN, plugin_source
 
 from vmsuper.testing import VmRunner, VmSpec, finish, write_python_plugin
 
@@ -121,14 +121,7 @@ def test_grace_period_then_sigkill_when_plugin_ignores_shutdown(tmp_path: Path) 
 
 
 def test_sigint_shuts_down_cleanly_with_all_children_reaped(tmp_path: Path) -> None:
-    body = """
-    call(req(start=pb.MainRequest.Start()))
-    _, fds = call(req(get_shutdown_eventfd=pb.MainRequest.GetShutdownEventfd()))
-    print(json.dumps({"pid": os.getpid()}), flush=True)
-    os.eventfd_read(fds[0])  # blocks until the VM shuts down
-    sys.exit(0)
-    """
-    plugin = write_python_plugin(tmp_path, plugin_source(body))
+    plugin = write_python_plugin(tmp_path, plugin_source(WAIT_FOR_SHUTDOWN))
     # Unsandboxed: the count of vmsuper's children would include bwrap's own processes.
     spec = VmSpec(vcpus=2, sandbox=False)
     proc, config, logs = VmRunner(tmp_path / "runs").start(plugin, spec)
