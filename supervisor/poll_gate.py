@@ -38,10 +38,8 @@ INTERVAL_S: Final = 0.025
 FIRST_INTERVAL_S: Final = 0.005
 """The first reading after the VCPUs start comes sooner: VMs started together on a busy host
 then poll for a few milliseconds only."""
-THRESHOLD: Final = 0.75
-"""Stall share above which polling stops: three quarters of the time, some task waited for a
-CPU. One VM's own pollers and plugin threads can pass a half now and then (two VCPUs on two
-cores), which turned its polling off at random; VMs that outnumber the cores stay near 1."""
+THRESHOLD: Final = 0.5
+"""Stall share above which polling stops: half the time, some task waited for a CPU."""
 HOLD_MIN_S: Final = 0.05
 HOLD_MAX_S: Final = 1.6
 """How long polling stays off before it is tried again: doubled each time a try finds the host

@@ -39,14 +39,6 @@ def test_polling_stays_on_while_the_host_is_calm() -> None:
         assert host.feed(policy, 0.3) == WINDOW
 
 
-def test_spells_of_pressure_a_vm_makes_itself_keep_polling_on() -> None:
-    # Two VCPUs' pollers and plugin threads on two cores pass a half now and then.
-    host, policy = Host(), PollPolicy(WINDOW)
-    policy.update(host.now, host.stall_us)
-    for share in (0.3, 0.6, 0.7, 0.4, 0.65) * 10:
-        assert host.feed(policy, share) == WINDOW
-
-
 def test_pressure_stops_polling_for_a_hold_then_it_is_tried_again() -> None:
     host, policy = Host(), PollPolicy(WINDOW)
     policy.update(host.now, host.stall_us)
