@@ -42,15 +42,21 @@ def add_ratios(exit_rows: list[Row], reference_rows: list[Row]) -> None:
 
 
 def add_cpu_ratios(cpu_rows: list[Row], reference_rows: list[Row]) -> None:
-    """Put vmsuper's CPU time per exit over the `pipe` reference's beside each cpu row."""
+    """Put vmsuper's CPU time per exit over the `pipe` reference's beside each cpu row (the
+    goal's ratio: crosvm's own layout), and over the reference's of the row's transport (how
+    far vmsuper is from its transport's own cost: a socket's calls cost more than a pipe's)."""
+    same_transport = {"pipes": "pipe", "socket": "socket"}
     for row in cpu_rows:
         for ref in reference_rows:
-            if (ref["mode"], ref["vcpus"], ref["low_latency"]) != ("pipe", 1, row["low_latency"]):
+            if (ref["vcpus"], ref["low_latency"]) != (1, row["low_latency"]):
                 continue
-            if "cpu_us_per_exit" in ref:
-                row["cpu_vs_crosvm"] = ratio(
-                    row["total_us"]["median"], ref["cpu_us_per_exit"]["median"]
-                )
+            if "cpu_us_per_exit" not in ref:
+                continue
+            cpu = ratio(row["total_us"]["median"], ref["cpu_us_per_exit"]["median"])
+            if ref["mode"] == "pipe":
+                row["cpu_vs_crosvm"] = cpu
+            if ref["mode"] == same_transport[row["transport"]]:
+                row["cpu_vs_transport"] = cpu
 
 
 def targets(sections: dict[str, list[Row]]) -> list[Row]:
@@ -234,6 +240,7 @@ COLUMNS: Final[dict[str, list[Column]]] = {
         ("plugin", _summary("plugin_us")),
         ("CPU total", _summary("total_us")),
         ("x crosvm CPU", _value("cpu_vs_crosvm", "{:.2f}")),
+        ("x same-transport ref CPU", _value("cpu_vs_transport", "{:.2f}")),
     ],
     "startup": [
         ("what", _value("plugin")),

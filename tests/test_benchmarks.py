@@ -102,7 +102,8 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
 
     for row in sections["cpu"]:
         if row["low_latency"] is not None:
-            assert isinstance(row["cpu_vs_crosvm"], float) and row["cpu_vs_crosvm"] > 0
+            for cpu_ratio in ("cpu_vs_crosvm", "cpu_vs_transport"):
+                assert isinstance(row[cpu_ratio], float) and row[cpu_ratio] > 0, (cpu_ratio, row)
 
     # K VMs at once (2 in a quick run): vmsuper along both paths, and the reference's layouts.
     batches = {(r["what"], r["vms"], r["transport"], r["path"]) for r in sections["concurrent"]}
