@@ -21,21 +21,22 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import functools
 import os
 import resource
 import select
 import signal
-import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from vmsuper.supervisor.sandbox import Sandbox
 
 PR_SET_PDEATHSIG = 1
 NAMESPACE_EXIT_TIMEOUT = 5.0
+EXEC_FAILED = 127  # the child's exit status when it could not execute anything (as a shell's)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -63,26 +64,113 @@ def _child_setup(
             # Above the hard limit of an unprivileged supervisor: as close as it may go.
             hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(open_files, hard), hard))
-    # Restore what the supervisor changed for itself, so the plugin starts with defaults.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGPIPE):
+    # Restore what the supervisor (and Python) changed for itself, so the plugin starts with
+    # defaults.
+    for sig in (
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGHUP,
+        signal.SIGUSR1,
+        signal.SIGPIPE,
+        signal.SIGXFSZ,
+    ):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+class _Child:
+    """A forked child on its way to exec: its pid, the read ends of its stdout and stderr, and
+    of the pipe on which it reports why it could not execute (EOF alone: it did)."""
+
+    def __init__(self, pid: int, stdout_fd: int, stderr_fd: int, report_fd: int) -> None:
+        self.pid = pid
+        self.stdout_fd = stdout_fd
+        self.stderr_fd = stderr_fd
+        self.report_fd = report_fd
+
+
+def _fork_exec(
+    argv: Sequence[str], env: Mapping[str, str], pass_fds: Sequence[int], setup: Callable[[], None]
+) -> _Child:
+    """Fork; the child runs `setup` and executes `argv`, and the parent returns at once.
+
+    subprocess.Popen would wait for the exec, so that it can raise the exec's error: with the
+    child joining a cgroup v1 (an RCU grace period) and entering the sandbox first, that is
+    tens of ms in which the supervisor could import and set up the VM instead. Here the child
+    writes what failed on `report_fd`, read later (`PluginProcess.check_executed`).
+    """
+    opened: list[int] = []
+    try:
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        opened.append(null)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        opened += (out_r, out_w)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        opened += (err_r, err_w)
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        opened += (report_r, report_w)
+        pid = os.fork()
+    except BaseException:
+        for fd in opened:
+            os.close(fd)
+        raise
+    if pid == 0:  # pragma: no cover - the child, until it executes
+        _become(argv, env, (null, out_w, err_w), pass_fds, report_w, setup)
+    for fd in (null, out_w, err_w, report_w):
+        os.close(fd)
+    return _Child(pid, out_r, err_r, report_r)
+
+
+def _become(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    stdio: tuple[int, int, int],
+    pass_fds: Sequence[int],
+    report_fd: int,
+    setup: Callable[[], None],
+) -> NoReturn:
+    """The forked child: stdio, only `pass_fds` besides, a session of its own, `setup`, then
+    exec. Never returns: a failure is reported as "<stage>\0<reason>" on `report_fd`."""
+    stage = "set-up"
+    try:
+        signal.set_wakeup_fd(-1)  # the supervisor's, whose fd number is closed below
+        # Copies above 2 first: a pipe's fd may itself be 0, 1 or 2 if vmsuper's were closed.
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in stdio]
+        for target, fd in enumerate(high):
+            os.dup2(fd, target)  # inheritable
+        os.setsid()
+        setup()
+        # As subprocess's close_fds (after the set-up, as there): only stdio and `pass_fds`.
+        keep = sorted({0, 1, 2, report_fd, *pass_fds})
+        ends = [*keep[1:], max(os.sysconf("SC_OPEN_MAX"), keep[-1] + 1)]
+        for low, above in zip(keep, ends, strict=True):
+            os.closerange(low + 1, above)
+        for fd in pass_fds:
+            os.set_inheritable(fd, True)
+        stage = "exec"
+        os.execvpe(argv[0], list(argv), dict(env))
+    except BaseException as exc:
+        said = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or repr(exc)
+        with contextlib.suppress(BaseException):
+            os.write(report_fd, f"{stage}\0{said}".encode(errors="replace"))
+    finally:
+        os._exit(EXEC_FAILED)
 
 
 class PluginProcess:
     """A running plugin: pid, pidfd for the event loop, and the read ends of its stdout and
     stderr (non-blocking)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], *, sandbox: Sandbox | None = None) -> None:
-        self._proc = proc
+    def __init__(self, child: _Child, path: Path, *, sandbox: Sandbox | None = None) -> None:
+        self._path = path
         self._sandbox = sandbox
         self.sandboxed = sandbox is not None
         self._namespace_pidfds: list[int] = []
-        self.pid = proc.pid
-        self.pidfd = os.pidfd_open(proc.pid)
-        assert proc.stderr is not None and proc.stdout is not None
-        self.stderr_fd = proc.stderr.fileno()
-        self.stdout_fd = proc.stdout.fileno()
+        self.pid = child.pid
+        self.pidfd = os.pidfd_open(child.pid)
+        self.stderr_fd = child.stderr_fd
+        self.stdout_fd = child.stdout_fd
+        self._report_fd = child.report_fd
         os.set_blocking(self.stderr_fd, False)
         os.set_blocking(self.stdout_fd, False)
         self.wait_status: int | None = None
@@ -103,11 +191,11 @@ class PluginProcess:
     ) -> PluginProcess:
         """Start the plugin, behind `wrapper` (an argv prefix) and in `sandbox` if given.
 
-        Sandboxed, this returns once the sandbox is set up and the plugin about to run (see
-        `wait_started`); `wait=False` returns at once, for the caller to call `wait_started`
-        after work of its own. `open_files` becomes the plugin's RLIMIT_NOFILE (soft and hard).
-        `before_exec` runs in the child before it executes anything (it joins the plugin's
-        cgroup); if it fails, nothing is executed.
+        This returns once the plugin (sandboxed: the sandbox, set up) is about to run (see
+        `wait_started`); `wait=False` returns once the child is forked, for the caller to call
+        `wait_started` after work of its own. `open_files` becomes the plugin's RLIMIT_NOFILE
+        (soft and hard). `before_exec` runs in the child before it executes anything (it joins
+        the plugin's cgroup); if it fails, nothing is executed.
         """
         full_env = dict(os.environ)
         full_env.update(env)
@@ -117,27 +205,14 @@ class PluginProcess:
             if sandbox is not None:
                 bwrap, seccomp_fd = stack.enter_context(sandbox.launch())
                 prefix, fds = [*bwrap, *sandbox.starter(), *prefix], [socket_fd, seccomp_fd]
+            setup = functools.partial(
+                _child_setup, open_files, before_exec, sandbox.enter if sandbox else None
+            )
             try:
-                proc = subprocess.Popen(
-                    [*prefix, str(path), *args],
-                    env=full_env,
-                    pass_fds=fds,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,
-                    preexec_fn=functools.partial(
-                        _child_setup,
-                        open_files,
-                        before_exec,
-                        sandbox.enter if sandbox is not None else None,
-                    ),
-                )
+                child = _fork_exec([*prefix, str(path), *args], full_env, fds, setup)
             except OSError as exc:
                 raise PluginStartError(f"cannot start plugin {path}: {exc.strerror}") from exc
-            except subprocess.SubprocessError as exc:  # before_exec failed
-                raise PluginStartError(f"cannot start plugin {path}: set-up failed: {exc}") from exc
-        plugin = cls(proc, sandbox=sandbox)
+        plugin = cls(child, path, sandbox=sandbox)
         if wait:
             try:
                 plugin.wait_started()
@@ -150,7 +225,8 @@ class PluginProcess:
         """Sandboxed, wait until the sandbox is set up and the plugin about to run (see
         `Sandbox.starter`), so that one that cannot be set up is a `SandboxError` (a
         `PluginStartError`) naming the cause, not a plugin that seems to exit with status 1;
-        the sandbox is killed and reaped then. Unsandboxed, returns at once."""
+        the sandbox is killed and reaped then. Unsandboxed, once the plugin is executed."""
+        self.check_executed()
         if self._sandbox is None:
             return
         try:
@@ -161,6 +237,26 @@ class PluginProcess:
             self.kill()
             self.wait()
             raise
+
+    def check_executed(self) -> None:
+        """Wait until the child has executed the plugin (sandboxed: bwrap); if it could not,
+        reap it and raise `PluginStartError` with the reason (once: later calls return)."""
+        if self._report_fd < 0:
+            return
+        said = b""
+        try:
+            while chunk := os.read(self._report_fd, 4096):
+                said += chunk
+        finally:
+            os.close(self._report_fd)
+            self._report_fd = -1
+        if not said:
+            return
+        self.wait()
+        stage, _, reason = said.decode(errors="replace").partition("\0")
+        if stage == "exec":
+            raise PluginStartError(f"cannot start plugin {self._path}: {reason}")
+        raise PluginStartError(f"cannot start plugin {self._path}: set-up failed: {reason}")
 
     def poll(self) -> int | None:
         """Reap the plugin if it has exited; returns its raw wait status."""
@@ -189,7 +285,6 @@ class PluginProcess:
         return self.wait_status
 
     def _reaped(self, status: int) -> int:
-        self._proc.returncode = os.waitstatus_to_exitcode(status)
         # A pid namespace's init exits only after every process in it is gone.
         for fd in self._namespace_pidfds:
             poller = select.poll()  # not select: the fd's number may pass FD_SETSIZE
@@ -207,9 +302,10 @@ class PluginProcess:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
-        for stream in (self._proc.stdout, self._proc.stderr):
-            if stream is not None:
-                stream.close()
+        for fd in (self._report_fd, self.stdout_fd, self.stderr_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._report_fd = self.stdout_fd = self.stderr_fd = -1
 
 
 def unwrap_status(status: int) -> int:
