@@ -36,7 +36,6 @@ import contextlib
 import os
 import pwd
 import select
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -356,6 +355,8 @@ class Sandbox(NamedTuple):
     def check(self) -> None:
         """Start the sandbox once with only the `starter` in it; raises `SandboxError` as
         `wait_started` does."""
+        import subprocess  # only here: a run's spawn is plugin_process's
+
         with self.launch() as (prefix, fd):
             try:
                 proc = subprocess.Popen(

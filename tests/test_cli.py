@@ -243,7 +243,7 @@ def _finds_none(code: str) -> None:
 # protobuf's pure-Python message module with text_format (the upb backend never calls them:
 # shared/deferred_imports.py); the VCPU workers' modules (imported with the runner, once the
 # plugin is started: supervisor/launch.py); shutil with its compression modules (PATH look-ups:
-# supervisor/which.py).
+# supervisor/which.py); subprocess (the plugin's spawn forks itself: plugin_process.py).
 NOT_IMPORTED_BY_RUN = (
     "vmsuper.supervisor.logview",
     "vmsuper.supervisor.check",
@@ -254,6 +254,7 @@ NOT_IMPORTED_BY_RUN = (
     "random",
     "google.protobuf.text_format",
     "shutil",
+    "subprocess",
     "vmsuper.workers.worker_process",
     "vmsuper.workers.vcpu_worker",
     "vmsuper.workers.vcpu_protocol",
