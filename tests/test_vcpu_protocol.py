@@ -624,6 +624,7 @@ def test_the_protocol_only_returns_actions() -> None:
     assert isinstance(init, Send) and decode(init.data).wait.WhichOneof("exit") == "init"
     get = encode(get_state=VcpuRequest.GetState(set=VcpuRequest.REGS))
     call, send = steps_of(proto, get)
+    assert isinstance(call, Call)
     assert call == Call(kvm.KVM_GET_REGS, bytes(STATE_SETS[StateSet.REGS][2]))
     assert isinstance(send, Send) and decode(send.data).get_state.state == bytes(len(call.arg))
     regs = bytes(STATE_SETS[StateSet.REGS][2])
