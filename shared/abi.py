@@ -19,7 +19,6 @@ import enum
 import struct
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Final
 
 # -- enums ------------------------------------------------------------------------------------
@@ -167,16 +166,23 @@ _SCALARS: Final = {
 }
 
 
-@dataclass(frozen=True)
 class Field:
-    """One member of a shared-memory `Struct`."""
+    """One member of a shared-memory `Struct` (a plain class: a dataclass would compile its
+    methods at every start-up)."""
 
-    name: str
-    ctype: str
+    __slots__ = ("count", "ctype", "doc", "name")
+    name: Final[str]
+    ctype: Final[str]
     """A scalar of `_SCALARS`, or another `Struct` by its C name ("struct vms_bell")."""
-    count: int = 0
+    count: Final[int]
     """An array of this many (0: not an array)."""
-    doc: str = ""
+    doc: Final[str]
+
+    def __init__(self, name: str, ctype: str, count: int = 0, doc: str = "") -> None:
+        self.name = name
+        self.ctype = ctype
+        self.count = count
+        self.doc = doc
 
 
 class Struct:

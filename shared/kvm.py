@@ -12,7 +12,7 @@ A failed call raises `KvmError`, an `OSError` carrying the errno and the ioctl's
 
 `Kvm`, `Vm` and `Vcpu` each own one fd, in the style of rust-vmm's kvm-ioctls. The rare exits
 (Hyper-V, shutdown, internal error, failed entry, hlt) are decoded from the mmapped `kvm_run`
-page into small frozen dataclasses (`decode_exit`); I/O and MMIO exits are decoded by the exit
+page into small immutable records (`decode_exit`); I/O and MMIO exits are decoded by the exit
 engine in C (`hotpath.c`, `vms_decode_access`).
 
 KVM binds a VM to the process that created it: VM and VCPU ioctls from any other process,
@@ -28,7 +28,6 @@ import functools
 import mmap
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Self, TypeAlias, TypeVar
 
 if TYPE_CHECKING:
@@ -1456,33 +1455,73 @@ class Vcpu(_FdOwner):
 # `vms_decode_access`): one decoder for the exits every plugin lives on.
 
 
-@dataclass(frozen=True, slots=True)
-class HypervSynicExit:
+class _Exit:
+    """Base of the decoded exits: equality, hash and repr by the fields `__match_args__`
+    names, in order, written once here because `@dataclass` would compile them for each class
+    at import."""
+
+    __slots__ = ()
+    __match_args__: tuple[str, ...] = ()
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__match_args__)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self) or not isinstance(other, _Exit):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__match_args__)
+        return f"{type(self).__qualname__}({fields})"
+
+
+class HypervSynicExit(_Exit):
     """Hyper-V SynIC MSR write (`KVM_EXIT_HYPERV_SYNIC`)."""
 
-    msr: int
-    control: int
-    evt_page: int
-    msg_page: int
+    __slots__ = __match_args__ = ("msr", "control", "evt_page", "msg_page")
+    msr: Final[int]
+    control: Final[int]
+    evt_page: Final[int]
+    msg_page: Final[int]
+
+    def __init__(self, msr: int, control: int, evt_page: int, msg_page: int) -> None:
+        self.msr = msr
+        self.control = control
+        self.evt_page = evt_page
+        self.msg_page = msg_page
 
 
-@dataclass(frozen=True, slots=True)
-class HypervHcallExit:
+class HypervHcallExit(_Exit):
     """Hyper-V hypercall; the result goes into `kvm_run.hyperv.u.hcall.result`."""
 
-    input: int
-    params0: int
-    params1: int
+    __slots__ = __match_args__ = ("input", "params0", "params1")
+    input: Final[int]
+    params0: Final[int]
+    params1: Final[int]
+
+    def __init__(self, input: int, params0: int, params1: int) -> None:
+        self.input = input
+        self.params0 = params0
+        self.params1 = params1
 
 
-@dataclass(frozen=True, slots=True)
-class InternalErrorExit:
+class InternalErrorExit(_Exit):
     """KVM could not handle the exit itself (`KVM_EXIT_INTERNAL_ERROR`)."""
 
-    suberror: int
-    data: tuple[int, ...]
-    insn_bytes: bytes = b""
+    __slots__ = __match_args__ = ("suberror", "data", "insn_bytes")
+    suberror: Final[int]
+    data: Final[tuple[int, ...]]
+    insn_bytes: Final[bytes]
     """The instruction KVM failed to emulate, when an emulation failure carries it."""
+
+    def __init__(self, suberror: int, data: tuple[int, ...], insn_bytes: bytes = b"") -> None:
+        self.suberror = suberror
+        self.data = data
+        self.insn_bytes = insn_bytes
 
     @property
     def name(self) -> str:
@@ -1490,29 +1529,38 @@ class InternalErrorExit:
         return INTERNAL_ERROR_NAMES.get(self.suberror, "unknown suberror")
 
 
-@dataclass(frozen=True, slots=True)
-class FailEntryExit:
+class FailEntryExit(_Exit):
     """The hardware refused to enter the guest (`KVM_EXIT_FAIL_ENTRY`)."""
 
-    reason: int
-    cpu: int
+    __slots__ = __match_args__ = ("reason", "cpu")
+    reason: Final[int]
+    cpu: Final[int]
+
+    def __init__(self, reason: int, cpu: int) -> None:
+        self.reason = reason
+        self.cpu = cpu
 
 
-@dataclass(frozen=True, slots=True)
-class ShutdownExit:
+class ShutdownExit(_Exit):
     """The guest shut down, e.g. on a triple fault (`KVM_EXIT_SHUTDOWN`)."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class HltExit:
+
+class HltExit(_Exit):
     """The guest halted (`KVM_EXIT_HLT`)."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class OtherExit:
+
+class OtherExit(_Exit):
     """Any other exit reason."""
 
-    reason: int
+    __slots__ = __match_args__ = ("reason",)
+    reason: Final[int]
+
+    def __init__(self, reason: int) -> None:
+        self.reason = reason
 
 
 Exit: TypeAlias = (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from typing import Final
 
 from vmsuper.shared.abi import Space
 
@@ -48,14 +48,40 @@ def _check_space(space: int) -> Space:
         raise RangeError(errno.EINVAL, f"unknown address space {space}") from None
 
 
-@dataclass(frozen=True, slots=True)
 class Range:
-    """`[start, start + length)` in `space`; `async_write`: writes there need no reply."""
+    """`[start, start + length)` in `space`; `async_write`: writes there need no reply.
 
-    space: Space
-    start: int
-    length: int
-    async_write: bool = False
+    Immutable (as are the hints below); a plain class rather than a frozen dataclass, which
+    would compile its methods at every start-up."""
+
+    __slots__ = __match_args__ = ("space", "start", "length", "async_write")
+    space: Final[Space]
+    start: Final[int]
+    length: Final[int]
+    async_write: Final[bool]
+
+    def __init__(self, space: Space, start: int, length: int, async_write: bool = False) -> None:
+        self.space = space
+        self.start = start
+        self.length = length
+        self.async_write = async_write
+
+    def _values(self) -> tuple[Space, int, int, bool]:
+        return (self.space, self.start, self.length, self.async_write)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Range:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return (
+            f"Range(space={self.space!r}, start={self.start!r}, length={self.length!r},"
+            f" async_write={self.async_write!r})"
+        )
 
     @property
     def end(self) -> int:
@@ -149,24 +175,72 @@ class RangeTable:
         return self._count
 
 
-@dataclass(frozen=True, slots=True)
 class RegHint:
     """Which extra state to send with a hinted exit, chosen by the values of rax..rdx."""
 
-    match_rax: bool = False
-    match_rbx: bool = False
-    match_rcx: bool = False
-    match_rdx: bool = False
-    rax: int = 0
-    rbx: int = 0
-    rcx: int = 0
-    rdx: int = 0
-    send_sregs: bool = False
-    send_debugregs: bool = False
+    __slots__ = __match_args__ = (
+        "match_rax",
+        "match_rbx",
+        "match_rcx",
+        "match_rdx",
+        "rax",
+        "rbx",
+        "rcx",
+        "rdx",
+        "send_sregs",
+        "send_debugregs",
+    )
+    match_rax: Final[bool]
+    match_rbx: Final[bool]
+    match_rcx: Final[bool]
+    match_rdx: Final[bool]
+    rax: Final[int]
+    rbx: Final[int]
+    rcx: Final[int]
+    rdx: Final[int]
+    send_sregs: Final[bool]
+    send_debugregs: Final[bool]
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        match_rax: bool = False,
+        match_rbx: bool = False,
+        match_rcx: bool = False,
+        match_rdx: bool = False,
+        rax: int = 0,
+        rbx: int = 0,
+        rcx: int = 0,
+        rdx: int = 0,
+        send_sregs: bool = False,
+        send_debugregs: bool = False,
+    ) -> None:
+        self.match_rax = match_rax
+        self.match_rbx = match_rbx
+        self.match_rcx = match_rcx
+        self.match_rdx = match_rdx
+        self.rax = rax
+        self.rbx = rbx
+        self.rcx = rcx
+        self.rdx = rdx
+        self.send_sregs = send_sregs
+        self.send_debugregs = send_debugregs
         for name in ("rax", "rbx", "rcx", "rdx"):
             _check_u64(name, getattr(self, name))
+
+    def _values(self) -> tuple[bool | int, ...]:
+        return tuple(getattr(self, name) for name in self.__match_args__)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not RegHint:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__match_args__)
+        return f"RegHint({fields})"
 
     def applies(self, rax: int, rbx: int, rcx: int, rdx: int) -> bool:
         """True when every register this entry matches on has its value."""
@@ -178,7 +252,6 @@ class RegHint:
         )
 
 
-@dataclass(frozen=True, slots=True)
 class CallHint:
     """The plugin's hint that an I/O exit at one address wants the registers sent eagerly.
 
@@ -186,15 +259,37 @@ class CallHint:
     nothing.
     """
 
-    space: Space
-    address: int
-    on_write: bool
-    hints: tuple[RegHint, ...] = ()
+    __slots__ = __match_args__ = ("space", "address", "on_write", "hints")
+    space: Final[Space]
+    address: Final[int]
+    on_write: Final[bool]
+    hints: Final[tuple[RegHint, ...]]
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "space", _check_space(self.space))
-        object.__setattr__(self, "hints", tuple(self.hints))
-        _check_u64("address", self.address)
+    def __init__(
+        self, space: Space, address: int, on_write: bool, hints: tuple[RegHint, ...] = ()
+    ) -> None:
+        self.space = _check_space(space)
+        self.address = address
+        self.on_write = on_write
+        self.hints = tuple(hints)
+        _check_u64("address", address)
+
+    def _values(self) -> tuple[Space, int, bool, tuple[RegHint, ...]]:
+        return (self.space, self.address, self.on_write, self.hints)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not CallHint:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return (
+            f"CallHint(space={self.space!r}, address={self.address!r},"
+            f" on_write={self.on_write!r}, hints={self.hints!r})"
+        )
 
     @property
     def is_set(self) -> bool:

@@ -33,7 +33,6 @@ import struct
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
@@ -219,12 +218,14 @@ def wait_for_closes(timeout: float) -> bool:
         return not _closers
 
 
-@dataclass(slots=True)
 class Datagram:
     """One received datagram: its bytes and the fds (close-on-exec) that came with it."""
 
-    data: bytes
-    fds: list[int] = field(default_factory=list)
+    __slots__ = ("data", "fds")
+
+    def __init__(self, data: bytes, fds: list[int] | None = None) -> None:
+        self.data = data
+        self.fds: list[int] = [] if fds is None else fds
 
     def close_fds(self) -> None:
         """Close every fd still held; safe to call twice."""

@@ -20,7 +20,6 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,20 +64,20 @@ class SetupError(Exception):
     """The VM could not be set up; the message says which step and why."""
 
 
-@dataclass
 class Run:
     """Everything one VM run owns, released in reverse order by `close()`."""
 
-    config: Config
-    log: Any
-    limits: Limits = field(default_factory=Limits)
-    system: kvm.Kvm | None = None
-    vm: kvm.Vm | None = None
-    region: SharedRegion | None = None
-    vcpus: VcpuSet | None = None
-    tap: Tap | None = None
-    shutdown_eventfd: int = -1
-    closers: list[Callable[[], None]] = field(default_factory=list)
+    def __init__(self, config: Config, log: Any, limits: Limits | None = None) -> None:
+        self.config = config
+        self.log = log
+        self.limits = Limits() if limits is None else limits
+        self.system: kvm.Kvm | None = None
+        self.vm: kvm.Vm | None = None
+        self.region: SharedRegion | None = None
+        self.vcpus: VcpuSet | None = None
+        self.tap: Tap | None = None
+        self.shutdown_eventfd = -1
+        self.closers: list[Callable[[], None]] = []
 
     def close(self) -> None:
         for closer in reversed(self.closers):
@@ -142,15 +141,13 @@ def _set_up(run: Run) -> None:
         run.closers.append(run.tap.close)
 
 
-@dataclass
 class MainConnection:
     """One main socket and the replies it has not taken yet."""
 
-    sock: socket.socket
-    pending: collections.deque[tuple[bytes, list[int]]] = field(default_factory=collections.deque)
-
-    def __post_init__(self) -> None:
-        self.fd = self.sock.fileno()
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending: collections.deque[tuple[bytes, list[int]]] = collections.deque()
+        self.fd = sock.fileno()
 
     def close(self) -> None:
         for _, fds in self.pending:

@@ -25,7 +25,6 @@ import signal
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Final
 
@@ -143,19 +142,33 @@ def uninstall_kick_handler(
         signal.signal(KICK_SIGNAL, signal.SIG_DFL if previous is None else previous)
 
 
-@dataclass(frozen=True)
 class RunnerExits:
     """What a runner needs to serve exits itself (see `hotpath.c`, "exits the runner serves
     without the worker"): its VCPU's range counts (the worker's lookup table), the table's
     generation, and its own fd to write to the plugin without blocking (`send_fd`, owned by
-    the caller; on the pipes transport, `pipes`)."""
+    the caller; on the pipes transport, `pipes`). Immutable."""
 
-    range_counts: RangeCounts
-    table_gen_address: int
-    send_fd: int
-    pipes: bool
-    run_size: int
+    __slots__ = ("pipes", "range_counts", "run_size", "send_fd", "table_gen_address")
+    range_counts: Final[RangeCounts]
+    table_gen_address: Final[int]
+    send_fd: Final[int]
+    pipes: Final[bool]
+    run_size: Final[int]
     """Bytes of the VCPU's mapping (the run page and what follows it)."""
+
+    def __init__(
+        self,
+        range_counts: RangeCounts,
+        table_gen_address: int,
+        send_fd: int,
+        pipes: bool,
+        run_size: int,
+    ) -> None:
+        self.range_counts = range_counts
+        self.table_gen_address = table_gen_address
+        self.send_fd = send_fd
+        self.pipes = pipes
+        self.run_size = run_size
 
     def context_fields(self, slot: VcpuSlot) -> dict[str, Any]:
         return {

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from vmsuper.shared import kvm
@@ -88,23 +87,27 @@ class StillInInit(NamedTuple):
         )
 
 
-@dataclass
 class _Wait:
     """A wait seen in progress: since when, and whether it was warned about."""
 
-    key: tuple[Phase, int]
-    since: float
-    warned: bool = False
+    __slots__ = ("key", "since", "warned")
+
+    def __init__(self, key: tuple[Phase, int], since: float, warned: bool = False) -> None:
+        self.key = key
+        self.since = since
+        self.warned = warned
 
 
-@dataclass
 class StallWatch:
     """Turns samples taken over time into warnings: one per stall, never a flood."""
 
-    threshold: float
-    started: float
-    _waits: dict[int, _Wait] = field(default_factory=dict)
-    _init_warned: bool = False
+    __slots__ = ("_init_warned", "_waits", "started", "threshold")
+
+    def __init__(self, threshold: float, started: float) -> None:
+        self.threshold = threshold
+        self.started = started
+        self._waits: dict[int, _Wait] = {}
+        self._init_warned = False
 
     def observe(self, samples: Sequence[Sample], now: float) -> list[Stall | StillInInit]:
         """Warnings due at `now`, given one sample per VCPU (index = VCPU)."""

@@ -10,6 +10,7 @@ The loops themselves run in tests/test_vcpus.py (real KVM) and tests/test_vcpu_w
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import signal
 import subprocess
@@ -176,6 +177,79 @@ def test_a_build_from_other_sources_is_refused(tmp_path: Path) -> None:
     with (copy / "hotpath.c").open("a") as f:
         f.write("/* changed */\n")
     assert hotpath_source.digest(copy) != hotpath.binding().lib.VMS_SOURCE_DIGEST
+
+
+def test_the_source_digest_sees_any_change_to_any_source(tmp_path: Path) -> None:
+    """A changed byte or bit, an added or removed byte, in any of the files, or bytes moved
+    from one file to the next: each gives another digest, which fits 63 bits."""
+    package = Path(hotpath.__file__).parent
+    original = {name: (package / name).read_bytes() for name in hotpath_source.SOURCES}
+
+    def digest_of(files: dict[str, bytes]) -> int:
+        for name, data in files.items():
+            (tmp_path / name).write_bytes(data)
+        return hotpath_source.digest(tmp_path)
+
+    built = digest_of(original)
+    assert built == hotpath.binding().lib.VMS_SOURCE_DIGEST
+    assert 0 <= built < 1 << 63
+    for name, data in original.items():
+        for at in (0, len(data) // 2, len(data) - 1):
+            for changed in (
+                data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :],
+                data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :],
+                data[:at] + data[at + 1 :],
+                data[:at] + b"\n" + data[at:],
+            ):
+                assert digest_of({**original, name: changed}) != built, (name, at)
+    for first, second in itertools.pairwise(hotpath_source.SOURCES):
+        moved = {
+            **original,
+            first: original[first][:-1],
+            second: original[first][-1:] + original[second],
+        }
+        assert digest_of(moved) != built, (first, second)
+    assert digest_of(original) == built
+
+
+def test_a_stale_build_is_refused_on_first_use(tmp_path: Path) -> None:
+    """The compiled module beside a copy of its sources loads; once one source changes, the
+    first use is refused with a HotpathError that says how to rebuild."""
+    installed = Path(hotpath.__file__).parent
+    package = tmp_path / "vmsuper" / "shared"
+    package.mkdir(parents=True)
+    (tmp_path / "vmsuper" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    compiled = hotpath.binding().__file__
+    assert compiled is not None
+    module = Path(compiled)
+    for name in {*hotpath_source.SOURCES, "hotpath.py", module.name}:
+        (package / name).write_bytes((installed / name).read_bytes())
+    use = (
+        "from vmsuper.shared import hotpath\n"
+        "try:\n"
+        "    print(hotpath.binding().__file__)\n"
+        "except hotpath.HotpathError as exc:\n"
+        "    print(exc)\n"
+    )
+
+    def first_use() -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", use],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert first_use() == f"{package / module.name}\n"
+    with (package / "seqlock.c").open("a") as f:
+        f.write("/* changed */\n")
+    refused = first_use()
+    assert f"built from other sources than those in {package}" in refused
+    assert hotpath.REBUILD in refused
 
 
 # -- encoding and parsing ---------------------------------------------------------------------

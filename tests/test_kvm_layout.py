@@ -532,6 +532,30 @@ def test_decode_hyperv_and_failures() -> None:
     assert kvm.decode_exit(_run(kvm.KVM_EXIT_INTR)) == kvm.OtherExit(kvm.KVM_EXIT_INTR)
 
 
+def test_decoded_exits_are_values_of_every_field() -> None:
+    """Equal (and of equal hashes) when of one kind and every field is, different when any one
+    differs; printed field by field; the field-less kinds differ from each other."""
+    exits: list[kvm.Exit] = [
+        kvm.HypervSynicExit(1, 2, 3, 4),
+        kvm.HypervHcallExit(1, 2, 3),
+        kvm.InternalErrorExit(1, (2, 3), b"\x90"),
+        kvm.FailEntryExit(1, 2),
+        kvm.ShutdownExit(),
+        kvm.HltExit(),
+        kvm.OtherExit(1),
+    ]
+    for exit_ in exits:
+        fields: dict[str, Any] = {name: getattr(exit_, name) for name in exit_.__match_args__}
+        twin = type(exit_)(**fields)
+        assert twin == exit_ and hash(twin) == hash(exit_)
+        assert [e for e in exits if e == exit_] == [exit_]
+        for name, value in fields.items():
+            changed = value * 2 if isinstance(value, tuple | bytes) else value + 1
+            assert type(exit_)(**{**fields, name: changed}) != exit_, name
+    assert repr(exits[2]) == "InternalErrorExit(suberror=1, data=(2, 3), insn_bytes=b'\\x90')"
+    assert repr(kvm.HltExit()) == "HltExit()"
+
+
 def test_missing_device_is_a_typed_error(tmp_path: Path) -> None:
     with pytest.raises(kvm.KvmUnavailable) as info:
         kvm.Kvm(str(tmp_path / "absent"))

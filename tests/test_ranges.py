@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -263,3 +264,42 @@ def test_hint_coerces_and_validates() -> None:
         CallHint(5, 1, False)  # type: ignore[arg-type]
     with pytest.raises(RangeError):
         RegHint(rax=-1)
+
+
+def test_ranges_and_hints_are_values_of_every_field() -> None:
+    """Equal (and of equal hashes) when every field is, different when any one differs;
+    printed field by field."""
+    samples: list[tuple[Callable[[], object], list[object]]] = [
+        (
+            lambda: Range(IO, 0x3F8, 8),
+            [
+                Range(MMIO, 0x3F8, 8),
+                Range(IO, 0x3F9, 8),
+                Range(IO, 0x3F8, 9),
+                Range(IO, 0x3F8, 8, True),
+            ],
+        ),
+        (RegHint, [RegHint(**{name: True}) for name in RegHint.__match_args__]),
+        (
+            lambda: CallHint(IO, 0x80, True, (RegHint(),)),
+            [
+                CallHint(MMIO, 0x80, True, (RegHint(),)),
+                CallHint(IO, 0x81, True, (RegHint(),)),
+                CallHint(IO, 0x80, False, (RegHint(),)),
+                CallHint(IO, 0x80, True),
+            ],
+        ),
+    ]
+    for make, others in samples:
+        value, twin = make(), make()
+        assert twin == value and hash(twin) == hash(value) and twin is not value
+        for other in others:
+            assert other != value, other
+    assert repr(Range(MMIO, 1, 2, True)) == (
+        "Range(space=<Space.MMIO: 1>, start=1, length=2, async_write=True)"
+    )
+    assert repr(CallHint(IO, 0x80, True)) == (
+        "CallHint(space=<Space.IOPORT: 0>, address=128, on_write=True, hints=())"
+    )
+    assert repr(RegHint(rax=1)).startswith("RegHint(match_rax=False, match_rbx=False,")
+    assert Range(IO, 1, 2) != (IO, 1, 2, False)

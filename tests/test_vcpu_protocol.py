@@ -618,12 +618,37 @@ def running_protocol() -> VcpuProtocol:
     return proto
 
 
+def test_actions_are_values_of_every_field() -> None:
+    """Equal (and of equal hashes) when of one kind and every field is, different when any one
+    differs; printed field by field."""
+    actions: list[object] = [Call(1, b"a"), Send(b"a"), Resume(b"a", None)]
+    assert [hash(a) for a in actions] == [
+        hash(Call(1, b"a")),
+        hash(Send(b"a")),
+        hash(Resume(b"a", None)),
+    ]
+    assert actions == [Call(1, b"a"), Send(b"a"), Resume(b"a", None)]
+    for different in (
+        Call(2, b"a"),
+        Call(1, b"b"),
+        Send(b"b"),
+        Resume(b"b", None),
+        Resume(b"a", Answer.ACCESS),
+    ):
+        assert different not in actions, different
+    assert Call(1, bytearray(b"a")) == Call(1, b"a")
+    assert repr(actions) == (
+        "[Call(request=1, arg=b'a'), Send(data=b'a'), Resume(data=b'a', answer=None)]"
+    )
+
+
 def test_the_protocol_only_returns_actions() -> None:
     proto = VcpuProtocol()
     [init] = steps_of(proto, encode(wait=VcpuRequest.Wait()))
     assert isinstance(init, Send) and decode(init.data).wait.WhichOneof("exit") == "init"
     get = encode(get_state=VcpuRequest.GetState(set=VcpuRequest.REGS))
     call, send = steps_of(proto, get)
+    assert isinstance(call, Call)
     assert call == Call(kvm.KVM_GET_REGS, bytes(STATE_SETS[StateSet.REGS][2]))
     assert isinstance(send, Send) and decode(send.data).get_state.state == bytes(len(call.arg))
     regs = bytes(STATE_SETS[StateSet.REGS][2])

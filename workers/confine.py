@@ -46,7 +46,6 @@ import re
 import resource
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 from vmsuper.shared import bpf, hotpath, kvm, wire
@@ -135,15 +134,23 @@ class ConfinementError(Exception):
     """The worker could not give up a privilege; it must not serve the plugin then."""
 
 
-@dataclass(frozen=True)
 class Confinement:
-    """What the supervisor decides for its workers (in each `WorkerSpec`)."""
+    """What the supervisor decides for its workers (in each `WorkerSpec`). Immutable; a plain
+    class because a frozen dataclass would compile its methods at every start-up."""
 
-    uid: int | None = None
+    __slots__ = ("gid", "misbehave", "uid")
+    uid: Final[int | None]
     """Switch to this uid and `gid` (a root supervisor); None: stay the invoking user."""
-    gid: int | None = None
-    misbehave: str | None = None
+    gid: Final[int | None]
+    misbehave: Final[str | None]
     """Test-only (`MISBEHAVE_VARIABLE`): one of `MISBEHAVIOURS`, done right after confinement."""
+
+    def __init__(
+        self, uid: int | None = None, gid: int | None = None, misbehave: str | None = None
+    ) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.misbehave = misbehave
 
 
 def misbehaviour_from_environment(vcpu: int, environ: Mapping[str, str]) -> str | None:

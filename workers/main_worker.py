@@ -16,8 +16,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from google.protobuf.message import DecodeError
 
@@ -54,14 +53,20 @@ class TablePublisher(Protocol):
     def publish(self, table: RangeTable, hint: CallHint | None) -> object: ...
 
 
-@dataclass(frozen=True)
 class NetInfo:
     """The tap handed out by GetNetConfig."""
 
-    tap_fd: int
-    host_mac: bytes
-    host_ipv4: int  # host byte order; sent as fixed32 in network byte order
-    netmask: int
+    __slots__ = ("host_ipv4", "host_mac", "netmask", "tap_fd")
+    tap_fd: Final[int]
+    host_mac: Final[bytes]
+    host_ipv4: Final[int]  # host byte order; sent as fixed32 in network byte order
+    netmask: Final[int]
+
+    def __init__(self, tap_fd: int, host_mac: bytes, host_ipv4: int, netmask: int) -> None:
+        self.tap_fd = tap_fd
+        self.host_mac = host_mac
+        self.host_ipv4 = host_ipv4
+        self.netmask = netmask
 
 
 class RequestFailed(Exception):
@@ -73,20 +78,31 @@ class RequestFailed(Exception):
         self.reason = reason
 
 
-@dataclass
 class Reply:
     """What the event loop sends back, and what it must do afterwards."""
 
-    data: bytes
-    fds: list[int] = field(default_factory=list)
-    # Our copies of fds that were sent only for the plugin (e.g. a new connection's far end).
-    close_after_send: list[int] = field(default_factory=list)
-    new_connection: socket.socket | None = None
-    # Undoes what the request made, for a loop that finds it cannot deliver the reply.
-    undo: Callable[[], None] | None = None
-    # Set when nothing could be decoded: the loop closes this connection.
-    hang_up: bool = False
-    error: str | None = None
+    __slots__ = ("close_after_send", "data", "error", "fds", "hang_up", "new_connection", "undo")
+
+    def __init__(
+        self,
+        data: bytes,
+        fds: list[int] | None = None,
+        close_after_send: list[int] | None = None,
+        new_connection: socket.socket | None = None,
+        undo: Callable[[], None] | None = None,
+        hang_up: bool = False,
+        error: str | None = None,
+    ) -> None:
+        self.data = data
+        self.fds: list[int] = [] if fds is None else fds
+        # Our copies of fds that were sent only for the plugin (e.g. a new connection's far end).
+        self.close_after_send: list[int] = [] if close_after_send is None else close_after_send
+        self.new_connection = new_connection
+        # Undoes what the request made, for a loop that finds it cannot deliver the reply.
+        self.undo = undo
+        # Set when nothing could be decoded: the loop closes this connection.
+        self.hang_up = hang_up
+        self.error = error
 
 
 STATE_SIZES: dict[int, int] = {
@@ -99,28 +115,48 @@ STATE_SIZES: dict[int, int] = {
 U64_LIMIT = 1 << 64
 
 
-@dataclass
+def _never_full() -> bool:
+    return False
+
+
 class MainWorker:
     """Every MainRequest handler; state shared by all main connections of one VM."""
 
-    vm: kvm.Vm
-    system: kvm.Kvm
-    vcpus: VcpuControl
-    publisher: TablePublisher
-    shutdown_eventfd: int
-    net: NetInfo | None = None
-    limits: Limits = field(default_factory=Limits)
-    objects: ObjectTable = field(default_factory=ObjectTable)
-    ranges: RangeTable = field(default_factory=RangeTable)
-    hint: CallHint | None = None
-    on_error: Callable[[str, str, int], None] | None = None
-    on_internal_error: Callable[[str, BaseException], None] | None = None
-    # Asked before NewConnection: whether the connection limit is reached.
-    connections_full: Callable[[], bool] = lambda: False
-    vcpu_channels_given: bool = False
+    vcpu_channels_given: bool
     """Whether GetVcpus handed the plugin its VCPU channel ends (for the transport hint)."""
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        vm: kvm.Vm,
+        system: kvm.Kvm,
+        vcpus: VcpuControl,
+        publisher: TablePublisher,
+        shutdown_eventfd: int,
+        net: NetInfo | None = None,
+        limits: Limits | None = None,
+        objects: ObjectTable | None = None,
+        ranges: RangeTable | None = None,
+        hint: CallHint | None = None,
+        on_error: Callable[[str, str, int], None] | None = None,
+        on_internal_error: Callable[[str, BaseException], None] | None = None,
+        connections_full: Callable[[], bool] = _never_full,
+        vcpu_channels_given: bool = False,
+    ) -> None:
+        self.vm = vm
+        self.system = system
+        self.vcpus = vcpus
+        self.publisher = publisher
+        self.shutdown_eventfd = shutdown_eventfd
+        self.net = net
+        self.limits = Limits() if limits is None else limits
+        self.objects = ObjectTable() if objects is None else objects
+        self.ranges = RangeTable() if ranges is None else ranges
+        self.hint = hint
+        self.on_error = on_error
+        self.on_internal_error = on_internal_error
+        # Asked before NewConnection: whether the connection limit is reached.
+        self.connections_full = connections_full
+        self.vcpu_channels_given = vcpu_channels_given
         self.objects.limits = self.limits
         if self.ranges.max_ranges is None:
             self.ranges = RangeTable(max_ranges=self.limits.reserved_ranges)

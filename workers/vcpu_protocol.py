@@ -59,7 +59,6 @@ import errno
 import os
 import struct
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
 from google.protobuf.message import DecodeError
@@ -132,30 +131,77 @@ class Answer(enum.Enum):
     """`kvm_run.hyperv.u.hcall.result`: the hypercall's answer (8 bytes)."""
 
 
-@dataclass(frozen=True, slots=True)
 class Call:
     """Action: run VCPU ioctl `request` with a copy of `arg`; its result, (return value,
     argument bytes afterwards), is sent back into the generator, a failure thrown in as
-    `CallFailed`."""
+    `CallFailed`.
 
-    request: int
-    arg: bytes | bytearray
+    The actions are immutable values, plain classes rather than frozen dataclasses: those
+    would compile their methods at every start-up."""
+
+    __slots__ = __match_args__ = ("request", "arg")
+    request: Final[int]
+    arg: Final[bytes | bytearray]
+
+    def __init__(self, request: int, arg: bytes | bytearray) -> None:
+        self.request = request
+        self.arg = arg
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Call:
+            return NotImplemented
+        return (self.request, self.arg) == (other.request, other.arg)
+
+    def __hash__(self) -> int:
+        return hash((self.request, self.arg))
+
+    def __repr__(self) -> str:
+        return f"Call(request={self.request!r}, arg={self.arg!r})"
 
 
-@dataclass(frozen=True, slots=True)
 class Send:
     """Action: send these encoded bytes to the plugin."""
 
-    data: bytes
+    __slots__ = __match_args__ = ("data",)
+    data: Final[bytes]
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Send:
+            return NotImplemented
+        return self.data == other.data
+
+    def __hash__(self) -> int:
+        return hash((self.data,))
+
+    def __repr__(self) -> str:
+        return f"Send(data={self.data!r})"
 
 
-@dataclass(frozen=True, slots=True)
 class Resume:
     """Action: the plugin resumed the VCPU; `data` answers the pending exit, into `answer`
     (None: nothing takes it)."""
 
-    data: bytes
-    answer: Answer | None
+    __slots__ = __match_args__ = ("data", "answer")
+    data: Final[bytes]
+    answer: Final[Answer | None]
+
+    def __init__(self, data: bytes, answer: Answer | None) -> None:
+        self.data = data
+        self.answer = answer
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Resume:
+            return NotImplemented
+        return (self.data, self.answer) == (other.data, other.answer)
+
+    def __hash__(self) -> int:
+        return hash((self.data, self.answer))
+
+    def __repr__(self) -> str:
+        return f"Resume(data={self.data!r}, answer={self.answer!r})"
 
 
 Action: TypeAlias = Call | Send | Resume

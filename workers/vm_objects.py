@@ -13,7 +13,6 @@ import fcntl
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 from vmsuper.shared import kvm, libc_mmap
 from vmsuper.shared.ranges import Space
@@ -46,17 +45,26 @@ class VmObject:
         raise NotImplementedError
 
 
-@dataclass(eq=False)
 class MemoryObject(VmObject):
     """A memfd range mapped into the supervisor and registered as a KVM memory slot."""
 
-    slot: int
-    guest_start: int
-    length: int
-    host_address: int
-    dirty_log: bool
-    read_only: bool
     kind = "memory"
+
+    def __init__(
+        self,
+        slot: int,
+        guest_start: int,
+        length: int,
+        host_address: int,
+        dirty_log: bool,
+        read_only: bool,
+    ) -> None:
+        self.slot = slot
+        self.guest_start = guest_start
+        self.length = length
+        self.host_address = host_address
+        self.dirty_log = dirty_log
+        self.read_only = read_only
 
     def destroy(self, vm: kvm.Vm) -> None:
         region = kvm.kvm_userspace_memory_region(
@@ -84,16 +92,17 @@ class MemoryObject(VmObject):
         return bytes(buf)[: (pages + 7) // 8]
 
 
-@dataclass(eq=False)
 class IoEventObject(VmObject):
     """An eventfd that KVM signals, in-kernel, on a guest write to (space, address)."""
 
-    fd: int
-    space: Space
-    address: int
-    length: int
-    datamatch: int
     kind = "io_event"
+
+    def __init__(self, fd: int, space: Space, address: int, length: int, datamatch: int) -> None:
+        self.fd = fd
+        self.space = space
+        self.address = address
+        self.length = length
+        self.datamatch = datamatch
 
     def _ioeventfd(self, deassign: bool) -> kvm.kvm_ioeventfd:
         flags = 0
@@ -117,14 +126,15 @@ class IoEventObject(VmObject):
             os.close(self.fd)
 
 
-@dataclass(eq=False)
 class IrqEventObject(VmObject):
     """A trigger eventfd and a resample eventfd wired to a GSI with KVM_IRQFD."""
 
-    irq_id: int
-    trigger_fd: int
-    resample_fd: int
     kind = "irq_event"
+
+    def __init__(self, irq_id: int, trigger_fd: int, resample_fd: int) -> None:
+        self.irq_id = irq_id
+        self.trigger_fd = trigger_fd
+        self.resample_fd = resample_fd
 
     def _irqfd(self, deassign: bool) -> kvm.kvm_irqfd:
         if deassign:
@@ -149,15 +159,15 @@ class IrqEventObject(VmObject):
             os.close(self.resample_fd)
 
 
-@dataclass
 class ObjectTable:
     """Every live object by id, plus the memory-slot allocator."""
 
-    limits: Limits = field(default_factory=Limits)
-    _objects: dict[int, VmObject] = field(default_factory=dict)
-    _free_slots: list[int] = field(default_factory=list)
-    _next_slot: int = 0
-    guest_memory: int = 0
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = Limits() if limits is None else limits
+        self._objects: dict[int, VmObject] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self.guest_memory = 0
 
     def __len__(self) -> int:
         return len(self._objects)

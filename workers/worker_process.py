@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final, NoReturn
@@ -43,10 +42,20 @@ __all__ = [
 ]
 
 
-@dataclass
 class WorkerSpec:
     """Everything a forked worker needs, all inherited across fork."""
 
+    __slots__ = (
+        "channel_fds",
+        "confinement",
+        "doorbell",
+        "log_level",
+        "log_path",
+        "mmap_size",
+        "region",
+        "vcpu",
+        "vcpu_fd",
+    )
     vcpu: int
     vcpu_fd: int
     mmap_size: int
@@ -56,8 +65,30 @@ class WorkerSpec:
     region: SharedRegion
     log_path: Path
     log_level: str
-    confinement: confine.Confinement = field(default_factory=confine.Confinement)
+    confinement: confine.Confinement
     """What the worker gives up before serving (`workers/confine.py`): always confined."""
+
+    def __init__(
+        self,
+        vcpu: int,
+        vcpu_fd: int,
+        mmap_size: int,
+        channel_fds: tuple[int, ...],
+        doorbell: Doorbell,
+        region: SharedRegion,
+        log_path: Path,
+        log_level: str,
+        confinement: confine.Confinement | None = None,
+    ) -> None:
+        self.vcpu = vcpu
+        self.vcpu_fd = vcpu_fd
+        self.mmap_size = mmap_size
+        self.channel_fds = channel_fds
+        self.doorbell = doorbell
+        self.region = region
+        self.log_path = log_path
+        self.log_level = log_level
+        self.confinement = confine.Confinement() if confinement is None else confinement
 
 
 def _raise_exit(signum: int, frame: FrameType | None) -> None:
@@ -99,7 +130,6 @@ that window would otherwise reach the supervisor's inherited handler (and be los
 worker that has not opened its log yet."""
 
 
-@dataclass
 class WorkerSignals:
     """The signal handling a worker process installs, and takes back with `uninstall`.
 
@@ -109,11 +139,14 @@ class WorkerSignals:
     handler that notes the signal for the engine's channel reads.
     """
 
-    wake_read: int = -1
-    _previous: dict[int, Any] = field(default_factory=dict)
-    _wake_write: int = -1
-    _previous_wakeup: int = -1
-    _watched: bool = False
+    __slots__ = ("_previous", "_previous_wakeup", "_wake_write", "_watched", "wake_read")
+
+    def __init__(self) -> None:
+        self.wake_read = -1
+        self._previous: dict[int, Any] = {}
+        self._wake_write = -1
+        self._previous_wakeup = -1
+        self._watched = False
 
     def install(self) -> None:
         for signum, handler in (
