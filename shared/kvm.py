@@ -30,6 +30,8 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Self, TypeAlias, TypeVar
 
+from vmsuper.shared.records import Record
+
 if TYPE_CHECKING:
     from ctypes import _CData
 
@@ -1455,31 +1457,7 @@ class Vcpu(_FdOwner):
 # `vms_decode_access`): one decoder for the exits every plugin lives on.
 
 
-class _Exit:
-    """Base of the decoded exits: equality, hash and repr by the fields `__match_args__`
-    names, in order, written once here because `@dataclass` would compile them for each class
-    at import."""
-
-    __slots__ = ()
-    __match_args__: tuple[str, ...] = ()
-
-    def _values(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self.__match_args__)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self) or not isinstance(other, _Exit):
-            return NotImplemented
-        return self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__match_args__)
-        return f"{type(self).__qualname__}({fields})"
-
-
-class HypervSynicExit(_Exit):
+class HypervSynicExit(Record):
     """Hyper-V SynIC MSR write (`KVM_EXIT_HYPERV_SYNIC`)."""
 
     __slots__ = __match_args__ = ("msr", "control", "evt_page", "msg_page")
@@ -1495,7 +1473,7 @@ class HypervSynicExit(_Exit):
         self.msg_page = msg_page
 
 
-class HypervHcallExit(_Exit):
+class HypervHcallExit(Record):
     """Hyper-V hypercall; the result goes into `kvm_run.hyperv.u.hcall.result`."""
 
     __slots__ = __match_args__ = ("input", "params0", "params1")
@@ -1509,7 +1487,7 @@ class HypervHcallExit(_Exit):
         self.params1 = params1
 
 
-class InternalErrorExit(_Exit):
+class InternalErrorExit(Record):
     """KVM could not handle the exit itself (`KVM_EXIT_INTERNAL_ERROR`)."""
 
     __slots__ = __match_args__ = ("suberror", "data", "insn_bytes")
@@ -1529,7 +1507,7 @@ class InternalErrorExit(_Exit):
         return INTERNAL_ERROR_NAMES.get(self.suberror, "unknown suberror")
 
 
-class FailEntryExit(_Exit):
+class FailEntryExit(Record):
     """The hardware refused to enter the guest (`KVM_EXIT_FAIL_ENTRY`)."""
 
     __slots__ = __match_args__ = ("reason", "cpu")
@@ -1541,19 +1519,19 @@ class FailEntryExit(_Exit):
         self.cpu = cpu
 
 
-class ShutdownExit(_Exit):
+class ShutdownExit(Record):
     """The guest shut down, e.g. on a triple fault (`KVM_EXIT_SHUTDOWN`)."""
 
     __slots__ = ()
 
 
-class HltExit(_Exit):
+class HltExit(Record):
     """The guest halted (`KVM_EXIT_HLT`)."""
 
     __slots__ = ()
 
 
-class OtherExit(_Exit):
+class OtherExit(Record):
     """Any other exit reason."""
 
     __slots__ = __match_args__ = ("reason",)

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import Final
 
 from vmsuper.shared.abi import Space
+from vmsuper.shared.records import Record
 
 __all__ = [
     "U64_LIMIT",
@@ -48,11 +49,11 @@ def _check_space(space: int) -> Space:
         raise RangeError(errno.EINVAL, f"unknown address space {space}") from None
 
 
-class Range:
+class Range(Record):
     """`[start, start + length)` in `space`; `async_write`: writes there need no reply.
 
-    Immutable (as are the hints below); a plain class rather than a frozen dataclass, which
-    would compile its methods at every start-up."""
+    Immutable, as are the hints below: `Record`s, not frozen dataclasses (shared/records.py).
+    """
 
     __slots__ = __match_args__ = ("space", "start", "length", "async_write")
     space: Final[Space]
@@ -65,23 +66,6 @@ class Range:
         self.start = start
         self.length = length
         self.async_write = async_write
-
-    def _values(self) -> tuple[Space, int, int, bool]:
-        return (self.space, self.start, self.length, self.async_write)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not Range:
-            return NotImplemented
-        return self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        return (
-            f"Range(space={self.space!r}, start={self.start!r}, length={self.length!r},"
-            f" async_write={self.async_write!r})"
-        )
 
     @property
     def end(self) -> int:
@@ -175,7 +159,7 @@ class RangeTable:
         return self._count
 
 
-class RegHint:
+class RegHint(Record):
     """Which extra state to send with a hinted exit, chosen by the values of rax..rdx."""
 
     __slots__ = __match_args__ = (
@@ -227,21 +211,6 @@ class RegHint:
         for name in ("rax", "rbx", "rcx", "rdx"):
             _check_u64(name, getattr(self, name))
 
-    def _values(self) -> tuple[bool | int, ...]:
-        return tuple(getattr(self, name) for name in self.__match_args__)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not RegHint:
-            return NotImplemented
-        return self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__match_args__)
-        return f"RegHint({fields})"
-
     def applies(self, rax: int, rbx: int, rcx: int, rdx: int) -> bool:
         """True when every register this entry matches on has its value."""
         return (
@@ -252,7 +221,7 @@ class RegHint:
         )
 
 
-class CallHint:
+class CallHint(Record):
     """The plugin's hint that an I/O exit at one address wants the registers sent eagerly.
 
     `address` 0 means "no hint" (that is how `SetCallHint` clears it): such a hint matches
@@ -273,23 +242,6 @@ class CallHint:
         self.on_write = on_write
         self.hints = tuple(hints)
         _check_u64("address", address)
-
-    def _values(self) -> tuple[Space, int, bool, tuple[RegHint, ...]]:
-        return (self.space, self.address, self.on_write, self.hints)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not CallHint:
-            return NotImplemented
-        return self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        return (
-            f"CallHint(space={self.space!r}, address={self.address!r},"
-            f" on_write={self.on_write!r}, hints={self.hints!r})"
-        )
 
     @property
     def is_set(self) -> bool:

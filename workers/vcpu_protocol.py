@@ -66,6 +66,7 @@ from google.protobuf.message import DecodeError
 from vmsuper.shared import kvm
 from vmsuper.shared.plugin_pb2 import VcpuRequest, VcpuResponse
 from vmsuper.shared.ranges import CallHint, Range, Space
+from vmsuper.shared.records import Record
 
 __all__ = [
     "HV_CPUID_MAX_ENTRIES",
@@ -131,13 +132,13 @@ class Answer(enum.Enum):
     """`kvm_run.hyperv.u.hcall.result`: the hypercall's answer (8 bytes)."""
 
 
-class Call:
+class Call(Record):
     """Action: run VCPU ioctl `request` with a copy of `arg`; its result, (return value,
     argument bytes afterwards), is sent back into the generator, a failure thrown in as
     `CallFailed`.
 
-    The actions are immutable values, plain classes rather than frozen dataclasses: those
-    would compile their methods at every start-up."""
+    The actions are immutable values: `Record`s, not frozen dataclasses (shared/records.py).
+    """
 
     __slots__ = __match_args__ = ("request", "arg")
     request: Final[int]
@@ -147,19 +148,8 @@ class Call:
         self.request = request
         self.arg = arg
 
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not Call:
-            return NotImplemented
-        return (self.request, self.arg) == (other.request, other.arg)
 
-    def __hash__(self) -> int:
-        return hash((self.request, self.arg))
-
-    def __repr__(self) -> str:
-        return f"Call(request={self.request!r}, arg={self.arg!r})"
-
-
-class Send:
+class Send(Record):
     """Action: send these encoded bytes to the plugin."""
 
     __slots__ = __match_args__ = ("data",)
@@ -168,19 +158,8 @@ class Send:
     def __init__(self, data: bytes) -> None:
         self.data = data
 
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not Send:
-            return NotImplemented
-        return self.data == other.data
 
-    def __hash__(self) -> int:
-        return hash((self.data,))
-
-    def __repr__(self) -> str:
-        return f"Send(data={self.data!r})"
-
-
-class Resume:
+class Resume(Record):
     """Action: the plugin resumed the VCPU; `data` answers the pending exit, into `answer`
     (None: nothing takes it)."""
 
@@ -191,17 +170,6 @@ class Resume:
     def __init__(self, data: bytes, answer: Answer | None) -> None:
         self.data = data
         self.answer = answer
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not Resume:
-            return NotImplemented
-        return (self.data, self.answer) == (other.data, other.answer)
-
-    def __hash__(self) -> int:
-        return hash((self.data, self.answer))
-
-    def __repr__(self) -> str:
-        return f"Resume(data={self.data!r}, answer={self.answer!r})"
 
 
 Action: TypeAlias = Call | Send | Resume
