@@ -92,13 +92,8 @@ class _Child:
 def _fork_exec(
     argv: Sequence[str], env: Mapping[str, str], pass_fds: Sequence[int], setup: Callable[[], None]
 ) -> _Child:
-    """Fork; the child runs `setup` and executes `argv`, and the parent returns at once.
-
-    subprocess.Popen would wait for the exec, so that it can raise the exec's error: with the
-    child joining a cgroup v1 (an RCU grace period) and entering the sandbox first, that is
-    tens of ms in which the supervisor could import and set up the VM instead. Here the child
-    writes what failed on `report_fd`, read later (`PluginProcess.check_executed`).
-    """
+    """Fork; the child runs `setup`, then executes `argv`. What kept it from executing comes
+    back on the child's `report_fd` (`PluginProcess._wait_for_exec`)."""
     opened: list[int] = []
     try:
         null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -192,8 +187,10 @@ class PluginProcess:
         """Start the plugin, behind `wrapper` (an argv prefix) and in `sandbox` if given.
 
         This returns once the plugin (sandboxed: the sandbox, set up) is about to run (see
-        `wait_started`); `wait=False` returns once the child is forked, for the caller to call
-        `wait_started` after work of its own. `open_files` becomes the plugin's RLIMIT_NOFILE
+        `wait_started`); `wait=False` returns once the child has executed (sandboxed: bwrap),
+        for the caller to call `wait_started` after work of its own. A child that could not
+        execute raises `PluginStartError` with the cause (subprocess.Popen, which this does
+        without, says only that the set-up failed). `open_files` becomes the plugin's RLIMIT_NOFILE
         (soft and hard). `before_exec` runs in the child before it executes anything (it joins
         the plugin's cgroup); if it fails, nothing is executed.
         """
@@ -213,20 +210,24 @@ class PluginProcess:
             except OSError as exc:
                 raise PluginStartError(f"cannot start plugin {path}: {exc.strerror}") from exc
         plugin = cls(child, path, sandbox=sandbox)
-        if wait:
-            try:
+        try:
+            # As subprocess does. Running on while the child joins its cgroup and enters the
+            # sandbox would save a run tens of ms, but measured here it left the plugin off the
+            # CPU of its VCPU's runner (and the runner beside the worker) more often, which
+            # slowed a short run's exits by more.
+            plugin._wait_for_exec()
+            if wait:
                 plugin.wait_started()
-            except BaseException:
-                plugin.close()
-                raise
+        except BaseException:
+            plugin.close()
+            raise
         return plugin
 
     def wait_started(self) -> None:
         """Sandboxed, wait until the sandbox is set up and the plugin about to run (see
         `Sandbox.starter`), so that one that cannot be set up is a `SandboxError` (a
         `PluginStartError`) naming the cause, not a plugin that seems to exit with status 1;
-        the sandbox is killed and reaped then. Unsandboxed, once the plugin is executed."""
-        self.check_executed()
+        the sandbox is killed and reaped then. Unsandboxed, returns at once."""
         if self._sandbox is None:
             return
         try:
@@ -238,9 +239,9 @@ class PluginProcess:
             self.wait()
             raise
 
-    def check_executed(self) -> None:
+    def _wait_for_exec(self) -> None:
         """Wait until the child has executed the plugin (sandboxed: bwrap); if it could not,
-        reap it and raise `PluginStartError` with the reason (once: later calls return)."""
+        reap it and raise `PluginStartError` with the reason."""
         if self._report_fd < 0:
             return
         said = b""

@@ -1,12 +1,13 @@
 """Starting the plugin (supervisor/plugin_process.py, unsandboxed here): the spawn returns
-before the child has executed anything, and what kept it from executing comes out later as a
-`PluginStartError`, with the child reaped."""
+once the child has executed the plugin, and what kept it from executing is a
+`PluginStartError` naming the cause, with the child reaped."""
 
 from __future__ import annotations
 
 import os
 import select
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,25 +42,32 @@ def no_zombie_children() -> bool:
     return all(c.status() != psutil.STATUS_ZOMBIE for c in psutil.Process().children())
 
 
-def test_the_spawn_does_not_wait_for_the_child_s_set_up(tmp_path: Path, socket_fd: int) -> None:
-    # The child's set-up (joining a cgroup, in a run) waits here for a byte the test sends only
-    # once the spawn has returned: a spawn that waited for the exec would see it time out first.
+def test_the_spawn_returns_once_the_plugin_is_executed(tmp_path: Path, socket_fd: int) -> None:
+    # The child's set-up (joining a cgroup, in a run) says it has begun, then waits for a byte
+    # that a thread sends only after it has seen that the spawn has not returned meanwhile.
     plugin = write_python_plugin(tmp_path, "import sys\nprint(sys.argv[1:])\nsys.exit(7)\n")
+    begun_r, begun_w = os.pipe()
     go_r, go_w = os.pipe()
+    returned = threading.Event()
+    seen: list[bool] = []
 
     def held() -> None:
+        os.write(begun_w, b"x")
         if not select.select([go_r], [], [], TIMEOUT)[0]:
             raise TimeoutError("never told to go on")
 
+    def release() -> None:
+        if select.select([begun_r], [], [], TIMEOUT)[0]:
+            seen.append(returned.is_set())
+        os.write(go_w, b"x")
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
     try:
-        process = PluginProcess.spawn(
-            plugin, ["an arg"], {}, socket_fd, before_exec=held, wait=False
-        )
+        process = PluginProcess.spawn(plugin, ["an arg"], {}, socket_fd, before_exec=held)
+        returned.set()
         try:
-            # Still this interpreter, in its set-up: the plugin's argv is not there yet.
-            assert "an arg" not in psutil.Process(process.pid).cmdline()
-            os.write(go_w, b"x")
-            process.wait_started()
+            assert "an arg" in psutil.Process(process.pid).cmdline()  # executed by now
             assert read_all(process.stdout_fd) == b"['an arg']\n"
             assert os.waitstatus_to_exitcode(process.wait()) == 7
         finally:
@@ -67,8 +75,10 @@ def test_the_spawn_does_not_wait_for_the_child_s_set_up(tmp_path: Path, socket_f
             process.wait()
             process.close()
     finally:
-        os.close(go_r)
-        os.close(go_w)
+        releaser.join()
+        for fd in (begun_r, begun_w, go_r, go_w):
+            os.close(fd)
+    assert seen == [False]
 
 
 def test_the_plugin_inherits_stdio_and_its_socket_only(tmp_path: Path, socket_fd: int) -> None:
