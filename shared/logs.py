@@ -22,7 +22,7 @@ built on them: the supervisor's ``run_started`` and ``run_finished`` and each wo
 
 While a run is live its supervisor holds a shared `flock` on ``supervisor.jsonl`` (the lock
 goes with the process, even on SIGKILL), so a reader tells a live run from a dead one with
-`log_files.run_is_live` without trusting a pid that may have been reused.
+`run_is_live` without trusting a pid that may have been reused.
 """
 
 from __future__ import annotations
@@ -95,8 +95,7 @@ _import_structlog_lightly()
 import structlog  # noqa: E402
 from structlog.typing import FilteringBoundLogger  # noqa: E402
 
-from vmsuper.shared.log_files import make_private_folder  # noqa: E402
-
+SUPERVISOR_LOG = "supervisor.jsonl"
 LEVELS = ("debug", "info", "warning", "error", "critical")
 _LEVEL_NUMBERS = {name: structlog.processors.NAME_TO_LEVEL[name] for name in LEVELS}
 _FIXED_FIELDS = ("timestamp", "level", "pid", "vcpu", "event")
@@ -206,7 +205,7 @@ def configure_logging(
 
     Call it again after fork with the worker's own file and `vcpu`; the previous file is closed.
     `echo_stderr` also prints each record as a readable line on stderr. `mark_live` holds a
-    shared lock on the file while it stays open (the supervisor's: see `log_files.run_is_live`).
+    shared lock on the file while it stays open (the supervisor's: see `run_is_live`).
     """
     name = level.lower()
     if name not in _LEVEL_NUMBERS:
@@ -234,6 +233,22 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
     return get_logger()
+
+
+def make_private_folder(path: Path) -> None:
+    """Create `path` and its missing parents for this user only (0700): logs hold whatever
+    the plugin wrote on stderr, secrets included. An existing `path` is made 0700 too."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
+    if path.stat().st_mode & 0o777 != 0o700:
+        with contextlib.suppress(PermissionError):  # another user's folder: theirs to protect
+            os.chmod(path, 0o700)
 
 
 def close_logging() -> None:
@@ -265,6 +280,24 @@ def essential_logger() -> FilteringBoundLogger:
         cache_logger_on_first_use=False,
     )
     return logger
+
+
+def run_is_live(folder: Path) -> bool:
+    """Whether the supervisor that writes `folder`'s ``supervisor.jsonl`` is still running.
+
+    False for a finished or dead run, and for a folder without that file.
+    """
+    try:
+        file = io.FileIO(folder / SUPERVISOR_LOG, "r")
+    except OSError:
+        return False
+    with file:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+        return False
 
 
 def format_text(record: Mapping[str, Any]) -> str:

@@ -1,11 +1,11 @@
 """The first steps of `vmsuper run`: the run's log, the stop signals, and the plugin started.
 
 A run's start-up is mostly Python importing the supervisor. This module imports little, so the
-plugin is started before the rest is imported (structlog with the run's log, then the runner)
-and the VM set up (supervisor/runner.py): the plugin's own start (joining its cgroup, the
-sandbox's set-up, its exec and initialisation) overlaps that work instead of following it. The
-plugin's requests wait, unread, on its socket until the event loop serves them; a set-up that
-fails kills the plugin before anything answers it (`Launch.abandon`).
+plugin is started before the rest is imported and the VM set up (supervisor/runner.py): the
+plugin's own start (joining its cgroup, the sandbox's set-up, its exec and initialisation)
+overlaps that work instead of following it. The plugin's requests wait, unread, on its socket
+until the event loop serves them; a set-up that fails kills the plugin before anything answers
+it (`Launch.abandon`).
 
 SIGTERM, SIGINT and SIGHUP are noted from before the plugin starts (`StopSignals`), and the
 event loop takes what was noted, so a signal that comes while the VM is set up ends the run in
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vmsuper.shared import log_files
+from vmsuper.shared import logs
 from vmsuper.supervisor import cgroups, outcome
 from vmsuper.supervisor.config import Config
 from vmsuper.supervisor.executable import check_exec_format
@@ -84,9 +84,9 @@ class Launch:
     plugin with its main socket and cgroup (`plugin` None: it could not be started, `failure`
     says why)."""
 
-    def __init__(self, config: Config, signals: StopSignals) -> None:
+    def __init__(self, config: Config, log: Any, signals: StopSignals) -> None:
         self.config = config
-        self.log: Any = None  # the supervisor's logger, once `begin` has opened the log
+        self.log = log
         self.limits: Limits = config.limits.to_limits()
         self.signals = signals
         self.plugin: PluginProcess | None = None
@@ -118,8 +118,7 @@ class Launch:
             self.sock.close()
         if self.cgroup is not None:
             for problem in self.cgroup.remove():
-                if self.log is not None:
-                    self.log.warning("cgroup_not_removed", error=problem)
+                self.log.warning("cgroup_not_removed", error=problem)
             self.cgroup = None
         if self.latency_fd >= 0:
             os.close(self.latency_fd)
@@ -146,58 +145,30 @@ def run(config: Config, config_path: Path | None = None) -> int:
 
 
 def begin(config: Config) -> Launch | int:
-    """Make the run's log folder, note the stop signals, start the plugin, then open the log.
+    """Open the run's log, note the stop signals and start the plugin.
 
-    structlog is imported with the log, after the plugin is started: its import overlaps the
-    plugin's start. What happened before (low latency refused, the plugin not started) is
-    logged then, after run_started.
-
-    Returns vmsuper's exit status instead when the log cannot be made (125, with one line on
-    stderr). A plugin that cannot be started leaves `Launch.failure` set.
+    Returns vmsuper's exit status instead when the log folder cannot be made (125, with one
+    line on stderr). A plugin that cannot be started leaves `Launch.failure` set.
     """
     try:
-        log_files.make_private_folder(config.log.dir)
+        logs.make_private_folder(config.log.dir)
+        log = logs.configure_logging(
+            config.log.dir / "supervisor.jsonl", level=config.log.level, mark_live=True
+        )
     except OSError as exc:
-        return _no_log(f"cannot create the log folder {config.log.dir}", exc)
+        said = exc.strerror or str(exc)
+        reason = f"cannot create the log folder {config.log.dir}: {said}"
+        status = outcome.EXIT_SUPERVISOR_FAILED
+        print(f"vmsuper: {reason} (exit status {status})", file=sys.stderr)
+        return status
+    _announce_start(config, logs.essential_logger())
     signals = StopSignals()
     signals.install()
-    launch = Launch(config, signals)
-    latency_error = None
+    launch = Launch(config, log, signals)
     if config.vm.low_latency:  # from before the plugin runs, as the VCPUs may run at once
-        launch.latency_fd, latency_error = _hold_low_latency()
-    not_started = _start_plugin(launch)
-    from vmsuper.shared import logs
-
-    log_path = config.log.dir / log_files.SUPERVISOR_LOG
-    try:
-        launch.log = logs.configure_logging(log_path, level=config.log.level, mark_live=True)
-    except OSError as exc:
-        launch.abandon()
-        launch.close()
-        return _no_log(f"cannot open the log file {log_path}", exc)
-    _announce_start(config, logs.essential_logger())
+        launch.latency_fd = _hold_low_latency(log)
     if not config.plugin.sandbox:
         tell(UNSANDBOXED_NOTICE)
-    if latency_error is not None:
-        launch.log.warning("low_latency_unavailable", error=latency_error)
-    if not_started is not None:
-        event, fields = not_started
-        launch.log.error(event, **fields)
-    return launch
-
-
-def _no_log(what: str, exc: OSError) -> int:
-    """125, and one line on stderr: a run without its log would leave nothing to read."""
-    reason = f"{what}: {exc.strerror or exc}"
-    status = outcome.EXIT_SUPERVISOR_FAILED
-    print(f"vmsuper: {reason} (exit status {status})", file=sys.stderr)
-    return status
-
-
-def _start_plugin(launch: Launch) -> tuple[str, dict[str, str]] | None:
-    """Start the plugin in its cgroup and sandbox; when it cannot be, set `launch.failure` and
-    return the record that says why (the log is not open yet)."""
-    config = launch.config
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     launch.sock = ours
     try:
@@ -219,26 +190,26 @@ def _start_plugin(launch: Launch) -> tuple[str, dict[str, str]] | None:
         )
     except PluginStartError as exc:
         launch.failure = outcome.supervisor_failure(str(exc))
-        return "plugin_start_failed", {"error": str(exc)}
+        log.error("plugin_start_failed", error=str(exc))
     except Exception as exc:  # vmsuper's own: the run ends as for any crash (runner.run)
         import traceback  # only for this record
 
         launch.failure = outcome.supervisor_failure(f"internal error: {exc!r}")
-        return "crashed", {"error": repr(exc), "trace": "".join(traceback.format_exception(exc))}
+        log.error("crashed", error=repr(exc), trace="".join(traceback.format_exception(exc)))
     finally:
         theirs.close()
-    return None
+    return launch
 
 
-def _hold_low_latency() -> tuple[int, str | None]:
-    """Ask the idle governor for shallow C-states while the fd stays open: (fd, None), or
-    (-1, why not)."""
+def _hold_low_latency(log: Any) -> int:
+    """Ask the idle governor for shallow C-states while the fd stays open."""
     try:
         fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY | os.O_CLOEXEC)
         os.write(fd, struct.pack("<i", 0))
     except OSError as exc:
-        return -1, str(exc)
-    return fd, None
+        log.warning("low_latency_unavailable", error=str(exc))
+        return -1
+    return fd
 
 
 def _sandbox(cfg: Config) -> Sandbox | None:

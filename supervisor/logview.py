@@ -49,8 +49,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, TextIO
 
-from vmsuper.shared.log_files import SUPERVISOR_LOG, run_is_live
-from vmsuper.shared.logs import LEVELS, format_text
+from vmsuper.shared.logs import LEVELS, SUPERVISOR_LOG, format_text, run_is_live
 
 POLL_INTERVAL = 0.2
 DEFAULT_LOG_ROOT = "runs"

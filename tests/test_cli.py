@@ -272,12 +272,9 @@ def test_the_cli_imports_only_what_its_command_needs() -> None:
     )
 
 
-# What the runner needs for the VM and the event loop, and structlog with the run's log,
-# imported only once the plugin is started (supervisor/launch.py), so that the plugin's start
-# overlaps these imports.
+# What the runner needs for the VM and the event loop, imported only once the plugin is started
+# (supervisor/launch.py), so that the plugin's start overlaps these imports.
 IMPORTED_AFTER_THE_PLUGIN_STARTS = (
-    "structlog",
-    "vmsuper.shared.logs",
     "vmsuper.supervisor.runner",
     "vmsuper.shared.kvm",
     "vmsuper.shared.hotpath",

@@ -76,25 +76,6 @@ def test_a_log_folder_that_cannot_be_made_is_125_and_one_line(tmp_path: Path, wh
     assert line == f"vmsuper: cannot create the log folder {log_dir}: {said} (exit status 125)"
 
 
-def test_a_log_file_that_cannot_be_opened_ends_the_started_plugin(tmp_path: Path) -> None:
-    # The log is opened once the plugin has started (supervisor/launch.py): the plugin is
-    # killed and reaped before vmsuper gives up.
-    plugin = write_python_plugin(tmp_path, "import signal\nwhile True:\n    signal.pause()\n")
-    log_dir = tmp_path / "logs"
-    (log_dir / "supervisor.jsonl").mkdir(parents=True)
-    config = tmp_path / "vm.toml"
-    config.write_text(VmSpec(sandbox=False).to_toml(plugin, log_dir))
-    result = _vmsuper_run(config)
-    assert result.returncode == outcome.EXIT_SUPERVISOR_FAILED, result.stderr
-    line = _one_line(result.stderr)
-    path = log_dir / "supervisor.jsonl"
-    assert line == f"vmsuper: cannot open the log file {path}: Is a directory (exit status 125)"
-    running = [
-        p for p in psutil.process_iter(["cmdline"]) if str(plugin) in (p.info["cmdline"] or [])
-    ]
-    assert running == []
-
-
 def _records(log_dir: Path) -> list[dict[str, object]]:
     lines = (log_dir / "supervisor.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]

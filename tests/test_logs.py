@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from vmsuper.shared import log_files, logs
+from vmsuper.shared import logs
 
 
 @pytest.fixture(autouse=True)
@@ -199,7 +199,7 @@ def test_format_text() -> None:
 
 def test_vcpu_log_name() -> None:
     assert logs.vcpu_log_name(12) == "vcpu-12.jsonl"
-    assert log_files.SUPERVISOR_LOG == "supervisor.jsonl"
+    assert logs.SUPERVISOR_LOG == "supervisor.jsonl"
 
 
 def test_log_folders_and_files_are_private(tmp_path: Path) -> None:
@@ -239,13 +239,13 @@ def test_essential_records_carry_the_worker_s_vcpu(tmp_path: Path) -> None:
 
 
 def test_run_is_live_while_the_supervisor_holds_its_log(tmp_path: Path) -> None:
-    assert not log_files.run_is_live(tmp_path)  # no log at all
-    logs.configure_logging(tmp_path / log_files.SUPERVISOR_LOG, level="info", mark_live=True)
-    assert log_files.run_is_live(tmp_path)
+    assert not logs.run_is_live(tmp_path)  # no log at all
+    logs.configure_logging(tmp_path / logs.SUPERVISOR_LOG, level="info", mark_live=True)
+    assert logs.run_is_live(tmp_path)
     logs.close_logging()
-    assert not log_files.run_is_live(tmp_path)
-    logs.configure_logging(tmp_path / log_files.SUPERVISOR_LOG, level="info")
-    assert not log_files.run_is_live(tmp_path)
+    assert not logs.run_is_live(tmp_path)
+    logs.configure_logging(tmp_path / logs.SUPERVISOR_LOG, level="info")
+    assert not logs.run_is_live(tmp_path)
 
 
 def test_a_killed_supervisor_is_not_live(tmp_path: Path) -> None:
@@ -253,9 +253,7 @@ def test_a_killed_supervisor_is_not_live(tmp_path: Path) -> None:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
-            logs.configure_logging(
-                tmp_path / log_files.SUPERVISOR_LOG, level="info", mark_live=True
-            )
+            logs.configure_logging(tmp_path / logs.SUPERVISOR_LOG, level="info", mark_live=True)
             os.write(ready_w, b"x")
             signal.pause()
         finally:
@@ -263,12 +261,12 @@ def test_a_killed_supervisor_is_not_live(tmp_path: Path) -> None:
     os.close(ready_w)
     try:
         assert os.read(ready_r, 1) == b"x", "the child never locked its log"
-        assert log_files.run_is_live(tmp_path)
+        assert logs.run_is_live(tmp_path)
     finally:
         os.close(ready_r)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    assert not log_files.run_is_live(tmp_path)
+    assert not logs.run_is_live(tmp_path)
 
 
 def test_structlog_s_async_methods_work_though_asyncio_was_deferred(tmp_path: Path) -> None:

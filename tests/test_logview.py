@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from vmsuper.shared import log_files
+from vmsuper.shared import logs as logs_module
 from vmsuper.supervisor import logview
 
 T0 = datetime(2025, 3, 4, 5, 6, 7, 0, tzinfo=UTC)
@@ -84,7 +84,7 @@ def run_dir(tmp_path: Path) -> Path:
 
 @contextlib.contextmanager
 def live_supervisor(folder: Path) -> Iterator[None]:
-    """Hold the lock a running supervisor holds on its log (see `log_files.run_is_live`)."""
+    """Hold the lock a running supervisor holds on its log (see `logs.run_is_live`)."""
     with (folder / "supervisor.jsonl").open("a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_SH)
         yield
@@ -466,7 +466,7 @@ def test_follow_keeps_going_while_the_supervisor_lives(
     polled_enough = threading.Event()
 
     def counted(folder: Path) -> bool:
-        checks.append(log_files.run_is_live(folder))
+        checks.append(logs_module.run_is_live(folder))
         if len(checks) >= 10:
             polled_enough.set()
         return checks[-1]

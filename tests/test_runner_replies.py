@@ -27,8 +27,7 @@ def supervisor(tmp_path: Path) -> Iterator[runner.Supervisor]:
     config = load_config(config_path)
     log = logs.configure_logging(tmp_path / "supervisor.jsonl", level="info")
     run = runner.Run(config=config, log=log)
-    launch = launching.Launch(config, launching.StopSignals())  # no plugin
-    launch.log = log
+    launch = launching.Launch(config, log, launching.StopSignals())  # no plugin
     try:
         runner._set_up(run)
         sup = runner.Supervisor(run, launch)
