@@ -209,7 +209,17 @@ class PluginProcess:
                 child = _fork_exec([*prefix, str(path), *args], full_env, fds, setup)
             except OSError as exc:
                 raise PluginStartError(f"cannot start plugin {path}: {exc.strerror}") from exc
-        plugin = cls(child, path, sandbox=sandbox)
+        try:
+            plugin = cls(child, path, sandbox=sandbox)
+        except BaseException as exc:  # no pidfd (out of fds): the child is not left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
+            os.waitpid(child.pid, 0)
+            for fd in (child.stdout_fd, child.stderr_fd, child.report_fd):
+                os.close(fd)
+            if isinstance(exc, OSError):
+                raise PluginStartError(f"cannot start plugin {path}: {exc.strerror}") from exc
+            raise
         try:
             # As subprocess does. Running on while the child joins its cgroup and enters the
             # sandbox would save a run tens of ms, but measured here it left the plugin off the

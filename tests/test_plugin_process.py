@@ -135,3 +135,19 @@ def test_a_set_up_that_fails_executes_nothing(tmp_path: Path, socket_fd: int) ->
     assert str(info.value) == said
     assert not marker.exists()
     assert no_zombie_children()
+
+
+def test_a_child_without_a_pidfd_is_killed_and_reaped(
+    tmp_path: Path, socket_fd: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plugin = write_python_plugin(tmp_path, "import signal\nwhile True:\n    signal.pause()\n")
+
+    def out_of_fds(pid: int, flags: int = 0) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "pidfd_open", out_of_fds)
+    with pytest.raises(PluginStartError) as info:
+        PluginProcess.spawn(plugin, [], {}, socket_fd)
+    assert str(info.value) == f"cannot start plugin {plugin}: Too many open files"
+    assert [c for c in psutil.Process().children() if str(plugin) in c.cmdline()] == []
+    assert no_zombie_children()
