@@ -16,15 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import pc, report
 from benchmarks.vmrun import RunError
 
-# The stand-in writes the banner, waits until the harness has read it out of the pipe (FIONREAD
-# on its stdout: no byte left unread), then writes the rest, so the two are read apart.
+# The stand-in shrinks its stdout pipe to one page and fills it with the banner (padded with
+# spaces), so that its next write blocks until the harness has read the banner out of the pipe:
+# the two are read apart, with no polling.
 STAND_IN = """
-import array, fcntl, os, sys, termios, time
-os.write(1, b"\\x1bcSeaBIOS (version x)\\n")
-unread, end = array.array("i", [1]), time.monotonic() + 30
-while unread[0] and time.monotonic() < end:
-    fcntl.ioctl(1, termios.FIONREAD, unread)
-    time.sleep(0.001)
+import fcntl, os, sys
+page = fcntl.fcntl(1, fcntl.F_SETPIPE_SZ, 4096)
+banner = b"\\x1bcSeaBIOS (version x)\\n"
+os.write(1, banner + b" " * (page - len(banner)))
 os.write(1, b"Booting from Hard Disk...\\nBoot sector: hello\\n")
 sys.exit(int(sys.argv[1]))
 """
