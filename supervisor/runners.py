@@ -28,7 +28,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, Final
 
-from vmsuper.shared import hotpath, kvm
+from vmsuper.shared import hotpath, kvm, task_names
 from vmsuper.shared.abi import MAILBOX_ARG_SIZE
 from vmsuper.shared.shm_counts import RangeCounts
 from vmsuper.shared.shm_doorbell import Doorbell
@@ -264,6 +264,7 @@ class VcpuRunner:
 
     def _main(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, RUNNER_BLOCKED)
+        task_names.name_this_thread(task_names.runner_name(self.vcpu))
         try:
             runner_seccomp.confine_thread(
                 self._fd, ALLOWED_IOCTLS, send_fd=self._exits.send_fd if self._exits else None

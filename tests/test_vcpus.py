@@ -33,7 +33,7 @@ from typing import Any, cast
 import psutil
 import pytest
 
-from vmsuper.shared import kvm, wire
+from vmsuper.shared import kvm, task_names, wire
 from vmsuper.shared.abi import RANGE_COUNTS, RunState
 from vmsuper.shared.asm import assemble
 from vmsuper.shared.plugin_pb2 import CpuidEntry, VcpuRequest, VcpuResponse
@@ -351,6 +351,30 @@ def test_init_then_every_vcpu_runs_after_all_resumed(
         io = io_of(end.recv())
         assert (io.space, io.address, io.is_write, io.data) == (0, SERIAL, True, bytes([0x40 + i]))
     assert vcpus.started
+
+
+def task_name(path: str) -> str:
+    return Path(path).read_text().rstrip("\n")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_each_runner_and_worker_is_named_after_its_vcpu(machine: Machine, transport: str) -> None:
+    machine.load(WRITE_RBX_AND_HALT)
+    own_name = task_name("/proc/thread-self/comm")
+    vcpus = machine.start(2, transport)
+    for i, end in enumerate(machine.ends):
+        init(end, i)  # the worker's answers and the runner's ioctls: both are past their naming
+    threads = [task_name(f"/proc/self/task/{tid}/comm") for tid in os.listdir("/proc/self/task")]
+    assert sorted(n for n in threads if n.startswith("vcpu")) == ["vcpu0-runner", "vcpu1-runner"]
+    assert task_name("/proc/thread-self/comm") == own_name  # the caller keeps its own
+    workers = {vcpu: task_name(f"/proc/{pid}/comm") for vcpu, pid in vcpus.worker_pids().items()}
+    assert workers == {0: "vcpu0-worker", 1: "vcpu1-worker"}
+
+
+def test_task_names_fit_the_kernel() -> None:
+    for vcpu in (0, 9, 255, 999):
+        assert len(task_names.runner_name(vcpu)) <= task_names.MAX_NAME
+        assert len(task_names.worker_name(vcpu)) <= task_names.MAX_NAME
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final, NoReturn
 
-from vmsuper.shared import hotpath, kvm, logs
+from vmsuper.shared import hotpath, kvm, logs, task_names
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.shared.shm_doorbell import Doorbell
 from vmsuper.workers import confine
@@ -226,6 +226,7 @@ def enter_worker(spec: WorkerSpec, *, parent_pid: int) -> NoReturn:
         signal.signal(signal.SIGTERM, _raise_exit)
         os.setsid()
         _set_parent_death_signal(parent_pid)
+        task_names.name_this_thread(task_names.worker_name(spec.vcpu))
         logs.close_logging()
         keep = {0, 1, 2, spec.vcpu_fd, *spec.channel_fds, *spec.doorbell.fds()}
         had_faulthandler = faulthandler.is_enabled()
