@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from vmsuper.shared.asm import AssemblyError
 
-from . import concurrent, cpu, exits, machine, memory, pc, report, startup
+from . import concurrent, cpu, exits, machine, memory, pc, placement, report, startup
 from .build import BuildError, build_all
 from .context import PATHS, Bench
 from .vmrun import RunError
@@ -31,6 +31,7 @@ SECTIONS: Final[dict[str, Section]] = {
     "startup": startup.startup,
     "memory": memory.memory,
     "concurrent": concurrent.concurrent,
+    "placement": placement.placement,
     "pc": pc.pc,
 }
 # Sections --quick leaves out: each boot of the PC machine takes seconds, beside QEMU too.

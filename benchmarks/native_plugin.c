@@ -13,9 +13,10 @@
  *            never leave the kernel; the eventfd's count is read at the end.
  *   hold     each VCPU stops at its START exit; the plugin prints its report, then blocks
  *            until FIFO can be read (EOF or a byte), and exits with the VCPUs still stopped.
- *   profile  loop on one VCPU with two pauses for the harness to read CPU times, at the START
- *            and the DONE exit: a {"bench": ..., "phase": "start"|"done"} line, then FIFO is
- *            read before going on.
+ *   profile  loop with two pauses for the harness (to read CPU times, or to place threads), at
+ *            the START and the DONE exit: once every VCPU has reached it, one
+ *            {"bench": ..., "phase": "start"|"done"} line, then FIFO is read before any VCPU
+ *            goes on.
  *   trivial  exit 0 at once.
  *
  * The guest (GUEST_BIN, loaded at 0x1000 in 64 KiB of memory at guest address 0, run in real
@@ -417,6 +418,16 @@ static void pause_for_harness(const char *phase) {
     wait_for_harness();
 }
 
+/* Every VCPU's thread meets here (profile mode): one of them pauses for the harness, while the
+ * others wait at the barrier, so the harness sees one pause per phase whatever the VCPU count. */
+static pthread_barrier_t phase_barrier;
+
+static void pause_all_for_harness(const char *phase) {
+    if (pthread_barrier_wait(&phase_barrier) == PTHREAD_BARRIER_SERIAL_THREAD)
+        pause_for_harness(phase);
+    pthread_barrier_wait(&phase_barrier);
+}
+
 static void *serve_vcpu(void *arg) {
     struct vcpu *v = arg;
     static const struct pb wait = {.b = {VREQ_WAIT << 3 | 2, 0}, .n = 2};
@@ -444,13 +455,13 @@ static void *serve_vcpu(void *arg) {
             if (mode == HOLD)
                 return NULL;
             if (mode == PROFILE) {
-                pause_for_harness("start");
+                pause_all_for_harness("start");
                 v->t_first = now();
             }
         } else if (address.v == done_port) {
             v->t_done = t;
             if (mode == PROFILE) /* here, while this thread's CPU time is still on record */
-                pause_for_harness("done");
+                pause_all_for_harness("done");
             return NULL; /* left stopped: the plugin exits next */
         } else {
             v->other_exits++;
@@ -547,6 +558,8 @@ int main(int argc, char **argv) {
     struct pb req = {.n = 0};
     pb_empty(&req, MAIN_GET_VCPUS);
     int count = open_vcpus(fds, transact(&req, -1, RESP_GET_VCPUS, fds, MAX_FDS));
+    if (pthread_barrier_init(&phase_barrier, NULL, (unsigned)count))
+        die("pthread_barrier_init failed");
     for (int i = 0; i < count; i++)
         if (pthread_create(&vcpus[i].thread, NULL, serve_vcpu, &vcpus[i]))
             die("pthread_create failed");

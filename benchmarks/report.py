@@ -189,6 +189,13 @@ def _exits(row: Row) -> str:
     return ", ".join(f"{name} {count}" for name, count in exits.items())
 
 
+def _cpus(row: Row) -> str:
+    placed = row.get("cpus") or []
+    if not any(placed):
+        return "-"
+    return " | ".join(", ".join(f"{r}/{w}" for r, w in vm) for vm in placed)
+
+
 _LL: Final = ("low_lat", _on_off)
 _PATH: Final = ("path", _value("path"))
 _PER_EXIT: Final = ("us/exit median [min-max]", _summary("us_per_exit"))
@@ -280,6 +287,15 @@ COLUMNS: Final[dict[str, list[Column]]] = {
         ("x forward wall", _value("wall_vs_forward", "{:.2f}")),
         ("x forward CPU", _value("cpu_vs_forward", "{:.2f}")),
     ],
+    "placement": [
+        ("VMs", _value("vms")),
+        ("vcpus", _value("vcpus")),
+        ("placement", _value("placement")),
+        ("runner/worker CPUs", _cpus),
+        ("exits each", _value("exits_each", "{:,}")),
+        _PER_EXIT,
+        ("x free", _value("vs_free", "{:.2f}")),
+    ],
     "pc": [
         ("machine", _value("machine")),
         ("exec->banner s", _summary("to_banner_s", 2)),
@@ -311,6 +327,11 @@ TITLES: Final = {
         "f. K one-VCPU VMs at once against K C references (pipe = crosvm's architecture; relay,"
         " forward = the floor of vmsuper's process layout, forward as vmsuper serves plain exits);"
         " wall and CPU of each batch, start-up included; x ref = over pipe"
+    ),
+    "placement": (
+        "f2. Runner threads and workers pinned by hand (native plugin, pipes, default path; per"
+        " VCPU and exit; runner/worker CPUs: per VCPU, VMs apart by |); x free = over the"
+        " scheduler's own placement"
     ),
     "pc": (
         "g. The PC machine beside QEMU: SeaBIOS boots the demo disk (median [min-max] of the"

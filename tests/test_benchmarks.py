@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +21,23 @@ from vmsuper.supervisor.config import VmConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PATHS = ("c+poll", "c")
-SECTIONS = {"exits", "reference", "async", "ioeventfd", "cpu", "startup", "memory", "concurrent"}
+SECTIONS = {
+    "exits",
+    "reference",
+    "async",
+    "ioeventfd",
+    "cpu",
+    "startup",
+    "memory",
+    "concurrent",
+    "placement",
+}
 # The figures each section's rows must all carry (summaries unless noted).
 FIGURES = {
     "exits": ("us_per_exit", "exits_per_s"),
     "reference": ("us_per_exit", "exits_per_s", "cpu_us_per_exit"),
     "concurrent": ("wall_s", "cpu_s", "cpu_us_per_exit"),
+    "placement": ("us_per_exit",),
     "async": ("us_per_exit", "exits_per_s"),
     "ioeventfd": ("us_per_write", "writes_per_s"),
     "cpu": (
@@ -123,6 +135,25 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
         }[row["what"]]
         for name in ratios:
             assert isinstance(row[name], float) and row[name] > 0, (name, row)
+
+    # Pinned by hand (each pin read back from the kernel by the harness), up to 2 VMs when quick.
+    placed = {(r["vms"], r["vcpus"], r["placement"]): r for r in sections["placement"]}
+    assert set(placed) == {
+        (1, 1, "free"),
+        (1, 1, "apart"),
+        (1, 1, "paired"),
+        (1, 2, "free"),
+        (1, 2, "paired"),
+        (2, 1, "free"),
+        (2, 1, "apart"),
+        (2, 1, "per-vm"),
+    }
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    assert placed[(2, 1, "per-vm")]["cpus"] == [[[first, first]], [[second, second]]]
+    assert placed[(1, 1, "apart")]["cpus"] == [[[first, second]]]
+    for (_, _, how), placed_row in placed.items():
+        if how != "free":
+            assert isinstance(placed_row["vs_free"], float) and placed_row["vs_free"] > 0
 
     startup = {(r["plugin"], r.get("low_latency")): r for r in sections["startup"]}
     for ll in (False, True):
