@@ -7,6 +7,9 @@ case holds: its CPU pressure (`/proc/pressure/cpu`, "some": the share of time at
 runnable task waited for a CPU). So the supervisor samples that share every `INTERVAL` and
 writes each VCPU's polling window into its mailbox (`Mailbox.poll_ns`), which the C loops read
 at every wait: the configured window while the pressure stays below `THRESHOLD`, 0 above it.
+The gate is made with the VM's VCPU set and first decides when the VCPUs start, before any of
+them polls, from the pressure while the VM was set up: VMs that start on a busy host, or
+together, do not poll at all until the host is calm.
 
 `PollPolicy` is the decision, fed readings and returning the window (no I/O, tested alone);
 `PollGate` is the shell: the file, a timerfd for the event loop, the mailboxes. Without the
@@ -36,8 +39,8 @@ __all__ = [
 PRESSURE_FILE: Final = "/proc/pressure/cpu"
 INTERVAL_S: Final = 0.025
 FIRST_INTERVAL_S: Final = 0.005
-"""The first reading after the VCPUs start comes sooner: VMs started together on a busy host
-then poll for a few milliseconds only."""
+"""The first reading after the VCPUs start comes sooner: a host that became busy just as they
+started (or that their polling makes busy) has them poll for a few milliseconds only."""
 THRESHOLD: Final = 0.5
 """Stall share above which polling stops: half the time, some task waited for a CPU."""
 HOLD_MIN_S: Final = 0.05

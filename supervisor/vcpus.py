@@ -172,8 +172,9 @@ class VcpuSet:
             raise RuntimeError("a VcpuSet must be made in the main thread (signal handlers)")
         self._poll_ns = poll_ns
         self.poll_gate: PollGate | None = None
-        """From `start`: sets the polling window from the host's CPU pressure; the caller
-        ticks it (`poll_gate.INTERVAL_S`)."""
+        """Sets the polling window from the host's CPU pressure: its first reading is taken
+        at `start`, over the time since the set was made (before any VCPU polls); the caller
+        ticks it from then on (`poll_gate.INTERVAL_S`)."""
         self._previous_kick_handler = install_kick_handler()
         user = worker_user if worker_user is not None else workers_user(None)
         self._worker_ids = (user.uid, user.gid) if user.switch else (None, None)
@@ -207,6 +208,7 @@ class VcpuSet:
                 self._channels.append(_Channel(transport))
                 self._doorbells.append(Doorbell(region.mailbox(i), spin_ns=poll_ns))
                 region.mailbox(i).poll_ns = poll_ns  # until `poll_gate` says otherwise
+            self.poll_gate = PollGate([region.mailbox(i) for i in range(count)], poll_ns)
         except BaseException:
             self._close_everything()
             raise
@@ -245,11 +247,10 @@ class VcpuSet:
                 mapping, run = kvm.map_run(vcpu.fd, self._mmap_size)
                 self._maps.append(mapping)
                 self._runs.append(run)
-            # Before the fork, so its first reading is a baseline by the time the VCPUs run
-            # (the workers close its file with every fd they do not use).
-            self.poll_gate = PollGate(
-                [self._region.mailbox(i) for i in range(self.count)], self._poll_ns
-            )
+            # Before any VCPU polls: on a host that was busy while this VM was being set up
+            # (other VMs running, or starting with it), the VCPUs start without polling.
+            if self.poll_gate is not None:
+                self.poll_gate.tick()
             self._fork_workers()
         except BaseException:
             self._kill_workers()

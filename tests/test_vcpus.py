@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import json
 import mmap
 import os
@@ -39,6 +40,8 @@ from vmsuper.shared.asm import assemble
 from vmsuper.shared.plugin_pb2 import CpuidEntry, VcpuRequest, VcpuResponse
 from vmsuper.shared.ranges import CallHint, RangeTable, RegHint, Space
 from vmsuper.shared.shm import SharedRegion
+from vmsuper.supervisor import vcpus as vcpus_module
+from vmsuper.supervisor.poll_gate import PollGate
 from vmsuper.supervisor.runners import KICK_SIGNAL
 from vmsuper.supervisor.vcpus import VcpuSet, VcpuSetError
 from vmsuper.workers.vcpu_protocol import STATE_SETS, StateSet
@@ -369,6 +372,31 @@ def test_each_runner_and_worker_is_named_after_its_vcpu(machine: Machine, transp
     assert task_name("/proc/thread-self/comm") == own_name  # the caller keeps its own
     workers = {vcpu: task_name(f"/proc/{pid}/comm") for vcpu, pid in vcpus.worker_pids().items()}
     assert workers == {0: "vcpu0-worker", 1: "vcpu1-worker"}
+
+
+def write_pressure(path: Path, stall_us: int) -> None:
+    path.write_text(f"some avg10=0.00 avg60=0.00 avg300=0.00 total={stall_us}\n")
+
+
+@pytest.mark.parametrize(("stall_us", "polling"), [(0, True), (10**12, False)])
+def test_vcpus_poll_from_the_start_only_if_the_host_was_calm_while_the_vm_was_set_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stall_us: int, polling: bool
+) -> None:
+    pressure = tmp_path / "cpu"
+    write_pressure(pressure, 0)
+    gate = functools.partial(PollGate, pressure_file=str(pressure))
+    monkeypatch.setattr(vcpus_module, "PollGate", gate)
+    machine = Machine(tmp_path / "logs", poll_ns=50_000)
+    try:
+        machine.load(HALT)
+        vcpus = machine.make_vcpus(1, "pipes")  # the gate's baseline
+        write_pressure(pressure, stall_us)  # since then: calm, or busy all along
+        machine.ends[0].send(VcpuRequest(wait=VcpuRequest.Wait()))
+        vcpus.start()  # the first reading, before any VCPU polls; nobody ticks the gate here
+        assert machine.region.mailbox(0).poll_ns == (50_000 if polling else 0)
+        init(machine.ends[0], 0)
+    finally:
+        machine.close()
 
 
 def test_task_names_fit_the_kernel() -> None:
@@ -1028,7 +1056,8 @@ def test_shutdown_unblocks_everything_and_leaves_nothing(
 def test_shutdown_without_start_closes_the_channels(machine: Machine) -> None:
     baseline = fd_count()
     vcpus = machine.make_vcpus(3, "pipes")
-    assert fd_count() == baseline + 3 * 4 + 3 * 2 + 3 * 2  # pipes, doorbells, test's dups
+    gate = 1 if machine.poll_ns else 0  # the polling gate's pressure file
+    assert fd_count() == baseline + 3 * 4 + 3 * 2 + 3 * 2 + gate  # pipes, doorbells, test's dups
     vcpus.shutdown()
     for end in machine.ends:
         end.close()
