@@ -20,6 +20,16 @@ from .vmrun import RunResult, log_event_times, run_vm, vmsuper_command
 
 # What `vmsuper run` imports before it can serve the plugin (the CLI imports the runner).
 SUPERVISOR_IMPORT = "import vmsuper.supervisor.cli, vmsuper.supervisor.runner"
+# Imports timed alone (each over a bare interpreter's start): what a run imports before it can
+# spawn its plugin (the CLI, its config and log, the launch), and the two libraries among them
+# (the config's and the log's; the log imports structlog as vmsuper does, with stand-ins).
+IMPORTS_ALONE = {
+    "python: imports before the plugin's spawn": (
+        "import vmsuper.supervisor.cli, vmsuper.supervisor.launch"
+    ),
+    "python: msgspec import": "import msgspec",
+    "python: structlog import, as a run does": "import vmsuper.shared.logs",
+}
 # The plugins timed, and whether they run sandboxed (the default) or not (to show what the
 # sandbox costs).
 VARIANTS = {
@@ -87,14 +97,18 @@ def _python_costs(bench: Bench) -> list[dict[str, Any]]:
     """The part of start-up that is Python's: a bare interpreter, and the supervisor's imports."""
     interpreter: list[float] = []
     imports: list[float] = []
+    alone: dict[str, list[float]] = {name: [] for name in IMPORTS_ALONE}
     cli: list[float] = []
     for _ in range(bench.repeat):
         bare = _time_command([sys.executable, "-c", "pass"])
         interpreter.append(_ms(bare))
         imports.append(_ms(_time_command([sys.executable, "-c", SUPERVISOR_IMPORT]) - bare))
+        for name, statement in IMPORTS_ALONE.items():
+            alone[name].append(_ms(_time_command([sys.executable, "-c", statement]) - bare))
         cli.append(_ms(_time_command([*vmsuper_command(), "--version"])))
     return [
         {"plugin": "python: bare interpreter", "run_ms": summarize(interpreter)},
         {"plugin": "python: supervisor imports", "run_ms": summarize(imports)},
+        *({"plugin": name, "run_ms": summarize(ms)} for name, ms in alone.items()),
         {"plugin": "vmsuper --version", "run_ms": summarize(cli)},
     ]

@@ -160,6 +160,15 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
         for key in ("to_first_request_ms", "to_first_exit_ms", "run_ms"):
             check_summary(key, startup[("native", ll)][key])
         check_summary("trivial run_ms", startup[("trivial", ll)]["run_ms"])
+    for name in (
+        "python: bare interpreter",
+        "python: supervisor imports",
+        "python: imports before the plugin's spawn",
+        "python: msgspec import",
+        "python: structlog import, as a run does",
+        "vmsuper --version",
+    ):
+        check_summary(name, startup[(name, None)]["run_ms"])
 
     memory = [r for r in sections["memory"] if "vcpus" in r]
     assert {(r["vcpus"], r["low_latency"]) for r in memory} == {
