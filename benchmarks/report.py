@@ -259,6 +259,7 @@ COLUMNS: Final[dict[str, list[Column]]] = {
         ("Start->1st exit ms", _summary("start_to_first_exit_ms")),
         ("exec->log run_finished ms", _summary("to_run_finished_ms")),
         ("whole run ms", _summary("run_ms")),
+        ("whole run CPU ms", _summary("run_cpu_ms")),
     ],
     "memory": [
         ("vcpus", lambda r: str(r.get("vcpus", r.get("growth")))),

@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from .concurrent import children_cpu_s
 from .context import Bench
 from .stats import summarize
 from .vmrun import RunResult, log_event_times, run_vm, vmsuper_command
@@ -62,7 +63,9 @@ def startup(bench: Bench) -> list[dict[str, Any]]:
                 spec = bench.spec(plugin, "loop", 1, low_latency=ll, sandbox=sandbox)
                 _sample(run_vm(spec, bench.folder(f"startup-{plugin}")), samples[variant])
             spec = bench.spec("native", "trivial", low_latency=ll, expect_report=False)
+            cpu_before = children_cpu_s()
             run = run_vm(spec, bench.folder("startup-trivial"))
+            trivial["run_cpu"].append(_ms(children_cpu_s() - cpu_before))
             trivial["run"].append(_ms(run.wall_s))
             events = log_event_times(run)
             if events.keys() >= TRIVIAL_EVENTS:

@@ -160,6 +160,7 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
         for key in ("to_first_request_ms", "to_first_exit_ms", "run_ms"):
             check_summary(key, startup[("native", ll)][key])
         check_summary("trivial run_ms", startup[("trivial", ll)]["run_ms"])
+        check_summary("trivial run_cpu_ms", startup[("trivial", ll)]["run_cpu_ms"])
     for name in (
         "python: bare interpreter",
         "python: supervisor imports",
