@@ -14,7 +14,10 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import Any
+
+TYPE_CHECKING = False  # importing typing costs `vmsuper run` milliseconds before its hand-over
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class ImportedOnFirstUse(types.ModuleType):

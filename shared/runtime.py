@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Final
+
+TYPE_CHECKING = False  # `vmsuper run` reads the runtime folder before it imports typing
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = ["RUNTIME_VARIABLE", "RuntimeDirError", "make_runtime_dir", "runtime_dir"]
 

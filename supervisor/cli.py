@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         "stats", help="one snapshot of live or finished runs' counters", add_help=False
     )
     commands.add_parser("top", help="a live view of every VCPU of every run", add_help=False)
+    commands.add_parser(
+        "serve",
+        help="keep a supervisor ready, so that this user's runs start sooner",
+        add_help=False,
+    )
     return parser
 
 
@@ -232,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(argv[1:])
         if argv[:1] == ["logs"]:
             return _logs(argv[1:])
-        if argv[:1] in (["stats"], ["top"]):
+        if argv[:1] in (["stats"], ["top"], ["serve"]):
             return _own_parser(f"vmsuper.supervisor.{argv[0]}", argv[1:])
         args = build_parser().parse_args(argv)
         if args.command == "run":

@@ -8,11 +8,15 @@ import os
 import pytest
 from hostcaps import kvm_unusable_reason, required_strictly, tap_unusable_reason
 
+from vmsuper.supervisor.serve_client import SERVE_VARIABLE
 from vmsuper.testing import SANDBOX_VARIABLE
 
 # vmsuper's own tests look at their plugins from the host (pids, parents, fds), so their runs
 # are unsandboxed unless the suite is run with VMSUPER_TEST_SANDBOX=1 (see docs/security.md).
 os.environ.setdefault(SANDBOX_VARIABLE, "0")
+# For the same reason their runs are children of their own `vmsuper run`, even where a
+# `vmsuper serve` listens (tests/test_serve.py starts servers of its own).
+os.environ[SERVE_VARIABLE] = "0"
 
 
 def _gate(reason: str | None, what: str) -> None:

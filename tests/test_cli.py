@@ -219,7 +219,7 @@ def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    for command in ("run", "check", "logs"):
+    for command in ("run", "check", "logs", "stats", "top", "serve"):
         assert f"    {command} " in out
 
 
@@ -269,6 +269,30 @@ def test_the_cli_imports_only_what_its_command_needs() -> None:
         "import sys, vmsuper.supervisor.cli, vmsuper.supervisor.runner\n"
         "vmsuper.supervisor.cli.build_parser().parse_args(['run', 'vm.toml'])\n"
         f"print([m for m in {NOT_IMPORTED_BY_RUN!r} if m in sys.modules])"
+    )
+
+
+# What `vmsuper run` must not import before it knows whether `vmsuper serve` takes the run:
+# anything a served run would not need here (supervisor/serve_client.py).
+NOT_IMPORTED_BEFORE_THE_HAND_OVER = (
+    "typing",
+    "msgspec",
+    "structlog",
+    "google.protobuf",
+    "vmsuper.supervisor.cli",
+    "vmsuper.supervisor.config",
+    "vmsuper.supervisor.serve",
+)
+
+
+def test_the_hand_over_to_a_server_imports_next_to_nothing() -> None:
+    _finds_none(
+        "import os, sys\n"
+        "os.environ['VMSUPER_RUNTIME_DIR'] = '/nonexistent/vmsuper-runtime'\n"
+        "os.environ.pop('VMSUPER_SERVE', None)\n"
+        "from vmsuper.supervisor.serve_client import hand_over\n"
+        "assert hand_over(['run', 'vm.toml']) is None  # no server there\n"
+        f"print([m for m in {NOT_IMPORTED_BEFORE_THE_HAND_OVER!r} if m in sys.modules])"
     )
 
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from vmsuper.supervisor.cli import main
+from vmsuper.supervisor.entry import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,400 @@
+"""`vmsuper serve`: keep a supervisor imported, and fork it for each `vmsuper run`.
+
+A run spends most of its start in the interpreter and the imports (the config's msgspec, the
+log's structlog, protobuf, the runner), the same every time. The server pays them once; each
+`vmsuper run` then hands its command line, folder, environment, umask and standard streams
+over the server's socket (`serve_client.py`), and a fork of the server becomes that run's
+supervisor: the same code path as `vmsuper run` alone (`cli.main`), started about as far as
+an interpreter alone would be. The server answers with the run's pidfd (the command passes
+its stop signals on through it) and, once the run has ended, its exit status.
+
+Boundaries:
+- The socket is the user's own (mode 0600, in the runtime folder), and the server takes a
+  run only from a peer of its own user id (SO_PEERCRED): nothing is gained over running the
+  command, and a request is still checked in full (`parse_request`) before anything forks.
+- A command that goes away (killed, or its socket closed) stops its run with SIGTERM, as a
+  hang-up would: no run outlives its command.
+- A server whose installed code has changed since it started (or of another version than the
+  command's) sends runs back to run in their commands, and stops once its runs have ended.
+- SIGTERM or SIGINT stops taking runs and lets the running ones finish; a second one stops
+  them (SIGTERM) too.
+
+Each run is a child of the server, not of its command: its cgroup, limits and CPU time are
+the server's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import errno
+import fcntl
+import gc
+import io
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Final, NoReturn
+
+import msgspec
+
+import vmsuper
+import vmsuper.shared
+import vmsuper.workers
+from vmsuper import __version__
+from vmsuper.shared.runtime import RuntimeDirError, make_runtime_dir
+from vmsuper.supervisor import serve_client
+from vmsuper.supervisor.serve_client import MAX_MESSAGE, socket_path
+
+__all__ = ["Refusal", "RunRequest", "code_stamp", "main", "parse_request"]
+
+STDIO_FDS: Final = 3
+_UCRED: Final = struct.Struct("3i")  # pid, uid, gid
+
+
+class RunRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What a `vmsuper run` hands over (see serve_client.py)."""
+
+    version: str
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]
+    umask: int
+
+
+class Refusal(Exception):
+    """A run the server does not take; `local`: the command should run it itself."""
+
+    def __init__(self, reason: str, *, local: bool = False) -> None:
+        super().__init__(reason)
+        self.local = local
+
+
+def parse_request(data: bytes, fds: Sequence[int], truncated: bool) -> RunRequest:
+    """The request in one message with its fds, checked in full; raises `Refusal`."""
+    if truncated:
+        raise Refusal(f"the request is longer than {MAX_MESSAGE} bytes, or carries too many fds")
+    if len(fds) != STDIO_FDS:
+        raise Refusal(f"expected {STDIO_FDS} fds (stdin, stdout, stderr), got {len(fds)}")
+    try:
+        request = msgspec.json.decode(data, type=RunRequest)
+    except msgspec.DecodeError as exc:
+        raise Refusal(f"malformed request: {exc}") from None
+    if request.version != __version__:
+        raise Refusal(f"the server is vmsuper {__version__}", local=True)
+    if request.argv[:1] != ["run"]:
+        raise Refusal("only 'vmsuper run' is served")
+    if not 0 <= request.umask <= 0o777:
+        raise Refusal(f"umask {request.umask:#o} out of range")
+    if not os.path.isabs(request.cwd):
+        raise Refusal(f"the folder {request.cwd!r} is not absolute")
+    texts = (*request.argv, request.cwd, *request.env, *request.env.values())
+    if any("\0" in text for text in texts):
+        raise Refusal("a NUL character in the command line, folder or environment")
+    return request
+
+
+def code_stamp() -> int:
+    """The newest modification time (ns) among vmsuper's installed files: a change means the
+    server no longer runs the code a command would."""
+    newest = 0
+    roots = [
+        Path(folder)
+        for package in (vmsuper, vmsuper.shared, vmsuper.supervisor, vmsuper.workers)
+        for folder in package.__path__
+    ]
+    for root in roots:
+        for folder, subfolders, files in os.walk(root):
+            subfolders[:] = [d for d in subfolders if d != "__pycache__"]
+            for name in files:
+                if name.endswith((".py", ".so")):
+                    with contextlib.suppress(OSError):
+                        newest = max(newest, os.stat(os.path.join(folder, name)).st_mtime_ns)
+    return newest
+
+
+def _import_a_run() -> None:
+    """Everything a run imports, so that no fork imports it again."""
+    import vmsuper.supervisor.cli
+    import vmsuper.supervisor.launch
+    import vmsuper.supervisor.runner
+    import vmsuper.workers.worker_process  # noqa: F401
+
+
+class _Run:
+    def __init__(self, pid: int, pidfd: int, conn: socket.socket) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.conn = conn
+        self.stopped = False
+
+
+class Server:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.stamp = code_stamp()
+        self.sel = selectors.DefaultSelector()
+        self.runs: dict[int, _Run] = {}
+        self.listener: socket.socket | None = None
+        self.stopping = 0
+        self.why_stopped = "no listening socket"
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def listen(self) -> None:
+        make_runtime_dir(self.path.parent)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            probe.connect(str(self.path))
+        except OSError:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()  # left by a server that died
+        else:
+            raise OSError(errno.EADDRINUSE, f"a server already listens on {self.path}")
+        finally:
+            probe.close()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o077)
+        try:
+            listener.bind(str(self.path))
+        finally:
+            os.umask(old)
+        listener.listen(64)
+        self.listener = listener
+        self.sel.register(listener, selectors.EVENT_READ, self._accept)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_signal)
+        signal.set_wakeup_fd(self._wake_w)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: None)
+
+    def serve(self) -> None:
+        while self.listener is not None or self.runs:
+            for key, _ in self.sel.select():
+                key.data(key.fileobj)
+
+    def stop_taking_runs(self) -> None:
+        if self.listener is None:
+            return
+        self.sel.unregister(self.listener)
+        self.listener.close()
+        self.listener = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def _on_signal(self, _fd: object) -> None:
+        got = b""
+        with contextlib.suppress(BlockingIOError):
+            got = os.read(self._wake_r, 64)
+        if not any(b in (signal.SIGTERM, signal.SIGINT) for b in got):
+            return
+        self.stopping += 1
+        self.why_stopped = "signalled"
+        self.stop_taking_runs()
+        if self.stopping > 1:
+            for run in self.runs.values():
+                self._stop(run)
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def _accept(self, _sock: object) -> None:
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        conn.setblocking(False)
+        self.sel.register(conn, selectors.EVENT_READ, self._on_request)
+
+    def _on_request(self, conn: object) -> None:
+        assert isinstance(conn, socket.socket)
+        self.sel.unregister(conn)
+        try:
+            request, fds = self._receive(conn)
+        except Refusal as exc:
+            _send(conn, {"refused": str(exc), "local": exc.local})
+            conn.close()
+            return
+        try:
+            pid = self._fork(request, fds)
+        except OSError as exc:
+            _close(fds)
+            _send(conn, {"refused": f"cannot start the run: {exc}", "local": True})
+            conn.close()
+            return
+        _close(fds)
+        pidfd = os.pidfd_open(pid)
+        run = _Run(pid, pidfd, conn)
+        self.runs[pidfd] = run
+        _send(conn, {"started": pid}, [pidfd])
+        self.sel.register(pidfd, selectors.EVENT_READ, self._on_run_exit)
+        self.sel.register(conn, selectors.EVENT_READ, lambda _c, r=run: self._on_command(r))
+
+    def _receive(self, conn: socket.socket) -> tuple[RunRequest, list[int]]:
+        """The request; any fds that came with a refused one are closed."""
+        pid, uid, _ = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        fds = array.array("i")
+        try:
+            data, ancillary, flags, _ = conn.recvmsg(
+                MAX_MESSAGE, socket.CMSG_SPACE(STDIO_FDS * fds.itemsize)
+            )
+        except OSError as exc:
+            raise Refusal(f"cannot read the request: {exc}") from None
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        received = list(fds)
+        try:
+            if uid != os.geteuid():
+                raise Refusal(f"uid {uid} (pid {pid}) is not this server's user")
+            truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+            request = parse_request(data, received, truncated)
+            if code_stamp() != self.stamp:
+                self.why_stopped = "vmsuper's code changed since it started"
+                self.stop_taking_runs()  # and end once the runs in progress have
+                raise Refusal("its code changed since it started", local=True)
+        except Refusal:
+            _close(received)
+            raise
+        return request, received
+
+    def _fork(self, request: RunRequest, fds: list[int]) -> int:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        pid = os.fork()
+        if pid == 0:
+            _become_run(request, fds)  # never returns
+        return pid
+
+    def _on_command(self, run: _Run) -> None:
+        """The command's socket is readable: it went away (nothing else comes from it)."""
+        self.sel.unregister(run.conn)
+        self._stop(run)
+
+    def _stop(self, run: _Run) -> None:
+        if not run.stopped:
+            run.stopped = True
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(run.pidfd, signal.SIGTERM)
+
+    def _on_run_exit(self, pidfd: object) -> None:
+        assert isinstance(pidfd, int)
+        run = self.runs.pop(pidfd)
+        self.sel.unregister(pidfd)
+        _, status = os.waitpid(run.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        _send(run.conn, {"exit": code if code >= 0 else 128 - code})
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(run.conn)
+        run.conn.close()
+        os.close(pidfd)
+
+
+def _become_run(request: RunRequest, fds: list[int]) -> NoReturn:
+    """In the fork: take on the command's streams, folder, environment and umask, and run
+    `vmsuper` as it would have."""
+    status = serve_client.SERVER_FAILED
+    try:
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        # Out of the way first: a received fd may itself be 0, 1 or 2.
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in fds]
+        for target, fd in enumerate(high):
+            os.dup2(fd, target)
+        os.closerange(STDIO_FDS, os.sysconf("SC_OPEN_MAX"))
+        gc.freeze()  # the server's objects own numbers just closed: never finalize them
+        sys.stdin = _text_stream(0, "r")
+        sys.stdout = _text_stream(1, "w")
+        sys.stderr = _text_stream(2, "w", errors="backslashreplace", line_buffering=True)
+        os.chdir(request.cwd)
+        os.environ.clear()
+        os.environ.update(request.env)
+        os.umask(request.umask)
+        sys.argv = ["vmsuper", *request.argv]
+        from vmsuper.supervisor.cli import main
+
+        status = main(request.argv)
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            import traceback
+
+            traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BaseException):
+                stream.flush()
+        os._exit(status)
+
+
+def _text_stream(
+    fd: int, mode: str, *, errors: str = "strict", line_buffering: bool = False
+) -> Any:
+    """A standard stream on `fd` as the interpreter would have made it for the command."""
+    raw = io.FileIO(fd, mode, closefd=False)
+    interactive = raw.isatty()
+    binary = io.BufferedReader(raw) if mode == "r" else io.BufferedWriter(raw)
+    return io.TextIOWrapper(
+        binary,
+        encoding="utf-8",
+        errors=errors,
+        line_buffering=line_buffering or interactive,
+    )
+
+
+def _send(conn: socket.socket, message: dict[str, Any], fds: Iterable[int] = ()) -> None:
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", list(fds)))]
+    with contextlib.suppress(OSError):  # a command gone already: nothing to tell
+        conn.sendmsg([json.dumps(message).encode()], ancillary if list(fds) else [])
+
+
+def _close(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vmsuper serve",
+        description=(
+            "Keep a supervisor imported and fork it for each 'vmsuper run' of this user, which"
+            " then starts in a fraction of the time. Runs until SIGTERM or SIGINT (a second one"
+            " also stops the runs in progress)."
+        ),
+    )
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=None,
+        help=f"where to listen (default: {serve_client.SOCKET_NAME} in the runtime folder, where"
+        " 'vmsuper run' looks)",
+    )
+    args = parser.parse_args(argv)
+    server = Server(args.socket or socket_path())
+    try:
+        server.listen()
+    except (OSError, RuntimeDirError) as exc:
+        print(f"vmsuper serve: error: {exc}", file=sys.stderr)
+        return 1
+    _import_a_run()
+    gc.collect()
+    gc.freeze()  # the forks share the imported objects' pages instead of copying them
+    print(f"vmsuper serve: listening on {server.path}", file=sys.stderr, flush=True)
+    try:
+        server.serve()
+    finally:
+        server.stop_taking_runs()
+    print(f"vmsuper serve: stopped ({server.why_stopped})", file=sys.stderr, flush=True)
+    return 0

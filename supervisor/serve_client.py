@@ -1,0 +1,154 @@
+"""`vmsuper run`'s side of `vmsuper serve`: hand the run to a supervisor already imported.
+
+Most of a run's start is the interpreter's and the imports' (see docs/performance.md), the same
+for every run. `vmsuper serve` pays them once and forks a ready supervisor per run; this module
+is all `vmsuper run` imports before it knows whether one is there, so that it stays cheap
+when none is. The run behaves as if it ran here: it gets this process's standard streams,
+current folder, environment and umask; the signals that stop a run (SIGINT, SIGTERM, SIGHUP,
+SIGQUIT) are passed on to it; and this process exits with its status. Without a server, or
+with one whose code is not this one, the caller runs the VM itself.
+
+The exchange, over `serve.sock` in the runtime folder (SOCK_SEQPACKET, one JSON object per
+message):
+
+- the client sends `{"version", "argv", "cwd", "env", "umask"}` with its fds 0, 1 and 2;
+- the server answers `{"started": PID}` with the run's pidfd, then `{"exit": STATUS}` when the
+  run has ended; or `{"refused": REASON, "local": BOOL}`, where `local` says whether running
+  here instead is right (a server of other code, or one about to stop) or not (a request the
+  server cannot take).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import sys
+
+from vmsuper import __version__
+
+TYPE_CHECKING = False  # typing itself costs a run's start milliseconds: mypy alone imports these
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+    from typing import Any, Final
+
+__all__ = [
+    "FORWARDED_SIGNALS",
+    "MAX_MESSAGE",
+    "SERVE_VARIABLE",
+    "SOCKET_NAME",
+    "hand_over",
+    "socket_path",
+]
+
+SOCKET_NAME: Final = "serve.sock"
+SERVE_VARIABLE: Final = "VMSUPER_SERVE"
+"""Set to 0, `vmsuper run` never hands its run to a server (the test suite does so)."""
+MAX_MESSAGE: Final = 1 << 20
+FORWARDED_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+SERVER_FAILED: Final = 125
+"""As the supervisor's own internal failure (outcome.EXIT_SUPERVISOR_FAILED)."""
+_LOST_RUN_WAIT_S: Final = 10.0
+
+
+def socket_path() -> Path:
+    from vmsuper.shared.runtime import runtime_dir
+
+    return runtime_dir() / SOCKET_NAME
+
+
+def hand_over(argv: Sequence[str]) -> int | None:
+    """Run `vmsuper` with `argv` in a server's fork and return its exit status; None when
+    there is no server to take it (or it says to run here)."""
+    if os.environ.get(SERVE_VARIABLE) == "0":
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            conn.connect(str(socket_path()))
+        except OSError:
+            return None  # none listens (or none may be reached): the usual case
+        return _converse(conn, argv)
+    finally:
+        conn.close()
+
+
+def _converse(conn: socket.socket, argv: Sequence[str]) -> int | None:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    request = {
+        "version": __version__,
+        "argv": list(argv),
+        "cwd": os.getcwd(),
+        "env": dict(os.environ),
+        "umask": umask,
+    }
+    try:
+        conn.sendmsg(
+            [json.dumps(request).encode()],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))],
+        )
+        reply, fds = _receive(conn)
+    except OSError as exc:
+        _say(f"cannot hand the run to vmsuper serve ({exc}); running it here")
+        return None
+    if "refused" in reply:
+        if reply.get("local"):
+            _say(f"vmsuper serve did not take the run ({reply['refused']}); running it here")
+            return None
+        _say(f"vmsuper serve refused the run: {reply['refused']}")
+        return SERVER_FAILED
+    if "started" not in reply or len(fds) != 1:
+        _say(f"unexpected answer from vmsuper serve: {reply!r}")
+        return SERVER_FAILED
+    return _follow(conn, fds[0])
+
+
+def _follow(conn: socket.socket, pidfd: int) -> int:
+    """Pass stop signals on to the run until the server says how it ended."""
+
+    def pass_on(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signum)
+
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, pass_on)
+    try:
+        reply, _ = _receive(conn)
+    except OSError:
+        reply = {}
+    if isinstance(reply.get("exit"), int):
+        return int(reply["exit"])
+    # The server is gone: its runs must not outlive their commands.
+    _say("vmsuper serve went away during the run; stopping the run")
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    select.select([pidfd], [], [], _LOST_RUN_WAIT_S)
+    return SERVER_FAILED
+
+
+def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """One message (EOF: {}) and the fds that came with it."""
+    fds = array.array("i")
+    data, ancillary, flags, _ = conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(fds.itemsize))
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    try:
+        reply = json.loads(data) if data else {}
+    except ValueError:
+        reply = {}
+    if not isinstance(reply, dict) or flags & socket.MSG_CTRUNC:
+        return {}, list(fds)
+    return reply, list(fds)
+
+
+def _say(message: str) -> None:
+    with contextlib.suppress(OSError):
+        sys.stderr.write(f"vmsuper: {message}\n")
+        sys.stderr.flush()
