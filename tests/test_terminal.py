@@ -28,7 +28,12 @@ DEADLINE = 60.0
 # never prints SAW SHUTDOWN.
 WAITS_FOR_SHUTDOWN = """
 _, fds = call(req(get_shutdown_eventfd=pb.MainRequest.GetShutdownEventfd()))
+_, vcpus = call(req(get_vcpus=pb.MainRequest.GetVcpus()))
 call(req(start=pb.MainRequest.Start()))
+# The VCPU's Init comes from its worker: the worker is up, in its own session, before READY.
+vcpu = socket.socket(fileno=vcpus[0])
+wire.send_datagram(vcpu, pb.VcpuRequest(wait=pb.VcpuRequest.Wait()).SerializeToString(), [])
+assert pb.VcpuResponse.FromString(wire.recv_datagram(vcpu).data).wait.HasField("init")
 print("READY", os.getpid(), flush=True)
 os.eventfd_read(fds[0])
 print("SAW SHUTDOWN", flush=True)
