@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import sys
 
+INTERRUPTED = 130  # as cli.INTERRUPTED: interrupted before the run starts
+
 
 def main() -> int:
     argv = sys.argv[1:]
     if argv[:1] == ["run"]:
         from vmsuper.supervisor.serve_client import hand_over
 
-        status = hand_over(argv)
+        try:
+            status = hand_over(argv)
+        except KeyboardInterrupt:  # before the run started: the server stops it, if any
+            return INTERRUPTED
         if status is not None:
             return status
     from vmsuper.supervisor.cli import main as cli_main

@@ -16,8 +16,8 @@ Boundaries:
   hang-up would: no run outlives its command.
 - A server whose installed code has changed since it started (or of another version than the
   command's) sends runs back to run in their commands, and stops once its runs have ended.
-- SIGTERM or SIGINT stops taking runs and lets the running ones finish; a second one stops
-  them (SIGTERM) too.
+- SIGTERM, SIGINT or SIGHUP stops taking runs and lets the running ones finish; a second one
+  stops them (SIGTERM) too.
 
 Each run is a child of the server, not of its command: its cgroup, limits and CPU time are
 the server's.
@@ -37,6 +37,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 from collections.abc import Iterable, Sequence
@@ -56,6 +57,9 @@ from vmsuper.supervisor.serve_client import MAX_MESSAGE, socket_path
 __all__ = ["Refusal", "RunRequest", "code_stamp", "main", "parse_request"]
 
 STDIO_FDS: Final = 3
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Stop taking runs and end once they have; a second one stops them too. (A hang-up of the
+terminal the server was started from is no reason to break the runs in progress.)"""
 _UCRED: Final = struct.Struct("3i")  # pid, uid, gid
 
 
@@ -120,12 +124,27 @@ def code_stamp() -> int:
     return newest
 
 
-def _import_a_run() -> None:
-    """Everything a run imports, so that no fork imports it again."""
+def _prepare_a_run() -> None:
+    """Everything a run imports, and what its first steps make (the command line's parser,
+    msgspec's TOML parser and view of the config's types, the hot path's library), so that no
+    fork pays for them again. What fails here is only left for the runs to meet and report."""
+    import tempfile
+
     import vmsuper.supervisor.cli
     import vmsuper.supervisor.launch
     import vmsuper.supervisor.runner
-    import vmsuper.workers.worker_process  # noqa: F401
+    import vmsuper.workers.worker_process
+    from vmsuper.shared import hotpath
+    from vmsuper.supervisor.config import ConfigError, load_config
+
+    vmsuper.supervisor.cli.build_parser()
+    with contextlib.suppress(ImportError):
+        hotpath.binding()
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as sample:
+        sample.write('[plugin]\npath = "/bin/true"\n')
+        sample.flush()
+        with contextlib.suppress(ConfigError, OSError):
+            load_config(sample.name, check_plugin=False)
 
 
 class _Run:
@@ -154,9 +173,12 @@ class Server:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             probe.connect(str(self.path))
+        except FileNotFoundError:
+            pass
         except OSError:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()  # left by a server that died
+            if not stat.S_ISSOCK(self.path.lstat().st_mode):
+                raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket") from None
+            self.path.unlink()  # left by a server that died
         else:
             raise OSError(errno.EADDRINUSE, f"a server already listens on {self.path}")
         finally:
@@ -172,7 +194,7 @@ class Server:
         self.sel.register(listener, selectors.EVENT_READ, self._accept)
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_signal)
         signal.set_wakeup_fd(self._wake_w)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, lambda *_: None)
 
     def serve(self) -> None:
@@ -193,7 +215,7 @@ class Server:
         got = b""
         with contextlib.suppress(BlockingIOError):
             got = os.read(self._wake_r, 64)
-        if not any(b in (signal.SIGTERM, signal.SIGINT) for b in got):
+        if not any(b in STOP_SIGNALS for b in got):
             return
         self.stopping += 1
         self.why_stopped = "signalled"
@@ -304,7 +326,7 @@ def _become_run(request: RunRequest, fds: list[int]) -> NoReturn:
     status = serve_client.SERVER_FAILED
     try:
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         # Out of the way first: a received fd may itself be 0, 1 or 2.
@@ -370,8 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="vmsuper serve",
         description=(
             "Keep a supervisor imported and fork it for each 'vmsuper run' of this user, which"
-            " then starts in a fraction of the time. Runs until SIGTERM or SIGINT (a second one"
-            " also stops the runs in progress)."
+            " then starts in a fraction of the time. Runs until SIGTERM, SIGINT or SIGHUP (a"
+            " second one also stops the runs in progress)."
         ),
     )
     parser.add_argument(
@@ -388,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, RuntimeDirError) as exc:
         print(f"vmsuper serve: error: {exc}", file=sys.stderr)
         return 1
-    _import_a_run()
+    _prepare_a_run()
     gc.collect()
     gc.freeze()  # the forks share the imported objects' pages instead of copying them
     print(f"vmsuper serve: listening on {server.path}", file=sys.stderr, flush=True)

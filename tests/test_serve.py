@@ -210,6 +210,7 @@ def talk(server: Server, payload: bytes, fds: list[int]) -> dict[str, object]:
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         conn.sendmsg([payload], rights)
         reply: dict[str, object] = json.loads(conn.recv(1 << 16))
+        assert conn.recv(1) == b""  # the server has closed its end, and whatever came with it
         return reply
     finally:
         conn.close()
@@ -295,6 +296,42 @@ def test_a_second_server_on_the_same_socket_is_refused(server: Server) -> None:
     assert done.returncode == 1
     assert "already listens" in done.stderr
     assert server.socket.exists() and server.proc.poll() is None
+
+
+@pytest.mark.kvm
+def test_a_socket_left_by_a_server_that_died_is_taken_over(tmp_path: Path) -> None:
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    left.bind(str(runtime / serve_client.SOCKET_NAME))
+    left.close()  # the file stays, with nobody listening
+    server = Server(runtime)
+    try:
+        cfg = config(tmp_path, REPORT_AND_EXIT)
+        proc = start_run(cfg, server.env, cwd=tmp_path)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 7, err
+        assert json.loads(out.splitlines()[0])["its_parent"] == server.proc.pid
+    finally:
+        server.stop()
+
+
+def test_a_file_in_the_socket_s_place_is_left_alone(tmp_path: Path) -> None:
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    precious = runtime / serve_client.SOCKET_NAME
+    precious.write_text("not a socket")
+    env = dict(os.environ, VMSUPER_RUNTIME_DIR=str(runtime))
+    done = subprocess.run(
+        [sys.executable, "-m", "vmsuper", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 1
+    assert "exists and is not a socket" in done.stderr
+    assert precious.read_text() == "not a socket"
 
 
 def test_a_server_that_sends_a_run_back_has_the_command_run_it(tmp_path: Path) -> None:
