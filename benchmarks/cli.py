@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from vmsuper.shared.asm import AssemblyError
+from vmsuper.supervisor.serve_client import SERVE_VARIABLE
 
 from . import concurrent, cpu, exits, machine, memory, pc, placement, report, startup
 from .build import BuildError, build_all
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     quick: bool = args.quick
+    # Every run is its command's own, even where a `vmsuper serve` listens; the start-up
+    # section starts a server of its own for its served rows.
+    os.environ[SERVE_VARIABLE] = "0"
     # Mounted into the sandbox, whose plugin runs as an unprivileged user: it must enter the
     # folder to read the guests there (tempfile makes it 0700).
     work.chmod(0o755)

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from .context import DEFAULT_PATH, PATHS, TRANSPORTS, Bench
+from .served import Served
 from .stats import ratio, summarize
 from .vmrun import RunError, run_command, run_vm
 
@@ -41,6 +42,9 @@ VM_COUNTS: Final = (1, 2, 4, 8)
 QUICK_VM_COUNTS: Final = (2,)
 EXITS_FACTOR: Final = 4  # 20,000 exits per VM with the default 5,000
 CONCURRENT_PATHS: Final = (DEFAULT_PATH, "c")
+SERVED: Final = "vmsuper, served"
+"""vmsuper's runs handed to one `vmsuper serve` (pipes, default path): without each run's
+interpreter and imports, which weigh most when many short VMs share the CPUs."""
 # The C reference's modes, each a row (its `path`); `pipe` is the one every row is compared with.
 REFERENCE_MODES: Final = ("pipe", "relay", "forward")
 
@@ -50,8 +54,11 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def batch(jobs: list[Callable[[], object]]) -> tuple[float, float]:
-    """Run `jobs` at once, one thread each; (wall seconds, CPU seconds of what they ran).
+def batch(
+    jobs: list[Callable[[], object]], also_cpu: Callable[[], float] | None = None
+) -> tuple[float, float]:
+    """Run `jobs` at once, one thread each; (wall seconds, CPU seconds of what they ran, with
+    `also_cpu`'s growth: the CPU time of processes that are not this one's children).
 
     Raises the first job's error after every job has ended.
     """
@@ -68,13 +75,14 @@ def batch(jobs: list[Callable[[], object]]) -> tuple[float, float]:
     threads = [threading.Thread(target=body, args=(job,)) for job in jobs]
     for thread in threads:
         thread.start()
-    cpu_before = children_cpu_s()
+    others = also_cpu or (lambda: 0.0)
+    cpu_before = children_cpu_s() + others()
     t0 = time.monotonic()
     start.wait()
     for thread in threads:
         thread.join()
     wall = time.monotonic() - t0
-    cpu = children_cpu_s() - cpu_before
+    cpu = children_cpu_s() + others() - cpu_before
     if errors:
         raise errors[0]
     return wall, cpu
@@ -86,6 +94,7 @@ def keys(bench: Bench) -> list[dict[str, Any]]:
     for vms in counts:
         for transport, path in itertools.product(TRANSPORTS, CONCURRENT_PATHS):
             found.append({"what": "vmsuper", "vms": vms, "transport": transport, "path": path})
+        found.append({"what": SERVED, "vms": vms, "transport": "pipes", "path": DEFAULT_PATH})
         for mode in REFERENCE_MODES:
             found.append({"what": "reference", "vms": vms, "transport": "pipes", "path": mode})
     return found
@@ -95,9 +104,14 @@ def concurrent(bench: Bench) -> list[dict[str, Any]]:
     exits = bench.exits * EXITS_FACTOR
     all_keys = keys(bench)
     samples: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(all_keys))}
-    for _ in range(bench.repeat):
-        for i, key in enumerate(all_keys):
-            samples[i].append(batch(_jobs(bench, key, exits)))
+    with Served() as served:
+        for _ in range(bench.repeat):
+            for i, key in enumerate(all_keys):
+                if key["what"] == SERVED:
+                    jobs = _jobs(bench, key, exits, served.env)
+                    samples[i].append(batch(jobs, served.children_cpu_s))
+                else:
+                    samples[i].append(batch(_jobs(bench, key, exits)))
     rows = []
     for i, key in enumerate(all_keys):
         walls, cpus = zip(*samples[i], strict=True)
@@ -114,12 +128,17 @@ def concurrent(bench: Bench) -> list[dict[str, Any]]:
     return rows
 
 
-def _jobs(bench: Bench, key: dict[str, Any], exits: int) -> list[Callable[[], object]]:
+def _jobs(
+    bench: Bench, key: dict[str, Any], exits: int, env: dict[str, str] | None = None
+) -> list[Callable[[], object]]:
     if key["what"] == "reference":
         argv = bench.reference(key["path"], 1, exits)
         return [lambda: _check_reference(run_command(argv), exits) for _ in range(key["vms"])]
-    spec = bench.spec("native", "loop", exits, transport=key["transport"], **PATHS[key["path"]])
-    name = f"concurrent-{key['vms']}-{key['transport']}-{key['path']}"
+    spec = bench.spec(
+        "native", "loop", exits, transport=key["transport"], env=env or {}, **PATHS[key["path"]]
+    )
+    served = "-served" if key["what"] == SERVED else ""
+    name = f"concurrent-{key['vms']}-{key['transport']}-{key['path']}{served}"
     folders = [bench.folder(f"{name}-{n}") for n in range(key["vms"])]
     return [functools.partial(run_vm, spec, folder) for folder in folders]
 
@@ -136,7 +155,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     references = {(r["vms"], r["path"]): r for r in rows if r["what"] == "reference"}
     for row in rows:
         compared = [("pipe", "reference")]
-        if row["what"] == "vmsuper":
+        if row["what"] in ("vmsuper", SERVED):
             compared.append(("forward", "forward"))
         for mode, name in compared:
             ref = references.get((row["vms"], mode))

@@ -16,8 +16,9 @@ from typing import Any
 
 from .concurrent import children_cpu_s
 from .context import Bench
+from .served import Served
 from .stats import summarize
-from .vmrun import RunResult, log_event_times, run_vm, vmsuper_command
+from .vmrun import RunResult, RunSpec, log_event_times, run_vm, vmsuper_command
 
 # What `vmsuper run` imports before it can serve the plugin (the CLI imports the runner).
 SUPERVISOR_IMPORT = "import vmsuper.supervisor.cli, vmsuper.supervisor.runner"
@@ -33,10 +34,15 @@ IMPORTS_ALONE = {
 }
 # The plugins timed, and whether they run sandboxed (the default) or not (to show what the
 # sandbox costs).
+NATIVE_SERVED = "native, served"
+TRIVIAL_SERVED = "trivial, served"
 VARIANTS = {
     "native": ("native", True),
     "sdk": ("sdk", True),
     "native, no sandbox": ("native", False),
+    # Handed to a `vmsuper serve` (started for the section): the same run, without the
+    # interpreter's and the imports' start.
+    NATIVE_SERVED: ("native", True),
 }
 # Milestones of a trivial run in vmsuper's log, to split its whole time into set-up, the
 # plugin's life, shutdown, and the interpreter's exit (after run_finished).
@@ -55,29 +61,44 @@ def _time_command(argv: list[str]) -> float:
 
 def startup(bench: Bench) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for ll in bench.low_latency:
-        samples: dict[str, dict[str, list[float]]] = {v: defaultdict(list) for v in VARIANTS}
-        trivial: dict[str, list[float]] = defaultdict(list)
-        for _ in range(bench.repeat):
-            for variant, (plugin, sandbox) in VARIANTS.items():
-                spec = bench.spec(plugin, "loop", 1, low_latency=ll, sandbox=sandbox)
-                _sample(run_vm(spec, bench.folder(f"startup-{plugin}")), samples[variant])
-            spec = bench.spec("native", "trivial", low_latency=ll, expect_report=False)
-            cpu_before = children_cpu_s()
-            run = run_vm(spec, bench.folder("startup-trivial"))
-            trivial["run_cpu"].append(_ms(children_cpu_s() - cpu_before))
-            trivial["run"].append(_ms(run.wall_s))
-            events = log_event_times(run)
-            if events.keys() >= TRIVIAL_EVENTS:
-                for event in TRIVIAL_EVENTS:
-                    trivial[f"to_{event}"].append(_ms(events[event]))
-        for variant in VARIANTS:
-            figures = {f"{k}_ms": summarize(v) for k, v in samples[variant].items()}
-            rows.append({"plugin": variant, "low_latency": ll, **figures})
-        figures = {f"{k}_ms": summarize(v) for k, v in trivial.items()}
-        rows.append({"plugin": "trivial", "low_latency": ll, **figures})
+    with Served() as served:
+        for ll in bench.low_latency:
+            samples: dict[str, dict[str, list[float]]] = {v: defaultdict(list) for v in VARIANTS}
+            trivial: dict[str, dict[str, list[float]]] = {
+                "trivial": defaultdict(list),
+                TRIVIAL_SERVED: defaultdict(list),
+            }
+            for _ in range(bench.repeat):
+                for variant, (plugin, sandbox) in VARIANTS.items():
+                    env = served.env if variant == NATIVE_SERVED else {}
+                    spec = bench.spec(plugin, "loop", 1, low_latency=ll, sandbox=sandbox, env=env)
+                    _sample(run_vm(spec, bench.folder(f"startup-{plugin}")), samples[variant])
+                for name, env in (("trivial", {}), (TRIVIAL_SERVED, served.env)):
+                    spec = bench.spec(
+                        "native", "trivial", low_latency=ll, expect_report=False, env=env
+                    )
+                    _trivial(bench, spec, served, trivial[name])
+            for variant in VARIANTS:
+                figures = {f"{k}_ms": summarize(v) for k, v in samples[variant].items()}
+                rows.append({"plugin": variant, "low_latency": ll, **figures})
+            for name, got in trivial.items():
+                figures = {f"{k}_ms": summarize(v) for k, v in got.items()}
+                rows.append({"plugin": name, "low_latency": ll, **figures})
     rows.extend(_python_costs(bench))
     return rows
+
+
+def _trivial(bench: Bench, spec: RunSpec, served: Served, into: dict[str, list[float]]) -> None:
+    """One whole run of the trivial plugin: wall and CPU (the command's and everything below
+    it, and for a served run the fork's and everything below it, which the server reaps)."""
+    cpu_before = children_cpu_s() + served.children_cpu_s()
+    run = run_vm(spec, bench.folder("startup-trivial"))
+    into["run_cpu"].append(_ms(children_cpu_s() + served.children_cpu_s() - cpu_before))
+    into["run"].append(_ms(run.wall_s))
+    events = log_event_times(run)
+    if events.keys() >= TRIVIAL_EVENTS:
+        for event in TRIVIAL_EVENTS:
+            into[f"to_{event}"].append(_ms(events[event]))
 
 
 def _sample(run: RunResult, into: dict[str, list[float]]) -> None:

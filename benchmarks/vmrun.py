@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -51,6 +51,9 @@ class RunSpec:
     # Host folders the sandboxed plugin must see (read-only, at the same path): the guest
     # binaries and the FIFO live there.
     mounts: Sequence[Path] = ()
+    # Variables set for `vmsuper run` on top of this process's (e.g. a `vmsuper serve`'s
+    # runtime folder).
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,6 +120,7 @@ def run_vm(
         t_exec = time.monotonic()
         proc = subprocess.Popen(
             [*vmsuper_command(), "run", str(config)],
+            env={**os.environ, **spec.env} if spec.env else None,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr,

@@ -121,6 +121,7 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
     batches = {(r["what"], r["vms"], r["transport"], r["path"]) for r in sections["concurrent"]}
     assert batches == {
         *itertools.product(("vmsuper",), (2,), ("socket", "pipes"), ("c+poll", "c")),
+        ("vmsuper, served", 2, "pipes", "c+poll"),
         *itertools.product(("reference",), (2,), ("pipes",), ("pipe", "relay", "forward")),
     }
     for row in sections["concurrent"]:
@@ -131,6 +132,7 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
                 "wall_vs_forward",
                 "cpu_vs_forward",
             ),
+            "vmsuper, served": ("wall_vs_reference", "cpu_vs_reference", "wall_vs_forward"),
             "reference": () if row["path"] == "pipe" else ("wall_vs_reference", "cpu_vs_reference"),
         }[row["what"]]
         for name in ratios:
@@ -161,6 +163,14 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
             check_summary(key, startup[("native", ll)][key])
         check_summary("trivial run_ms", startup[("trivial", ll)]["run_ms"])
         check_summary("trivial run_cpu_ms", startup[("trivial", ll)]["run_cpu_ms"])
+        # The same, handed to a `vmsuper serve` that the section starts.
+        check_summary(
+            "served first request", startup[("native, served", ll)]["to_first_request_ms"]
+        )
+        for key in ("run_ms", "run_cpu_ms"):
+            check_summary(f"served trivial {key}", startup[("trivial, served", ll)][key])
+    served = [t for t in results["targets"] if "served by vmsuper serve" in t["target"]]
+    assert len(served) == 4, served
     for name in (
         "python: bare interpreter",
         "python: supervisor imports",
@@ -196,9 +206,9 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
 
     targets = results["targets"]
     # Along the default path: 1-VCPU exits (4), 2-VCPU exits with low latency (2), CPU per
-    # exit (4), default against poll_us 0 for each VM count and transport (2), start-up (4),
-    # worker memory (1). The 4- and 8-VM ratios need a full run.
-    assert len(targets) == 17, [t["target"] for t in targets]
+    # exit (4), default against poll_us 0 for each VM count and transport (2), start-up (4,
+    # and 4 served), worker memory (1). The 4- and 8-VM ratios need a full run.
+    assert len(targets) == 21, [t["target"] for t in targets]
     assert all(isinstance(t["measured"], float) and isinstance(t["met"], bool) for t in targets)
 
 

@@ -45,6 +45,7 @@ def test_every_vm_count_runs_vmsuper_and_each_reference_mode(tmp_path: Path) -> 
             ("vmsuper", "socket", "c"),
             ("vmsuper", "pipes", "c+poll"),
             ("vmsuper", "pipes", "c"),
+            ("vmsuper, served", "pipes", "c+poll"),
             ("reference", "pipes", "pipe"),
             ("reference", "pipes", "relay"),
             ("reference", "pipes", "forward"),
@@ -57,9 +58,12 @@ def test_rows_are_compared_with_pipe_and_vmsuper_also_with_forward() -> None:
         row("reference", "pipe", 1.0, 2.0),
         row("reference", "relay", 1.6, 3.2),
         row("reference", "forward", 1.2, 2.5),
+        row(concurrent.SERVED, "c+poll", 1.5, 3.0),
     ]
     concurrent.add_ratios(rows)
-    ours, pipe, relay, forward = rows
+    ours, pipe, relay, forward, served = rows
+    assert served["wall_vs_reference"] == pytest.approx(1.5)
+    assert served["wall_vs_forward"] == pytest.approx(1.25)
     assert ours["wall_vs_reference"] == pytest.approx(2.0)
     assert ours["cpu_vs_reference"] == pytest.approx(2.0)
     assert ours["wall_vs_forward"] == pytest.approx(2.0 / 1.2)
