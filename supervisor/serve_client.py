@@ -97,6 +97,9 @@ def _converse(conn: socket.socket, argv: Sequence[str]) -> int | None:
     except OSError as exc:
         _say(f"cannot hand the run to vmsuper serve ({exc}); running it here")
         return None
+    if not reply:  # closed unanswered (a server stopping): it started nothing
+        _say("vmsuper serve closed the connection without an answer; running the VM here")
+        return None
     if "refused" in reply:
         if reply.get("local"):
             _say(f"vmsuper serve did not take the run ({reply['refused']}); running it here")

@@ -335,37 +335,44 @@ def test_a_file_in_the_socket_s_place_is_left_alone(tmp_path: Path) -> None:
 
 
 def test_a_server_that_sends_a_run_back_has_the_command_run_it(tmp_path: Path) -> None:
-    """A stand-in server that refuses with `local`: the command runs the VM itself."""
+    """A stand-in server that refuses with `local`, or closes unanswered: the command runs
+    the VM itself."""
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(str(runtime / serve_client.SOCKET_NAME))
     listener.listen(1)
 
-    def refuse() -> None:
+    def refuse(answer: bytes) -> None:
         conn, _ = listener.accept()
         _, ancillary, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(3 * 4))
         for _, _, payload in ancillary:  # the command's streams: ours must not keep them open
             for fd in array.array("i", payload):
                 os.close(fd)
-        conn.send(json.dumps({"refused": "its code changed", "local": True}).encode())
+        if answer:
+            conn.send(answer)
         conn.close()
 
-    stand_in = threading.Thread(target=refuse)
-    stand_in.start()
     env = dict(os.environ, VMSUPER_RUNTIME_DIR=str(runtime))
     env.pop(serve_client.SERVE_VARIABLE, None)
-    done = subprocess.run(
-        [sys.executable, "-m", "vmsuper", "run", str(tmp_path / "absent.toml")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    stand_in.join()
+    sent_back = json.dumps({"refused": "its code changed", "local": True}).encode()
+    for answer, said in (
+        (sent_back, "did not take the run (its code changed); running it here"),
+        (b"", "closed the connection without an answer; running the VM here"),
+    ):
+        stand_in = threading.Thread(target=refuse, args=(answer,))
+        stand_in.start()
+        done = subprocess.run(
+            [sys.executable, "-m", "vmsuper", "run", str(tmp_path / "absent.toml")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        stand_in.join()
+        assert said in done.stderr
+        assert done.returncode == 2 and "config file not found" in done.stderr  # ran here
     listener.close()
-    assert "did not take the run (its code changed); running it here" in done.stderr
-    assert done.returncode == 2 and "config file not found" in done.stderr  # ran here
 
 
 # -- the request's checks, alone ---------------------------------------------------------------
