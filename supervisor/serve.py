@@ -26,7 +26,6 @@ the server's.
 from __future__ import annotations
 
 import argparse
-import array
 import contextlib
 import errno
 import fcntl
@@ -50,11 +49,12 @@ import vmsuper
 import vmsuper.shared
 import vmsuper.workers
 from vmsuper import __version__
+from vmsuper.shared import wire
 from vmsuper.shared.runtime import RuntimeDirError, make_runtime_dir
 from vmsuper.supervisor import serve_client
-from vmsuper.supervisor.serve_client import MAX_MESSAGE, socket_path
+from vmsuper.supervisor.serve_client import socket_path
 
-__all__ = ["Refusal", "RunRequest", "code_stamp", "main", "parse_request"]
+__all__ = ["Refusal", "RunRequest", "code_stamp", "main", "parse_request", "refusal"]
 
 STDIO_FDS: Final = 3
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -81,10 +81,17 @@ class Refusal(Exception):
         self.local = local
 
 
-def parse_request(data: bytes, fds: Sequence[int], truncated: bool) -> RunRequest:
+def refusal(exc: wire.WireError) -> Refusal:
+    """Why a datagram the transport refused (its fds already closed) is not taken."""
+    if isinstance(exc, wire.MessageTooLarge):
+        return Refusal(f"the request is longer than {exc.limit} bytes")
+    if isinstance(exc, wire.TooManyFds):
+        return Refusal(f"expected {STDIO_FDS} fds (stdin, stdout, stderr), got {exc.count} or more")
+    return Refusal(f"cannot read the request: {exc}")
+
+
+def parse_request(data: bytes, fds: Sequence[int]) -> RunRequest:
     """The request in one message with its fds, checked in full; raises `Refusal`."""
-    if truncated:
-        raise Refusal(f"the request is longer than {MAX_MESSAGE} bytes, or carries too many fds")
     if len(fds) != STDIO_FDS:
         raise Refusal(f"expected {STDIO_FDS} fds (stdin, stdout, stderr), got {len(fds)}")
     try:
@@ -262,30 +269,26 @@ class Server:
     def _receive(self, conn: socket.socket) -> tuple[RunRequest, list[int]]:
         """The request; any fds that came with a refused one are closed."""
         pid, uid, _ = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        fds = array.array("i")
         try:
-            data, ancillary, flags, _ = conn.recvmsg(
-                MAX_MESSAGE, socket.CMSG_SPACE(STDIO_FDS * fds.itemsize)
-            )
+            dgram = wire.recv_datagram(conn, max_fds=STDIO_FDS)
+        except wire.WireError as exc:
+            raise refusal(exc) from None
         except OSError as exc:
             raise Refusal(f"cannot read the request: {exc}") from None
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-        received = list(fds)
+        if dgram is None:
+            raise Refusal("the connection closed without a request")
         try:
             if uid != os.geteuid():
                 raise Refusal(f"uid {uid} (pid {pid}) is not this server's user")
-            truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
-            request = parse_request(data, received, truncated)
+            request = parse_request(dgram.data, dgram.fds)
             if code_stamp() != self.stamp:
                 self.why_stopped = "vmsuper's code changed since it started"
                 self.stop_taking_runs()  # and end once the runs in progress have
                 raise Refusal("its code changed since it started", local=True)
         except Refusal:
-            _close(received)
+            _close(dgram.fds)
             raise
-        return request, received
+        return request, dgram.fds
 
     def _fork(self, request: RunRequest, fds: list[int]) -> int:
         for stream in (sys.stdout, sys.stderr):
@@ -375,10 +378,9 @@ def _text_stream(
     )
 
 
-def _send(conn: socket.socket, message: dict[str, Any], fds: Iterable[int] = ()) -> None:
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", list(fds)))]
-    with contextlib.suppress(OSError):  # a command gone already: nothing to tell
-        conn.sendmsg([json.dumps(message).encode()], ancillary if list(fds) else [])
+def _send(conn: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    with contextlib.suppress(OSError, wire.WireError):  # a command gone already: nothing to tell
+        wire.send_datagram(conn, json.dumps(message).encode(), fds)
 
 
 def _close(fds: Iterable[int]) -> None:

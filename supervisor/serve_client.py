@@ -20,7 +20,6 @@ message):
 
 from __future__ import annotations
 
-import array
 import contextlib
 import json
 import os
@@ -30,6 +29,7 @@ import socket
 import sys
 
 from vmsuper import __version__
+from vmsuper.shared import wire
 
 TYPE_CHECKING = False  # typing itself costs a run's start milliseconds: mypy alone imports these
 if TYPE_CHECKING:
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORWARDED_SIGNALS",
-    "MAX_MESSAGE",
     "SERVE_VARIABLE",
     "SOCKET_NAME",
     "hand_over",
@@ -49,7 +48,6 @@ __all__ = [
 SOCKET_NAME: Final = "serve.sock"
 SERVE_VARIABLE: Final = "VMSUPER_SERVE"
 """Set to 0, `vmsuper run` never hands its run to a server (the test suite does so)."""
-MAX_MESSAGE: Final = 1 << 20
 FORWARDED_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 SERVER_FAILED: Final = 125
 """As the supervisor's own internal failure (outcome.EXIT_SUPERVISOR_FAILED)."""
@@ -89,12 +87,9 @@ def _converse(conn: socket.socket, argv: Sequence[str]) -> int | None:
         "umask": umask,
     }
     try:
-        conn.sendmsg(
-            [json.dumps(request).encode()],
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))],
-        )
+        wire.send_datagram(conn, json.dumps(request).encode(), [0, 1, 2])
         reply, fds = _receive(conn)
-    except OSError as exc:
+    except (OSError, wire.WireError) as exc:
         _say(f"cannot hand the run to vmsuper serve ({exc}); running it here")
         return None
     if not reply:  # closed unanswered (a server stopping): it started nothing
@@ -123,7 +118,7 @@ def _follow(conn: socket.socket, pidfd: int) -> int:
         signal.signal(signum, pass_on)
     try:
         reply, _ = _receive(conn)
-    except OSError:
+    except (OSError, wire.WireError):
         reply = {}
     if isinstance(reply.get("exit"), int):
         return int(reply["exit"])
@@ -136,19 +131,15 @@ def _follow(conn: socket.socket, pidfd: int) -> int:
 
 
 def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    """One message (EOF: {}) and the fds that came with it."""
-    fds = array.array("i")
-    data, ancillary, flags, _ = conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(fds.itemsize))
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    """One message ({} for a hang-up or anything but a JSON object) and its fds."""
+    dgram = wire.recv_datagram(conn, max_fds=1)
+    if dgram is None:
+        return {}, []
     try:
-        reply = json.loads(data) if data else {}
+        reply = json.loads(dgram.data)
     except ValueError:
-        reply = {}
-    if not isinstance(reply, dict) or flags & socket.MSG_CTRUNC:
-        return {}, list(fds)
-    return reply, list(fds)
+        reply = None
+    return (reply if isinstance(reply, dict) else {}), dgram.fds
 
 
 def _say(message: str) -> None:

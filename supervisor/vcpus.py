@@ -170,11 +170,6 @@ class VcpuSet:
             raise ValueError(f"unknown log level {log_level!r}")
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("a VcpuSet must be made in the main thread (signal handlers)")
-        self._poll_ns = poll_ns
-        self.poll_gate: PollGate | None = None
-        """Sets the polling window from the host's CPU pressure: its first reading is taken
-        at `start`, over the time since the set was made (before any VCPU polls); the caller
-        ticks it from then on (`poll_gate.INTERVAL_S`)."""
         self._previous_kick_handler = install_kick_handler()
         user = worker_user if worker_user is not None else workers_user(None)
         self._worker_ids = (user.uid, user.gid) if user.switch else (None, None)
@@ -203,13 +198,16 @@ class VcpuSet:
         self._codes: dict[int, int] = {}
         self._runners: list[VcpuRunner] = []
         self._barrier = threading.Barrier(count)
+        self.poll_gate = PollGate([region.mailbox(i) for i in range(count)], poll_ns)
+        """Sets every VCPU's polling window from the host's CPU pressure: its first reading is
+        taken at `start`, over the time since the set was made (before any VCPU polls); the
+        caller ticks it from then on (`poll_gate.INTERVAL_S`)."""
         try:
             for i in range(count):
                 self._channels.append(_Channel(transport))
                 self._doorbells.append(Doorbell(region.mailbox(i), spin_ns=poll_ns))
-                region.mailbox(i).poll_ns = poll_ns  # until `poll_gate` says otherwise
-            self.poll_gate = PollGate([region.mailbox(i) for i in range(count)], poll_ns)
         except BaseException:
+            self.poll_gate.close()
             self._close_everything()
             raise
 
@@ -249,8 +247,7 @@ class VcpuSet:
                 self._runs.append(run)
             # Before any VCPU polls: on a host that was busy while this VM was being set up
             # (other VMs running, or starting with it), the VCPUs start without polling.
-            if self.poll_gate is not None:
-                self.poll_gate.tick()
+            self.poll_gate.tick()
             self._fork_workers()
         except BaseException:
             self._kill_workers()
@@ -400,8 +397,7 @@ class VcpuSet:
         if self._shut_down:
             return
         self._shut_down = True
-        if self.poll_gate is not None:
-            self.poll_gate.close()
+        self.poll_gate.close()
         deadline = time.monotonic() + timeout
         self._stop_runners()
         for vcpu, pid in self._pids.items():

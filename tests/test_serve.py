@@ -25,8 +25,9 @@ import psutil
 import pytest
 
 from vmsuper import __version__
+from vmsuper.shared import wire
 from vmsuper.supervisor import serve_client
-from vmsuper.supervisor.serve import Refusal, parse_request
+from vmsuper.supervisor.serve import Refusal, parse_request, refusal
 from vmsuper.testing import VmSpec, write_python_plugin
 
 TIMEOUT = 60
@@ -115,9 +116,9 @@ sys.exit(7)
 """
 
 REPORT_AND_WAIT = """
-import json, os, sys, time
+import json, os, signal, sys
 print(json.dumps({"plugin": os.getpid(), "supervisor": os.getppid()}), flush=True)
-time.sleep(600)
+signal.pause()  # until vmsuper stops it
 """
 
 
@@ -379,7 +380,7 @@ def test_a_server_that_sends_a_run_back_has_the_command_run_it(tmp_path: Path) -
 
 
 def test_a_well_formed_request_is_taken() -> None:
-    taken = parse_request(request(env={"PATH": "/bin"}), [5, 6, 7], truncated=False)
+    taken = parse_request(request(env={"PATH": "/bin"}), [5, 6, 7])
     assert (taken.argv, taken.cwd, taken.env, taken.umask) == (
         ["run", "vm.toml"],
         "/",
@@ -390,10 +391,10 @@ def test_a_well_formed_request_is_taken() -> None:
 
 def test_a_truncated_request_is_refused() -> None:
     with pytest.raises(Refusal, match="longer than"):
-        parse_request(request(), [0, 1, 2], truncated=True)
+        raise refusal(wire.MessageTooLarge(2 << 20, 1 << 20))
 
 
 def test_a_request_of_another_version_goes_back_to_its_command() -> None:
     with pytest.raises(Refusal) as info:
-        parse_request(request(version="9"), [0, 1, 2], truncated=False)
+        parse_request(request(version="9"), [0, 1, 2])
     assert info.value.local
