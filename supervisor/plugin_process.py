@@ -15,6 +15,13 @@ reports a death by signal N as exit code 128+N, as shells do; `poll` and `wait` 
 code back into a death by signal N, so the outcome reads as it would without the sandbox.
 vmsuper's exit status is the same number either way. Before executing bwrap, the child enters
 the sandbox (`Sandbox.enter`): a root supervisor's child becomes the plugin's user.
+
+bwrap exits as soon as its namespace's init reports the plugin's exit status, without waiting
+for that init, so the init (and with it the CPU time of the plugin it reaped) would go to the
+host's init. So while a sandboxed plugin runs, the supervisor is a child subreaper: the
+orphaned init becomes its child, and it reaps it after bwrap, so that every process of the run
+is reaped by vmsuper and the plugin's CPU time counts in vmsuper's (`time vmsuper run`, a
+parent's RUSAGE_CHILDREN).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import contextlib
 import ctypes
 import fcntl
 import functools
+import json
 import os
 import resource
 import select
@@ -35,6 +43,8 @@ if TYPE_CHECKING:
     from vmsuper.supervisor.sandbox import Sandbox
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
 NAMESPACE_EXIT_TIMEOUT = 5.0
 EXEC_FAILED = 127  # the child's exit status when it could not execute anything (as a shell's)
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -156,11 +166,16 @@ class PluginProcess:
     """A running plugin: pid, pidfd for the event loop, and the read ends of its stdout and
     stderr (non-blocking)."""
 
-    def __init__(self, child: _Child, path: Path, *, sandbox: Sandbox | None = None) -> None:
+    def __init__(
+        self, child: _Child, path: Path, *, sandbox: Sandbox | None = None, info_fd: int = -1
+    ) -> None:
         self._path = path
         self._sandbox = sandbox
         self.sandboxed = sandbox is not None
-        self._namespace_pidfds: list[int] = []
+        # Sandboxed: where bwrap writes its namespace init's pid, and then a pidfd of that init.
+        self._info_fd = info_fd
+        self._init_pidfd = -1
+        self._adopting = False  # this made the process a subreaper, to undo once reaped
         self.pid = child.pid
         self.pidfd = os.pidfd_open(child.pid)
         self.stderr_fd = child.stderr_fd
@@ -197,29 +212,16 @@ class PluginProcess:
         full_env = dict(os.environ)
         full_env.update(env)
         full_env["CROSVM_SOCKET"] = str(socket_fd)
-        with contextlib.ExitStack() as stack:
-            prefix, fds = list(wrapper), [socket_fd]
-            if sandbox is not None:
-                bwrap, seccomp_fd = stack.enter_context(sandbox.launch())
-                prefix, fds = [*bwrap, *sandbox.starter(), *prefix], [socket_fd, seccomp_fd]
-            setup = functools.partial(
-                _child_setup, open_files, before_exec, sandbox.enter if sandbox else None
-            )
-            try:
-                child = _fork_exec([*prefix, str(path), *args], full_env, fds, setup)
-            except OSError as exc:
-                raise PluginStartError(f"cannot start plugin {path}: {exc.strerror}") from exc
+        adopting = sandbox is not None and _set_subreaper(True)
         try:
-            plugin = cls(child, path, sandbox=sandbox)
-        except BaseException as exc:  # no pidfd (out of fds): the child is not left behind
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signal.SIGKILL)
-            os.waitpid(child.pid, 0)
-            for fd in (child.stdout_fd, child.stderr_fd, child.report_fd):
-                os.close(fd)
-            if isinstance(exc, OSError):
-                raise PluginStartError(f"cannot start plugin {path}: {exc.strerror}") from exc
+            plugin = cls._start(
+                path, args, full_env, socket_fd, wrapper, sandbox, open_files, before_exec
+            )
+        except BaseException:
+            if adopting:
+                _set_subreaper(False)
             raise
+        plugin._adopting = adopting
         try:
             # As subprocess does. Running on while the child joins its cgroup and enters the
             # sandbox would save a run tens of ms, but measured here it left the plugin off the
@@ -233,6 +235,53 @@ class PluginProcess:
             raise
         return plugin
 
+    @classmethod
+    def _start(
+        cls,
+        path: Path,
+        args: Sequence[str],
+        full_env: Mapping[str, str],
+        socket_fd: int,
+        wrapper: Sequence[str],
+        sandbox: Sandbox | None,
+        open_files: int | None,
+        before_exec: Callable[[], None] | None,
+    ) -> PluginProcess:
+        """Fork and execute the plugin (sandboxed: bwrap) for `spawn`."""
+        info_fd = -1
+        # `stack` closes what the child inherited; `info_owner` the info pipe's read end,
+        # unless the plugin takes it.
+        with contextlib.ExitStack() as stack, contextlib.ExitStack() as info_owner:
+            prefix, fds = list(wrapper), [socket_fd]
+            if sandbox is not None:
+                info_fd, info_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+                info_owner.callback(os.close, info_fd)
+                stack.callback(os.close, info_write)
+                bwrap, seccomp_fd = stack.enter_context(sandbox.launch(info_write))
+                prefix = [*bwrap, *sandbox.starter(), *prefix]
+                fds = [socket_fd, seccomp_fd, info_write]
+            setup = functools.partial(
+                _child_setup, open_files, before_exec, sandbox.enter if sandbox else None
+            )
+            try:
+                child = _fork_exec([*prefix, str(path), *args], full_env, fds, setup)
+            except OSError as exc:
+                raise PluginStartError(f"cannot start plugin {path}: {exc.strerror}") from exc
+            try:
+                plugin = cls(child, path, sandbox=sandbox, info_fd=info_fd)
+            except BaseException as exc:  # no pidfd (out of fds): the child is not left behind
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
+                os.waitpid(child.pid, 0)
+                for fd in (child.stdout_fd, child.stderr_fd, child.report_fd):
+                    os.close(fd)
+                if isinstance(exc, OSError):
+                    msg = f"cannot start plugin {path}: {exc.strerror}"
+                    raise PluginStartError(msg) from exc
+                raise
+            info_owner.pop_all()
+        return plugin
+
     def wait_started(self) -> None:
         """Sandboxed, wait until the sandbox is set up and the plugin about to run (see
         `Sandbox.starter`), so that one that cannot be set up is a `SandboxError` (a
@@ -244,6 +293,7 @@ class PluginProcess:
             self._sandbox.wait_started(
                 self.stderr_fd, lambda: os.waitstatus_to_exitcode(self.wait())
             )
+            self._take_namespace_init()
         except BaseException:
             self.kill()
             self.wait()
@@ -281,11 +331,10 @@ class PluginProcess:
         """SIGKILL the plugin; sandboxed, bwrap's pid-namespace init too, so that the whole
         namespace goes, and `wait` can wait until it has."""
         if self.wait_status is None:
-            if self.sandboxed and not self._namespace_pidfds:
-                self._namespace_pidfds = _child_pidfds(self.pid)
-                for fd in self._namespace_pidfds:
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+            self._take_namespace_init()
+            if self._init_pidfd >= 0:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
 
@@ -296,20 +345,54 @@ class PluginProcess:
         return self.wait_status
 
     def _reaped(self, status: int) -> int:
-        # A pid namespace's init exits only after every process in it is gone.
-        for fd in self._namespace_pidfds:
+        # A pid namespace's init exits only after every process in it is gone; with bwrap
+        # gone, it is this subreaper's child.
+        self._take_namespace_init()
+        fd, self._init_pidfd = self._init_pidfd, -1
+        if fd >= 0:
             poller = select.poll()  # not select: the fd's number may pass FD_SETSIZE
             poller.register(fd, select.POLLIN)
-            poller.poll(NAMESPACE_EXIT_TIMEOUT * 1000)
+            if poller.poll(NAMESPACE_EXIT_TIMEOUT * 1000):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitid(os.P_PIDFD, fd, os.WEXITED)
             os.close(fd)
-        self._namespace_pidfds = []
+        self._stop_adopting()
         return unwrap_status(status) if self.sandboxed else status
+
+    def _take_namespace_init(self) -> None:
+        """A pidfd of the plugin's pid-namespace init, once bwrap has named it on the info
+        fd (it does before the init starts the plugin); kept only while the pid is still
+        bwrap's child or this process's, so never a recycled pid."""
+        if self._info_fd < 0:
+            return
+        try:
+            said = os.read(self._info_fd, 4096)
+        except BlockingIOError:
+            return  # not yet: bwrap has not made its namespace
+        os.close(self._info_fd)
+        self._info_fd = -1
+        try:
+            pid = int(json.loads(said)["child-pid"])
+            fd = os.pidfd_open(pid)
+        except (ValueError, KeyError, TypeError, OSError):
+            return  # bwrap ended before it made its namespace
+        if _parent_of(pid) in (self.pid, os.getpid()):
+            self._init_pidfd = fd
+        else:
+            os.close(fd)
+
+    def _stop_adopting(self) -> None:
+        if self._adopting:
+            self._adopting = False
+            _set_subreaper(False)
 
     def close(self) -> None:
         """Close the fds held for the plugin (once: a second call does nothing)."""
-        for fd in self._namespace_pidfds:
-            os.close(fd)
-        self._namespace_pidfds = []
+        self._stop_adopting()
+        for fd in (self._info_fd, self._init_pidfd):
+            if fd >= 0:
+                os.close(fd)
+        self._info_fd = self._init_pidfd = -1
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
@@ -328,15 +411,22 @@ def unwrap_status(status: int) -> int:
     return status
 
 
-def _child_pidfds(pid: int) -> list[int]:
-    """pidfds of `pid`'s children (bwrap's: the init of the plugin's pid namespace)."""
+def _set_subreaper(on: bool) -> bool:
+    """Adopt this process's orphaned descendants, or stop (see the module's docstring; forked
+    children, the VCPU workers, do not inherit it). Returns whether that changed anything."""
+    was = ctypes.c_int()
+    _libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0)
+    if bool(was.value) == on:
+        return False
+    if _libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return True
+
+
+def _parent_of(pid: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(word) for word in f.read().split()]
-    except OSError:
-        return []
-    fds = []
-    for child in children:
-        with contextlib.suppress(ProcessLookupError):
-            fds.append(os.pidfd_open(child))
-    return fds
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None

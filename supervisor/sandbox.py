@@ -224,8 +224,9 @@ class Sandbox(NamedTuple):
             return self.resolved
         return tuple(os.path.realpath(b.src) for b in self.binds)
 
-    def argv(self, seccomp_fd: int | None) -> list[str]:
-        """The bwrap command line up to (and including) the "--" before the plugin's path."""
+    def argv(self, seccomp_fd: int | None, info_fd: int | None = None) -> list[str]:
+        """The bwrap command line up to (and including) the "--" before the plugin's path;
+        bwrap writes the host pid of its namespace's init to `info_fd` (`--info-fd`) if given."""
         args = [self.bwrap, *NAMESPACES, "--die-with-parent", "--new-session"]
         args += ["--cap-drop", "ALL"]
         for path in SYSTEM_DIRS:
@@ -262,6 +263,8 @@ class Sandbox(NamedTuple):
         args += ["--remount-ro", "/"]  # the root tmpfs; /tmp, /dev and writable binds stay
         if seccomp_fd is not None:
             args += ["--seccomp", str(seccomp_fd)]
+        if info_fd is not None:
+            args += ["--info-fd", str(info_fd)]
         return [*args, "--"]
 
     def enter(self) -> None:
@@ -286,8 +289,9 @@ class Sandbox(NamedTuple):
         return found
 
     @contextlib.contextmanager
-    def launch(self) -> Iterator[tuple[list[str], int]]:
-        """Yield (command prefix, fd the child must inherit) with the seccomp program loaded.
+    def launch(self, info_fd: int | None = None) -> Iterator[tuple[list[str], int]]:
+        """Yield (command prefix, fd the child must inherit) with the seccomp program loaded;
+        `info_fd` as in `argv` (the child must inherit it too).
 
         The fd is a memfd holding the filter; bwrap reads and closes its copy, and the
         caller's copy is closed on leaving the block.
@@ -296,7 +300,7 @@ class Sandbox(NamedTuple):
         try:
             os.write(fd, seccomp.build_filter())
             os.lseek(fd, 0, os.SEEK_SET)
-            yield self.argv(fd), fd
+            yield self.argv(fd, info_fd), fd
         finally:
             os.close(fd)
 

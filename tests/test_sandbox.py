@@ -9,10 +9,12 @@ checks, from inside and from the host, every promise docs/security.md makes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -337,6 +339,48 @@ def test_spawn_starts_the_plugin_with_its_stderr_untouched(tmp_path: Path) -> No
     finally:
         process.close()
     assert out.read_text().strip().isdigit()
+
+
+PR_GET_CHILD_SUBREAPER = 37
+
+
+def is_subreaper() -> bool:
+    flag = ctypes.c_int()
+    ctypes.CDLL(None).prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0)
+    return bool(flag.value)
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def test_the_sandboxed_plugin_s_cpu_time_and_its_namespace_init_are_reaped_here(
+    tmp_path: Path,
+) -> None:
+    # bwrap exits without waiting for its namespace's init, which reaped the plugin: unless
+    # the spawner adopts and reaps that init, the plugin's CPU time is nobody's it knows of.
+    plugin = executable(
+        tmp_path / "plugin" / "p.sh",
+        "#!/bin/sh\ni=0\nwhile [ $i -lt 300000 ]; do i=$((i+1)); done\ntimes >&2\n",
+    )
+    sandbox = Sandbox.for_plugin(PluginConfig(path=plugin))
+    assert not is_subreaper()
+    children_before = psutil.Process().children()
+    cpu_before = children_cpu_s()
+    process = spawn_sandboxed(sandbox, plugin)
+    try:
+        assert is_subreaper()  # while the plugin runs
+        assert os.waitstatus_to_exitcode(process.wait()) == 0
+        # `times`: the shell's own user and system time, then its children's ("0m0.25s 0m0.01s").
+        own = read_all(process.stderr_fd).decode().splitlines()[0].split()
+    finally:
+        process.close()
+    plugin_cpu = sum(int(t.split("m")[0]) * 60 + float(t.split("m")[1][:-1]) for t in own)
+    assert plugin_cpu > 0.1
+    assert children_cpu_s() - cpu_before >= plugin_cpu
+    assert psutil.Process().children() == children_before  # the init too, zombie or not
+    assert not is_subreaper()
 
 
 @pytest.mark.parametrize("cause", ["hidden plugin", "bwrap fails"])
