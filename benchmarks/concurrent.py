@@ -41,6 +41,10 @@ from .vmrun import RunError, run_command, run_vm
 VM_COUNTS: Final = (1, 2, 4, 8)
 QUICK_VM_COUNTS: Final = (2,)
 EXITS_FACTOR: Final = 4  # 20,000 exits per VM with the default 5,000
+# One longer batch, where each run's start-up weighs less: 4 VMs of 100,000 exits each (the
+# default 5,000 times 20), pipes only.
+LONG_VMS: Final = 4
+LONG_EXITS_FACTOR: Final = 20
 CONCURRENT_PATHS: Final = (DEFAULT_PATH, "c")
 SERVED: Final = "vmsuper, served"
 """vmsuper's runs handed to one `vmsuper serve` (pipes, default path): without each run's
@@ -89,24 +93,37 @@ def batch(
 
 
 def keys(bench: Bench) -> list[dict[str, Any]]:
+    """Every batch's kind: what runs, how many VMs, and `length` (short: 4 N exits each, long:
+    20 N)."""
     counts = QUICK_VM_COUNTS if bench.quick else VM_COUNTS
     found: list[dict[str, Any]] = []
     for vms in counts:
+        short = {"vms": vms, "length": "short"}
         for transport, path in itertools.product(TRANSPORTS, CONCURRENT_PATHS):
-            found.append({"what": "vmsuper", "vms": vms, "transport": transport, "path": path})
-        found.append({"what": SERVED, "vms": vms, "transport": "pipes", "path": DEFAULT_PATH})
+            found.append({"what": "vmsuper", **short, "transport": transport, "path": path})
+        found.append({"what": SERVED, **short, "transport": "pipes", "path": DEFAULT_PATH})
         for mode in REFERENCE_MODES:
-            found.append({"what": "reference", "vms": vms, "transport": "pipes", "path": mode})
+            found.append({"what": "reference", **short, "transport": "pipes", "path": mode})
+    long = {"vms": LONG_VMS, "length": "long", "transport": "pipes"}
+    for path in CONCURRENT_PATHS:
+        found.append({"what": "vmsuper", **long, "path": path})
+    found.append({"what": SERVED, **long, "path": DEFAULT_PATH})
+    for mode in ("pipe", "forward"):
+        found.append({"what": "reference", **long, "path": mode})
     return found
 
 
+def exits_each(bench: Bench, key: dict[str, Any]) -> int:
+    return bench.exits * (LONG_EXITS_FACTOR if key["length"] == "long" else EXITS_FACTOR)
+
+
 def concurrent(bench: Bench) -> list[dict[str, Any]]:
-    exits = bench.exits * EXITS_FACTOR
     all_keys = keys(bench)
     samples: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(all_keys))}
     with Served() as served:
         for _ in range(bench.repeat):
             for i, key in enumerate(all_keys):
+                exits = exits_each(bench, key)
                 if key["what"] == SERVED:
                     jobs = _jobs(bench, key, exits, served.env)
                     samples[i].append(batch(jobs, served.children_cpu_s))
@@ -114,6 +131,7 @@ def concurrent(bench: Bench) -> list[dict[str, Any]]:
                     samples[i].append(batch(_jobs(bench, key, exits)))
     rows = []
     for i, key in enumerate(all_keys):
+        exits = exits_each(bench, key)
         walls, cpus = zip(*samples[i], strict=True)
         rows.append(
             {
@@ -138,7 +156,7 @@ def _jobs(
         "native", "loop", exits, transport=key["transport"], env=env or {}, **PATHS[key["path"]]
     )
     served = "-served" if key["what"] == SERVED else ""
-    name = f"concurrent-{key['vms']}-{key['transport']}-{key['path']}{served}"
+    name = f"concurrent-{key['vms']}x{exits}-{key['transport']}-{key['path']}{served}"
     folders = [bench.folder(f"{name}-{n}") for n in range(key["vms"])]
     return [functools.partial(run_vm, spec, folder) for folder in folders]
 
@@ -150,15 +168,18 @@ def _check_reference(report: dict[str, Any], exits: int) -> None:
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Wall and CPU time (medians) over the reference's with as many VMs: every other row's
-    over `pipe`'s (`*_vs_reference`), vmsuper's also over `forward`'s (`*_vs_forward`)."""
-    references = {(r["vms"], r["path"]): r for r in rows if r["what"] == "reference"}
+    """Wall and CPU time (medians) over the reference's with as many VMs and exits: every
+    other row's over `pipe`'s (`*_vs_reference`), vmsuper's also over `forward`'s
+    (`*_vs_forward`)."""
+    references = {
+        (r["vms"], r["exits_each"], r["path"]): r for r in rows if r["what"] == "reference"
+    }
     for row in rows:
         compared = [("pipe", "reference")]
         if row["what"] in ("vmsuper", SERVED):
             compared.append(("forward", "forward"))
         for mode, name in compared:
-            ref = references.get((row["vms"], mode))
+            ref = references.get((row["vms"], row["exits_each"], mode))
             if ref is None or ref is row:
                 continue
             row[f"wall_vs_{name}"] = ratio(row["wall_s"]["median"], ref["wall_s"]["median"])

@@ -117,13 +117,19 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
             for cpu_ratio in ("cpu_vs_crosvm", "cpu_vs_transport"):
                 assert isinstance(row[cpu_ratio], float) and row[cpu_ratio] > 0, (cpu_ratio, row)
 
-    # K VMs at once (2 in a quick run): vmsuper along both paths, and the reference's layouts.
+    # K VMs at once (2 in a quick run): vmsuper along both paths, and the reference's layouts;
+    # and the long batch of 4 VMs, five times as many exits each.
     batches = {(r["what"], r["vms"], r["transport"], r["path"]) for r in sections["concurrent"]}
     assert batches == {
         *itertools.product(("vmsuper",), (2,), ("socket", "pipes"), ("c+poll", "c")),
         ("vmsuper, served", 2, "pipes", "c+poll"),
         *itertools.product(("reference",), (2,), ("pipes",), ("pipe", "relay", "forward")),
+        *itertools.product(("vmsuper",), (4,), ("pipes",), ("c+poll", "c")),
+        ("vmsuper, served", 4, "pipes", "c+poll"),
+        *itertools.product(("reference",), (4,), ("pipes",), ("pipe", "forward")),
     }
+    exits = {r["length"]: r["exits_each"] for r in sections["concurrent"]}
+    assert exits["long"] == 5 * exits["short"]
     for row in sections["concurrent"]:
         ratios = {
             "vmsuper": (
@@ -170,7 +176,7 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
         for key in ("run_ms", "run_cpu_ms"):
             check_summary(f"served trivial {key}", startup[("trivial, served", ll)][key])
     served = [t for t in results["targets"] if "served by vmsuper serve" in t["target"]]
-    assert len(served) == 4, served
+    assert len(served) == 5, served  # start-up's 4, and the long batch's
     for name in (
         "python: bare interpreter",
         "python: supervisor imports",
@@ -206,9 +212,10 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
 
     targets = results["targets"]
     # Along the default path: 1-VCPU exits (4), 2-VCPU exits with low latency (2), CPU per
-    # exit (4), default against poll_us 0 for each VM count and transport (2), start-up (4,
-    # and 4 served), worker memory (1). The 4- and 8-VM ratios need a full run.
-    assert len(targets) == 21, [t["target"] for t in targets]
+    # exit (4), default against poll_us 0 for each batch and transport (2, and 1 long),
+    # start-up (4, and 4 served), worker memory (1), the long batch of 4 VMs against the
+    # references (1, and 1 served). The 8-VM ratios need a full run.
+    assert len(targets) == 24, [t["target"] for t in targets]
     assert all(isinstance(t["measured"], float) and isinstance(t["met"], bool) for t in targets)
 
 
