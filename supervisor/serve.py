@@ -402,8 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--socket",
         type=Path,
         default=None,
-        help=f"where to listen (default: {serve_client.SOCKET_NAME} in the runtime folder, where"
-        " 'vmsuper run' looks)",
+        help=f"where to listen (default: ${serve_client.SOCKET_VARIABLE}, else"
+        f" {serve_client.SOCKET_NAME} in the runtime folder: where 'vmsuper run' looks)",
     )
     args = parser.parse_args(argv)
     server = Server(args.socket or socket_path())

@@ -8,8 +8,8 @@ current folder, environment and umask; the signals that stop a run (SIGINT, SIGT
 SIGQUIT) are passed on to it; and this process exits with its status. Without a server, or
 with one whose code is not this one, the caller runs the VM itself.
 
-The exchange, over `serve.sock` in the runtime folder (SOCK_SEQPACKET, one JSON object per
-message):
+The exchange, over `serve.sock` in the runtime folder, or the socket `VMSUPER_SERVE_SOCKET`
+names (SOCK_SEQPACKET, one JSON object per message), with a server of this user only:
 
 - the client sends `{"version", "argv", "cwd", "env", "umask"}` with its fds 0, 1 and 2;
 - the server answers `{"started": PID}` with the run's pidfd, then `{"exit": STATUS}` when the
@@ -26,6 +26,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 
 from vmsuper import __version__
@@ -41,6 +42,7 @@ __all__ = [
     "FORWARDED_SIGNALS",
     "SERVE_VARIABLE",
     "SOCKET_NAME",
+    "SOCKET_VARIABLE",
     "hand_over",
     "socket_path",
 ]
@@ -48,6 +50,9 @@ __all__ = [
 SOCKET_NAME: Final = "serve.sock"
 SERVE_VARIABLE: Final = "VMSUPER_SERVE"
 """Set to 0, `vmsuper run` never hands its run to a server (the test suite does so)."""
+SOCKET_VARIABLE: Final = "VMSUPER_SERVE_SOCKET"
+"""A server's socket elsewhere than in the runtime folder (the pytest plugin's, for one
+session)."""
 FORWARDED_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 SERVER_FAILED: Final = 125
 """As the supervisor's own internal failure (outcome.EXIT_SUPERVISOR_FAILED)."""
@@ -55,6 +60,11 @@ _LOST_RUN_WAIT_S: Final = 10.0
 
 
 def socket_path() -> Path:
+    from pathlib import Path
+
+    named = os.environ.get(SOCKET_VARIABLE)
+    if named:
+        return Path(named)
     from vmsuper.shared.runtime import runtime_dir
 
     return runtime_dir() / SOCKET_NAME
@@ -71,6 +81,12 @@ def hand_over(argv: Sequence[str]) -> int | None:
             conn.connect(str(socket_path()))
         except OSError:
             return None  # none listens (or none may be reached): the usual case
+        # The run's environment and streams go to a server of this user only (a socket that
+        # VMSUPER_SERVE_SOCKET names may sit in a folder others can write).
+        _, uid, _ = struct.unpack("iII", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid != os.getuid():
+            _say(f"{socket_path()} is a server of uid {uid}, not this user's; running the VM here")
+            return None
         return _converse(conn, argv)
     finally:
         conn.close()

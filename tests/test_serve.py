@@ -376,6 +376,55 @@ def test_a_server_that_sends_a_run_back_has_the_command_run_it(tmp_path: Path) -
     listener.close()
 
 
+def test_a_socket_named_by_the_variable_is_used_only_if_this_user_s_server_listens(
+    tmp_path: Path,
+) -> None:
+    """VMSUPER_SERVE_SOCKET may name a socket in a folder others can write: the command
+    hands its environment and streams to a server of its own user only."""
+    shared = Path(tempfile.mkdtemp(prefix="vmsuper-serve-"))
+    shared.chmod(0o777)
+    path = shared / "serve.sock"
+    nobody = pwd.getpwnam("nobody")
+    ready_r, ready_w = os.pipe()
+    got_r, got_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a stand-in server of another user: little but system calls until _exit
+        try:
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            listener.bind(str(path))
+            listener.listen(1)
+            os.write(ready_w, b"!")
+            conn, _ = listener.accept()
+            data, ancillary, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(3 * 4))
+            os.write(got_w, f"{len(data)} {len(ancillary)}".encode())
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(got_w)
+    try:
+        assert os.read(ready_r, 1) == b"!"
+        env = dict(os.environ, VMSUPER_SERVE_SOCKET=str(path))
+        env.pop(serve_client.SERVE_VARIABLE, None)
+        done = subprocess.run(
+            [sys.executable, "-m", "vmsuper", "run", str(tmp_path / "absent.toml")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        assert f"{path} is a server of uid {nobody.pw_uid}, not this user's" in done.stderr
+        assert done.returncode == 2 and "config file not found" in done.stderr  # ran here
+        with os.fdopen(got_r, "rb") as got:
+            assert got.read() == b"0 0"  # nothing sent: no environment, no streams
+    finally:
+        os.waitpid(pid, 0)
+        os.close(ready_r)
+        path.unlink(missing_ok=True)
+        shared.rmdir()
+
+
 # -- the request's checks, alone ---------------------------------------------------------------
 
 
