@@ -6,12 +6,14 @@ runs pytest on it, in process and under pytest-xdist, then checks the inner outc
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import psutil
 import pytest
 
 from vmsuper.testing import SANDBOX_VARIABLE
@@ -93,6 +95,87 @@ def test_fixture_under_xdist(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["*2 workers*"])
+
+
+SERVED_TESTS = """
+import json
+import os
+from pathlib import Path
+
+SCRIPT = Path(__file__).parent / "report_parents.py"
+
+
+def test_the_run_is_forked_by_the_session_s_server(vmsuper):
+    result = vmsuper.run(SCRIPT)
+    assert result.status == 0, result.stderr
+    seen = json.loads(result.stdout.splitlines()[-1])
+    socket = os.environ["VMSUPER_SERVE_SOCKET"]
+    assert seen["server"] == ["{python}", "-m", "vmsuper", "serve"], seen
+    assert seen["socket"] == socket
+    Path(os.environ["SERVED_TEST_OUT"], os.environ.get("PYTEST_XDIST_WORKER", "main")).write_text(
+        json.dumps({{"socket": socket, "server": seen["server_pid"]}})
+    )
+"""
+
+# Unsandboxed (the sandbox hides the host's processes): the command line of the supervisor's
+# parent, and the socket it was told of.
+REPORT_PARENTS = f"""\
+#!{sys.executable}
+import json, os
+supervisor = os.getppid()
+with open(f"/proc/{{supervisor}}/stat") as stat:
+    server = int(stat.read().rsplit(")", 1)[1].split()[1])
+with open(f"/proc/{{server}}/cmdline") as cmdline:
+    argv = cmdline.read().rstrip("\\0").split("\\0")
+print(json.dumps({{"server": argv, "server_pid": server,
+                  "socket": os.environ.get("VMSUPER_SERVE_SOCKET")}}))
+"""
+
+
+@pytest.mark.parametrize("how", ["option", "ini"])
+def test_vmsuper_serve_forks_every_run_of_the_session_from_one_server_it_then_stops(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    script = pytester.path / "report_parents.py"
+    script.write_text(REPORT_PARENTS)
+    script.chmod(0o755)
+    pytester.makepyfile(test_user=textwrap.dedent(SERVED_TESTS.format(python=sys.executable)))
+    out = pytester.mkdir("out")
+    monkeypatch.setenv("SERVED_TEST_OUT", str(out))
+    monkeypatch.setenv(SANDBOX_VARIABLE, "0")
+    monkeypatch.delenv("VMSUPER_SERVE", raising=False)  # the suite's own runs stay local
+    monkeypatch.delenv("VMSUPER_SERVE_SOCKET", raising=False)
+    args = ["-n", "2", "-p", "no:cacheprovider"]
+    if how == "option":
+        args.append("--vmsuper-serve")
+    else:
+        pytester.makeini("[pytest]\nvmsuper_serve = true\n")
+    # Two copies of the test, so both workers run one.
+    pytester.makepyfile(test_user2=textwrap.dedent(SERVED_TESTS.format(python=sys.executable)))
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=2)
+    seen = [json.loads(path.read_text()) for path in out.iterdir()]
+    assert len(seen) == 2 and len({s["socket"] for s in seen}) == 1  # one server for all
+    assert len({s["server"] for s in seen}) == 1
+    assert not psutil.pid_exists(seen[0]["server"])  # stopped with the session
+    assert not Path(seen[0]["socket"]).parent.exists()  # and its folder removed
+
+
+def test_vmsuper_serve_0_keeps_the_session_without_a_server(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(
+        test_user="""
+import os
+
+def test_no_server_was_named():
+    assert "VMSUPER_SERVE_SOCKET" not in os.environ
+"""
+    )
+    monkeypatch.setenv("VMSUPER_SERVE", "0")
+    monkeypatch.delenv("VMSUPER_SERVE_SOCKET", raising=False)
+    result = pytester.runpytest_subprocess("--vmsuper-serve", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
 
 
 FAILING_TESTS = """

@@ -21,6 +21,11 @@ at most ``--vmsuper-max-vcpus`` VCPUs (or ``VMSUPER_MAX_VCPUS``; default: the CP
 once, across xdist workers and pytest sessions. A test that had to wait for room says so in
 its report (user property ``vmsuper_capacity_wait_s`` and a "vmsuper capacity" section).
 
+With ``--vmsuper-serve`` (or ``vmsuper_serve = true`` in the ini file) the session starts one
+`vmsuper serve` of its own, and every VM the fixture starts (on xdist's local workers too) is
+forked by it: a VM then starts without an interpreter and imports of its own, which is most of
+its start (see `vmsuper.session_server`). The server ends with the session.
+
 Each VM the fixture starts also puts the host's name and the run's log folder into the test's
 report (user properties ``vmsuper_host`` and ``vmsuper_log_dir``, and a "vmsuper run"
 section), so a test that fails on a remote xdist worker (``--tx ssh=...``) says where to look.
@@ -28,6 +33,7 @@ section), so a test that fails on a remote xdist worker (``--tx ssh=...``) says 
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -41,6 +47,8 @@ from vmsuper.capacity import (
     default_max_vcpus,
     parse_max_vcpus,
 )
+from vmsuper.session_server import SessionServer, SessionServerError
+from vmsuper.supervisor.serve_client import SERVE_VARIABLE
 from vmsuper.testing import (
     VmResult,
     VmRunner,
@@ -52,10 +60,13 @@ from vmsuper.testing import (
 __all__ = ["VmResult", "VmRunner", "VmSpec"]
 
 MAX_VCPUS_OPTION = "--vmsuper-max-vcpus"
+SERVE_OPTION = "--vmsuper-serve"
+SERVE_INI = "vmsuper_serve"
 WAIT_PROPERTY = "vmsuper_capacity_wait_s"
 HOST_PROPERTY = "vmsuper_host"
 LOG_PROPERTY = "vmsuper_log_dir"
 _RUNNER = pytest.StashKey[VmRunner]()
+_SERVER = pytest.StashKey[SessionServer]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -66,6 +77,34 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="most VCPUs of vmsuper VMs running at once on this host, across xdist workers "
         "and pytest sessions (default: $VMSUPER_MAX_VCPUS, else the CPU count)",
     )
+    parser.getgroup("vmsuper").addoption(
+        SERVE_OPTION,
+        action="store_true",
+        default=None,
+        help="start one 'vmsuper serve' for the session: the fixture's VMs start faster",
+    )
+    parser.addini(
+        SERVE_INI, type="bool", default=False, help=f"as {SERVE_OPTION}, from the ini file"
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With --vmsuper-serve, the session's server: started by the controlling process (xdist's
+    workers inherit the variable that names it), unless VMSUPER_SERVE=0 keeps runs local."""
+    wanted = config.getoption(SERVE_OPTION) or config.getini(SERVE_INI)
+    if not wanted or hasattr(config, "workerinput") or os.environ.get(SERVE_VARIABLE) == "0":
+        return
+    try:
+        config.stash[_SERVER] = SessionServer()
+    except SessionServerError as exc:
+        raise pytest.UsageError(f"{SERVE_OPTION}: {exc}") from None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    server = config.stash.get(_SERVER, None)
+    if server is not None:
+        del config.stash[_SERVER]
+        server.stop()
 
 
 def _max_vcpus(config: pytest.Config) -> int:
