@@ -8,7 +8,8 @@ floor in C of vmsuper's process layout (a VCPU thread, a worker process, the plu
 with four wake-ups per exit (every exit through the worker) and three (the VCPU thread writes
 the exit to the plugin and the worker reads the reply, as vmsuper's runner and worker serve a
 plain exit). Batches of every kind are interleaved, so drifts of the
-machine's speed hit them alike.
+machine's speed hit them alike. K is 1, 2, 4 and 8, with 4 N exits each; one long batch of 4
+VMs with 20 N exits each (pipes) weighs each run's start-up less.
 
 Per batch:
 - wall: from starting the first run to the end of the last, start-up included;
