@@ -335,6 +335,20 @@ def test_a_file_in_the_socket_s_place_is_left_alone(tmp_path: Path) -> None:
     assert precious.read_text() == "not a socket"
 
 
+def run_here_with_no_config(env: dict[str, str], folder: Path) -> str:
+    """`vmsuper run` of a config that does not exist: status 2 shows the command ran it here
+    (no server took it); returns its stderr."""
+    done = subprocess.run(
+        [sys.executable, "-m", "vmsuper", "run", str(folder / "absent.toml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 2 and "config file not found" in done.stderr
+    return done.stderr
+
+
 def test_a_server_that_sends_a_run_back_has_the_command_run_it(tmp_path: Path) -> None:
     """A stand-in server that refuses with `local`, or closes unanswered: the command runs
     the VM itself."""
@@ -363,16 +377,9 @@ def test_a_server_that_sends_a_run_back_has_the_command_run_it(tmp_path: Path) -
     ):
         stand_in = threading.Thread(target=refuse, args=(answer,))
         stand_in.start()
-        done = subprocess.run(
-            [sys.executable, "-m", "vmsuper", "run", str(tmp_path / "absent.toml")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-        )
+        stderr = run_here_with_no_config(env, tmp_path)
         stand_in.join()
-        assert said in done.stderr
-        assert done.returncode == 2 and "config file not found" in done.stderr  # ran here
+        assert said in stderr
     listener.close()
 
 
@@ -407,15 +414,8 @@ def test_a_socket_named_by_the_variable_is_used_only_if_this_user_s_server_liste
         assert os.read(ready_r, 1) == b"!"
         env = dict(os.environ, VMSUPER_SERVE_SOCKET=str(path))
         env.pop(serve_client.SERVE_VARIABLE, None)
-        done = subprocess.run(
-            [sys.executable, "-m", "vmsuper", "run", str(tmp_path / "absent.toml")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-        )
-        assert f"{path} is a server of uid {nobody.pw_uid}, not this user's" in done.stderr
-        assert done.returncode == 2 and "config file not found" in done.stderr  # ran here
+        stderr = run_here_with_no_config(env, tmp_path)
+        assert f"{path} is a server of uid {nobody.pw_uid}, not this user's" in stderr
         with os.fdopen(got_r, "rb") as got:
             assert got.read() == b"0 0"  # nothing sent: no environment, no streams
     finally:
