@@ -92,21 +92,31 @@ class SessionServer:
         return self._stop()
 
     def _stop(self) -> str:
-        said = ""
+        """SIGTERM: no more runs; a second one (should a run hang) stops the runs too; then
+        SIGKILL. Only the process is waited for: a process it left behind may hold its stderr."""
         try:
-            # SIGTERM: no more runs; a second one (should a run hang) stops the runs too.
-            for _ in range(2):
+            for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
                 if self.proc.poll() is None:
-                    self.proc.send_signal(signal.SIGTERM)
+                    self.proc.send_signal(sig)
                 try:
-                    said = self.proc.communicate(timeout=STOP_TIMEOUT_S)[1].decode()
+                    self.proc.wait(timeout=STOP_TIMEOUT_S)
                     break
                 except subprocess.TimeoutExpired:
                     continue
-            else:
-                self.proc.kill()
-                said = self.proc.communicate()[1].decode()
+            return self._said_since().decode(errors="replace")
         finally:
+            assert self.proc.stderr is not None
+            self.proc.stderr.close()
             with contextlib.suppress(OSError):
                 shutil.rmtree(self.folder)
-        return said or ""
+
+    def _said_since(self) -> bytes:
+        """What the server's stderr holds now, without waiting for more."""
+        assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        os.set_blocking(fd, False)
+        said = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(fd, 65536):
+                said += chunk
+        return said
