@@ -8,8 +8,8 @@ runnable task waited for a CPU). So the supervisor samples that share every `INT
 writes each VCPU's polling window into its mailbox (`Mailbox.poll_ns`), which the C loops read
 at every wait: the configured window while the pressure stays below `THRESHOLD`, 0 above it.
 The gate is made with the VM's VCPU set and first decides when the VCPUs start, before any of
-them polls, from the pressure while the VM was set up: VMs that start on a busy host, or
-together, do not poll at all until the host is calm.
+them polls, from the pressure while the VM was set up: a VM that starts on a host already
+busy does not poll at all until the host is calm.
 
 `PollPolicy` is the decision, fed readings and returning the window (no I/O, tested alone);
 `PollGate` is the shell: the file, a timerfd for the event loop, the mailboxes. Without the
