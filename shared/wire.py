@@ -53,6 +53,7 @@ __all__ = [
     "encode_delimited",
     "encode_varint",
     "enlarge_pipe",
+    "peer_credentials",
     "read_plain",
     "recv_datagram",
     "send_datagram",
@@ -254,6 +255,14 @@ def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
             numbers.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
             fds.extend(numbers)
     return fds
+
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of a connected unix socket's peer, as the kernel took them at connect."""
+    return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
 
 
 def recv_datagram(

@@ -153,7 +153,7 @@ def begin(config: Config) -> Launch | int:
     try:
         logs.make_private_folder(config.log.dir)
         log = logs.configure_logging(
-            config.log.dir / "supervisor.jsonl", level=config.log.level, mark_live=True
+            config.log.dir / logs.SUPERVISOR_LOG, level=config.log.level, mark_live=True
         )
     except OSError as exc:
         said = exc.strerror or str(exc)

@@ -37,7 +37,6 @@ import selectors
 import signal
 import socket
 import stat
-import struct
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -60,7 +59,6 @@ STDIO_FDS: Final = 3
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 """Stop taking runs and end once they have; a second one stops them too. (A hang-up of the
 terminal the server was started from is no reason to break the runs in progress.)"""
-_UCRED: Final = struct.Struct("3i")  # pid, uid, gid
 
 
 class RunRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -268,7 +266,7 @@ class Server:
 
     def _receive(self, conn: socket.socket) -> tuple[RunRequest, list[int]]:
         """The request; any fds that came with a refused one are closed."""
-        pid, uid, _ = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        pid, uid, _ = wire.peer_credentials(conn)
         try:
             dgram = wire.recv_datagram(conn, max_fds=STDIO_FDS)
         except wire.WireError as exc:

@@ -26,7 +26,6 @@ import os
 import select
 import signal
 import socket
-import struct
 import sys
 
 from vmsuper import __version__
@@ -83,7 +82,7 @@ def hand_over(argv: Sequence[str]) -> int | None:
             return None  # none listens (or none may be reached): the usual case
         # The run's environment and streams go to a server of this user only (a socket that
         # VMSUPER_SERVE_SOCKET names may sit in a folder others can write).
-        _, uid, _ = struct.unpack("iII", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        _, uid, _ = wire.peer_credentials(conn)
         if uid != os.getuid():
             _say(f"{socket_path()} is a server of uid {uid}, not this user's; running the VM here")
             return None

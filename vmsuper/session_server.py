@@ -6,6 +6,7 @@ and names it in `VMSUPER_SERVE_SOCKET`, so every `vmsuper run` the session start
 workers too: they inherit the variable) is forked by the server instead. Runs elsewhere on the
 host, and the user's own server in the runtime folder, are left alone. The server dies with
 the process that started it (parent-death signal), so a killed session leaves nothing behind.
+The benchmarks' served rows use one too, without naming it to every run (`export=False`).
 """
 
 from __future__ import annotations
@@ -39,13 +40,16 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child, before 
 
 
 class SessionServer:
-    """A started server and the variable that points runs at it; `stop` ends both."""
+    """A started server; `env` is what hands a `vmsuper run` to it, set in this process's
+    environment (for every run it starts) unless `export` is false. `stop` ends both."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, export: bool = True) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="vmsuper-serve-"))
         self.socket = self.folder / SOCKET_NAME
+        self.env = {SOCKET_VARIABLE: str(self.socket)}
+        self._exported = export
         self._previous = os.environ.get(SOCKET_VARIABLE)
-        env = dict(os.environ, **{SOCKET_VARIABLE: str(self.socket)})
+        env = dict(os.environ, **self.env)
         env.pop(SERVE_VARIABLE, None)
         try:
             self.proc = subprocess.Popen(
@@ -63,7 +67,8 @@ class SessionServer:
         if not banner.startswith(_LISTENING):
             said = banner + self._stop()
             raise SessionServerError(f"vmsuper serve did not start: {said.strip() or 'no word'}")
-        os.environ[SOCKET_VARIABLE] = str(self.socket)
+        if export:
+            os.environ.update(self.env)
 
     def _first_line(self) -> str:
         """The server's first line on stderr (it says it listens once its imports are done),
@@ -85,10 +90,10 @@ class SessionServer:
     def stop(self) -> str:
         """Stop the server (it takes no more runs, and ends once its runs have), put the
         variable back and remove the folder; returns what the server said."""
-        if self._previous is None:
+        if self._exported:
             os.environ.pop(SOCKET_VARIABLE, None)
-        else:
-            os.environ[SOCKET_VARIABLE] = self._previous
+            if self._previous is not None:
+                os.environ[SOCKET_VARIABLE] = self._previous
         return self._stop()
 
     def _stop(self) -> str:
