@@ -11,6 +11,11 @@ The gate is made with the VM's VCPU set and first decides when the VCPUs start, 
 them polls, from the pressure while the VM was set up: a VM that starts on a host already
 busy does not poll at all until the host is calm.
 
+Each reading wakes the supervisor, and on a busy host that wake-up takes a CPU from the VCPUs.
+So the gate reads every `INTERVAL_S` only while the VCPUs poll; while polling is off it reads
+just twice per hold, at its end (a baseline, then the decision), and a host that stays busy
+doubles the hold, so that a VM among many on a busy host is read about once a `HOLD_MAX_S`.
+
 `PollPolicy` is the decision, fed readings and returning the window (no I/O, tested alone);
 `PollGate` is the shell: the file, a timerfd for the event loop, the mailboxes. Without the
 file (a kernel without PSI) the window stays as configured.
@@ -50,12 +55,14 @@ still busy (from HOLD_MIN_S, at most HOLD_MAX_S), back to HOLD_MIN_S once the ho
 
 
 class PollPolicy:
-    """The decision: fed the kernel's cumulative stall time, says the polling window now.
+    """The decision: fed the kernel's cumulative stall time, says the polling window now, and
+    when it needs its next reading.
 
     Polling goes off as soon as one interval's stall share passes THRESHOLD. It stays off for
     a hold, and after the hold only if the host is calm (with polling off, pressure comes from
-    others); then it goes back on, and a next stop doubles the hold, so a host that stays busy
-    sees a short try every HOLD_MAX_S at most.
+    others); then it goes back on. Every stop, and every hold's end that finds the host still
+    busy, doubles the hold (up to HOLD_MAX_S), so a host that stays busy sees a short try, and
+    a reading, every HOLD_MAX_S at most.
     """
 
     def __init__(self, window_ns: int) -> None:
@@ -80,6 +87,7 @@ class PollPolicy:
         elif not self.polling and now >= self._off_until:
             if busy:
                 self._off_until = now + self._hold
+                self._hold = min(self._hold * 2, HOLD_MAX_S)
             else:
                 self.polling = True
         elif self.polling and now >= self._off_until + self._hold:
@@ -88,6 +96,13 @@ class PollPolicy:
 
     def current(self) -> int:
         return self.window_ns if self.polling else 0
+
+    def next_reading(self, now: float) -> float:
+        """When the next reading is due (monotonic seconds): every INTERVAL_S while polling;
+        while off, one interval before the hold ends (the baseline) and at its end."""
+        if self.polling or self.window_ns == 0:
+            return now + INTERVAL_S
+        return max(now + INTERVAL_S, self._off_until - INTERVAL_S)
 
 
 def read_stall_us(fd: int) -> int:
@@ -125,20 +140,23 @@ class PollGate:
         """False when there is nothing to decide: polling is off, or the kernel has no PSI."""
         return self._fd >= 0
 
-    def tick(self) -> None:
-        """Take a reading and set the windows (call every INTERVAL_S while VCPUs run)."""
+    def tick(self) -> float | None:
+        """Take a reading and set the windows; returns when the next reading is due (the
+        gate's clock), None once there is nothing more to decide (see `active`)."""
         if self._fd < 0:
-            return
+            return None
         try:
             stall = read_stall_us(self._fd)
         except (OSError, ValueError):
             self.close()  # unreadable now: keep polling as configured
             self._set(self.policy.window_ns)
-            return
+            return None
         before = self.policy.current()
-        now = self.policy.update(self._clock(), stall)
-        if now != before:
-            self._set(now)
+        now = self._clock()
+        window = self.policy.update(now, stall)
+        if window != before:
+            self._set(window)
+        return self.policy.next_reading(now)
 
     def _set(self, window_ns: int) -> None:
         for mailbox in self._mailboxes:

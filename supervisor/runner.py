@@ -544,8 +544,7 @@ class Supervisor:
         if gate is None or self.shutting_down:
             self._next_poll_check = None
             return
-        gate.tick()
-        self._next_poll_check = time.monotonic() + poll_gate.INTERVAL_S
+        self._next_poll_check = gate.tick()
 
     def _finish(self) -> tuple[int, str]:
         if self.plugin is not None:

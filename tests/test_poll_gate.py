@@ -88,6 +88,52 @@ def test_a_calm_spell_resets_the_hold() -> None:
     assert off <= HOLD_MIN_S + STEP
 
 
+def follow(host: Host, policy: PollPolicy, share: float, seconds: float) -> list[int]:
+    """`seconds` of a host at `share`, read only when the policy asks: each reading's window."""
+    end = host.now + seconds
+    windows = []
+    while (due := policy.next_reading(host.now)) <= end:
+        host.advance(share, due - host.now)
+        windows.append(policy.update(host.now, host.stall_us))
+    host.advance(share, end - host.now)
+    return windows
+
+
+def test_while_polling_the_host_is_read_every_interval() -> None:
+    host, policy = Host(), PollPolicy(WINDOW)
+    policy.update(host.now, host.stall_us)
+    windows = follow(host, policy, 0.2, 100 * STEP)
+    assert set(windows) == {WINDOW} and len(windows) == pytest.approx(100, abs=1)
+
+
+def test_a_host_that_stays_busy_is_read_less_and_less_often() -> None:
+    host, policy = Host(), PollPolicy(WINDOW)
+    policy.update(host.now, host.stall_us)
+    readings = follow(host, policy, 0.9, 20.0)
+    assert set(readings) == {0}
+    # Read every interval, that would be 800 readings; each hold's end takes two, and the
+    # holds double up to HOLD_MAX_S: about two a HOLD_MAX_S once grown.
+    assert len(readings) <= 2 * (20.0 / HOLD_MAX_S + 6)
+    # Each hold's end still decides: once the host is calm, polling is back within a hold.
+    assert follow(host, policy, 0.1, HOLD_MAX_S + STEP)[-1] == WINDOW
+
+
+def test_when_polling_is_off_the_two_readings_come_at_the_hold_s_end() -> None:
+    host, policy = Host(), PollPolicy(WINDOW)
+    policy.update(host.now, host.stall_us)
+    assert host.feed(policy, 1.0) == 0  # off at host.now, for HOLD_MIN_S
+    off_at = host.now
+    assert policy.next_reading(host.now) == pytest.approx(
+        max(off_at + STEP, off_at + HOLD_MIN_S - STEP)
+    )
+    host.advance(0.9, HOLD_MIN_S - STEP)
+    assert policy.update(host.now, host.stall_us) == 0  # the baseline: no decision yet
+    assert policy.next_reading(host.now) == pytest.approx(off_at + HOLD_MIN_S)
+    host.advance(0.9, STEP)
+    assert policy.update(host.now, host.stall_us) == 0  # still busy: a longer hold
+    assert policy.next_reading(host.now) == pytest.approx(host.now + 2 * HOLD_MIN_S - STEP)
+
+
 def test_no_window_means_no_polling_whatever_the_host() -> None:
     host, policy = Host(), PollPolicy(0)
     for share in (0.0, 1.0, 0.0):
@@ -121,11 +167,11 @@ def test_the_gate_writes_every_vcpu_s_window_from_the_file(
         assert [m.poll_ns for m in mailboxes] == [WINDOW, WINDOW]
         host.advance(0.95)
         _pressure(pressure, host.stall_us)
-        gate.tick()
+        assert gate.tick() == pytest.approx(host.now + HOLD_MIN_S - STEP)  # when it reads next
         assert [m.poll_ns for m in mailboxes] == [0, 0]
         host.advance(0.0, HOLD_MIN_S)
         _pressure(pressure, host.stall_us)
-        gate.tick()
+        assert gate.tick() == pytest.approx(host.now + STEP)
         assert [m.poll_ns for m in mailboxes] == [WINDOW, WINDOW]
     finally:
         gate.close()
@@ -137,7 +183,7 @@ def test_without_pressure_figures_the_window_stays_as_configured(
     mailbox = region.mailbox(0)
     gate = PollGate([mailbox], WINDOW, pressure_file=str(tmp_path / "absent"))
     assert not gate.active and mailbox.poll_ns == WINDOW
-    gate.tick()
+    assert gate.tick() is None  # nothing to decide: no more readings
     assert mailbox.poll_ns == WINDOW
     garbled = tmp_path / "garbled"
     garbled.write_text("nothing here\n")
