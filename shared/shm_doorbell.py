@@ -21,14 +21,15 @@ class Doorbell:
     """The hand-off of one mailbox: "request posted" (worker -> runner) and "done" (back).
 
     Each direction is a bell (`hotpath.c`): a sequence number and a "sleeping" flag in the
-    mailbox's head, and an eventfd to sleep on. A waiter polls the number for `spin_ns`
-    first, so a hand-off between two busy processes costs no wake-up; a ring writes the
-    eventfd only when its waiter sleeps. Each process keeps its own last-seen numbers.
+    mailbox's head, and an eventfd to sleep on. A waiter polls the number first, for the
+    mailbox's window at that moment (`Mailbox.poll_ns`, which the supervisor's polling gate
+    sets, as for the C loops), so a hand-off between two busy processes costs no wake-up; a
+    ring writes the eventfd only when its waiter sleeps. Each process keeps its own last-seen
+    numbers.
     """
 
-    def __init__(self, mailbox: Mailbox, *, spin_ns: int = 0) -> None:
-        if spin_ns < 0:
-            raise ValueError(f"spin_ns must not be negative: {spin_ns}")
+    def __init__(self, mailbox: Mailbox) -> None:
+        self._mailbox = mailbox
         self._request = os.eventfd(0, os.EFD_CLOEXEC)
         try:
             self._done = os.eventfd(0, os.EFD_CLOEXEC)
@@ -39,7 +40,6 @@ class Doorbell:
         self.done_bell = self.request_bell + _BELL_STRIDE
         self.request_seen = ctypes.c_uint32(mailbox.bell_seq(0))
         self.done_seen = ctypes.c_uint32(mailbox.bell_seq(1))
-        self.spin_ns = spin_ns
         self.wake_fd = -1
         """The read end of this process's `signal.set_wakeup_fd` pipe, if it has one (a VCPU
         worker): a wait then also ends for a signal that came while it polled, runs the
@@ -78,7 +78,7 @@ class Doorbell:
         before = bell.seen.value
         while True:
             try:
-                bell.wait(efd, self.spin_ns, self.wake_fd)
+                bell.wait(efd, self._mailbox.poll_ns, self.wake_fd)
                 return (bell.seen.value - before) & _U32_MASK
             except InterruptedError:
                 if self.wake_fd < 0:

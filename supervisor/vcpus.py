@@ -201,11 +201,11 @@ class VcpuSet:
         self.poll_gate = PollGate([region.mailbox(i) for i in range(count)], poll_ns)
         """Sets every VCPU's polling window from the host's CPU pressure: its first reading is
         taken at `start`, over the time since the set was made (before any VCPU polls); the
-        caller ticks it from then on (`poll_gate.INTERVAL_S`)."""
+        caller ticks it from then on, when each tick says."""
         try:
             for i in range(count):
                 self._channels.append(_Channel(transport))
-                self._doorbells.append(Doorbell(region.mailbox(i), spin_ns=poll_ns))
+                self._doorbells.append(Doorbell(region.mailbox(i)))
         except BaseException:
             self.poll_gate.close()
             self._close_everything()

@@ -447,7 +447,8 @@ def wait_until_sleeping(mailbox: Mailbox, which: int) -> None:
 @pytest.mark.parametrize("spin_ns", [0, 200_000])
 def test_a_bell_wakes_its_waiter_in_another_thread(region: SharedRegion, spin_ns: int) -> None:
     mailbox = region.mailbox(0)
-    with Doorbell(mailbox, spin_ns=spin_ns) as bell:
+    mailbox.poll_ns = spin_ns
+    with Doorbell(mailbox) as bell:
         # Rung before the wait, or (most likely) while it polls: no sleep needed.
         for ringer in (None, threading.Thread(target=bell.ring_request)):
             if ringer is None:
@@ -468,6 +469,32 @@ def test_a_bell_wakes_its_waiter_in_another_thread(region: SharedRegion, spin_ns
             waiter.join(30)
         assert got == [1]
         assert not mailbox.bell_sleeping(0)
+
+
+def test_a_doorbell_polls_for_its_mailbox_s_window_of_the_moment(region: SharedRegion) -> None:
+    """The supervisor's polling gate sets the window (`poll_gate`): the Python waits (a
+    worker's VCPU ioctls) follow it as the C loops do, and poll not at all when it says 0."""
+    mailbox = region.mailbox(0)
+    with Doorbell(mailbox) as bell:
+        for window, polls in ((3_000_000_000, True), (0, False)):
+            mailbox.poll_ns = window
+            cpu: list[float] = []
+
+            def wait(into: list[float]) -> None:
+                before = time.thread_time()
+                bell.wait_request()
+                into.append(time.thread_time() - before)
+
+            waiter = threading.Thread(target=wait, args=(cpu,))
+            waiter.start()
+            try:
+                time.sleep(0.5)
+                assert mailbox.bell_sleeping(0) is not polls
+            finally:
+                bell.ring_request()
+                waiter.join(30)
+            # Polling spends the waiter's CPU until the ring; sleeping spends none.
+            assert (cpu[0] > 0.05) is polls, (window, cpu)
 
 
 def test_a_bell_wakes_a_sleeping_waiter_in_another_process(region: SharedRegion) -> None:
