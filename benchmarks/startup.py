@@ -85,6 +85,7 @@ def startup(bench: Bench) -> list[dict[str, Any]]:
                 figures = {f"{k}_ms": summarize(v) for k, v in got.items()}
                 rows.append({"plugin": name, "low_latency": ll, **figures})
     rows.extend(_python_costs(bench))
+    rows.extend(_kvm_costs(bench))
     return rows
 
 
@@ -135,4 +136,28 @@ def _python_costs(bench: Bench) -> list[dict[str, Any]]:
         {"plugin": "python: supervisor imports", "run_ms": summarize(imports)},
         *({"plugin": name, "run_ms": summarize(ms)} for name, ms in alone.items()),
         {"plugin": "vmsuper --version", "run_ms": summarize(cli)},
+    ]
+
+
+def _kvm_costs(bench: Bench) -> list[dict[str, Any]]:
+    """The kernel's part of every run's start and end: the VM as the supervisor makes it
+    (`runner.create_machine`), and its close. Closing a VM with an in-kernel irqchip and PIT
+    waits for the kernel's grace periods (it unregisters their devices one by one), which a
+    run's end cannot skip: the VM is gone only once its last fd is."""
+    from vmsuper.shared import kvm
+    from vmsuper.supervisor.runner import create_machine
+
+    made: list[float] = []
+    closed: list[float] = []
+    with kvm.Kvm() as system:
+        for _ in range(bench.repeat):
+            start = time.monotonic()
+            vm = create_machine(system)
+            ready = time.monotonic()
+            vm.close()
+            made.append(_ms(ready - start))
+            closed.append(_ms(time.monotonic() - ready))
+    return [
+        {"plugin": "kvm: a run's VM made (TSS, irqchip, PIT)", "run_ms": summarize(made)},
+        {"plugin": "kvm: that VM closed", "run_ms": summarize(closed)},
     ]

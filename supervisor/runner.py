@@ -60,6 +60,20 @@ TSS_ADDRESS = 0xFFFBD000
 FD_HEADROOM = 1024
 
 
+def create_machine(system: kvm.Kvm) -> kvm.Vm:
+    """The VM every run starts from, before the plugin asks for anything: its TSS address, the
+    in-kernel irqchip and the PIT, as crosvm's plugin mode made them."""
+    vm = system.create_vm()
+    try:
+        vm.set_tss_addr(TSS_ADDRESS)
+        vm.create_irqchip()
+        vm.create_pit2()
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
 class SetupError(Exception):
     """The VM could not be set up; the message says which step and why."""
 
@@ -100,13 +114,10 @@ def _set_up(run: Run) -> None:
         raise SetupError(f"cannot open /dev/kvm: {exc}") from exc
     run.closers.append(run.system.close)
     try:
-        run.vm = run.system.create_vm()
-        run.closers.append(run.vm.close)
-        run.vm.set_tss_addr(TSS_ADDRESS)
-        run.vm.create_irqchip()
-        run.vm.create_pit2()
+        run.vm = create_machine(run.system)
     except OSError as exc:
         raise SetupError(f"cannot create the VM: {exc}") from exc
+    run.closers.append(run.vm.close)
     run.region = SharedRegion.create(cfg.vm.vcpus)
     run.closers.append(run.region.close)
     try:

@@ -184,6 +184,8 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
         "python: msgspec import",
         "python: structlog import, as a run does",
         "vmsuper --version",
+        "kvm: a run's VM made (TSS, irqchip, PIT)",
+        "kvm: that VM closed",
     ):
         check_summary(name, startup[(name, None)]["run_ms"])
 
