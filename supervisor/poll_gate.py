@@ -17,8 +17,8 @@ just twice per hold, at its end (a baseline, then the decision), and a host that
 doubles the hold, so that a VM among many on a busy host is read about once a `HOLD_MAX_S`.
 
 `PollPolicy` is the decision, fed readings and returning the window (no I/O, tested alone);
-`PollGate` is the shell: the file, a timerfd for the event loop, the mailboxes. Without the
-file (a kernel without PSI) the window stays as configured.
+`PollGate` is the shell: the file and the mailboxes; the supervisor's event loop ticks it when
+the last tick said. Without the file (a kernel without PSI) the window stays as configured.
 """
 
 from __future__ import annotations
