@@ -4,6 +4,7 @@ the argument area the runner hands straight to the kernel, and the result.
 
 from __future__ import annotations
 
+import mmap
 from typing import Final
 
 from vmsuper.shared import abi
@@ -24,6 +25,13 @@ _BELL_SLEEPING_OFF: Final = abi.BELL.offset("sleeping")
 _MAIL_ARG_OFF: Final = abi.MAILBOX_ARG_OFFSET
 _MAIL_POLL = abi.MAIL.codec(["poll_ns"])
 _MAIL_POLL_OFF: Final = abi.MAIL.offset("poll_ns")
+
+
+def read_poll_ns(buffer: mmap.mmap, mailbox: int) -> int:
+    """The polling window of the mailbox at offset `mailbox` of a region's `buffer` (also a
+    read-only view of another process's region, for `vmsuper stats`)."""
+    (value,) = _MAIL_POLL.unpack_from(buffer, mailbox + _MAIL_POLL_OFF)
+    return int(value)
 
 
 class Mailbox:
@@ -67,8 +75,7 @@ class Mailbox:
     def poll_ns(self) -> int:
         """How long the VCPU's runner and worker poll for each other (and the worker for the
         plugin's reply) before they sleep; the supervisor sets it (`poll_gate`)."""
-        (value,) = _MAIL_POLL.unpack_from(self._mm, self._off + _MAIL_POLL_OFF)
-        return int(value)
+        return read_poll_ns(self._mm, self._off)
 
     @poll_ns.setter
     def poll_ns(self, value: int) -> None:

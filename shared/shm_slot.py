@@ -21,6 +21,7 @@ from vmsuper.shared.abi import (
     RunState,
 )
 from vmsuper.shared.shm_layout import Layout, RegionMemory
+from vmsuper.shared.shm_mailbox import read_poll_ns
 
 _U64_MASK: Final = (1 << 64) - 1
 
@@ -195,6 +196,9 @@ class VcpuReading(NamedTuple):
     stop_reason: str
     runner_served: int = 0
     """Exits its runner served without waking the worker (counted among `exits` too)."""
+    poll_ns: int = 0
+    """The polling window its runner and worker have now (its mailbox's, which the
+    supervisor's polling gate sets: 0 while polling is off)."""
 
 
 _WAITING_STATES: Final = frozenset({RunState.INIT, RunState.WAITING_PLUGIN, RunState.PAUSED})
@@ -229,4 +233,5 @@ def read_vcpu(q: memoryview, mm: mmap.mmap, layout: Layout, index: int) -> VcpuR
         buckets=buckets,
         stop_reason=text,
         runner_served=q[slot // 8 + _C_RUNNER_SERVED],
+        poll_ns=read_poll_ns(mm, layout.mailbox(index)),
     )

@@ -104,6 +104,9 @@ class VcpuFigures:
     response_sum_ns: int = 0
     served_by_runner: int | None = None
     """Exits the runner served without waking the worker (live runs only)."""
+    poll_window_s: float | None = None
+    """How long the runner and the worker poll before they sleep, now: `poll_us`, or 0 while
+    the polling gate has it off (live runs only)."""
 
     @property
     def total(self) -> int:
@@ -126,6 +129,7 @@ class VcpuFigures:
                 **self.response_s,
                 "buckets": None if self.buckets is None else list(self.buckets),
             },
+            "poll_window_s": self.poll_window_s,
             "stop_reason": self.stop_reason,
         }
 
@@ -211,6 +215,7 @@ def _figures(
         buckets=last.buckets,
         response_sum_ns=last.response_sum_ns,
         served_by_runner=last.runner_served,
+        poll_window_s=last.poll_ns / 1e9,
     )
 
 
@@ -394,7 +399,17 @@ def to_text(snaps: Sequence[RunSnapshot]) -> str:
             what = f"status {outcome['status']} ({outcome['reason']})" if outcome else "no outcome"
             lines.append(f"finished run: {what}")
         lines.append(f"  logs: {snap.log_dir}")
-        header = ["vcpu", "state", "waiting ms", "exits", "exits/s", "p50 ms", "p99 ms", "max ms"]
+        header = [
+            "vcpu",
+            "state",
+            "waiting ms",
+            "exits",
+            "exits/s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "poll us",
+        ]
         rows = [header]
         for v in snap.vcpus:
             rate = "-" if v.exits_per_second is None else f"{v.exits_per_second:.0f}"
@@ -408,6 +423,7 @@ def to_text(snaps: Sequence[RunSnapshot]) -> str:
                     _ms(v.response_s["p50_s"]),
                     _ms(v.response_s["p99_s"]),
                     _ms(v.response_s["max_s"]),
+                    "-" if v.poll_window_s is None else f"{v.poll_window_s * 1e6:.0f}",
                 ]
             )
         lines += _columns(rows)

@@ -60,6 +60,11 @@ class SnapshotCollector(Collector):
             "The plugin's longest response to an exit",
             labels=vcpu_labels,
         )
+        poll_window = GaugeMetricFamily(
+            "vmsuper_vcpu_poll_window_seconds",
+            "How long the VCPU's runner and worker poll before they sleep (0: polling is off)",
+            labels=vcpu_labels,
+        )
         cpu = CounterMetricFamily(
             "vmsuper_process_cpu_seconds",
             "CPU time (user + system) of the run's processes",
@@ -85,13 +90,15 @@ class SnapshotCollector(Collector):
                     rate.add_metric(labels, v.exits_per_second)
                 if v.response_s.get("max_s") is not None:
                     response_max.add_metric(labels, v.response_s["max_s"] or 0.0)
+                if v.poll_window_s is not None:
+                    poll_window.add_metric(labels, v.poll_window_s)
             for p in snap.processes:
                 labels = [*run, p.role, str(p.pid), "" if p.vcpu is None else str(p.vcpu)]
                 if p.cpu_s is not None:
                     cpu.add_metric(labels, p.cpu_s)
                 if p.uss_bytes is not None:
                     uss.add_metric(labels, float(p.uss_bytes))
-        yield from (live, state, waiting, exits, ranges, rate, response_max, cpu, uss)
+        yield from (live, state, waiting, exits, ranges, rate, response_max, poll_window, cpu, uss)
         yield from self._histograms(run_labels)
 
     def _histograms(self, run_labels: list[str]) -> Iterator[Metric]:

@@ -471,6 +471,9 @@ def test_region_view_maps_the_memfd_read_only(region: SharedRegion) -> None:
         assert reading.exits["io_out"] == 1
         slot.count(ExitKind.IO_OUT)  # the view sees the same pages, as they change
         assert view.reading(1).exits["io_out"] == 2
+        # Each VCPU's polling window, as the polling gate sets it in the VCPU's mailbox.
+        region.mailbox(1).poll_ns = 123_000
+        assert (view.reading(0).poll_ns, view.reading(1).poll_ns) == (0, 123_000)
         with pytest.raises(TypeError):
             view._mm[0:1] = b"x"  # mapped PROT_READ
         with pytest.raises(IndexError):

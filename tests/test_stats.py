@@ -82,6 +82,9 @@ def test_exit_count_rises_between_two_calls(live_vm: LiveVm, runtime: Path) -> N
     assert run["config"] == str(live_vm.config.resolve())
     assert only_vcpu(later[0])["exits"]["by_kind"]["io_out"] > 0
     assert only_vcpu(later[0])["response"]["count"] > 0
+    # The default poll_us (50) while the host is calm, 0 while the polling gate has it off.
+    assert only_vcpu(later[0])["poll_window_s"] in (50e-6, 0.0)
+    assert "poll us" in stats("--interval", "0", str(live_vm.log_dir))  # the table's column
     assert only_vcpu(stats_json("--interval", "0"))["exits"]["total"] > 0  # every live run
     roles = {p["role"] for p in run["processes"]}
     assert roles == {"supervisor", "vcpu_worker", "plugin"}
@@ -158,6 +161,8 @@ def test_prometheus_output_parses(live_vm: LiveVm) -> None:
     states = [s for s in families["vmsuper_vcpu_state"].samples if s.value == 1]
     assert len(states) == 1
     assert states[0].labels["pid"] == str(live_vm.proc.pid)
+    (window,) = families["vmsuper_vcpu_poll_window_seconds"].samples
+    assert window.value in (50e-6, 0.0)
     roles = {s.labels["role"] for s in families["vmsuper_process_uss_bytes"].samples}
     assert roles == {"supervisor", "vcpu_worker", "plugin"}
 
