@@ -47,6 +47,7 @@ class Row:
     exits: int
     rate: float | None
     percentiles_s: dict[str, float | None]
+    poll_window_s: float
 
 
 class Top:
@@ -103,6 +104,7 @@ class Top:
             exits=exits,
             rate=rate,
             percentiles_s=percentiles,
+            poll_window_s=reading.poll_ns / 1e9,
         )
 
     def table(self) -> Table:
@@ -116,6 +118,7 @@ class Top:
             table.add_column(name, justify="left" if name in ("run", "state") else "right")
         for name in (*dict(PERCENTILES), "max"):
             table.add_column(f"{name} ms", justify="right")
+        table.add_column("poll us", justify="right")
         for row in rows:
             table.add_row(
                 str(row.pid),
@@ -125,6 +128,7 @@ class Top:
                 str(row.exits),
                 "-" if row.rate is None else f"{row.rate:.0f}",
                 *(_ms(row.percentiles_s[name]) for name in (*dict(PERCENTILES), "max")),
+                f"{row.poll_window_s * 1e6:.0f}",
             )
         return table
 

@@ -204,6 +204,7 @@ def test_top_renders_a_live_run_and_quits_on_q(live_vm: LiveVm) -> None:
         row = re.compile(rb"\b%d\b[^\n]*\b0\b[^\n]*waiting_plugin" % pid)
         screen = _screen(master, row, DEADLINE)
         assert b"sorted by exits/s" in screen
+        assert b"poll us" in screen  # each VCPU's polling window of the moment
         os.write(master, b"s")
         _screen(master, re.compile(rb"sorted by waiting"), DEADLINE)
         os.write(master, b"q")
