@@ -128,6 +128,28 @@ def test_states_while_waiting_on_the_plugin_and_paused(live_vm: LiveVm) -> None:
 
 
 @pytest.mark.kvm
+def test_polling_shows_as_off_while_the_host_s_cpus_are_short(live_vm: LiveVm) -> None:
+    """The polling gate reads the kernel's CPU pressure (supervisor/poll_gate.py): with more
+    busy processes than CPUs it turns the VCPU's polling off, and `vmsuper stats` says so."""
+    assert os.path.exists("/proc/pressure/cpu"), "this kernel gives no CPU pressure figures"
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(2 * (os.cpu_count() or 1) + 2)
+    ]
+    try:
+        wait_for(
+            lambda: (
+                only_vcpu(stats_json("--interval", "0", str(live_vm.log_dir)))["poll_window_s"] == 0
+            ),
+            "the VCPU's polling to stop on a busy host",
+        )
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+@pytest.mark.kvm
 def test_live_range_counts_while_the_engine_reports_every_exit(
     tmp_path: Path, runtime: Path
 ) -> None:
