@@ -130,11 +130,13 @@ def test_states_while_waiting_on_the_plugin_and_paused(live_vm: LiveVm) -> None:
 @pytest.mark.kvm
 def test_polling_shows_as_off_while_the_host_s_cpus_are_short(live_vm: LiveVm) -> None:
     """The polling gate reads the kernel's CPU pressure (supervisor/poll_gate.py): with more
-    busy processes than CPUs it turns the VCPU's polling off, and `vmsuper stats` says so."""
+    busy processes than CPUs it turns the VCPU's polling off, and `vmsuper stats` says so.
+    The busy processes run at the lowest priority: they wait for the CPUs (the pressure)
+    without taking much from the tests running beside this one."""
     assert os.path.exists("/proc/pressure/cpu"), "this kernel gives no CPU pressure figures"
+    hog = "import os\nos.nice(19)\nwhile True: pass"
     hogs = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        for _ in range(2 * (os.cpu_count() or 1) + 2)
+        subprocess.Popen([sys.executable, "-c", hog]) for _ in range(2 * (os.cpu_count() or 1) + 2)
     ]
     try:
         wait_for(
