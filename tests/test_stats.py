@@ -134,9 +134,9 @@ def test_polling_shows_as_off_while_the_host_s_cpus_are_short(live_vm: LiveVm) -
     The busy processes run at the lowest priority: they wait for the CPUs (the pressure)
     without taking much from the tests running beside this one."""
     assert os.path.exists("/proc/pressure/cpu"), "this kernel gives no CPU pressure figures"
-    hog = "import os\nos.nice(19)\nwhile True: pass"
+    spin = "import os\nos.nice(19)\nwhile True: pass"
     hogs = [
-        subprocess.Popen([sys.executable, "-c", hog]) for _ in range(2 * (os.cpu_count() or 1) + 2)
+        subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2 * (os.cpu_count() or 1) + 2)
     ]
     try:
         wait_for(
