@@ -14,6 +14,9 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from vmsuper.shared import kvm
+from vmsuper.supervisor.runner import create_machine
+
 from .concurrent import children_cpu_s
 from .context import Bench
 from .served import Served
@@ -144,9 +147,6 @@ def _kvm_costs(bench: Bench) -> list[dict[str, Any]]:
     (`runner.create_machine`), and its close. Closing a VM with an in-kernel irqchip and PIT
     waits for the kernel's grace periods (it unregisters their devices one by one), which a
     run's end cannot skip: the VM is gone only once its last fd is."""
-    from vmsuper.shared import kvm
-    from vmsuper.supervisor.runner import create_machine
-
     made: list[float] = []
     closed: list[float] = []
     with kvm.Kvm() as system:
