@@ -471,6 +471,12 @@ def test_a_bell_wakes_its_waiter_in_another_thread(region: SharedRegion, spin_ns
         assert not mailbox.bell_sleeping(0)
 
 
+def thread_cpu_s(tid: int) -> float:
+    """CPU time of this process's thread `tid` so far (its schedstat)."""
+    with open(f"/proc/self/task/{tid}/schedstat") as stat:
+        return int(stat.read().split()[0]) / 1e9
+
+
 def test_a_doorbell_polls_for_its_mailbox_s_window_of_the_moment(region: SharedRegion) -> None:
     """The supervisor's polling gate sets the window (`poll_gate`): the Python waits (a
     worker's VCPU ioctls) follow it as the C loops do, and poll not at all when it says 0."""
@@ -478,23 +484,31 @@ def test_a_doorbell_polls_for_its_mailbox_s_window_of_the_moment(region: SharedR
     with Doorbell(mailbox) as bell:
         for window, polls in ((3_000_000_000, True), (0, False)):
             mailbox.poll_ns = window
-            cpu: list[float] = []
+            tids: list[int] = []
+            started = threading.Event()
 
-            def wait(into: list[float]) -> None:
-                before = time.thread_time()
+            def wait(tids: list[int], started: threading.Event) -> None:
+                tids.append(threading.get_native_id())
+                started.set()
                 bell.wait_request()
-                into.append(time.thread_time() - before)
 
-            waiter = threading.Thread(target=wait, args=(cpu,))
+            waiter = threading.Thread(target=wait, args=(tids, started))
             waiter.start()
             try:
-                time.sleep(0.5)
-                assert mailbox.bell_sleeping(0) is not polls
+                assert started.wait(30)
+                if polls:  # it spends CPU on the bell, and does not sleep
+                    deadline = time.monotonic() + 30
+                    while thread_cpu_s(tids[0]) < 0.05:
+                        assert time.monotonic() < deadline, "the waiter never polled"
+                        time.sleep(0.001)
+                    assert not mailbox.bell_sleeping(0)
+                else:  # it sleeps at once, having spent next to no CPU
+                    wait_until_sleeping(mailbox, 0)
+                    assert thread_cpu_s(tids[0]) < 0.05
             finally:
                 bell.ring_request()
                 waiter.join(30)
-            # Polling spends the waiter's CPU until the ring; sleeping spends none.
-            assert (cpu[0] > 0.05) is polls, (window, cpu)
+            assert not waiter.is_alive()
 
 
 def test_a_bell_wakes_a_sleeping_waiter_in_another_process(region: SharedRegion) -> None:
