@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from .context import DEFAULT_PATH, PATHS, TRANSPORTS, Bench
-from .served import Served
+from .served import SERVED, Served
 from .stats import ratio, summarize
 from .vmrun import RunError, run_command, run_vm
 
@@ -47,9 +47,6 @@ EXITS_FACTOR: Final = 4  # 20,000 exits per VM with the default 5,000
 LONG_VMS: Final = 4
 LONG_EXITS_FACTOR: Final = 20
 CONCURRENT_PATHS: Final = (DEFAULT_PATH, "c")
-SERVED: Final = "vmsuper, served"
-"""vmsuper's runs handed to one `vmsuper serve` (pipes, default path): without each run's
-interpreter and imports, which weigh most when many short VMs share the CPUs."""
 # The C reference's modes, each a row (its `path`); `pipe` is the one every row is compared with.
 REFERENCE_MODES: Final = ("pipe", "relay", "forward")
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from .context import DEFAULT_PATH
+from .served import NATIVE_SERVED, SERVED, TRIVIAL_SERVED
 from .stats import ratio
 
 Row = dict[str, Any]
@@ -18,6 +19,7 @@ MAX_CPU_RATIO: Final = 1.5  # CPU time per exit against the reference's
 # K VMs at once, wall time against K copies of the reference, by (K, batch length): 4 VMs of
 # 100,000 exits each, 8 of 20,000 (with the default N).
 MAX_CONCURRENT_RATIO: Final = {(4, "long"): 1.5, (8, "short"): 1.8}
+SERVED_STARTUP: Final = (NATIVE_SERVED, TRIVIAL_SERVED)
 MAX_POLL_PENALTY: Final = 1.0  # the default path against poll_us = 0, under load
 MAX_FIRST_REQUEST_MS: Final = 90.0
 MAX_TRIVIAL_RUN_MS: Final = 120.0
@@ -101,7 +103,7 @@ def targets(sections: dict[str, list[Row]]) -> list[Row]:
             )
     concurrent = sections.get("concurrent", [])
     for row in concurrent:
-        if row["what"] not in ("vmsuper", "vmsuper, served") or row["path"] != DEFAULT_PATH:
+        if row["what"] not in ("vmsuper", SERVED) or row["path"] != DEFAULT_PATH:
             continue
         # Results from before the long batch have no `length`: theirs were all short.
         limit = MAX_CONCURRENT_RATIO.get((row["vms"], row.get("length", "short")))
@@ -131,15 +133,15 @@ def targets(sections: dict[str, list[Row]]) -> list[Row]:
             )
     for row in sections.get("startup", []):
         ll = " low_latency" if row.get("low_latency") else ""
-        served = ", served by vmsuper serve" if row["plugin"].endswith(", served") else ""
-        if row["plugin"] in ("native", "native, served"):
+        served = ", served by vmsuper serve" if row["plugin"] in SERVED_STARTUP else ""
+        if row["plugin"] in ("native", NATIVE_SERVED):
             add(
                 f"exec to the plugin's first request{served}{ll}",
                 MAX_FIRST_REQUEST_MS,
                 row["to_first_request_ms"]["median"],
                 "ms",
             )
-        if row["plugin"] in ("trivial", "trivial, served"):
+        if row["plugin"] in ("trivial", TRIVIAL_SERVED):
             add(
                 f"whole run of a trivial plugin{served}{ll}",
                 MAX_TRIVIAL_RUN_MS,

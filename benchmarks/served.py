@@ -7,14 +7,22 @@ server's /proc entry (its reaped children's), to be added to the commands' own.
 
 from __future__ import annotations
 
-import os
+from typing import Final
+
+import psutil
 
 from vmsuper.session_server import SessionServer, SessionServerError
 from vmsuper.supervisor.serve_client import SERVE_VARIABLE
 
 from .vmrun import RunError
 
-__all__ = ["Served"]
+__all__ = ["NATIVE_SERVED", "SERVED", "TRIVIAL_SERVED", "Served"]
+
+# The rows of runs handed to the server: in the concurrent section (`what`), in the start-up
+# section (`plugin`).
+SERVED: Final = "vmsuper, served"
+NATIVE_SERVED: Final = "native, served"
+TRIVIAL_SERVED: Final = "trivial, served"
 
 
 class Served:
@@ -29,10 +37,9 @@ class Served:
         return self
 
     def children_cpu_s(self) -> float:
-        """CPU time of the server's reaped children (its runs), from /proc (cutime, cstime)."""
-        with open(f"/proc/{self._server.proc.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+        """CPU time of the server's reaped children (its runs)."""
+        times = psutil.Process(self._server.proc.pid).cpu_times()
+        return float(times.children_user + times.children_system)
 
     def __exit__(self, *_exc: object) -> None:
         self._server.stop()

@@ -19,7 +19,7 @@ from vmsuper.supervisor.runner import create_machine
 
 from .concurrent import children_cpu_s
 from .context import Bench
-from .served import Served
+from .served import NATIVE_SERVED, TRIVIAL_SERVED, Served
 from .stats import summarize
 from .vmrun import RunResult, RunSpec, log_event_times, run_vm, vmsuper_command
 
@@ -37,8 +37,6 @@ IMPORTS_ALONE = {
 }
 # The plugins timed, and whether they run sandboxed (the default) or not (to show what the
 # sandbox costs).
-NATIVE_SERVED = "native, served"
-TRIVIAL_SERVED = "trivial, served"
 VARIANTS = {
     "native": ("native", True),
     "sdk": ("sdk", True),

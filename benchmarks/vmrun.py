@@ -51,8 +51,8 @@ class RunSpec:
     # Host folders the sandboxed plugin must see (read-only, at the same path): the guest
     # binaries and the FIFO live there.
     mounts: Sequence[Path] = ()
-    # Variables set for `vmsuper run` on top of this process's (e.g. a `vmsuper serve`'s
-    # runtime folder).
+    # Variables set for `vmsuper run` on top of this process's (e.g. the socket of a
+    # `vmsuper serve` to hand the run to).
     env: Mapping[str, str] = field(default_factory=dict)
 
 

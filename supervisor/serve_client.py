@@ -83,7 +83,7 @@ def hand_over(argv: Sequence[str]) -> int | None:
         # The run's environment and streams go to a server of this user only (a socket that
         # VMSUPER_SERVE_SOCKET names may sit in a folder others can write).
         _, uid, _ = wire.peer_credentials(conn)
-        if uid != os.getuid():
+        if uid != os.geteuid():
             _say(f"{socket_path()} is a server of uid {uid}, not this user's; running the VM here")
             return None
         return _converse(conn, argv)
