@@ -381,14 +381,18 @@ STATS = Struct(
     "A VCPU's statistics, read by `vmsuper stats`: since when it waits on the plugin "
     "(CLOCK_MONOTONIC ns), then the plugin's response times to exits: count, sum, max and a "
     "log2 histogram (bucket b: times of b significant bits in ns; the last takes the rest); "
-    "last, a moving average of those times, for the hot path's choices.",
+    "last, a moving average of those the worker polled for, for the hot path's choices.",
     [
         Field("wait_since", U64),
         Field("responses", U64),
         Field("response_sum_ns", U64),
         Field("response_max_ns", U64),
         Field("buckets", U64, HISTOGRAM_BUCKETS),
-        Field("recent_response_ns", U64, doc="a moving average (by eighths)"),
+        Field(
+            "recent_response_ns",
+            U64,
+            doc="a moving average (by eighths), each time capped (hotpath.c: REPLY_POLL_MAX_NS)",
+        ),
     ],
 )
 

@@ -136,8 +136,19 @@ static int sleep_on(int efd, int wake_fd)
  * polling on, its exits are sent by the worker, which then sleeps until the reply while the
  * runner polls; the plugin, woken by a sender that sleeps, gets that CPU to itself. (Sent by
  * the runner, which polls after sending, the plugin would share the runner's CPU with it.) A
- * fast plugin's exits are sent by the runner and its replies polled for by the worker. */
+ * fast plugin's exits are sent by the runner and its replies polled for by the worker.
+ *
+ * The average must measure the plugin, not the layout the rule picked, or the rule keeps
+ * itself going: a reply the worker slept through also times the worker's own wake-up, which
+ * on a slow host alone passes the bar. So only replies the worker polled for count
+ * (vms_resumed), each at most REPLY_SAMPLE_MAX_NS, so that one stall (a preempted worker)
+ * does not make a fast plugin slow; and while the plugin is slow, the worker polls for the
+ * reply to every REPLY_PROBE_EVERY-th exit it sends, so that a plugin which became fast again
+ * is seen to. (It is the worker's send still: an exit the runner sent would move the plugin
+ * to the runner's CPU, which it would then share with the polling runner.) */
 #define REPLY_POLL_MAX_NS 20000u
+#define REPLY_SAMPLE_MAX_NS 40000u /* twice the bar */
+#define REPLY_PROBE_EVERY 32u
 
 static int bell_sleep(struct vms_bell *bell, int efd, uint32_t *seen, int wake_fd);
 
@@ -697,9 +708,13 @@ void vms_resumed(struct vms_worker *w)
         if (took > stats->response_max_ns)
             stats->response_max_ns = took;
         w->response_ns = took;
-        stats->recent_response_ns = stats->recent_response_ns -
-                                    (stats->recent_response_ns >> 3) + (took >> 3);
+        if (w->reply_polled) {
+            uint64_t sample = took < REPLY_SAMPLE_MAX_NS ? took : REPLY_SAMPLE_MAX_NS;
+            stats->recent_response_ns = stats->recent_response_ns -
+                                        (stats->recent_response_ns >> 3) + (sample >> 3);
+        }
     }
+    w->reply_polled = 0;
     __atomic_store_n(w->run_state, RUN_STATE_RUNNING, __ATOMIC_RELEASE);
 }
 
@@ -762,15 +777,43 @@ static int handle_exit(struct vms_worker *w)
         a->is_write == w->hint_on_write)
         return W_HINTED; /* Python sends it with the registers and serves until Resume */
     w->state = S_AWAIT_REPLY;
+    w->probing = __atomic_load_n(&w->mail->poll_ns, __ATOMIC_RELAXED) &&
+                 w->stats->recent_response_ns >= REPLY_POLL_MAX_NS &&
+                 ++w->slow_exits % REPLY_PROBE_EVERY == 0;
     size_t n = vms_encode_io_wait(message, a->space, a->address, (int)a->is_write, 0,
                                   a->is_write ? data : zeros, a->length);
     return vms_send(w, message, n);
+}
+
+/* A slow plugin's reply to a probe (see REPLY_POLL_MAX_NS): polled for up to the window, so
+ * that its time is the plugin's. 0 once it can be read (or the window is over: then read
+ * blocking, the time still counts, the plugin took at least the window), or W_INTERRUPTED. */
+static int poll_for_reply(struct vms_worker *w)
+{
+    uint64_t deadline = now_ns() + __atomic_load_n(&w->mail->poll_ns, __ATOMIC_RELAXED);
+    w->reply_polled = 1;
+    for (unsigned i = 1;; i++) {
+        if (signalled)
+            return W_INTERRUPTED;
+        struct pollfd in = {.fd = (int)w->in_fd, .events = POLLIN};
+        if (poll(&in, 1, 0) != 0)
+            return 0; /* readable, or an error that the read reports */
+        if ((i & 15) == 0 && now_ns() >= deadline)
+            return 0;
+        sched_yield();
+    }
 }
 
 /* The forwarded access's answer: 0 after a plain Resume, else a W_ code. */
 static int await_reply(struct vms_worker *w)
 {
     size_t offset, size;
+    if (w->probing) {
+        int polled = poll_for_reply(w);
+        if (polled)
+            return polled; /* still waiting: call again */
+        w->probing = 0;
+    }
     int code = receive_request(w, 1);
     if (code == W_INTERRUPTED)
         return code; /* still waiting: call again */
@@ -797,6 +840,7 @@ static int await_run(struct vms_worker *w)
     int readable = 0;
     uint64_t spin_ns = __atomic_load_n(&mail->poll_ns, __ATOMIC_RELAXED);
     uint64_t deadline = spin_ns ? now_ns() + spin_ns : 0; /* poll until then; 0: sleep */
+    w->reply_polled = 0;
     for (unsigned i = 1;; i++) {
         uint32_t seq = __atomic_load_n(&bell->seq, __ATOMIC_SEQ_CST);
         uint64_t offer = __atomic_load_n(&mail->forward, __ATOMIC_SEQ_CST);
@@ -805,10 +849,9 @@ static int await_run(struct vms_worker *w)
             return 0;
         }
         /* Once the runner sent the Wait, the reply is all there is to wait for: polled for
-         * while the plugin answers quickly, else read blocking (a slow plugin needs the CPU a
-         * poller would take more than the worker needs to see its reply early). */
-        if (offer == FORWARD_SENT &&
-            (readable || !deadline || w->stats->recent_response_ns >= REPLY_POLL_MAX_NS))
+         * (a window of its own, and its time then counts: see REPLY_POLL_MAX_NS), then read
+         * blocking. */
+        if (offer == FORWARD_SENT && (readable || !deadline))
             return 1;
         if (offer == FORWARD_NO)
             return vms_bell_wait(bell, (int)w->done_efd, w->done_seen, spin_ns,
@@ -828,6 +871,10 @@ static int await_run(struct vms_worker *w)
              * this process from sleep. */
             __builtin_ia32_pause();
             if (offer == FORWARD_SENT) {
+                if (!w->reply_polled) {
+                    w->reply_polled = 1;
+                    deadline = now_ns() + spin_ns;
+                }
                 /* A system call a check: yield after each, so the plugin, which may share
                  * this CPU, is never kept waiting longer than one check. */
                 struct pollfd in = {.fd = (int)w->in_fd, .events = POLLIN};

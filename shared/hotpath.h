@@ -92,6 +92,9 @@ struct vms_worker {
     int64_t range_index;      /* its range, or -1 (unreserved) */
     uint64_t delivered;       /* DELIVERED_*: what became of it */
     uint64_t response_ns;     /* the plugin's response time to it (once resumed) */
+    uint64_t reply_polled;    /* the reply in hand was polled for: its time is the plugin's */
+    uint64_t slow_exits;      /* exits sent to a slow plugin: see REPLY_PROBE_EVERY */
+    uint64_t probing;         /* the exit sent is a probe: its reply is polled for */
 };
 
 /* Signals (see hotpath.c). */

@@ -169,14 +169,14 @@ struct vms_mail {
     struct vms_bell done;
 };
 
-/* A VCPU's statistics, read by `vmsuper stats`: since when it waits on the plugin (CLOCK_MONOTONIC ns), then the plugin's response times to exits: count, sum, max and a log2 histogram (bucket b: times of b significant bits in ns; the last takes the rest); last, a moving average of those times, for the hot path's choices. */
+/* A VCPU's statistics, read by `vmsuper stats`: since when it waits on the plugin (CLOCK_MONOTONIC ns), then the plugin's response times to exits: count, sum, max and a log2 histogram (bucket b: times of b significant bits in ns; the last takes the rest); last, a moving average of those the worker polled for, for the hot path's choices. */
 struct vms_stats {
     uint64_t wait_since;
     uint64_t responses;
     uint64_t response_sum_ns;
     uint64_t response_max_ns;
     uint64_t buckets[48];
-    uint64_t recent_response_ns; /* a moving average (by eighths) */
+    uint64_t recent_response_ns; /* a moving average (by eighths), each time capped (hotpath.c: REPLY_POLL_MAX_NS) */
 };
 
 /* A VCPU's forwarded exits per range, under a seqlock of its worker's: this head, then max_ranges struct vms_counted_range, then max_ranges uint64_t counters. The head also says which table the ranges come from and its call hint, for the runner's lookups. */

@@ -17,6 +17,7 @@ import json
 import mmap
 import os
 import queue
+import re
 import select
 import signal
 import socket
@@ -34,8 +35,8 @@ from typing import Any, cast
 import psutil
 import pytest
 
-from vmsuper.shared import kvm, task_names, wire
-from vmsuper.shared.abi import RANGE_COUNTS, RunState
+from vmsuper.shared import hotpath_source, kvm, task_names, wire
+from vmsuper.shared.abi import RANGE_COUNTS, STATS, RunState
 from vmsuper.shared.asm import assemble
 from vmsuper.shared.plugin_pb2 import CpuidEntry, VcpuRequest, VcpuResponse
 from vmsuper.shared.ranges import CallHint, RangeTable, RegHint, Space
@@ -615,6 +616,67 @@ def test_port_io(machine: Machine, transport: str) -> None:
         assert slot.runner_served == sum(counts.values()) - 1
     else:
         assert counts["unreserved"] <= slot.runner_served <= sum(counts.values()) - 1
+
+
+def engine_constant(name: str) -> int:
+    """A `#define` of the exit engine (shared/hotpath.c) that a test checks against."""
+    source = (Path(hotpath_source.__file__).parent / "hotpath.c").read_text()
+    found = re.search(rf"^#define {name} (\d+)u\b", source, re.MULTILINE)
+    assert found, f"no #define {name} in hotpath.c"
+    return int(found.group(1))
+
+
+WRITES = 320
+WRITE_LOOP = f"""
+    mov ${SERIAL}, %dx
+    mov ${WRITES}, %cx
+1:  out %al, %dx
+    loop 1b
+    {HALT}
+"""
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_plugin_s_speed_is_judged_by_the_replies_polled_for(
+    machine: Machine, transport: str
+) -> None:
+    """The rule for slow plugins (hotpath.c, REPLY_POLL_MAX_NS) judges a plugin by the
+    replies the worker polled for: a reply it slept through also times its own wake-up, and
+    would keep a fast plugin judged slow. This test's plugin (Python) is slow: with polling it
+    is judged so, each reply counting at most the cap, and while it is slow the worker still
+    polls for a reply now and then (a probe), to see whether it became fast; without polling,
+    nothing judges it."""
+    machine.load(WRITE_LOOP)
+    machine.start(1, transport)
+    end = machine.ends[0]
+    init(end, 0)
+    end.send(resume())
+    slot = machine.region.slot(0)
+    recent = ctypes.c_uint64.from_address(
+        slot.cell_address("stats") + STATS.offset("recent_response_ns")
+    )
+    bar, cap = engine_constant("REPLY_POLL_MAX_NS"), engine_constant("REPLY_SAMPLE_MAX_NS")
+    # Written while the worker waits for the reply (so the worker cannot overwrite it): only
+    # a reply polled for after it can move it.
+    unlikely = 1 << 40
+    for index in range(WRITES):
+        io = io_of(end.recv())
+        assert (io.address, io.is_write) == (SERIAL, True)
+        if index == WRITES // 2 and machine.poll_ns:
+            assert bar <= recent.value <= cap  # judged slow long since, and capped
+            recent.value = unlikely
+        end.send(resume())
+    deadline = time.monotonic() + TIMEOUT
+    while slot.reading().responses < WRITES:
+        assert time.monotonic() < deadline, "the worker never took the last reply"
+        time.sleep(0.001)
+    if machine.poll_ns == 0:
+        # The runner sent every exit but the first, and the worker slept through each reply.
+        assert slot.runner_served == WRITES - 1
+        assert recent.value == 0
+    else:
+        # Its exits went through the worker since, which polled for some replies: the probes.
+        assert recent.value < unlikely
 
 
 MMIO = f"""
