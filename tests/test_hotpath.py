@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
+from engine_constants import engine_constant
 from fuzz.wire_oracle import plain_resume_data, wire_fields
 from hypothesis import given
 from hypothesis import strategies as st
@@ -647,3 +648,79 @@ def test_a_seqlock_read_sees_only_whole_writes() -> None:
     assert hotpath.seq_read(gen, data, out) is None
     assert hotpath.seq_end(gen) == 4
     assert hotpath.seq_read(gen, data, out) == 4 and out == b"B" * 8 + b"A" * 8
+
+
+# -- the plugin's speed, as the engine judges it ----------------------------------------------
+
+
+class Judge:
+    """The engine's moving average of a plugin's response times (`recent_response_ns`, which
+    decides whether the runner or the worker sends its exits), fed one response at a time
+    through `vms_resumed`, as the worker's loop feeds it."""
+
+    def __init__(self, region: SharedRegion) -> None:
+        slot = region.slot(0)
+        stats = slot.cell_address("stats")
+        self._slot = slot
+        self.context = hotpath.WorkerContext(stats=stats, run_state=slot.cell_address("run_state"))
+        self._since = ctypes.c_uint64.from_address(stats + abi.STATS.offset("wait_since"))
+        self._recent = ctypes.c_uint64.from_address(stats + abi.STATS.offset("recent_response_ns"))
+
+    @property
+    def recent(self) -> int:
+        return self._recent.value
+
+    @recent.setter
+    def recent(self, value: int) -> None:
+        self._recent.value = value
+
+    def respond(self, after_ns: int, *, polled: bool) -> int:
+        """One response, `after_ns` (and the few µs this call takes) after the wait began,
+        polled for by the worker or not; returns the time the engine measured."""
+        self._slot.run_state = abi.RunState.WAITING_PLUGIN
+        self._since.value = time.monotonic_ns() - after_ns
+        self.context.reply_polled = int(polled)
+        hotpath.library.vms_resumed(self.context)
+        assert self.context.reply_polled == 0  # it goes with the response it was set for
+        return int(self.context.response_ns)
+
+
+BAR = engine_constant("REPLY_POLL_MAX_NS")
+CAP = engine_constant("REPLY_SAMPLE_MAX_NS")
+SLOW_NS = 1_000_000_000
+
+
+def test_only_replies_polled_for_move_the_judgement(region: SharedRegion) -> None:
+    judge = Judge(region)
+    judge.respond(SLOW_NS, polled=False)  # the worker slept: its own wake-up is in the time
+    assert judge.recent == 0
+    judge.recent = BAR - 1
+    judge.respond(SLOW_NS, polled=False)
+    assert judge.recent == BAR - 1
+    assert region.slot(0).reading().responses == 2  # counted all the same
+
+
+def test_a_polled_reply_counts_for_an_eighth_at_most_the_cap(region: SharedRegion) -> None:
+    judge = Judge(region)
+    judge.respond(SLOW_NS, polled=True)
+    assert judge.recent == CAP >> 3  # one stall moves a fast plugin's average by this much
+    for _ in range(64):
+        judge.respond(SLOW_NS, polled=True)
+    assert BAR <= judge.recent <= CAP  # a plugin slow for good is judged slow, at the cap
+
+
+def test_a_slow_plugin_that_answers_a_probe_quickly_is_fast_again(region: SharedRegion) -> None:
+    judge = Judge(region)
+    judge.recent = 10_000  # judged fast: a quick answer only moves the average
+    took = judge.respond(0, polled=True)
+    assert judge.recent == 10_000 - (10_000 >> 3) + (min(took, CAP) >> 3)
+    # Judged slow: a quick answer (the few µs of the call, unless the test was preempted
+    # just then) decides at once.
+    for _ in range(100):
+        judge.recent = CAP
+        took = judge.respond(0, polled=True)
+        if took < BAR:
+            assert judge.recent == took
+            return
+        assert BAR <= judge.recent <= CAP  # a slow answer: still slow
+    pytest.fail(f"no response under {BAR} ns in 100 tries")
