@@ -26,6 +26,7 @@ from engine_constants import engine_constant
 from fuzz.wire_oracle import plain_resume_data, wire_fields
 from hypothesis import given
 from hypothesis import strategies as st
+from liveplugin import wait_for
 
 from vmsuper.shared import abi, hotpath, hotpath_source, kvm
 from vmsuper.shared.plugin_pb2 import VcpuRequest, VcpuResponse
@@ -439,10 +440,7 @@ def region() -> Iterator[SharedRegion]:
 
 def wait_until_sleeping(mailbox: Mailbox, which: int) -> None:
     """Until the bell's waiter sleeps on its eventfd (it has polled and given up)."""
-    deadline = time.monotonic() + 30
-    while not mailbox.bell_sleeping(which):
-        assert time.monotonic() < deadline, "the waiter never went to sleep"
-        time.sleep(0.001)
+    wait_for(lambda: bool(mailbox.bell_sleeping(which)), "the waiter to sleep")
 
 
 @pytest.mark.parametrize("spin_ns", [0, 200_000])
@@ -498,10 +496,12 @@ def test_a_doorbell_polls_for_its_mailbox_s_window_of_the_moment(region: SharedR
             try:
                 assert started.wait(30)
                 if polls:  # it spends CPU on the bell, and does not sleep
-                    deadline = time.monotonic() + 30
-                    while thread_cpu_s(tids[0]) < 0.05:
-                        assert time.monotonic() < deadline, "the waiter never polled"
-                        time.sleep(0.001)
+                    tid = tids[0]
+
+                    def polled(tid: int = tid) -> bool:
+                        return thread_cpu_s(tid) >= 0.05
+
+                    wait_for(polled, "the waiter to poll")
                     assert not mailbox.bell_sleeping(0)
                 else:  # it sleeps at once, having spent next to no CPU
                     wait_until_sleeping(mailbox, 0)
