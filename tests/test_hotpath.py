@@ -686,6 +686,7 @@ class Judge:
 
 
 BAR = engine_constant("REPLY_POLL_MAX_NS")
+PROBE_MAX = engine_constant("REPLY_PROBE_MAX_NS")
 CAP = engine_constant("REPLY_SAMPLE_MAX_NS")
 SLOW_NS = 1_000_000_000
 
@@ -714,13 +715,27 @@ def test_a_slow_plugin_that_answers_a_probe_quickly_is_fast_again(region: Shared
     judge.recent = 10_000  # judged fast: a quick answer only moves the average
     took = judge.respond(0, polled=True)
     assert judge.recent == 10_000 - (10_000 >> 3) + (min(took, CAP) >> 3)
-    # Judged slow: a quick answer (the few µs of the call, unless the test was preempted
-    # just then) decides at once.
+    # Judged slow: an answer under the probe's limit decides at once, the slow layout's cost
+    # taken out, also one over the bar (a fast plugin's probe answered in the slow layout).
+    for after_ns in (0, BAR):
+        probe(judge, after_ns)
+
+
+def probe(judge: Judge, after_ns: int) -> None:
+    """A probe answered `after_ns` (and the call's few µs) after the exit: retried while the
+    call itself took the answer past the limit (the test preempted just then)."""
     for _ in range(100):
         judge.recent = CAP
-        took = judge.respond(0, polled=True)
-        if took < BAR:
-            assert judge.recent == took
+        took = judge.respond(after_ns, polled=True)
+        if took < PROBE_MAX:
+            assert judge.recent == took * BAR // PROBE_MAX < BAR
             return
         assert BAR <= judge.recent <= CAP  # a slow answer: still slow
-    pytest.fail(f"no response under {BAR} ns in 100 tries")
+    pytest.fail(f"no response under {PROBE_MAX} ns in 100 tries")
+
+
+def test_a_probe_answered_past_the_limit_leaves_the_plugin_slow(region: SharedRegion) -> None:
+    judge = Judge(region)
+    judge.recent = CAP
+    took = judge.respond(PROBE_MAX, polled=True)
+    assert judge.recent == CAP - (CAP >> 3) + (min(took, CAP) >> 3) >= BAR
