@@ -391,7 +391,7 @@ STATS = Struct(
         Field(
             "recent_response_ns",
             U64,
-            doc="a moving average (by eighths), each time capped (hotpath.c: REPLY_POLL_MAX_NS)",
+            doc="a moving average (by eighths), each time capped (hotpath.c: REPLY_SAMPLE_MAX_NS)",
         ),
     ],
 )

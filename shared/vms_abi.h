@@ -176,7 +176,7 @@ struct vms_stats {
     uint64_t response_sum_ns;
     uint64_t response_max_ns;
     uint64_t buckets[48];
-    uint64_t recent_response_ns; /* a moving average (by eighths), each time capped (hotpath.c: REPLY_POLL_MAX_NS) */
+    uint64_t recent_response_ns; /* a moving average (by eighths), each time capped (hotpath.c: REPLY_SAMPLE_MAX_NS) */
 };
 
 /* A VCPU's forwarded exits per range, under a seqlock of its worker's: this head, then max_ranges struct vms_counted_range, then max_ranges uint64_t counters. The head also says which table the ranges come from and its call hint, for the runner's lookups. */
