@@ -343,6 +343,9 @@ class Supervisor:
         self.worker_pidfds = dict(self.run.vcpus.worker_pidfds())
         for vcpu, pidfd in self.worker_pidfds.items():
             self.sel.register(pidfd, selectors.EVENT_READ, lambda _fd, v=vcpu: self._on_worker(v))
+        self.sel.register(
+            self.run.vcpus.runner_failures, selectors.EVENT_READ, self._on_runner_failed
+        )
         self.log.info("vcpus_started", vcpus=len(self.worker_pidfds))
         self.watchdog.vcpus_started(self.run.vcpus.run_pages(), time.monotonic())
         gate = self.run.vcpus.poll_gate
@@ -380,6 +383,9 @@ class Supervisor:
                 vcpu, reason, vcpus.worker_code(vcpu), vcpus.stop_reason(vcpu)
             )
             self.begin_shutdown(failure, "vcpu failed")
+
+    def _on_runner_failed(self, _fd: int) -> None:
+        self.begin_shutdown(None, "runner failed")  # which names the runner
 
     def _on_plugin_exit(self, _fd: int) -> None:
         assert self.plugin is not None
@@ -471,6 +477,14 @@ class Supervisor:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def begin_shutdown(self, failure: outcome.Failure | None, why: str) -> None:
+        vcpus = self.run.vcpus
+        assert vcpus is not None
+        if not self.shutting_down:
+            # A runner that failed is the cause of whatever else ends the run with it (its
+            # worker's request answered with EIO, the plugin's failing call): name it.
+            for vcpu, error in vcpus.failed_runners()[:1]:
+                reason = f"the runner thread of VCPU {vcpu} failed: {error}"
+                failure, why = outcome.supervisor_failure(reason), "runner failed"
         if failure is not None and self.failure is None:
             self.failure = failure
         if self.shutting_down:
@@ -481,11 +495,11 @@ class Supervisor:
         signalled = signal_shutdown(self.run.shutdown_eventfd)
         if signalled is not Signalled.WRITING:
             self.log.warning("shutdown_eventfd", result=signalled.value)
-        vcpus = self.run.vcpus
-        assert vcpus is not None
         for pidfd in self.worker_pidfds.values():
             self.sel.unregister(pidfd)
         self.worker_pidfds.clear()
+        if vcpus.runner_failures in self.sel.get_map():
+            self.sel.unregister(vcpus.runner_failures)
         vcpus.shutdown()
         vcpus.close_plugin_fds()
         self.deadline = time.monotonic() + self.run.config.plugin.grace_period

@@ -203,7 +203,9 @@ class VcpuRunner:
         barrier: threading.Barrier,
         log: Any,
         exits: RunnerExits | None = None,
+        failed_fd: int | None = None,
     ) -> None:
+        """`failed_fd`: an eventfd the thread adds 1 to if it fails (see `failure`)."""
         self.vcpu = vcpu
         self._fd = vcpu_fd
         self._run = run
@@ -213,6 +215,9 @@ class VcpuRunner:
         self._barrier = barrier
         self._log = log
         self._exits = exits
+        self._failed_fd = failed_fd
+        self.failure: str | None = None
+        """Why the thread ended early; set before `failed_fd` is signalled."""
         self.stopping = False
         self._alive = False
         self._alive_lock = threading.Lock()
@@ -311,9 +316,15 @@ class VcpuRunner:
         return not self.stopping
 
     def _failed(self, exc: Exception) -> None:
-        """Never leave the worker waiting for an answer that cannot come: it stops and the
-        supervisor sees it exit."""
+        """Tell the supervisor, which ends the run: the worker's next request would never be
+        served. The request it may be waiting on now gets EIO, so that it stops too."""
         self._log.error("runner_failed", vcpu=self.vcpu, error=repr(exc), exc_info=True)
+        self.failure = repr(exc)
+        if self._failed_fd is not None:
+            try:
+                os.eventfd_write(self._failed_fd, 1)
+            except OSError as again:
+                self._log.error("runner_failed", vcpu=self.vcpu, error=repr(again))
         try:
             self._mailbox.complete(-1, errno.EIO)
             self._doorbell.ring_done()

@@ -197,6 +197,9 @@ class VcpuSet:
         self._statuses: dict[int, str | None] = {}
         self._codes: dict[int, int] = {}
         self._runners: list[VcpuRunner] = []
+        self.runner_failures = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        """Readable once a runner thread failed (`failed_runners` says which): its worker's
+        next request would never be served, so the run must end."""
         self._barrier = threading.Barrier(count)
         self.poll_gate = PollGate([region.mailbox(i) for i in range(count)], poll_ns)
         """Sets every VCPU's polling window from the host's CPU pressure: its first reading is
@@ -275,6 +278,7 @@ class VcpuSet:
                 barrier=self._barrier,
                 log=self._log,
                 exits=exits,
+                failed_fd=self.runner_failures,
             )
             self._runners.append(runner)
             runner.start()
@@ -380,6 +384,12 @@ class VcpuSet:
         """The exit code of a reaped worker (a `WorkerStatus`); None if it was killed or is
         not reaped yet."""
         return self._codes.get(vcpu)
+
+    def failed_runners(self) -> list[tuple[int, str]]:
+        """(VCPU, why) of each runner thread that ended early, the signal drained."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.eventfd_read(self.runner_failures)
+        return [(r.vcpu, r.failure) for r in self._runners if r.failure is not None]
 
     def stop_reason(self, vcpu: int) -> str:
         """Why VCPU `vcpu` stopped, as its worker recorded it."""
@@ -490,4 +500,6 @@ class VcpuSet:
         for doorbell in self._doorbells:
             with contextlib.suppress(OSError):
                 doorbell.close()
+        with contextlib.suppress(OSError):
+            os.close(self.runner_failures)
         self._release_vcpus()

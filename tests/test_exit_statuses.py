@@ -3,6 +3,7 @@ the plugin could have chosen (1..123), never "bad config" (2) once the config wa
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -16,7 +17,7 @@ import psutil
 import pytest
 
 from vmsuper.shared import logs
-from vmsuper.supervisor import outcome, runner
+from vmsuper.supervisor import outcome, runner, runner_seccomp
 from vmsuper.supervisor.config import Config, load_config
 from vmsuper.supervisor.runner import INFORMATIONAL
 from vmsuper.testing import VmSpec, write_python_plugin
@@ -189,6 +190,41 @@ def test_an_internal_error_while_serving_reaps_the_plugin(
     assert line == "vmsuper: internal error: KeyError('lost') (exit status 125)"
     records = _records(log_dir)
     assert [r["event"] for r in records].count("crashed") == 1
+    (started,) = [r for r in records if r["event"] == "plugin_started"]
+    pid = int(str(started["plugin_pid"]))
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.kvm
+def test_a_runner_thread_that_fails_ends_the_run_with_its_cause(
+    config_of: MakeConfig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The runner fails before its worker asks for anything, so no request of the worker's
+    # gets the runner's EIO: only the supervisor can end the run (the plugin would otherwise
+    # wait for its get_regs for ever).
+    config, log_dir = config_of(
+        "from vmsuper.plugin import Connection\n"
+        "conn = Connection.from_env()\n"
+        "conn.create_memory(0, 0x10000)\n"
+        "(vcpu,) = conn.get_vcpus()\n"
+        "conn.start()\n"
+        "vcpu.wait()\n"
+        "vcpu.get_regs()\n"
+    )
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EPERM, "seccomp refused for the test")
+
+    monkeypatch.setattr(runner_seccomp, "confine_thread", refused)
+    assert runner.run(config) == outcome.EXIT_SUPERVISOR_FAILED
+    line = _one_line(capsys.readouterr().err)
+    assert line == (
+        "vmsuper: the runner thread of VCPU 0 failed: "
+        "PermissionError(1, 'seccomp refused for the test') (exit status 125)"
+    )
+    records = _records(log_dir)
+    assert [r["reason"] for r in records if r["event"] == "shutdown_started"] == ["runner failed"]
+    assert any(r["event"] == "runner_failed" and r["vcpu"] == 0 for r in records)
     (started,) = [r for r in records if r["event"] == "plugin_started"]
     pid = int(str(started["plugin_pid"]))
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
