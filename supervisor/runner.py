@@ -190,6 +190,7 @@ class Supervisor:
         self.cgroup: cgroups.PluginCgroup | None = launch.cgroup
         self._limit_reached = False
         self.worker_pidfds: dict[int, int] = {}
+        self._runner_failures_watched = False
         self._relays: list[OutputRelay] = []
         assert run.vm is not None and run.system is not None and run.vcpus is not None
         assert run.region is not None
@@ -346,6 +347,7 @@ class Supervisor:
         self.sel.register(
             self.run.vcpus.runner_failures, selectors.EVENT_READ, self._on_runner_failed
         )
+        self._runner_failures_watched = True
         self.log.info("vcpus_started", vcpus=len(self.worker_pidfds))
         self.watchdog.vcpus_started(self.run.vcpus.run_pages(), time.monotonic())
         gate = self.run.vcpus.poll_gate
@@ -498,8 +500,9 @@ class Supervisor:
         for pidfd in self.worker_pidfds.values():
             self.sel.unregister(pidfd)
         self.worker_pidfds.clear()
-        if vcpus.runner_failures in self.sel.get_map():
+        if self._runner_failures_watched:
             self.sel.unregister(vcpus.runner_failures)
+            self._runner_failures_watched = False
         vcpus.shutdown()
         vcpus.close_plugin_fds()
         self.deadline = time.monotonic() + self.run.config.plugin.grace_period

@@ -387,8 +387,9 @@ class VcpuSet:
 
     def failed_runners(self) -> list[tuple[int, str]]:
         """(VCPU, why) of each runner thread that ended early, the signal drained."""
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.eventfd_read(self.runner_failures)
+        if self.runner_failures >= 0:
+            with contextlib.suppress(OSError):  # BlockingIOError: none since the last call
+                os.eventfd_read(self.runner_failures)
         return [(r.vcpu, r.failure) for r in self._runners if r.failure is not None]
 
     def stop_reason(self, vcpu: int) -> str:
@@ -502,4 +503,5 @@ class VcpuSet:
                 doorbell.close()
         with contextlib.suppress(OSError):
             os.close(self.runner_failures)
+        self.runner_failures = -1
         self._release_vcpus()
