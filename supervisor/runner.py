@@ -190,6 +190,7 @@ class Supervisor:
         self.cgroup: cgroups.PluginCgroup | None = launch.cgroup
         self._limit_reached = False
         self.worker_pidfds: dict[int, int] = {}
+        self._vcpus_watched = False  # once the VCPUs started, whatever happens after
         self._runner_failures_watched = False
         self._relays: list[OutputRelay] = []
         assert run.vm is not None and run.system is not None and run.vcpus is not None
@@ -277,7 +278,8 @@ class Supervisor:
         if reply.new_connection is not None:
             self._add_connection(reply.new_connection)
         self._send(conn, reply.data, reply.fds, reply.close_after_send, reply.undo)
-        if self.run.vcpus is not None and self.run.vcpus.started and not self.worker_pidfds:
+        vcpus = self.run.vcpus
+        if vcpus is not None and vcpus.started and not (self._vcpus_watched or self.shutting_down):
             self._watch_workers()
 
     def _send(
@@ -341,6 +343,7 @@ class Supervisor:
 
     def _watch_workers(self) -> None:
         assert self.run.vcpus is not None
+        self._vcpus_watched = True
         self.worker_pidfds = dict(self.run.vcpus.worker_pidfds())
         for vcpu, pidfd in self.worker_pidfds.items():
             self.sel.register(pidfd, selectors.EVENT_READ, lambda _fd, v=vcpu: self._on_worker(v))

@@ -284,3 +284,5 @@ def test_deaths_seen_at_once_are_each_handled(
     assert all_gone(run.family)
     errors = [r.get("error") for r in result.records() if r["event"] == "internal_error"]
     assert (result.status, errors) == (status, []), result.stderr
+    # The plugin's requests after the shutdown began do not watch the VCPUs all over again.
+    assert [r["event"] for r in result.records()].count("vcpus_started") == 1
