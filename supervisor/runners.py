@@ -34,7 +34,7 @@ from vmsuper.shared.shm_counts import RangeCounts
 from vmsuper.shared.shm_doorbell import Doorbell
 from vmsuper.shared.shm_mailbox import Mailbox
 from vmsuper.shared.shm_slot import VcpuSlot
-from vmsuper.supervisor import runner_seccomp, sched_slice
+from vmsuper.supervisor import runner_seccomp
 
 __all__ = [
     "ALLOWED_IOCTLS",
@@ -271,9 +271,6 @@ class VcpuRunner:
         signal.pthread_sigmask(signal.SIG_BLOCK, RUNNER_BLOCKED)
         task_names.name_this_thread(task_names.runner_name(self.vcpu))
         try:
-            # Before the filter, which refuses sched_setattr (see sched_slice.py for why).
-            slice_ns = sched_slice.lengthen_slice()
-            self._log.debug("runner_slice", vcpu=self.vcpu, slice_ns=slice_ns)
             runner_seccomp.confine_thread(
                 self._fd, ALLOWED_IOCTLS, send_fd=self._exits.send_fd if self._exits else None
             )
