@@ -190,8 +190,7 @@ class Supervisor:
         self.cgroup: cgroups.PluginCgroup | None = launch.cgroup
         self._limit_reached = False
         self.worker_pidfds: dict[int, int] = {}
-        self._vcpus_watched = False  # once the VCPUs started, whatever happens after
-        self._runner_failures_watched = False
+        self._vcpus_watched = False  # by _watch_workers, once (its fds are gone after shutdown)
         self._relays: list[OutputRelay] = []
         assert run.vm is not None and run.system is not None and run.vcpus is not None
         assert run.region is not None
@@ -350,7 +349,6 @@ class Supervisor:
         self.sel.register(
             self.run.vcpus.runner_failures, selectors.EVENT_READ, self._on_runner_failed
         )
-        self._runner_failures_watched = True
         self.log.info("vcpus_started", vcpus=len(self.worker_pidfds))
         self.watchdog.vcpus_started(self.run.vcpus.run_pages(), time.monotonic())
         gate = self.run.vcpus.poll_gate
@@ -503,9 +501,8 @@ class Supervisor:
         for pidfd in self.worker_pidfds.values():
             self.sel.unregister(pidfd)
         self.worker_pidfds.clear()
-        if self._runner_failures_watched:
+        if self._vcpus_watched:  # this part of the shutdown runs once
             self.sel.unregister(vcpus.runner_failures)
-            self._runner_failures_watched = False
         vcpus.shutdown()
         vcpus.close_plugin_fds()
         self.deadline = time.monotonic() + self.run.config.plugin.grace_period
