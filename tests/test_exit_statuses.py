@@ -199,9 +199,9 @@ def test_an_internal_error_while_serving_reaps_the_plugin(
 def test_a_runner_thread_that_fails_ends_the_run_with_its_cause(
     config_of: MakeConfig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # The runner fails before its worker asks for anything, so no request of the worker's
-    # gets the runner's EIO: only the supervisor can end the run (the plugin would otherwise
-    # wait for its get_regs for ever).
+    # The runner fails before its worker asks for anything, so its EIO answers no request:
+    # only the supervisor can end the run with the cause (otherwise the plugin's get_regs
+    # gets that stale EIO and the run ends as the plugin's failure, or it waits for ever).
     config, log_dir = config_of(
         "from vmsuper.plugin import Connection\n"
         "conn = Connection.from_env()\n"
