@@ -119,6 +119,13 @@ def _sample(run: RunResult, into: dict[str, list[float]]) -> None:
     into["run"].append(_ms(run.wall_s))
 
 
+def _python_command(statement: str) -> list[str]:
+    """An interpreter that runs `statement` and ends as `vmsuper run` does, without the
+    interpreter's teardown (`os._exit`), which would add the freeing of every module imported
+    to what the imports cost a run."""
+    return [sys.executable, "-c", f"{statement}\nimport os\nos._exit(0)"]
+
+
 def _python_costs(bench: Bench) -> list[dict[str, Any]]:
     """The part of start-up that is Python's: a bare interpreter, and the supervisor's imports."""
     interpreter: list[float] = []
@@ -126,11 +133,11 @@ def _python_costs(bench: Bench) -> list[dict[str, Any]]:
     alone: dict[str, list[float]] = {name: [] for name in IMPORTS_ALONE}
     cli: list[float] = []
     for _ in range(bench.repeat):
-        bare = _time_command([sys.executable, "-c", "pass"])
+        bare = _time_command(_python_command("pass"))
         interpreter.append(_ms(bare))
-        imports.append(_ms(_time_command([sys.executable, "-c", SUPERVISOR_IMPORT]) - bare))
+        imports.append(_ms(_time_command(_python_command(SUPERVISOR_IMPORT)) - bare))
         for name, statement in IMPORTS_ALONE.items():
-            alone[name].append(_ms(_time_command([sys.executable, "-c", statement]) - bare))
+            alone[name].append(_ms(_time_command(_python_command(statement)) - bare))
         cli.append(_ms(_time_command([*vmsuper_command(), "--version"])))
     return [
         {"plugin": "python: bare interpreter", "run_ms": summarize(interpreter)},
