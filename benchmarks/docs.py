@@ -55,11 +55,21 @@ def render(results: dict[str, Any]) -> str:
         parts.append(f"### {report.TITLES[name]}\n\n{markdown_table(report.COLUMNS[name], rows)}")
     goals = results.get("targets", [])
     if goals:
-        lines = ["### Targets", "", "| target | measured | limit | |", "| --- | --- | --- | --- |"]
+        lines = [
+            "### Targets (floor: what the figure cannot go below on this machine, from the same"
+            " run; see Reading the figures)",
+            "",
+            "| target | measured | limit | floor | |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for g in goals:
             measured = "-" if g["measured"] is None else f"{g['measured']:.2f} {g['unit']}"
-            verdict = "met" if g["met"] else "**missed**"
-            lines.append(f"| {g['target']} | {measured} | {g['limit']:g} {g['unit']} | {verdict} |")
+            verdict = report.verdict(g)
+            shown = verdict if g["met"] else f"**{verdict}**"
+            lines.append(
+                f"| {g['target']} | {measured} | {g['limit']:g} {g['unit']}"
+                f" | {report.floor_text(g)} | {shown} |"
+            )
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

@@ -27,7 +27,8 @@ def test_every_section_of_the_committed_run_is_rendered() -> None:
     rendered = docs.render(results)
     for name in results["sections"]:
         assert f"### {docs.report.TITLES[name]}" in rendered
-    assert rendered.count("| met |") + rendered.count("| **missed** |") == len(results["targets"])
+    verdicts = rendered.count("| met |") + rendered.count("| **missed")
+    assert verdicts == len(results["targets"])
 
 
 def test_splice_replaces_only_the_generated_part() -> None:
@@ -76,3 +77,64 @@ def test_cpu_ratios_are_taken_over_crosvm_pipes_and_over_the_same_transport() ->
     pipes, socket = rows
     assert (pipes["cpu_vs_crosvm"], pipes["cpu_vs_transport"]) == (2.0, 2.0)
     assert (socket["cpu_vs_crosvm"], socket["cpu_vs_transport"]) == (2.0, 1.6)
+
+
+def _median(value: float) -> dict[str, float]:
+    return {"median": value}
+
+
+def _startup_rows(**medians: float) -> list[dict[str, object]]:
+    return [{"plugin": name, "run_ms": _median(ms)} for name, ms in medians.items()]
+
+
+def test_a_direct_run_s_start_up_targets_have_the_python_and_kernel_parts_as_floor() -> None:
+    """exec to the first request cannot beat the interpreter and the imports before the spawn;
+    a whole run, the interpreter, all imports and the VM's release. Served runs have none."""
+    rows = _startup_rows(
+        **{
+            "python: bare interpreter": 25.0,
+            "python: imports before the plugin's spawn": 70.0,
+            "python: supervisor imports": 80.0,
+            "kvm: that VM closed": 20.0,
+        }
+    )
+    for plugin in ("native", "native, served"):
+        rows.append({"plugin": plugin, "to_first_request_ms": _median(100.0), "run_ms": _median(1)})
+    for plugin in ("trivial", "trivial, served"):
+        rows.append({"plugin": plugin, "run_ms": _median(110.0)})
+    goals = {g["target"]: g for g in report.targets({"startup": rows})}
+    first = goals["exec to the plugin's first request"]
+    assert first["floor"] == 95.0
+    assert first["floor_of"] == "the interpreter + the imports before the spawn"
+    assert report.verdict(first) == "missed (floor above the limit)"
+    whole = goals["whole run of a trivial plugin"]
+    assert (whole["floor"], report.verdict(whole)) == (125.0, "met")
+    assert "floor" not in goals["exec to the plugin's first request, served by vmsuper serve"]
+    assert "floor" not in goals["whole run of a trivial plugin, served by vmsuper serve"]
+    # A run without the parts (an older one, or --only) has no floor.
+    (alone,) = report.targets({"startup": [r for r in rows if r["plugin"] == "trivial"]})
+    assert "floor" not in alone
+
+
+def test_the_targets_table_shows_each_floor_and_why_a_target_is_out_of_reach() -> None:
+    results = json.loads(docs.RESULTS.read_text())
+    results["targets"] = [
+        {"target": "a", "limit": 1.5, "measured": 1.2, "unit": "x", "met": True},
+        {
+            "target": "b",
+            "limit": 1.5,
+            "measured": 1.7,
+            "unit": "x",
+            "met": False,
+            "floor": 1.6,
+            "floor_of": "the forward layout in C",
+        },
+        {"target": "c", "limit": 90.0, "measured": 95.0, "unit": "ms", "met": False},
+    ]
+    rendered = docs.render(results)
+    assert "| a | 1.20 x | 1.5 x | - | met |" in rendered
+    assert (
+        "| b | 1.70 x | 1.5 x | 1.60 x (the forward layout in C)"
+        " | **missed (floor above the limit)** |"
+    ) in rendered
+    assert "| c | 95.00 ms | 90 ms | - | **missed** |" in rendered

@@ -112,6 +112,37 @@ def test_only_vmsuper_rows_of_the_goals_batches_are_held_to_the_concurrent_targe
     }
 
 
+def test_a_batch_target_s_floor_is_the_forward_reference_s_batch_of_the_same_size() -> None:
+    """The floor of a batch target is forward's wall over pipe's, with as many VMs and exits;
+    above the limit it makes the target out of reach, below it the target is merely missed."""
+    rows = [
+        row("vmsuper", "c+poll", 3.0, 4.0, 4, "long"),
+        row("reference", "pipe", 1.0, 2.0, 4, "long"),
+        row("reference", "forward", 1.6, 3.0, 4, "long"),
+        row("vmsuper", "c+poll", 3.0, 4.0, 8),
+        row("reference", "pipe", 1.0, 2.0, 8),
+        row("reference", "forward", 1.25, 3.0, 8),
+        row("reference", "forward", 9.0, 9.0, 8, "long"),  # other exits: not this floor
+    ]
+    concurrent.add_ratios(rows)
+    goals = {g["target"]: g for g in report.targets({"concurrent": rows})}
+    long = goals["4 VMs x 100,000 exits at once, socket, wall / 4 references"]
+    short = goals["8 VMs x 20,000 exits at once, socket, wall / 8 references"]
+    assert (long["floor"], long["floor_of"]) == (pytest.approx(1.6), report.FORWARD_FLOOR)
+    assert report.verdict(long) == "missed (floor above the limit)"
+    assert short["floor"] == pytest.approx(1.25)
+    assert report.verdict(short) == "missed"
+
+
+def test_a_batch_target_without_a_forward_batch_has_no_floor() -> None:
+    rows = [row("vmsuper", "c+poll", 1.0, 4.0, 8), row("reference", "pipe", 1.0, 2.0, 8)]
+    concurrent.add_ratios(rows)
+    (goal,) = report.targets({"concurrent": rows})
+    assert "floor" not in goal
+    assert report.verdict(goal) == "met"
+    assert report.floor_text(goal) == "-"
+
+
 def test_results_from_before_the_long_batch_hold_8_vms_to_its_target() -> None:
     rows = [row("vmsuper", "c+poll", 3.0, 4.0, 8), row("reference", "pipe", 1.0, 2.0, 8)]
     for r in rows:
