@@ -256,3 +256,18 @@ def test_each_exit_path_reaches_the_vm_config(tmp_path: Path) -> None:
         "c+poll": [defaults.poll_us, True],
         "c": [0, True],
     }
+
+
+def test_the_python_rows_time_no_interpreter_teardown(tmp_path: Path) -> None:
+    """`vmsuper run` ends with os._exit, so the start-up section's Python rows time
+    interpreters that end so too: an atexit handler of the timed statement never runs."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # the harness runs from the checkout, uninstalled
+    from benchmarks.startup import _python_command
+
+    marker = tmp_path / "teardown-ran"
+    statement = f"import atexit\natexit.register(open, {str(marker)!r}, 'w')"
+    subprocess.run(_python_command(statement), check=True, timeout=60)
+    assert not marker.exists()
+    subprocess.run([sys.executable, "-c", statement], check=True, timeout=60)
+    assert marker.exists()  # the same statement with a teardown: the check can fail
