@@ -165,13 +165,16 @@ def _check_reference(report: dict[str, Any], exits: int) -> None:
         raise RunError(f"the reference saw {seen} loop exits, expected [{exits}]")
 
 
+def references_by_batch(rows: list[dict[str, Any]]) -> dict[tuple[int, int, str], Any]:
+    """The reference rows by (VMs, exits each, mode): the batch a row is compared with."""
+    return {(r["vms"], r["exits_each"], r["path"]): r for r in rows if r["what"] == "reference"}
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Wall and CPU time (medians) over the reference's with as many VMs and exits: every
     other row's over `pipe`'s (`*_vs_reference`), vmsuper's also over `forward`'s
     (`*_vs_forward`)."""
-    references = {
-        (r["vms"], r["exits_each"], r["path"]): r for r in rows if r["what"] == "reference"
-    }
+    references = references_by_batch(rows)
     for row in rows:
         compared = [("pipe", "reference")]
         if row["what"] in ("vmsuper", SERVED):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
+from .concurrent import references_by_batch
 from .context import DEFAULT_PATH
 from .served import NATIVE_SERVED, SERVED, TRIVIAL_SERVED
 from .stats import ratio
@@ -128,6 +129,7 @@ def targets(sections: dict[str, list[Row]]) -> list[Row]:
                 "x",
             )
     concurrent = sections.get("concurrent", [])
+    references = references_by_batch(concurrent)
     for row in concurrent:
         if row["what"] not in ("vmsuper", SERVED) or row["path"] != DEFAULT_PATH:
             continue
@@ -141,7 +143,7 @@ def targets(sections: dict[str, list[Row]]) -> list[Row]:
                 limit,
                 row.get("wall_vs_reference"),
                 "x",
-                _forward_batch_floor(concurrent, row),
+                _forward_floor(references.get((row["vms"], row["exits_each"], "forward"))),
             )
         if served:
             continue
@@ -158,6 +160,8 @@ def targets(sections: dict[str, list[Row]]) -> list[Row]:
                 ratio(row["wall_s"]["median"], unpolled[0]["wall_s"]["median"]),
                 "x",
             )
+    first_request_floor = _startup_floor(sections, FIRST_REQUEST_FLOOR)
+    trivial_run_floor = _startup_floor(sections, TRIVIAL_RUN_FLOOR)
     for row in sections.get("startup", []):
         ll = " low_latency" if row.get("low_latency") else ""
         served = ", served by vmsuper serve" if row["plugin"] in SERVED_STARTUP else ""
@@ -167,7 +171,7 @@ def targets(sections: dict[str, list[Row]]) -> list[Row]:
                 MAX_FIRST_REQUEST_MS,
                 row["to_first_request_ms"]["median"],
                 "ms",
-                None if served else _startup_floor(sections, FIRST_REQUEST_FLOOR),
+                None if served else first_request_floor,
             )
         if row["plugin"] in ("trivial", TRIVIAL_SERVED):
             add(
@@ -175,7 +179,7 @@ def targets(sections: dict[str, list[Row]]) -> list[Row]:
                 MAX_TRIVIAL_RUN_MS,
                 row["run_ms"]["median"],
                 "ms",
-                None if served else _startup_floor(sections, TRIVIAL_RUN_FLOOR),
+                None if served else trivial_run_floor,
             )
     rows = {r["machine"]: r for r in sections.get("pc", [])}
     if {"vmsuper-pc", "qemu+kvm"} <= rows.keys():
@@ -190,17 +194,11 @@ def targets(sections: dict[str, list[Row]]) -> list[Row]:
     return found
 
 
-def _forward_batch_floor(concurrent: list[Row], row: Row) -> tuple[float, str] | None:
-    """The `forward` reference's batch of as many VMs and exits, over `pipe`'s."""
-    for ref in concurrent:
-        if (ref["what"], ref["path"], ref["vms"], ref["exits_each"]) == (
-            "reference",
-            "forward",
-            row["vms"],
-            row["exits_each"],
-        ) and "wall_vs_reference" in ref:
-            return ref["wall_vs_reference"], FORWARD_FLOOR
-    return None
+def _forward_floor(forward: Row | None) -> tuple[float, str] | None:
+    """The `forward` reference's batch over `pipe`'s, as the floor of a batch of its size."""
+    if forward is None or forward.get("wall_vs_reference") is None:
+        return None
+    return forward["wall_vs_reference"], FORWARD_FLOOR
 
 
 def _startup_floor(

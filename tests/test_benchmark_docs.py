@@ -61,26 +61,23 @@ def test_main_renders_the_committed_file_given_by_name(
     assert "Run of 2027-01-01" in document.read_text()
 
 
-def test_cpu_ratios_are_taken_over_crosvm_pipes_and_over_the_same_transport() -> None:
-    def summary(value: float) -> dict[str, float]:
-        return {"median": value}
+def _median(value: float) -> dict[str, float]:
+    return {"median": value}
 
+
+def test_cpu_ratios_are_taken_over_crosvm_pipes_and_over_the_same_transport() -> None:
     refs = [
-        {"mode": mode, "vcpus": vcpus, "low_latency": False, "cpu_us_per_exit": summary(cpu)}
+        {"mode": mode, "vcpus": vcpus, "low_latency": False, "cpu_us_per_exit": _median(cpu)}
         for mode, vcpus, cpu in (("pipe", 1, 20.0), ("socket", 1, 25.0), ("pipe", 2, 99.0))
     ]
     rows = [
-        {"transport": t, "low_latency": False, "total_us": summary(40.0)}
+        {"transport": t, "low_latency": False, "total_us": _median(40.0)}
         for t in ("pipes", "socket")
     ]
     report.add_cpu_ratios(rows, refs)
     pipes, socket = rows
     assert (pipes["cpu_vs_crosvm"], pipes["cpu_vs_transport"]) == (2.0, 2.0)
     assert (socket["cpu_vs_crosvm"], socket["cpu_vs_transport"]) == (2.0, 1.6)
-
-
-def _median(value: float) -> dict[str, float]:
-    return {"median": value}
 
 
 def _startup_rows(**medians: float) -> list[dict[str, object]]:
