@@ -121,6 +121,17 @@ class Forward(enum.IntEnum):
     SENT = 2
 
 
+class Sleeping(enum.IntEnum):
+    """How a bell's waiter sleeps (its `sleeping`), so that the ring wakes it the right way."""
+
+    AWAKE = 0
+    ON_EVENTFD = 1
+    """On the bell's eventfd: the ring writes it."""
+    IN_READ = 2
+    """A worker in the read of its plugin's channel, while its runner may serve the exit
+    (`hotpath.c`'s await_run): the runner's ring sends it `WAKE_SIGNAL` through its pidfd."""
+
+
 class HintFlag(enum.IntFlag):
     """The table head's `hint_flags`."""
 
@@ -148,6 +159,7 @@ ENUMS: Final[dict[type[enum.IntEnum | enum.IntFlag], tuple[str, str]]] = {
     WorkerResult: ("vms_worker_result", "W_"),
     Delivered: ("vms_delivered", "DELIVERED_"),
     Forward: ("vms_forward", "FORWARD_"),
+    Sleeping: ("vms_sleeping", "BELL_"),
     HintFlag: ("vms_hint_flag", "HINT_"),
     RegHintFlag: ("vms_reg_hint_flag", "REG_HINT_"),
 }
@@ -273,6 +285,10 @@ MAILBOX_ARG_SIZE: Final = 64 * 1024
 (10 KiB), `kvm_msrs` with 4000 entries, `kvm_lapic_state` or `kvm_xsave`."""
 MAILBOX_ARG_OFFSET: Final = CACHE_LINE
 """Where a mailbox's argument area starts, after its head."""
+WAKE_SIGNAL: Final = 23
+"""SIGURG (23 on Linux): what a runner sends its worker asleep in a read (`Sleeping.IN_READ`).
+Nothing else sends it (no socket here has an owner for out-of-band data), and its default
+action is to ignore it, so one that reaches a process without the handler harms nothing."""
 
 U64 = "uint64_t"
 
@@ -436,6 +452,7 @@ CONSTANTS: Final = {
     "VMS_STOP_REASON_SIZE": STOP_REASON_SIZE,
     "VMS_MAILBOX_ARG_OFFSET": MAILBOX_ARG_OFFSET,
     "VMS_MAILBOX_ARG_SIZE": MAILBOX_ARG_SIZE,
+    "VMS_WAKE_SIGNAL": WAKE_SIGNAL,
 }
 
 # -- the C header and the cffi declarations ----------------------------------------------------

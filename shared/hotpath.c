@@ -32,8 +32,10 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 /* The shared-memory structs (struct vms_mail with its two struct vms_bell, struct vms_stats)
@@ -54,9 +56,98 @@ static inline uint64_t now_ns(void)
 static volatile sig_atomic_t signalled;
 static struct sigaction chained[NSIG];
 
+/* Cancellable reads. A worker asleep in the read of its plugin's channel (await_run) is woken
+ * by a signal, VMS_WAKE_SIGNAL from its runner or a watched one; a signal that lands after
+ * the worker's last check but before the read starts would be lost, and the read would block.
+ * So such reads go through vms_cancellable_syscall below: it loads read_cancel and makes the
+ * system call inside a window of code the handlers know. A handler sets read_cancel and, if
+ * the interrupted instruction lies in the window (before the call, or at it once the kernel
+ * rewound an interrupted call to restart it: SA_RESTART), moves it to the window's exit, which
+ * returns -EINTR. A signal that comes before the window leaves the flag set; one that comes
+ * during the call, with a handler without SA_RESTART, ends it with EINTR; one that comes after
+ * it changes nothing. x86-64 only, as the rest of this file. */
+static volatile sig_atomic_t read_cancel;
+
+#define HIDDEN __attribute__((visibility("hidden")))
+HIDDEN long vms_cancellable_syscall(long a1, long a2, long a3, volatile sig_atomic_t *cancel,
+                                    long nr);
+extern const char vms_cancel_window[] HIDDEN, vms_cancel_window_end[] HIDDEN,
+    vms_cancel_exit[] HIDDEN;
+/* System V: a1-a3 in rdi, rsi, rdx (already the system call's registers), cancel in rcx, nr
+ * in r8. The syscall instruction clobbers rcx and r11, which the caller does not keep. */
+__asm__(".pushsection .text\n"
+        ".globl vms_cancellable_syscall, vms_cancel_window, vms_cancel_window_end\n"
+        ".globl vms_cancel_exit\n"
+        ".hidden vms_cancellable_syscall, vms_cancel_window, vms_cancel_window_end\n"
+        ".hidden vms_cancel_exit\n"
+        ".type vms_cancellable_syscall, @function\n"
+        "vms_cancellable_syscall:\n"
+        "vms_cancel_window:\n"
+        "    movl (%rcx), %eax\n"
+        "    testl %eax, %eax\n"
+        "    jnz vms_cancel_exit\n"
+        "    movq %r8, %rax\n"
+        "    syscall\n"
+        "vms_cancel_window_end:\n"
+        "    ret\n"
+        "vms_cancel_exit:\n"
+        "    movq $-4, %rax\n" /* -EINTR */
+        "    ret\n"
+        ".size vms_cancellable_syscall, .-vms_cancellable_syscall\n"
+        ".popsection\n");
+
+static void cancel_read(void *context)
+{
+    read_cancel = 1;
+    greg_t *ip = &((ucontext_t *)context)->uc_mcontext.gregs[REG_RIP];
+    if (*ip >= (greg_t)vms_cancel_window && *ip < (greg_t)vms_cancel_window_end)
+        *ip = (greg_t)vms_cancel_exit;
+}
+
+/* A cancellable call's result as the libc wrappers give it: -1 with errno. */
+static long cancellable(long nr, long a1, long a2, long a3)
+{
+    long ret = vms_cancellable_syscall(a1, a2, a3, &read_cancel, nr);
+    if (ret < 0) {
+        errno = (int)-ret;
+        return -1;
+    }
+    return ret;
+}
+
+/* The worker's cancellable read alone, for tests: the bytes read, or -errno (-EINTR: a
+ * watched signal or VMS_WAKE_SIGNAL came since the flag was cleared: here if rearm). */
+int64_t vms_cancellable_read(int fd, uint8_t *buf, size_t n, int rearm)
+{
+    if (rearm)
+        read_cancel = 0;
+    long got = cancellable(SYS_read, fd, (long)buf, (long)n);
+    return got < 0 ? -errno : got;
+}
+
+static void on_wake(int sig, siginfo_t *info, void *context)
+{
+    (void)sig;
+    (void)info;
+    cancel_read(context);
+}
+
+/* The worker's handler of VMS_WAKE_SIGNAL: it only cancels a read (SA_RESTART: any other
+ * call it interrupts goes on as if nothing came). */
+int vms_catch_wake(void)
+{
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_sigaction = on_wake;
+    action.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigemptyset(&action.sa_mask);
+    return sigaction(VMS_WAKE_SIGNAL, &action, NULL) < 0 ? -errno : 0;
+}
+
 static void note_signal(int sig, siginfo_t *info, void *context)
 {
     signalled = 1;
+    cancel_read(context);
     struct sigaction *next = &chained[sig];
     if (next->sa_flags & SA_SIGINFO)
         next->sa_sigaction(sig, info, context);
@@ -97,10 +188,16 @@ int vms_take_signal(void)
     return was;
 }
 
-int vms_bell_ring(struct vms_bell *bell, int efd)
+/* A waiter in BELL_IN_READ is woken by VMS_WAKE_SIGNAL through pidfd (if there is one: only a
+ * runner rings a worker that sleeps so); one gone already (ESRCH) needs no waking. */
+int vms_bell_ring(struct vms_bell *bell, int efd, int pidfd)
 {
     __atomic_fetch_add(&bell->seq, 1, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&bell->sleeping, __ATOMIC_SEQ_CST)) {
+    uint32_t sleeping = __atomic_load_n(&bell->sleeping, __ATOMIC_SEQ_CST);
+    if (sleeping == BELL_IN_READ && pidfd >= 0) {
+        if (syscall(SYS_pidfd_send_signal, pidfd, VMS_WAKE_SIGNAL, NULL, 0) < 0 && errno != ESRCH)
+            return -errno;
+    } else if (sleeping) {
         uint64_t one = 1;
         while (write(efd, &one, sizeof one) < 0) {
             if (errno != EINTR)
@@ -194,17 +291,17 @@ int vms_bell_wait(struct vms_bell *bell, int efd, uint32_t *seen, uint64_t spin_
 static int bell_sleep(struct vms_bell *bell, int efd, uint32_t *seen, int wake_fd)
 {
     uint32_t seq;
-    __atomic_store_n(&bell->sleeping, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&bell->sleeping, BELL_ON_EVENTFD, __ATOMIC_SEQ_CST);
     for (;;) {
         seq = __atomic_load_n(&bell->seq, __ATOMIC_SEQ_CST);
         if (seq != *seen) {
-            __atomic_store_n(&bell->sleeping, 0, __ATOMIC_SEQ_CST);
+            __atomic_store_n(&bell->sleeping, BELL_AWAKE, __ATOMIC_SEQ_CST);
             *seen = seq;
             return 0;
         }
         int err = sleep_on(efd, wake_fd);
         if (err) {
-            __atomic_store_n(&bell->sleeping, 0, __ATOMIC_SEQ_CST);
+            __atomic_store_n(&bell->sleeping, BELL_AWAKE, __ATOMIC_SEQ_CST);
             return err;
         }
     }
@@ -261,7 +358,7 @@ int vms_runner_loop(struct vms_runner *r)
             if (served != SERVED_NOT)
                 continue;
         }
-        int w = vms_bell_ring(&mail->done, (int)r->done_efd);
+        int w = vms_bell_ring(&mail->done, (int)r->done_efd, (int)r->wake_pidfd);
         if (w < 0) {
             r->error = -w;
             return R_FAILED;
@@ -621,18 +718,22 @@ static void close_fds(struct msghdr *msg, uint64_t *count, int *truncated)
 
 /* Read one request into buf (request_len): 0, or a W_ code. On the socket a request too large
  * (EMSGSIZE) or with fds (closed; EINVAL) is W_REFUSED and the channel goes on; on the pipes
- * one too large leaves the stream out of step (W_TOO_LARGE). With check_signal, a signal noted
- * before the read is W_INTERRUPTED (a loop must not block through it). */
-static int receive_request(struct vms_worker *w, int check_signal)
+ * one too large leaves the stream out of step (W_TOO_LARGE). A request read ahead (pending)
+ * is returned first. A cancellable read (see read_cancel; the caller cleared the flag and
+ * checked its reasons to wait) is W_INTERRUPTED for any signal that would wake it. */
+static int receive_request(struct vms_worker *w, int cancel)
 {
     size_t room = w->max_request + 1;
+    if (w->pending) {
+        w->pending = 0;
+        return (int)w->pending_code;
+    }
     w->request_len = 0;
     w->refusal = 0;
     w->fds = 0;
-    if (check_signal && signalled)
-        return W_INTERRUPTED;
     if (w->pipes) {
-        ssize_t got = read((int)w->in_fd, w->buf, room);
+        ssize_t got = cancel ? cancellable(SYS_read, w->in_fd, (long)w->buf, (long)room)
+                             : read((int)w->in_fd, w->buf, room);
         if (got < 0) {
             if (errno == EINTR)
                 return W_INTERRUPTED;
@@ -659,7 +760,9 @@ static int receive_request(struct vms_worker *w, int check_signal)
     };
     if (msg.msg_controllen > sizeof control.space)
         msg.msg_controllen = sizeof control.space;
-    ssize_t got = recvmsg((int)w->in_fd, &msg, MSG_CMSG_CLOEXEC | MSG_TRUNC);
+    int flags = MSG_CMSG_CLOEXEC | MSG_TRUNC;
+    ssize_t got = cancel ? cancellable(SYS_recvmsg, w->in_fd, (long)&msg, flags)
+                         : recvmsg((int)w->in_fd, &msg, flags);
     if (got < 0) {
         if (errno == EINTR)
             return W_INTERRUPTED;
@@ -827,9 +930,12 @@ static int await_reply(struct vms_worker *w)
             return polled; /* still waiting: call again */
         w->probing = 0;
     }
+    read_cancel = 0;
+    if (signalled)
+        return W_INTERRUPTED; /* still waiting: call again */
     int code = receive_request(w, 1);
     if (code == W_INTERRUPTED)
-        return code; /* still waiting: call again */
+        return code;
     w->state = S_IDLE;
     if (code)
         return code;
@@ -841,11 +947,12 @@ static int await_reply(struct vms_worker *w)
 
 /* Wait in S_RUNNING while the runner may serve the exit itself (the offer is out): until
  * the runner rings (an exit for the worker: 0) or has claimed an access for the plugin (1:
- * read the reply), or -errno (-EINTR: a signal). Asleep, the worker watches its bell and the
- * plugin's channel at once; it never waits for the runner itself. The plugin writing while
- * nothing was claimed (a client that answers early) makes the worker withdraw the offer and
- * wait for the runner alone: the early bytes stay unread and answer the next Wait, as they
- * would without the offer. */
+ * read the reply), or -errno (-EINTR: a signal). Asleep, the worker blocks in the read of the
+ * plugin's channel (BELL_IN_READ), so that the plugin's reply to a Wait the runner sent wakes
+ * it with the reply in hand; a ring wakes it with VMS_WAKE_SIGNAL (see read_cancel). It never
+ * waits for the runner itself. A request that comes while nothing was claimed (a client that
+ * answers early) makes the worker withdraw the offer and wait for the runner alone: the
+ * request, read ahead (pending), answers the next Wait, as it would without the offer. */
 static int await_run(struct vms_worker *w)
 {
     struct vms_mail *mail = w->mail;
@@ -861,6 +968,7 @@ static int await_run(struct vms_worker *w)
             *w->done_seen = seq;
             return 0;
         }
+        readable |= w->pending != 0;
         /* Once the runner sent the Wait, the reply is all there is to wait for: polled for
          * (a window of its own, and its time then counts: see REPLY_POLL_MAX_NS), then read
          * blocking. */
@@ -904,29 +1012,20 @@ static int await_run(struct vms_worker *w)
             }
             continue;
         }
-        __atomic_store_n(&bell->sleeping, 1, __ATOMIC_SEQ_CST);
-        if (__atomic_load_n(&bell->seq, __ATOMIC_SEQ_CST) != *w->done_seen) {
-            __atomic_store_n(&bell->sleeping, 0, __ATOMIC_SEQ_CST);
+        /* The flag is cleared before the bell says how to wake this worker: from then on
+         * a ring's signal either finds the read's window or leaves the flag set. */
+        read_cancel = 0;
+        __atomic_store_n(&bell->sleeping, BELL_IN_READ, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&bell->seq, __ATOMIC_SEQ_CST) != *w->done_seen || signalled) {
+            __atomic_store_n(&bell->sleeping, BELL_AWAKE, __ATOMIC_SEQ_CST);
             continue;
         }
-        struct pollfd fds[3] = {
-            {.fd = (int)w->done_efd, .events = POLLIN},
-            {.fd = (int)w->in_fd, .events = POLLIN},
-            {.fd = (int)w->wake_fd, .events = POLLIN},
-        };
-        int n = poll(fds, w->wake_fd >= 0 ? 3 : 2, -1);
-        int err = errno;
-        __atomic_store_n(&bell->sleeping, 0, __ATOMIC_SEQ_CST);
-        if (n < 0)
-            return -err;
-        if (fds[0].revents & POLLIN) {
-            uint64_t count;
-            if (read((int)w->done_efd, &count, sizeof count) < 0 && errno != EINTR)
-                return -errno;
+        int code = receive_request(w, 1);
+        __atomic_store_n(&bell->sleeping, BELL_AWAKE, __ATOMIC_SEQ_CST);
+        if (code != W_INTERRUPTED) {
+            w->pending = 1;
+            w->pending_code = (uint64_t)code;
         }
-        if (w->wake_fd >= 0 && fds[2].revents)
-            return -EINTR;
-        readable = fds[1].revents != 0;
     }
 }
 
@@ -959,7 +1058,7 @@ int vms_worker_loop(struct vms_worker *w)
             __atomic_store_n(&mail->forward,
                              w->forwarding && !(w->known_gen & 1) ? FORWARD_OK : FORWARD_NO,
                              __ATOMIC_SEQ_CST);
-            code = vms_bell_ring(&mail->request, (int)w->request_efd);
+            code = vms_bell_ring(&mail->request, (int)w->request_efd, -1);
             if (code < 0) {
                 w->error = -code;
                 return W_BELL_FAILED;
@@ -1016,8 +1115,6 @@ int vms_worker_loop(struct vms_worker *w)
  * filter kills the process outright for rt_sigaction(SIGSYS), so the worker dies by SIGSYS
  * there, and a hostile worker cannot put a handler of its own in this one's place either.
  * Nothing here returns to the interrupted code. */
-#include <sys/syscall.h>
-
 static uint64_t *trapped_cell;
 
 static void on_trapped_syscall(int sig, siginfo_t *info, void *context)

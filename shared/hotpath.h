@@ -41,6 +41,7 @@ struct vms_runner {
     uint64_t *served;         /* the slot's runner_served */
     uint64_t pipes;
     int64_t out_fd;
+    int64_t wake_pidfd;       /* the worker's pidfd (-1: none): wakes it from BELL_IN_READ */
 };
 
 /* An I/O or MMIO exit, decoded from the run page. */
@@ -95,15 +96,19 @@ struct vms_worker {
     uint64_t reply_polled;    /* the reply in hand was polled for: its time is the plugin's */
     uint64_t slow_exits;      /* exits sent to a slow plugin: see REPLY_PROBE_EVERY */
     uint64_t probing;         /* the exit sent is a probe: its reply is polled for */
+    uint64_t pending;         /* a request was read ahead (asleep in read): the next receive */
+    uint64_t pending_code;    /* returns this code, with buf, request_len, refusal and fds */
 };
 
 /* Signals (see hotpath.c). */
 int vms_watch_signal(int sig);
 int vms_unwatch_signal(int sig);
 int vms_take_signal(void);
+int vms_catch_wake(void);
+int64_t vms_cancellable_read(int fd, uint8_t *buf, size_t n, int rearm);
 
 /* Bells. */
-int vms_bell_ring(struct vms_bell *bell, int efd);
+int vms_bell_ring(struct vms_bell *bell, int efd, int pidfd);
 int vms_bell_wait(struct vms_bell *bell, int efd, uint32_t *seen, uint64_t spin_ns, int wake_fd);
 
 /* The loops, and the worker's pieces Python uses between their calls. */

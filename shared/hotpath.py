@@ -45,6 +45,7 @@ __all__ = [
     "bell_ring",
     "bell_wait",
     "binding",
+    "catch_wake",
     "decode_access",
     "encode_io_wait",
     "find_range",
@@ -162,6 +163,14 @@ def unwatch_signal(signum: int) -> None:
         raise OSError(-err, f"cannot unwatch signal {signum}")
 
 
+def catch_wake() -> None:
+    """Install the handler of `abi.WAKE_SIGNAL` that wakes a worker asleep in the read of its
+    plugin's channel (a worker whose runner may serve its exits)."""
+    err = library.vms_catch_wake()
+    if err:
+        raise OSError(-err, "cannot catch the wake-up signal")
+
+
 def take_signal() -> bool:
     """Whether a watched signal came since the last call."""
     return bool(library.vms_take_signal())
@@ -182,9 +191,10 @@ class Bell:
         self._ring = module.lib.vms_bell_ring
         self._wait = module.lib.vms_bell_wait
 
-    def ring(self, efd: int) -> None:
-        """Ring it (its waiter sleeps on `efd`)."""
-        err = self._ring(self._bell, efd)
+    def ring(self, efd: int, pidfd: int = -1) -> None:
+        """Ring it (its waiter sleeps on `efd`; a worker asleep in a read is sent
+        `abi.WAKE_SIGNAL` through `pidfd`, its pidfd, if there is one)."""
+        err = self._ring(self._bell, efd, pidfd)
         if err:
             raise OSError(-err, f"ringing a bell failed: {err}")
 

@@ -15,6 +15,7 @@
 #define VMS_STOP_REASON_SIZE 128
 #define VMS_MAILBOX_ARG_OFFSET 64
 #define VMS_MAILBOX_ARG_SIZE 65536
+#define VMS_WAKE_SIGNAL 23
 
 enum vms_space {
     SPACE_IOPORT = 0,
@@ -75,6 +76,12 @@ enum vms_forward {
     FORWARD_NO = 0,
     FORWARD_OK = 1,
     FORWARD_SENT = 2,
+};
+
+enum vms_sleeping {
+    BELL_AWAKE = 0,
+    BELL_ON_EVENTFD = 1,
+    BELL_IN_READ = 2,
 };
 
 enum vms_hint_flag {

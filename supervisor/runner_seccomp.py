@@ -4,8 +4,9 @@ itself when it starts.
 A runner executes what its VCPU's worker posts in the shared mailbox, so a worker that could
 subvert it would act with the supervisor's privileges. Its filter lets it do only a runner's
 job: KVM ioctls on its own VCPU's fd (`KVM_RUN` and the allowlist `runners.ALLOWED_IOCTLS`),
-the bells (eventfd reads and writes, `poll`, `futex`, `sched_yield`), memory, signals, its
-log records and ending the thread. Unlike a worker's filter it covers this thread only (no
+the bells (eventfd reads and writes, `poll`, `futex`, `sched_yield`, and the wake-up signal
+to its own worker through its pidfd), memory, signals, its log records and ending the
+thread. Unlike a worker's filter it covers this thread only (no
 TSYNC): the supervisor's other threads open files, fork and make VM ioctls. A call outside
 the list fails with EPERM rather than killing anything: the thread runs inside the
 supervisor, which must still shut down cleanly, and a failed call ends up as a failed runner
@@ -20,7 +21,7 @@ import os
 from collections.abc import Iterable
 from typing import Final
 
-from vmsuper.shared import bpf, kvm
+from vmsuper.shared import abi, bpf, kvm
 
 __all__ = ["ALLOWED", "build_filter", "confine_thread"]
 
@@ -52,11 +53,17 @@ _PR_SET_NO_NEW_PRIVS: Final = 38
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def build_filter(vcpu_fd: int, ioctls: Iterable[int], send_fd: int | None = None) -> bytes:
+def build_filter(
+    vcpu_fd: int,
+    ioctls: Iterable[int],
+    send_fd: int | None = None,
+    wake_pidfd: int | None = None,
+) -> bytes:
     """The filter of the runner of `vcpu_fd`: `ALLOWED`, `ioctl` on `vcpu_fd` with `KVM_RUN`
     or one of `ioctls`, `mmap`/`mprotect` without PROT_EXEC, `sendto` on `send_fd` only (its
-    socket to the plugin, for the exits it serves); anything else gets EPERM (and another
-    architecture's entry points kill the process)."""
+    socket to the plugin, for the exits it serves), `pidfd_send_signal` of `abi.WAKE_SIGNAL`
+    only, on `wake_pidfd` only (its worker), with no siginfo and no flags; anything else gets
+    EPERM (and another architecture's entry points kill the process)."""
     nr = bpf.SYSCALLS
     eperm = bpf.SECCOMP_RET_ERRNO | errno.EPERM
     allow: bpf.Program = [bpf.ret(bpf.SECCOMP_RET_ALLOW)]
@@ -91,16 +98,46 @@ def build_filter(vcpu_fd: int, ioctls: Iterable[int], send_fd: int | None = None
             "allow",
             bpf.ret(bpf.SECCOMP_RET_ALLOW),
         ]
+    if wake_pidfd is not None:
+        # Every argument whole: a pointer's or a flag's high half must be zero as well.
+        exact = ((0, wake_pidfd), (1, abi.WAKE_SIGNAL), (2, 0), (3, 0))
+        verdicts[nr["pidfd_send_signal"]] = [
+            *(
+                insn
+                for index, value in exact
+                for insn in (
+                    bpf.load(bpf.offset_arg_low(index)),
+                    bpf.Insn(bpf.BPF_JEQ_K, value, jf="refuse"),
+                )
+            ),
+            *(
+                insn
+                for index in (2, 3)
+                for insn in (
+                    bpf.load(bpf.offset_arg_high(index)),
+                    bpf.Insn(bpf.BPF_JEQ_K, 0, jf="refuse"),
+                )
+            ),
+            bpf.ret(bpf.SECCOMP_RET_ALLOW),
+            "refuse",
+            bpf.ret(eperm),
+        ]
     return bpf.build_filter(verdicts, [bpf.ret(eperm)], foreign=bpf.SECCOMP_RET_KILL_PROCESS)
 
 
-def confine_thread(vcpu_fd: int, ioctls: Iterable[int], send_fd: int | None = None) -> None:
-    """Install `build_filter(vcpu_fd, ioctls, send_fd)` on the calling thread only (with
-    no_new_privs, also this thread's only, so an unprivileged supervisor may install it too)."""
+def confine_thread(
+    vcpu_fd: int,
+    ioctls: Iterable[int],
+    send_fd: int | None = None,
+    wake_pidfd: int | None = None,
+) -> None:
+    """Install `build_filter(vcpu_fd, ioctls, send_fd, wake_pidfd)` on the calling thread only
+    (with no_new_privs, also this thread's only, so an unprivileged supervisor may install it
+    too)."""
     if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"PR_SET_NO_NEW_PRIVS: {os.strerror(err)}")
-    program, _buffer = bpf.fprog(build_filter(vcpu_fd, ioctls, send_fd))
+    program, _buffer = bpf.fprog(build_filter(vcpu_fd, ioctls, send_fd, wake_pidfd))
     if _libc.syscall(bpf.SYSCALLS["seccomp"], _SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(program)):
         err = ctypes.get_errno()
         raise OSError(err, f"seccomp(SECCOMP_SET_MODE_FILTER): {os.strerror(err)}")

@@ -146,15 +146,25 @@ class RunnerExits:
     """What a runner needs to serve exits itself (see `hotpath.c`, "exits the runner serves
     without the worker"): its VCPU's range counts (the worker's lookup table), the table's
     generation, and its own fd to write to the plugin without blocking (`send_fd`, owned by
-    the caller; on the pipes transport, `pipes`). Immutable."""
+    the caller; on the pipes transport, `pipes`), and the worker's pidfd (`worker_pidfd`,
+    owned by the caller), through which the runner wakes a worker that sleeps in the read of
+    the plugin's channel while the runner may serve its exit. Immutable."""
 
-    __slots__ = ("pipes", "range_counts", "run_size", "send_fd", "table_gen_address")
+    __slots__ = (
+        "pipes",
+        "range_counts",
+        "run_size",
+        "send_fd",
+        "table_gen_address",
+        "worker_pidfd",
+    )
     range_counts: Final[RangeCounts]
     table_gen_address: Final[int]
     send_fd: Final[int]
     pipes: Final[bool]
     run_size: Final[int]
     """Bytes of the VCPU's mapping (the run page and what follows it)."""
+    worker_pidfd: Final[int]
 
     def __init__(
         self,
@@ -163,12 +173,14 @@ class RunnerExits:
         send_fd: int,
         pipes: bool,
         run_size: int,
+        worker_pidfd: int,
     ) -> None:
         self.range_counts = range_counts
         self.table_gen_address = table_gen_address
         self.send_fd = send_fd
         self.pipes = pipes
         self.run_size = run_size
+        self.worker_pidfd = worker_pidfd
 
     def context_fields(self, slot: VcpuSlot) -> dict[str, Any]:
         return {
@@ -185,6 +197,7 @@ class RunnerExits:
             "served": slot.cell_address("runner_served"),
             "pipes": int(self.pipes),
             "out_fd": self.send_fd,
+            "wake_pidfd": self.worker_pidfd,
         }
 
 
@@ -233,7 +246,7 @@ class VcpuRunner:
             delivered_seq=slot.cell_address("delivered_seq"),
             hold_runs=1,
             stopping=0,
-            **(exits.context_fields(slot) if exits is not None else {}),
+            **(exits.context_fields(slot) if exits is not None else {"wake_pidfd": -1}),
         )
         self._thread = threading.Thread(target=self._main, name=f"vcpu{vcpu}-runner", daemon=True)
 
@@ -271,8 +284,12 @@ class VcpuRunner:
         signal.pthread_sigmask(signal.SIG_BLOCK, RUNNER_BLOCKED)
         task_names.name_this_thread(task_names.runner_name(self.vcpu))
         try:
+            exits = self._exits
             runner_seccomp.confine_thread(
-                self._fd, ALLOWED_IOCTLS, send_fd=self._exits.send_fd if self._exits else None
+                self._fd,
+                ALLOWED_IOCTLS,
+                send_fd=exits.send_fd if exits else None,
+                wake_pidfd=exits.worker_pidfd if exits else None,
             )
             self._loop()
         except Exception as exc:

@@ -267,6 +267,7 @@ class VcpuSet:
                 send_fd=self._channels[i].runner,
                 pipes=self._channels[i].pipes,
                 run_size=self._mmap_size,
+                worker_pidfd=self._pidfds[i],
             )
             runner = VcpuRunner(
                 vcpu=i,
@@ -321,6 +322,7 @@ class VcpuSet:
             except OSError:
                 os.kill(pid, signal.SIGKILL)
                 raise
+            self._doorbells[i].worker_pidfd = self._pidfds[i]
 
     # -- pause -----------------------------------------------------------------------------
 
@@ -465,6 +467,8 @@ class VcpuSet:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
             self._statuses[vcpu] = "killed: start failed"
+        for doorbell in self._doorbells:
+            doorbell.worker_pidfd = -1
         _close_all(self._pidfds.values())
         self._pidfds.clear()
         self._pids.clear()
@@ -489,13 +493,16 @@ class VcpuSet:
         for channel in self._channels:
             channel.close_plugin()
             channel.close_worker()
-        _close_all(self._pidfds.values())
-        self._pidfds.clear()
         if any(runner.alive for runner in self._runners):
-            # Its fds and mapping stay: closing them under a live thread could hand the numbers
-            # to something else while it still uses them.
+            # Its fds and mapping stay (the worker's pidfd too: the runner wakes the worker
+            # through it): closing them under a live thread could hand the numbers to
+            # something else while it still uses them.
             self._log.error("vcpus_left_open", reason="a runner thread did not stop")
             return
+        for doorbell in self._doorbells:
+            doorbell.worker_pidfd = -1
+        _close_all(self._pidfds.values())
+        self._pidfds.clear()
         for channel in self._channels:
             channel.close_runner_end()
         for doorbell in self._doorbells:

@@ -5,6 +5,7 @@ the run must end with the cause named."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -20,7 +21,7 @@ import pytest
 from bpf_vm import run_filter, well_formed
 from rawplugin import WAIT_FOR_SHUTDOWN, plugin_source
 
-from vmsuper.shared import bpf, hotpath, kvm
+from vmsuper.shared import abi, bpf, hotpath, kvm
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.supervisor import outcome, runner_seccomp, runners
 from vmsuper.supervisor.vcpus import workers_user
@@ -353,6 +354,77 @@ def test_the_runner_filter_sends_on_its_own_channel_only() -> None:
         assert run_filter(program, NR[other], (9,)) == eperm
     without = runner_seccomp.build_filter(7, runners.ALLOWED_IOCTLS)
     assert run_filter(without, NR["sendto"], (9,)) == eperm
+
+
+def test_the_runner_filter_signals_its_own_worker_only_and_only_to_wake_it() -> None:
+    """A runner wakes its worker from a read with `abi.WAKE_SIGNAL` through the worker's pidfd
+    (here 11): any other pidfd, signal, siginfo (a pointer, whichever half) or flag is
+    refused, and so is every other way to signal."""
+    eperm = bpf.SECCOMP_RET_ERRNO | errno.EPERM
+    send = NR["pidfd_send_signal"]
+    program = runner_seccomp.build_filter(7, runners.ALLOWED_IOCTLS, send_fd=9, wake_pidfd=11)
+    well_formed(program)
+    wake = abi.WAKE_SIGNAL
+    assert run_filter(program, send, (11, wake, 0, 0)) == ALLOW
+    # The kernel reads the pidfd and the signal as ints: their low halves are all of them.
+    assert run_filter(program, send, (11 | 1 << 32, wake | 1 << 32, 0, 0)) == ALLOW
+    for args in (
+        (12, wake, 0, 0),
+        (7, wake, 0, 0),
+        (11, signal.SIGKILL, 0, 0),
+        (11, signal.SIGTERM, 0, 0),
+        (11, wake, 0x7FFF_0000, 0),
+        (11, wake, 1 << 32, 0),
+        (11, wake, 0, 1),
+        (11, wake, 0, 1 << 40),
+    ):
+        assert run_filter(program, send, args) == eperm, args
+    for other in ("kill", "tgkill", "tkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
+        assert run_filter(program, NR[other], (11, wake)) == eperm
+    without = runner_seccomp.build_filter(7, runners.ALLOWED_IOCTLS, send_fd=9)
+    assert run_filter(without, send, (11, wake, 0, 0)) == eperm
+
+
+def test_a_confined_runner_thread_can_wake_its_worker_and_nothing_else() -> None:
+    seen: dict[str, int] = {}
+    worker, other = os.fork(), -1
+    if worker == 0:
+        time.sleep(60)
+        os._exit(0)
+    try:
+        other = os.fork()
+        if other == 0:
+            time.sleep(60)
+            os._exit(0)
+        worker_fd, other_fd = os.pidfd_open(worker), os.pidfd_open(other)
+
+        def attempt(key: str, pidfd: int, signum: int) -> None:
+            try:
+                signal.pidfd_send_signal(pidfd, signum)
+                seen[key] = 0
+            except OSError as exc:
+                seen[key] = exc.errno or -1
+
+        def confined_thread() -> None:
+            runner_seccomp.confine_thread(7, runners.ALLOWED_IOCTLS, wake_pidfd=worker_fd)
+            attempt("wake", worker_fd, abi.WAKE_SIGNAL)  # ignored by default: harmless
+            attempt("kill_worker", worker_fd, signal.SIGKILL)
+            attempt("wake_other", other_fd, abi.WAKE_SIGNAL)
+
+        thread = threading.Thread(target=confined_thread)
+        thread.start()
+        thread.join(30)
+        assert seen == {"wake": 0, "kill_worker": errno.EPERM, "wake_other": errno.EPERM}
+        for pid in (worker, other):
+            assert os.waitpid(pid, os.WNOHANG) == (0, 0)  # both still alive
+        os.close(worker_fd)
+        os.close(other_fd)
+    finally:
+        for pid in (worker, other):
+            if pid > 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
 
 
 def test_a_runner_thread_s_filter_holds_that_thread_only(tmp_path: Path) -> None:

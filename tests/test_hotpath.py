@@ -9,15 +9,18 @@ The loops themselves run in tests/test_vcpus.py (real KVM) and tests/test_vcpu_w
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import itertools
 import os
+import select
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -528,6 +531,133 @@ def test_a_bell_wakes_a_sleeping_waiter_in_another_process(region: SharedRegion)
             bell.ring_request()
         assert bell.wait_done() == 1
         assert os.waitpid(pid, 0)[1] == 0
+
+
+# -- a worker asleep in the read of its channel (hotpath.c: read_cancel) ----------------------
+
+
+def _cancellable_read(fd: int, rearm: bool) -> int:
+    buf = hotpath.binding().ffi.new("uint8_t[]", 16)
+    return int(hotpath.library.vms_cancellable_read(fd, buf, 16, int(rearm)))
+
+
+def _blocked_in_read(pid: int, fd: int) -> bool:
+    """Whether process `pid` sleeps in read(fd) (/proc/PID/syscall: number, then arguments)."""
+    with open(f"/proc/{pid}/syscall") as status:
+        fields = status.read().split()
+    return fields[:2] == ["0", hex(fd)]
+
+
+def _child_reports(body: Callable[[], list[int]]) -> tuple[int, Callable[[], list[int]]]:
+    """Fork a child that runs `body` and writes its results to a pipe: (its pid, a function
+    that returns them, failing if they do not come within 30 s)."""
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(report_r)
+            found = body()
+            os.write(report_w, b"".join(r.to_bytes(8, "little", signed=True) for r in found))
+        finally:
+            os._exit(0)
+    os.close(report_w)
+
+    def reported() -> list[int]:
+        try:
+            ready, _, _ = select.select([report_r], [], [], 30)
+            assert ready, "the child's read did not end"
+            data = os.read(report_r, 4096)
+            return [
+                int.from_bytes(data[i : i + 8], "little", signed=True)
+                for i in range(0, len(data), 8)
+            ]
+        finally:
+            os.close(report_r)
+
+    return pid, reported
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def test_the_wake_signal_ends_a_read_that_blocks() -> None:
+    """The handler restarts what it interrupts (SA_RESTART), so the kernel rewinds the blocked
+    read to make it again: only the handler moving it to the window's exit ends it."""
+    data_r, data_w = os.pipe()
+
+    def child() -> list[int]:
+        hotpath.catch_wake()
+        return [_cancellable_read(data_r, rearm=True)]
+
+    pid, results = _child_reports(child)
+    pidfd = os.pidfd_open(pid)
+    try:
+        wait_for(lambda: _blocked_in_read(pid, data_r), "the child to block in read")
+        signal.pidfd_send_signal(pidfd, abi.WAKE_SIGNAL)
+        assert results() == [-errno.EINTR]
+    finally:
+        os.close(pidfd)
+        _reap(pid)
+        os.close(data_r)
+        os.close(data_w)
+
+
+@pytest.mark.parametrize("which", ["wake", "watched"])
+def test_a_signal_just_before_the_read_ends_it_at_once(which: str) -> None:
+    """A signal that lands after the last check and before the read (here: before the call)
+    leaves the flag set, and the read does not block; a read rearmed after it, with bytes
+    waiting, reads them."""
+    data_r, data_w = os.pipe()
+
+    def child() -> list[int]:
+        if which == "wake":
+            hotpath.catch_wake()
+            sent = abi.WAKE_SIGNAL
+        else:
+            signal.signal(signal.SIGUSR2, lambda signum, frame: None)
+            hotpath.watch_signal(signal.SIGUSR2)
+            sent = signal.SIGUSR2
+        os.kill(os.getpid(), sent)  # handled before kill returns
+        first = _cancellable_read(data_r, rearm=False)
+        os.write(data_w, b"abc")
+        return [first, _cancellable_read(data_r, rearm=True)]
+
+    pid, results = _child_reports(child)
+    try:
+        assert results() == [-errno.EINTR, 3]
+    finally:
+        _reap(pid)
+        os.close(data_r)
+        os.close(data_w)
+
+
+def test_a_ring_wakes_a_worker_asleep_in_read_through_its_pidfd(region: SharedRegion) -> None:
+    """A bell whose waiter says it sleeps in a read (`Sleeping.IN_READ`) is rung with the
+    wake-up signal, sent through the pidfd the ringing side holds."""
+    data_r, data_w = os.pipe()
+    mailbox = region.mailbox(0)
+    with Doorbell(mailbox) as bell:
+        sleeping = ctypes.c_uint32.from_address(bell.done_bell + abi.BELL.offset("sleeping"))
+
+        def child() -> list[int]:
+            hotpath.catch_wake()
+            sleeping.value = abi.Sleeping.IN_READ
+            return [_cancellable_read(data_r, rearm=True)]
+
+        pid, results = _child_reports(child)
+        bell.worker_pidfd = os.pidfd_open(pid)
+        try:
+            wait_for(lambda: _blocked_in_read(pid, data_r), "the child to block in read")
+            bell.ring_done()
+            assert results() == [-errno.EINTR]
+        finally:
+            os.close(bell.worker_pidfd)
+            _reap(pid)
+            os.close(data_r)
+            os.close(data_w)
 
 
 def _on_usr2(signum: int, frame: FrameType | None) -> None:

@@ -58,6 +58,12 @@ class ExitEngine:
         self.hint: CallHint | None = None
         """The call hint of the table the engine runs with."""
         request_efd, done_efd = doorbell.fds()
+        # Debug logging records every exit here, so the runner must not serve any.
+        forwarding = not report_exits
+        if forwarding:
+            # While the runner may serve its exit, the loop sleeps in the read of the
+            # plugin's channel, from which the runner's ring wakes it with this signal.
+            hotpath.catch_wake()
         self.context = context = hotpath.WorkerContext(
             run=run_address,
             run_size=run_size,
@@ -75,8 +81,7 @@ class ExitEngine:
             range_counts=range_counts.counts_address(),
             wake_fd=doorbell.wake_fd,
             report_exits=report_exits,
-            # Debug logging records every exit here, so the runner must not serve any.
-            forwarding=not report_exits,
+            forwarding=forwarding,
             state=0,
             **channel.context_fields(),
         )
