@@ -372,7 +372,7 @@ SLOT = Struct(
 
 BELL = Struct(
     "vms_bell",
-    "One direction of a doorbell: rings so far, and whether the waiter sleeps on its eventfd.",
+    "One direction of a doorbell: rings so far, and how the waiter sleeps (Sleeping).",
     [Field("seq", "uint32_t"), Field("sleeping", "uint32_t")],
 )
 

@@ -14,10 +14,11 @@
  * vms_finish_access, vms_begin_wait, vms_resumed): nothing here is done twice.
  *
  * Bells. A bell is a sequence number and a "sleeping" flag in shared memory, plus an eventfd.
- * Ringing bumps the number and writes the eventfd only if the waiter said it sleeps; waiting
- * polls the number for up to a window (the mailbox's poll_ns, which the supervisor sets from
- * the host's CPU pressure: supervisor/poll_gate.py), then says it sleeps, checks once more and
- * blocks on the eventfd. Both sides use sequentially consistent operations between their
+ * Ringing bumps the number and writes the eventfd only if the waiter said it sleeps on it (a
+ * worker that said it sleeps in the read of its plugin's channel gets VMS_WAKE_SIGNAL
+ * instead: see read_cancel); waiting polls the number for up to a window (the mailbox's
+ * poll_ns, which the supervisor sets from the host's CPU pressure: supervisor/poll_gate.py),
+ * then says it sleeps, checks once more and blocks on the eventfd. Both sides use sequentially consistent operations between their
  * store and load, so one of them always sees the other (no lost wake-up); a stale eventfd
  * count only causes one extra check.
  */

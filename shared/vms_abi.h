@@ -158,7 +158,7 @@ struct vms_slot {
     char stop_reason[128]; /* UTF-8, NUL-padded */
 };
 
-/* One direction of a doorbell: rings so far, and whether the waiter sleeps on its eventfd. */
+/* One direction of a doorbell: rings so far, and how the waiter sleeps (Sleeping). */
 struct vms_bell {
     uint32_t seq;
     uint32_t sleeping;
