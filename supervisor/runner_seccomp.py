@@ -5,12 +5,12 @@ A runner executes what its VCPU's worker posts in the shared mailbox, so a worke
 subvert it would act with the supervisor's privileges. Its filter lets it do only a runner's
 job: KVM ioctls on its own VCPU's fd (`KVM_RUN` and the allowlist `runners.ALLOWED_IOCTLS`),
 the bells (eventfd reads and writes, `poll`, `futex`, `sched_yield`, and the wake-up signal
-to its own worker through its pidfd), memory, signals, its log records and ending the
-thread. Unlike a worker's filter it covers this thread only (no
-TSYNC): the supervisor's other threads open files, fork and make VM ioctls. A call outside
-the list fails with EPERM rather than killing anything: the thread runs inside the
-supervisor, which must still shut down cleanly, and a failed call ends up as a failed runner
-(`runner_failed`), which stops the run. Firecracker's per-thread VCPU filters are the model.
+to its own worker through its pidfd), memory, signals, its log records and ending the thread.
+Unlike a worker's filter it covers this thread only (no TSYNC): the supervisor's other threads
+open files, fork and make VM ioctls. A call outside the list fails with EPERM rather than
+killing anything: the thread runs inside the supervisor, which must still shut down cleanly,
+and a failed call ends up as a failed runner (`runner_failed`), which stops the run.
+Firecracker's per-thread VCPU filters are the model.
 """
 
 from __future__ import annotations
