@@ -925,6 +925,8 @@ static int poll_for_reply(struct vms_worker *w)
 static int await_reply(struct vms_worker *w)
 {
     size_t offset, size;
+    if (w->pending)
+        w->probing = 0; /* the reply, read ahead, is in hand: nothing to poll for */
     if (w->probing) {
         int polled = poll_for_reply(w);
         if (polled)
