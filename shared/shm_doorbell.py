@@ -44,9 +44,6 @@ class Doorbell:
         """The read end of this process's `signal.set_wakeup_fd` pipe, if it has one (a VCPU
         worker): a wait then also ends for a signal that came while it polled, runs the
         handler and waits again, like an interrupted system call (PEP 475)."""
-        self.worker_pidfd = -1
-        """The supervisor's pidfd of the worker (-1 in the worker, or before it is forked): a
-        ring of "done" wakes a worker asleep in the read of its plugin's channel through it."""
         self._bells: tuple[hotpath.Bell, hotpath.Bell] | None = None
         self._closed = False
 
@@ -71,8 +68,10 @@ class Doorbell:
         InterruptedError if a signal came while it slept."""
         return self._wait(self._bell(0), self._request)
 
-    def ring_done(self) -> None:
-        self._bell(1).ring(self._done, self.worker_pidfd)
+    def ring_done(self, worker_pidfd: int = -1) -> None:
+        """Ring "done" (a worker asleep in the read of its plugin's channel is woken through
+        `worker_pidfd`, its pidfd: see `hotpath.Bell.ring`)."""
+        self._bell(1).ring(self._done, worker_pidfd)
 
     def wait_done(self) -> int:
         return self._wait(self._bell(1), self._done)

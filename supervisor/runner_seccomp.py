@@ -99,24 +99,21 @@ def build_filter(
             bpf.ret(bpf.SECCOMP_RET_ALLOW),
         ]
     if wake_pidfd is not None:
-        # Every argument whole: a pointer's or a flag's high half must be zero as well.
-        exact = ((0, wake_pidfd), (1, abi.WAKE_SIGNAL), (2, 0), (3, 0))
+        # The pidfd and the signal are ints (their low halves are all of them); the siginfo
+        # pointer and the flags must be zero whole.
+        exact = (
+            (bpf.offset_arg_low(0), wake_pidfd),
+            (bpf.offset_arg_low(1), abi.WAKE_SIGNAL),
+            (bpf.offset_arg_low(2), 0),
+            (bpf.offset_arg_high(2), 0),
+            (bpf.offset_arg_low(3), 0),
+            (bpf.offset_arg_high(3), 0),
+        )
         verdicts[nr["pidfd_send_signal"]] = [
             *(
                 insn
-                for index, value in exact
-                for insn in (
-                    bpf.load(bpf.offset_arg_low(index)),
-                    bpf.Insn(bpf.BPF_JEQ_K, value, jf="refuse"),
-                )
-            ),
-            *(
-                insn
-                for index in (2, 3)
-                for insn in (
-                    bpf.load(bpf.offset_arg_high(index)),
-                    bpf.Insn(bpf.BPF_JEQ_K, 0, jf="refuse"),
-                )
+                for offset, value in exact
+                for insn in (bpf.load(offset), bpf.Insn(bpf.BPF_JEQ_K, value, jf="refuse"))
             ),
             bpf.ret(bpf.SECCOMP_RET_ALLOW),
             "refuse",

@@ -322,7 +322,7 @@ class VcpuRunner:
                 continue  # the held run is made by the C loop, now that runs are not held
             ret, err = self._call(op, length)
             mailbox.complete(ret, err)
-            doorbell.ring_done()
+            doorbell.ring_done()  # the worker waits in Python for a call: never in a read
 
     def _pass_barrier(self) -> bool:
         """No VCPU enters the guest before every VCPU has finished its Init; False: stop."""
@@ -344,7 +344,8 @@ class VcpuRunner:
                 self._log.error("runner_failed", vcpu=self.vcpu, error=repr(again))
         try:
             self._mailbox.complete(-1, errno.EIO)
-            self._doorbell.ring_done()
+            # The worker may be asleep in the read of its plugin's channel.
+            self._doorbell.ring_done(self._exits.worker_pidfd if self._exits else -1)
         except Exception as again:
             self._log.error("runner_failed", vcpu=self.vcpu, error=repr(again))
 

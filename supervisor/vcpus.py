@@ -322,7 +322,6 @@ class VcpuSet:
             except OSError:
                 os.kill(pid, signal.SIGKILL)
                 raise
-            self._doorbells[i].worker_pidfd = self._pidfds[i]
 
     # -- pause -----------------------------------------------------------------------------
 
@@ -467,8 +466,6 @@ class VcpuSet:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
             self._statuses[vcpu] = "killed: start failed"
-        for doorbell in self._doorbells:
-            doorbell.worker_pidfd = -1
         _close_all(self._pidfds.values())
         self._pidfds.clear()
         self._pids.clear()
@@ -499,8 +496,6 @@ class VcpuSet:
             # something else while it still uses them.
             self._log.error("vcpus_left_open", reason="a runner thread did not stop")
             return
-        for doorbell in self._doorbells:
-            doorbell.worker_pidfd = -1
         _close_all(self._pidfds.values())
         self._pidfds.clear()
         for channel in self._channels:

@@ -648,13 +648,13 @@ def test_a_ring_wakes_a_worker_asleep_in_read_through_its_pidfd(region: SharedRe
             return [_cancellable_read(data_r, rearm=True)]
 
         pid, results = _child_reports(child)
-        bell.worker_pidfd = os.pidfd_open(pid)
+        pidfd = os.pidfd_open(pid)
         try:
             wait_for(lambda: _blocked_in_read(pid, data_r), "the child to block in read")
-            bell.ring_done()
+            bell.ring_done(pidfd)
             assert results() == [-errno.EINTR]
         finally:
-            os.close(bell.worker_pidfd)
+            os.close(pidfd)
             _reap(pid)
             os.close(data_r)
             os.close(data_w)
