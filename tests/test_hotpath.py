@@ -583,34 +583,56 @@ def _reap(pid: int) -> None:
     os.waitpid(pid, 0)
 
 
-def test_the_wake_signal_ends_a_read_that_blocks() -> None:
+def _woken_in_read(
+    child: Callable[[], list[int]], fd: int, wake: Callable[[int], None]
+) -> list[int]:
+    """Fork `child`, wait until it blocks in read(fd), call `wake` with its pidfd: what the
+    child reported."""
+    pid, reported = _child_reports(child)
+    pidfd = os.pidfd_open(pid)
+    try:
+        wait_for(lambda: _blocked_in_read(pid, fd), "the child to block in read")
+        wake(pidfd)
+        return reported()
+    finally:
+        os.close(pidfd)
+        _reap(pid)
+
+
+@pytest.fixture
+def channel() -> Iterator[tuple[int, int]]:
+    """A pipe standing for a plugin's channel: (read end, write end)."""
+    ends = os.pipe()
+    try:
+        yield ends
+    finally:
+        for fd in ends:
+            os.close(fd)
+
+
+def test_the_wake_signal_ends_a_read_that_blocks(channel: tuple[int, int]) -> None:
     """The handler restarts what it interrupts (SA_RESTART), so the kernel rewinds the blocked
     read to make it again: only the handler moving it to the window's exit ends it."""
-    data_r, data_w = os.pipe()
+    data_r, _ = channel
 
     def child() -> list[int]:
         hotpath.catch_wake()
         return [_cancellable_read(data_r, rearm=True)]
 
-    pid, results = _child_reports(child)
-    pidfd = os.pidfd_open(pid)
-    try:
-        wait_for(lambda: _blocked_in_read(pid, data_r), "the child to block in read")
+    def wake(pidfd: int) -> None:
         signal.pidfd_send_signal(pidfd, abi.WAKE_SIGNAL)
-        assert results() == [-errno.EINTR]
-    finally:
-        os.close(pidfd)
-        _reap(pid)
-        os.close(data_r)
-        os.close(data_w)
+
+    assert _woken_in_read(child, data_r, wake) == [-errno.EINTR]
 
 
 @pytest.mark.parametrize("which", ["wake", "watched"])
-def test_a_signal_just_before_the_read_ends_it_at_once(which: str) -> None:
+def test_a_signal_just_before_the_read_ends_it_at_once(
+    which: str, channel: tuple[int, int]
+) -> None:
     """A signal that lands after the last check and before the read (here: before the call)
     leaves the flag set, and the read does not block; a read rearmed after it, with bytes
     waiting, reads them."""
-    data_r, data_w = os.pipe()
+    data_r, data_w = channel
 
     def child() -> list[int]:
         if which == "wake":
@@ -625,21 +647,20 @@ def test_a_signal_just_before_the_read_ends_it_at_once(which: str) -> None:
         os.write(data_w, b"abc")
         return [first, _cancellable_read(data_r, rearm=True)]
 
-    pid, results = _child_reports(child)
+    pid, reported = _child_reports(child)
     try:
-        assert results() == [-errno.EINTR, 3]
+        assert reported() == [-errno.EINTR, 3]
     finally:
         _reap(pid)
-        os.close(data_r)
-        os.close(data_w)
 
 
-def test_a_ring_wakes_a_worker_asleep_in_read_through_its_pidfd(region: SharedRegion) -> None:
+def test_a_ring_wakes_a_worker_asleep_in_read_through_its_pidfd(
+    region: SharedRegion, channel: tuple[int, int]
+) -> None:
     """A bell whose waiter says it sleeps in a read (`Sleeping.IN_READ`) is rung with the
     wake-up signal, sent through the pidfd the ringing side holds."""
-    data_r, data_w = os.pipe()
-    mailbox = region.mailbox(0)
-    with Doorbell(mailbox) as bell:
+    data_r, _ = channel
+    with Doorbell(region.mailbox(0)) as bell:
         sleeping = ctypes.c_uint32.from_address(bell.done_bell + abi.BELL.offset("sleeping"))
 
         def child() -> list[int]:
@@ -647,17 +668,7 @@ def test_a_ring_wakes_a_worker_asleep_in_read_through_its_pidfd(region: SharedRe
             sleeping.value = abi.Sleeping.IN_READ
             return [_cancellable_read(data_r, rearm=True)]
 
-        pid, results = _child_reports(child)
-        pidfd = os.pidfd_open(pid)
-        try:
-            wait_for(lambda: _blocked_in_read(pid, data_r), "the child to block in read")
-            bell.ring_done(pidfd)
-            assert results() == [-errno.EINTR]
-        finally:
-            os.close(pidfd)
-            _reap(pid)
-            os.close(data_r)
-            os.close(data_w)
+        assert _woken_in_read(child, data_r, bell.ring_done) == [-errno.EINTR]
 
 
 def _on_usr2(signum: int, frame: FrameType | None) -> None:
