@@ -5,7 +5,6 @@ the run must end with the cause named."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -385,18 +384,27 @@ def test_the_runner_filter_signals_its_own_worker_only_and_only_to_wake_it() -> 
     assert run_filter(without, send, (11, wake, 0, 0)) == eperm
 
 
+def _idle_children(count: int) -> tuple[list[int], int]:
+    """Fork `count` children that wait until the returned fd (a pipe's write end) is closed,
+    then exit 0: (their pids, that fd)."""
+    hold, release = os.pipe()
+    pids: list[int] = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            os.close(release)
+            os.read(hold, 1)  # EOF once the parent closes its end
+            os._exit(0)
+        pids.append(pid)
+    os.close(hold)
+    return pids, release
+
+
 def test_a_confined_runner_thread_can_wake_its_worker_and_nothing_else() -> None:
     seen: dict[str, int] = {}
-    worker, other = os.fork(), -1
-    if worker == 0:
-        time.sleep(60)
-        os._exit(0)
+    (worker, other), release = _idle_children(2)
+    worker_fd, other_fd = os.pidfd_open(worker), os.pidfd_open(other)
     try:
-        other = os.fork()
-        if other == 0:
-            time.sleep(60)
-            os._exit(0)
-        worker_fd, other_fd = os.pidfd_open(worker), os.pidfd_open(other)
 
         def attempt(key: str, pidfd: int, signum: int) -> None:
             try:
@@ -415,16 +423,12 @@ def test_a_confined_runner_thread_can_wake_its_worker_and_nothing_else() -> None
         thread.start()
         thread.join(30)
         assert seen == {"wake": 0, "kill_worker": errno.EPERM, "wake_other": errno.EPERM}
-        for pid in (worker, other):
-            assert os.waitpid(pid, os.WNOHANG) == (0, 0)  # both still alive
+    finally:
+        os.close(release)
         os.close(worker_fd)
         os.close(other_fd)
-    finally:
-        for pid in (worker, other):
-            if pid > 0:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+        statuses = [os.waitpid(pid, 0)[1] for pid in (worker, other)]
+    assert statuses == [0, 0]  # neither was killed: both ended when released, with status 0
 
 
 def test_a_runner_thread_s_filter_holds_that_thread_only(tmp_path: Path) -> None:
