@@ -122,19 +122,13 @@ def build_filter(
     return bpf.build_filter(verdicts, [bpf.ret(eperm)], foreign=bpf.SECCOMP_RET_KILL_PROCESS)
 
 
-def confine_thread(
-    vcpu_fd: int,
-    ioctls: Iterable[int],
-    send_fd: int | None = None,
-    wake_pidfd: int | None = None,
-) -> None:
-    """Install `build_filter(vcpu_fd, ioctls, send_fd, wake_pidfd)` on the calling thread only
-    (with no_new_privs, also this thread's only, so an unprivileged supervisor may install it
-    too)."""
+def confine_thread(program: bytes) -> None:
+    """Install `program` (from `build_filter`) on the calling thread only (with no_new_privs,
+    also this thread's only, so an unprivileged supervisor may install it too)."""
     if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"PR_SET_NO_NEW_PRIVS: {os.strerror(err)}")
-    program, _buffer = bpf.fprog(build_filter(vcpu_fd, ioctls, send_fd, wake_pidfd))
-    if _libc.syscall(bpf.SYSCALLS["seccomp"], _SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(program)):
+    fprog, _buffer = bpf.fprog(program)
+    if _libc.syscall(bpf.SYSCALLS["seccomp"], _SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(fprog)):
         err = ctypes.get_errno()
         raise OSError(err, f"seccomp(SECCOMP_SET_MODE_FILTER): {os.strerror(err)}")

@@ -286,10 +286,12 @@ class VcpuRunner:
         try:
             exits = self._exits
             runner_seccomp.confine_thread(
-                self._fd,
-                ALLOWED_IOCTLS,
-                send_fd=exits.send_fd if exits else None,
-                wake_pidfd=exits.worker_pidfd if exits else None,
+                runner_seccomp.build_filter(
+                    self._fd,
+                    ALLOWED_IOCTLS,
+                    send_fd=exits.send_fd if exits else None,
+                    wake_pidfd=exits.worker_pidfd if exits else None,
+                )
             )
             self._loop()
         except Exception as exc:

@@ -414,7 +414,9 @@ def test_a_confined_runner_thread_can_wake_its_worker_and_nothing_else() -> None
                 seen[key] = exc.errno or -1
 
         def confined_thread() -> None:
-            runner_seccomp.confine_thread(7, runners.ALLOWED_IOCTLS, wake_pidfd=worker_fd)
+            runner_seccomp.confine_thread(
+                runner_seccomp.build_filter(7, runners.ALLOWED_IOCTLS, wake_pidfd=worker_fd)
+            )
             attempt("wake", worker_fd, abi.WAKE_SIGNAL)  # ignored by default: harmless
             attempt("kill_worker", worker_fd, signal.SIGKILL)
             attempt("wake_other", other_fd, abi.WAKE_SIGNAL)
@@ -436,7 +438,7 @@ def test_a_runner_thread_s_filter_holds_that_thread_only(tmp_path: Path) -> None
     confined, release = threading.Event(), threading.Event()
 
     def confined_thread() -> None:
-        runner_seccomp.confine_thread(7, runners.ALLOWED_IOCTLS)
+        runner_seccomp.confine_thread(runner_seccomp.build_filter(7, runners.ALLOWED_IOCTLS))
         seen["tid"] = threading.get_native_id()
         try:
             os.open(tmp_path / "x", os.O_CREAT | os.O_WRONLY)
