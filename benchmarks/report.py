@@ -99,11 +99,21 @@ def targets(sections: dict[str, list[Row]]) -> list[Row]:
             goal["floor"], goal["floor_of"] = floor
         found.append(goal)
 
-    for row in sections.get("exits", []):
+    exit_rows = sections.get("exits", [])
+    for row in exit_rows:
         default = row.get("path", DEFAULT_PATH) == DEFAULT_PATH
         if not (default and row["plugin"] == "native" and "vs_crosvm" in row):
             continue
         ll = " low_latency" if row["low_latency"] else ""
+        without_polling = _same_setting(exit_rows, row, "c")
+        if without_polling is not None:
+            add(
+                f"native plugin {row['transport']}, {_vcpus(row['vcpus'])}, default per exit"
+                f" / poll_us 0 per exit{ll}",
+                MAX_POLL_PENALTY,
+                ratio(row["us_per_exit"]["median"], without_polling["us_per_exit"]["median"]),
+                "x",
+            )
         if row["vcpus"] == 1:
             add(
                 f"native plugin {row['transport']} per exit / crosvm reference{ll}",
@@ -192,6 +202,19 @@ def targets(sections: dict[str, list[Row]]) -> list[Row]:
     if worker_uss:
         add("USS per VCPU worker (largest)", MAX_WORKER_USS_MIB, max(worker_uss), "MiB")
     return found
+
+
+def _vcpus(count: int) -> str:
+    return f"{count} VCPU{'s' if count != 1 else ''}"
+
+
+def _same_setting(rows: list[Row], row: Row, path: str) -> Row | None:
+    """The row of (a) measured as `row` was, but along `path`."""
+    setting = ("plugin", "transport", "vcpus", "low_latency")
+    for other in rows:
+        if other.get("path") == path and all(other[k] == row[k] for k in setting):
+            return other
+    return None
 
 
 def _forward_floor(forward: Row | None) -> tuple[float, str] | None:

@@ -80,6 +80,47 @@ def test_cpu_ratios_are_taken_over_crosvm_pipes_and_over_the_same_transport() ->
     assert (socket["cpu_vs_crosvm"], socket["cpu_vs_transport"]) == (2.0, 1.6)
 
 
+def _exit_row(plugin: str, transport: str, vcpus: int, path: str, us: float) -> dict[str, object]:
+    return {
+        "plugin": plugin,
+        "transport": transport,
+        "vcpus": vcpus,
+        "low_latency": True,
+        "path": path,
+        "us_per_exit": _median(us),
+        "vs_crosvm": us / 20.0,
+    }
+
+
+def test_each_native_exit_setting_on_the_default_path_is_held_to_its_poll_us_0_row() -> None:
+    """The default path must never be slower than `poll_us = 0`: on one VCPU and on two, each
+    transport, as measured in the same interleaved runs; a setting without its `c` row (an
+    older run's two VCPUs) and the sdk plugin's rows have no such target."""
+    rows = [
+        _exit_row("native", "pipes", 2, "c+poll", 24.0),
+        _exit_row("native", "pipes", 2, "c", 30.0),
+        _exit_row("native", "socket", 2, "c+poll", 33.0),
+        _exit_row("native", "socket", 2, "c", 30.0),
+        _exit_row("native", "pipes", 1, "c+poll", 20.0),  # no `c` row
+        _exit_row("sdk", "pipes", 2, "c+poll", 60.0),
+        _exit_row("sdk", "pipes", 2, "c", 50.0),
+    ]
+    goals = {
+        g["target"]: g
+        for g in report.targets({"exits": rows})
+        if g["target"].endswith("poll_us 0 per exit low_latency")
+    }
+    pipes = goals.pop(
+        "native plugin pipes, 2 VCPUs, default per exit / poll_us 0 per exit low_latency"
+    )
+    socket = goals.pop(
+        "native plugin socket, 2 VCPUs, default per exit / poll_us 0 per exit low_latency"
+    )
+    assert goals == {}
+    assert (pipes["limit"], pipes["measured"], pipes["met"]) == (1.0, pytest.approx(0.8), True)
+    assert (socket["measured"], socket["met"]) == (pytest.approx(1.1), False)
+
+
 def _startup_rows(**medians: float) -> list[dict[str, object]]:
     return [{"plugin": name, "run_ms": _median(ms)} for name, ms in medians.items()]
 

@@ -96,8 +96,8 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
     exits = sections["exits"]
     combos = [(r["plugin"], r["transport"], r["vcpus"], r["low_latency"], r["path"]) for r in exits]
     defaults = itertools.product(("native", "sdk"), ("socket", "pipes"), (1, 2), (False, True))
-    # Every setting along the default path; the native plugin on one VCPU along every path.
-    variants = itertools.product(("native",), ("socket", "pipes"), (1,), (False, True), PATHS)
+    # Every setting along the default path; the native plugin's along every path.
+    variants = itertools.product(("native",), ("socket", "pipes"), (1, 2), (False, True), PATHS)
     expected = {(*key, "c+poll") for key in defaults} | set(variants)
     assert sorted(combos) == sorted(expected)
     for row in exits:
@@ -213,11 +213,12 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
         assert math.isfinite(row["per_added_vcpu_pss_mib"])
 
     targets = results["targets"]
-    # Along the default path: 1-VCPU exits (4), 2-VCPU exits with low latency (2), CPU per
-    # exit (4), default against poll_us 0 for each batch and transport (2, and 1 long),
-    # start-up (4, and 4 served), worker memory (1), the long batch of 4 VMs against the
-    # references (1, and 1 served). The 8-VM ratios need a full run.
-    assert len(targets) == 24, [t["target"] for t in targets]
+    # Along the default path: 1-VCPU exits (4), 2-VCPU exits with low latency (2), each
+    # native exit setting against poll_us 0 (8), CPU per exit (4), default against poll_us 0
+    # for each batch and transport (2, and 1 long), start-up (4, and 4 served), worker memory
+    # (1), the long batch of 4 VMs against the references (1, and 1 served). The 8-VM ratios
+    # need a full run.
+    assert len(targets) == 32, [t["target"] for t in targets]
     assert all(isinstance(t["measured"], float) and isinstance(t["met"], bool) for t in targets)
 
 
