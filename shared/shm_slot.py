@@ -168,6 +168,10 @@ class VcpuSlot:
         q, base = self._q, self._counters
         return {kind.name.lower(): q[base + kind] for kind in ExitKind}
 
+    def exits(self) -> int:
+        """Exits of every kind so far (the polling gate's measure of how busy the VCPU is)."""
+        return sum(self._q[self._counters : self._counters + len(ExitKind)])
+
     @property
     def runner_served(self) -> int:
         """Exits the VCPU's runner served without waking its worker (counted in `counters`

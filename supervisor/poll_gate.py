@@ -12,13 +12,24 @@ them polls, from the pressure while the VM was set up: a VM that starts on a hos
 busy does not poll at all until the host is calm.
 
 Each reading wakes the supervisor, and on a busy host that wake-up takes a CPU from the VCPUs.
-So the gate reads every `INTERVAL_S` only while the VCPUs poll; while polling is off it reads
-just twice per hold, at its end (a baseline, then the decision), and a host that stays busy
-doubles the hold, so that a VM among many on a busy host is read about once a `HOLD_MAX_S`.
+So the gate reads every `INTERVAL_S` only while the pressure lets the VCPUs poll; while it has
+polling off, it reads just twice per hold, at its end (a baseline, then the decision), and a
+host that stays busy doubles the hold, so that a VM among many on a busy host is read about once
+a `HOLD_MAX_S`.
 
-`PollPolicy` is the decision, fed readings and returning the window (no I/O, tested alone);
-`PollGate` is the shell: the file and the mailboxes; the supervisor's event loop ticks it when
-the last tick said. Without the file (a kernel without PSI) the window stays as configured.
+A VM's own busy VCPUs can be what keeps the host busy: two VCPUs that exit all the time, on two
+CPUs, are six busy threads (a runner, a worker and a plugin thread each), and their pressure
+turns polling off at every reading, after each hold's try has cost a spell of four pollers
+taking turns at two CPUs. So at each reading the gate also counts the VM's busy VCPUs (a VCPU
+is busy when its exits since the last reading, each worth a polling window, add up to
+`BUSY_SHARE` of the time between the readings or more), and while two pollers per busy VCPU
+would outnumber the supervisor's CPUs, the window is 0 without a try: the VM runs as with
+`poll_us = 0`.
+
+`PollPolicy` is the pressure's decision, fed readings and returning the window, and `BusyVcpus`
+the count's, fed exit counts (no I/O, each tested alone); `PollGate` is the shell: the file,
+the counts and the mailboxes; the supervisor's event loop ticks it when the last tick said.
+Without the file (a kernel without PSI) the window stays as configured.
 """
 
 from __future__ import annotations
@@ -32,11 +43,13 @@ from typing import Final
 from vmsuper.shared.shm_mailbox import Mailbox
 
 __all__ = [
+    "BUSY_SHARE",
     "FIRST_INTERVAL_S",
     "HOLD_MAX_S",
     "HOLD_MIN_S",
     "INTERVAL_S",
     "THRESHOLD",
+    "BusyVcpus",
     "PollGate",
     "PollPolicy",
 ]
@@ -48,6 +61,10 @@ FIRST_INTERVAL_S: Final = 0.005
 started (or that their polling makes busy) has them poll for a few milliseconds only."""
 THRESHOLD: Final = 0.5
 """Stall share above which polling stops: half the time, some task waited for a CPU."""
+BUSY_SHARE: Final = 0.5
+"""A VCPU is busy when its exits since the last reading, each worth a polling window, add up to
+this share of the time between the readings or more: its pollers would be on a CPU about that
+much of the time."""
 HOLD_MIN_S: Final = 0.05
 HOLD_MAX_S: Final = 1.6
 """How long polling stays off before it is tried again: doubled each time a try finds the host
@@ -105,6 +122,31 @@ class PollPolicy:
         return max(now + INTERVAL_S, self._off_until - INTERVAL_S)
 
 
+class BusyVcpus:
+    """Whether the VM's busy VCPUs leave a CPU for each of their pollers (a runner and a worker
+    each): fed every VCPU's count of exits so far, at each reading (see the module doc). Room
+    until a reading finds otherwise."""
+
+    def __init__(self, window_ns: int, cpus: int) -> None:
+        self.window_ns = window_ns
+        self.cpus = cpus
+        self.room = True
+        self._last: tuple[float, list[int]] | None = None
+
+    def update(self, now: float, exits: Sequence[int]) -> bool:
+        """Whether there is room after a reading of every VCPU's exits so far at `now`."""
+        last, self._last = self._last, (now, list(exits))
+        if self.window_ns == 0 or last is None or now <= last[0]:
+            return self.room
+        bar_ns = BUSY_SHARE * (now - last[0]) * 1e9
+        busy = sum(
+            (count - before) * self.window_ns >= bar_ns
+            for before, count in zip(last[1], exits, strict=True)
+        )
+        self.room = 2 * busy <= self.cpus
+        return self.room
+
+
 def read_stall_us(fd: int) -> int:
     """The "some" line's total (µs) of a /proc/pressure file open at `fd`."""
     text = os.pread(fd, 256, 0).decode("ascii", "replace")
@@ -115,18 +157,25 @@ def read_stall_us(fd: int) -> int:
 
 
 class PollGate:
-    """The VCPUs' polling windows, set from the host's CPU pressure (see the module doc)."""
+    """The VCPUs' polling windows, set from the host's CPU pressure and the VM's busy VCPUs (see
+    the module doc)."""
 
     def __init__(
         self,
         mailboxes: Sequence[Mailbox],
         window_ns: int,
         *,
+        exits: Callable[[], Sequence[int]] | None = None,
+        cpus: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         pressure_file: str = PRESSURE_FILE,
     ) -> None:
+        """`exits`: every VCPU's count of exits so far, in mailbox order (None: not counted);
+        `cpus`: how many CPUs the VCPUs' threads may run on (None: this process's)."""
         self._mailboxes = list(mailboxes)
         self.policy = PollPolicy(window_ns)
+        self.busy = BusyVcpus(window_ns, cpus if cpus is not None else len(os.sched_getaffinity(0)))
+        self._exits = exits
         self._clock = clock
         self._fd = -1
         if window_ns > 0:
@@ -151,14 +200,17 @@ class PollGate:
             self.close()  # unreadable now: keep polling as configured
             self._set(self.policy.window_ns)
             return None
-        before = self.policy.current()
         now = self._clock()
         window = self.policy.update(now, stall)
-        if window != before:
+        room = self.busy.update(now, self._exits()) if self._exits is not None else True
+        if not room:
+            window = 0
+        if window != self._window:
             self._set(window)
         return self.policy.next_reading(now)
 
     def _set(self, window_ns: int) -> None:
+        self._window = window_ns
         for mailbox in self._mailboxes:
             mailbox.poll_ns = window_ns
 

@@ -201,10 +201,15 @@ class VcpuSet:
         """Readable once a runner thread failed (`failed_runners` says which): its worker's
         next request would never be served, so the run must end."""
         self._barrier = threading.Barrier(count)
-        self.poll_gate = PollGate([region.mailbox(i) for i in range(count)], poll_ns)
-        """Sets every VCPU's polling window from the host's CPU pressure: its first reading is
-        taken at `start`, over the time since the set was made (before any VCPU polls); the
-        caller ticks it from then on, when each tick says."""
+        slots = [region.slot(i) for i in range(count)]
+        self.poll_gate = PollGate(
+            [region.mailbox(i) for i in range(count)],
+            poll_ns,
+            exits=lambda: [slot.exits() for slot in slots],
+        )
+        """Sets every VCPU's polling window from the host's CPU pressure and the VM's busy
+        VCPUs: its first reading is taken at `start`, over the time since the set was made
+        (before any VCPU polls); the caller ticks it from then on, when each tick says."""
         try:
             for i in range(count):
                 self._channels.append(_Channel(transport))

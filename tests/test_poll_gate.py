@@ -10,7 +10,7 @@ import pytest
 
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.supervisor import poll_gate
-from vmsuper.supervisor.poll_gate import HOLD_MAX_S, HOLD_MIN_S, PollGate, PollPolicy
+from vmsuper.supervisor.poll_gate import HOLD_MAX_S, HOLD_MIN_S, BusyVcpus, PollGate, PollPolicy
 
 WINDOW = 50_000
 STEP = poll_gate.INTERVAL_S
@@ -200,3 +200,51 @@ def test_the_host_s_pressure_file_reads() -> None:
         assert first >= 0 and poll_gate.read_stall_us(fd) >= first
     finally:
         os.close(fd)
+
+
+def test_two_pollers_per_busy_vcpu_must_fit_the_cpus() -> None:
+    """A VCPU is busy when its exits, each worth a window, fill half the interval or more;
+    polling needs a CPU for each busy VCPU's runner and worker."""
+    busy_exits = int(poll_gate.BUSY_SHARE * STEP * 1e9 / WINDOW) + 1  # just over the bar
+    busy = BusyVcpus(WINDOW, cpus=2)
+    assert busy.update(100.0, [0, 0])  # the first reading: a baseline, room as before
+    assert not busy.update(100.0 + STEP, [busy_exits, busy_exits])
+    assert busy.update(100.0 + 2 * STEP, [2 * busy_exits, busy_exits])  # one went quiet
+    assert busy.update(100.0 + 3 * STEP, [2 * busy_exits + busy_exits // 2, busy_exits + 5])
+    four_cpus = BusyVcpus(WINDOW, cpus=4)
+    four_cpus.update(0.0, [0, 0])
+    assert four_cpus.update(STEP, [busy_exits, busy_exits])
+    one_vcpu = BusyVcpus(WINDOW, cpus=2)
+    one_vcpu.update(0.0, [0])
+    assert one_vcpu.update(STEP, [10 * busy_exits])
+
+
+def test_the_gate_stops_polling_while_the_vm_s_busy_vcpus_fill_the_cpus(
+    region: SharedRegion, tmp_path: Path
+) -> None:
+    """However calm the host: the VM's own VCPUs would be what keeps it busy."""
+    pressure = tmp_path / "cpu"
+    _pressure(pressure, 0)
+    host = Host()
+    counts = [0, 0]
+    mailboxes = [region.mailbox(0), region.mailbox(1)]
+    gate = PollGate(
+        mailboxes,
+        WINDOW,
+        exits=lambda: counts,
+        cpus=2,
+        clock=lambda: host.now,
+        pressure_file=str(pressure),
+    )
+    busy_exits = int(poll_gate.BUSY_SHARE * STEP * 1e9 / WINDOW) + 1
+    try:
+        for step, (first, second, window) in enumerate(
+            [(1, 1, 0), (1, 0, WINDOW), (1, 1, 0)], start=1
+        ):
+            host.advance(0.1)
+            _pressure(pressure, host.stall_us)
+            counts = [counts[0] + first * busy_exits, counts[1] + second * busy_exits]
+            assert gate.tick() == pytest.approx(host.now + STEP), step  # read on, no hold
+            assert [m.poll_ns for m in mailboxes] == [window, window], step
+    finally:
+        gate.close()
