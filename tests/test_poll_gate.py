@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from vmsuper.shared.shm import SharedRegion
+from vmsuper.shared.shm_mailbox import Mailbox
 from vmsuper.supervisor import poll_gate
 from vmsuper.supervisor.poll_gate import HOLD_MAX_S, HOLD_MIN_S, BusyVcpus, PollGate, PollPolicy
 
@@ -154,14 +156,24 @@ def _pressure(path: Path, total: int) -> None:
     )
 
 
+def _gate(
+    region: SharedRegion, pressure: Path, host: Host, **kwargs: Any
+) -> tuple[PollGate, list[Mailbox]]:
+    """A gate over two VCPUs' mailboxes, reading `pressure` (calm so far) at `host`'s clock."""
+    _pressure(pressure, host.stall_us)
+    mailboxes = [region.mailbox(0), region.mailbox(1)]
+    gate = PollGate(
+        mailboxes, WINDOW, clock=lambda: host.now, pressure_file=str(pressure), **kwargs
+    )
+    return gate, mailboxes
+
+
 def test_the_gate_writes_every_vcpu_s_window_from_the_file(
     region: SharedRegion, tmp_path: Path
 ) -> None:
     pressure = tmp_path / "cpu"
-    _pressure(pressure, 0)
     host = Host()
-    mailboxes = [region.mailbox(0), region.mailbox(1)]
-    gate = PollGate(mailboxes, WINDOW, clock=lambda: host.now, pressure_file=str(pressure))
+    gate, mailboxes = _gate(region, pressure, host)
     try:
         assert gate.active  # and its first reading, a baseline, is taken
         assert [m.poll_ns for m in mailboxes] == [WINDOW, WINDOW]
@@ -224,18 +236,9 @@ def test_the_gate_stops_polling_while_the_vm_s_busy_vcpus_fill_the_cpus(
 ) -> None:
     """However calm the host: the VM's own VCPUs would be what keeps it busy."""
     pressure = tmp_path / "cpu"
-    _pressure(pressure, 0)
     host = Host()
     counts = [0, 0]
-    mailboxes = [region.mailbox(0), region.mailbox(1)]
-    gate = PollGate(
-        mailboxes,
-        WINDOW,
-        exits=lambda: counts,
-        cpus=2,
-        clock=lambda: host.now,
-        pressure_file=str(pressure),
-    )
+    gate, mailboxes = _gate(region, pressure, host, exits=lambda: counts, cpus=2)
     busy_exits = int(poll_gate.BUSY_SHARE * STEP * 1e9 / WINDOW) + 1
     try:
         for step, (first, second, window) in enumerate(
