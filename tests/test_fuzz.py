@@ -227,7 +227,7 @@ FLOOD = """
 import collections
 sys.path.insert(0, sys.argv[1])
 from google.protobuf.message import DecodeError
-from fuzz.fds import fd_count, fd_spec, fd_specs, memfd_mappings, opened_fds
+from fuzz.fds import fd_kinds, fd_spec, fd_specs, memfd_mappings, opened_fds
 from fuzz.hostile import RandomChooser, VCPU_CASES, main_request, mutate, pick, vcpu_request
 
 ch = RandomChooser(int(sys.argv[2]))
@@ -368,7 +368,7 @@ try:
         MEASURED = f.read().split("\\0")[1:3] == ["-m", "vmsuper"]
 except OSError:
     MEASURED = False  # sandboxed: the supervisor is not in this pid namespace
-before = [fd_count(SUPERVISOR), memfd_mappings(SUPERVISOR)] if MEASURED else None
+before = [fd_kinds(SUPERVISOR), memfd_mappings(SUPERVISOR)] if MEASURED else None
 spare, live = [], set()
 for i in range(ROUNDS):
     if i in (ROUNDS // 3, 2 * ROUNDS // 3):
@@ -389,7 +389,7 @@ for _ in range(2):
     response, _ = call(req(check_extension=pb.MainRequest.CheckExtension(extension=0)))
 RESULTS.update(
     answers=response.check_extension.has_extension, stats=STATS, problems=PROBLEMS,
-    before=before, after=[fd_count(SUPERVISOR), memfd_mappings(SUPERVISOR)] if MEASURED else None,
+    before=before, after=[fd_kinds(SUPERVISOR), memfd_mappings(SUPERVISOR)] if MEASURED else None,
 )
 report()
 """

@@ -400,6 +400,33 @@ def test_vcpus_poll_from_the_start_only_if_the_host_was_calm_while_the_vm_was_se
         machine.close()
 
 
+def test_naming_a_thread_opens_no_file() -> None:
+    """A runner names itself while the plugin may be counting the supervisor's fds: no fd may
+    come and go. With no fd left to open, the name must still be set."""
+    script = textwrap.dedent(
+        """
+        import os, resource, threading
+        from vmsuper.shared import task_names
+
+        def named():
+            free = os.dup(0)
+            os.close(free)
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (free, hard))  # no fd can be opened
+            task_names.name_this_thread("vcpu7-runner")
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            with open("/proc/thread-self/comm") as comm:
+                print(comm.read().strip())
+
+        thread = threading.Thread(target=named)
+        thread.start()
+        thread.join()
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "vcpu7-runner", out.stderr
+
+
 def test_task_names_fit_the_kernel() -> None:
     for vcpu in (0, 9, 255, 999):
         assert len(task_names.runner_name(vcpu)) <= task_names.MAX_NAME

@@ -152,6 +152,20 @@ def fd_count(pid: int | str = "self") -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_kinds(pid: int | str = "self") -> list[str]:
+    """What each of a process's fds is, sorted, with inode numbers left out ("socket",
+    "anon_inode:[eventfd]", "/dev/kvm"): an fd opened and another closed shows, where a
+    count would not, and a failure names what differs."""
+    kinds = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue  # closed while listed
+        kinds.append(target.split(":[")[0] if target[:5] in ("socke", "pipe:") else target)
+    return sorted(kinds)
+
+
 def memfd_mappings(pid: int | str = "self") -> int:
     """Mappings of memfds in a process (guest memory the supervisor mapped)."""
     with open(f"/proc/{pid}/maps") as maps:
