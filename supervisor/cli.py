@@ -7,8 +7,9 @@ before the runner takes over.
 
 Start-up time counts (it is on the way to the plugin's first request), so each command
 imports only what it uses: `check` and `logs` are handed their arguments before the main
-parser is built; `run` loads the config and hands it to supervisor/launch.py, which starts
-the plugin and only then imports the runner.
+parser is built; only `run` imports the config's modules (msgspec's among them: `--version`,
+`--help`, `logs`, `stats` and `top` would wait on them for nothing), loads the config and hands
+it to supervisor/launch.py, which starts the plugin and only then imports the runner.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn, cast
+from typing import TYPE_CHECKING, NoReturn, cast
 
 from vmsuper import __version__
-from vmsuper.supervisor.config import MAX_VCPUS, Config, ConfigError, load_config
+from vmsuper.workers.limits import MAX_VCPUS
+
+if TYPE_CHECKING:
+    from vmsuper.supervisor.config import Config
 
 USAGE_ERROR = 2
 INTERNAL_ERROR = 125
@@ -180,6 +184,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Here, not at the top: the config's modules (msgspec among them) are a run's alone.
+    from vmsuper.supervisor.config import ConfigError, load_config
+
     try:
         config = load_config(args.config, overrides=overrides_from_args(args))
     except ConfigError as exc:
@@ -188,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         # The plugin is started first; the runner's imports overlap its start (launch.py).
         launch = importlib.import_module("vmsuper.supervisor.launch")
-        run = cast(Callable[[Config, Path], int], launch.run)
+        run = cast("Callable[[Config, Path], int]", launch.run)
         return run(config, args.config)
     except Exception as exc:  # the runner handles its own; this is the last line of defence
         print(f"vmsuper: internal error: {exc!r} (exit status {INTERNAL_ERROR})", file=sys.stderr)

@@ -41,13 +41,11 @@ import msgspec
 
 from vmsuper.supervisor import config_shape
 from vmsuper.supervisor.which import which
-from vmsuper.workers.limits import Limits
+from vmsuper.workers.limits import MAX_VCPUS, Limits
 
-MAX_VCPUS = 64
 DEFAULT_POLL_US = 50
 MAX_POLL_US = 10_000
 DEFAULT_STALL_WARNING = 5.0
-"""PauseVcpus carries a 64-bit mask, so no VCPU may have an index above 63."""
 
 Transport = Literal["socket", "pipes"]
 LogLevel = Literal["debug", "info", "warning", "error"]

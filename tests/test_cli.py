@@ -272,6 +272,30 @@ def test_the_cli_imports_only_what_its_command_needs() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--version"],
+        ["--help"],
+        ["run", "--help"],
+        ["logs", "--help"],
+        ["stats"],
+        ["top", "--help"],
+    ],
+)
+def test_commands_other_than_run_do_not_import_the_config(argv: list[str]) -> None:
+    """The config's modules (msgspec with typing_extensions and inspect) cost a run's start
+    about 40 ms; a command that reads no config must not pay it."""
+    _finds_none(
+        "import contextlib, io, os, sys\n"
+        "os.environ['VMSUPER_RUNTIME_DIR'] = '/nonexistent/vmsuper-runtime'\n"
+        "from vmsuper.supervisor import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        f"    cli.main({argv!r})\n"
+        "print([m for m in ('msgspec', 'vmsuper.supervisor.config') if m in sys.modules])"
+    )
+
+
 # What `vmsuper run` must not import before it knows whether `vmsuper serve` takes the run:
 # anything a served run would not need here (supervisor/serve_client.py).
 NOT_IMPORTED_BEFORE_THE_HAND_OVER = (

@@ -6,7 +6,10 @@ and can be set in the config's [limits] table.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Final, NamedTuple
+
+MAX_VCPUS: Final = 64
+"""PauseVcpus carries a 64-bit mask, so no VCPU may have an index above 63."""
 
 
 class Limits(NamedTuple):
