@@ -18,9 +18,9 @@
  * worker that said it sleeps in the read of its plugin's channel gets VMS_WAKE_SIGNAL
  * instead: see read_cancel); waiting polls the number for up to a window (the mailbox's
  * poll_ns, which the supervisor sets from the host's CPU pressure: supervisor/poll_gate.py),
- * then says it sleeps, checks once more and blocks on the eventfd. Both sides use sequentially consistent operations between their
- * store and load, so one of them always sees the other (no lost wake-up); a stale eventfd
- * count only causes one extra check.
+ * then says it sleeps, checks once more and blocks on the eventfd. Both sides use sequentially
+ * consistent operations between their store and load, so one of them always sees the other (no
+ * lost wake-up); a stale eventfd count only causes one extra check.
  */
 #define _GNU_SOURCE
 #include <errno.h>
