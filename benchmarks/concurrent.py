@@ -2,12 +2,13 @@
 
 Users run vmsuper as parallel test suites do: more busy VMs than cores. Each batch starts K
 runs of the native plugin's exit loop at the same moment (threads, one `vmsuper run` each)
-and waits for all of them; the C reference runs the same way in three modes: `pipe` (crosvm's
+and waits for all of them; the C reference runs the same way in four modes: `pipe` (crosvm's
 architecture: a VCPU thread and a plugin process over pipes), and `relay` and `forward`, the
 floor in C of vmsuper's process layout (a VCPU thread, a worker process, the plugin process)
 with four wake-ups per exit (every exit through the worker) and three (the VCPU thread writes
 the exit to the plugin and the worker reads the reply, as vmsuper's runner and worker serve a
-plain exit). Batches of every kind are interleaved, so drifts of the
+plain exit), and `forward_socket`, the same over a socket pair (vmsuper's socket transport).
+Batches of every kind are interleaved, so drifts of the
 machine's speed hit them alike. K is 1, 2, 4 and 8, with 4 N exits each; one long batch of 4
 VMs with 20 N exits each (pipes) weighs each run's start-up less.
 
@@ -20,8 +21,9 @@ vmsuper runs along its default path and with `poll_us = 0`, because polling, whi
 on an idle machine, is what could hurt when no core is free.
 
 Every row but the `pipe` reference's gets its medians over `pipe`'s with as many VMs
-(`*_vs_reference`); vmsuper's rows also over `forward`'s (`*_vs_forward`): how far vmsuper is
-from the floor of its own layout.
+(`*_vs_reference`); vmsuper's rows also over the `forward` of their transport's
+(`*_vs_forward`: `forward_socket` for the socket rows): how far vmsuper is from the floor of
+its own layout.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ LONG_VMS: Final = 4
 LONG_EXITS_FACTOR: Final = 20
 CONCURRENT_PATHS: Final = (DEFAULT_PATH, "c")
 # The C reference's modes, each a row (its `path`); `pipe` is the one every row is compared with.
-REFERENCE_MODES: Final = ("pipe", "relay", "forward")
+REFERENCE_MODES: Final = ("pipe", "relay", "forward", "forward_socket")
+# The `forward` reference of each transport: the floor of vmsuper's layout over it.
+FORWARD_MODE: Final = {"pipes": "forward", "socket": "forward_socket"}
 
 
 def children_cpu_s() -> float:
@@ -101,7 +105,8 @@ def keys(bench: Bench) -> list[dict[str, Any]]:
             found.append({"what": "vmsuper", **short, "transport": transport, "path": path})
         found.append({"what": SERVED, **short, "transport": "pipes", "path": DEFAULT_PATH})
         for mode in REFERENCE_MODES:
-            found.append({"what": "reference", **short, "transport": "pipes", "path": mode})
+            transport = "socket" if mode == FORWARD_MODE["socket"] else "pipes"
+            found.append({"what": "reference", **short, "transport": transport, "path": mode})
     long = {"vms": LONG_VMS, "length": "long", "transport": "pipes"}
     for path in CONCURRENT_PATHS:
         found.append({"what": "vmsuper", **long, "path": path})
@@ -172,13 +177,13 @@ def references_by_batch(rows: list[dict[str, Any]]) -> dict[tuple[int, int, str]
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Wall and CPU time (medians) over the reference's with as many VMs and exits: every
-    other row's over `pipe`'s (`*_vs_reference`), vmsuper's also over `forward`'s
-    (`*_vs_forward`)."""
+    other row's over `pipe`'s (`*_vs_reference`), vmsuper's also over the `forward` of its
+    transport (`*_vs_forward`)."""
     references = references_by_batch(rows)
     for row in rows:
         compared = [("pipe", "reference")]
         if row["what"] in ("vmsuper", SERVED):
-            compared.append(("forward", "forward"))
+            compared.append((FORWARD_MODE[row["transport"]], "forward"))
         for mode, name in compared:
             ref = references.get((row["vms"], row["exits_each"], mode))
             if ref is None or ref is row:

@@ -24,7 +24,7 @@ from .stats import summarize
 from .vmrun import RunError, run_command, run_vm
 
 VCPU_COUNTS = (1, 2)
-REFERENCE_MODES = ("inline", "pipe", "socket", "relay", "forward")
+REFERENCE_MODES = ("inline", "pipe", "socket", "relay", "forward", "forward_socket")
 ASYNC_FACTOR = 2  # async and ioeventfd writes are cheaper: run more of them per measurement
 # The plugin whose rows of (a) are measured along every exit path (see PATHS), not only the
 # default one.

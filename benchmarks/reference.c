@@ -20,6 +20,10 @@
  *           to the plugin's pipe itself, and the worker process reads the plugin's reply and
  *           rings an eventfd to let the VCPU thread re-enter. The worker still reads every
  *           byte the plugin sends; the VCPU's process only writes to the plugin.
+ *   forward_socket
+ *           forward over one SOCK_SEQPACKET socket pair per VCPU, as vmsuper's socket
+ *           transport serves a plain exit: the VCPU thread sends on the socket, the worker
+ *           process receives the replies on its copy of the same end.
  *
  * The VM is built as vmsuper builds it (TSS address, in-kernel irqchip, PIT), with 64 KiB of
  * memory at 0 and GUEST_BIN loaded at 0x1000, every VCPU in real mode at 0x1000 (application
@@ -48,8 +52,9 @@
 #define TSS_ADDRESS 0xfffbd000
 #define MAX_VCPUS 64
 
-enum mode { INLINE, PIPE, SOCKET, RELAY, FORWARD };
-static const char *const mode_names[] = {"inline", "pipe", "socket", "relay", "forward"};
+enum mode { INLINE, PIPE, SOCKET, RELAY, FORWARD, FORWARD_SOCKET };
+static const char *const mode_names[] = {"inline", "pipe",    "socket",
+                                         "relay",  "forward", "forward_socket"};
 
 #define STOP_WORKER (1ULL << 32) /* rung on exit_ready: the worker thread ends */
 
@@ -95,9 +100,19 @@ static enum mode mode;
 static unsigned start_port, loop_port, done_port;
 static struct vcpu vcpus[MAX_VCPUS];
 
-/* relay and forward: a worker process stands between the VCPU threads and the plugin. */
+/* forward and forward_socket: the VCPU thread writes, the worker process reads the reply. */
+static int forwards(void) {
+    return mode == FORWARD || mode == FORWARD_SOCKET;
+}
+
+/* relay and the forwards: a worker process stands between the VCPU threads and the plugin. */
 static int has_worker(void) {
-    return mode == RELAY || mode == FORWARD;
+    return mode == RELAY || forwards();
+}
+
+/* One socket per VCPU, one fd for both directions, instead of two pipes. */
+static int uses_socket(void) {
+    return mode == SOCKET || mode == FORWARD_SOCKET;
 }
 
 static void ask_plugin(struct vcpu *v, const struct exit_message *m) {
@@ -123,7 +138,7 @@ static void hand_off(struct vcpu *v) {
         .is_write = v->run->io.direction == KVM_EXIT_IO_OUT,
         .sequence = v->exits,
     };
-    if (mode == FORWARD) {
+    if (forwards()) {
         if (write(v->to_plugin, &m, sizeof m) != sizeof m)
             die("write to the plugin: %s", strerror(errno));
         if (read(v->resume, &value, sizeof value) != sizeof value)
@@ -168,7 +183,9 @@ static void *forward_serve(void *arg) {
 
 static void worker_main(int count) {
     for (int i = 0; i < count; i++) {
-        close(vcpus[i].plugin_in), close(vcpus[i].plugin_out);
+        close(vcpus[i].plugin_in);
+        if (!uses_socket())
+            close(vcpus[i].plugin_out);
         if (mode == FORWARD) /* the VCPU thread's end: the plugin must see it close */
             close(vcpus[i].to_plugin);
     }
@@ -224,7 +241,7 @@ static void *plugin_serve(void *arg) {
 static void plugin_main(int count) {
     for (int i = 0; i < count; i++) {
         close(vcpus[i].to_plugin);
-        if (mode != SOCKET) /* a socket is one fd for both directions */
+        if (!uses_socket()) /* a socket is one fd for both directions */
             close(vcpus[i].from_plugin);
         if (has_worker())
             close(vcpus[i].resume);
@@ -249,7 +266,7 @@ static int new_eventfd(void) {
 static void make_channel(struct vcpu *v) {
     v->exit_ready = mode == RELAY ? new_eventfd() : -1;
     v->resume = has_worker() ? new_eventfd() : -1;
-    if (mode != SOCKET) {
+    if (!uses_socket()) {
         int req[2], resp[2];
         if (pipe2(req, O_CLOEXEC) < 0 || pipe2(resp, O_CLOEXEC) < 0)
             die("pipe: %s", strerror(errno));
@@ -296,8 +313,8 @@ static unsigned parse_uint(const char *text, const char *what) {
 
 int main(int argc, char **argv) {
     if (argc != 8)
-        die("usage: reference inline|pipe|socket|relay|forward VCPUS EXITS GUEST_BIN START LOOP"
-            " DONE");
+        die("usage: reference inline|pipe|socket|relay|forward|forward_socket VCPUS EXITS"
+            " GUEST_BIN START LOOP DONE");
     int m = -1;
     for (int i = 0; i < (int)(sizeof mode_names / sizeof mode_names[0]); i++)
         if (strcmp(argv[1], mode_names[i]) == 0)
@@ -373,7 +390,7 @@ int main(int argc, char **argv) {
         }
         for (int i = 0; i < count; i++) {
             close(vcpus[i].plugin_in);
-            if (mode != SOCKET)
+            if (!uses_socket())
                 close(vcpus[i].plugin_out);
             if (mode == RELAY) /* the worker's end of the plugin channel */
                 close(vcpus[i].to_plugin), close(vcpus[i].from_plugin);
@@ -388,14 +405,17 @@ int main(int argc, char **argv) {
     for (int i = 0; i < count; i++)
         pthread_join(vcpus[i].thread, NULL);
     /* relay: the worker ends when told, then the plugin at the end of its channels. The other
-     * modes close the VCPU side of the channels: the plugin ends, and (forward) the worker at
-     * the end of the plugin's replies. */
+     * modes close the VCPU side of the channels: the plugin ends, and (the forwards) the worker
+     * at the end of the plugin's replies. forward_socket's worker holds the same socket end,
+     * so that end is shut for writing first: the plugin sees its end of file. */
     for (int i = 0; i < count && mode == RELAY; i++) {
         uint64_t stop = STOP_WORKER;
         if (write(vcpus[i].exit_ready, &stop, sizeof stop) != sizeof stop)
             die("stopping the worker: %s", strerror(errno));
     }
     for (int i = 0; i < count && plugin > 0 && mode != RELAY; i++) {
+        if (mode == FORWARD_SOCKET && shutdown(vcpus[i].to_plugin, SHUT_WR) < 0)
+            die("shutdown: %s", strerror(errno));
         close(vcpus[i].to_plugin);
         if (mode == PIPE)
             close(vcpus[i].from_plugin);

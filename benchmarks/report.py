@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from .concurrent import references_by_batch
+from .concurrent import FORWARD_MODE, references_by_batch
 from .context import DEFAULT_PATH
 from .served import NATIVE_SERVED, SERVED, TRIVIAL_SERVED
 from .stats import ratio
@@ -32,7 +32,10 @@ MAX_WORKER_USS_MIB: Final = 12.0
 # run below `forward`.) A run started from the command line cannot ask its plugin anything
 # before the interpreter has started and made the imports that come before the plugin's spawn;
 # nor end before it has made all of its imports and the kernel has released the VM.
-FORWARD_FLOOR: Final = "the forward layout in C"
+FORWARD_FLOOR: Final = {
+    "pipes": "the forward layout in C",
+    "socket": "the forward layout in C, over sockets",
+}
 FIRST_REQUEST_FLOOR: Final = (
     ("python: bare interpreter", "the interpreter"),
     ("python: imports before the plugin's spawn", "the imports before the spawn"),
@@ -45,18 +48,23 @@ TRIVIAL_RUN_FLOOR: Final = (
 
 
 def add_ratios(exit_rows: list[Row], reference_rows: list[Row]) -> None:
-    """Put vmsuper's per-exit time over the reference's beside each exit figure (medians)."""
+    """Put vmsuper's per-exit time over the reference's beside each exit figure (medians);
+    `vs_forward` is over the `forward` reference of the row's transport."""
+    name = {
+        "pipe": "vs_crosvm",
+        "socket": "vs_crosvm_socket",
+        "relay": "vs_relay",
+        "forward": "vs_forward",
+        "forward_socket": "vs_forward",
+        "inline": "vs_floor",
+    }
     for row in exit_rows:
+        forward = FORWARD_MODE[row["transport"]]
         for ref in reference_rows:
             if (ref["vcpus"], ref["low_latency"]) != (row["vcpus"], row["low_latency"]):
                 continue
-            name = {
-                "pipe": "vs_crosvm",
-                "socket": "vs_crosvm_socket",
-                "relay": "vs_relay",
-                "forward": "vs_forward",
-                "inline": "vs_floor",
-            }
+            if ref["mode"] in FORWARD_MODE.values() and ref["mode"] != forward:
+                continue
             row[name[ref["mode"]]] = ratio(
                 row["us_per_exit"]["median"], ref["us_per_exit"]["median"]
             )
@@ -153,7 +161,7 @@ def targets(sections: dict[str, list[Row]]) -> list[Row]:
                 limit,
                 row.get("wall_vs_reference"),
                 "x",
-                _forward_floor(references.get((row["vms"], row["exits_each"], "forward"))),
+                _forward_floor(row, references),
             )
         if served:
             continue
@@ -217,11 +225,16 @@ def _same_setting(rows: list[Row], row: Row, path: str) -> Row | None:
     return None
 
 
-def _forward_floor(forward: Row | None) -> tuple[float, str] | None:
-    """The `forward` reference's batch over `pipe`'s, as the floor of a batch of its size."""
+def _forward_floor(
+    row: Row, references: dict[tuple[int, int, str], Row]
+) -> tuple[float, str] | None:
+    """The batch of the `forward` reference of `row`'s transport over `pipe`'s batch, with as
+    many VMs and exits: the floor of `row`'s batch."""
+    transport = row["transport"]
+    forward = references.get((row["vms"], row["exits_each"], FORWARD_MODE[transport]))
     if forward is None or forward.get("wall_vs_reference") is None:
         return None
-    return forward["wall_vs_reference"], FORWARD_FLOOR
+    return forward["wall_vs_reference"], FORWARD_FLOOR[transport]
 
 
 def _startup_floor(
@@ -410,12 +423,13 @@ TITLES: Final = {
     "exits": (
         "a. Exit round trips through vmsuper (per exit: median [min-max] of the runs;"
         " path: c+poll = the defaults, c = poll_us 0, python = every exit in Python, before the"
-        " exit engine)"
+        " exit engine; x forward = over the forward reference of the row's transport)"
     ),
     "reference": (
         "b. C reference, same VM and guest (inline = floor, pipe = crosvm's architecture,"
         " relay = vmsuper's process layout with every exit through the worker, forward = the"
-        " same as vmsuper serves a plain exit: one hand-off less)"
+        " same as vmsuper serves a plain exit: one hand-off less; forward_socket = forward over"
+        " a socket pair)"
     ),
     "async": "c. Async-write exits (1 VCPU; the plugin only drains)",
     "ioeventfd": "c. ioeventfd writes (in-kernel, no exit)",
@@ -424,8 +438,9 @@ TITLES: Final = {
     "memory": "e. Memory while the VM runs and the plugin waits",
     "concurrent": (
         "f. K one-VCPU VMs at once against K C references (pipe = crosvm's architecture; relay,"
-        " forward = the floor of vmsuper's process layout, forward as vmsuper serves plain exits);"
-        " wall and CPU of each batch, start-up included; x ref = over pipe"
+        " forward = the floor of vmsuper's process layout, forward as vmsuper serves plain exits;"
+        " forward_socket = forward over a socket pair); wall and CPU of each batch, start-up"
+        " included; x ref = over pipe; x forward = over the forward of the row's transport"
     ),
     "placement": (
         "f2. Runner threads and workers pinned by hand (native plugin, pipes, default path; per"

@@ -107,7 +107,7 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
         for ratio in ("vs_crosvm", "vs_crosvm_socket", "vs_relay", "vs_forward", "vs_floor"):
             assert isinstance(row[ratio], float) and row[ratio] > 0, (ratio, row)
     modes = {(r["mode"], r["low_latency"]) for r in sections["reference"]}
-    all_modes = ("inline", "pipe", "socket", "relay", "forward")
+    all_modes = ("inline", "pipe", "socket", "relay", "forward", "forward_socket")
     assert modes == set(itertools.product(all_modes, (False, True)))
 
     cpu = [(r["transport"], r["low_latency"], r["path"]) for r in sections["cpu"]]
@@ -127,6 +127,7 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
         *itertools.product(("vmsuper",), (2,), ("socket", "pipes"), ("c+poll", "c")),
         ("vmsuper, served", 2, "pipes", "c+poll"),
         *itertools.product(("reference",), (2,), ("pipes",), ("pipe", "relay", "forward")),
+        ("reference", 2, "socket", "forward_socket"),
         *itertools.product(("vmsuper",), (4,), ("pipes",), ("c+poll", "c")),
         ("vmsuper, served", 4, "pipes", "c+poll"),
         *itertools.product(("reference",), (4,), ("pipes",), ("pipe", "forward")),

@@ -22,9 +22,16 @@ def summary(value: float) -> dict[str, Any]:
 
 
 def row(
-    what: str, path: str, wall: float, cpu: float, vms: int = 4, length: str = "short"
+    what: str,
+    path: str,
+    wall: float,
+    cpu: float,
+    vms: int = 4,
+    length: str = "short",
+    transport: str | None = None,
 ) -> dict[str, Any]:
-    transport = "pipes" if what == "reference" else "socket"
+    if transport is None:
+        transport = "socket" if path in ("c+poll", "c", "forward_socket") else "pipes"
     exits = 20000 if length == "short" else 100000
     return {
         "what": what,
@@ -54,6 +61,7 @@ def test_every_vm_count_runs_vmsuper_and_each_reference_mode(tmp_path: Path) -> 
             ("reference", "pipes", "pipe"),
             ("reference", "pipes", "relay"),
             ("reference", "pipes", "forward"),
+            ("reference", "socket", "forward_socket"),
         ]
     # One long batch of 4 VMs: vmsuper along both paths and served, against pipe and forward.
     long = [(k["what"], k["vms"], k["path"]) for k in keys if k["length"] == "long"]
@@ -67,26 +75,32 @@ def test_every_vm_count_runs_vmsuper_and_each_reference_mode(tmp_path: Path) -> 
     assert {concurrent.exits_each(bench, k) for k in keys} == {4, 20}  # N = 1
 
 
-def test_rows_are_compared_with_pipe_and_vmsuper_also_with_forward() -> None:
+def test_rows_are_compared_with_pipe_and_vmsuper_also_with_its_transport_s_forward() -> None:
     rows = [
         row("vmsuper", "c+poll", 2.0, 4.0),
+        row("vmsuper", "c+poll", 2.4, 4.0, transport="pipes"),
         row("reference", "pipe", 1.0, 2.0),
         row("reference", "relay", 1.6, 3.2),
         row("reference", "forward", 1.2, 2.5),
-        row(concurrent.SERVED, "c+poll", 1.5, 3.0),
+        row("reference", "forward_socket", 1.6, 3.2),
+        row(concurrent.SERVED, "c+poll", 1.5, 3.0, transport="pipes"),
     ]
     concurrent.add_ratios(rows)
-    ours, pipe, relay, forward, served = rows
+    ours, ours_pipes, pipe, relay, forward, forward_socket, served = rows
     assert served["wall_vs_reference"] == pytest.approx(1.5)
     assert served["wall_vs_forward"] == pytest.approx(1.25)
     assert ours["wall_vs_reference"] == pytest.approx(2.0)
     assert ours["cpu_vs_reference"] == pytest.approx(2.0)
-    assert ours["wall_vs_forward"] == pytest.approx(2.0 / 1.2)
-    assert ours["cpu_vs_forward"] == pytest.approx(1.6)
+    assert ours["wall_vs_forward"] == pytest.approx(2.0 / 1.6)  # the socket rows: forward_socket
+    assert ours["cpu_vs_forward"] == pytest.approx(4.0 / 3.2)
+    assert ours_pipes["wall_vs_forward"] == pytest.approx(2.0)  # the pipes rows: forward
+    assert ours_pipes["cpu_vs_forward"] == pytest.approx(1.6)
     assert relay["wall_vs_reference"] == pytest.approx(1.6)
     assert forward["cpu_vs_reference"] == pytest.approx(1.25)
+    assert forward_socket["wall_vs_reference"] == pytest.approx(1.6)
     assert not {"wall_vs_reference", "wall_vs_forward"} & pipe.keys()
-    assert not {"wall_vs_forward", "cpu_vs_forward"} & (relay.keys() | forward.keys())
+    references = relay.keys() | forward.keys() | forward_socket.keys()
+    assert not {"wall_vs_forward", "cpu_vs_forward"} & references
 
 
 def test_without_forward_rows_only_the_pipe_ratios_are_added() -> None:
@@ -112,26 +126,35 @@ def test_only_vmsuper_rows_of_the_goals_batches_are_held_to_the_concurrent_targe
     }
 
 
-def test_a_batch_target_s_floor_is_the_forward_reference_s_batch_of_the_same_size() -> None:
-    """The floor of a batch target is forward's wall over pipe's, with as many VMs and exits;
-    above the limit it makes the target out of reach, below it the target is merely missed."""
+def test_a_batch_target_s_floor_is_its_transport_s_forward_batch_of_the_same_size() -> None:
+    """The floor of a batch target is the wall of its transport's forward reference over pipe's,
+    with as many VMs and exits; above the limit it makes the target out of reach, below it the
+    target is merely missed."""
     rows = [
-        row("vmsuper", "c+poll", 3.0, 4.0, 4, "long"),
+        row("vmsuper", "c+poll", 3.0, 4.0, 4, "long", transport="pipes"),
         row("reference", "pipe", 1.0, 2.0, 4, "long"),
         row("reference", "forward", 1.6, 3.0, 4, "long"),
+        row("vmsuper", "c+poll", 3.0, 4.0, 8, transport="pipes"),
         row("vmsuper", "c+poll", 3.0, 4.0, 8),
         row("reference", "pipe", 1.0, 2.0, 8),
         row("reference", "forward", 1.25, 3.0, 8),
+        row("reference", "forward_socket", 1.5, 3.0, 8),
         row("reference", "forward", 9.0, 9.0, 8, "long"),  # other exits: not this floor
     ]
     concurrent.add_ratios(rows)
     goals = {g["target"]: g for g in report.targets({"concurrent": rows})}
-    long = goals["4 VMs x 100,000 exits at once, socket, wall / 4 references"]
-    short = goals["8 VMs x 20,000 exits at once, socket, wall / 8 references"]
-    assert (long["floor"], long["floor_of"]) == (pytest.approx(1.6), report.FORWARD_FLOOR)
+    long = goals["4 VMs x 100,000 exits at once, pipes, wall / 4 references"]
+    short = goals["8 VMs x 20,000 exits at once, pipes, wall / 8 references"]
+    socket = goals["8 VMs x 20,000 exits at once, socket, wall / 8 references"]
+    pipes_floor = report.FORWARD_FLOOR["pipes"]
+    assert (long["floor"], long["floor_of"]) == (pytest.approx(1.6), pipes_floor)
     assert report.verdict(long) == "missed (floor above the limit)"
-    assert short["floor"] == pytest.approx(1.25)
+    assert (short["floor"], short["floor_of"]) == (pytest.approx(1.25), pipes_floor)
     assert report.verdict(short) == "missed"
+    assert (socket["floor"], socket["floor_of"]) == (
+        pytest.approx(1.5),
+        report.FORWARD_FLOOR["socket"],
+    )
 
 
 def test_a_batch_target_without_a_forward_batch_has_no_floor() -> None:
@@ -159,7 +182,10 @@ def cells(line: str) -> list[str]:
 def test_the_table_shows_the_new_columns_empty_for_older_results() -> None:
     """Results from before the relay and forward rows render, with `-` in the new columns."""
     old = [row("vmsuper", "c+poll", 2.0, 4.0), row("reference", "pipe", 1.0, 2.0)]
-    new = [row("vmsuper", "c+poll", 2.0, 4.0, vms=8), row("reference", "pipe", 1.0, 2.0, vms=8)]
+    new = [
+        row("vmsuper", "c+poll", 2.0, 4.0, vms=8, transport="pipes"),
+        row("reference", "pipe", 1.0, 2.0, vms=8),
+    ]
     new += [row("reference", "relay", 1.6, 3.2, vms=8), row("reference", "forward", 1.2, 2.4, 8)]
     concurrent.add_ratios(old)
     concurrent.add_ratios(new)
