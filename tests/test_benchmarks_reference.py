@@ -18,7 +18,7 @@ from benchmarks.build import build
 from benchmarks.vmrun import run_command
 
 LOOP_EXITS = 200
-MODES = ("inline", "pipe", "socket", "relay", "forward")
+MODES = ("inline", "pipe", "socket", "relay", "forward", "forward_socket")
 
 
 def reference_argv(mode: str, vcpus: int | str, folder: Path) -> list[str]:
@@ -34,7 +34,7 @@ def reference_argv(mode: str, vcpus: int | str, folder: Path) -> list[str]:
 
 def test_the_harness_runs_every_mode() -> None:
     assert set(exits.REFERENCE_MODES) == set(MODES)
-    assert set(concurrent.REFERENCE_MODES) == {"pipe", "relay", "forward"}
+    assert set(concurrent.REFERENCE_MODES) == {"pipe", "relay", "forward", "forward_socket"}
 
 
 @pytest.mark.kvm
@@ -55,7 +55,10 @@ def test_bad_arguments_are_refused_by_name(tmp_path: Path) -> None:
     cases = {
         "unknown mode hop": reference_argv("hop", 1, tmp_path),
         "VCPUS must be 1..64": reference_argv("forward", 0, tmp_path),
-        "usage: reference inline|pipe|socket|relay|forward": [str(build("reference")), "forward"],
+        "usage: reference inline|pipe|socket|relay|forward|forward_socket": [
+            str(build("reference")),
+            "forward",
+        ],
     }
     for message, argv in cases.items():
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
