@@ -38,7 +38,7 @@ from typing import Any, Final
 
 from .context import DEFAULT_PATH, PATHS, TRANSPORTS, Bench
 from .served import SERVED, Served
-from .stats import ratio, summarize
+from .stats import ratio, rounds, summarize
 from .vmrun import RunError, run_command, run_vm
 
 VM_COUNTS: Final = (1, 2, 4, 8)
@@ -124,8 +124,9 @@ def concurrent(bench: Bench) -> list[dict[str, Any]]:
     all_keys = keys(bench)
     samples: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(all_keys))}
     with Served() as served:
-        for _ in range(bench.repeat):
-            for i, key in enumerate(all_keys):
+        for order in rounds(bench.repeat, len(all_keys)):
+            for i in order:
+                key = all_keys[i]
                 exits = exits_each(bench, key)
                 if key["what"] == SERVED:
                     jobs = _jobs(bench, key, exits, served.env)

@@ -20,7 +20,7 @@ from typing import Any
 from .concurrent import children_cpu_s
 from .context import DEFAULT_PATH, PATHS, PLUGINS, TRANSPORTS, Bench
 from .machine import held_low_latency
-from .stats import summarize
+from .stats import rounds, summarize
 from .vmrun import RunError, run_command, run_vm
 
 VCPU_COUNTS = (1, 2)
@@ -63,11 +63,12 @@ def _collect(
     measure: Callable[[dict[str, Any]], tuple[float, float]],
     unit: str = "exit",
 ) -> list[dict[str, Any]]:
-    """Measure every key `repeat` times, interleaved so slow drifts hit every key alike."""
+    """Measure every key `repeat` times, interleaved so slow drifts hit every key alike, in
+    the reverse order every other round (`rounds`)."""
     samples: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(keys))}
-    for _ in range(bench.repeat):
-        for i, key in enumerate(keys):
-            samples[i].append(measure(key))
+    for order in rounds(bench.repeat, len(keys)):
+        for i in order:
+            samples[i].append(measure(keys[i]))
     return [_row(key, samples[i], unit) for i, key in enumerate(keys)]
 
 

@@ -8,7 +8,7 @@ from typing import Any, Final
 from .concurrent import FORWARD_MODE, references_by_batch
 from .context import DEFAULT_PATH
 from .served import NATIVE_SERVED, SERVED, TRIVIAL_SERVED
-from .stats import ratio
+from .stats import paired_ratio, ratio
 
 Row = dict[str, Any]
 Column = tuple[str, Callable[[Row], str]]
@@ -134,7 +134,7 @@ def targets(sections: dict[str, list[Row]]) -> list[Row]:
                 f"native plugin {row['transport']}, {_vcpus(row['vcpus'])}, default per exit"
                 f" / poll_us 0 per exit{ll}",
                 MAX_POLL_PENALTY,
-                ratio(row["us_per_exit"]["median"], without_polling["us_per_exit"]["median"]),
+                paired_ratio(row["us_per_exit"], without_polling["us_per_exit"]),
                 "x",
             )
     for row in sections.get("cpu", []):
@@ -175,7 +175,7 @@ def targets(sections: dict[str, list[Row]]) -> list[Row]:
             add(
                 f"{batch}, default wall / poll_us 0 wall",
                 MAX_POLL_PENALTY,
-                ratio(row["wall_s"]["median"], unpolled[0]["wall_s"]["median"]),
+                paired_ratio(row["wall_s"], unpolled[0]["wall_s"]),
                 "x",
             )
     first_request_floor = _startup_floor(sections, FIRST_REQUEST_FLOOR)
