@@ -409,12 +409,12 @@ def test_naming_a_thread_opens_no_file() -> None:
         from vmsuper.shared import task_names
 
         def named():
-            free = os.dup(0)
+            free = os.open("/dev/null", os.O_RDONLY)  # the lowest free fd number
             os.close(free)
-            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             resource.setrlimit(resource.RLIMIT_NOFILE, (free, hard))  # no fd can be opened
             task_names.name_this_thread("vcpu7-runner")
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
             with open("/proc/thread-self/comm") as comm:
                 print(comm.read().strip())
 
@@ -423,7 +423,9 @@ def test_naming_a_thread_opens_no_file() -> None:
         thread.join()
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
     assert out.stdout.strip() == "vcpu7-runner", out.stderr
 
 

@@ -162,7 +162,7 @@ def fd_kinds(pid: int | str = "self") -> list[str]:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except FileNotFoundError:
             continue  # closed while listed
-        kinds.append(target.split(":[")[0] if target[:5] in ("socke", "pipe:") else target)
+        kinds.append(target.split(":[")[0] if target.startswith(("socket:[", "pipe:[")) else target)
     return sorted(kinds)
 
 
