@@ -165,17 +165,12 @@ def targets(sections: dict[str, list[Row]]) -> list[Row]:
             )
         if served:
             continue
-        unpolled = [
-            r
-            for r in concurrent
-            if (r["what"], r["vms"], r["exits_each"], r["transport"], r["path"])
-            == ("vmsuper", row["vms"], row["exits_each"], row["transport"], "c")
-        ]
-        if unpolled:
+        unpolled = _same_setting(concurrent, row, "c", BATCH_SETTING)
+        if unpolled is not None:
             add(
                 f"{batch}, default wall / poll_us 0 wall",
                 MAX_POLL_PENALTY,
-                paired_ratio(row["wall_s"], unpolled[0]["wall_s"]),
+                paired_ratio(row["wall_s"], unpolled["wall_s"]),
                 "x",
             )
     first_request_floor = _startup_floor(sections, FIRST_REQUEST_FLOOR)
@@ -216,9 +211,15 @@ def _vcpus(count: int) -> str:
     return f"{count} VCPU{'s' if count != 1 else ''}"
 
 
-def _same_setting(rows: list[Row], row: Row, path: str) -> Row | None:
-    """The row of (a) measured as `row` was, but along `path`."""
-    setting = ("plugin", "transport", "vcpus", "low_latency")
+EXIT_SETTING: Final = ("plugin", "transport", "vcpus", "low_latency")
+BATCH_SETTING: Final = ("what", "vms", "exits_each", "transport")
+
+
+def _same_setting(
+    rows: list[Row], row: Row, path: str, setting: Sequence[str] = EXIT_SETTING
+) -> Row | None:
+    """The row measured as `row` was (the same values of the keys in `setting`), but along
+    `path`."""
     for other in rows:
         if other.get("path") == path and all(other[k] == row[k] for k in setting):
             return other
