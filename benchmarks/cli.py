@@ -115,10 +115,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         sections[name] = SECTIONS[name](bench)
         seconds[name] = round(time.monotonic() - section_start, 1)
         print(f" {seconds[name]} s", file=sys.stderr, flush=True)
-    if "exits" in sections and "reference" in sections:
-        report.add_ratios(sections["exits"], sections["reference"])
-    if "cpu" in sections and "reference" in sections:
-        report.add_cpu_ratios(sections["cpu"], sections["reference"])
+    if "exits" in sections:
+        report.add_ratios(sections["exits"], sections.get("reference", []))
+    if "cpu" in sections:
+        report.add_cpu_ratios(sections["cpu"], sections.get("reference", []))
     return {
         # Other work on the machine skews every figure: the load says how quiet it was.
         "machine": {**machine.describe(), "loadavg_1min": [load_before, os.getloadavg()[0]]},

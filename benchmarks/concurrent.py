@@ -20,10 +20,11 @@ Per batch:
 vmsuper runs along its default path and with `poll_us = 0`, because polling, which pays off
 on an idle machine, is what could hurt when no core is free.
 
-Every row but the `pipe` reference's gets its medians over `pipe`'s with as many VMs
+Every row but the `pipe` reference's gets its figures over `pipe`'s with as many VMs
 (`*_vs_reference`); vmsuper's rows also over the `forward` of their transport's
 (`*_vs_forward`: `forward_socket` for the socket rows): how far vmsuper is from the floor of
-its own layout.
+its own layout. All batches run in the same rounds, so each ratio is taken round by round
+(`stats.paired_ratio`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any, Final
 
 from .context import DEFAULT_PATH, PATHS, TRANSPORTS, Bench
 from .served import SERVED, Served
-from .stats import ratio, rounds, summarize
+from .stats import paired_ratio, rounds, summarize
 from .vmrun import RunError, run_command, run_vm
 
 VM_COUNTS: Final = (1, 2, 4, 8)
@@ -177,7 +178,7 @@ def references_by_batch(rows: list[dict[str, Any]]) -> dict[tuple[int, int, str]
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Wall and CPU time (medians) over the reference's with as many VMs and exits: every
+    """Wall and CPU time over the reference's with as many VMs and exits, round by round: every
     other row's over `pipe`'s (`*_vs_reference`), vmsuper's also over the `forward` of its
     transport (`*_vs_forward`)."""
     references = references_by_batch(rows)
@@ -189,5 +190,5 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             ref = references.get((row["vms"], row["exits_each"], mode))
             if ref is None or ref is row:
                 continue
-            row[f"wall_vs_{name}"] = ratio(row["wall_s"]["median"], ref["wall_s"]["median"])
-            row[f"cpu_vs_{name}"] = ratio(row["cpu_s"]["median"], ref["cpu_s"]["median"])
+            row[f"wall_vs_{name}"] = paired_ratio(row["wall_s"], ref["wall_s"])
+            row[f"cpu_vs_{name}"] = paired_ratio(row["cpu_s"], ref["cpu_s"])

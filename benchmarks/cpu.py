@@ -9,7 +9,11 @@ worker and the plugin. Wall time minus the sum is time nobody was running: wake-
 above the wall time means two of them ran at once (polling for each other).
 
 It runs along vmsuper's default exit path and along the one that never polls (`context.PATHS`),
-so the figures show what polling costs and saves.
+so the figures show what polling costs and saves. The C reference's `pipe` (crosvm's
+architecture) and `socket` modes run in the same rounds, after the rows of their latency
+setting, with as many exits: the goals compare each row's CPU per exit with theirs round by
+round (`crosvm_cpu_us`, and `transport_cpu_us` for the reference of the row's transport;
+`report.add_cpu_ratios`).
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ from pathlib import Path
 from typing import Any, Final
 
 from .context import DEFAULT_PATH, PATHS, TRANSPORTS, Bench
+from .exits import CROSVM_MODE, rates, run_reference
 from .memory import split_children
-from .stats import summarize
+from .stats import rounds, summarize
 from .vmrun import RunError, RunResult, run_vm
 
 PROFILE_FACTOR: Final = 2  # more exits than the other runs: thread times are coarse at the ends
 PARTS: Final = ("supervisor_main", "supervisor_runner", "vcpu_worker", "plugin")
 CPU_PATHS: Final = (DEFAULT_PATH, "c")
+# The reference of each transport, the same architecture as crosvm's over it.
+TRANSPORT_MODE: Final = {"pipes": CROSVM_MODE, "socket": "socket"}
 
 
 def task_seconds(pid: int) -> dict[int, float]:
@@ -56,35 +63,16 @@ def snapshot(run: RunResult) -> dict[str, float]:
 def cpu(bench: Bench) -> list[dict[str, Any]]:
     exits = bench.exits * PROFILE_FACTOR
     keys = list(itertools.product(bench.low_latency, TRANSPORTS, CPU_PATHS))
-    samples: dict[tuple[bool, str, str], list[dict[str, float]]] = {k: [] for k in keys}
-    for _ in range(bench.repeat):
-        for ll, transport, path in keys:
-            snapshots: list[dict[str, float]] = []
-
-            def measure(run: RunResult, line: dict[str, Any], into: Any = snapshots) -> None:
-                into.append(snapshot(run))
-
-            spec = bench.spec(
-                "native",
-                "profile",
-                exits,
-                transport=transport,
-                low_latency=ll,
-                holds=2,
-                **PATHS[path],
-            )
-            folder = bench.folder(f"cpu-{transport}-{path}")
-            run = run_vm(spec, folder, while_held=measure)
-            if len(snapshots) != 2:
-                raise RunError(f"the profile run paused {len(snapshots)} times, not twice")
-            vcpu = run.report["vcpus"][0]
-            if vcpu["exits"] != exits:
-                raise RunError(f"the profile run saw {vcpu['exits']} exits, expected {exits}")
-            before, after = snapshots
-            per_exit = {p: (after[p] - before[p]) / (exits + 1) * 1e6 for p in PARTS}
-            per_exit["total"] = sum(per_exit.values())
-            per_exit["wall"] = (vcpu["t_done"] - vcpu["t_first"]) / (exits + 1) * 1e6
-            samples[(ll, transport, path)].append(per_exit)
+    references = list(itertools.product(bench.low_latency, TRANSPORT_MODE.values()))
+    # Each latency setting's rows, then its references (a stable sort).
+    ordered: list[tuple[Any, ...]] = sorted(keys + references, key=lambda key: key[0])
+    samples: dict[tuple[Any, ...], list[dict[str, float]]] = {k: [] for k in ordered}
+    for order in rounds(bench.repeat, len(ordered)):
+        for key in (ordered[i] for i in order):
+            if len(key) == 2:  # (latency, reference mode); a row's is (latency, transport, path)
+                samples[key].append(_reference_cpu(bench, key, exits))
+            else:
+                samples[key].append(_profile(bench, key, exits))
     rows = []
     for ll, transport, path in keys:
         got = samples[(ll, transport, path)]
@@ -93,5 +81,41 @@ def cpu(bench: Bench) -> list[dict[str, Any]]:
         row["path"] = path
         for part in (*PARTS, "total", "wall"):
             row[f"{part}_us"] = summarize([s[part] for s in got])
+        row["crosvm_cpu_us"] = summarize([s["total"] for s in samples[(ll, CROSVM_MODE)]])
+        mode = TRANSPORT_MODE[transport]
+        row["transport_cpu_us"] = summarize([s["total"] for s in samples[(ll, mode)]])
         rows.append(row)
     return rows
+
+
+def _reference_cpu(bench: Bench, key: tuple[Any, ...], exits: int) -> dict[str, float]:
+    ll, mode = key
+    report, cpu_per_exit = run_reference(
+        bench, {"mode": mode, "vcpus": 1, "low_latency": ll}, exits
+    )
+    rates(report)  # raises unless every exit was seen
+    return {"total": cpu_per_exit}
+
+
+def _profile(bench: Bench, key: tuple[Any, ...], exits: int) -> dict[str, float]:
+    """One profile run of the native plugin: its CPU per exit by part, and its wall time."""
+    ll, transport, path = key
+    snapshots: list[dict[str, float]] = []
+
+    def measure(run: RunResult, line: dict[str, Any]) -> None:
+        snapshots.append(snapshot(run))
+
+    spec = bench.spec(
+        "native", "profile", exits, transport=transport, low_latency=ll, holds=2, **PATHS[path]
+    )
+    run = run_vm(spec, bench.folder(f"cpu-{transport}-{path}"), while_held=measure)
+    if len(snapshots) != 2:
+        raise RunError(f"the profile run paused {len(snapshots)} times, not twice")
+    vcpu = run.report["vcpus"][0]
+    if vcpu["exits"] != exits:
+        raise RunError(f"the profile run saw {vcpu['exits']} exits, expected {exits}")
+    before, after = snapshots
+    per_exit = {p: (after[p] - before[p]) / (exits + 1) * 1e6 for p in PARTS}
+    per_exit["total"] = sum(per_exit.values())
+    per_exit["wall"] = (vcpu["t_done"] - vcpu["t_first"]) / (exits + 1) * 1e6
+    return per_exit

@@ -3,7 +3,10 @@ ioeventfd writes (c).
 
 Round trips of the native plugin are also measured along the other exit path (`context.PATHS`:
 no polling), on one VCPU and on two, interleaved with the default ones: the default path must
-never be slower than `poll_us = 0` (`report.targets`).
+never be slower than `poll_us = 0` (`report.targets`). Crosvm's architecture (the reference's
+`pipe` mode), which the goals compare every row with, runs in (a)'s rounds as well, beside the
+rows of its VCPU count and latency setting, so that each round gives a ratio of two runs
+seconds apart (`crosvm_us_per_exit`; `report.add_ratios`).
 
 Every figure comes from the clocks of the program that sees the exits: the plugin for vmsuper
 runs, the VCPU threads for the reference. A run covers the guest's START exit to its DONE
@@ -15,7 +18,7 @@ from __future__ import annotations
 import itertools
 import statistics
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Final
 
 from .concurrent import children_cpu_s
 from .context import DEFAULT_PATH, PATHS, PLUGINS, TRANSPORTS, Bench
@@ -25,6 +28,7 @@ from .vmrun import RunError, run_command, run_vm
 
 VCPU_COUNTS = (1, 2)
 REFERENCE_MODES = ("inline", "pipe", "socket", "relay", "forward", "forward_socket")
+CROSVM_MODE: Final = "pipe"  # crosvm's architecture: the reference the goals compare with
 ASYNC_FACTOR = 2  # async and ioeventfd writes are cheaper: run more of them per measurement
 # The plugin whose rows of (a) are measured along every exit path (see PATHS), not only the
 # default one.
@@ -86,11 +90,25 @@ def exit_keys(low_latency: Iterable[bool]) -> list[dict[str, Any]]:
     return keys
 
 
+def _setting(key: dict[str, Any]) -> tuple[bool, int]:
+    return key["low_latency"], key["vcpus"]
+
+
 def exits(bench: Bench) -> list[dict[str, Any]]:
-    """(a) Round trips: each loop write stops the VCPU until the plugin resumes it."""
+    """(a) Round trips: each loop write stops the VCPU until the plugin resumes it.
+
+    Each round also runs crosvm's architecture once per setting (latency, VCPUs), right after
+    that setting's rows, and every row keeps that reference's figures as `crosvm_us_per_exit`.
+    """
     keys = exit_keys(bench.low_latency)
+    crosvm_keys = [
+        {"mode": CROSVM_MODE, "vcpus": v, "low_latency": ll}
+        for ll, v in itertools.product(bench.low_latency, VCPU_COUNTS)
+    ]
 
     def measure(key: dict[str, Any]) -> tuple[float, float]:
+        if "mode" in key:
+            return rates(run_reference(bench, key)[0])
         spec = bench.spec(
             key["plugin"],
             "loop",
@@ -103,7 +121,27 @@ def exits(bench: Bench) -> list[dict[str, Any]]:
         name = f"exits-{key['plugin']}-{key['transport']}-{key['vcpus']}-{key['path']}"
         return rates(run_vm(spec, bench.folder(name)).report)
 
-    return _collect(bench, keys, measure)
+    # Each setting's rows, then its reference (a stable sort); the rows return in keys' order.
+    ordered = sorted(keys + crosvm_keys, key=_setting)
+    measured = dict(zip(map(id, ordered), _collect(bench, ordered, measure), strict=True))
+    crosvm = {_setting(key): measured[id(key)]["us_per_exit"] for key in crosvm_keys}
+    rows = [measured[id(key)] for key in keys]
+    for row in rows:
+        row["crosvm_us_per_exit"] = crosvm[_setting(row)]
+    return rows
+
+
+def run_reference(
+    bench: Bench, key: dict[str, Any], exits: int | None = None
+) -> tuple[dict[str, Any], float]:
+    """One run of the C reference in `key`'s mode (`exits` loop writes, or N): its report,
+    and its CPU time per exit (every thread and process of the run, from RUSAGE_CHILDREN)."""
+    count = bench.exits if exits is None else exits
+    with held_low_latency(key["low_latency"]):
+        before = children_cpu_s()
+        report = run_command(bench.reference(key["mode"], key["vcpus"], count))
+        spent = children_cpu_s() - before
+    return report, spent / ((count + 1) * key["vcpus"]) * 1e6
 
 
 def reference(bench: Bench) -> list[dict[str, Any]]:
@@ -119,11 +157,8 @@ def reference(bench: Bench) -> list[dict[str, Any]]:
     cpu: list[list[float]] = [[] for _ in keys]
 
     def measure(key: dict[str, Any]) -> tuple[float, float]:
-        with held_low_latency(key["low_latency"]):
-            before = children_cpu_s()
-            report = run_command(bench.reference(key["mode"], key["vcpus"], bench.exits))
-            spent = children_cpu_s() - before
-        cpu[keys.index(key)].append(spent / ((bench.exits + 1) * key["vcpus"]) * 1e6)
+        report, cpu_per_exit = run_reference(bench, key)
+        cpu[keys.index(key)].append(cpu_per_exit)
         return rates(report)
 
     rows = _collect(bench, keys, measure)

@@ -48,8 +48,12 @@ TRIVIAL_RUN_FLOOR: Final = (
 
 
 def add_ratios(exit_rows: list[Row], reference_rows: list[Row]) -> None:
-    """Put vmsuper's per-exit time over the reference's beside each exit figure (medians);
-    `vs_forward` is over the `forward` reference of the row's transport."""
+    """Put vmsuper's per-exit time over the reference's beside each exit figure.
+
+    `vs_crosvm`, the goals' ratio, is taken round by round against the `pipe` runs made in the
+    exit section's own rounds (`crosvm_us_per_exit`); results from before those runs, and the
+    other ratios, take the medians of section (b), measured minutes apart. `vs_forward` is
+    over the `forward` reference of the row's transport."""
     name = {
         "pipe": "vs_crosvm",
         "socket": "vs_crosvm_socket",
@@ -68,14 +72,23 @@ def add_ratios(exit_rows: list[Row], reference_rows: list[Row]) -> None:
             row[name[ref["mode"]]] = ratio(
                 row["us_per_exit"]["median"], ref["us_per_exit"]["median"]
             )
+        if "crosvm_us_per_exit" in row:
+            row["vs_crosvm"] = paired_ratio(row["us_per_exit"], row["crosvm_us_per_exit"])
 
 
 def add_cpu_ratios(cpu_rows: list[Row], reference_rows: list[Row]) -> None:
     """Put vmsuper's CPU time per exit over the `pipe` reference's beside each cpu row (the
     goal's ratio: crosvm's own layout), and over the reference's of the row's transport (how
-    far vmsuper is from its transport's own cost: a socket's calls cost more than a pipe's)."""
+    far vmsuper is from its transport's own cost: a socket's calls cost more than a pipe's).
+
+    Round by round against the references run in the cpu section's own rounds where the row
+    has them (`crosvm_cpu_us`, `transport_cpu_us`); else the medians of section (b)."""
     same_transport = {"pipes": "pipe", "socket": "socket"}
     for row in cpu_rows:
+        if "crosvm_cpu_us" in row and "transport_cpu_us" in row:
+            row["cpu_vs_crosvm"] = paired_ratio(row["total_us"], row["crosvm_cpu_us"])
+            row["cpu_vs_transport"] = paired_ratio(row["total_us"], row["transport_cpu_us"])
+            continue
         for ref in reference_rows:
             if (ref["vcpus"], ref["low_latency"]) != (1, row["low_latency"]):
                 continue
@@ -321,6 +334,7 @@ COLUMNS: Final[dict[str, list[Column]]] = {
         _PATH,
         _PER_EXIT,
         ("exits/s", _rate("exits_per_s")),
+        ("crosvm us/exit", _summary("crosvm_us_per_exit")),
         ("x crosvm", _value("vs_crosvm", "{:.2f}")),
         ("x crosvm(sock)", _value("vs_crosvm_socket", "{:.2f}")),
         ("x relay", _value("vs_relay", "{:.2f}")),
@@ -358,6 +372,7 @@ COLUMNS: Final[dict[str, list[Column]]] = {
         ("worker", _summary("vcpu_worker_us")),
         ("plugin", _summary("plugin_us")),
         ("CPU total", _summary("total_us")),
+        ("crosvm CPU", _summary("crosvm_cpu_us")),
         ("x crosvm CPU", _value("cpu_vs_crosvm", "{:.2f}")),
         ("x same-transport ref CPU", _value("cpu_vs_transport", "{:.2f}")),
     ],
@@ -424,7 +439,9 @@ TITLES: Final = {
     "exits": (
         "a. Exit round trips through vmsuper (per exit: median [min-max] of the runs;"
         " path: c+poll = the defaults, c = poll_us 0, python = every exit in Python, before the"
-        " exit engine; x forward = over the forward reference of the row's transport)"
+        " exit engine; crosvm = crosvm's architecture (the reference's pipe mode) in the same"
+        " rounds, and x crosvm over it round by round; the other ratios over section b's"
+        " medians; x forward = over the forward reference of the row's transport)"
     ),
     "reference": (
         "b. C reference, same VM and guest (inline = floor, pipe = crosvm's architecture,"
@@ -434,14 +451,19 @@ TITLES: Final = {
     ),
     "async": "c. Async-write exits (1 VCPU; the plugin only drains)",
     "ioeventfd": "c. ioeventfd writes (in-kernel, no exit)",
-    "cpu": "Where an exit's time goes: CPU us per exit by thread (native plugin, 1 VCPU)",
+    "cpu": (
+        "Where an exit's time goes: CPU us per exit by thread (native plugin, 1 VCPU); crosvm"
+        " CPU = the pipe reference's CPU per exit in the same rounds; the ratios round by round"
+        " over it and over the reference of the row's transport"
+    ),
     "startup": "d. Start-up (from the exec of vmsuper run)",
     "memory": "e. Memory while the VM runs and the plugin waits",
     "concurrent": (
         "f. K one-VCPU VMs at once against K C references (pipe = crosvm's architecture; relay,"
         " forward = the floor of vmsuper's process layout, forward as vmsuper serves plain exits;"
         " forward_socket = forward over a socket pair); wall and CPU of each batch, start-up"
-        " included; x ref = over pipe; x forward = over the forward of the row's transport"
+        " included; x ref = over pipe; x forward = over the forward of the row's transport;"
+        " ratios round by round"
     ),
     "placement": (
         "f2. Runner threads and workers pinned by hand (native plugin, pipes, default path; per"

@@ -34,7 +34,7 @@ SECTIONS = {
 }
 # The figures each section's rows must all carry (summaries unless noted).
 FIGURES = {
-    "exits": ("us_per_exit", "exits_per_s"),
+    "exits": ("us_per_exit", "exits_per_s", "crosvm_us_per_exit"),
     "reference": ("us_per_exit", "exits_per_s", "cpu_us_per_exit"),
     "concurrent": ("wall_s", "cpu_s", "cpu_us_per_exit"),
     "placement": ("us_per_exit",),
@@ -47,6 +47,8 @@ FIGURES = {
         "vcpu_worker_us",
         "plugin_us",
         "total_us",
+        "crosvm_cpu_us",
+        "transport_cpu_us",
     ),
 }
 
