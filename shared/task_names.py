@@ -7,16 +7,14 @@ can be told apart and watched, pinned or profiled: `vcpu3-runner`, `vcpu3-worker
 
 from __future__ import annotations
 
-import ctypes
 from typing import Final
+
+from vmsuper.shared.prctl import PR_SET_NAME, prctl
 
 __all__ = ["MAX_NAME", "name_this_thread", "runner_name", "worker_name"]
 
 MAX_NAME: Final = 15
 """The kernel keeps at most this many characters of a name (TASK_COMM_LEN less its NUL)."""
-
-_PR_SET_NAME: Final = 15
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def runner_name(vcpu: int) -> str:
@@ -33,4 +31,4 @@ def name_this_thread(name: str) -> None:
     By prctl rather than by writing /proc/thread-self/comm: a runner names itself while the
     VM already runs, and a file opened then would be an fd of the supervisor's that comes and
     goes under a plugin that counts them. A name is only an aid: a refusal changes nothing."""
-    _libc.prctl(_PR_SET_NAME, name.encode("ascii", "replace")[:MAX_NAME], 0, 0, 0)
+    prctl(PR_SET_NAME, name.encode("ascii", "replace")[:MAX_NAME])

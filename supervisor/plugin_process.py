@@ -39,15 +39,18 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from vmsuper.shared.prctl import (
+    PR_GET_CHILD_SUBREAPER,
+    PR_SET_CHILD_SUBREAPER,
+    PR_SET_PDEATHSIG,
+    prctl,
+)
+
 if TYPE_CHECKING:
     from vmsuper.supervisor.sandbox import Sandbox
 
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
-PR_GET_CHILD_SUBREAPER = 37
 NAMESPACE_EXIT_TIMEOUT = 5.0
 EXEC_FAILED = 127  # the child's exit status when it could not execute anything (as a shell's)
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class PluginStartError(Exception):
@@ -66,7 +69,7 @@ def _child_setup(
         before_exec()
     if enter is not None:
         enter()
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if open_files is not None:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
@@ -415,10 +418,10 @@ def _set_subreaper(on: bool) -> bool:
     """Adopt this process's orphaned descendants, or stop (see the module's docstring; forked
     children, the VCPU workers, do not inherit it). Returns whether that changed anything."""
     was = ctypes.c_int()
-    _libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0)
+    prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(was))
     if bool(was.value) == on:
         return False
-    if _libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+    if prctl(PR_SET_CHILD_SUBREAPER, int(on)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return True

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from typing import Final
 
 from vmsuper.shared import abi, bpf, kvm
+from vmsuper.shared.prctl import PR_SET_NO_NEW_PRIVS, prctl
 
 __all__ = ["ALLOWED", "build_filter", "confine_thread"]
 
@@ -49,7 +50,6 @@ ALLOWED: Final = (
 )
 _PROT_EXEC: Final = 0x4
 _SECCOMP_SET_MODE_FILTER: Final = 1
-_PR_SET_NO_NEW_PRIVS: Final = 38
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -125,7 +125,7 @@ def build_filter(
 def confine_thread(program: bytes) -> None:
     """Install `program` (from `build_filter`) on the calling thread only (with no_new_privs,
     also this thread's only, so an unprivileged supervisor may install it too)."""
-    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+    if prctl(PR_SET_NO_NEW_PRIVS, 1) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"PR_SET_NO_NEW_PRIVS: {os.strerror(err)}")
     fprog, _buffer = bpf.fprog(program)

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from vmsuper.shared.prctl import PR_SET_NO_NEW_PRIVS, prctl
+
 DEFAULT_USERS = ("vmsuper", "nobody")
 # Where the child stages bind sources. bwrap mounts its own root on /tmp and finds the sources
 # below its old root, so a tmpfs here hides nothing bwrap uses.
@@ -35,7 +37,6 @@ STAGE_FAILED = "vmsuper: cannot stage the sandbox: "
 _CLONE_NEWNS = 0x00020000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
-_PR_SET_NO_NEW_PRIVS = 38
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -134,7 +135,7 @@ def enter(user: PluginUser, sources: Sequence[str], hidden: Sequence[str]) -> No
             os.setgroups([])
             os.setresgid(user.gid, user.gid, user.gid)
             os.setresuid(user.uid, user.uid, user.uid)
-        _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+        _check(prctl(PR_SET_NO_NEW_PRIVS, 1), "no_new_privs")
     except OSError as exc:
         cause = exc.strerror or str(exc)
         if exc.filename is not None:

@@ -32,7 +32,7 @@ from bpf_vm import run_filter, well_formed
 from hostcaps import bound_below_tmp
 from rawplugin import plugin_source
 
-from vmsuper.shared import bpf, kvm, plugin_pb2
+from vmsuper.shared import bpf, kvm, plugin_pb2, prctl
 from vmsuper.shared.asm import assemble
 from vmsuper.supervisor import seccomp
 from vmsuper.supervisor.config import MountConfig, PluginConfig
@@ -341,12 +341,9 @@ def test_spawn_starts_the_plugin_with_its_stderr_untouched(tmp_path: Path) -> No
     assert out.read_text().strip().isdigit()
 
 
-PR_GET_CHILD_SUBREAPER = 37
-
-
 def is_subreaper() -> bool:
     flag = ctypes.c_int()
-    ctypes.CDLL(None).prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0)
+    prctl.prctl(prctl.PR_GET_CHILD_SUBREAPER, ctypes.byref(flag))
     return bool(flag.value)
 
 

@@ -12,7 +12,6 @@ The benchmarks' served rows use one too, without naming it to every run (`export
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import select
 import shutil
@@ -23,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from vmsuper.shared.prctl import PR_SET_PDEATHSIG, prctl
 from vmsuper.supervisor.serve_client import SERVE_VARIABLE, SOCKET_NAME, SOCKET_VARIABLE
 
-_PR_SET_PDEATHSIG = 1
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 _LISTENING = "vmsuper serve: listening on "
@@ -36,7 +35,7 @@ class SessionServerError(Exception):
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child, before exec
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class SessionServer:

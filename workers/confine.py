@@ -49,6 +49,15 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from vmsuper.shared import bpf, hotpath, kvm, wire
+from vmsuper.shared.prctl import (
+    PR_CAP_AMBIENT,
+    PR_CAP_AMBIENT_CLEAR_ALL,
+    PR_CAPBSET_DROP,
+    PR_SET_DUMPABLE,
+    PR_SET_NO_NEW_PRIVS,
+    PR_SET_PDEATHSIG,
+    prctl,
+)
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.shared.shm_slot import VcpuSlot
 
@@ -110,12 +119,6 @@ ALLOWED: Final[Mapping[str, str]] = {
     "exit_group": "the end of the process (os._exit)",
 }
 
-_PR_SET_PDEATHSIG = 1
-_PR_SET_DUMPABLE = 4
-_PR_CAPBSET_DROP = 24
-_PR_SET_NO_NEW_PRIVS = 38
-_PR_CAP_AMBIENT = 47
-_PR_CAP_AMBIENT_CLEAR_ALL = 4
 _CAP_SETPCAP = 8
 _CAPABILITY_VERSION_3 = 0x20080522
 _SECCOMP_SET_MODE_FILTER = 1
@@ -239,12 +242,12 @@ def confine(
         # fork (`close_fds_except`): its number is stale, maybe reused, and must not be closed.
         region.fd = -1
         region.confine_to(vcpu)
-        _check(_libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "PR_SET_DUMPABLE")
+        _check(prctl(PR_SET_DUMPABLE, 0), "PR_SET_DUMPABLE")
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         parent = os.getppid()
         _drop_capabilities(confinement)
-        _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
-        _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")
+        _check(prctl(PR_SET_NO_NEW_PRIVS, 1), "PR_SET_NO_NEW_PRIVS")
+        _check(prctl(PR_SET_PDEATHSIG, signal.SIGKILL), "PR_SET_PDEATHSIG")
         if os.getppid() != parent:
             raise ConfinementError(f"the supervisor (pid {parent}) is gone")
         facts = {
@@ -348,8 +351,8 @@ def _drop_capabilities(confinement: Confinement) -> None:
         with open("/proc/sys/kernel/cap_last_cap") as last:
             top = int(last.read())
         for cap in range(top + 1):
-            _check(_libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), f"PR_CAPBSET_DROP {cap}")
-    cleared = _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) == 0
+            _check(prctl(PR_CAPBSET_DROP, cap), f"PR_CAPBSET_DROP {cap}")
+    cleared = prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL) == 0
     if not cleared and ctypes.get_errno() != errno.EINVAL:  # EINVAL: no ambient capabilities
         _check(-1, "PR_CAP_AMBIENT_CLEAR_ALL")
     if confinement.uid is not None and confinement.gid is not None:

@@ -23,6 +23,7 @@ from types import FrameType
 from typing import Any, Final, NoReturn
 
 from vmsuper.shared import hotpath, kvm, logs, task_names
+from vmsuper.shared.prctl import PR_SET_PDEATHSIG, prctl
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.shared.shm_doorbell import Doorbell
 from vmsuper.workers import confine
@@ -97,9 +98,7 @@ def _raise_exit(signum: int, frame: FrameType | None) -> None:
 
 def _set_parent_death_signal(parent_pid: int) -> None:
     """Die with the supervisor: PR_SET_PDEATHSIG, then check the parent did not die first."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+    if prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent_pid:
         raise ProcessLookupError(f"the supervisor (pid {parent_pid}) is already gone")
