@@ -29,28 +29,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib
 import io
 import json
 import os
 import sys
 import threading
-import types
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-
-class _ImportedOnFirstUse(types.ModuleType):
-    """Stands in for a module while structlog is imported; reading any of its attributes
-    imports the real module and reads the attribute from it."""
-
-    def __getattr__(self, name: str) -> Any:
-        name_of_module = self.__name__
-        if sys.modules.get(name_of_module) is self:
-            del sys.modules[name_of_module]
-        return getattr(importlib.import_module(name_of_module), name)
-
+from vmsuper.shared.deferred_imports import ImportedOnFirstUse
 
 # Modules structlog imports at the top of its package but uses only inside functions vmsuper
 # never calls: asyncio, for its async logging methods (``ainfo`` and the like).
@@ -66,8 +54,8 @@ def _import_structlog_lightly() -> None:
 
     Its package also imports `structlog.stdlib`, which imports asyncio (with ssl, about a
     tenth of the supervisor's imports) for async methods vmsuper does not use. structlog
-    gets a stand-in for asyncio instead (`_ImportedOnFirstUse`), which imports the real
-    module on first use, so those methods still work; once structlog is in, the stand-in
+    gets a stand-in for asyncio instead (`deferred_imports.ImportedOnFirstUse`), which imports
+    the real module on first use, so those methods still work; once structlog is in, the stand-in
     leaves `sys.modules` and any later ``import asyncio`` gets the real module. Should a
     structlog release read asyncio at import, the stand-in imports it then: correct, only
     no faster (tests/test_cli.py would notice).
@@ -75,7 +63,7 @@ def _import_structlog_lightly() -> None:
     if "structlog" in sys.modules:
         return
     hidden = [] if "rich" in sys.modules else ["rich"]
-    stand_ins = {name: _ImportedOnFirstUse(name) for name in _DEFERRED_BY_STRUCTLOG}
+    stand_ins = {name: ImportedOnFirstUse(name) for name in _DEFERRED_BY_STRUCTLOG}
     stand_ins = {name: module for name, module in stand_ins.items() if name not in sys.modules}
     for name in hidden:
         sys.modules[name] = None  # type: ignore[assignment]  # "import rich" raises ImportError
