@@ -35,7 +35,7 @@ from vmsuper.shared import task_names
 
 from .concurrent import batch
 from .context import Bench
-from .stats import ratio, summarize
+from .stats import paired_ratio, rounds, summarize
 from .vmrun import RunError, RunResult, run_vm
 
 EXITS_FACTOR: Final = 4  # 20,000 exits per VCPU with the default 5,000
@@ -150,8 +150,8 @@ def placement(bench: Bench) -> list[dict[str, Any]]:
         for p in places
     ]
     samples: dict[tuple[int, int, str], list[float]] = {k: [] for k in keys}
-    for _ in range(bench.repeat):
-        for key in keys:
+    for order in rounds(bench.repeat, len(keys)):
+        for key in (keys[i] for i in order):
             samples[key].append(_measure(bench, *key, cpus, exits))
     rows = [
         {
@@ -170,9 +170,9 @@ def placement(bench: Bench) -> list[dict[str, Any]]:
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each row's median over the `free` row of its scenario (`vs_free`)."""
+    """Each row over the `free` row of its scenario, round by round (`vs_free`)."""
     free = {(r["vms"], r["vcpus"]): r for r in rows if r["placement"] == "free"}
     for row in rows:
         base = free.get((row["vms"], row["vcpus"]))
         if base is not None and base is not row:
-            row["vs_free"] = ratio(row["us_per_exit"]["median"], base["us_per_exit"]["median"])
+            row["vs_free"] = paired_ratio(row["us_per_exit"], base["us_per_exit"])

@@ -209,9 +209,9 @@ def targets(sections: dict[str, list[Row]]) -> list[Row]:
             )
     rows = {r["machine"]: r for r in sections.get("pc", [])}
     if {"vmsuper-pc", "qemu+kvm"} <= rows.keys():
-        ours = rows["vmsuper-pc"]["to_boot_sector_s"]["median"]
-        qemu = rows["qemu+kvm"]["to_boot_sector_s"]["median"]
-        add("PC: exec to the boot sector's output / QEMU+KVM's", 1.0, ratio(ours, qemu), "x")
+        ours = rows["vmsuper-pc"]["to_boot_sector_s"]
+        qemu = rows["qemu+kvm"]["to_boot_sector_s"]
+        add("PC: exec to the boot sector's output / QEMU+KVM's", 1.0, paired_ratio(ours, qemu), "x")
     worker_uss = [
         r["worker_uss_mib"]["max"] for r in sections.get("memory", []) if "worker_uss_mib" in r
     ]

@@ -1,7 +1,7 @@
 """The targets that hold vmsuper to the C reference take both figures from the same rounds and
 judge them round by round, without KVM: the exit section runs crosvm's architecture beside the
 rows of each setting, the cpu section its references beside its rows, and the batches of many
-VMs are compared round by round."""
+VMs, the PC boots and the pinned threads are compared round by round."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 # The harness is not installed: it runs from the checkout, as `python -m benchmarks`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import concurrent, cpu, exits, report
+from benchmarks import concurrent, cpu, exits, placement, report
 from benchmarks.stats import summarize
 
 # vmsuper and the reference in the same three rounds, the machine slower in each: round by
@@ -193,3 +193,24 @@ def test_batches_of_many_vms_are_compared_round_by_round() -> None:
     (goal,) = [g for g in report.targets({"concurrent": rows}) if "references" in g["target"]]
     assert goal["measured"] == pytest.approx(0.8)
     assert goal["floor"] == pytest.approx(0.5)  # forward over pipe: 0.4, 1.0, 0.5; medians: 1.0
+
+
+def test_the_pc_boots_are_compared_round_by_round() -> None:
+    rows = [
+        {"machine": "vmsuper-pc", "to_boot_sector_s": summarize(OURS)},
+        {"machine": "qemu+kvm", "to_boot_sector_s": summarize(THEIRS)},
+    ]
+    (goal,) = report.targets({"pc": rows})
+    assert goal["measured"] == pytest.approx(0.8)  # the medians' would be 16/20, as well
+    rows[1]["to_boot_sector_s"] = summarize([10.0, 12.0, 50.0])  # 0.8, 1.33, 0.8; medians: 1.33
+    (goal,) = report.targets({"pc": rows})
+    assert goal["measured"] == pytest.approx(0.8)
+
+
+def test_pinned_threads_are_compared_with_the_free_placement_round_by_round() -> None:
+    rows = [
+        {"vms": 1, "vcpus": 1, "placement": "free", "us_per_exit": summarize([10.0, 12.0, 50.0])},
+        {"vms": 1, "vcpus": 1, "placement": "paired", "us_per_exit": summarize(OURS)},
+    ]
+    placement.add_ratios(rows)
+    assert rows[1]["vs_free"] == pytest.approx(0.8)  # the medians' would be 16/12
