@@ -62,9 +62,8 @@ class Mailbox:
 
     def bell_seq(self, which: int) -> int:
         """The current sequence number of bell 0 (request) or 1 (done)."""
-        return int.from_bytes(
-            self._mm[self._off + _MAIL_BELLS_OFF + which * _BELL_SIZE :][:4], "little"
-        )
+        start = self._off + _MAIL_BELLS_OFF + which * _BELL_SIZE
+        return int.from_bytes(self._mm[start : start + 4], "little")
 
     def bell_sleeping(self, which: int) -> bool:
         """Whether the waiter of bell 0 (request) or 1 (done) sleeps on its eventfd now."""
