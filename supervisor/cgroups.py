@@ -39,7 +39,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import re
 import resource
 import signal
 import struct
@@ -55,7 +54,11 @@ V2_HYBRID_MOUNT = "unified"  # where hybrid hosts mount the v2 hierarchy beside 
 NAME_PREFIX = "vmsuper-"
 SUPERVISOR_LEAF = "vmsuper-supervisor"
 CPU_PERIOD_US = 100_000
-WATCH_INTERVAL = 0.1  # seconds between two reads of the event counters
+WATCH_INTERVAL = 0.25
+"""Seconds between two reads of the event counters. An out-of-memory kill of the plugin itself
+is seen at its exit; the timer is for what does not end the plugin (a fork refused at the
+limit, a child killed), where a quarter of a second changes nothing, and each read wakes the
+supervisor, for every VM a host runs."""
 EMPTY_TIMEOUT = 5.0  # seconds to wait for killed processes to leave the cgroup
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -171,6 +174,9 @@ class PluginCgroup:
         self.watch_fd = -1
         # The event counters at creation: nonzero only in a reused cgroup of a dead run.
         self._counted: dict[tuple[Path, str], int] = {}
+        # Each counter file stays open, read again from its start at each check (one pread):
+        # the checks run every WATCH_INTERVAL for the whole run.
+        self._counter_fds: dict[Path, int] = {}
 
     @classmethod
     def create(
@@ -254,8 +260,17 @@ class PluginCgroup:
         return None
 
     def _grew(self, path: Path, key: str) -> bool:
-        value = _counter(path, key)
+        value = self._counter(path, key)
         return value > self._counted.setdefault((path, key), value)
+
+    def _counter(self, path: Path, key: str) -> int:
+        fd = self._counter_fds.get(path)
+        try:
+            if fd is None:
+                fd = self._counter_fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            return counter_value(os.pread(fd, 4096, 0), key)
+        except OSError:
+            return 0
 
     def pids(self) -> list[int]:
         """Every process in the cgroup."""
@@ -285,6 +300,9 @@ class PluginCgroup:
         if self.watch_fd >= 0:
             os.close(self.watch_fd)
             self.watch_fd = -1
+        for fd in self._counter_fds.values():
+            os.close(fd)
+        self._counter_fds.clear()
         problems = []
         deadline = time.monotonic() + timeout
         for group in reversed(self.groups):
@@ -314,13 +332,18 @@ def _write_if_there(path: Path, value: object) -> None:
         _write(path, value)
 
 
-def _counter(path: Path, key: str) -> int:
-    try:
-        text = path.read_text()
-    except OSError:
-        return 0
-    match = re.search(rf"^{re.escape(key)} (\d+)$", text, re.MULTILINE)
-    return int(match[1]) if match else 0
+def counter_value(text: bytes, key: str) -> int:
+    """The value of `key` in the text of an event-counter file (lines of "key value"); 0 when
+    the file has no such line."""
+    wanted = key.encode()
+    for line in text.splitlines():
+        name, _, value = line.partition(b" ")
+        if name == wanted:
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
 
 
 def _delegate(own: Path, controllers: list[str]) -> None:

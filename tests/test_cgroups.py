@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -94,6 +95,52 @@ def test_v2_cgroup_gets_every_limit_and_a_delegating_parent(tmp_path: Path) -> N
     finally:
         cgroup.groups = []  # a fake: nothing to remove
         cgroup.remove()
+
+
+def test_counter_values_are_read_from_key_value_lines() -> None:
+    text = b"oom_kill_disable 0\nunder_oom 0\noom_kill 7\n"
+    assert cgroups.counter_value(text, "oom_kill") == 7
+    assert cgroups.counter_value(text, "oom") == 0  # a prefix of a key is not the key
+    assert cgroups.counter_value(b"max 12\n", "max") == 12
+    assert cgroups.counter_value(b"", "max") == 0
+    assert cgroups.counter_value(b"max many\n", "max") == 0
+
+
+def test_each_counter_file_is_opened_once_for_the_whole_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checks run every WATCH_INTERVAL for the whole run: one pread each, on files kept
+    open, and closed with the cgroup."""
+    own = fake_v2(tmp_path, "/vm.scope", subtree="memory pids cpu\n")
+    name = f"vmsuper-{os.getpid()}"
+    (own / name).mkdir()
+    (own / name / "cgroup.procs").write_text("")
+    cgroup = PluginCgroup.create(LIMITS, name=name, root=tmp_path, self_cgroup="0::/vm.scope\n")
+    folder = own / name
+    (folder / "pids.events").write_text("max 0\n")
+    (folder / "memory.events").write_text("oom_kill 0\n")
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        opened.append(Path(path).name)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(cgroups.os, "open", counting_open)
+    try:
+        for _ in range(20):
+            assert cgroup.violation() is None
+        (folder / "pids.events").write_text("max 1\n")  # the same file, new contents
+        assert cgroup.violation() == "plugin killed: process limit (16) reached"
+        assert sorted(opened) == ["memory.events", "pids.events"]
+        kept = list(cgroup._counter_fds.values())
+        assert len(kept) == 2
+    finally:
+        cgroup.groups = []  # a fake: nothing to remove
+        cgroup.remove()
+    for fd in kept:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed with the cgroup
 
 
 @pytest.mark.parametrize("alone", [True, False], ids=["alone", "with another process"])
