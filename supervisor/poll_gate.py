@@ -26,9 +26,17 @@ is busy when its exits since the last reading, each worth a polling window, add 
 would outnumber the supervisor's CPUs, the window is 0 without a try: the VM runs as with
 `poll_us = 0`.
 
-`PollPolicy` is the pressure's decision, fed readings and returning the window, and `BusyVcpus`
-the count's, fed exit counts (no I/O, each tested alone); `PollGate` is the shell: the file,
-the counts and the mailboxes; the supervisor's event loop ticks it when the last tick said.
+A VM whose VCPUs make no exits (stopped by the plugin, halted, or waiting on a device) has no
+hand-off to poll for, so a reading decides nothing for it; yet at 40 readings a second, many
+such VMs would each keep a CPU awake. So each reading that finds no exit since the previous
+one doubles the wait for the next (`QuietVcpus`), from `INTERVAL_S` up to `QUIET_MAX_S`, and
+one exit brings it back. A VM that wakes on a busy host then polls for that wait at most,
+never for longer than it was quiet.
+
+`PollPolicy` is the pressure's decision, fed readings and returning the window, `BusyVcpus` and
+`QuietVcpus` the counts', fed exit counts (no I/O, each tested alone); `PollGate` is the shell:
+the file, the counts and the mailboxes; the supervisor's event loop ticks it when the last tick
+said.
 Without the file (a kernel without PSI) the window stays as configured.
 """
 
@@ -48,10 +56,12 @@ __all__ = [
     "HOLD_MAX_S",
     "HOLD_MIN_S",
     "INTERVAL_S",
+    "QUIET_MAX_S",
     "THRESHOLD",
     "BusyVcpus",
     "PollGate",
     "PollPolicy",
+    "QuietVcpus",
 ]
 
 PRESSURE_FILE: Final = "/proc/pressure/cpu"
@@ -69,6 +79,8 @@ HOLD_MIN_S: Final = 0.05
 HOLD_MAX_S: Final = 1.6
 """How long polling stays off before it is tried again: doubled each time a try finds the host
 still busy (from HOLD_MIN_S, at most HOLD_MAX_S), back to HOLD_MIN_S once the host is calm."""
+QUIET_MAX_S: Final = 0.4
+"""The longest wait between two readings while the VM's VCPUs make no exits."""
 
 
 class PollPolicy:
@@ -147,6 +159,30 @@ class BusyVcpus:
         return self.room
 
 
+class QuietVcpus:
+    """How long the next reading may wait, fed every VCPU's count of exits so far at each
+    reading: INTERVAL_S while they exit; after the second reading in a row that finds no exit
+    since the one before, twice as long at each, up to QUIET_MAX_S (see the module doc). VCPUs
+    that have made no exit yet are starting, not quiet: their first exits may be a few readings
+    away on a busy host, and whether to poll for them is decided at the usual pace."""
+
+    def __init__(self) -> None:
+        self.quiet_readings = 0
+        self._last: list[int] | None = None
+
+    def update(self, exits: Sequence[int]) -> float:
+        """The wait (seconds) after a reading of every VCPU's exits so far."""
+        counts = list(exits)
+        if self._last is not None and counts == self._last and any(counts):
+            self.quiet_readings = min(self.quiet_readings + 1, 16)
+        else:
+            self.quiet_readings = 0
+        self._last = counts
+        if self.quiet_readings == 0:
+            return INTERVAL_S
+        return min(INTERVAL_S * 2 ** (self.quiet_readings - 1), QUIET_MAX_S)
+
+
 def read_stall_us(fd: int) -> int:
     """The "some" line's total (µs) of a /proc/pressure file open at `fd`."""
     text = os.pread(fd, 256, 0).decode("ascii", "replace")
@@ -175,6 +211,7 @@ class PollGate:
         self._mailboxes = list(mailboxes)
         self.policy = PollPolicy(window_ns)
         self.busy = BusyVcpus(window_ns, cpus if cpus is not None else len(os.sched_getaffinity(0)))
+        self.quiet = QuietVcpus()
         self._exits = exits
         self._clock = clock
         self._fd = -1
@@ -202,12 +239,15 @@ class PollGate:
             return None
         now = self._clock()
         window = self.policy.update(now, stall)
-        room = self.busy.update(now, self._exits()) if self._exits is not None else True
-        if not room:
+        exits = self._exits() if self._exits is not None else None
+        if exits is not None and not self.busy.update(now, exits):
             window = 0
         if window != self._window:
             self._set(window)
-        return self.policy.next_reading(now)
+        due = self.policy.next_reading(now)
+        if exits is not None:
+            due = max(due, now + self.quiet.update(exits))
+        return due
 
     def _set(self, window_ns: int) -> None:
         self._window = window_ns

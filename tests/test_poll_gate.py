@@ -12,7 +12,15 @@ import pytest
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.shared.shm_mailbox import Mailbox
 from vmsuper.supervisor import poll_gate
-from vmsuper.supervisor.poll_gate import HOLD_MAX_S, HOLD_MIN_S, BusyVcpus, PollGate, PollPolicy
+from vmsuper.supervisor.poll_gate import (
+    HOLD_MAX_S,
+    HOLD_MIN_S,
+    QUIET_MAX_S,
+    BusyVcpus,
+    PollGate,
+    PollPolicy,
+    QuietVcpus,
+)
 
 WINDOW = 50_000
 STEP = poll_gate.INTERVAL_S
@@ -249,5 +257,56 @@ def test_the_gate_stops_polling_while_the_vm_s_busy_vcpus_fill_the_cpus(
             counts = [counts[0] + first * busy_exits, counts[1] + second * busy_exits]
             assert gate.tick() == pytest.approx(host.now + STEP), step  # read on, no hold
             assert [m.poll_ns for m in mailboxes] == [window, window], step
+    finally:
+        gate.close()
+
+
+def test_quiet_vcpus_are_read_less_and_less_often_until_one_exits() -> None:
+    quiet = QuietVcpus()
+    assert quiet.update([5, 0]) == STEP  # the first reading: nothing to compare with
+    waits = [quiet.update([5, 0]) for _ in range(7)]
+    assert waits == pytest.approx(
+        [STEP, 2 * STEP, 4 * STEP, 8 * STEP, QUIET_MAX_S, QUIET_MAX_S, QUIET_MAX_S]
+    )
+    assert quiet.update([5, 1]) == STEP  # one exit: back to the usual pace at once
+    assert quiet.update([5, 1]) == STEP  # the first quiet reading does not wait longer yet
+    assert quiet.update([5, 1]) == 2 * STEP
+
+
+def test_vcpus_that_have_not_exited_yet_are_starting_not_quiet() -> None:
+    quiet = QuietVcpus()
+    assert [quiet.update([0, 0]) for _ in range(10)] == [STEP] * 10
+    assert quiet.update([1, 0]) == STEP
+    assert quiet.update([1, 0]) == STEP
+    assert quiet.update([1, 0]) == 2 * STEP
+
+
+def test_the_gate_reads_a_quiet_vm_less_often_and_keeps_its_window(
+    region: SharedRegion, tmp_path: Path
+) -> None:
+    pressure = tmp_path / "cpu"
+    host = Host()
+    counts = [3, 1]
+    gate, mailboxes = _gate(region, pressure, host, exits=lambda: counts, cpus=2)
+    try:
+        waits = []
+        for _ in range(6):
+            due = gate.tick()
+            assert due is not None
+            waits.append(due - host.now)
+            host.advance(0.1, due - host.now)
+            _pressure(pressure, host.stall_us)
+        assert waits == pytest.approx(
+            [STEP, 2 * STEP, 4 * STEP, 8 * STEP, QUIET_MAX_S, QUIET_MAX_S]
+        )
+        assert [m.poll_ns for m in mailboxes] == [WINDOW, WINDOW]  # a calm host: polling stays on
+        counts = [4, 1]
+        assert gate.tick() == pytest.approx(host.now + STEP)
+        # The pressure still decides at each reading: a busy host turns polling off, quiet or
+        # not, and the quiet wait starts over from one interval.
+        host.advance(0.9)
+        _pressure(pressure, host.stall_us)
+        assert gate.tick() == pytest.approx(host.now + STEP)  # first quiet reading: no wait yet
+        assert [m.poll_ns for m in mailboxes] == [0, 0]
     finally:
         gate.close()
