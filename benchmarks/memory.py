@@ -1,15 +1,25 @@
 """(e) Memory: USS and PSS of the supervisor and of each VCPU worker while the VM runs, their
-growth from 1 to many VCPUs, and the time to start that many.
+growth from 1 to many VCPUs, and the time to start that many; and what the held VM costs
+while it waits: CPU time and wake-ups per second.
 
 The native plugin runs in `hold` mode: every VCPU stops at its first exit, the plugin reports,
 and the harness measures the processes before letting the plugin (and so the VM) end. USS is
 what a process would give back if it died; PSS also charges it its share of shared pages (the
 workers are forked from the supervisor, so most of their pages are shared with it): the sum of
 the PSS figures is what the whole VM host costs.
+
+A VM whose VCPUs wait (on the plugin, a device, a test's next step) should cost nothing, and
+many such VMs at once nothing either: the harness lets the held VM settle for `SETTLE_S`, then
+reads, over `IDLE_WINDOW_S`, the CPU time of every thread of the supervisor and its workers
+(`/proc/.../schedstat`, in ns) and their context switches (each a wake-up from a sleep, or a
+preemption).
 """
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
 from typing import Any, Final
 
 import psutil
@@ -20,6 +30,8 @@ from .vmrun import RunError, RunResult, run_vm
 
 MIB: Final = 1024 * 1024
 VCPU_COUNTS: Final = (1, 16)
+SETTLE_S: Final = 0.5
+IDLE_WINDOW_S: Final = 1.0
 
 
 def split_children(run: RunResult, vcpus: int) -> tuple[list[psutil.Process], list[psutil.Process]]:
@@ -56,6 +68,40 @@ def sample(run: RunResult, vcpus: int) -> dict[str, Any]:
     }
 
 
+def thread_counters(pids: list[int]) -> tuple[int, int]:
+    """(CPU ns, context switches) so far, summed over every thread of `pids`."""
+    cpu_ns = switches = 0
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            task = Path(f"/proc/{pid}/task/{tid}")
+            try:
+                cpu_ns += int((task / "schedstat").read_text().split()[0])
+                for line in (task / "status").read_text().splitlines():
+                    if "ctxt_switches:" in line:  # voluntary and nonvoluntary
+                        switches += int(line.split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # a thread that ended meanwhile
+    return cpu_ns, switches
+
+
+def idle_cost(run: RunResult, vcpus: int, *, quick: bool = False) -> dict[str, float]:
+    """CPU ms and context switches per second of the held VM's supervisor and workers (see the
+    module doc); `quick` waits a fifth as long."""
+    workers, _ = split_children(run, vcpus)
+    pids = [run.supervisor_pid, *(w.pid for w in workers)]
+    scale = 0.2 if quick else 1.0
+    time.sleep(SETTLE_S * scale)
+    cpu_before, switches_before = thread_counters(pids)
+    start = time.monotonic()
+    time.sleep(IDLE_WINDOW_S * scale)
+    cpu_after, switches_after = thread_counters(pids)
+    seconds = time.monotonic() - start
+    return {
+        "held_cpu_ms_per_s": (cpu_after - cpu_before) / 1e6 / seconds,
+        "held_switches_per_s": (switches_after - switches_before) / seconds,
+    }
+
+
 def memory(bench: Bench) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for ll in bench.low_latency:
@@ -74,6 +120,7 @@ def memory(bench: Bench) -> list[dict[str, Any]]:
                     vcpus: int = vcpus,
                 ) -> None:
                     got.update(sample(run, vcpus))
+                    got.update(idle_cost(run, vcpus, quick=bench.quick))
 
                 spec = bench.spec("native", "hold", vcpus=vcpus, low_latency=ll, holds=1)
                 run = run_vm(spec, bench.folder(f"memory-{vcpus}"), while_held=measure)
@@ -94,6 +141,8 @@ def memory(bench: Bench) -> list[dict[str, Any]]:
                 "worker_pss_mib": summarize(worker_pss),
                 "total_uss_mib": summarize(total_uss),
                 "total_pss_mib": summarize(total_pss),
+                "held_cpu_ms_per_s": summarize([s["held_cpu_ms_per_s"] for s in samples]),
+                "held_switches_per_s": summarize([s["held_switches_per_s"] for s in samples]),
                 "start_ms": summarize(start_ms),
                 "exec_to_running_ms": summarize(running_ms),
             }

@@ -401,6 +401,8 @@ COLUMNS: Final[dict[str, list[Column]]] = {
         ("total USS MiB", _summary("total_uss_mib")),
         ("total PSS MiB", _summary("total_pss_mib")),
         ("Start->all running ms", _summary("start_ms")),
+        ("held CPU ms/s", _summary("held_cpu_ms_per_s", 2)),
+        ("held switches/s", _summary("held_switches_per_s")),
         ("+USS/VCPU MiB", _value("per_added_vcpu_uss_mib", "{:.2f}")),
         ("+PSS/VCPU MiB", _value("per_added_vcpu_pss_mib", "{:.2f}")),
     ],

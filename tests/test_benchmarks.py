@@ -212,6 +212,8 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
             "worker_uss_mib",
             "total_pss_mib",
             "start_ms",
+            "held_cpu_ms_per_s",
+            "held_switches_per_s",
         ):
             check_summary(key, row[key])
         assert row["worker_uss_mib"]["runs"] == row["vcpus"]  # one sample per worker
