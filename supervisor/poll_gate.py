@@ -28,10 +28,10 @@ would outnumber the supervisor's CPUs, the window is 0 without a try: the VM run
 
 A VM whose VCPUs make no exits (stopped by the plugin, halted, or waiting on a device) has no
 hand-off to poll for, so a reading decides nothing for it; yet at 40 readings a second, many
-such VMs would each keep a CPU awake. So each reading that finds no exit since the previous
-one doubles the wait for the next (`QuietVcpus`), from `INTERVAL_S` up to `QUIET_MAX_S`, and
-one exit brings it back. A VM that wakes on a busy host then polls for that wait at most,
-never for longer than it was quiet.
+such VMs would each keep a CPU awake. So from the second reading in a row that finds no exit
+since the one before, each doubles the wait for the next (`QuietVcpus`), from `INTERVAL_S` up
+to `QUIET_MAX_S`, and one exit brings it back. A VM that wakes on a busy host then polls for
+that wait at most, never for longer than it was quiet.
 
 `PollPolicy` is the pressure's decision, fed readings and returning the window, `BusyVcpus` and
 `QuietVcpus` the counts', fed exit counts (no I/O, each tested alone); `PollGate` is the shell:
