@@ -243,9 +243,7 @@ def test_the_gate_stops_polling_while_the_vm_s_busy_vcpus_fill_the_cpus(
     region: SharedRegion, tmp_path: Path
 ) -> None:
     """However calm the host: the VM's own VCPUs would be what keeps it busy."""
-    pressure = tmp_path / "cpu"
-    host = Host()
-    counts = [0, 0]
+    pressure, host, counts = tmp_path / "cpu", Host(), [0, 0]
     gate, mailboxes = _gate(region, pressure, host, exits=lambda: counts, cpus=2)
     busy_exits = int(poll_gate.BUSY_SHARE * STEP * 1e9 / WINDOW) + 1
     try:
@@ -254,7 +252,7 @@ def test_the_gate_stops_polling_while_the_vm_s_busy_vcpus_fill_the_cpus(
         ):
             host.advance(0.1)
             _pressure(pressure, host.stall_us)
-            counts = [counts[0] + first * busy_exits, counts[1] + second * busy_exits]
+            counts[:] = [counts[0] + first * busy_exits, counts[1] + second * busy_exits]
             assert gate.tick() == pytest.approx(host.now + STEP), step  # read on, no hold
             assert [m.poll_ns for m in mailboxes] == [window, window], step
     finally:
@@ -284,9 +282,8 @@ def test_vcpus_that_have_not_exited_yet_are_starting_not_quiet() -> None:
 def test_the_gate_reads_a_quiet_vm_less_often_and_keeps_its_window(
     region: SharedRegion, tmp_path: Path
 ) -> None:
-    pressure = tmp_path / "cpu"
-    host = Host()
-    counts = [3, 1]
+    """Quiet VCPUs: the readings space out, and the window is still the pressure's."""
+    pressure, host, counts = tmp_path / "cpu", Host(), [3, 1]
     gate, mailboxes = _gate(region, pressure, host, exits=lambda: counts, cpus=2)
     try:
         waits = []
@@ -300,7 +297,7 @@ def test_the_gate_reads_a_quiet_vm_less_often_and_keeps_its_window(
             [STEP, 2 * STEP, 4 * STEP, 8 * STEP, QUIET_MAX_S, QUIET_MAX_S]
         )
         assert [m.poll_ns for m in mailboxes] == [WINDOW, WINDOW]  # a calm host: polling stays on
-        counts = [4, 1]
+        counts[:] = [4, 1]
         assert gate.tick() == pytest.approx(host.now + STEP)
         # The pressure still decides at each reading: a busy host turns polling off, quiet or
         # not, and the quiet wait starts over from one interval.
