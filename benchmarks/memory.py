@@ -72,7 +72,11 @@ def thread_counters(pids: list[int]) -> tuple[int, int]:
     """(CPU ns, context switches) so far, summed over every thread of `pids`."""
     cpu_ns = switches = 0
     for pid in pids:
-        for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            raise RunError(f"process {pid} of the held VM ended while it was measured") from None
+        for tid in tids:
             task = Path(f"/proc/{pid}/task/{tid}")
             try:
                 cpu_ns += int((task / "schedstat").read_text().split()[0])
