@@ -275,6 +275,8 @@ def _toml_message(exc: msgspec.DecodeError) -> str:
 
 
 def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, object], label: str) -> None:
+    if not overrides:
+        return  # resolving the fields' annotations is the costly part: most runs have none
     tables = {f.name: f.type for f in msgspec.structs.fields(Config)}
     for dotted, value in overrides.items():
         table, _, key = dotted.partition(".")

@@ -10,9 +10,11 @@ Keys are dotted paths: "vm.vcpus", "plugin.args[1]", "plugin.mounts[0].src".
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import types
 import typing
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,6 +33,27 @@ class ShapeError(Exception):
 def check(document: object, struct: type[msgspec.Struct]) -> None:
     """Raise `ShapeError` for the first part of `document` that `struct` cannot take."""
     _check(document, struct, "")
+
+
+def prepare(struct: type[msgspec.Struct]) -> set[type[msgspec.Struct]]:
+    """Resolve the annotations of `struct` and of every struct its fields can hold, ahead of
+    the first `check` (see `_shape`): a check resolves only the tables its document has.
+    Returns the structs resolved."""
+    seen: set[type[msgspec.Struct]] = set()
+    pending = [struct]
+    while pending:
+        current = pending.pop()
+        if current not in seen:
+            seen.add(current)
+            pending.extend(_structs_in(_shape(current)[1].values()))
+    return seen
+
+
+def _structs_in(annotations: Iterable[Any]) -> Iterator[type[msgspec.Struct]]:
+    for annotation in annotations:
+        if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+            yield annotation
+        yield from _structs_in(typing.get_args(annotation))
 
 
 def key_label(key: str) -> str:
@@ -133,11 +156,19 @@ def _check_union(value: object, members: list[Any], key: str) -> None:
     raise ShapeError(key, f"expected {wanted}, got {_got(value)}")
 
 
+@functools.cache
+def _shape(struct: type[msgspec.Struct]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A struct's fields by their name in the document, and its resolved annotations. Resolving
+    them compiles every string annotation: once per struct, not once per config, so that the
+    runs `vmsuper serve` forks (which loaded a config to prepare) do not pay it again."""
+    fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+    return fields, typing.get_type_hints(struct, include_extras=True)
+
+
 def _check_struct(value: object, struct: type[msgspec.Struct], key: str) -> None:
     if not isinstance(value, dict):
         raise ShapeError(key, f"expected a table, got {_got(value)}")
-    fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
-    hints = typing.get_type_hints(struct, include_extras=True)
+    fields, hints = _shape(struct)
     for name in value:
         if name not in fields:
             if not key:

@@ -9,7 +9,15 @@ import msgspec
 import pytest
 
 from vmsuper.supervisor import config_shape
-from vmsuper.supervisor.config import Config, LimitsConfig
+from vmsuper.supervisor.config import (
+    Config,
+    LimitsConfig,
+    LogConfig,
+    MountConfig,
+    NetConfig,
+    PluginConfig,
+    VmConfig,
+)
 
 
 class Inner(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -97,3 +105,17 @@ def test_a_description_names_what_is_expected() -> None:
         config_shape.check({"size": True}, Described)
     assert info.value.message == "expected a size or a count, got boolean"
     config_shape.check({"size": "1M"}, Described)
+
+
+def test_prepare_resolves_every_struct_a_config_can_hold() -> None:
+    """`vmsuper serve` prepares them all, so that no fork resolves a table's annotations."""
+    assert config_shape.prepare(Config) == {
+        Config,
+        VmConfig,
+        PluginConfig,
+        MountConfig,
+        NetConfig,
+        LogConfig,
+        LimitsConfig,
+    }
+    assert config_shape.prepare(Outer) >= {Outer}
