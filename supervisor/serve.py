@@ -133,6 +133,7 @@ def _prepare_a_run() -> None:
     """Everything a run imports, and what its first steps make (the command line's parser,
     msgspec's TOML parser and view of the config's types, the hot path's library), so that no
     fork pays for them again. What fails here is only left for the runs to meet and report."""
+    import pwd
     import tempfile
 
     import vmsuper.supervisor.cli
@@ -140,7 +141,8 @@ def _prepare_a_run() -> None:
     import vmsuper.supervisor.runner
     import vmsuper.workers.worker_process
     from vmsuper.shared import hotpath
-    from vmsuper.supervisor.config import ConfigError, load_config
+    from vmsuper.supervisor import config_shape, sandbox_user
+    from vmsuper.supervisor.config import Config, ConfigError, load_config
 
     vmsuper.supervisor.cli.build_parser()
     with contextlib.suppress(ImportError):
@@ -150,6 +152,15 @@ def _prepare_a_run() -> None:
         sample.flush()
         with contextlib.suppress(ConfigError, OSError):
             load_config(sample.name, check_plugin=False)
+    config_shape.prepare(Config)  # every table's annotations, not only the sample's
+    # A run looks users up (whom the plugin and the workers run as, whose home folders to hide),
+    # and the first lookup of a process loads the C library's NSS modules (over a millisecond
+    # here, for a user that is absent). Loaded here, every fork finds them; the entries are not
+    # kept, so each run still sees the passwd database as it is then.
+    for name in sandbox_user.DEFAULT_USERS:
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(name)
+    pwd.getpwall()
 
 
 class _Run:

@@ -447,3 +447,27 @@ def test_a_request_of_another_version_goes_back_to_its_command() -> None:
     with pytest.raises(Refusal) as info:
         parse_request(request(version="9"), [0, 1, 2])
     assert info.value.local
+
+
+def test_after_the_server_s_preparation_user_lookups_load_nothing() -> None:
+    """The first user lookup of a process loads the C library's NSS modules (for an absent
+    user, a millisecond and more here); the server loads them before it forks, so a run's
+    lookups (whom the plugin and the workers run as, whose homes to hide) map nothing new."""
+    probe = """
+import os, pwd
+from vmsuper.supervisor import serve, sandbox_user
+serve._prepare_a_run()
+before = open("/proc/self/maps").read().count("\\n")
+for name in ("no-such-user-of-vmsuper", *sandbox_user.DEFAULT_USERS):
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        pass
+pwd.getpwall()
+print(before, open("/proc/self/maps").read().count("\\n"))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    before, after = map(int, done.stdout.split())
+    assert after == before, "a user lookup mapped new objects after the server's preparation"
