@@ -19,12 +19,11 @@ round (`crosvm_cpu_us`, and `transport_cpu_us` for the reference of the row's tr
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import Any, Final
 
 from .context import DEFAULT_PATH, PATHS, TRANSPORTS, Bench
 from .exits import CROSVM_MODE, rates, run_reference
-from .memory import split_children
+from .memory import split_children, task_seconds
 from .stats import rounds, summarize
 from .vmrun import RunError, RunResult, run_vm
 
@@ -33,19 +32,6 @@ PARTS: Final = ("supervisor_main", "supervisor_runner", "vcpu_worker", "plugin")
 CPU_PATHS: Final = (DEFAULT_PATH, "c")
 # The reference of each transport, the same architecture as crosvm's over it.
 TRANSPORT_MODE: Final = {"pipes": CROSVM_MODE, "socket": "socket"}
-
-
-def task_seconds(pid: int) -> dict[int, float]:
-    """Time on the CPU of each live thread of `pid`."""
-    times: dict[int, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            times[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
-        except (OSError, ValueError, IndexError):
-            continue
-    if not times:
-        raise RunError(f"no thread times for pid {pid} (is /proc/PID/task/*/schedstat there?)")
-    return times
 
 
 def snapshot(run: RunResult) -> dict[str, float]:

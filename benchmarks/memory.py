@@ -17,7 +17,6 @@ preemption).
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Final
@@ -68,24 +67,43 @@ def sample(run: RunResult, vcpus: int) -> dict[str, Any]:
     }
 
 
-def thread_counters(pids: list[int]) -> tuple[int, int]:
-    """(CPU ns, context switches) so far, summed over every thread of `pids`."""
-    cpu_ns = switches = 0
+def task_seconds(pid: int) -> dict[int, float]:
+    """Time on the CPU of each live thread of `pid`."""
+    times: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            times[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue
+    if not times:
+        raise RunError(f"no thread times for pid {pid} (is /proc/PID/task/*/schedstat there?)")
+    return times
+
+
+def _context_switches(pid: int) -> int:
+    """Voluntary and involuntary context switches so far, over every live thread of `pid`."""
+    switches = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        switches += sum(
+            int(line.split()[1]) for line in status.splitlines() if "ctxt_switches:" in line
+        )
+    return switches
+
+
+def thread_counters(pids: list[int]) -> tuple[float, int]:
+    """(CPU seconds, context switches) so far, summed over every thread of `pids`."""
+    cpu_s, switches = 0.0, 0
     for pid in pids:
         try:
-            tids = os.listdir(f"/proc/{pid}/task")
+            cpu_s += sum(task_seconds(pid).values())
+            switches += _context_switches(pid)
         except FileNotFoundError:
             raise RunError(f"process {pid} of the held VM ended while it was measured") from None
-        for tid in tids:
-            task = Path(f"/proc/{pid}/task/{tid}")
-            try:
-                cpu_ns += int((task / "schedstat").read_text().split()[0])
-                for line in (task / "status").read_text().splitlines():
-                    if "ctxt_switches:" in line:  # voluntary and nonvoluntary
-                        switches += int(line.split()[1])
-            except (FileNotFoundError, ProcessLookupError):
-                continue  # a thread that ended meanwhile
-    return cpu_ns, switches
+    return cpu_s, switches
 
 
 def idle_cost(run: RunResult, vcpus: int, *, quick: bool = False) -> dict[str, float]:
@@ -101,7 +119,7 @@ def idle_cost(run: RunResult, vcpus: int, *, quick: bool = False) -> dict[str, f
     cpu_after, switches_after = thread_counters(pids)
     seconds = time.monotonic() - start
     return {
-        "held_cpu_ms_per_s": (cpu_after - cpu_before) / 1e6 / seconds,
+        "held_cpu_ms_per_s": (cpu_after - cpu_before) * 1e3 / seconds,
         "held_switches_per_s": (switches_after - switches_before) / seconds,
     }
 

@@ -19,18 +19,25 @@ from benchmarks.vmrun import RunError
 
 
 def test_thread_counters_sum_cpu_time_and_switches_over_every_thread() -> None:
-    done = threading.Event()
-    helper = threading.Thread(target=done.wait)  # a second thread, alive while counted
-    helper.start()
+    read_end, write_end = os.pipe()
+    # A second thread, alive while counted: it blocks reading the empty pipe (a voluntary
+    # switch) until the test writes to it.
+    helper = threading.Thread(target=os.read, args=(read_end, 1))
     try:
-        cpu_ns, switches = thread_counters([os.getpid()])
+        cpu_s, switches = thread_counters([os.getpid()])
         sum(range(200_000))  # CPU time of this thread
-        time.sleep(0.001)  # and a voluntary switch
-        later_cpu_ns, later_switches = thread_counters([os.getpid()])
+        helper.start()
+        deadline = time.monotonic() + 10
+        while (later := thread_counters([os.getpid()]))[1] <= switches:
+            assert time.monotonic() < deadline, "no context switch counted in 10 s"
+        later_cpu_s, later_switches = later
     finally:
-        done.set()
-        helper.join()
-    assert 0 < cpu_ns < later_cpu_ns
+        os.write(write_end, b"x")
+        if helper.ident is not None:
+            helper.join()
+        os.close(read_end)
+        os.close(write_end)
+    assert 0 < cpu_s < later_cpu_s
     assert 0 < switches < later_switches
 
 
