@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import os
 from collections.abc import Iterable
 from typing import Final
 
 from vmsuper.shared import abi, bpf, kvm
+from vmsuper.shared.libc_calls import check
 from vmsuper.shared.prctl import PR_SET_NO_NEW_PRIVS, prctl
 
 __all__ = ["ALLOWED", "build_filter", "confine_thread"]
@@ -125,10 +125,9 @@ def build_filter(
 def confine_thread(program: bytes) -> None:
     """Install `program` (from `build_filter`) on the calling thread only (with no_new_privs,
     also this thread's only, so an unprivileged supervisor may install it too)."""
-    if prctl(PR_SET_NO_NEW_PRIVS, 1) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"PR_SET_NO_NEW_PRIVS: {os.strerror(err)}")
+    check(prctl(PR_SET_NO_NEW_PRIVS, 1), "PR_SET_NO_NEW_PRIVS")
     fprog, _buffer = bpf.fprog(program)
-    if _libc.syscall(bpf.SYSCALLS["seccomp"], _SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(fprog)):
-        err = ctypes.get_errno()
-        raise OSError(err, f"seccomp(SECCOMP_SET_MODE_FILTER): {os.strerror(err)}")
+    installed = _libc.syscall(
+        bpf.SYSCALLS["seccomp"], _SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(fprog)
+    )
+    check(installed, "seccomp(SECCOMP_SET_MODE_FILTER)")

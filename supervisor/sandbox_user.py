@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from vmsuper.shared.libc_calls import check
 from vmsuper.shared.prctl import PR_SET_NO_NEW_PRIVS, prctl
 
 DEFAULT_USERS = ("vmsuper", "nobody")
@@ -135,7 +136,7 @@ def enter(user: PluginUser, sources: Sequence[str], hidden: Sequence[str]) -> No
             os.setgroups([])
             os.setresgid(user.gid, user.gid, user.gid)
             os.setresuid(user.uid, user.uid, user.uid)
-        _check(prctl(PR_SET_NO_NEW_PRIVS, 1), "no_new_privs")
+        check(prctl(PR_SET_NO_NEW_PRIVS, 1), "no_new_privs")
     except OSError as exc:
         cause = exc.strerror or str(exc)
         if exc.filename is not None:
@@ -145,12 +146,12 @@ def enter(user: PluginUser, sources: Sequence[str], hidden: Sequence[str]) -> No
 
 
 def _stage(sources: Sequence[str], hidden: Sequence[str]) -> None:
-    _check(_libc.unshare(_CLONE_NEWNS), "unshare the mount namespace")
-    _check(_libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
+    check(_libc.unshare(_CLONE_NEWNS), "unshare the mount namespace")
+    check(_libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
     flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
     for folder in hidden:
         if os.path.isdir(folder):
-            _check(
+            check(
                 _libc.mount(b"tmpfs", folder.encode(), b"tmpfs", flags | _MS_RDONLY, b"mode=0755"),
                 folder,
             )
@@ -162,7 +163,7 @@ def _stage(sources: Sequence[str], hidden: Sequence[str]) -> None:
         opened = os.readlink(f"/proc/self/fd/{fd}")
         if opened != source:  # a symlink put on the way since the parent resolved it
             raise OSError(0, f"{source} now leads to {opened}")
-    _check(_libc.mount(b"tmpfs", STAGE.encode(), b"tmpfs", flags, b"mode=0755"), "mount " + STAGE)
+    check(_libc.mount(b"tmpfs", STAGE.encode(), b"tmpfs", flags, b"mode=0755"), "mount " + STAGE)
     for index, fd in enumerate(fds):
         target = stage_path(index)
         if os.path.isdir(f"/proc/self/fd/{fd}"):
@@ -170,11 +171,5 @@ def _stage(sources: Sequence[str], hidden: Sequence[str]) -> None:
         else:
             os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
         origin = f"/proc/self/fd/{fd}".encode()
-        _check(_libc.mount(origin, target.encode(), None, _MS_BIND | _MS_REC, None), sources[index])
+        check(_libc.mount(origin, target.encode(), None, _MS_BIND | _MS_REC, None), sources[index])
         os.close(fd)
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")

@@ -21,6 +21,8 @@ from bpf_vm import run_filter, well_formed
 from rawplugin import WAIT_FOR_SHUTDOWN, plugin_source
 
 from vmsuper.shared import abi, bpf, hotpath, kvm
+from vmsuper.shared.libc_calls import check
+from vmsuper.shared.prctl import PR_SET_NO_NEW_PRIVS, prctl
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.supervisor import outcome, runner_seccomp, runners
 from vmsuper.supervisor.vcpus import workers_user
@@ -288,7 +290,7 @@ def test_a_trapped_call_is_stored_and_the_process_dies_by_sigsys(region: SharedR
             ],
         }
         hotpath.trap_syscalls(slot.cell_address("trapped_syscall"))
-        confine._check(confine._libc.prctl(38, 1, 0, 0, 0), "no_new_privs")
+        check(prctl(PR_SET_NO_NEW_PRIVS, 1), "no_new_privs")
         confine._install_filter(bpf.build_filter(verdicts, allow, foreign=KILL))
         os.getppid()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import shutil
 import subprocess
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from vmsuper.shared import prctl
+from vmsuper.shared.libc_calls import check
 
 OPTIONS = [name for name in prctl.__all__ if name.startswith("PR_")]
 
@@ -55,3 +57,12 @@ def test_the_call_returns_the_result_and_leaves_errno_for_the_caller() -> None:
     thread.start()
     thread.join(timeout=10)
     assert names == [b"prctl-check", b"EINVAL"]
+
+
+def test_a_failed_call_becomes_an_os_error_naming_it() -> None:
+    flag = ctypes.c_int()
+    check(prctl.prctl(prctl.PR_GET_CHILD_SUBREAPER, ctypes.byref(flag)), "get")  # 0: no error
+    with pytest.raises(OSError) as info:
+        check(prctl.prctl(-1), "option -1")
+    assert info.value.errno == errno.EINVAL
+    assert info.value.strerror == f"option -1: {os.strerror(errno.EINVAL)}"

@@ -49,6 +49,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from vmsuper.shared import bpf, hotpath, kvm, wire
+from vmsuper.shared.libc_calls import check
 from vmsuper.shared.prctl import (
     PR_CAP_AMBIENT,
     PR_CAP_AMBIENT_CLEAR_ALL,
@@ -242,12 +243,12 @@ def confine(
         # fork (`close_fds_except`): its number is stale, maybe reused, and must not be closed.
         region.fd = -1
         region.confine_to(vcpu)
-        _check(prctl(PR_SET_DUMPABLE, 0), "PR_SET_DUMPABLE")
+        check(prctl(PR_SET_DUMPABLE, 0), "PR_SET_DUMPABLE")
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         parent = os.getppid()
         _drop_capabilities(confinement)
-        _check(prctl(PR_SET_NO_NEW_PRIVS, 1), "PR_SET_NO_NEW_PRIVS")
-        _check(prctl(PR_SET_PDEATHSIG, signal.SIGKILL), "PR_SET_PDEATHSIG")
+        check(prctl(PR_SET_NO_NEW_PRIVS, 1), "PR_SET_NO_NEW_PRIVS")
+        check(prctl(PR_SET_PDEATHSIG, signal.SIGKILL), "PR_SET_PDEATHSIG")
         if os.getppid() != parent:
             raise ConfinementError(f"the supervisor (pid {parent}) is gone")
         facts = {
@@ -265,12 +266,6 @@ def confine(
     except OSError as exc:
         raise ConfinementError(f"cannot confine the VCPU worker: {exc}") from exc
     return facts
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 def _check_fds(vcpu: int) -> int | None:
@@ -305,7 +300,7 @@ def _unmap_shared_mappings(vcpu: int, region_address: int) -> int:
         start, end = int(match["start"], 16), int(match["end"], 16)
         if match["path"] == own or start <= region_address < end:
             continue
-        _check(_libc.munmap(ctypes.c_void_p(start), ctypes.c_size_t(end - start)), "munmap")
+        check(_libc.munmap(ctypes.c_void_p(start), ctypes.c_size_t(end - start)), "munmap")
         count += 1
     return count
 
@@ -336,7 +331,7 @@ def _capabilities() -> tuple[int, int, int]:
     """(effective, permitted, inheritable) of this thread, 64 bits each."""
     header = _CapHeader(_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
-    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    check(_libc.capget(ctypes.byref(header), data), "capget")
     return tuple(
         getattr(data[0], field) | getattr(data[1], field) << 32
         for field in ("effective", "permitted", "inheritable")
@@ -351,16 +346,16 @@ def _drop_capabilities(confinement: Confinement) -> None:
         with open("/proc/sys/kernel/cap_last_cap") as last:
             top = int(last.read())
         for cap in range(top + 1):
-            _check(prctl(PR_CAPBSET_DROP, cap), f"PR_CAPBSET_DROP {cap}")
+            check(prctl(PR_CAPBSET_DROP, cap), f"PR_CAPBSET_DROP {cap}")
     cleared = prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL) == 0
     if not cleared and ctypes.get_errno() != errno.EINVAL:  # EINVAL: no ambient capabilities
-        _check(-1, "PR_CAP_AMBIENT_CLEAR_ALL")
+        check(-1, "PR_CAP_AMBIENT_CLEAR_ALL")
     if confinement.uid is not None and confinement.gid is not None:
         os.setgroups([])
         os.setresgid(confinement.gid, confinement.gid, confinement.gid)
         os.setresuid(confinement.uid, confinement.uid, confinement.uid)
     header = _CapHeader(_CAPABILITY_VERSION_3, 0)
-    _check(_libc.capset(ctypes.byref(header), (_CapData * 2)()), "capset")
+    check(_libc.capset(ctypes.byref(header), (_CapData * 2)()), "capset")
     if any(_capabilities()):
         raise ConfinementError(f"capabilities left after dropping them: {_capabilities()}")
 
@@ -385,7 +380,7 @@ def _install_filter(code: bytes) -> None:
     result = _libc.syscall(
         nr, _SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_TSYNC, ctypes.byref(program)
     )
-    _check(result, "seccomp(SECCOMP_SET_MODE_FILTER)")
+    check(result, "seccomp(SECCOMP_SET_MODE_FILTER)")
 
 
 # -- test-only misbehaviour ----------------------------------------------------------------------
