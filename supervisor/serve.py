@@ -157,9 +157,8 @@ def _prepare_a_run() -> None:
     # and the first lookup of a process loads the C library's NSS modules (over a millisecond
     # here, for a user that is absent). Loaded here, every fork finds them; the entries are not
     # kept, so each run still sees the passwd database as it is then.
-    for name in sandbox_user.DEFAULT_USERS:
-        with contextlib.suppress(KeyError):
-            pwd.getpwnam(name)
+    with contextlib.suppress(sandbox_user.UserError):
+        sandbox_user.plugin_user(None)
     pwd.getpwall()
 
 
