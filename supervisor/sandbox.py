@@ -550,16 +550,17 @@ def site_folders(site: Path) -> list[str]:
                 if line and not line.startswith(("#", "import ", "import\t")):
                     folders.append(os.path.normpath(os.path.join(site, line)))
     for finder in sorted(site.glob("__editable__*finder.py")):
-        folders += _finder_mapping(finder)
+        folders += finder_mapping(finder).values()
     return [f for f in folders if os.path.isdir(f) and not _inside(f, str(site))]
 
 
-def _finder_mapping(finder: Path) -> list[str]:
-    """The folders setuptools' editable finder maps packages to (its MAPPING literal)."""
+def finder_mapping(finder: Path) -> dict[str, str]:
+    """The folders an editable install's finder maps packages to (its MAPPING literal, as
+    setuptools writes it); empty when there is none to read."""
     try:
         tree = ast.parse(finder.read_text())
     except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-        return []
+        return {}
     for node in tree.body:
         target = getattr(node, "target", None) or next(iter(getattr(node, "targets", [])), None)
         if isinstance(target, ast.Name) and target.id == "MAPPING":
@@ -567,8 +568,9 @@ def _finder_mapping(finder: Path) -> list[str]:
             with contextlib.suppress(ValueError):
                 mapping = ast.literal_eval(value) if value is not None else None
                 if isinstance(mapping, dict):
-                    return [v for v in mapping.values() if isinstance(v, str)]
-    return []
+                    pairs = mapping.items()
+                    return {k: v for k, v in pairs if isinstance(k, str) and isinstance(v, str)}
+    return {}
 
 
 def _search_path_folders(variable: str, value: str) -> list[Wanted]:
