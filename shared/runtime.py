@@ -5,13 +5,19 @@ files (vmsuper/capacity.py)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 TYPE_CHECKING = False  # `vmsuper run` reads the runtime folder before it imports typing
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Final
 
-__all__ = ["RUNTIME_VARIABLE", "RuntimeDirError", "make_runtime_dir", "runtime_dir"]
+__all__ = [
+    "RUNTIME_VARIABLE",
+    "RuntimeDirError",
+    "make_runtime_dir",
+    "runtime_dir",
+    "runtime_folder",
+]
 
 RUNTIME_VARIABLE: Final = "VMSUPER_RUNTIME_DIR"
 """Overrides the runtime folder (tests use it to see only their own runs)."""
@@ -22,19 +28,27 @@ class RuntimeDirError(Exception):
 
 
 def runtime_dir() -> Path:
+    """The runtime folder (`runtime_folder`)."""
+    from pathlib import Path
+
+    return Path(runtime_folder())
+
+
+def runtime_folder() -> str:
     """``/run/vmsuper`` as root, else ``$XDG_RUNTIME_DIR/vmsuper``, else
-    ``<tmp>/vmsuper-<uid>``; `VMSUPER_RUNTIME_DIR` wins."""
+    ``<tmp>/vmsuper-<uid>``; `VMSUPER_RUNTIME_DIR` wins. A string: the served `vmsuper run`
+    looks for its server here before it imports anything it can do without (pathlib)."""
     override = os.environ.get(RUNTIME_VARIABLE)
     if override:
-        return Path(override)
+        return override
     if os.geteuid() == 0:
-        return Path("/run/vmsuper")
+        return "/run/vmsuper"
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
-        return Path(xdg) / "vmsuper"
+        return os.path.join(xdg, "vmsuper")
     import tempfile  # here: the only case that needs it (a few ms of `vmsuper run`'s start-up)
 
-    return Path(tempfile.gettempdir()) / f"vmsuper-{os.geteuid()}"
+    return os.path.join(tempfile.gettempdir(), f"vmsuper-{os.geteuid()}")
 
 
 def make_runtime_dir(path: Path) -> Path:

@@ -33,7 +33,6 @@ import struct
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 __all__ = [
     "MAX_FDS",
@@ -76,7 +75,8 @@ MAX_VARINT_LEN = 10
 PIPE_SIZE = 256 * 1024
 """Pipe buffer size for VCPU channels: crosvm's client reads responses 256 KiB at a time."""
 
-_PIPE_MAX_SIZE_PATH = Path("/proc/sys/fs/pipe-max-size")
+# A string, not a Path: the served `vmsuper run` imports this module, and pathlib costs its start.
+_PIPE_MAX_SIZE_PATH = "/proc/sys/fs/pipe-max-size"
 _FD_SIZE = array.array("i").itemsize
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_TRUNC
 _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # <asm-generic/socket.h>; not in Python
@@ -500,7 +500,8 @@ class DelimitedDecoder:
 
 def _pipe_max_size() -> int | None:
     try:
-        return int(_PIPE_MAX_SIZE_PATH.read_text())
+        with open(_PIPE_MAX_SIZE_PATH, "rb") as limit:
+            return int(limit.read())
     except (OSError, ValueError):
         return None
 

@@ -414,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" {serve_client.SOCKET_NAME} in the runtime folder: where 'vmsuper run' looks)",
     )
     args = parser.parse_args(argv)
-    server = Server(args.socket or socket_path())
+    server = Server(args.socket or Path(socket_path()))
     try:
         server.listen()
     except (OSError, RuntimeDirError) as exc:

@@ -34,7 +34,6 @@ from vmsuper.shared import wire
 TYPE_CHECKING = False  # typing itself costs a run's start milliseconds: mypy alone imports these
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from pathlib import Path
     from typing import Any, Final
 
 __all__ = [
@@ -58,15 +57,14 @@ SERVER_FAILED: Final = 125
 _LOST_RUN_WAIT_S: Final = 10.0
 
 
-def socket_path() -> Path:
-    from pathlib import Path
-
+def socket_path() -> str:
+    """Where a server listens: `VMSUPER_SERVE_SOCKET`, else in the runtime folder."""
     named = os.environ.get(SOCKET_VARIABLE)
     if named:
-        return Path(named)
-    from vmsuper.shared.runtime import runtime_dir
+        return named
+    from vmsuper.shared.runtime import runtime_folder
 
-    return runtime_dir() / SOCKET_NAME
+    return os.path.join(runtime_folder(), SOCKET_NAME)
 
 
 def hand_over(argv: Sequence[str]) -> int | None:
@@ -77,7 +75,7 @@ def hand_over(argv: Sequence[str]) -> int | None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         try:
-            conn.connect(str(socket_path()))
+            conn.connect(socket_path())
         except OSError:
             return None  # none listens (or none may be reached): the usual case
         # The run's environment and streams go to a server of this user only (a socket that
