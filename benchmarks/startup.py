@@ -61,30 +61,27 @@ def _time_command(argv: list[str]) -> float:
 
 
 def startup(bench: Bench) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+    # Samples by (low latency, what); both settings in each round, so that a machine that
+    # slows down during the section slows both alike.
+    samples: dict[tuple[bool, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     with Served() as served:
-        for ll in bench.low_latency:
-            samples: dict[str, dict[str, list[float]]] = {v: defaultdict(list) for v in VARIANTS}
-            trivial: dict[str, dict[str, list[float]]] = {
-                "trivial": defaultdict(list),
-                TRIVIAL_SERVED: defaultdict(list),
-            }
-            for _ in range(bench.repeat):
+        for _ in range(bench.repeat):
+            for ll in bench.low_latency:
                 for variant, (plugin, sandbox) in VARIANTS.items():
                     env = served.env if variant == NATIVE_SERVED else {}
                     spec = bench.spec(plugin, "loop", 1, low_latency=ll, sandbox=sandbox, env=env)
-                    _sample(run_vm(spec, bench.folder(f"startup-{plugin}")), samples[variant])
+                    run = run_vm(spec, bench.folder(f"startup-{plugin}"))
+                    _sample(run, samples[ll, variant])
                 for name, env in (("trivial", {}), (TRIVIAL_SERVED, served.env)):
                     spec = bench.spec(
                         "native", "trivial", low_latency=ll, expect_report=False, env=env
                     )
-                    _trivial(bench, spec, served, trivial[name])
-            for variant in VARIANTS:
-                figures = {f"{k}_ms": summarize(v) for k, v in samples[variant].items()}
-                rows.append({"plugin": variant, "low_latency": ll, **figures})
-            for name, got in trivial.items():
-                figures = {f"{k}_ms": summarize(v) for k, v in got.items()}
-                rows.append({"plugin": name, "low_latency": ll, **figures})
+                    _trivial(bench, spec, served, samples[ll, name])
+    rows: list[dict[str, Any]] = []
+    for ll in bench.low_latency:
+        for name in (*VARIANTS, "trivial", TRIVIAL_SERVED):
+            figures = {f"{k}_ms": summarize(v) for k, v in samples[ll, name].items()}
+            rows.append({"plugin": name, "low_latency": ll, **figures})
     rows.extend(_python_costs(bench))
     rows.extend(_kvm_costs(bench))
     return rows
