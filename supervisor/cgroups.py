@@ -47,6 +47,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from vmsuper.shared import libc_calls
 from vmsuper.supervisor.plugin_process import PluginStartError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -413,14 +414,14 @@ def _interval_timer(seconds: float) -> int:
     """A timerfd that becomes readable every `seconds` (os.timerfd_create is Python 3.13+)."""
     fd: int = _libc.timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
     if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+        libc_calls.check(fd, "timerfd_create")
     whole, part = int(seconds), int((seconds % 1) * 1e9)
     spec = struct.pack("4q", whole, part, whole, part)  # struct itimerspec: interval, value
-    if _libc.timerfd_settime(fd, 0, spec, None) < 0:
-        err = ctypes.get_errno()
+    try:
+        libc_calls.check(_libc.timerfd_settime(fd, 0, spec, None), "timerfd_settime")
+    except OSError:
         os.close(fd)
-        raise OSError(err, os.strerror(err))
+        raise
     return fd
 
 

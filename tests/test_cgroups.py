@@ -3,6 +3,7 @@ its limits (a memory hog, a fork bomb) and end with the named cause and nothing 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -405,3 +406,35 @@ def cgroup_pids(path: str) -> list[str]:
         return Path(path, "cgroup.procs").read_text().split()
     except FileNotFoundError:
         return []
+
+
+class _FailingTimerLibc:
+    """A C library whose timerfd calls fail with `err` (the one named by `failing`)."""
+
+    def __init__(self, failing: str, err: int) -> None:
+        self.failing, self.err, self.opened = failing, err, -1
+
+    def timerfd_create(self, clock: int, flags: int) -> int:
+        if self.failing == "timerfd_create":
+            ctypes.set_errno(self.err)
+            return -1
+        self.opened = os.eventfd(0)  # an fd to close, standing in for the timer
+        return self.opened
+
+    def timerfd_settime(self, fd: int, flags: int, new: bytes, old: None) -> int:
+        ctypes.set_errno(self.err)
+        return -1
+
+
+@pytest.mark.parametrize("failing", ["timerfd_create", "timerfd_settime"])
+def test_a_watch_timer_that_cannot_be_made_names_the_call(
+    monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    libc = _FailingTimerLibc(failing, errno.EMFILE)
+    monkeypatch.setattr(cgroups, "_libc", libc)
+    with pytest.raises(OSError, match=f"^.*{failing}: Too many open files") as raised:
+        cgroups._interval_timer(cgroups.WATCH_INTERVAL)
+    assert raised.value.errno == errno.EMFILE
+    if libc.opened >= 0:  # the timer made before the failing call is closed
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(libc.opened)
