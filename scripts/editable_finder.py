@@ -33,7 +33,7 @@ in place of setuptools' finder, which imports pathlib at every start of the inte
 
 import sys
 
-from _frozen_importlib_external import spec_from_file_location
+from _frozen_importlib_external import PathFinder, spec_from_file_location
 
 MAPPING = {mapping!r}
 
@@ -45,11 +45,17 @@ class _CheckoutFinder:
     @classmethod
     def find_spec(cls, fullname, path=None, target=None):
         folder = MAPPING.get(fullname)
-        if folder is None:
-            return None
-        return spec_from_file_location(
-            fullname, folder + "/__init__.py", submodule_search_locations=[folder]
-        )
+        if folder is not None:
+            return spec_from_file_location(
+                fullname, folder + "/__init__.py", submodule_search_locations=[folder]
+            )
+        # A folder of the package's name on sys.path (a plugin's own `vmsuper` folder, say)
+        # makes the package a namespace package there, which hides the mapped one: its
+        # modules are then looked for in the mapped folder too, as setuptools' finder does.
+        parent = fullname.rpartition(".")[0]
+        if parent in MAPPING:
+            return PathFinder.find_spec(fullname, [MAPPING[parent]])
+        return None
 
 
 def install():

@@ -95,6 +95,26 @@ def test_the_rewritten_finder_imports_the_mapped_packages_and_nothing_else(
     ]
 
 
+def test_a_folder_of_the_package_s_name_on_the_path_does_not_hide_its_modules(
+    tmp_path: Path,
+) -> None:
+    """A plugin script beside a `vmsuper` folder (a test's run folder, say) imports
+    `vmsuper.plugin`: the folder, first on sys.path, makes `vmsuper` a namespace package."""
+    mapping = _checkout(tmp_path)
+    (tmp_path / "demo" / "mod.py").write_text("VALUE = 7\n")
+    shadow = tmp_path / "scripts"
+    (shadow / "demo").mkdir(parents=True)  # no __init__.py: a namespace portion
+    site = _site(tmp_path, mapping)
+    editable_finder.rewrite(site)
+    got = _fresh_interpreter(
+        site,
+        f"sys.path.insert(0, {str(shadow)!r})\n"
+        "import demo.mod, demo.inner.leaf\n"
+        "print(json.dumps([list(demo.__path__), demo.mod.VALUE, demo.inner.leaf.VALUE]))\n",
+    )
+    assert got == [[str(shadow / "demo")], 7, 42]
+
+
 def test_an_unmapped_package_is_left_to_the_other_finders(tmp_path: Path) -> None:
     site = _site(tmp_path, _checkout(tmp_path))
     editable_finder.rewrite(site)
