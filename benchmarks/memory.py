@@ -54,9 +54,8 @@ def split_children(run: RunResult, vcpus: int) -> tuple[list[psutil.Process], li
     return workers, plugin
 
 
-def sample(run: RunResult, vcpus: int) -> dict[str, Any]:
+def sample(run: RunResult, workers: list[psutil.Process]) -> dict[str, Any]:
     """USS/PSS of the supervisor and its VCPU workers."""
-    workers, _ = split_children(run, vcpus)
     sup = psutil.Process(run.supervisor_pid).memory_full_info()
     infos = [w.memory_full_info() for w in workers]
     return {
@@ -106,10 +105,11 @@ def thread_counters(pids: list[int]) -> tuple[float, int]:
     return cpu_s, switches
 
 
-def idle_cost(run: RunResult, vcpus: int, *, quick: bool = False) -> dict[str, float]:
+def idle_cost(
+    run: RunResult, workers: list[psutil.Process], *, quick: bool = False
+) -> dict[str, float]:
     """CPU ms and context switches per second of the held VM's supervisor and workers (see the
     module doc); `quick` waits a fifth as long."""
-    workers, _ = split_children(run, vcpus)
     pids = [run.supervisor_pid, *(w.pid for w in workers)]
     scale = 0.2 if quick else 1.0
     time.sleep(SETTLE_S * scale)
@@ -141,8 +141,9 @@ def memory(bench: Bench) -> list[dict[str, Any]]:
                     got: dict[str, Any] = got,
                     vcpus: int = vcpus,
                 ) -> None:
-                    got.update(sample(run, vcpus))
-                    got.update(idle_cost(run, vcpus, quick=bench.quick))
+                    workers, _ = split_children(run, vcpus)
+                    got.update(sample(run, workers))
+                    got.update(idle_cost(run, workers, quick=bench.quick))
 
                 spec = bench.spec("native", "hold", vcpus=vcpus, low_latency=ll, holds=1)
                 run = run_vm(spec, bench.folder(f"memory-{vcpus}"), while_held=measure)
