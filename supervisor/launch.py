@@ -203,10 +203,13 @@ def begin(config: Config) -> Launch | int:
 
 def _hold_low_latency(log: Any) -> int:
     """Ask the idle governor for shallow C-states while the fd stays open."""
+    fd = -1
     try:
         fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY | os.O_CLOEXEC)
         os.write(fd, struct.pack("<i", 0))
     except OSError as exc:
+        if fd >= 0:  # opened, but the request was refused: the fd would hold nothing
+            os.close(fd)
         log.warning("low_latency_unavailable", error=str(exc))
         return -1
     return fd
