@@ -15,16 +15,16 @@ it to supervisor/launch.py, which starts the plugin and only then imports the ru
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, cast
+from typing import TYPE_CHECKING, cast
 
 from vmsuper import __version__
+from vmsuper.supervisor.entry import exit_now
 from vmsuper.workers.limits import MAX_VCPUS
 
 if TYPE_CHECKING:
@@ -219,24 +219,11 @@ def _own_parser(module: str, argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
-def _exit_now(status: int) -> NoReturn:
-    """End the process with `status` without the interpreter's teardown.
-
-    Freeing every module and object at exit takes about 20 ms and releases nothing
-    the system does not: by now the run has reaped its processes and closed its files (the
-    log is written unbuffered), so only Python's own stdout and stderr buffers need flushing.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(status)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The `vmsuper` console script; returns the exit status.
 
     Called as the command (no `argv`), a finished `vmsuper run` ends the process right away
-    with its status (see `_exit_now`) instead of returning.
+    with its status (`entry.exit_now`) instead of returning.
     """
     as_command = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -252,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             status = _run(args)
             if as_command:
-                _exit_now(status)
+                exit_now(status)
             return status
         raise AssertionError(f"unhandled command {args.command!r}")  # pragma: no cover
     except KeyboardInterrupt:

@@ -378,10 +378,10 @@ def test_no_dataclass_is_made_on_the_run_path() -> None:
 def test_exit_now_flushes_output_and_keeps_the_status() -> None:
     done = _python(
         "import sys\n"
-        "from vmsuper.supervisor import cli\n"
+        "from vmsuper.supervisor import entry\n"
         "print('to stdout', end='')\n"
         "sys.stderr.write('to stderr')\n"
-        "cli._exit_now(7)\n"
+        "entry.exit_now(7)\n"
         "print('not reached')\n"
     )
     assert (done.returncode, done.stdout, done.stderr) == (7, "to stdout", "to stderr")

@@ -142,6 +142,34 @@ def test_a_run_is_forked_by_the_server_with_the_command_s_streams_folder_env_and
 
 
 @pytest.mark.kvm
+def test_a_served_command_ends_with_the_run_s_status_without_the_interpreter_s_teardown(
+    server: Server, tmp_path: Path
+) -> None:
+    # The teardown frees every module and runs the exit handlers: a few milliseconds that
+    # release nothing the system does not, as for a direct run (entry.exit_now).
+    config(tmp_path, REPORT_AND_EXIT)
+    command = (
+        "import atexit, sys\n"
+        "atexit.register(print, 'torn down')\n"
+        "sys.argv = ['vmsuper', 'run', 'vm.toml']\n"
+        "from vmsuper.supervisor.entry import main\n"
+        "sys.exit(main())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", command],
+        env=server.env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 7, done.stderr  # the plugin's status
+    report = json.loads(done.stdout.splitlines()[0])
+    assert report["its_parent"] == server.proc.pid  # served
+    assert "torn down" not in done.stdout
+
+
+@pytest.mark.kvm
 def test_without_a_server_the_command_runs_the_vm_itself(tmp_path: Path) -> None:
     cfg = config(tmp_path, REPORT_AND_EXIT)
     env = dict(os.environ, VMSUPER_RUNTIME_DIR=str(tmp_path / "runtime"))
