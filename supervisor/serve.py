@@ -93,8 +93,10 @@ def parse_request(data: bytes, fds: Sequence[int]) -> RunRequest:
     if len(fds) != STDIO_FDS:
         raise Refusal(f"expected {STDIO_FDS} fds (stdin, stdout, stderr), got {len(fds)}")
     try:
-        request = msgspec.json.decode(data, type=RunRequest)
-    except msgspec.DecodeError as exc:
+        # json, not msgspec's decoder: undecodable bytes in the command's environment, folder
+        # or command line come as lone surrogates (\udcXX), which msgspec's decoder refuses.
+        request = msgspec.convert(json.loads(data), RunRequest)
+    except (ValueError, msgspec.ValidationError) as exc:
         raise Refusal(f"malformed request: {exc}") from None
     if request.version != __version__:
         raise Refusal(f"the server is vmsuper {__version__}", local=True)

@@ -141,6 +141,31 @@ def test_a_run_is_forked_by_the_server_with_the_command_s_streams_folder_env_and
     assert {r["pid"] for r in records} == {report["supervisor"]}
 
 
+REPORT_RAW_ENVIRONMENT = """
+import os, sys
+supervisor = os.getppid()
+with open(f"/proc/{supervisor}/stat") as stat:
+    its_parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+print(os.environb.get(b"SERVE_TEST_MARKER", b"(none)").hex(), its_parent, flush=True)
+sys.exit(7)
+"""
+
+
+@pytest.mark.kvm
+def test_undecodable_bytes_in_the_environment_and_command_line_are_handed_over_unchanged(
+    server: Server, tmp_path: Path
+) -> None:
+    # Not UTF-8: os.environ and sys.argv hold such bytes as lone surrogates (\udcXX).
+    named = config(tmp_path, REPORT_RAW_ENVIRONMENT).rename(tmp_path / "vm-\udcff.toml")
+    env = dict(server.env, SERVE_TEST_MARKER="latin-1 caf\udce9 \udcff\udcfe")
+    proc = start_run(named.name, env, cwd=tmp_path)
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 7, err  # the plugin's status: the server took the run
+    marker, its_parent = out.split()
+    assert bytes.fromhex(marker) == b"latin-1 caf\xe9 \xff\xfe"
+    assert int(its_parent) == server.proc.pid  # the supervisor is the server's fork
+
+
 @pytest.mark.kvm
 def test_a_served_command_ends_with_the_run_s_status_without_the_interpreter_s_teardown(
     server: Server, tmp_path: Path
