@@ -17,22 +17,30 @@ The two transports frame messages differently because their readers differ:
 
 Pipes are enlarged (`enlarge_pipe`) so a whole response fits and is written by one `write`:
 the client parses only what one `read` returns and rejects a response cut short.
+
+The served `vmsuper run` imports this module before it hands its run over
+(supervisor/serve_client.py), so it takes the C modules under `socket` and `threading`
+(`_socket`, `_thread`: the same socket objects, locks and thread-local storage) rather than those
+modules, whose enums, classes and own imports would cost that command a good part of its start,
+and packs fds with `struct` (`array` imports `collections`).
 """
 
 from __future__ import annotations
 
-import array
-import contextlib
+import _socket
+import _thread
 import errno
 import fcntl
 import os
 import select
-import socket
 import stat
 import struct
-import threading
 import time
-from collections.abc import Iterable, Sequence
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import threading
+    from collections.abc import Iterable, Sequence
 
 __all__ = [
     "MAX_FDS",
@@ -77,9 +85,9 @@ PIPE_SIZE = 256 * 1024
 
 # A string, not a Path: the served `vmsuper run` imports this module, and pathlib costs its start.
 _PIPE_MAX_SIZE_PATH = "/proc/sys/fs/pipe-max-size"
-_FD_SIZE = array.array("i").itemsize
-_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_TRUNC
-_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # <asm-generic/socket.h>; not in Python
+_FD_SIZE = struct.calcsize("i")
+_PEEK_FLAGS = _socket.MSG_PEEK | _socket.MSG_TRUNC
+_SO_SNDBUFFORCE = getattr(_socket, "SO_SNDBUFFORCE", 32)  # <asm-generic/socket.h>; not in Python
 
 
 class WireError(Exception):
@@ -164,14 +172,18 @@ def close_received(fd: int) -> None:
     if not is_socket:
         os.close(fd)
         return
+    import contextlib  # these two only here: see the module's docstring
+    import threading
+
     try:
-        sock = socket.socket(fileno=fd)
+        sock = _socket.socket(fileno=fd)
     except OSError:
         pass
     else:
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _NO_LINGER)
         sock.detach()
+
     closer = threading.Thread(target=_close_quietly, args=(fd,), name="close-socket", daemon=True)
     with _closers_lock:
         _closers.add(closer)
@@ -195,13 +207,16 @@ def close_received_in_place() -> None:
 
 
 _closers: set[threading.Thread] = set()
-_closers_lock = threading.Lock()
+_closers_lock = _thread.allocate_lock()
 
 
 def _close_quietly(fd: int) -> None:
+    import threading  # imported already: this runs on a thread close_received started
+
     try:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        os.close(fd)
+    except OSError:
+        pass
     finally:
         with _closers_lock:
             _closers.discard(threading.current_thread())
@@ -237,7 +252,7 @@ class Datagram:
 # --- SOCK_SEQPACKET datagrams --------------------------------------------------------------
 
 
-def _peek_size(sock: socket.socket) -> int:
+def _peek_size(sock: _socket.socket) -> int:
     """The length of the next datagram, without consuming it (0: hang-up or empty datagram).
 
     Blocks on a blocking socket; raises BlockingIOError on a non-blocking one with nothing
@@ -250,23 +265,21 @@ def _peek_size(sock: socket.socket) -> int:
 def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            numbers = array.array("i")
-            numbers.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
-            fds.extend(numbers)
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds.extend(struct.unpack_from(f"{len(payload) // _FD_SIZE}i", payload))
     return fds
 
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+def peer_credentials(sock: _socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of a connected unix socket's peer, as the kernel took them at connect."""
-    return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return _UCRED.unpack(sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED.size))
 
 
 def recv_datagram(
-    sock: socket.socket, *, max_size: int = MAX_MESSAGE, max_fds: int = MAX_FDS
+    sock: _socket.socket, *, max_size: int = MAX_MESSAGE, max_fds: int = MAX_FDS
 ) -> Datagram | None:
     """Receive one datagram from a SOCK_SEQPACKET socket; None means the peer hung up.
 
@@ -282,9 +295,9 @@ def recv_datagram(
     size = _peek_size(sock)
     # CMSG_SPACE rounds up to the alignment, so room for max_fds may hold one more: the
     # count is checked below as well as MSG_CTRUNC.
-    ancbufsize = socket.CMSG_SPACE(max_fds * _FD_SIZE) if max_fds else 0
+    ancbufsize = _socket.CMSG_SPACE(max_fds * _FD_SIZE) if max_fds else 0
     data, ancdata, flags, _ = sock.recvmsg(
-        size if size <= max_size else 0, ancbufsize, socket.MSG_CMSG_CLOEXEC
+        size if size <= max_size else 0, ancbufsize, _socket.MSG_CMSG_CLOEXEC
     )
     fds = _fds_of(ancdata)
     if size > max_size:
@@ -293,32 +306,32 @@ def recv_datagram(
     if size == 0:
         _close_all(fds)
         return None
-    if flags & socket.MSG_CTRUNC or len(fds) > max_fds:
+    if flags & _socket.MSG_CTRUNC or len(fds) > max_fds:
         _close_all(fds)
-        if flags & socket.MSG_CTRUNC and max_fds > 0 and len(fds) < max_fds:
+        if flags & _socket.MSG_CTRUNC and max_fds > 0 and len(fds) < max_fds:
             # There was room in the buffer for more: the kernel failed to install the rest.
             raise NoRoomForFds(len(fds), max_fds, data)
-        raise TooManyFds(len(fds) + 1 if flags & socket.MSG_CTRUNC else len(fds), max_fds)
-    if flags & socket.MSG_TRUNC:
+        raise TooManyFds(len(fds) + 1 if flags & _socket.MSG_CTRUNC else len(fds), max_fds)
+    if flags & _socket.MSG_TRUNC:
         # Only another reader of the same socket can swap the datagram after the peek.
         _close_all(fds)
         raise FramingError(f"datagram longer than the {size} bytes peeked: socket shared?")
     return Datagram(data, fds)
 
 
-def _grow_send_buffer(sock: socket.socket, size: int) -> None:
+def _grow_send_buffer(sock: _socket.socket, size: int) -> None:
     """Let `sock` send a datagram of `size` bytes (the kernel refuses one above SO_SNDBUF).
 
     SO_SNDBUFFORCE (CAP_NET_ADMIN) ignores net.core.wmem_max; SO_SNDBUF is capped by it.
     """
     wanted = size + 4096
     try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, wanted)
+        sock.setsockopt(_socket.SOL_SOCKET, _SO_SNDBUFFORCE, wanted)
     except PermissionError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, wanted)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, wanted)
 
 
-def send_datagram(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
+def send_datagram(sock: _socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
     """Send `data` as one datagram with `fds` attached as SCM_RIGHTS (the fds stay open here).
 
     A datagram larger than the socket's send buffer makes the buffer grow once; if the kernel
@@ -327,7 +340,7 @@ def send_datagram(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> 
     if len(fds) > SCM_MAX_FD:
         raise TooManyFds(len(fds), SCM_MAX_FD)
     ancdata = (
-        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
     )
     try:
         sent = sock.sendmsg([data], ancdata)
@@ -340,7 +353,7 @@ def send_datagram(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> 
         except OSError as again:
             if again.errno != errno.EMSGSIZE:
                 raise
-            limit = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            limit = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF)
             raise MessageTooLarge(len(data), limit) from again
     if sent != len(data):  # SOCK_SEQPACKET sends all or nothing; anything else is a misuse.
         raise WireError(f"sent {sent} of {len(data)} bytes: not a datagram socket?")
@@ -348,7 +361,7 @@ def send_datagram(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> 
 
 # --- pipes: plain requests -----------------------------------------------------------------
 
-_read_buffers = threading.local()
+_read_buffers = _thread._local()
 
 
 def _read_buffer(size: int) -> bytearray:

@@ -6,7 +6,6 @@ other command, and a run no server takes, goes on to the full command line (supe
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
@@ -42,8 +41,10 @@ def exit_now(status: int) -> NoReturn:
     only Python's own stdout and stderr buffers need flushing.
     """
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # closed, or its reader gone
+        try:
             stream.flush()
+        except (OSError, ValueError):  # closed, or its reader gone: nothing to keep
+            continue
     os._exit(status)
 
 

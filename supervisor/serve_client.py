@@ -16,25 +16,32 @@ names (SOCK_SEQPACKET, one JSON object per message), with a server of this user 
   run has ended; or `{"refused": REASON, "local": BOOL}`, where `local` says whether running
   here instead is right (a server of other code, or one about to stop) or not (a request the
   server cannot take).
+
+What this module imports is what the command pays before its run starts, so it takes the C
+modules under `socket` and `signal` (`_socket`, `_signal`: the same calls, without the enums
+that those modules build at import), writes and reads its JSON itself
+(supervisor/serve_json.py), and does without contextlib (with its collections and functools).
+tests/test_cli.py keeps it so.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import _socket
 import os
 import select
-import signal
-import socket
 import sys
 
 from vmsuper import __version__
 from vmsuper.shared import wire
+from vmsuper.supervisor import serve_json
 
 TYPE_CHECKING = False  # typing itself costs a run's start milliseconds: mypy alone imports these
 if TYPE_CHECKING:
+    import signal as _signal  # the same functions; typeshed has no stubs for _signal
     from collections.abc import Sequence
     from typing import Any, Final
+else:
+    import _signal
 
 __all__ = [
     "FORWARDED_SIGNALS",
@@ -51,7 +58,7 @@ SERVE_VARIABLE: Final = "VMSUPER_SERVE"
 SOCKET_VARIABLE: Final = "VMSUPER_SERVE_SOCKET"
 """A server's socket elsewhere than in the runtime folder (the pytest plugin's, for one
 session)."""
-FORWARDED_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+FORWARDED_SIGNALS: Final = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
 SERVER_FAILED: Final = 125
 """As the supervisor's own internal failure (outcome.EXIT_SUPERVISOR_FAILED)."""
 _LOST_RUN_WAIT_S: Final = 10.0
@@ -72,7 +79,7 @@ def hand_over(argv: Sequence[str]) -> int | None:
     there is no server to take it (or it says to run here)."""
     if os.environ.get(SERVE_VARIABLE) == "0":
         return None
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
         try:
             conn.connect(socket_path())
@@ -89,10 +96,10 @@ def hand_over(argv: Sequence[str]) -> int | None:
         conn.close()
 
 
-def _converse(conn: socket.socket, argv: Sequence[str]) -> int | None:
+def _converse(conn: _socket.socket, argv: Sequence[str]) -> int | None:
     umask = os.umask(0o022)
     os.umask(umask)
-    request = {
+    request: dict[str, serve_json.Value] = {
         "version": __version__,
         "argv": list(argv),
         "cwd": os.getcwd(),
@@ -100,7 +107,7 @@ def _converse(conn: socket.socket, argv: Sequence[str]) -> int | None:
         "umask": umask,
     }
     try:
-        wire.send_datagram(conn, json.dumps(request).encode(), [0, 1, 2])
+        wire.send_datagram(conn, serve_json.dumps(request), [0, 1, 2])
         reply, fds = _receive(conn)
     except (OSError, wire.WireError) as exc:
         _say(f"cannot hand the run to vmsuper serve ({exc}); running it here")
@@ -120,15 +127,17 @@ def _converse(conn: socket.socket, argv: Sequence[str]) -> int | None:
     return _follow(conn, fds[0])
 
 
-def _follow(conn: socket.socket, pidfd: int) -> int:
+def _follow(conn: _socket.socket, pidfd: int) -> int:
     """Pass stop signals on to the run until the server says how it ended."""
 
     def pass_on(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(pidfd, signum)
+        try:
+            _signal.pidfd_send_signal(pidfd, signum)
+        except ProcessLookupError:  # the run has ended: nothing to pass on
+            return
 
     for signum in FORWARDED_SIGNALS:
-        signal.signal(signum, pass_on)
+        _signal.signal(signum, pass_on)
     try:
         reply, _ = _receive(conn)
     except (OSError, wire.WireError):
@@ -137,25 +146,29 @@ def _follow(conn: socket.socket, pidfd: int) -> int:
         return int(reply["exit"])
     # The server is gone: its runs must not outlive their commands.
     _say("vmsuper serve went away during the run; stopping the run")
-    with contextlib.suppress(ProcessLookupError):
-        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    try:
+        _signal.pidfd_send_signal(pidfd, _signal.SIGTERM)
+    except ProcessLookupError:  # it has ended already
+        return SERVER_FAILED
     select.select([pidfd], [], [], _LOST_RUN_WAIT_S)
     return SERVER_FAILED
 
 
-def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+def _receive(conn: _socket.socket) -> tuple[dict[str, Any], list[int]]:
     """One message ({} for a hang-up or anything but a JSON object) and its fds."""
     dgram = wire.recv_datagram(conn, max_fds=1)
     if dgram is None:
         return {}, []
     try:
-        reply = json.loads(dgram.data)
+        reply = serve_json.loads(dgram.data)
     except ValueError:
         reply = None
     return (reply if isinstance(reply, dict) else {}), dgram.fds
 
 
 def _say(message: str) -> None:
-    with contextlib.suppress(OSError):
+    try:
         sys.stderr.write(f"vmsuper: {message}\n")
         sys.stderr.flush()
+    except OSError:  # no stderr to tell
+        return

@@ -300,6 +300,14 @@ def test_commands_other_than_run_do_not_import_the_config(argv: list[str]) -> No
 # anything a served run would not need here (supervisor/serve_client.py).
 NOT_IMPORTED_BEFORE_THE_HAND_OVER = (
     "typing",
+    "json",  # nor re, and with neither of these enum (supervisor/serve_json.py)
+    "re",
+    "socket",
+    "signal",
+    "enum",
+    "threading",
+    "contextlib",
+    "collections",
     "pathlib",  # not even at the interpreter's start (./dev's scripts/editable_finder.py)
     "msgspec",
     "structlog",
