@@ -97,12 +97,18 @@ def hand_over(argv: Sequence[str]) -> int | None:
 
 
 def _converse(conn: _socket.socket, argv: Sequence[str]) -> int | None:
+    try:
+        cwd = os.getcwd()
+    except OSError as exc:  # the folder was removed: a server cannot enter it, this process can
+        said = f"{exc.strerror}: the current folder"
+        _say(f"cannot hand the run to vmsuper serve ({said}); running it here")
+        return None
     umask = os.umask(0o022)
     os.umask(umask)
     request: dict[str, serve_json.Value] = {
         "version": __version__,
         "argv": list(argv),
-        "cwd": os.getcwd(),
+        "cwd": cwd,
         "env": dict(os.environ),
         "umask": umask,
     }

@@ -195,6 +195,25 @@ def test_a_served_command_ends_with_the_run_s_status_without_the_interpreter_s_t
 
 
 @pytest.mark.kvm
+def test_a_command_whose_folder_is_gone_runs_the_vm_itself(server: Server, tmp_path: Path) -> None:
+    cfg = config(tmp_path, REPORT_AND_EXIT)
+    gone = tmp_path / "gone"
+    script = f'mkdir "{gone}" && cd "{gone}" && rmdir "{gone}" && exec "$@"'
+    done = subprocess.run(
+        ["sh", "-c", script, "sh", sys.executable, "-m", "vmsuper", "run", str(cfg)],
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 7, done.stderr  # the plugin's status, from a run of its own
+    said = "vmsuper: cannot hand the run to vmsuper serve (No such file or directory: the"
+    assert said in done.stderr
+    report = json.loads(done.stdout.splitlines()[0])
+    assert report["its_parent"] != server.proc.pid  # not the server's fork
+
+
+@pytest.mark.kvm
 def test_without_a_server_the_command_runs_the_vm_itself(tmp_path: Path) -> None:
     cfg = config(tmp_path, REPORT_AND_EXIT)
     env = dict(os.environ, VMSUPER_RUNTIME_DIR=str(tmp_path / "runtime"))
