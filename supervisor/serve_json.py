@@ -163,12 +163,9 @@ def _read_object(text: str, at: int) -> tuple[dict[str, Value], int]:
         if not text.startswith(":", at):
             raise ValueError(f"expected ':' at {at}")
         found[key], at = _read(text, _skip(text, at + 1))
-        at = _skip(text, at)
-        if text.startswith("}", at):
-            return found, at + 1
-        if not text.startswith(",", at):
-            raise ValueError(f"expected ',' or '}}' at {at}")
-        at = _skip(text, at + 1)
+        done, at = _after_item(text, at, "}")
+        if done:
+            return found, at
 
 
 def _read_array(text: str, at: int) -> tuple[list[Value], int]:
@@ -180,9 +177,17 @@ def _read_array(text: str, at: int) -> tuple[list[Value], int]:
     while True:
         item, at = _read(text, at)
         found.append(item)
-        at = _skip(text, at)
-        if text.startswith("]", at):
-            return found, at + 1
-        if not text.startswith(",", at):
-            raise ValueError(f"expected ',' or ']' at {at}")
-        at = _skip(text, at + 1)
+        done, at = _after_item(text, at, "]")
+        if done:
+            return found, at
+
+
+def _after_item(text: str, at: int, closer: str) -> tuple[bool, int]:
+    """Past a member or element that ends at `at`: (True, past `closer`) at the end of its
+    object or array, else (False, where the next one starts)."""
+    at = _skip(text, at)
+    if text.startswith(closer, at):
+        return True, at + 1
+    if not text.startswith(",", at):
+        raise ValueError(f"expected ',' or {closer!r} at {at}")
+    return False, _skip(text, at + 1)
