@@ -455,6 +455,56 @@ def test_a_server_that_sends_a_run_back_has_the_command_run_it(tmp_path: Path) -
     listener.close()
 
 
+def test_the_installed_command_imports_no_re_before_its_run_is_handed_over(
+    tmp_path: Path,
+) -> None:
+    """The `vmsuper` script itself (bin/vmsuper), run with `-X importtime` against a stand-in
+    server that takes the run and says it ended with 3: everything it imports comes before
+    the hand-over. pip's entry-point wrapper imported re (with enum) first."""
+    command = Path(sys.executable).with_name("vmsuper")
+    assert command.is_file(), "./dev installs the vmsuper command beside the interpreter"
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(runtime / serve_client.SOCKET_NAME))
+    listener.listen(1)
+    run = subprocess.Popen(["sleep", "60"])  # stands in for the run: its pidfd goes over
+
+    def take_and_end() -> None:
+        conn, _ = listener.accept()
+        _, ancillary, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(3 * 4))
+        for _, _, payload in ancillary:
+            for fd in array.array("i", payload):
+                os.close(fd)
+        pidfd = os.pidfd_open(run.pid)
+        wire.send_datagram(conn, json.dumps({"started": run.pid}).encode(), [pidfd])
+        os.close(pidfd)
+        wire.send_datagram(conn, json.dumps({"exit": 3}).encode())
+        conn.close()
+
+    stand_in = threading.Thread(target=take_and_end)
+    stand_in.start()
+    env = dict(os.environ, VMSUPER_RUNTIME_DIR=str(runtime))
+    env.pop(serve_client.SERVE_VARIABLE, None)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", str(command), "run", "vm.toml"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+    finally:
+        stand_in.join()
+        listener.close()
+        run.kill()
+        run.wait()
+    assert done.returncode == 3, done.stderr  # the status the stand-in sent
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if "|" in line}
+    assert "vmsuper.supervisor.serve_client" in imported
+    assert not imported & {"re", "enum", "json", "socket", "typing", "collections"}
+
+
 def test_a_socket_named_by_the_variable_is_used_only_if_this_user_s_server_listens(
     tmp_path: Path,
 ) -> None:
