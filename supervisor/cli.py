@@ -220,7 +220,8 @@ def _own_parser(module: str, argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The `vmsuper` console script; returns the exit status.
+    """The `vmsuper` command's full command line (bin/vmsuper, through `entry.main`); returns the
+    exit status.
 
     Called as the command (no `argv`), a finished `vmsuper run` ends the process right away
     with its status (`entry.exit_now`) instead of returning.
