@@ -421,21 +421,34 @@ def run_here_with_no_config(env: dict[str, str], folder: Path) -> str:
     return done.stderr
 
 
-def test_a_server_that_sends_a_run_back_has_the_command_run_it(tmp_path: Path) -> None:
-    """A stand-in server that refuses with `local`, or closes unanswered: the command runs
-    the VM itself."""
-    runtime = tmp_path / "runtime"
+def stand_in_listener(runtime: Path) -> socket.socket:
+    """A stand-in server's socket where `vmsuper run` looks for one (`runtime` made 0700)."""
     runtime.mkdir(mode=0o700)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(str(runtime / serve_client.SOCKET_NAME))
     listener.listen(1)
+    return listener
+
+
+def take_request(listener: socket.socket) -> socket.socket:
+    """Accept a command and read its request; the command's streams that come with it are
+    closed (a stand-in must not keep them open). Returns the connection."""
+    conn, _ = listener.accept()
+    _, ancillary, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(3 * 4))
+    for _, _, payload in ancillary:
+        for fd in array.array("i", payload):
+            os.close(fd)
+    return conn
+
+
+def test_a_server_that_sends_a_run_back_has_the_command_run_it(tmp_path: Path) -> None:
+    """A stand-in server that refuses with `local`, or closes unanswered: the command runs
+    the VM itself."""
+    runtime = tmp_path / "runtime"
+    listener = stand_in_listener(runtime)
 
     def refuse(answer: bytes) -> None:
-        conn, _ = listener.accept()
-        _, ancillary, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(3 * 4))
-        for _, _, payload in ancillary:  # the command's streams: ours must not keep them open
-            for fd in array.array("i", payload):
-                os.close(fd)
+        conn = take_request(listener)
         if answer:
             conn.send(answer)
         conn.close()
@@ -464,18 +477,11 @@ def test_the_installed_command_imports_no_re_before_its_run_is_handed_over(
     command = Path(sys.executable).with_name("vmsuper")
     assert command.is_file(), "./dev installs the vmsuper command beside the interpreter"
     runtime = tmp_path / "runtime"
-    runtime.mkdir(mode=0o700)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(str(runtime / serve_client.SOCKET_NAME))
-    listener.listen(1)
+    listener = stand_in_listener(runtime)
     run = subprocess.Popen(["sleep", "60"])  # stands in for the run: its pidfd goes over
 
     def take_and_end() -> None:
-        conn, _ = listener.accept()
-        _, ancillary, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(3 * 4))
-        for _, _, payload in ancillary:
-            for fd in array.array("i", payload):
-                os.close(fd)
+        conn = take_request(listener)
         pidfd = os.pidfd_open(run.pid)
         wire.send_datagram(conn, json.dumps({"started": run.pid}).encode(), [pidfd])
         os.close(pidfd)
