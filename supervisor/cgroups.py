@@ -1,10 +1,11 @@
 """The plugin's own cgroup: bounds on its memory, processes and CPU, and the cause when one bites.
 
 Each run makes one cgroup named ``vmsuper-<supervisor pid>`` below vmsuper's own, before the
-plugin starts. The plugin's process writes itself into it between fork and exec (`enter`), so
-the plugin, bwrap and everything they start are in it from their first instruction; nothing
-can be started outside. The limits come from ``[limits] plugin_memory``, ``plugin_processes``
-and ``plugin_cpu``; a limit of 0 is no limit, and with all three at 0 no cgroup is made.
+plugin starts. The plugin's process writes itself into it between fork and exec (`enter`;
+`join_file` says through which file), so the plugin, bwrap and everything they start are in
+it from their first instruction; nothing can be started outside. The limits come from
+``[limits] plugin_memory``, ``plugin_processes`` and ``plugin_cpu``; a limit of 0 is no
+limit, and with all three at 0 no cgroup is made.
 
 Two layouts are supported:
 
@@ -204,7 +205,7 @@ class PluginCgroup:
                 cgroup.groups.append(Group(path, version, tuple(controllers)))
                 cgroup._write_limits(cgroup.groups[-1])
             for group in cgroup.groups:
-                fd = os.open(group.path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+                fd = os.open(group.path / join_file(group), os.O_WRONLY | os.O_CLOEXEC)
                 cgroup._procs_fds.append(fd)
             cgroup.violation()  # takes the counters' starting values
             cgroup.watch_fd = _interval_timer(WATCH_INTERVAL)
@@ -238,8 +239,8 @@ class PluginCgroup:
                 _write(path / "cpu.cfs_quota_us", quota)
 
     def enter(self) -> None:
-        """Runs in the plugin's process between fork and exec: join the cgroup, and take
-        the RLIMIT_NPROC backstop (see `nproc_backstop`)."""
+        """Runs in the plugin's process between fork and exec, its only thread: join the
+        cgroup (see `join_file`), and take the RLIMIT_NPROC backstop (see `nproc_backstop`)."""
         for fd in self._procs_fds:
             os.write(fd, b"0")
         if self.limits.processes:
@@ -321,6 +322,19 @@ class PluginCgroup:
                     time.sleep(0.01)  # killed processes leave the cgroup as they are reaped
         self.groups = []
         return problems
+
+
+def join_file(group: Group) -> str:
+    """The file the plugin's process writes itself into to join `group`.
+
+    On v2 it is cgroup.procs (a domain cgroup takes whole processes only). On v1 it is
+    `tasks`, which moves the writing thread alone: the same as moving the process for the
+    forked child, whose only thread it is (its later threads and children start in the
+    cgroup), and much cheaper. Moving a whole process takes the kernel's lock on every thread
+    group, whose writer waits for an RCU grace period first (about 6 ms here, more on a busy
+    host) while the plugin waits to start; a thread moving itself does not take that lock.
+    """
+    return "cgroup.procs" if group.version == 2 else "tasks"
 
 
 def _write(path: Path, value: object) -> None:

@@ -227,8 +227,9 @@ class PluginProcess:
         plugin._adopting = adopting
         try:
             # As subprocess does. Running on while the child joins its cgroup and enters the
-            # sandbox would save a run tens of ms, but measured here it left the plugin off the
-            # CPU of its VCPU's runner (and the runner beside the worker) more often, which
+            # sandbox saved a run tens of ms when joining a v1 cgroup waited for an RCU grace
+            # period (no longer: cgroups.join_file), but measured here it left the plugin off
+            # the CPU of its VCPU's runner (and the runner beside the worker) more often, which
             # slowed a short run's exits by more.
             plugin._wait_for_exec()
             if wait:

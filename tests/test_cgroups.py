@@ -144,6 +144,44 @@ def test_each_counter_file_is_opened_once_for_the_whole_run(
             os.fstat(fd)  # closed with the cgroup
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_plugin_s_process_joins_v1_through_tasks_and_v2_through_cgroup_procs(
+    tmp_path: Path, version: int
+) -> None:
+    """On v1, the forked child moves its only thread (`tasks`): moving a whole process
+    (cgroup.procs) makes the kernel wait for an RCU grace period first (`join_file`)."""
+    name = f"vmsuper-{os.getpid()}"
+    if version == 1:
+        fake_v1(tmp_path)
+        self_cgroup = V1_SELF
+        folders = [tmp_path / f / name for f in ("memory/outer/run", "pids", "cpu")]
+    else:
+        self_cgroup = "0::/vm.scope\n"
+        folders = [fake_v2(tmp_path, "/vm.scope", subtree="memory pids cpu\n") / name]
+    for folder in folders:
+        folder.mkdir()
+        for file in ("tasks", "cgroup.procs"):
+            (folder / file).write_text("")
+    cgroup = PluginCgroup.create(LIMITS, name=name, root=tmp_path, self_cgroup=self_cgroup)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            status = 1
+            try:
+                cgroup.enter()
+                status = 0
+            finally:
+                os._exit(status)
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        cgroup.groups = []  # a fake: nothing to remove
+        cgroup.remove()
+    joined = "tasks" if version == 1 else "cgroup.procs"
+    for folder in folders:
+        written = {f: (folder / f).read_text() for f in ("tasks", "cgroup.procs")}
+        assert written == {"tasks": "", "cgroup.procs": "", joined: "0"}
+
+
 @pytest.mark.parametrize("alone", [True, False], ids=["alone", "with another process"])
 def test_v2_cgroup_with_processes_moves_vmsuper_into_a_leaf_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, alone: bool
