@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -346,6 +347,47 @@ def test_limits_are_written_to_this_host_s_cgroups() -> None:
     finally:
         problems = cgroup.remove()  # kills the sleeper to empty the cgroup
     assert child.wait() == -signal.SIGKILL
+    assert problems == []
+    assert leftover_cgroups(os.getpid()) == []
+
+
+JOINED_PROCESS = """
+import os, sys, threading, time
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+child = os.fork()
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(60)
+"""
+
+
+def test_what_the_joined_process_starts_is_in_this_host_s_cgroups_with_it() -> None:
+    """`enter` moves the forked child's one thread (v1: `tasks`): the threads and processes it
+    starts afterwards are in every hierarchy's cgroup too, as after a move of the process."""
+    cgroup = PluginCgroup.create(LIMITS, name=f"vmsuper-{os.getpid()}")
+    try:
+        joined = subprocess.Popen(
+            [sys.executable, "-c", JOINED_PROCESS],
+            preexec_fn=cgroup.enter,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert joined.stdout is not None
+        grandchild = int(joined.stdout.readline())
+        threads = {int(t) for t in os.listdir(f"/proc/{joined.pid}/task")}
+        assert len(threads) == 2  # the main thread and the one it started
+        for group in cgroup.groups:
+            procs = (group.path / "cgroup.procs").read_text().split()
+            assert sorted(map(int, procs)) == sorted([joined.pid, grandchild]), group
+            if group.version == 1:
+                tasks = {int(t) for t in (group.path / "tasks").read_text().split()}
+                assert tasks == threads | {grandchild}, group
+    finally:
+        problems = cgroup.remove()  # kills both to empty the cgroup
+    assert joined.wait() == -signal.SIGKILL
+    joined.stdout.close()
     assert problems == []
     assert leftover_cgroups(os.getpid()) == []
 
