@@ -172,7 +172,7 @@ class PluginCgroup:
     def __init__(self, limits: PluginLimits, groups: list[Group]) -> None:
         self.limits = limits
         self.groups = groups
-        self._procs_fds: list[int] = []
+        self._join_fds: list[int] = []
         self.watch_fd = -1
         # The event counters at creation: nonzero only in a reused cgroup of a dead run.
         self._counted: dict[tuple[Path, str], int] = {}
@@ -206,7 +206,7 @@ class PluginCgroup:
                 cgroup._write_limits(cgroup.groups[-1])
             for group in cgroup.groups:
                 fd = os.open(group.path / join_file(group), os.O_WRONLY | os.O_CLOEXEC)
-                cgroup._procs_fds.append(fd)
+                cgroup._join_fds.append(fd)
             cgroup.violation()  # takes the counters' starting values
             cgroup.watch_fd = _interval_timer(WATCH_INTERVAL)
         except OSError as exc:
@@ -241,7 +241,7 @@ class PluginCgroup:
     def enter(self) -> None:
         """Runs in the plugin's process between fork and exec, its only thread: join the
         cgroup (see `join_file`), and take the RLIMIT_NPROC backstop (see `nproc_backstop`)."""
-        for fd in self._procs_fds:
+        for fd in self._join_fds:
             os.write(fd, b"0")
         if self.limits.processes:
             backstop = nproc_backstop(self.limits.processes)
@@ -296,9 +296,9 @@ class PluginCgroup:
     def remove(self, *, timeout: float = EMPTY_TIMEOUT) -> list[str]:
         """Kill what is left, wait until the cgroup is empty, remove it. Returns the problems
         (a cgroup that stayed busy), for the log; the run has ended whatever they are."""
-        for fd in self._procs_fds:
+        for fd in self._join_fds:
             os.close(fd)
-        self._procs_fds = []
+        self._join_fds = []
         if self.watch_fd >= 0:
             os.close(self.watch_fd)
             self.watch_fd = -1
