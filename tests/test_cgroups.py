@@ -351,15 +351,17 @@ def test_limits_are_written_to_this_host_s_cgroups() -> None:
     assert leftover_cgroups(os.getpid()) == []
 
 
+# Each of its threads and processes blocks in a read of stdin until the test kills them all (or
+# closes stdin, should it fail first).
 JOINED_PROCESS = """
-import os, sys, threading, time
-threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+import os, sys, threading
+threading.Thread(target=os.read, args=(0, 1), daemon=True).start()
 child = os.fork()
 if child == 0:
-    time.sleep(60)
+    os.read(0, 1)
     os._exit(0)
 print(child, flush=True)
-time.sleep(60)
+os.read(0, 1)
 """
 
 
@@ -371,10 +373,11 @@ def test_what_the_joined_process_starts_is_in_this_host_s_cgroups_with_it() -> N
         joined = subprocess.Popen(
             [sys.executable, "-c", JOINED_PROCESS],
             preexec_fn=cgroup.enter,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
-        assert joined.stdout is not None
+        assert joined.stdin is not None and joined.stdout is not None
         grandchild = int(joined.stdout.readline())
         threads = {int(t) for t in os.listdir(f"/proc/{joined.pid}/task")}
         assert len(threads) == 2  # the main thread and the one it started
@@ -387,6 +390,7 @@ def test_what_the_joined_process_starts_is_in_this_host_s_cgroups_with_it() -> N
     finally:
         problems = cgroup.remove()  # kills both to empty the cgroup
     assert joined.wait() == -signal.SIGKILL
+    joined.stdin.close()
     joined.stdout.close()
     assert problems == []
     assert leftover_cgroups(os.getpid()) == []
