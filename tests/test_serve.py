@@ -478,7 +478,8 @@ def test_the_installed_command_imports_no_re_before_its_run_is_handed_over(
     assert command.is_file(), "./dev installs the vmsuper command beside the interpreter"
     runtime = tmp_path / "runtime"
     listener = stand_in_listener(runtime)
-    run = subprocess.Popen(["sleep", "60"])  # stands in for the run: its pidfd goes over
+    # Stands in for the run (its pidfd goes over): blocks in a read of its stdin until killed.
+    run = subprocess.Popen(["cat"], stdin=subprocess.PIPE)
 
     def take_and_end() -> None:
         conn = take_request(listener)
@@ -505,6 +506,8 @@ def test_the_installed_command_imports_no_re_before_its_run_is_handed_over(
         listener.close()
         run.kill()
         run.wait()
+        assert run.stdin is not None
+        run.stdin.close()
     assert done.returncode == 3, done.stderr  # the status the stand-in sent
     imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if "|" in line}
     assert "vmsuper.supervisor.serve_client" in imported
