@@ -40,9 +40,12 @@ from typing import Any
 
 from vmsuper.shared.deferred_imports import ImportedOnFirstUse
 
-# Modules structlog imports at the top of its package but uses only inside functions vmsuper
-# never calls: asyncio, for its async logging methods (``ainfo`` and the like).
-_DEFERRED_BY_STRUCTLOG = ("asyncio",)
+# Modules structlog imports at the top of its package but vmsuper never uses: asyncio, for its
+# async logging methods (``ainfo`` and the like); its standard library integration
+# (`structlog.stdlib`, which subclasses logging's classes) and its deprecated thread-local
+# context (`structlog.threadlocal`), which its package imports only to offer them; logging,
+# which `structlog.processors` imports for its type annotations alone.
+_DEFERRED_BY_STRUCTLOG = ("asyncio", "structlog.stdlib", "structlog.threadlocal", "logging")
 
 
 def _import_structlog_lightly() -> None:
@@ -52,13 +55,14 @@ def _import_structlog_lightly() -> None:
     `vmsuper run` would pay at start-up; the JSON logs written here never use it. So the
     import happens with rich hidden, and rich stays importable for everything after.
 
-    Its package also imports `structlog.stdlib`, which imports asyncio (with ssl, about a
-    tenth of the supervisor's imports) for async methods vmsuper does not use. structlog
-    gets a stand-in for asyncio instead (`deferred_imports.ImportedOnFirstUse`), which imports
-    the real module on first use, so those methods still work; once structlog is in, the stand-in
-    leaves `sys.modules` and any later ``import asyncio`` gets the real module. Should a
-    structlog release read asyncio at import, the stand-in imports it then: correct, only
-    no faster (tests/test_cli.py would notice).
+    Its package also imports asyncio (with ssl, about a tenth of the supervisor's imports)
+    for async methods vmsuper does not use, and more that vmsuper does not use
+    (`_DEFERRED_BY_STRUCTLOG`). structlog gets a stand-in for each instead
+    (`deferred_imports.ImportedOnFirstUse`), which imports the real module on first use, so
+    what needs them still works; once structlog is in, the stand-ins leave `sys.modules` and
+    any later import gets the real module. Should a structlog release read one of them at
+    import, its stand-in imports it then: correct, only no faster (tests/test_cli.py would
+    notice).
     """
     if "structlog" in sys.modules:
         return

@@ -237,8 +237,9 @@ def _finds_none(code: str) -> None:
 
 
 # What `vmsuper run` must not import before it serves the plugin (start-up time): the other
-# commands' modules; rich and asyncio with ssl (structlog's console renderer and async
-# methods, which vmsuper does not use: shared/logs.py); tempfile with random (only a runtime
+# commands' modules; rich, asyncio with ssl, structlog's standard library integration and
+# thread-local context, and logging (structlog's console renderer, async methods and the rest
+# that vmsuper does not use: shared/logs.py); tempfile with random (only a runtime
 # folder in <tmp>);
 # protobuf's pure-Python message module with text_format (the upb backend never calls them:
 # shared/deferred_imports.py); the VCPU workers' modules (imported with the runner, once the
@@ -251,6 +252,9 @@ NOT_IMPORTED_BY_RUN = (
     "rich",
     "asyncio",
     "ssl",
+    "structlog.stdlib",
+    "structlog.threadlocal",
+    "logging",
     "tempfile",
     "random",
     "google.protobuf.text_format",

@@ -269,18 +269,25 @@ def test_a_killed_supervisor_is_not_live(tmp_path: Path) -> None:
     assert not logs.run_is_live(tmp_path)
 
 
-def test_structlog_s_async_methods_work_though_asyncio_was_deferred(tmp_path: Path) -> None:
-    # A fresh interpreter, so that structlog is imported here with asyncio's stand-in.
+def test_what_structlog_s_import_left_for_later_works_on_first_use(tmp_path: Path) -> None:
+    # A fresh interpreter, so that structlog is imported here with its stand-ins.
     log_file = tmp_path / "x.jsonl"
     code = (
         "import sys\n"
         "from pathlib import Path\n"
         "from vmsuper.shared import logs\n"
-        "assert 'asyncio' not in sys.modules\n"
+        "deferred = ('asyncio', 'structlog.stdlib', 'structlog.threadlocal', 'logging')\n"
+        "assert not [name for name in deferred if name in sys.modules]\n"
         f"log = logs.configure_logging(Path({str(log_file)!r}), level='info')\n"
         "import asyncio\n"
         "assert type(sys.modules['asyncio']) is type(sys)\n"
         "asyncio.run(log.ainfo('from_a_coroutine', n=1))\n"
+        "import logging, structlog\n"
+        "assert type(sys.modules['logging']) is type(sys)\n"
+        "assert isinstance(structlog.stdlib.LoggerFactory()('x'), logging.Logger)\n"
+        "assert structlog.stdlib is sys.modules['structlog.stdlib']\n"
+        "assert callable(structlog.threadlocal.merge_threadlocal)\n"
+        "assert structlog.threadlocal is sys.modules['structlog.threadlocal']\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
