@@ -19,8 +19,9 @@ TRANSPORTS = ("socket", "pipes")
 DEFAULT_PATH: Final = "c+poll"
 # The ways vmsuper can serve an exit, as `[vm]` settings. The default leaves the key out
 # (vmsuper's own default: worker and runner poll for each other); `c` does not poll
-# (`poll_us = 0`): every hand-off that waits is a sleep on an eventfd. (Runs before the exit
-# engine also had `python`, every exit in Python; the committed figures keep its rows.)
+# (`poll_us = 0`): every hand-off that waits is a sleep, in a read of a bell's pipe or of the
+# channel. (Runs before the exit engine also had `python`, every exit in Python; the committed
+# figures keep its rows.)
 PATHS: Final[dict[str, dict[str, Any]]] = {
     DEFAULT_PATH: {},
     "c": {"poll_us": 0},

@@ -125,8 +125,8 @@ class Sleeping(enum.IntEnum):
     """How a bell's waiter sleeps (its `sleeping`), so that the ring wakes it the right way."""
 
     AWAKE = 0
-    ON_EVENTFD = 1
-    """On the bell's eventfd: the ring writes it."""
+    ON_PIPE = 1
+    """In a read of the bell's pipe: the ring writes it."""
     IN_READ = 2
     """A worker in the read of its plugin's channel, while its runner may serve the exit
     (`hotpath.c`'s await_run): the runner's ring sends it `WAKE_SIGNAL` through its pidfd."""

@@ -13,14 +13,15 @@
  * signals. Python answers through the functions below (vms_send, vms_receive,
  * vms_finish_access, vms_begin_wait, vms_resumed): nothing here is done twice.
  *
- * Bells. A bell is a sequence number and a "sleeping" flag in shared memory, plus an eventfd.
- * Ringing bumps the number and writes the eventfd only if the waiter said it sleeps on it (a
- * worker that said it sleeps in the read of its plugin's channel gets VMS_WAKE_SIGNAL
- * instead: see read_cancel); waiting polls the number for up to a window (the mailbox's
- * poll_ns, which the supervisor sets from the host's CPU pressure: supervisor/poll_gate.py),
- * then says it sleeps, checks once more and blocks on the eventfd. Both sides use sequentially
- * consistent operations between their store and load, so one of them always sees the other (no
- * lost wake-up); a stale eventfd count only causes one extra check.
+ * Bells. A bell is a sequence number and a "sleeping" flag in shared memory, plus a pipe
+ * (shared/shm_doorbell.py says why not an eventfd). Ringing bumps the number and writes a byte
+ * to the pipe only if the waiter said it sleeps on it (a worker that said it sleeps in the read
+ * of its plugin's channel gets VMS_WAKE_SIGNAL instead: see read_cancel); waiting polls the
+ * number for up to a window (the mailbox's poll_ns, which the supervisor sets from the host's
+ * CPU pressure: supervisor/poll_gate.py), then says it sleeps, checks once more and blocks in
+ * a read of the pipe. Both sides use sequentially consistent operations between their store
+ * and load, so one of them always sees the other (no lost wake-up); a byte left in the pipe
+ * only causes one extra check.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -190,8 +191,10 @@ int vms_take_signal(void)
 }
 
 /* A waiter in BELL_IN_READ is woken by VMS_WAKE_SIGNAL through pidfd (if there is one: only a
- * runner rings a worker that sleeps so); one gone already (ESRCH) needs no waking. */
-int vms_bell_ring(struct vms_bell *bell, int efd, int pidfd)
+ * runner rings a worker that sleeps so); one gone already (ESRCH) needs no waking. write_fd is
+ * the pipe's non-blocking write end: a pipe too full for the byte (EAGAIN) already holds what
+ * wakes its reader. */
+int vms_bell_ring(struct vms_bell *bell, int write_fd, int pidfd)
 {
     __atomic_fetch_add(&bell->seq, 1, __ATOMIC_SEQ_CST);
     uint32_t sleeping = __atomic_load_n(&bell->sleeping, __ATOMIC_SEQ_CST);
@@ -199,8 +202,10 @@ int vms_bell_ring(struct vms_bell *bell, int efd, int pidfd)
         if (syscall(SYS_pidfd_send_signal, pidfd, VMS_WAKE_SIGNAL, NULL, 0) < 0 && errno != ESRCH)
             return -errno;
     } else if (sleeping) {
-        uint64_t one = 1;
-        while (write(efd, &one, sizeof one) < 0) {
+        const uint8_t one = 1;
+        while (write(write_fd, &one, sizeof one) < 0) {
+            if (errno == EAGAIN)
+                break;
             if (errno != EINTR)
                 return -errno;
         }
@@ -208,26 +213,30 @@ int vms_bell_ring(struct vms_bell *bell, int efd, int pidfd)
     return 0;
 }
 
-/* Sleep until efd is readable and drain it; -EINTR for a signal. With a wake_fd (Python's
- * signal wake-up pipe) a signal that came while we polled is seen too: it was handled then,
- * so no EINTR would ever interrupt the read. */
-static int sleep_on(int efd, int wake_fd)
+/* Sleep until the pipe's read end is readable and take what it holds (a ring that found the
+ * waiter awake after all may have left a byte: one read drains several); -EINTR for a signal,
+ * -EPIPE once every write end is closed (no ring can come: the ringer is gone). With a wake_fd
+ * (Python's signal wake-up pipe) a signal that came while we polled is seen too: it was
+ * handled then, so no EINTR would ever interrupt the read. */
+static int sleep_on(int read_fd, int wake_fd)
 {
-    uint64_t count;
+    uint8_t rings[64];
     if (signalled)
         return -EINTR;
     if (wake_fd >= 0) {
-        struct pollfd fds[2] = {{.fd = efd, .events = POLLIN}, {.fd = wake_fd, .events = POLLIN}};
+        struct pollfd fds[2] = {{.fd = read_fd, .events = POLLIN},
+                                {.fd = wake_fd, .events = POLLIN}};
         if (poll(fds, 2, -1) < 0)
             return -errno;
         if (fds[1].revents)
             return -EINTR;
-        if (!(fds[0].revents & POLLIN))
+        if (!(fds[0].revents & (POLLIN | POLLHUP)))
             return -EIO;
     }
-    if (read(efd, &count, sizeof count) < 0)
+    ssize_t got = read(read_fd, rings, sizeof rings);
+    if (got < 0)
         return -errno;
-    return 0;
+    return got ? 0 : -EPIPE;
 }
 
 /* A plugin whose replies take longer on average (stats->recent_response_ns) is slow: with
@@ -257,10 +266,10 @@ static int sleep_on(int efd, int wake_fd)
 #define REPLY_SAMPLE_MAX_NS 40000u /* twice the bar */
 #define REPLY_PROBE_EVERY 256u
 
-static int bell_sleep(struct vms_bell *bell, int efd, uint32_t *seen, int wake_fd);
+static int bell_sleep(struct vms_bell *bell, int read_fd, uint32_t *seen, int wake_fd);
 
 /* 0 once the bell rang since *seen (updated), -EINTR if a signal came (see sleep_on). */
-int vms_bell_wait(struct vms_bell *bell, int efd, uint32_t *seen, uint64_t spin_ns, int wake_fd)
+int vms_bell_wait(struct vms_bell *bell, int read_fd, uint32_t *seen, uint64_t spin_ns, int wake_fd)
 {
     uint32_t seq = __atomic_load_n(&bell->seq, __ATOMIC_ACQUIRE);
     if (seq != *seen) {
@@ -285,14 +294,14 @@ int vms_bell_wait(struct vms_bell *bell, int efd, uint32_t *seen, uint64_t spin_
             }
         }
     }
-    return bell_sleep(bell, efd, seen, wake_fd);
+    return bell_sleep(bell, read_fd, seen, wake_fd);
 }
 
 /* Say the waiter sleeps, then sleep until the bell rings. */
-static int bell_sleep(struct vms_bell *bell, int efd, uint32_t *seen, int wake_fd)
+static int bell_sleep(struct vms_bell *bell, int read_fd, uint32_t *seen, int wake_fd)
 {
     uint32_t seq;
-    __atomic_store_n(&bell->sleeping, BELL_ON_EVENTFD, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&bell->sleeping, BELL_ON_PIPE, __ATOMIC_SEQ_CST);
     for (;;) {
         seq = __atomic_load_n(&bell->seq, __ATOMIC_SEQ_CST);
         if (seq != *seen) {
@@ -300,7 +309,7 @@ static int bell_sleep(struct vms_bell *bell, int efd, uint32_t *seen, int wake_f
             *seen = seq;
             return 0;
         }
-        int err = sleep_on(efd, wake_fd);
+        int err = sleep_on(read_fd, wake_fd);
         if (err) {
             __atomic_store_n(&bell->sleeping, BELL_AWAKE, __ATOMIC_SEQ_CST);
             return err;
@@ -324,7 +333,7 @@ int vms_runner_loop(struct vms_runner *r)
     int again = 0; /* the runner served the last exit itself: run again without a request */
     for (;;) {
         if (!r->held_run && !again) {
-            int w = vms_bell_wait(&mail->request, (int)r->request_efd, r->request_seen,
+            int w = vms_bell_wait(&mail->request, (int)r->request_fd, r->request_seen,
                                   __atomic_load_n(&mail->poll_ns, __ATOMIC_RELAXED), -1);
             if (w == -EINTR)
                 return R_INTERRUPTED;
@@ -359,7 +368,7 @@ int vms_runner_loop(struct vms_runner *r)
             if (served != SERVED_NOT)
                 continue;
         }
-        int w = vms_bell_ring(&mail->done, (int)r->done_efd, (int)r->wake_pidfd);
+        int w = vms_bell_ring(&mail->done, (int)r->done_fd, (int)r->wake_pidfd);
         if (w < 0) {
             r->error = -w;
             return R_FAILED;
@@ -978,7 +987,7 @@ static int await_run(struct vms_worker *w)
         if (offer == FORWARD_SENT && (readable || !deadline))
             return 1;
         if (offer == FORWARD_NO)
-            return vms_bell_wait(bell, (int)w->done_efd, w->done_seen, spin_ns,
+            return vms_bell_wait(bell, (int)w->done_fd, w->done_seen, spin_ns,
                                  (int)w->wake_fd);
         if (readable) {
             uint64_t expected = FORWARD_OK;
@@ -1061,7 +1070,7 @@ int vms_worker_loop(struct vms_worker *w)
             __atomic_store_n(&mail->forward,
                              w->forwarding && !(w->known_gen & 1) ? FORWARD_OK : FORWARD_NO,
                              __ATOMIC_SEQ_CST);
-            code = vms_bell_ring(&mail->request, (int)w->request_efd, -1);
+            code = vms_bell_ring(&mail->request, (int)w->request_fd, -1);
             if (code < 0) {
                 w->error = -code;
                 return W_BELL_FAILED;
@@ -1071,7 +1080,7 @@ int vms_worker_loop(struct vms_worker *w)
         case S_RUNNING:
             code = w->forwarding
                        ? await_run(w)
-                       : vms_bell_wait(&mail->done, (int)w->done_efd, w->done_seen,
+                       : vms_bell_wait(&mail->done, (int)w->done_fd, w->done_seen,
                                        __atomic_load_n(&mail->poll_ns, __ATOMIC_RELAXED),
                                        (int)w->wake_fd);
             if (code == -EINTR)

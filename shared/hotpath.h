@@ -16,8 +16,8 @@ struct vms_runner {
     int64_t vcpu_fd;
     struct kvm_run *run;
     struct vms_mail *mail;
-    int64_t request_efd;
-    int64_t done_efd;
+    int64_t request_fd; /* the request bell's pipe, read end: waited on */
+    int64_t done_fd;    /* the done bell's pipe, write end: rung */
     uint32_t *request_seen;
     const uint64_t *pause_seq;
     const uint64_t *delivered_seq;
@@ -59,8 +59,8 @@ struct vms_worker {
     struct kvm_run *run;
     uint64_t run_size;
     struct vms_mail *mail;
-    int64_t request_efd;
-    int64_t done_efd;
+    int64_t request_fd;       /* the request bell's pipe, write end: rung */
+    int64_t done_fd;          /* the done bell's pipe, read end: waited on */
     uint32_t *done_seen;
     uint64_t *counters;       /* the slot's exit counters, by ExitKind */
     uint64_t *run_state;      /* the slot's run state cell */
@@ -108,8 +108,9 @@ int vms_catch_wake(void);
 int64_t vms_cancellable_read(int fd, uint8_t *buf, size_t n, int rearm);
 
 /* Bells. */
-int vms_bell_ring(struct vms_bell *bell, int efd, int pidfd);
-int vms_bell_wait(struct vms_bell *bell, int efd, uint32_t *seen, uint64_t spin_ns, int wake_fd);
+int vms_bell_ring(struct vms_bell *bell, int write_fd, int pidfd);
+int vms_bell_wait(struct vms_bell *bell, int read_fd, uint32_t *seen, uint64_t spin_ns,
+                  int wake_fd);
 
 /* The loops, and the worker's pieces Python uses between their calls. */
 int vms_runner_loop(struct vms_runner *r);

@@ -5,7 +5,7 @@ Each exit used to cost four process wake-ups (runner -> worker -> plugin and bac
 vmsuper's layout but removes both costs where it can:
 
 - bells: the worker/runner hand-off polls shared memory for a moment before sleeping on its
-  eventfd, so a hand-off between two busy processes needs no wake-up at all;
+  pipe, so a hand-off between two busy processes needs no wake-up at all;
 - the runner thread's `KVM_RUN` loop, run without the GIL;
 - the worker's loop over every I/O and MMIO exit: decoded, looked up, counted, and served
   when plain (Wait{Io} out, Resume{data} back), with the channel's transport.
@@ -191,33 +191,37 @@ class Bell:
         self._ring = module.lib.vms_bell_ring
         self._wait = module.lib.vms_bell_wait
 
-    def ring(self, efd: int, pidfd: int = -1) -> None:
-        """Ring it (its waiter sleeps on `efd`; a worker asleep in a read is sent
-        `abi.WAKE_SIGNAL` through `pidfd`, its pidfd, if there is one)."""
-        err = self._ring(self._bell, efd, pidfd)
+    def ring(self, write_fd: int, pidfd: int = -1) -> None:
+        """Ring it (its waiter sleeps in a read of the pipe whose write end is `write_fd`; a
+        worker asleep in a read of its plugin's channel is sent `abi.WAKE_SIGNAL` through
+        `pidfd`, its pidfd, if there is one)."""
+        err = self._ring(self._bell, write_fd, pidfd)
         if err:
             raise OSError(-err, f"ringing a bell failed: {err}")
 
-    def wait(self, efd: int, spin_ns: int, wake_fd: int = -1) -> None:
-        """Wait until it rang since `seen` (which is updated). Raises InterruptedError when
+    def wait(self, read_fd: int, spin_ns: int, wake_fd: int = -1) -> None:
+        """Wait until it rang since `seen` (which is updated), polling for up to `spin_ns`,
+        then sleeping in a read of `read_fd`, its pipe's read end. Raises InterruptedError when
         a signal came while it slept (with `wake_fd`, the read end of the process's
         `signal.set_wakeup_fd` pipe, also one that came while it polled): the caller drains
         that pipe and decides whether to wait again."""
-        err = self._wait(self._bell, efd, self._seen, spin_ns, wake_fd)
+        err = self._wait(self._bell, read_fd, self._seen, spin_ns, wake_fd)
         if err == -errno.EINTR:
             raise InterruptedError(errno.EINTR, "a signal came while waiting on a bell")
         if err:
             raise OSError(-err, f"waiting on a bell failed: {err}")
 
 
-def bell_ring(bell: int, efd: int) -> None:
-    """Ring the bell at address `bell` (its waiter sleeps on `efd`)."""
-    Bell(bell, ctypes.c_uint32()).ring(efd)
+def bell_ring(bell: int, write_fd: int) -> None:
+    """Ring the bell at address `bell` (its pipe's write end: `write_fd`)."""
+    Bell(bell, ctypes.c_uint32()).ring(write_fd)
 
 
-def bell_wait(bell: int, efd: int, seen: ctypes.c_uint32, spin_ns: int, wake_fd: int = -1) -> None:
+def bell_wait(
+    bell: int, read_fd: int, seen: ctypes.c_uint32, spin_ns: int, wake_fd: int = -1
+) -> None:
     """`Bell.wait` for the bell at address `bell`."""
-    Bell(bell, seen).wait(efd, spin_ns, wake_fd)
+    Bell(bell, seen).wait(read_fd, spin_ns, wake_fd)
 
 
 def seq_begin(gen: int) -> None:

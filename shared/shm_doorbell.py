@@ -1,5 +1,12 @@
 """The doorbell of a VCPU's mailbox: the worker's "request posted" to its runner thread and the
-runner's "done" back, each a bell in the mailbox's head (`hotpath.c`) plus an eventfd.
+runner's "done" back, each a bell in the mailbox's head (`hotpath.c`) plus a pipe.
+
+A bell's waiter sleeps in a read of its pipe and the ring writes it. A pipe rather than an
+eventfd: a pipe's write wakes its reader as a synchronous wake-up, the scheduler's hint that
+the writer is about to sleep, which lets the woken thread take the writer's CPU; an eventfd's
+write gives no such hint. The worker, for one, rings its runner and then sleeps in the read of
+its plugin's channel. Two VCPUs of one VM, and the slow plugins' path, took clearly less time
+per exit with pipes, the rest as long (`docs/performance.md`, "Polling").
 """
 
 from __future__ import annotations
@@ -21,20 +28,23 @@ class Doorbell:
     """The hand-off of one mailbox: "request posted" (worker -> runner) and "done" (back).
 
     Each direction is a bell (`hotpath.c`): a sequence number and a "sleeping" flag in the
-    mailbox's head, and an eventfd to sleep on. A waiter polls the number first, for the
+    mailbox's head, and a pipe to sleep on. A waiter polls the number first, for the
     mailbox's window at that moment (`Mailbox.poll_ns`, which the supervisor's polling gate
     sets, as for the C loops), so a hand-off between two busy processes costs no wake-up; a
-    ring writes the eventfd only when its waiter sleeps. Each process keeps its own last-seen
-    numbers.
+    ring writes the pipe only when its waiter sleeps. Each process keeps its own last-seen
+    numbers, and each side holds the pipes' ends it uses (`runner_fds`, `worker_fds`): the
+    read end of the bell it waits on, the write end of the one it rings. A write end does not
+    block: a pipe too full for a ring already holds what wakes its reader.
     """
 
     def __init__(self, mailbox: Mailbox) -> None:
         self._mailbox = mailbox
-        self._request = os.eventfd(0, os.EFD_CLOEXEC)
+        self._request_read, self._request_write = _bell_pipe()
         try:
-            self._done = os.eventfd(0, os.EFD_CLOEXEC)
+            self._done_read, self._done_write = _bell_pipe()
         except OSError:
-            os.close(self._request)
+            os.close(self._request_read)
+            os.close(self._request_write)
             raise
         self.request_bell = mailbox.bells_address()
         self.done_bell = self.request_bell + _BELL_STRIDE
@@ -47,9 +57,13 @@ class Doorbell:
         self._bells: tuple[hotpath.Bell, hotpath.Bell] | None = None
         self._closed = False
 
-    def fds(self) -> tuple[int, int]:
-        """(request fd, done fd): the eventfds the two sides sleep on."""
-        return self._request, self._done
+    def runner_fds(self) -> tuple[int, int]:
+        """The runner's ends: (request bell's read end, done bell's write end)."""
+        return self._request_read, self._done_write
+
+    def worker_fds(self) -> tuple[int, int]:
+        """The worker's ends: (request bell's write end, done bell's read end)."""
+        return self._request_write, self._done_read
 
     def _bell(self, which: int) -> hotpath.Bell:
         """Bell 0 (request) or 1 (done), made on first use (it needs the compiled module)."""
@@ -61,26 +75,26 @@ class Doorbell:
         return self._bells[which]
 
     def ring_request(self) -> None:
-        self._bell(0).ring(self._request)
+        self._bell(0).ring(self._request_write)
 
     def wait_request(self) -> int:
         """Block until a request is posted; the number of rings since the last wait. Raises
         InterruptedError if a signal came while it slept."""
-        return self._wait(self._bell(0), self._request)
+        return self._wait(self._bell(0), self._request_read)
 
     def ring_done(self, worker_pidfd: int = -1) -> None:
         """Ring "done" (a worker asleep in the read of its plugin's channel is woken through
         `worker_pidfd`, its pidfd: see `hotpath.Bell.ring`)."""
-        self._bell(1).ring(self._done, worker_pidfd)
+        self._bell(1).ring(self._done_write, worker_pidfd)
 
     def wait_done(self) -> int:
-        return self._wait(self._bell(1), self._done)
+        return self._wait(self._bell(1), self._done_read)
 
-    def _wait(self, bell: hotpath.Bell, efd: int) -> int:
+    def _wait(self, bell: hotpath.Bell, read_end: int) -> int:
         before = bell.seen.value
         while True:
             try:
-                bell.wait(efd, self._mailbox.poll_ns, self.wake_fd)
+                bell.wait(read_end, self._mailbox.poll_ns, self.wake_fd)
                 return (bell.seen.value - before) & _U32_MASK
             except InterruptedError:
                 if self.wake_fd < 0:
@@ -90,8 +104,8 @@ class Doorbell:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            os.close(self._request)
-            os.close(self._done)
+            for fd in (self._request_read, self._request_write, self._done_read, self._done_write):
+                os.close(fd)
 
     def __enter__(self) -> Doorbell:
         return self
@@ -100,6 +114,13 @@ class Doorbell:
         self, exc: type[BaseException] | None, val: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _bell_pipe() -> tuple[int, int]:
+    """A bell's pipe: (read end, blocking; write end, non-blocking), both close-on-exec."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(write_end, False)
+    return read_end, write_end
 
 
 def drain_wakeup_pipe(fd: int) -> None:

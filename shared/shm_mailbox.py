@@ -66,7 +66,7 @@ class Mailbox:
         return int.from_bytes(self._mm[start : start + 4], "little")
 
     def bell_sleeping(self, which: int) -> bool:
-        """Whether the waiter of bell 0 (request) or 1 (done) sleeps on its eventfd now."""
+        """Whether the waiter of bell 0 (request) or 1 (done) sleeps in a read of its pipe now."""
         start = self._off + _MAIL_BELLS_OFF + which * _BELL_SIZE + _BELL_SLEEPING_OFF
         return self._mm[start : start + 4] != bytes(4)
 

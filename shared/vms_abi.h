@@ -80,7 +80,7 @@ enum vms_forward {
 
 enum vms_sleeping {
     BELL_AWAKE = 0,
-    BELL_ON_EVENTFD = 1,
+    BELL_ON_PIPE = 1,
     BELL_IN_READ = 2,
 };
 

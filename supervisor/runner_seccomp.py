@@ -4,7 +4,7 @@ itself when it starts.
 A runner executes what its VCPU's worker posts in the shared mailbox, so a worker that could
 subvert it would act with the supervisor's privileges. Its filter lets it do only a runner's
 job: KVM ioctls on its own VCPU's fd (`KVM_RUN` and the allowlist `runners.ALLOWED_IOCTLS`),
-the bells (eventfd reads and writes, `poll`, `futex`, `sched_yield`, and the wake-up signal
+the bells (pipe reads and writes, `poll`, `futex`, `sched_yield`, and the wake-up signal
 to its own worker through its pidfd), memory, signals, its log records and ending the thread.
 Unlike a worker's filter it covers this thread only (no TSYNC): the supervisor's other threads
 open files, fork and make VM ioctls. A call outside the list fails with EPERM rather than
@@ -27,8 +27,8 @@ from vmsuper.shared.prctl import PR_SET_NO_NEW_PRIVS, prctl
 __all__ = ["ALLOWED", "build_filter", "confine_thread"]
 
 ALLOWED: Final = (
-    "read",  # the bells' eventfds
-    "write",  # eventfds, log records, the signal wake-up pipe, Waits to the plugin (pipes)
+    "read",  # the bells' pipes
+    "write",  # the bells' pipes, log records, the signal wake-up pipe, Waits to the plugin (pipes)
     "poll",  # a bell's sleep
     "ppoll",
     "futex",  # the GIL, locks, the Init barrier

@@ -234,13 +234,13 @@ class VcpuRunner:
         self.stopping = False
         self._alive = False
         self._alive_lock = threading.Lock()
-        request_efd, done_efd = doorbell.fds()
+        request_fd, done_fd = doorbell.runner_fds()
         self._context = hotpath.RunnerContext(
             vcpu_fd=vcpu_fd,
             run=ctypes.addressof(run),
             mail=mailbox.head_address(),
-            request_efd=request_efd,
-            done_efd=done_efd,
+            request_fd=request_fd,
+            done_fd=done_fd,
             request_seen=ctypes.addressof(doorbell.request_seen),
             pause_seq=slot.cell_address("pause_seq"),
             delivered_seq=slot.cell_address("delivered_seq"),

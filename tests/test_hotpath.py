@@ -442,7 +442,7 @@ def region() -> Iterator[SharedRegion]:
 
 
 def wait_until_sleeping(mailbox: Mailbox, which: int) -> None:
-    """Until the bell's waiter sleeps on its eventfd (it has polled and given up)."""
+    """Until the bell's waiter sleeps in a read of its pipe (it has polled and given up)."""
     wait_for(lambda: bool(mailbox.bell_sleeping(which)), "the waiter to sleep")
 
 
@@ -460,7 +460,7 @@ def test_a_bell_wakes_its_waiter_in_another_thread(region: SharedRegion, spin_ns
             assert bell.wait_request() == 1
             if ringer is not None:
                 ringer.join()
-        # Rung once the waiter sleeps: the ring must write its eventfd.
+        # Rung once the waiter sleeps: the ring must write its pipe.
         got: list[int] = []
         waiter = threading.Thread(target=lambda: got.append(bell.wait_request()))
         waiter.start()
@@ -707,7 +707,7 @@ def test_a_signal_while_a_bell_sleeps_interrupts_it(
         sender.start()
         try:
             with pytest.raises(InterruptedError):
-                hotpath.bell_wait(bell.request_bell, bell.fds()[0], bell.request_seen, 0)
+                hotpath.bell_wait(bell.request_bell, bell.runner_fds()[0], bell.request_seen, 0)
         finally:
             woken.set()
             sender.join()
@@ -729,13 +729,15 @@ def test_a_signal_before_the_sleep_is_not_slept_through(
             for wake_fd in (read_end, -1):  # the pipe, then the flag alone
                 with pytest.raises(InterruptedError):
                     hotpath.bell_wait(
-                        bell.request_bell, bell.fds()[0], bell.request_seen, 0, wake_fd
+                        bell.request_bell, bell.runner_fds()[0], bell.request_seen, 0, wake_fd
                     )
             assert hotpath.take_signal()
             assert not hotpath.take_signal()
             drain_wakeup_pipe(read_end)
             bell.ring_request()
-            hotpath.bell_wait(bell.request_bell, bell.fds()[0], bell.request_seen, 0, read_end)
+            hotpath.bell_wait(
+                bell.request_bell, bell.runner_fds()[0], bell.request_seen, 0, read_end
+            )
         finally:
             hotpath.unwatch_signal(signal.SIGUSR2)
             signal.set_wakeup_fd(previous)

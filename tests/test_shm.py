@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import signal
+import stat
 import sys
 import time
 import traceback
@@ -20,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from vmsuper.shared import hotpath
+from vmsuper.shared import abi, hotpath
 from vmsuper.shared.abi import MAILBOX_ARG_SIZE, ExitKind, RunState
 from vmsuper.shared.ranges import CallHint, Range, RangeError, RangeTable, RegHint, Space
 from vmsuper.shared.shm import RegionView, SharedRegion
@@ -373,7 +375,7 @@ def test_mailbox_round_trip_with_a_forked_worker(region: SharedRegion) -> None:
 
 def test_doorbell_counts_and_closes(region: SharedRegion) -> None:
     bell = Doorbell(region.mailbox(0))
-    request_fd, done_fd = bell.fds()
+    fds = [*bell.runner_fds(), *bell.worker_fds()]
     bell.ring_request()
     bell.ring_request()
     assert bell.wait_request() == 2
@@ -381,9 +383,68 @@ def test_doorbell_counts_and_closes(region: SharedRegion) -> None:
     assert bell.wait_done() == 1
     bell.close()
     bell.close()
-    for fd in (request_fd, done_fd):
+    for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+def test_each_side_holds_the_ends_of_the_doorbell_s_pipes_it_uses(region: SharedRegion) -> None:
+    """A bell is a pipe (its write wakes the reader as a synchronous wake-up, an eventfd's
+    does not: shared/shm_doorbell.py): each side reads the one it waits on, blocking, and
+    writes the one it rings, without blocking."""
+    with Doorbell(region.mailbox(0)) as bell:
+        request_read, done_write = bell.runner_fds()
+        request_write, done_read = bell.worker_fds()
+        for read_end, write_end in ((request_read, request_write), (done_read, done_write)):
+            assert stat.S_ISFIFO(os.fstat(read_end).st_mode)
+            assert os.fstat(read_end).st_ino == os.fstat(write_end).st_ino  # one pipe
+            assert fcntl.fcntl(read_end, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+            assert fcntl.fcntl(write_end, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY
+            assert os.get_blocking(read_end)
+            assert not os.get_blocking(write_end)
+            assert os.get_inheritable(read_end) is os.get_inheritable(write_end) is False
+
+
+@pytest.mark.parametrize("with_wake_fd", [False, True])
+def test_a_bell_whose_write_ends_are_all_closed_fails_its_waiter(
+    region: SharedRegion, with_wake_fd: bool
+) -> None:
+    """No ring can come once every write end of a bell's pipe is closed: the waiter gets EPIPE
+    rather than sleeping for ever or spinning on the pipe's end of file."""
+    with Doorbell(region.mailbox(0)) as bell:
+        request_read, _ = bell.runner_fds()
+        request_write, _ = bell.worker_fds()
+        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        os.close(request_write)  # the bell's only write end
+        try:
+            with pytest.raises(OSError) as info:
+                hotpath.bell_wait(
+                    bell.request_bell,
+                    request_read,
+                    bell.request_seen,
+                    0,
+                    wake_read if with_wake_fd else -1,
+                )
+            assert info.value.errno == errno.EPIPE
+        finally:
+            os.dup2(wake_write, request_write)  # a number for the doorbell's close to close
+            os.close(wake_read)
+            os.close(wake_write)
+
+
+def test_a_ring_does_not_block_on_a_full_pipe(region: SharedRegion) -> None:
+    """A waiter that sleeps and never reads (a worker killed in its sleep, say) cannot stall
+    its ringer: once the pipe is full, a ring still counts and returns."""
+    box = region.mailbox(0)
+    with Doorbell(box) as bell:
+        _, write_end = bell.worker_fds()
+        capacity = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+        sleeping_at = box.bells_address() + abi.BELL.offset("sleeping")
+        ctypes.c_uint32.from_address(sleeping_at).value = abi.Sleeping.ON_PIPE
+        rings = capacity + 10
+        for _ in range(rings):
+            bell.ring_request()
+        assert bell.wait_request() == rings
 
 
 def test_attach_checks_the_header(region: SharedRegion) -> None:

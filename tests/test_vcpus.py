@@ -8,6 +8,7 @@ are reserved, port 0x80 is reserved for async writes; 0x60/0x64 and MMIO 0xe0000
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -1155,8 +1156,8 @@ def test_shutdown_without_start_closes_the_channels(machine: Machine) -> None:
     vcpus = machine.make_vcpus(3, "pipes")
     gate = 1 if machine.poll_ns else 0  # the polling gate's pressure file
     failures = 1  # the runners' failure eventfd
-    # pipes, doorbells, test's dups
-    assert fd_count() == baseline + 3 * 4 + 3 * 2 + 3 * 2 + gate + failures
+    # pipes, doorbells (two pipes each), test's dups
+    assert fd_count() == baseline + 3 * 4 + 3 * 4 + 3 * 2 + gate + failures
     vcpus.shutdown()
     for end in machine.ends:
         end.close()
@@ -1199,6 +1200,7 @@ def test_worker_keeps_only_its_own_fds(machine: Machine, transport: str) -> None
         )
         channel = ["socket"] if transport == "socket" else ["pipe", "pipe"]
         wakeup_pipe = ["pipe", "pipe"]  # the worker's signal.set_wakeup_fd pipe
+        bells = ["pipe", "pipe"]  # its ends of the doorbell's two pipes
         kinds = sorted(
             "socket" if t.startswith("socket:") else "pipe" if t.startswith("pipe:") else t
             for t in targets
@@ -1207,13 +1209,16 @@ def test_worker_keeps_only_its_own_fds(machine: Machine, transport: str) -> None
             [
                 *channel,
                 *wakeup_pipe,
-                "anon_inode:[eventfd]",
-                "anon_inode:[eventfd]",
+                *bells,
                 f"anon_inode:kvm-vcpu:{vcpu}",
                 str(machine.log_dir / f"vcpu-{vcpu}.jsonl"),
             ]
         )
         assert kinds == expected, targets
+        # One end of each pipe but the wake-up pipe: of a bell's, the runner's end stays with
+        # the runner.
+        ends_held = collections.Counter(t for t in targets if t.startswith("pipe:"))
+        assert sorted(ends_held.values()) == [1] * (len(ends_held) - 1) + [2], targets
 
 
 @pytest.mark.parametrize("level", ["info", "debug"])

@@ -86,8 +86,8 @@ MISBEHAVIOURS: Final = ("open", "ioctl", "kill", "exec_mapping", "write_other")
 
 # The allowlist: every system call a confined worker's loops make, Python's and hotpath.c's.
 ALLOWED: Final[Mapping[str, str]] = {
-    "read": "channel pipes, the bells' eventfds, the signal wake-up pipe",
-    "write": "channel pipes, eventfds, the worker's log file, stderr",
+    "read": "channel pipes, the bells' pipes, the signal wake-up pipe",
+    "write": "channel pipes, the bells' pipes, the worker's log file, stderr",
     "readv": "pipes transport: a length-delimited request read with its prefix (wire.py)",
     "writev": "pipes transport: a response written with its prefix",
     "recvmsg": "socket transport: requests and the fds they carry (hotpath.c, Python)",
@@ -97,7 +97,7 @@ ALLOWED: Final[Mapping[str, str]] = {
     "getsockname": "repr() of the channel's socket (Python warns of it unclosed at exit)",
     "getpeername": "repr() of the channel's socket, as for getsockname",
     "close": "fds a plugin passes with a request are closed at once",
-    "poll": "a bell's sleep on its eventfd and the wake-up pipe (hotpath.c)",
+    "poll": "a bell's sleep on its pipe and the wake-up pipe (hotpath.c)",
     "ppoll": "the same, where the C library implements poll with ppoll",
     "futex": "the interpreter's locks",
     "sched_yield": "a bell's polling yields the CPU",

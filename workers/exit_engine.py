@@ -57,7 +57,7 @@ class ExitEngine:
         """Counts of ranges an older table held and the current one does not, by label."""
         self.hint: CallHint | None = None
         """The call hint of the table the engine runs with."""
-        request_efd, done_efd = doorbell.fds()
+        request_fd, done_fd = doorbell.worker_fds()
         # Debug logging records every exit here, so the runner must not serve any.
         forwarding = not report_exits
         if forwarding:
@@ -68,8 +68,8 @@ class ExitEngine:
             run=run_address,
             run_size=run_size,
             mail=mailbox.head_address(),
-            request_efd=request_efd,
-            done_efd=done_efd,
+            request_fd=request_fd,
+            done_fd=done_fd,
             done_seen=ctypes.addressof(doorbell.done_seen),
             counters=slot.cell_address("counters"),
             run_state=slot.cell_address("run_state"),

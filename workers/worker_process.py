@@ -227,7 +227,8 @@ def enter_worker(spec: WorkerSpec, *, parent_pid: int) -> NoReturn:
         _set_parent_death_signal(parent_pid)
         task_names.name_this_thread(task_names.worker_name(spec.vcpu))
         logs.close_logging()
-        keep = {0, 1, 2, spec.vcpu_fd, *spec.channel_fds, *spec.doorbell.fds()}
+        # Of the doorbell's pipes, the worker's ends only (the runner's are its runner's).
+        keep = {0, 1, 2, spec.vcpu_fd, *spec.channel_fds, *spec.doorbell.worker_fds()}
         had_faulthandler = faulthandler.is_enabled()
         faulthandler.disable()
         close_fds_except(keep)
