@@ -11,19 +11,23 @@
  *           separate plugin *process* over a pair of pipes and waits for its one-byte reply.
  *   socket  the same over one SOCK_SEQPACKET socket pair per VCPU.
  *   relay   vmsuper's process layout in C, every exit through the worker: the VCPU thread
- *           rings an eventfd for a separate worker process, which forwards the exit to the
- *           plugin process over pipes, waits for the reply and rings a second eventfd to let
+ *           rings a bell for a separate worker process, which forwards the exit to the
+ *           plugin process over pipes, waits for the reply and rings a second bell to let
  *           the VCPU thread re-enter. It separates the cost of the extra hop from the cost of
  *           Python.
  *   forward relay's three processes with one hand-off less (three wake-ups per exit where
  *           relay has four), as vmsuper serves a plain exit: the VCPU thread writes the exit
  *           to the plugin's pipe itself, and the worker process reads the plugin's reply and
- *           rings an eventfd to let the VCPU thread re-enter. The worker still reads every
+ *           rings a bell to let the VCPU thread re-enter. The worker still reads every
  *           byte the plugin sends; the VCPU's process only writes to the plugin.
  *   forward_socket
  *           forward over one SOCK_SEQPACKET socket pair per VCPU, as vmsuper's socket
  *           transport serves a plain exit: the VCPU thread sends on the socket, the worker
  *           process receives the replies on its copy of the same end.
+ *
+ * A bell is a pipe, as vmsuper's bells are (shared/shm_doorbell.py: a pipe's write wakes its
+ * reader as a synchronous wake-up, an eventfd's does not), opened once for reading and writing
+ * so that one fd serves both sides, each ring one 8-byte message.
  *
  * The VM is built as vmsuper builds it (TSS address, in-kernel irqchip, PIT), with 64 KiB of
  * memory at 0 and GUEST_BIN loaded at 0x1000, every VCPU in real mode at 0x1000 (application
@@ -40,7 +44,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
-#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -90,7 +93,7 @@ struct vcpu {
     int to_plugin, from_plugin;       /* VCPU side of the plugin channel (relay: the worker's;
                                          forward: from_plugin is the worker's) */
     int plugin_in, plugin_out;        /* plugin side of the plugin channel */
-    int exit_ready, resume;           /* relay: eventfds VCPU thread -> worker -> VCPU thread;
+    int exit_ready, resume;           /* relay: bells VCPU thread -> worker -> VCPU thread;
                                          forward: resume only (-1 when unused) */
     double t_first, t_done;
     uint64_t exits, other_exits;
@@ -129,7 +132,7 @@ static void hand_off(struct vcpu *v) {
     if (mode == RELAY) {
         if (write(v->exit_ready, &value, sizeof value) != sizeof value ||
             read(v->resume, &value, sizeof value) != sizeof value)
-            die("relay eventfds: %s", strerror(errno));
+            die("relay bells: %s", strerror(errno));
         return;
     }
     struct exit_message m = {
@@ -142,7 +145,7 @@ static void hand_off(struct vcpu *v) {
         if (write(v->to_plugin, &m, sizeof m) != sizeof m)
             die("write to the plugin: %s", strerror(errno));
         if (read(v->resume, &value, sizeof value) != sizeof value)
-            die("forward eventfd: %s", strerror(errno));
+            die("forward bell: %s", strerror(errno));
         return;
     }
     ask_plugin(v, &m);
@@ -256,16 +259,24 @@ static void plugin_main(int count) {
     _exit(0);
 }
 
-static int new_eventfd(void) {
-    int fd = eventfd(0, EFD_CLOEXEC);
+/* A bell (see the top): a pipe, opened read-write through /proc so that one fd has both ends. */
+static int new_bell(void) {
+    int ends[2];
+    char path[64];
+    if (pipe2(ends, O_CLOEXEC) < 0)
+        die("bell pipe: %s", strerror(errno));
+    snprintf(path, sizeof path, "/proc/self/fd/%d", ends[0]);
+    int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd < 0)
-        die("eventfd: %s", strerror(errno));
+        die("bell pipe, opened read-write: %s", strerror(errno));
+    close(ends[0]);
+    close(ends[1]);
     return fd;
 }
 
 static void make_channel(struct vcpu *v) {
-    v->exit_ready = mode == RELAY ? new_eventfd() : -1;
-    v->resume = has_worker() ? new_eventfd() : -1;
+    v->exit_ready = mode == RELAY ? new_bell() : -1;
+    v->resume = has_worker() ? new_bell() : -1;
     if (!uses_socket()) {
         int req[2], resp[2];
         if (pipe2(req, O_CLOEXEC) < 0 || pipe2(resp, O_CLOEXEC) < 0)
