@@ -6,7 +6,8 @@ eventfd: a pipe's write wakes its reader as a synchronous wake-up, the scheduler
 the writer is about to sleep, which lets the woken thread take the writer's CPU; an eventfd's
 write gives no such hint. The worker, for one, rings its runner and then sleeps in the read of
 its plugin's channel. Two VCPUs of one VM, and the slow plugins' path, took clearly less time
-per exit with pipes, the rest as long (`docs/performance.md`, "Polling").
+per exit with pipes, the rest as long (`docs/performance.md`, "Two VCPUs, and many VMs, on
+two cores").
 """
 
 from __future__ import annotations
@@ -101,11 +102,17 @@ class Doorbell:
                     raise
                 drain_wakeup_pipe(self.wake_fd)  # the handlers run before the next wait
 
+    def leave_runner_ends(self) -> None:
+        """In a worker whose other fds were closed: forget the runner's ends (their numbers may
+        name other files by now), so that nothing there uses or closes them."""
+        self._request_read = self._done_write = -1
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             for fd in (self._request_read, self._request_write, self._done_read, self._done_write):
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
 
     def __enter__(self) -> Doorbell:
         return self

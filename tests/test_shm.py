@@ -388,6 +388,23 @@ def test_doorbell_counts_and_closes(region: SharedRegion) -> None:
             os.fstat(fd)
 
 
+def test_a_worker_s_doorbell_leaves_the_runner_s_ends_alone(region: SharedRegion) -> None:
+    """A worker closes every fd but its own before it runs (the runner's ends among them), so
+    its doorbell must not close those numbers again: they may name other files by then."""
+    bell = Doorbell(region.mailbox(0))
+    runner_ends = bell.runner_fds()
+    worker_ends = bell.worker_fds()
+    bell.leave_runner_ends()
+    assert bell.runner_fds() == (-1, -1)
+    bell.close()
+    for fd in worker_ends:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    for fd in runner_ends:
+        os.fstat(fd)  # still open: not the doorbell's to close any more
+        os.close(fd)
+
+
 def test_each_side_holds_the_ends_of_the_doorbell_s_pipes_it_uses(region: SharedRegion) -> None:
     """A bell is a pipe (its write wakes the reader as a synchronous wake-up, an eventfd's
     does not: shared/shm_doorbell.py): each side reads the one it waits on, blocking, and

@@ -232,6 +232,7 @@ def enter_worker(spec: WorkerSpec, *, parent_pid: int) -> NoReturn:
         had_faulthandler = faulthandler.is_enabled()
         faulthandler.disable()
         close_fds_except(keep)
+        spec.doorbell.leave_runner_ends()
         if had_faulthandler:
             faulthandler.enable(file=sys.__stderr__ or sys.stderr)
         # Objects inherited from the supervisor may own fds just closed; never let the cyclic
