@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 from types import TracebackType
 from typing import Final
@@ -124,9 +125,20 @@ class Doorbell:
 
 
 def _bell_pipe() -> tuple[int, int]:
-    """A bell's pipe: (read end, blocking; write end, non-blocking), both close-on-exec."""
+    """A bell's pipe: (read end, blocking; write end, non-blocking), both close-on-exec.
+
+    One page is room enough (a ring is a byte), and every page of a pipe counts against its
+    user's quota (`/proc/sys/fs/pipe-user-pages-soft`), which the channels' enlarged pipes
+    need (`wire.enlarge_pipe`): a new pipe has sixteen.
+    """
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    os.set_blocking(write_end, False)
+    try:
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 1)  # rounded up to one page
+        os.set_blocking(write_end, False)
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        raise
     return read_end, write_end
 
 

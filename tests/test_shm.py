@@ -420,6 +420,8 @@ def test_each_side_holds_the_ends_of_the_doorbell_s_pipes_it_uses(region: Shared
             assert os.get_blocking(read_end)
             assert not os.get_blocking(write_end)
             assert os.get_inheritable(read_end) is os.get_inheritable(write_end) is False
+            # One page: the least a pipe takes of its user's pipe quota.
+            assert fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ) == os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.mark.parametrize("with_wake_fd", [False, True])
