@@ -44,8 +44,9 @@ def region() -> Iterator[SharedRegion]:
 
 
 @contextmanager
-def forked(body: Callable[[], int]) -> Iterator[list[int]]:
-    """Run `body` in a forked child; the yielded list receives the child's exit code on exit.
+def forked(body: Callable[[], int], deadline_s: float | None = None) -> Iterator[list[int | None]]:
+    """Run `body` in a forked child; the yielded list receives the child's exit code on exit
+    (None: it had not ended `deadline_s` seconds after the block, and was killed).
 
     A failure in the parent kills the child, so no process is left behind.
     """
@@ -60,15 +61,24 @@ def forked(body: Callable[[], int]) -> Iterator[list[int]]:
         finally:
             sys.stderr.flush()
             os._exit(code)
-    result: list[int] = []
+    result: list[int | None] = []
     try:
         yield result
     except BaseException:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         raise
+    ended = True
+    if deadline_s is not None:
+        pidfd = os.pidfd_open(pid)
+        try:
+            ended = bool(select.select([pidfd], [], [], deadline_s)[0])
+        finally:
+            os.close(pidfd)
+        if not ended:
+            os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
-    result.append(os.waitstatus_to_exitcode(status))
+    result.append(os.waitstatus_to_exitcode(status) if ended else None)
 
 
 def sample_table() -> RangeTable:
@@ -451,23 +461,10 @@ def test_a_bell_whose_write_ends_are_all_closed_fails_its_waiter(
             return 0 if exc.errno == errno.EPIPE else 2
         return 3
 
-    pid = os.fork()
-    if pid == 0:
-        code = 101
-        try:
-            code = waiter()
-        finally:
-            os._exit(code)
-    pidfd = os.pidfd_open(pid)
-    try:
-        ended, _, _ = select.select([pidfd], [], [], 10.0)
-    finally:
-        os.close(pidfd)
-    if not ended:
-        os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    assert ended, "the waiter still waits on a bell that nothing can ring"
-    assert os.waitstatus_to_exitcode(status) == 0
+    with forked(waiter, deadline_s=10.0) as code:
+        pass
+    assert code != [None], "the waiter still waits on a bell that nothing can ring"
+    assert code == [0]
 
 
 def test_a_ring_does_not_block_on_a_full_pipe(region: SharedRegion) -> None:
