@@ -268,7 +268,8 @@ static int sleep_on(int read_fd, int wake_fd)
 
 static int bell_sleep(struct vms_bell *bell, int read_fd, uint32_t *seen, int wake_fd);
 
-/* 0 once the bell rang since *seen (updated), -EINTR if a signal came (see sleep_on). */
+/* 0 once the bell rang since *seen (updated), -EINTR if a signal came, -EPIPE if no ring can
+ * come any more (see sleep_on). */
 int vms_bell_wait(struct vms_bell *bell, int read_fd, uint32_t *seen, uint64_t spin_ns, int wake_fd)
 {
     uint32_t seq = __atomic_load_n(&bell->seq, __ATOMIC_ACQUIRE);
