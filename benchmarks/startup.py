@@ -27,12 +27,13 @@ from .vmrun import RunResult, RunSpec, log_event_times, run_vm, vmsuper_command
 SUPERVISOR_IMPORT = "import vmsuper.supervisor.cli, vmsuper.supervisor.runner"
 # Imports timed alone (each over a bare interpreter's start): what a run imports before it can
 # spawn its plugin (the CLI, its config and log, the launch), and the two libraries among them
-# (the config's and the log's; the log imports structlog as vmsuper does, with stand-ins).
+# (the config's and the log's, each imported as vmsuper does: msgspec without typing_extensions,
+# structlog with stand-ins).
 IMPORTS_ALONE = {
     "python: imports before the plugin's spawn": (
         "import vmsuper.supervisor.cli, vmsuper.supervisor.launch"
     ),
-    "python: msgspec import": "import msgspec",
+    "python: msgspec import, as a run does": "import vmsuper.supervisor.msgspec_import",
     "python: structlog import, as a run does": "import vmsuper.shared.logs",
 }
 # The plugins timed, and whether they run sandboxed (the default) or not (to show what the

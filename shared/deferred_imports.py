@@ -7,6 +7,9 @@ message class and never calls it. `defer` puts a stand-in in `sys.modules` under
 name; the first attribute read from the stand-in imports the real module (the stand-in leaves
 `sys.modules` then) and returns the real attribute, so whoever does need the module (the
 pure-Python backend, a message printed as text) gets it, only later.
+
+`NotInstalled` is for a module a library imports only if it is installed, and does without
+otherwise: for the library's import it is not installed.
 """
 
 from __future__ import annotations
@@ -29,6 +32,24 @@ class ImportedOnFirstUse(types.ModuleType):
         if sys.modules.get(name_of_module) is self:
             del sys.modules[name_of_module]
         return getattr(importlib.import_module(name_of_module), name)
+
+
+class NotInstalled:
+    """Within the block, an import of any of `names` not imported yet raises ImportError, as
+    if it were not installed; afterwards it imports as usual. (A class rather than a
+    contextlib generator: contextlib is not imported yet when this runs.)"""
+
+    def __init__(self, *names: str) -> None:
+        self.hiding = [name for name in names if name not in sys.modules]
+
+    def __enter__(self) -> None:
+        for name in self.hiding:
+            sys.modules[name] = None  # type: ignore[assignment]  # what makes its import fail
+
+    def __exit__(self, *_: object) -> None:
+        for name in self.hiding:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
 
 
 def defer(name: str) -> None:

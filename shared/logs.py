@@ -38,7 +38,7 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from vmsuper.shared.deferred_imports import ImportedOnFirstUse
+from vmsuper.shared.deferred_imports import ImportedOnFirstUse, NotInstalled
 
 # Modules structlog imports at the top of its package but vmsuper never uses: asyncio, for its
 # async logging methods (``ainfo`` and the like); its standard library integration
@@ -66,17 +66,13 @@ def _import_structlog_lightly() -> None:
     """
     if "structlog" in sys.modules:
         return
-    hidden = [] if "rich" in sys.modules else ["rich"]
     stand_ins = {name: ImportedOnFirstUse(name) for name in _DEFERRED_BY_STRUCTLOG}
     stand_ins = {name: module for name, module in stand_ins.items() if name not in sys.modules}
-    for name in hidden:
-        sys.modules[name] = None  # type: ignore[assignment]  # "import rich" raises ImportError
     sys.modules.update(stand_ins)
     try:
-        import structlog  # noqa: F401
+        with NotInstalled("rich"):
+            import structlog  # noqa: F401
     finally:
-        for name in hidden:
-            del sys.modules[name]
         for name, module in stand_ins.items():
             if sys.modules.get(name) is module:
                 del sys.modules[name]

@@ -37,9 +37,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import msgspec
-
 from vmsuper.supervisor import config_shape
+from vmsuper.supervisor.msgspec_import import msgspec
 from vmsuper.supervisor.which import which
 from vmsuper.workers.limits import MAX_VCPUS, Limits
 

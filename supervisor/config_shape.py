@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import msgspec
+from vmsuper.supervisor.msgspec_import import msgspec
 
 
 class ShapeError(Exception):

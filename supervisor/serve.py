@@ -42,8 +42,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-import msgspec
-
 import vmsuper
 import vmsuper.shared
 import vmsuper.workers
@@ -51,6 +49,7 @@ from vmsuper import __version__
 from vmsuper.shared import wire
 from vmsuper.shared.runtime import RuntimeDirError, make_runtime_dir
 from vmsuper.supervisor import serve_client
+from vmsuper.supervisor.msgspec_import import msgspec
 from vmsuper.supervisor.serve_client import socket_path
 
 __all__ = ["Refusal", "RunRequest", "code_stamp", "main", "parse_request", "refusal"]

@@ -186,7 +186,7 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
     differences = (
         "python: supervisor imports",
         "python: imports before the plugin's spawn",
-        "python: msgspec import",
+        "python: msgspec import, as a run does",
         "python: structlog import, as a run does",
     )
     for name in (

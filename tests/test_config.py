@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
@@ -547,3 +549,43 @@ def test_log_root_is_not_a_key(folder: Path) -> None:
     assert "unknown override key 'log.root'" in error_of(
         write(folder, PLUGIN_TABLE), overrides={"log.root": "x"}
     )
+
+
+def test_a_run_s_msgspec_decodes_as_the_one_with_typing_extensions(folder: Path) -> None:
+    """A run imports msgspec as if typing_extensions were not installed
+    (`supervisor/msgspec_import.py`); where something imported typing_extensions first,
+    msgspec uses it. Both must decode a config alike and refuse a bad one alike."""
+    good = write(
+        folder,
+        PLUGIN_TABLE
+        + '[vm]\nvcpus = 3\npoll_us = 7\n[[plugin.mounts]]\nsrc = "/usr"\nwritable = true\n'
+        + '[net]\nhost_ip = "10.0.0.1"\nnetmask = "255.255.255.0"\nmac = "DE:21:E8:47:6B:6A"\n'
+        + '[log]\nlevel = "debug"\ndir = "/abs/logs"\n[limits]\nplugin_memory = "64M"\n',
+        "good.toml",
+    )
+    bad = write(folder, PLUGIN_TABLE + '[limits]\nplugin_memory = "lots"\n', "bad.toml")
+    code = (
+        "import sys\n"
+        "from vmsuper.supervisor.config import ConfigError, load_config\n"
+        "print('typing_extensions' in sys.modules)\n"
+        f"print(repr(load_config({str(good)!r})))\n"
+        f"try:\n    load_config({str(bad)!r})\n"
+        "except ConfigError as exc:\n    print(exc)\n"
+        "import typing_extensions\n"  # importable as usual afterwards
+        "print(typing_extensions.__name__)\n"
+    )
+    outputs = []
+    for first in ("", "import typing_extensions\n"):
+        done = subprocess.run(
+            [sys.executable, "-c", first + code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout.splitlines())
+    as_a_run, with_it = outputs
+    assert as_a_run[0] == "False" and with_it[0] == "True"
+    assert as_a_run[1:] == with_it[1:]
+    assert as_a_run[1:] == [repr(load_config(good)), error_of(bad), "typing_extensions"]
