@@ -2,10 +2,11 @@
 
 msgspec imports typing_extensions when it is installed (for `get_type_hints`, `Required` and
 `NotRequired`) and otherwise uses the standard library's `typing`, which on Python 3.11 has all
-three. typing_extensions costs about a third of msgspec's import, which every `vmsuper run`
-pays before it can start its plugin, and vmsuper's config types use nothing of it. It is
-installed wherever something else needs it (a type checker, a gRPC tool), so msgspec is
-imported as if it were not; anything that imports it later still gets it.
+three. Importing typing_extensions costs every `vmsuper run` a few milliseconds before it can
+start its plugin (its own code: what it imports, a run imports anyway), and vmsuper's config
+types use nothing of it. It is installed wherever something else needs it (a type checker, a
+gRPC tool), so msgspec is imported as if it were not; anything that imports it later still
+gets it.
 """
 
 from vmsuper.shared.deferred_imports import NotInstalled
