@@ -4,6 +4,7 @@
  * vmsuper and not of a client library.
  *
  *   native_plugin trivial
+ *   native_plugin stamp
  *   native_plugin MODE EXITS GUEST_BIN START_PORT LOOP_PORT DONE_PORT [FIFO]
  *
  * MODE:
@@ -18,6 +19,8 @@
  *            {"bench": ..., "phase": "start"|"done"} line, then FIFO is read before any VCPU
  *            goes on.
  *   trivial  exit 0 at once.
+ *   stamp    print {"bench": "native", "mode": "stamp", "t_main": ...} (the clock on entering
+ *            main) and exit 0: the harness times a start up to the plugin's main with it.
  *
  * The guest (GUEST_BIN, loaded at 0x1000 in 64 KiB of memory at guest address 0, run in real
  * mode from 0x1000 on every VCPU) writes once to START_PORT, EXITS times to LOOP_PORT and once
@@ -513,6 +516,10 @@ int main(int argc, char **argv) {
     double t_main = now();
     if (argc == 2 && strcmp(argv[1], "trivial") == 0)
         return 0;
+    if (argc == 2 && strcmp(argv[1], "stamp") == 0) {
+        printf("{\"bench\": \"native\", \"mode\": \"stamp\", \"t_main\": %.9f}\n", t_main);
+        return 0;
+    }
     if (argc < 7 || argc > 8)
         die("usage: native_plugin loop|async|ioevent|hold|profile EXITS GUEST START LOOP DONE [FIFO]");
     const char *names[] = {"loop", "async", "ioevent", "hold", "profile"};

@@ -30,8 +30,9 @@ MAX_WORKER_USS_MIB: Final = 12.0
 # process layout: the `forward` reference is that layout in C with nothing of vmsuper's own.
 # (Two VCPUs of one VM have no such floor: now and then a core is free, and polling takes a
 # run below `forward`.) A run started from the command line cannot ask its plugin anything
-# before the interpreter has started and made the imports that come before the plugin's spawn;
-# nor end before it has made all of its imports and the kernel has released the VM.
+# before the interpreter has started and made the imports that come before the plugin's spawn,
+# and the sandbox has started the plugin; nor end before it has made all of its imports and the
+# kernel has released the VM (the sandbox starts while the last imports are made).
 FORWARD_FLOOR: Final = {
     "pipes": "the forward layout in C",
     "socket": "the forward layout in C, over sockets",
@@ -39,6 +40,7 @@ FORWARD_FLOOR: Final = {
 FIRST_REQUEST_FLOOR: Final = (
     ("python: bare interpreter", "the interpreter"),
     ("python: imports before the plugin's spawn", "the imports before the spawn"),
+    ("sandbox: the plugin's spawn, set-up to main", "the sandbox's start"),
 )
 TRIVIAL_RUN_FLOOR: Final = (
     ("python: bare interpreter", "the interpreter"),

@@ -8,14 +8,24 @@ supervisor are timed alone as well.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
+import os
+import socket
+import struct
 import subprocess
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from vmsuper.shared import kvm
+from vmsuper.supervisor.config import PluginConfig
+from vmsuper.supervisor.plugin_process import PluginProcess
 from vmsuper.supervisor.runner import create_machine
+from vmsuper.supervisor.sandbox import Sandbox
 
 from .concurrent import children_cpu_s
 from .context import Bench
@@ -46,6 +56,8 @@ VARIANTS = {
     # interpreter's and the imports' start.
     NATIVE_SERVED: ("native", True),
 }
+# The sandbox's own start, timed apart (see _sandbox_start).
+SANDBOX_START = "sandbox: the plugin's spawn, set-up to main"
 # Milestones of a trivial run in vmsuper's log, to split its whole time into set-up, the
 # plugin's life, shutdown, and the interpreter's exit (after run_finished).
 TRIVIAL_EVENTS = frozenset({"run_started", "plugin_started", "plugin_exited", "run_finished"})
@@ -84,6 +96,7 @@ def startup(bench: Bench) -> list[dict[str, Any]]:
             figures = {f"{k}_ms": summarize(v) for k, v in samples[ll, name].items()}
             rows.append({"plugin": name, "low_latency": ll, **figures})
     rows.extend(_python_costs(bench))
+    rows.append({"plugin": SANDBOX_START, "run_ms": summarize(_sandbox_start(bench))})
     rows.extend(_kvm_costs(bench))
     return rows
 
@@ -143,6 +156,53 @@ def _python_costs(bench: Bench) -> list[dict[str, Any]]:
         *({"plugin": name, "run_ms": summarize(ms)} for name, ms in alone.items()),
         {"plugin": "vmsuper --version", "run_ms": summarize(cli)},
     ]
+
+
+def _sandbox_start(bench: Bench) -> list[float]:
+    """What the sandbox adds to a run's start before its plugin runs, in ms: from the first step
+    of the spawned child (before it stages the sandbox's sources, becomes the plugin's user and
+    executes bwrap) to the plugin's main, through bwrap's namespaces and mounts and the starter
+    shell. The run's own spawn and sandbox (`PluginProcess.spawn`, `Sandbox.for_plugin`), in
+    this process; the native plugin stamps its main (mode `stamp`)."""
+    path = bench.programs.native_plugin
+    sandbox = Sandbox.for_plugin(PluginConfig(path=path, args=("stamp",)))
+    return [_spawn_stamped(path, sandbox) for _ in range(bench.repeat)]
+
+
+def _spawn_stamped(path: Path, sandbox: Sandbox) -> float:
+    """One spawn of the native plugin's `stamp` in `sandbox`: ms from the child's set-up to the
+    plugin's main."""
+    with contextlib.ExitStack() as stack:
+        stamp_read, stamp_write = os.pipe()
+        stack.callback(os.close, stamp_read)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        stack.enter_context(ours)
+        with theirs:
+            try:
+                plugin = PluginProcess.spawn(
+                    path,
+                    ["stamp"],
+                    {},
+                    theirs.fileno(),
+                    sandbox=sandbox,
+                    before_exec=functools.partial(_write_clock, stamp_write),
+                )
+            finally:
+                os.close(stamp_write)
+        stack.callback(plugin.close)
+        stack.callback(plugin.wait)  # on the way out, also after a failure (it exits at once)
+        (set_up,) = struct.unpack("=d", os.read(stamp_read, 8))
+        os.set_blocking(plugin.stdout_fd, True)
+        with os.fdopen(os.dup(plugin.stdout_fd), "rb") as out:
+            report = json.loads(out.read())
+        if (status := plugin.wait()) != 0:
+            raise RuntimeError(f"the stamping plugin ended with wait status {status}")
+    return _ms(report["t_main"] - set_up)
+
+
+def _write_clock(fd: int) -> None:
+    """In the spawned child, before anything else: the clock now, on `fd`."""
+    os.write(fd, struct.pack("=d", time.monotonic()))
 
 
 def _kvm_costs(bench: Bench) -> list[dict[str, Any]]:

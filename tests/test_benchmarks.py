@@ -193,6 +193,7 @@ def test_quick_run_reports_every_figure(results: dict[str, Any]) -> None:
         "python: bare interpreter",
         *differences,
         "vmsuper --version",
+        "sandbox: the plugin's spawn, set-up to main",
         "kvm: a run's VM made (TSS, irqchip, PIT)",
         "kvm: that VM closed",
     ):
