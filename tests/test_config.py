@@ -589,3 +589,12 @@ def test_a_run_s_msgspec_decodes_as_the_one_with_typing_extensions(folder: Path)
     assert as_a_run[0] == "False" and with_it[0] == "True"
     assert as_a_run[1:] == with_it[1:]
     assert as_a_run[1:] == [repr(load_config(good)), error_of(bad), "typing_extensions"]
+
+
+def test_the_config_structs_annotations_are_objects_not_strings() -> None:
+    """A run's start reads them (msgspec and config_shape): a string annotation would be
+    compiled then, each time (see supervisor/config.py)."""
+    structs = (Config, VmConfig, PluginConfig, MountConfig, NetConfig, LogConfig, LimitsConfig)
+    for struct in structs:
+        strings = [name for name, hint in struct.__annotations__.items() if isinstance(hint, str)]
+        assert not strings, (struct.__name__, strings)
