@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
+from vmsuper.supervisor import collector
+
 TYPE_CHECKING = False  # typing costs the hand-over milliseconds (tests/test_cli.py)
 if TYPE_CHECKING:
     from typing import NoReturn
@@ -19,6 +21,7 @@ INTERRUPTED = 130  # as cli.INTERRUPTED: interrupted before the run starts
 def main() -> int:
     argv = sys.argv[1:]
     if argv[:1] == ["run"]:
+        collector.pause()  # for the start-up's imports: see supervisor/collector.py
         from vmsuper.supervisor.serve_client import hand_over
 
         try:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vmsuper.shared import logs
-from vmsuper.supervisor import cgroups, outcome
+from vmsuper.supervisor import cgroups, collector, outcome
 from vmsuper.supervisor.config import Config
 from vmsuper.supervisor.executable import check_exec_format
 from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
@@ -138,6 +138,7 @@ def run(config: Config, config_path: Path | None = None) -> int:
         import vmsuper.workers.worker_process  # noqa: F401
         from vmsuper.supervisor import runner
 
+        collector.resume()  # the start-up's imports are made (supervisor/collector.py)
         return runner.run(config, config_path, launch=launch)
     finally:  # after a failure of vmsuper's own; a run that ended has done this already
         launch.abandon()

@@ -377,6 +377,47 @@ def test_protobuf_s_pure_python_messages_wait_for_first_use() -> None:
     ]
 
 
+def test_a_direct_run_imports_with_the_collector_paused_then_resumes_it(tmp_path: Path) -> None:
+    """supervisor/collector.py: off from the command's first step to the runner's start, then
+    on, with the start-up's objects frozen."""
+    config = tmp_path / "vm.toml"
+    config.write_text(
+        f'[plugin]\npath = "/bin/true"\nsandbox = false\n[log]\ndir = "{tmp_path / "logs"}"\n'
+    )
+    done = _python(
+        "import gc, os, sys\n"
+        "os.environ['VMSUPER_RUNTIME_DIR'] = '/nonexistent/vmsuper-runtime'\n"
+        "from vmsuper.supervisor import config, entry, runner\n"
+        "load = config.load_config\n"
+        "def loading(*args, **kwargs):\n"
+        "    print('config', gc.isenabled())\n"
+        "    return load(*args, **kwargs)\n"
+        "def running(*args, **kwargs):\n"
+        "    print('runner', gc.isenabled(), gc.get_freeze_count() > 1000)\n"
+        "    return 0\n"
+        "config.load_config, runner.run = loading, running\n"
+        f"sys.argv = ['vmsuper', 'run', {str(config)!r}]\n"
+        "entry.main()\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["config False", "runner True True"]
+
+
+def test_the_collector_is_resumed_only_where_it_was_paused() -> None:
+    done = _python(
+        "import gc\n"
+        "from vmsuper.supervisor import collector\n"
+        "collector.resume()\n"  # never paused: as it was
+        "print(gc.isenabled(), gc.get_freeze_count())\n"
+        "gc.disable()\n"
+        "collector.pause()\n"  # off already, by its owner: left to it
+        "collector.resume()\n"
+        "print(gc.isenabled(), gc.get_freeze_count())\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["True 0", "False 0"]
+
+
 def test_no_dataclass_is_made_on_the_run_path() -> None:
     # @dataclass compiles each class's methods at import: about half a millisecond a class on
     # every `vmsuper run`'s start-up (shared/records.py has the cheap kind).
