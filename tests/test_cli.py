@@ -329,6 +329,7 @@ def test_the_hand_over_to_a_server_imports_next_to_nothing() -> None:
         "import os, sys\n"
         "os.environ['VMSUPER_RUNTIME_DIR'] = '/nonexistent/vmsuper-runtime'\n"
         "os.environ.pop('VMSUPER_SERVE', None)\n"
+        "from vmsuper.supervisor import entry  # noqa: F401  (the command's first step)\n"
         "from vmsuper.supervisor.serve_client import hand_over\n"
         "assert hand_over(['run', 'vm.toml']) is None  # no server there\n"
         f"print([m for m in {NOT_IMPORTED_BEFORE_THE_HAND_OVER!r} if m in sys.modules])"
