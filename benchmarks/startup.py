@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -56,8 +57,10 @@ VARIANTS = {
     # interpreter's and the imports' start.
     NATIVE_SERVED: ("native", True),
 }
-# The sandbox's own start, timed apart (see _sandbox_start).
+# The sandbox's own start, timed apart (see _sandbox_start); a plugin that has not ended by
+# the timeout (it exits at once) fails the section rather than hanging it.
 SANDBOX_START = "sandbox: the plugin's spawn, set-up to main"
+STAMP_TIMEOUT_S = 10.0
 # Milestones of a trivial run in vmsuper's log, to split its whole time into set-up, the
 # plugin's life, shutdown, and the interpreter's exit (after run_finished).
 TRIVIAL_EVENTS = frozenset({"run_started", "plugin_started", "plugin_exited", "run_finished"})
@@ -190,13 +193,16 @@ def _spawn_stamped(path: Path, sandbox: Sandbox) -> float:
             finally:
                 os.close(stamp_write)
         stack.callback(plugin.close)
-        stack.callback(plugin.wait)  # on the way out, also after a failure (it exits at once)
+        stack.callback(plugin.wait)  # on the way out, also after a failure
         (set_up,) = struct.unpack("=d", os.read(stamp_read, 8))
-        os.set_blocking(plugin.stdout_fd, True)
-        with os.fdopen(os.dup(plugin.stdout_fd), "rb") as out:
-            report = json.loads(out.read())
+        ended = select.poll()
+        ended.register(plugin.pidfd, select.POLLIN)
+        if not ended.poll(STAMP_TIMEOUT_S * 1000):
+            plugin.kill()
+            raise RuntimeError(f"the stamping plugin did not end within {STAMP_TIMEOUT_S:g} s")
         if (status := plugin.wait()) != 0:
             raise RuntimeError(f"the stamping plugin ended with wait status {status}")
+        report = json.loads(os.read(plugin.stdout_fd, 4096))  # its one line, written by now
     return _ms(report["t_main"] - set_up)
 
 
