@@ -37,7 +37,8 @@ class ImportedOnFirstUse(types.ModuleType):
 class NotInstalled:
     """Within the block, an import of any of `names` not imported yet raises ImportError, as
     if it were not installed; afterwards it imports as usual. (A class rather than a
-    contextlib generator: contextlib is not imported yet when this runs.)"""
+    contextlib generator: this module is on the way to a served run's hand-over, which imports
+    no contextlib: tests/test_cli.py.)"""
 
     def __init__(self, *names: str) -> None:
         self.hiding = [name for name in names if name not in sys.modules]

@@ -290,8 +290,8 @@ def test_the_cli_imports_only_what_its_command_needs() -> None:
     ],
 )
 def test_commands_other_than_run_do_not_import_the_config(argv: list[str]) -> None:
-    """The config's modules (msgspec with inspect) cost a run's start about 30 ms; a command
-    that reads no config must not pay it."""
+    """The config's modules (msgspec, with inspect) are a good part of a run's start; a command
+    that reads no config must not pay for them."""
     _finds_none(
         "import contextlib, io, os, sys\n"
         "os.environ['VMSUPER_RUNTIME_DIR'] = '/nonexistent/vmsuper-runtime'\n"
