@@ -20,6 +20,7 @@ import types
 
 TYPE_CHECKING = False  # importing typing costs `vmsuper run` milliseconds before its hand-over
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 
@@ -34,23 +35,39 @@ class ImportedOnFirstUse(types.ModuleType):
         return getattr(importlib.import_module(name_of_module), name)
 
 
-class NotInstalled:
-    """Within the block, an import of any of `names` not imported yet raises ImportError, as
-    if it were not installed; afterwards it imports as usual. (A class rather than a
-    contextlib generator: this module is on the way to a served run's hand-over, which imports
-    no contextlib: tests/test_cli.py.)"""
+class _InPlaceOf:
+    """Within the block, each of `names` not imported yet is `stand_in(name)` in `sys.modules`;
+    afterwards each entry still the block's leaves (a stand-in that imported its module, or
+    something put there since, stays). A class rather than a contextlib generator: this module
+    is on the way to a served run's hand-over, which imports no contextlib (tests/test_cli.py)."""
 
-    def __init__(self, *names: str) -> None:
-        self.hiding = [name for name in names if name not in sys.modules]
+    def __init__(self, names: tuple[str, ...], stand_in: Callable[[str], object]) -> None:
+        self._entries = {name: stand_in(name) for name in names if name not in sys.modules}
 
     def __enter__(self) -> None:
-        for name in self.hiding:
-            sys.modules[name] = None  # type: ignore[assignment]  # what makes its import fail
+        sys.modules.update(self._entries)  # type: ignore[arg-type]  # None: see NotInstalled
 
     def __exit__(self, *_: object) -> None:
-        for name in self.hiding:
-            if name in sys.modules and sys.modules[name] is None:
+        for name, entry in self._entries.items():
+            if name in sys.modules and sys.modules[name] is entry:
                 del sys.modules[name]
+
+
+class NotInstalled(_InPlaceOf):
+    """Within the block, an import of any of `names` not imported yet raises ImportError, as
+    if it were not installed (`None` in `sys.modules`); afterwards it imports as usual."""
+
+    def __init__(self, *names: str) -> None:
+        super().__init__(names, lambda _name: None)
+
+
+class OnFirstUse(_InPlaceOf):
+    """Within the block, an import of any of `names` not imported yet gets a stand-in
+    (`ImportedOnFirstUse`); afterwards an import gets the real module, and the stand-ins that
+    something took meanwhile import it when first used."""
+
+    def __init__(self, *names: str) -> None:
+        super().__init__(names, ImportedOnFirstUse)
 
 
 def defer(name: str) -> None:

@@ -38,7 +38,7 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from vmsuper.shared.deferred_imports import ImportedOnFirstUse, NotInstalled
+from vmsuper.shared.deferred_imports import NotInstalled, OnFirstUse
 
 # Modules structlog imports at the top of its package but vmsuper never uses: asyncio, for its
 # async logging methods (``ainfo`` and the like); its standard library integration
@@ -58,7 +58,7 @@ def _import_structlog_lightly() -> None:
     Its package also imports asyncio (with ssl, about a tenth of the supervisor's imports)
     for async methods vmsuper does not use, and more that vmsuper does not use
     (`_DEFERRED_BY_STRUCTLOG`). structlog gets a stand-in for each instead
-    (`deferred_imports.ImportedOnFirstUse`), which imports the real module on first use, so
+    (`deferred_imports.OnFirstUse`), which imports the real module on first use, so
     what needs them still works; once structlog is in, the stand-ins leave `sys.modules` and
     any later import gets the real module. Should a structlog release read one of them at
     import, its stand-in imports it then: correct, only no faster (tests/test_cli.py would
@@ -66,16 +66,8 @@ def _import_structlog_lightly() -> None:
     """
     if "structlog" in sys.modules:
         return
-    stand_ins = {name: ImportedOnFirstUse(name) for name in _DEFERRED_BY_STRUCTLOG}
-    stand_ins = {name: module for name, module in stand_ins.items() if name not in sys.modules}
-    sys.modules.update(stand_ins)
-    try:
-        with NotInstalled("rich"):
-            import structlog  # noqa: F401
-    finally:
-        for name, module in stand_ins.items():
-            if sys.modules.get(name) is module:
-                del sys.modules[name]
+    with OnFirstUse(*_DEFERRED_BY_STRUCTLOG), NotInstalled("rich"):
+        import structlog  # noqa: F401
 
 
 _import_structlog_lightly()

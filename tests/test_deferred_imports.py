@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vmsuper.shared.deferred_imports import NotInstalled
+from vmsuper.shared.deferred_imports import ImportedOnFirstUse, NotInstalled, OnFirstUse
 
 
 @pytest.fixture
@@ -42,3 +42,12 @@ def test_what_the_block_put_in_its_place_is_left_alone(probe: str) -> None:
     with NotInstalled(probe):
         sys.modules[probe] = stand_in
     assert sys.modules[probe] is stand_in
+
+
+def test_a_stand_in_taken_in_the_block_imports_its_module_on_first_use(probe: str) -> None:
+    with OnFirstUse(probe):
+        stand_in = importlib.import_module(probe)
+    assert isinstance(stand_in, ImportedOnFirstUse)
+    assert probe not in sys.modules  # the block took its stand-in back
+    assert stand_in.VALUE == 7  # imported now
+    assert sys.modules[probe].VALUE == 7 and sys.modules[probe] is not stand_in
