@@ -37,9 +37,9 @@ from .vmrun import RunResult, RunSpec, log_event_times, run_vm, vmsuper_command
 # What `vmsuper run` imports before it can serve the plugin (the CLI imports the runner).
 SUPERVISOR_IMPORT = "import vmsuper.supervisor.cli, vmsuper.supervisor.runner"
 # Imports timed alone (each over a bare interpreter's start): what a run imports before it can
-# spawn its plugin (the CLI, its config and log, the launch), and the two libraries among them
-# (the config's and the log's, each imported as vmsuper does: msgspec without typing_extensions,
-# structlog with stand-ins).
+# spawn its plugin (the CLI, its config, the launch), and two libraries of a run's start, each
+# imported as vmsuper does: the config's (msgspec without typing_extensions, before the spawn)
+# and the log's (structlog with stand-ins, while the plugin starts).
 IMPORTS_ALONE = {
     "python: imports before the plugin's spawn": (
         "import vmsuper.supervisor.cli, vmsuper.supervisor.launch"

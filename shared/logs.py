@@ -23,6 +23,9 @@ built on them: the supervisor's ``run_started`` and ``run_finished`` and each wo
 While a run is live its supervisor holds a shared `flock` on ``supervisor.jsonl`` (the lock
 goes with the process, even on SIGKILL), so a reader tells a live run from a dead one with
 `run_is_live` without trusting a pid that may have been reused.
+
+The files are opened by shared/log_files.py, which imports no structlog: a run opens its log
+there before it starts the plugin, and hands the file to `log_to` once structlog is in.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from vmsuper.shared.deferred_imports import NotInstalled, OnFirstUse
+from vmsuper.shared.log_files import SUPERVISOR_LOG, open_log
 
 # Modules structlog imports at the top of its package but vmsuper never uses: asyncio, for its
 # async logging methods (``ainfo`` and the like); its standard library integration
@@ -75,7 +79,6 @@ _import_structlog_lightly()
 import structlog  # noqa: E402
 from structlog.typing import FilteringBoundLogger  # noqa: E402
 
-SUPERVISOR_LOG = "supervisor.jsonl"
 LEVELS = ("debug", "info", "warning", "error", "critical")
 _LEVEL_NUMBERS = {name: structlog.processors.NAME_TO_LEVEL[name] for name in LEVELS}
 _FIXED_FIELDS = ("timestamp", "level", "pid", "vcpu", "event")
@@ -187,48 +190,41 @@ def configure_logging(
     `echo_stderr` also prints each record as a readable line on stderr. `mark_live` holds a
     shared lock on the file while it stays open (the supervisor's: see `run_is_live`).
     """
-    name = level.lower()
-    if name not in _LEVEL_NUMBERS:
-        raise ValueError(f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}")
-    make_private_folder(path.parent)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    if os.fstat(fd).st_mode & 0o777 != 0o600:  # a file left by an earlier run in a fixed folder
-        os.fchmod(fd, 0o600)
-    file = io.FileIO(fd, "a")
-    if mark_live:
-        fcntl.flock(file.fileno(), fcntl.LOCK_SH)
+    _level_number(level)  # before anything is created
+    return log_to(
+        open_log(path, mark_live=mark_live), level=level, vcpu=vcpu, echo_stderr=echo_stderr
+    )
+
+
+def log_to(
+    file: io.FileIO, *, level: str, vcpu: int | None = None, echo_stderr: bool = False
+) -> FilteringBoundLogger:
+    """As `configure_logging`, to a file opened already (`log_files.open_log`), which this
+    process's records then own."""
+    number = _level_number(level)
     _take_over_after_fork()
     with _state.lock:
         old, _state.file = _state.file, file
         _state.pid = os.getpid()
         _state.vcpu = vcpu
-        _state.min_level = _LEVEL_NUMBERS[name]
+        _state.min_level = number
         _state.echo_stderr = echo_stderr
     if old is not None:
         old.close()
     structlog.configure(
         processors=_PROCESSORS,
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVEL_NUMBERS[name]),
+        wrapper_class=structlog.make_filtering_bound_logger(number),
         logger_factory=_sink_factory,
         cache_logger_on_first_use=True,
     )
     return get_logger()
 
 
-def make_private_folder(path: Path) -> None:
-    """Create `path` and its missing parents for this user only (0700): logs hold whatever
-    the plugin wrote on stderr, secrets included. An existing `path` is made 0700 too."""
-    missing = []
-    for folder in (path, *path.parents):
-        if folder.exists():
-            break
-        missing.append(folder)
-    for folder in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            folder.mkdir(mode=0o700)
-    if path.stat().st_mode & 0o777 != 0o700:
-        with contextlib.suppress(PermissionError):  # another user's folder: theirs to protect
-            os.chmod(path, 0o700)
+def _level_number(level: str) -> int:
+    name = level.lower()
+    if name not in _LEVEL_NUMBERS:
+        raise ValueError(f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}")
+    return _LEVEL_NUMBERS[name]
 
 
 def close_logging() -> None:

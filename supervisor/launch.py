@@ -3,9 +3,11 @@
 A run's start-up is mostly Python importing the supervisor. This module imports little, so the
 plugin is started before the rest is imported and the VM set up (supervisor/runner.py): the
 plugin's own start (joining its cgroup, the sandbox's set-up, its exec and initialisation)
-overlaps that work instead of following it. The plugin's requests wait, unread, on its socket
-until the event loop serves them; a set-up that fails kills the plugin before anything answers
-it (`Launch.abandon`).
+overlaps that work instead of following it. structlog is among the rest: the log file is opened
+before the plugin starts (shared/log_files.py), its records are written once structlog is in
+(`PendingRecords`). The plugin's requests wait, unread, on its socket until the event loop
+serves them; a set-up that fails kills the plugin before anything answers it
+(`Launch.abandon`).
 
 SIGTERM, SIGINT and SIGHUP are noted from before the plugin starts (`StopSignals`), and the
 event loop takes what was noted, so a signal that comes while the VM is set up ends the run in
@@ -23,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vmsuper.shared import logs
+from vmsuper.shared import log_files
 from vmsuper.supervisor import cgroups, collector, outcome
 from vmsuper.supervisor.config import Config
 from vmsuper.supervisor.executable import check_exec_format
@@ -149,27 +151,51 @@ def begin(config: Config) -> Launch | int:
     """Open the run's log, note the stop signals and start the plugin.
 
     Returns vmsuper's exit status instead when the log folder cannot be made (125, with one
-    line on stderr). A plugin that cannot be started leaves `Launch.failure` set.
+    line on stderr), before anything has started. A plugin that cannot be started leaves
+    `Launch.failure` set.
     """
     try:
-        logs.make_private_folder(config.log.dir)
-        log = logs.configure_logging(
-            config.log.dir / logs.SUPERVISOR_LOG, level=config.log.level, mark_live=True
-        )
+        log_file = log_files.open_log(config.log.dir / log_files.SUPERVISOR_LOG, mark_live=True)
     except OSError as exc:
         said = exc.strerror or str(exc)
         reason = f"cannot create the log folder {config.log.dir}: {said}"
         status = outcome.EXIT_SUPERVISOR_FAILED
         print(f"vmsuper: {reason} (exit status {status})", file=sys.stderr)
         return status
-    _announce_start(config, logs.essential_logger())
+    tell(f"{START_LINE}{config.log.dir}")
     signals = StopSignals()
     signals.install()
-    launch = Launch(config, log, signals)
-    if config.vm.low_latency:  # from before the plugin runs, as the VCPUs may run at once
-        launch.latency_fd = _hold_low_latency(log)
-    if not config.plugin.sandbox:
-        tell(UNSANDBOXED_NOTICE)
+    pending = PendingRecords()
+    launch = Launch(config, pending, signals)
+    try:
+        if config.vm.low_latency:  # from before the plugin runs, as the VCPUs may run at once
+            launch.latency_fd = _hold_low_latency(pending)
+        if not config.plugin.sandbox:
+            tell(UNSANDBOXED_NOTICE)
+        _start_plugin(launch)
+        # structlog's import, tens of ms, overlaps the plugin's start.
+        from vmsuper.shared import logs
+
+        launch.log = logs.log_to(log_file, level=config.log.level)
+    except BaseException:  # vmsuper's own: nothing is left running, and the log unlocked
+        log_file.close()
+        launch.abandon()
+        launch.close()
+        raise
+    logs.essential_logger().info(
+        "run_started",
+        vcpus=config.vm.vcpus,
+        transport=config.plugin.vcpu_transport,
+        log_dir=str(config.log.dir),
+    )
+    pending.write_to(launch.log)
+    return launch
+
+
+def _start_plugin(launch: Launch) -> None:
+    """Start the plugin in its cgroup (and sandbox), on a new main socket; a failure sets
+    `launch.failure` and is logged."""
+    config, log = launch.config, launch.log
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     launch.sock = ours
     try:
@@ -199,7 +225,26 @@ def begin(config: Config) -> Launch | int:
         log.error("crashed", error=repr(exc), trace="".join(traceback.format_exception(exc)))
     finally:
         theirs.close()
-    return launch
+
+
+class PendingRecords:
+    """The log of a run's first steps, before structlog is imported: it keeps each record
+    (`warning` and `error`, as the logger's) for `write_to` to pass on to the real one."""
+
+    def __init__(self) -> None:
+        self._records: list[tuple[str, str, dict[str, Any]]] = []
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._records.append(("warning", event, fields))
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._records.append(("error", event, fields))
+
+    def write_to(self, log: Any) -> None:
+        """Log the records kept, oldest first, to `log`, and forget them."""
+        records, self._records = self._records, []
+        for level, event, fields in records:
+            getattr(log, level)(event, **fields)
 
 
 def _hold_low_latency(log: Any) -> int:
@@ -225,18 +270,6 @@ def _sandbox(cfg: Config) -> Sandbox | None:
 
 
 def tell(line: str) -> None:
-    """One line on stderr, which may be gone by now (a terminal that hung up: EIO)."""
-    with contextlib.suppress(OSError):
-        print(line, file=sys.stderr, flush=True)
-
-
-def _announce_start(config: Config, essential: Any) -> None:
-    """The run_started record (kept at every level) and one line on stderr naming the logs."""
-    essential.info(
-        "run_started",
-        vcpus=config.vm.vcpus,
-        transport=config.plugin.vcpu_transport,
-        log_dir=str(config.log.dir),
-    )
+    """One line on stderr, which may be gone by now (a terminal that hung up: EIO) or closed."""
     with contextlib.suppress(OSError, ValueError):
-        print(f"{START_LINE}{config.log.dir}", file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
