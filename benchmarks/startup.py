@@ -121,8 +121,9 @@ def _sample(run: RunResult, into: dict[str, list[float]]) -> None:
     """The milestones of one run, in ms from the exec of `vmsuper run`."""
     report = run.report
     first_exit = report["vcpus"][0]["t_first"]
-    # From vmsuper's own log: its run starting (interpreter, imports and config done) and the
-    # plugin spawned (VM, irqchip and shared memory set up). Left out if the log lacks them.
+    # From vmsuper's own log: its run starting (interpreter, config, the plugin's spawn and
+    # structlog's import done) and the plugin started (VM, irqchip and shared memory set up).
+    # Left out if the log lacks them.
     events = log_event_times(run)
     if {"run_started", "plugin_started"} <= events.keys():
         into["to_run_started"].append(_ms(events["run_started"]))
