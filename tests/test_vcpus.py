@@ -666,12 +666,13 @@ def test_a_plugin_s_speed_is_judged_by_the_replies_polled_for(
 ) -> None:
     """The rule for slow plugins (hotpath.c, REPLY_POLL_MAX_NS) judges a plugin by the
     replies the worker polled for: a reply it slept through also times its own wake-up, and
-    would keep a fast plugin judged slow. This test's plugin (Python) is slow: with polling it
-    is judged so, each reply counting at most the cap, and while it is slow the worker still
-    polls for the reply to one exit in PROBE_EVERY (a probe), to see whether it became fast
-    (tests/test_hotpath.py checks what a probe's answer does). Without polling, nothing judges
-    it. The window is the largest `poll_us`, so that a busy host does not make the worker
-    sleep through the replies, and the polling gate reads a calm host."""
+    would keep a fast plugin judged slow. This test's plugin is slow (it answers each exit no
+    sooner than the cap after it came: being Python is not slow enough on every host): with
+    polling it is judged so, each reply counting at most the cap, and while it is slow the
+    worker still polls for the reply to one exit in PROBE_EVERY (a probe), to see whether it
+    became fast (tests/test_hotpath.py checks what a probe's answer does). Without polling,
+    nothing judges it. The window is the largest `poll_us`, so that a busy host does not make
+    the worker sleep through the replies, and the polling gate reads a calm host."""
     pressure = tmp_path / "cpu"
     write_pressure(pressure, 0)
     monkeypatch.setattr(
@@ -700,10 +701,13 @@ def judge_the_plugin(machine: Machine) -> None:
     unlikely = 1 << 40
     for index in range(WRITES):
         io = io_of(end.recv())
+        came = time.monotonic_ns()
         assert (io.address, io.is_write) == (SERIAL, True)
         if index == PROBE_EVERY and machine.poll_ns:
             assert bar <= recent.value <= cap  # judged slow long since, and capped
             recent.value = unlikely
+        while time.monotonic_ns() - came < cap:
+            pass  # a slow plugin's work
         end.send(resume())
     wait_until(lambda: slot.reading().responses == WRITES, "the worker to take the last reply")
     if machine.poll_ns == 0:
