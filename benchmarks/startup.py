@@ -24,8 +24,8 @@ from typing import Any
 
 from vmsuper.shared import kvm
 from vmsuper.supervisor.config import PluginConfig
+from vmsuper.supervisor.machine import create_machine
 from vmsuper.supervisor.plugin_process import PluginProcess
-from vmsuper.supervisor.runner import create_machine
 from vmsuper.supervisor.sandbox import Sandbox
 
 from .concurrent import children_cpu_s
@@ -214,9 +214,11 @@ def _write_clock(fd: int) -> None:
 
 def _kvm_costs(bench: Bench) -> list[dict[str, Any]]:
     """The kernel's part of every run's start and end: the VM as the supervisor makes it
-    (`runner.create_machine`), and its close. Closing a VM with an in-kernel irqchip and PIT
-    waits for the kernel's grace periods (it unregisters their devices one by one), which a
-    run's end cannot skip: the VM is gone only once its last fd is."""
+    (`machine.create_machine`), and its close at once. Closing a VM whose in-kernel irqchip
+    was just made waits for the kernel to settle it, and the PIT's devices wait for grace
+    periods as they go; a run makes its VM early so as to close it settled (supervisor/
+    machine.py), which this cannot reproduce alone: how long that close takes depends on the
+    kernel's grace periods, here on whether the process slept or worked meanwhile."""
     made: list[float] = []
     closed: list[float] = []
     with kvm.Kvm() as system:

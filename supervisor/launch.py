@@ -23,7 +23,7 @@ import socket
 import struct
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmsuper.shared import log_files
 from vmsuper.supervisor import cgroups, collector, outcome
@@ -32,6 +32,9 @@ from vmsuper.supervisor.executable import check_exec_format
 from vmsuper.supervisor.plugin_process import PluginProcess, PluginStartError
 from vmsuper.supervisor.sandbox import Sandbox
 from vmsuper.workers.limits import Limits
+
+if TYPE_CHECKING:
+    from vmsuper.supervisor.machine import Machine, MachineError
 
 # SIGINT (Ctrl-C), SIGTERM, SIGHUP (the terminal went away): an orderly shutdown, then 128+N.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -96,7 +99,20 @@ class Launch:
         self.cgroup: cgroups.PluginCgroup | None = None
         self.failure: outcome.Failure | None = None
         self.latency_fd = -1
+        self.machine: Machine | MachineError | None = None
         self._closed = False
+
+    def take_machine(self) -> Machine:
+        """The run's VM, made once the plugin was started, now the caller's to close; raises
+        `MachineError` if it could not be made."""
+        made, self.machine = self.machine, None
+        if isinstance(made, BaseException):
+            raise made
+        if made is None:  # not made (no plugin started), or taken already: a fresh one
+            from vmsuper.supervisor.machine import open_machine
+
+            return open_machine()
+        return made
 
     def abandon(self) -> None:
         """Kill and reap the plugin, whatever state it is in (the run ends before serving it)."""
@@ -118,6 +134,9 @@ class Launch:
             self.plugin = None
         if self.sock is not None:
             self.sock.close()
+        if self.machine is not None and not isinstance(self.machine, BaseException):
+            self.machine.close()  # the run ended before its set-up took it
+        self.machine = None
         if self.cgroup is not None:
             for problem in self.cgroup.remove():
                 self.log.warning("cgroup_not_removed", error=problem)
@@ -173,6 +192,13 @@ def begin(config: Config) -> Launch | int:
         if not config.plugin.sandbox:
             tell(UNSANDBOXED_NOTICE)
         _start_plugin(launch)
+        if launch.plugin is not None:  # the VM, made now: see supervisor/machine.py
+            from vmsuper.supervisor import machine
+
+            try:
+                launch.machine = machine.open_machine()
+            except machine.MachineError as exc:
+                launch.machine = exc
         # structlog's import, tens of ms, overlaps the plugin's start.
         from vmsuper.shared import logs
 

@@ -1,7 +1,7 @@
 """`vmsuper run`: set up the VM, serve the plugin, and shut everything down.
 
-The plugin is started first, before this module is imported (supervisor/launch.py): its start
-overlaps the imports here and the VM's set-up.
+The plugin is started and the VM made before this module is imported (supervisor/launch.py,
+supervisor/machine.py): the plugin's start overlaps the imports here and the rest of the set-up.
 
 One thread, one selector: main sockets, the plugin's exit (pidfd), stdout and stderr, the VCPU
 workers' exits (pidfds), SIGTERM/SIGINT/SIGHUP (through the wakeup fd) and a timer for the
@@ -33,6 +33,7 @@ from vmsuper.supervisor import cgroups, outcome, poll_gate, runinfo
 from vmsuper.supervisor import launch as launching
 from vmsuper.supervisor.config import Config
 from vmsuper.supervisor.launch import INFORMATIONAL, START_LINE, UNSANDBOXED_NOTICE, Launch, tell
+from vmsuper.supervisor.machine import Machine, MachineError, open_machine
 from vmsuper.supervisor.plugin_output import (
     STDOUT_LOG_NAME,
     OutputRelay,
@@ -53,25 +54,8 @@ if TYPE_CHECKING:
 
 __all__ = ["INFORMATIONAL", "START_LINE", "UNSANDBOXED_NOTICE", "Run", "Supervisor", "run"]
 
-# Where KVM needs three pages for the real-mode TSS on Intel hosts; high and out of the way,
-# as other VMMs place it.
-TSS_ADDRESS = 0xFFFBD000
 # Fds the supervisor needs besides the plugin's objects: logs, KVM, sockets, pipes, pidfds.
 FD_HEADROOM = 1024
-
-
-def create_machine(system: kvm.Kvm) -> kvm.Vm:
-    """The VM every run starts from, before the plugin asks for anything: its TSS address, the
-    in-kernel irqchip and the PIT, as crosvm's plugin mode made them."""
-    vm = system.create_vm()
-    try:
-        vm.set_tss_addr(TSS_ADDRESS)
-        vm.create_irqchip()
-        vm.create_pit2()
-    except BaseException:
-        vm.close()
-        raise
-    return vm
 
 
 class SetupError(Exception):
@@ -102,22 +86,20 @@ class Run:
         self.closers.clear()
 
 
-def _set_up(run: Run) -> None:
+def _set_up(run: Run, take_machine: Callable[[], Machine] = open_machine) -> None:
+    """Set up what the run serves the plugin with; its VM comes from `take_machine` (the one
+    the launch made: `Launch.take_machine`)."""
     cfg = run.config
     try:
         hotpath.binding()  # the runners and workers need it: a missing build fails here
     except hotpath.HotpathError as exc:
         raise SetupError(str(exc)) from exc
     try:
-        run.system = kvm.Kvm()
-    except OSError as exc:
-        raise SetupError(f"cannot open /dev/kvm: {exc}") from exc
-    run.closers.append(run.system.close)
-    try:
-        run.vm = create_machine(run.system)
-    except OSError as exc:
-        raise SetupError(f"cannot create the VM: {exc}") from exc
-    run.closers.append(run.vm.close)
+        machine = take_machine()
+    except MachineError as exc:
+        raise SetupError(str(exc)) from exc
+    run.closers.append(machine.close)
+    run.system, run.vm = machine
     run.region = SharedRegion.create(cfg.vm.vcpus)
     run.closers.append(run.region.close)
     try:
@@ -689,7 +671,7 @@ def run(config: Config, config_path: Path | None = None, launch: Launch | None =
             status, reason = outcome.decide(launch.failure, None)
         else:
             try:
-                _set_up(run_state)
+                _set_up(run_state, launch.take_machine)
             except (SetupError, OSError) as exc:
                 reason = f"set-up failed: {exc}"
                 log.error("setup_failed", error=str(exc))

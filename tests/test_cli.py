@@ -404,24 +404,32 @@ def test_a_direct_run_imports_with_the_collector_paused_then_resumes_it(tmp_path
     assert done.stdout.splitlines() == ["config False", "runner True True"]
 
 
-def test_a_direct_run_starts_its_plugin_before_it_imports_structlog(tmp_path: Path) -> None:
-    """supervisor/launch.py: structlog's import overlaps the plugin's start; the log is open
-    (and locked) before, and its first record is written once structlog is in."""
+@pytest.mark.kvm
+def test_a_direct_run_starts_its_plugin_and_makes_its_vm_before_it_imports_structlog(
+    tmp_path: Path,
+) -> None:
+    """supervisor/launch.py: structlog's import overlaps the plugin's start, and the VM has
+    lived through it (supervisor/machine.py); the log is open (and locked) before, and its first
+    record is written once structlog is in."""
     config = tmp_path / "vm.toml"
     log_dir = tmp_path / "logs"
     config.write_text(f'[plugin]\npath = "/bin/true"\nsandbox = false\n[log]\ndir = "{log_dir}"\n')
     done = _python(
         "import os, sys, types\n"
         "os.environ['VMSUPER_RUNTIME_DIR'] = '/nonexistent/vmsuper-runtime'\n"
-        "from vmsuper.supervisor import entry, plugin_process\n"
-        "spawn = plugin_process.PluginProcess.spawn\n"
+        "from vmsuper.supervisor import entry, machine, plugin_process\n"
+        "spawn, make = plugin_process.PluginProcess.spawn, machine.open_machine\n"
         "def spawning(*args, **kwargs):\n"
         f"    print('spawn', 'structlog' in sys.modules, os.listdir({str(log_dir)!r}))\n"
         "    return spawn(*args, **kwargs)\n"
-        "plugin_process.PluginProcess.spawn = spawning\n"
+        "def making():\n"
+        "    print('machine', 'structlog' in sys.modules)\n"
+        "    return make()\n"
+        "plugin_process.PluginProcess.spawn, machine.open_machine = spawning, making\n"
         "runner = types.ModuleType('vmsuper.supervisor.runner')\n"
         "def running(config, path, launch):\n"
-        "    print('runner', 'structlog' in sys.modules, launch.plugin is not None)\n"
+        "    made = type(launch.machine).__name__\n"
+        "    print('runner', 'structlog' in sys.modules, launch.plugin is not None, made)\n"
         "    launch.abandon()\n"
         "    launch.close()\n"
         "    return 0\n"
@@ -431,7 +439,11 @@ def test_a_direct_run_starts_its_plugin_before_it_imports_structlog(tmp_path: Pa
         "entry.main()\n"
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["spawn False ['supervisor.jsonl']", "runner True True"]
+    assert done.stdout.splitlines() == [
+        "spawn False ['supervisor.jsonl']",
+        "machine False",
+        "runner True True Machine",
+    ]
     records = [json.loads(line) for line in (log_dir / "supervisor.jsonl").read_text().splitlines()]
     assert [r["event"] for r in records] == ["run_started"]
 

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from held_fds import vm_fds
 
 from vmsuper.shared import logs
 from vmsuper.supervisor import outcome, runner, runner_seccomp
 from vmsuper.supervisor.config import Config, load_config
+from vmsuper.supervisor.machine import Machine
 from vmsuper.supervisor.runner import INFORMATIONAL
 from vmsuper.testing import VmSpec, write_python_plugin
 
@@ -102,7 +104,7 @@ def test_an_internal_error_in_set_up_is_125_with_a_crash_record(
 ) -> None:
     config, log_dir = config_of("import sys\nsys.exit(0)\n")
 
-    def broken(run: runner.Run) -> None:
+    def broken(run: runner.Run, take_machine: Callable[[], Machine]) -> None:
         raise ZeroDivisionError("a bug in vmsuper")
 
     monkeypatch.setattr(runner, "_set_up", broken)
@@ -134,7 +136,7 @@ def test_a_set_up_that_fails_after_the_plugin_started_kills_and_reaps_it(
     )
     said: list[int] = []
 
-    def fails(run: runner.Run) -> None:
+    def fails(run: runner.Run, take_machine: Callable[[], Machine]) -> None:
         fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
         try:
             assert select.select([fd], [], [], 30)[0], "the plugin never started"
@@ -144,6 +146,7 @@ def test_a_set_up_that_fails_after_the_plugin_started_kills_and_reaps_it(
         raise runner.SetupError("no VM here")
 
     monkeypatch.setattr(runner, "_set_up", fails)
+    vms_before = vm_fds()
     assert runner.run(config) == outcome.EXIT_SUPERVISOR_FAILED
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if not line.startswith(INFORMATIONAL)] == [
@@ -151,6 +154,7 @@ def test_a_set_up_that_fails_after_the_plugin_started_kills_and_reaps_it(
         "vmsuper: set-up failed: no VM here (exit status 125)",
     ]
     assert not psutil.pid_exists(said[0])
+    assert vm_fds() == vms_before  # the VM made at launch, never taken, is closed with it
     events = [r["event"] for r in _records(log_dir)]
     assert "setup_failed" in events and "plugin_started" not in events
 
@@ -163,8 +167,8 @@ def test_a_stop_signal_during_set_up_ends_the_run_in_order(
     config, log_dir = config_of("import signal\nwhile True:\n    signal.pause()\n")
     set_up = runner._set_up
 
-    def signalled_meanwhile(run: runner.Run) -> None:
-        set_up(run)
+    def signalled_meanwhile(run: runner.Run, take_machine: Callable[[], Machine]) -> None:
+        set_up(run, take_machine)
         os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(runner, "_set_up", signalled_meanwhile)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import pytest
+from held_fds import vm_fds
 
 from vmsuper.supervisor import launch as launching
+from vmsuper.supervisor import machine, runner
+from vmsuper.supervisor.config import Config, load_config
 
 
 class _Log:
@@ -16,6 +20,12 @@ class _Log:
 
     def warning(self, event: str, **fields: object) -> None:
         self.warnings.append((event, fields))
+
+
+def _config(folder: Path) -> Config:
+    path = folder / "vm.toml"
+    path.write_text(f'[plugin]\npath = "/bin/true"\n[log]\ndir = "{folder / "logs"}"\n')
+    return load_config(path)
 
 
 def _open_fds() -> set[int]:
@@ -62,3 +72,55 @@ def test_pending_records_reach_the_log_in_order_once() -> None:
         ("warning", "first", {"error": "a"}),
         ("error", "second", {"error": "b"}),
     ]
+
+
+@pytest.mark.kvm
+def test_the_launch_s_vm_is_the_set_up_s_to_close_once_taken(tmp_path: Path) -> None:
+    before = vm_fds()
+    launch = launching.Launch(_config(tmp_path), _Log(), launching.StopSignals())
+    launch.machine = machine.open_machine()
+    taken = launch.take_machine()
+    launch.close()
+    assert vm_fds() == before + 1  # the launch let go of it: the set-up closes it
+    taken.close()
+    assert vm_fds() == before
+    fresh = launch.take_machine()  # none left to take: one made then
+    assert vm_fds() == before + 1
+    fresh.close()
+    assert vm_fds() == before
+
+
+@pytest.mark.kvm
+def test_a_vm_the_set_up_never_took_is_closed_with_the_launch(tmp_path: Path) -> None:
+    before = vm_fds()
+    launch = launching.Launch(_config(tmp_path), _Log(), launching.StopSignals())
+    launch.machine = machine.open_machine()
+    assert vm_fds() == before + 1
+    launch.close()
+    assert vm_fds() == before
+
+
+def test_a_vm_that_could_not_be_made_fails_the_set_up_with_its_cause(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def refuse(path: str = "/dev/kvm") -> None:
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(machine.kvm, "Kvm", refuse)
+        with pytest.raises(machine.MachineError) as made:
+            machine.open_machine()
+    launch = launching.Launch(_config(tmp_path), _Log(), launching.StopSignals())
+    launch.machine = made.value
+    with pytest.raises(machine.MachineError, match=r"^cannot open /dev/kvm: .*No such file"):
+        launch.take_machine()
+    launch.close()
+
+    # The run's set-up, handed that launch's VM, fails with the same cause.
+    def take() -> machine.Machine:
+        raise made.value
+
+    run = runner.Run(config=_config(tmp_path), log=_Log())
+    with pytest.raises(runner.SetupError, match=r"^cannot open /dev/kvm: .*No such file"):
+        runner._set_up(run, take)
+    run.close()

@@ -31,6 +31,7 @@ from google.protobuf.message import DecodeError
 from vmsuper.shared import kvm, wire
 from vmsuper.shared.plugin_pb2 import MainRequest, MainResponse
 from vmsuper.shared.shm import SharedRegion
+from vmsuper.supervisor.machine import create_machine
 from vmsuper.workers.limits import Limits
 from vmsuper.workers.main_worker import MainWorker, NetInfo, Reply
 from vmsuper.workers.vm_objects import PAGE_SIZE, MemoryObject
@@ -48,7 +49,6 @@ from .hostile import (
     takes_memfd,
 )
 
-TSS_ADDRESS = 0xFFFBD000
 SMALL_LIMITS = Limits(
     objects=4, memory_slots=2, guest_memory=0x4000, reserved_ranges=2, irq_routes=8
 )
@@ -89,10 +89,7 @@ class MainHarness:
 
     def __init__(self) -> None:
         self.system = kvm.Kvm()
-        self.vm = self.system.create_vm()
-        self.vm.set_tss_addr(TSS_ADDRESS)
-        self.vm.create_irqchip()
-        self.vm.create_pit2()
+        self.vm = create_machine(self.system)
         self.region = SharedRegion.create(2)
         self.shutdown_eventfd = os.eventfd(0, os.EFD_CLOEXEC)
         self.tap_stand_in = os.eventfd(0, os.EFD_CLOEXEC)
