@@ -255,20 +255,21 @@ def _start_plugin(launch: Launch) -> None:
 
 class PendingRecords:
     """The log of a run's first steps, before structlog is imported: it keeps each record
-    (`warning` and `error`, as the logger's) for `write_to` to pass on to the real one."""
+    (`warning` and `error`, as the logger's: level, event, fields) for `write_to` to pass on
+    to the real one."""
 
     def __init__(self) -> None:
-        self._records: list[tuple[str, str, dict[str, Any]]] = []
+        self.records: list[tuple[str, str, dict[str, Any]]] = []
 
     def warning(self, event: str, **fields: Any) -> None:
-        self._records.append(("warning", event, fields))
+        self.records.append(("warning", event, fields))
 
     def error(self, event: str, **fields: Any) -> None:
-        self._records.append(("error", event, fields))
+        self.records.append(("error", event, fields))
 
     def write_to(self, log: Any) -> None:
         """Log the records kept, oldest first, to `log`, and forget them."""
-        records, self._records = self._records, []
+        records, self.records = self.records, []
         for level, event, fields in records:
             getattr(log, level)(event, **fields)
 

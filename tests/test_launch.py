@@ -51,27 +51,17 @@ def test_a_refused_low_latency_request_is_logged_and_its_fd_closed(
 
 def test_pending_records_reach_the_log_in_order_once() -> None:
     """The first steps' records, kept until structlog is imported (`launch.begin`)."""
-
-    class _Log:
-        def __init__(self) -> None:
-            self.records: list[tuple[str, str, dict[str, object]]] = []
-
-        def warning(self, event: str, **fields: object) -> None:
-            self.records.append(("warning", event, fields))
-
-        def error(self, event: str, **fields: object) -> None:
-            self.records.append(("error", event, fields))
-
     pending = launching.PendingRecords()
     pending.warning("first", error="a")
     pending.error("second", error="b")
-    log = _Log()
+    log = launching.PendingRecords()  # a log that shows what it was given
     pending.write_to(log)
     pending.write_to(log)
     assert log.records == [
         ("warning", "first", {"error": "a"}),
         ("error", "second", {"error": "b"}),
     ]
+    assert pending.records == []
 
 
 @pytest.mark.kvm
