@@ -1,13 +1,13 @@
 """The first steps of `vmsuper run`: the run's log, the stop signals, and the plugin started.
 
 A run's start-up is mostly Python importing the supervisor. This module imports little, so the
-plugin is started before the rest is imported and the VM set up (supervisor/runner.py): the
-plugin's own start (joining its cgroup, the sandbox's set-up, its exec and initialisation)
-overlaps that work instead of following it. structlog is among the rest: the log file is opened
-before the plugin starts (shared/log_files.py), its records are written once structlog is in
-(`PendingRecords`). The plugin's requests wait, unread, on its socket until the event loop
-serves them; a set-up that fails kills the plugin before anything answers it
-(`Launch.abandon`).
+plugin is started (and then the VM made: supervisor/machine.py) before the rest is imported and
+set up (supervisor/runner.py): the plugin's own start (joining its cgroup, the sandbox's set-up,
+its exec and initialisation) overlaps that work instead of following it. structlog is among the
+rest: the log file is opened before the plugin starts (shared/log_files.py), its records are
+written once structlog is in (`PendingRecords`). The plugin's requests wait, unread, on its
+socket until the event loop serves them; a set-up that fails kills the plugin before anything
+answers it (`Launch.abandon`).
 
 SIGTERM, SIGINT and SIGHUP are noted from before the plugin starts (`StopSignals`), and the
 event loop takes what was noted, so a signal that comes while the VM is set up ends the run in
