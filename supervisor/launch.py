@@ -34,7 +34,7 @@ from vmsuper.supervisor.sandbox import Sandbox
 from vmsuper.workers.limits import Limits
 
 if TYPE_CHECKING:
-    from vmsuper.supervisor.machine import Machine, MachineError
+    from vmsuper.supervisor.machine import Machine
 
 # SIGINT (Ctrl-C), SIGTERM, SIGHUP (the terminal went away): an orderly shutdown, then 128+N.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -99,12 +99,13 @@ class Launch:
         self.cgroup: cgroups.PluginCgroup | None = None
         self.failure: outcome.Failure | None = None
         self.latency_fd = -1
-        self.machine: Machine | MachineError | None = None
+        self.machine: Machine | Exception | None = None
         self._closed = False
 
     def take_machine(self) -> Machine:
         """The run's VM, made once the plugin was started, now the caller's to close; raises
-        `MachineError` if it could not be made."""
+        what kept it from being made (`MachineError`, or a failure of vmsuper's own), as the
+        set-up making it would have."""
         made, self.machine = self.machine, None
         if isinstance(made, BaseException):
             raise made
@@ -197,7 +198,7 @@ def begin(config: Config) -> Launch | int:
 
             try:
                 launch.machine = machine.open_machine()
-            except machine.MachineError as exc:
+            except Exception as exc:  # raised where the set-up takes it (`take_machine`)
                 launch.machine = exc
         # structlog's import, tens of ms, overlaps the plugin's start.
         from vmsuper.shared import logs

@@ -18,7 +18,7 @@ import pytest
 from held_fds import vm_fds
 
 from vmsuper.shared import logs
-from vmsuper.supervisor import outcome, runner, runner_seccomp
+from vmsuper.supervisor import machine, outcome, runner, runner_seccomp
 from vmsuper.supervisor.config import Config, load_config
 from vmsuper.supervisor.machine import Machine
 from vmsuper.supervisor.runner import INFORMATIONAL
@@ -99,15 +99,24 @@ def config_of(tmp_path: Path) -> Iterator[MakeConfig]:
     logs.close_logging()
 
 
+@pytest.mark.parametrize("where", ["the set-up", "making the VM"])
 def test_an_internal_error_in_set_up_is_125_with_a_crash_record(
-    config_of: MakeConfig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    config_of: MakeConfig,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    where: str,
 ) -> None:
+    """Making the VM comes before the rest of the set-up (supervisor/machine.py), and a bug there
+    is reported as one in the set-up."""
     config, log_dir = config_of("import sys\nsys.exit(0)\n")
 
-    def broken(run: runner.Run, take_machine: Callable[[], Machine]) -> None:
+    def broken(*args: object) -> None:
         raise ZeroDivisionError("a bug in vmsuper")
 
-    monkeypatch.setattr(runner, "_set_up", broken)
+    if where == "the set-up":
+        monkeypatch.setattr(runner, "_set_up", broken)
+    else:
+        monkeypatch.setattr(machine, "create_machine", broken)
     assert runner.run(config) == 125
     line = _one_line(capsys.readouterr().err)
     assert line == (

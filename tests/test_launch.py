@@ -114,3 +114,14 @@ def test_a_vm_that_could_not_be_made_fails_the_set_up_with_its_cause(
     with pytest.raises(runner.SetupError, match=r"^cannot open /dev/kvm: .*No such file"):
         runner._set_up(run, take)
     run.close()
+
+
+def test_a_failure_of_vmsuper_s_own_making_the_vm_is_raised_where_the_set_up_takes_it(
+    tmp_path: Path,
+) -> None:
+    """As when the set-up made the VM: the run's generic handler reports it (a crash record)."""
+    launch = launching.Launch(_config(tmp_path), _Log(), launching.StopSignals())
+    launch.machine = ZeroDivisionError("a bug in vmsuper")
+    with pytest.raises(ZeroDivisionError, match="a bug in vmsuper"):
+        launch.take_machine()
+    launch.close()
