@@ -5,13 +5,17 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 from held_fds import vm_fds
 
+from vmsuper.shared import logs
 from vmsuper.supervisor import launch as launching
 from vmsuper.supervisor import machine, runner
 from vmsuper.supervisor.config import Config, load_config
+from vmsuper.supervisor.plugin_process import PluginProcess
 
 
 class _Log:
@@ -125,3 +129,36 @@ def test_a_failure_of_vmsuper_s_own_making_the_vm_is_raised_where_the_set_up_tak
     with pytest.raises(ZeroDivisionError, match="a bug in vmsuper"):
         launch.take_machine()
     launch.close()
+
+
+@pytest.mark.kvm
+def test_a_failure_of_its_own_after_the_spawn_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`launch.begin` raising once the plugin runs (here: structlog's set-up) kills and reaps
+    the plugin, closes the VM and unlocks the log."""
+    path = tmp_path / "vm.toml"
+    log_dir = tmp_path / "logs"
+    path.write_text(
+        f'[plugin]\npath = "/bin/sleep"\nargs = ["60"]\nsandbox = false\n[log]\ndir = "{log_dir}"\n'
+    )
+    config = load_config(path)
+    spawned: list[PluginProcess] = []
+    spawn = PluginProcess.spawn
+
+    def spawning(*args: Any, **kwargs: Any) -> PluginProcess:
+        spawned.append(spawn(*args, **kwargs))
+        return spawned[-1]
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in vmsuper")
+
+    vms = vm_fds()
+    monkeypatch.setattr(PluginProcess, "spawn", spawning)
+    monkeypatch.setattr(logs, "log_to", broken)
+    with pytest.raises(RuntimeError, match="a bug in vmsuper"):
+        launching.begin(config)
+    (plugin,) = spawned
+    assert not psutil.pid_exists(plugin.pid)
+    assert vm_fds() == vms
+    assert not logs.run_is_live(log_dir)
