@@ -24,7 +24,10 @@ taking turns at two CPUs. So at each reading the gate also counts the VM's busy 
 is busy when its exits since the last reading, each worth a polling window, add up to
 `BUSY_SHARE` of the time between the readings or more), and while two pollers per busy VCPU
 would outnumber the supervisor's CPUs, the window is 0 without a try: the VM runs as with
-`poll_us = 0`.
+`poll_us = 0`. Other VMs' busy VCPUs count too: each gate writes its VM's count to the user's
+board (supervisor/busy_board.py) and adds the other runs' counts to its own, so K one-VCPU VMs
+busy at once on fewer than 2K CPUs poll for their first reading at most, as a VM of K VCPUs
+does.
 
 A VM whose VCPUs make no exits (stopped by the plugin, halted, or waiting on a device) has no
 hand-off to poll for, so a reading decides nothing for it; yet at 40 readings a second, many
@@ -35,8 +38,8 @@ that wait at most, never for longer than it was quiet.
 
 `PollPolicy` is the pressure's decision, fed readings and returning the window, `BusyVcpus` and
 `QuietVcpus` the counts', fed exit counts (no I/O, each tested alone); `PollGate` is the shell:
-the file, the counts and the mailboxes; the supervisor's event loop ticks it when the last tick
-said.
+the file, the board, the counts and the mailboxes; the supervisor's event loop ticks it when
+the last tick said.
 Without the file (a kernel without PSI) the window stays as configured.
 """
 
@@ -49,6 +52,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from vmsuper.shared.shm_mailbox import Mailbox
+from vmsuper.supervisor.busy_board import BusyBoard
 
 __all__ = [
     "BUSY_SHARE",
@@ -81,6 +85,10 @@ HOLD_MAX_S: Final = 1.6
 still busy (from HOLD_MIN_S, at most HOLD_MAX_S), back to HOLD_MIN_S once the host is calm."""
 QUIET_MAX_S: Final = 0.4
 """The longest wait between two readings while the VM's VCPUs make no exits."""
+BOARD_STALE_S: Final = 2 * max(HOLD_MAX_S, QUIET_MAX_S)
+"""Another run's count on the board is ignored once older than this: twice the longest wait
+between two of its gate's readings (its writes), so that only a run gone without clearing its
+slot stops counting."""
 
 
 class PollPolicy:
@@ -135,27 +143,31 @@ class PollPolicy:
 
 
 class BusyVcpus:
-    """Whether the VM's busy VCPUs leave a CPU for each of their pollers (a runner and a worker
-    each): fed every VCPU's count of exits so far, at each reading (see the module doc). Room
-    until a reading finds otherwise."""
+    """Whether the host's busy VCPUs, the VM's own and `others`, leave a CPU for each of their
+    pollers (a runner and a worker each): fed every VCPU's count of exits so far, at each
+    reading (see the module doc). Room until a reading finds otherwise; a VM none of whose
+    VCPUs is busy has nothing to poll for often, and always has room."""
 
     def __init__(self, window_ns: int, cpus: int) -> None:
         self.window_ns = window_ns
         self.cpus = cpus
         self.room = True
+        self.count = 0
+        """The VM's busy VCPUs at the last reading."""
         self._last: tuple[float, list[int]] | None = None
 
-    def update(self, now: float, exits: Sequence[int]) -> bool:
-        """Whether there is room after a reading of every VCPU's exits so far at `now`."""
+    def update(self, now: float, exits: Sequence[int], others: int = 0) -> bool:
+        """Whether there is room after a reading of every VCPU's exits so far at `now`, with
+        `others` busy VCPUs in other VMs."""
         last, self._last = self._last, (now, list(exits))
         if self.window_ns == 0 or last is None or now <= last[0]:
             return self.room
         bar_ns = BUSY_SHARE * (now - last[0]) * 1e9
-        busy = sum(
+        self.count = sum(
             (count - before) * self.window_ns >= bar_ns
             for before, count in zip(last[1], exits, strict=True)
         )
-        self.room = 2 * busy <= self.cpus
+        self.room = self.count == 0 or 2 * (self.count + others) <= self.cpus
         return self.room
 
 
@@ -205,9 +217,12 @@ class PollGate:
         cpus: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         pressure_file: str = PRESSURE_FILE,
+        board_file: str | None = None,
     ) -> None:
         """`exits`: every VCPU's count of exits so far, in mailbox order (None: not counted);
-        `cpus`: how many CPUs the VCPUs' threads may run on (None: this process's)."""
+        `cpus`: how many CPUs the VCPUs' threads may run on (None: this process's);
+        `board_file`: the busy VCPUs' board shared with other runs (None: none; with `exits`
+        only)."""
         self._mailboxes = list(mailboxes)
         self.policy = PollPolicy(window_ns)
         self.busy = BusyVcpus(window_ns, cpus if cpus is not None else len(os.sched_getaffinity(0)))
@@ -215,9 +230,12 @@ class PollGate:
         self._exits = exits
         self._clock = clock
         self._fd = -1
+        self._board: BusyBoard | None = None
         if window_ns > 0:
             with contextlib.suppress(OSError):
                 self._fd = os.open(pressure_file, os.O_RDONLY | os.O_CLOEXEC)
+        if self._fd >= 0 and exits is not None and board_file is not None:
+            self._board = BusyBoard.open(board_file, stale_ns=int(BOARD_STALE_S * 1e9))
         self._set(self.policy.current())
         self.tick()  # the baseline of the first interval
 
@@ -240,8 +258,12 @@ class PollGate:
         now = self._clock()
         window = self.policy.update(now, stall)
         exits = self._exits() if self._exits is not None else None
-        if exits is not None and not self.busy.update(now, exits):
-            window = 0
+        if exits is not None:
+            others = self._board.others() if self._board is not None else 0
+            if not self.busy.update(now, exits, others):
+                window = 0
+            if self._board is not None:
+                self._board.publish(self.busy.count)
         if window != self._window:
             self._set(window)
         due = self.policy.next_reading(now)
@@ -258,3 +280,6 @@ class PollGate:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._board is not None:
+            self._board.close()
+            self._board = None

@@ -39,6 +39,7 @@ from vmsuper.shared import kvm, logs, wire
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.shared.shm_doorbell import Doorbell
 from vmsuper.supervisor import sandbox_user
+from vmsuper.supervisor.busy_board import board_path
 from vmsuper.supervisor.poll_gate import PollGate
 from vmsuper.supervisor.runners import (
     RunnerExits,
@@ -206,10 +207,12 @@ class VcpuSet:
             [region.mailbox(i) for i in range(count)],
             poll_ns,
             exits=lambda: [slot.exits() for slot in slots],
+            board_file=board_path(),
         )
-        """Sets every VCPU's polling window from the host's CPU pressure and the VM's busy
-        VCPUs: its first reading is taken at `start`, over the time since the set was made
-        (before any VCPU polls); the caller ticks it from then on, when each tick says."""
+        """Sets every VCPU's polling window from the host's CPU pressure and its busy VCPUs
+        (this VM's and, on the user's board, other runs'): its first reading is taken at
+        `start`, over the time since the set was made (before any VCPU polls); the caller
+        ticks it from then on, when each tick says."""
         try:
             for i in range(count):
                 self._channels.append(_Channel(transport))

@@ -25,6 +25,7 @@ from vmsuper.shared.libc_calls import check
 from vmsuper.shared.prctl import PR_SET_NO_NEW_PRIVS, prctl
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.supervisor import outcome, runner_seccomp, runners
+from vmsuper.supervisor.busy_board import BOARD_NAME
 from vmsuper.supervisor.vcpus import workers_user
 from vmsuper.testing import VmRunner, VmSpec, finish, write_python_plugin
 from vmsuper.workers import confine
@@ -186,6 +187,10 @@ def test_live_workers_are_confined(unsandboxed_run: tuple[VmRunner, Path], trans
         maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
         shared = {line.split(maxsplit=5)[5] for line in maps if line.split()[1][3] == "s"}
         assert shared == {"/memfd:vmsuper-shm (deleted)", f"anon_inode:kvm-vcpu:{vcpu}"}
+        assert not [link for link in _links(pid) if link.endswith(BOARD_NAME)]
+    # The supervisor has the busy VCPUs' board mapped (so the workers were without it).
+    supervisor_maps = Path(f"/proc/{proc.pid}/maps").read_text()
+    assert f"/{BOARD_NAME}\n" in supervisor_maps
     # In the supervisor, each runner thread runs under its own filter, the main thread not.
     deadline = time.monotonic() + 30
     while True:

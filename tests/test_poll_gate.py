@@ -12,6 +12,7 @@ import pytest
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.shared.shm_mailbox import Mailbox
 from vmsuper.supervisor import poll_gate
+from vmsuper.supervisor.busy_board import BusyBoard
 from vmsuper.supervisor.poll_gate import (
     HOLD_MAX_S,
     HOLD_MIN_S,
@@ -257,6 +258,54 @@ def test_the_gate_stops_polling_while_the_vm_s_busy_vcpus_fill_the_cpus(
             assert [m.poll_ns for m in mailboxes] == [window, window], step
     finally:
         gate.close()
+
+
+def test_other_vms_busy_vcpus_count_against_the_cpus_too() -> None:
+    busy_exits = int(poll_gate.BUSY_SHARE * STEP * 1e9 / WINDOW) + 1
+    busy = BusyVcpus(WINDOW, cpus=4)
+    busy.update(0.0, [0])
+    assert busy.update(STEP, [busy_exits], others=1)  # 2 x 2 pollers on 4 CPUs
+    assert busy.count == 1
+    assert not busy.update(2 * STEP, [2 * busy_exits], others=2)  # 2 x 3 on 4
+    assert busy.update(3 * STEP, [2 * busy_exits + 1], others=5)  # its VCPU went quiet
+    assert busy.count == 0
+
+
+def test_the_gate_counts_the_busy_vcpus_other_runs_write_on_the_board(
+    region: SharedRegion, tmp_path: Path
+) -> None:
+    """Another run's busy VCPU (a board of the test's own, as another supervisor would write it)
+    and this VM's one fill two CPUs; this VM's count goes on the board for the others."""
+    pressure, host, counts = tmp_path / "cpu", Host(), [0, 0]
+    board_file = str(tmp_path / "runtime" / "busy-vcpus")
+    gate, mailboxes = _gate(
+        region, pressure, host, exits=lambda: counts, cpus=2, board_file=board_file
+    )
+    other = BusyBoard.open(board_file, stale_ns=10**9)
+    assert other is not None
+    busy_exits = int(poll_gate.BUSY_SHARE * STEP * 1e9 / WINDOW) + 1
+    try:
+        for step, (mine, others, window) in enumerate(
+            [(1, 0, WINDOW), (1, 1, 0), (0, 1, WINDOW), (1, 1, 0), (1, 0, WINDOW)], start=1
+        ):
+            other.publish(others)
+            host.advance(0.1)
+            _pressure(pressure, host.stall_us)
+            counts[0] += mine * busy_exits
+            gate.tick()
+            assert [m.poll_ns for m in mailboxes] == [window, window], step
+            assert other.others() == mine, step
+    finally:
+        gate.close()
+        assert other.others() == 0  # the gate cleared its slot
+        other.close()
+
+
+def test_a_gate_without_polling_has_no_board(region: SharedRegion, tmp_path: Path) -> None:
+    board_file = tmp_path / "runtime" / "busy-vcpus"
+    gate = PollGate([region.mailbox(0)], 0, exits=lambda: [0], board_file=str(board_file))
+    gate.close()
+    assert not board_file.exists()
 
 
 def test_quiet_vcpus_are_read_less_and_less_often_until_one_exits() -> None:

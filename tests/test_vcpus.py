@@ -41,8 +41,10 @@ from vmsuper.shared.abi import RANGE_COUNTS, STATS, RunState
 from vmsuper.shared.asm import assemble
 from vmsuper.shared.plugin_pb2 import CpuidEntry, VcpuRequest, VcpuResponse
 from vmsuper.shared.ranges import CallHint, RangeTable, RegHint, Space
+from vmsuper.shared.runtime import RUNTIME_VARIABLE
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.supervisor import vcpus as vcpus_module
+from vmsuper.supervisor.busy_board import BusyBoard, board_path
 from vmsuper.supervisor.poll_gate import PollGate
 from vmsuper.supervisor.runners import KICK_SIGNAL
 from vmsuper.supervisor.vcpus import VcpuSet, VcpuSetError
@@ -719,6 +721,42 @@ def judge_the_plugin(machine: Machine) -> None:
         assert bar <= recent.value < unlikely
 
 
+def test_a_vm_s_gate_counts_the_busy_vcpus_of_the_user_s_other_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user's board in the runtime folder (supervisor/busy_board.py): another run's busy
+    VCPU, written there as its supervisor would, and this VM's exiting VCPU would have four
+    pollers on two CPUs: no polling, though the host is calm. This VM's count goes on the
+    board for the other; once the other is gone, polling is back."""
+    monkeypatch.setenv(RUNTIME_VARIABLE, str(tmp_path / "runtime"))
+    pressure = tmp_path / "cpu"
+    write_pressure(pressure, 0)
+    monkeypatch.setattr(
+        vcpus_module, "PollGate", functools.partial(PollGate, pressure_file=str(pressure), cpus=2)
+    )
+    other = BusyBoard.open(board_path(), stale_ns=60 * 10**9)
+    assert other is not None
+    window = 10_000_000  # each exit is worth 10 ms: a few between two ticks make a VCPU busy
+    machine = Machine(tmp_path / "logs", poll_ns=window)
+    try:
+        machine.load(WRITE_LOOP)
+        vcpus = machine.start(1, "pipes")
+        end, mailbox = machine.ends[0], machine.region.mailbox(0)
+        init(end, 0)
+        for others, polling in [(1, False), (0, True), (1, False)]:
+            other.publish(others)
+            for _ in range(20):
+                end.send(resume())
+                assert io_of(end.recv()).address == SERIAL
+            vcpus.poll_gate.tick()
+            assert mailbox.poll_ns == (window if polling else 0), others
+            assert other.others() == 1  # this VM's busy VCPU
+        end.send(resume())
+    finally:
+        machine.close()
+        other.close()
+
+
 MMIO = f"""
     mov ${MMIO_BASE >> 4}, %bx
     mov %bx, %ds
@@ -1158,7 +1196,7 @@ def test_shutdown_unblocks_everything_and_leaves_nothing(
 def test_shutdown_without_start_closes_the_channels(machine: Machine) -> None:
     baseline = fd_count()
     vcpus = machine.make_vcpus(3, "pipes")
-    gate = 1 if machine.poll_ns else 0  # the polling gate's pressure file
+    gate = 2 if machine.poll_ns else 0  # the polling gate's pressure file and busy board
     failures = 1  # the runners' failure eventfd
     # pipes, doorbells (two pipes each), test's dups
     assert fd_count() == baseline + 3 * 4 + 3 * 4 + 3 * 2 + gate + failures
