@@ -26,8 +26,8 @@ is busy when its exits since the last reading, each worth a polling window, add 
 would outnumber the supervisor's CPUs, the window is 0 without a try: the VM runs as with
 `poll_us = 0`. Other VMs' busy VCPUs count too: each gate writes its VM's count to the user's
 board (supervisor/busy_board.py) and adds the other runs' counts to its own, so K one-VCPU VMs
-busy at once on fewer than 2K CPUs poll for their first reading at most, as a VM of K VCPUs
-does.
+busy at once on fewer than 2K CPUs poll until their first or second reading at most, as a VM of
+K VCPUs does.
 
 A VM whose VCPUs make no exits (stopped by the plugin, halted, or waiting on a device) has no
 hand-off to poll for, so a reading decides nothing for it; yet at 40 readings a second, many
