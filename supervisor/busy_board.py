@@ -13,20 +13,22 @@ The board is `<runtime folder>/busy-vcpus` (see `vmsuper.shared.runtime`): `SLOT
 can lock (an open-file-description lock, which the kernel drops when the run's process ends,
 however it ends) and writes only there; a count whose stamp is older than the reader's
 `stale_ns` is ignored, so a run killed before it cleared its slot stops counting by itself.
-Reads are not atomic with writes: a torn slot costs one reading's decision, no more.
+The page is read and written with `pread` and `pwrite` (two system calls a reading), not
+mapped: a board truncated under the runs reads as empty, where a mapping would kill each of
+them with SIGBUS. Reads are not atomic with writes: a torn slot costs one reading's decision.
 
 Only the user's own runs can write the board (the folder is the user's, mode 0700; the file is
 refused unless a regular file of the user's, mode 0600), and the worst a writer can do is turn
-polling off: the runs then go as with `poll_us = 0`. A VCPU worker unmaps the board and closes
-its fd when it is confined, like every shared mapping not its own. Runs whose `poll_us` is 0
+polling off: the runs then go as with `poll_us = 0`. A VCPU worker closes the board's fd when
+it is confined, like every fd not its own. Runs whose `poll_us` is 0
 have no gate and write nothing (the pressure still counts them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
-import mmap
 import os
 import stat
 import struct
@@ -71,9 +73,9 @@ class BusyBoard:
     def __init__(
         self, fd: int, *, stale_ns: int, clock: Callable[[], int] = time.monotonic_ns
     ) -> None:
-        """`fd`: the board's file, open for reading and writing; closed here, once the slot's
-        lock is taken and the page mapped (the map keeps a duplicate of `fd`, so the open file
-        description, and with it the lock, lives as long as the map)."""
+        """`fd`: the board's file, open for reading and writing; the board owns it (and with
+        it the slot's lock)."""
+        self._fd = fd
         self._stale_ns = stale_ns
         self._clock = clock
         self._pid = os.getpid()
@@ -82,9 +84,9 @@ class BusyBoard:
                 os.ftruncate(fd, SIZE)  # a new board; never shrinks one (a racing opener's)
             self.slot: int | None = next((i for i in range(SLOTS) if _lock_slot(fd, i)), None)
             """This run's slot; None when all are taken (it still reads the others')."""
-            self._map: mmap.mmap | None = mmap.mmap(fd, SIZE)
-        finally:
+        except OSError:
             os.close(fd)
+            raise
         self.publish(0)
 
     @classmethod
@@ -118,25 +120,33 @@ class BusyBoard:
 
     def publish(self, busy: int) -> None:
         """Write this run's count of busy VCPUs, stamped now."""
-        if self._map is not None and self.slot is not None:
-            SLOT.pack_into(self._map, self.slot * SLOT.size, self._pid, busy, self._clock())
+        if self._fd >= 0 and self.slot is not None:
+            entry = SLOT.pack(self._pid, busy, self._clock())
+            with contextlib.suppress(OSError):  # advice only: a failed write costs a reading
+                os.pwrite(self._fd, entry, self.slot * SLOT.size)
 
     def others(self) -> int:
         """The busy VCPUs of the other runs, as their last fresh writes say."""
-        if self._map is None:
+        if self._fd < 0:
             return 0
+        try:
+            page = os.pread(self._fd, SIZE, 0)
+        except OSError:
+            return 0  # advice only: as if nobody else were busy
         oldest = self._clock() - self._stale_ns
         total = 0
-        for index, (pid, busy, stamp) in enumerate(SLOT.iter_unpack(self._map)):
+        whole = len(page) - len(page) % SLOT.size  # a board cut short reads as that much
+        for index, (pid, busy, stamp) in enumerate(SLOT.iter_unpack(page[:whole])):
             if busy and pid and stamp >= oldest and index != self.slot:
                 total += busy
         return total
 
     def close(self) -> None:
         """Clear this run's slot and let it go (idempotent)."""
-        if self._map is None:
+        if self._fd < 0:
             return
         if self.slot is not None:
-            SLOT.pack_into(self._map, self.slot * SLOT.size, 0, 0, 0)
-        self._map.close()  # and its duplicate of the file's fd: the lock goes with it
-        self._map = None
+            with contextlib.suppress(OSError):
+                os.pwrite(self._fd, bytes(SLOT.size), self.slot * SLOT.size)
+        os.close(self._fd)  # and with it the slot's lock
+        self._fd = -1

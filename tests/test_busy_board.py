@@ -181,3 +181,16 @@ def test_a_short_board_file_is_extended_and_kept(path: str, boards: list[BusyBoa
     board.publish(2)
     assert board_file.stat().st_size == SLOTS * SLOT.size
     assert open_board(path, boards).others() == 2
+
+
+def test_a_board_truncated_under_the_runs_reads_as_empty_and_is_written_again(
+    path: str, boards: list[BusyBoard]
+) -> None:
+    first, second = open_board(path, boards), open_board(path, boards)
+    first.publish(2)
+    os.truncate(path, 0)
+    assert second.others() == 0  # no SIGBUS: nothing is mapped
+    first.publish(2)
+    assert second.others() == 2
+    os.truncate(path, SLOT.size - 3)  # first's slot (0) cut in the middle
+    assert second.others() == 0
