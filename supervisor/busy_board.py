@@ -4,9 +4,9 @@ writes its own count to and reads the others' from.
 A gate counts its own VM's busy VCPUs (supervisor/poll_gate.py, `BusyVcpus`); K one-VCPU VMs
 started together each count one, find a CPU for each of their two pollers, and poll until the
 host's pressure turns them off, then try again at each hold's end: spells of 2K pollers taking
-turns at the CPUs, which kept batches of two VMs behind `poll_us = 0`. On the board
-each gate sees the others' busy VCPUs too, and polls only while every busy VCPU of the host
-would have a CPU for each of its pollers.
+turns at the CPUs, which kept batches of two VMs behind `poll_us = 0`. On the board each gate
+sees the others' busy VCPUs too, and polls only while every busy VCPU of the host would have a
+CPU for each of its pollers.
 
 The board is `<runtime folder>/busy-vcpus` (see `vmsuper.shared.runtime`): `SLOTS` slots of
 (pid, busy VCPUs, stamp: CLOCK_MONOTONIC ns of the last write). A run takes the first slot it
@@ -20,8 +20,8 @@ them with SIGBUS. Reads are not atomic with writes: a torn slot costs one readin
 Only the user's own runs can write the board (the folder is the user's, mode 0700; the file is
 refused unless a regular file of the user's, mode 0600), and the worst a writer can do is turn
 polling off: the runs then go as with `poll_us = 0`. A VCPU worker closes the board's fd when
-it is confined, like every fd not its own. Runs whose `poll_us` is 0
-have no gate and write nothing (the pressure still counts them).
+it is confined, like every fd not its own. Runs whose `poll_us` is 0 have no gate and write
+nothing (the pressure still counts them).
 """
 
 from __future__ import annotations
