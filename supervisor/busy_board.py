@@ -18,10 +18,11 @@ mapped: a board truncated under the runs reads as empty, where a mapping would k
 them with SIGBUS. Reads are not atomic with writes: a torn slot costs one reading's decision.
 
 Only the user's own runs can write the board (the folder is the user's, mode 0700; the file is
-refused unless a regular file of the user's, mode 0600), and the worst a writer can do is turn
-polling off: the runs then go as with `poll_us = 0`. A VCPU worker closes the board's fd when
-it is confined, like every fd not its own. Runs whose `poll_us` is 0 have no gate and write
-nothing (the pressure still counts them).
+refused unless a regular file of the user's, mode 0600), and a writer can only turn the
+readers' polling off (they then go as with `poll_us = 0`) or leave it to the pressure alone, as
+before the board. A VCPU worker closes the board's fd when it is confined, like every fd not
+its own. Runs whose `poll_us` is 0 have no gate and write nothing (the pressure still counts
+them).
 """
 
 from __future__ import annotations
