@@ -4,6 +4,7 @@ that is gone stops counting (supervisor/busy_board.py)."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from vmsuper.supervisor.busy_board import SLOT, SLOTS, BusyBoard
 
 STALE_NS = 3_000_000_000
+CHILD_DEADLINE_S = 30.0
 
 
 class Clock:
@@ -103,27 +105,31 @@ def test_a_killed_run_s_slot_is_freed_by_the_kernel_and_its_count_expires(
             sys.executable,
             "-c",
             textwrap.dedent(f"""
-                import sys, time
+                import sys
                 from vmsuper.supervisor.busy_board import BusyBoard
                 board = BusyBoard.open({path!r}, stale_ns={STALE_NS})
                 board.publish(3)
                 print(board.slot, flush=True)
-                time.sleep(60)
+                sys.stdin.read()  # until killed (or the test's end of the pipe closes)
             """),
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert child.stdout is not None
+        ready, _, _ = select.select([child.stdout], [], [], CHILD_DEADLINE_S)
+        assert ready, "the child did not take a slot in time"
         assert child.stdout.readline().strip() == "1"
         clock.ns = time.monotonic_ns()  # the child stamps with the real clock
         assert reader.others() == 3
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
-        assert child.stdout is not None
-        child.stdout.close()
+        for stream in (child.stdin, child.stdout):
+            assert stream is not None
+            stream.close()
     assert reader.others() == 3  # not cleared: still fresh
     assert open_board(path, boards, clock).slot == 1  # but free at once
     clock.ns += STALE_NS + 1
