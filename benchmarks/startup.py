@@ -215,10 +215,10 @@ def _write_clock(fd: int) -> None:
 def _kvm_costs(bench: Bench) -> list[dict[str, Any]]:
     """The kernel's part of every run's start and end: the VM as the supervisor makes it
     (`machine.create_machine`), and its close at once. Closing a VM whose in-kernel irqchip
-    was just made waits for the kernel to settle it, and the PIT's devices wait for grace
-    periods as they go; a run makes its VM early so as to close it settled (supervisor/
-    machine.py), which this cannot reproduce alone: how long that close takes depends on the
-    kernel's grace periods, here on whether the process slept or worked meanwhile."""
+    was just made waits for the kernel to settle it, and the PIT waits for grace periods as
+    its interrupt reinjection is turned off; a run makes its VM early so as to close it
+    settled (supervisor/machine.py), which this cannot reproduce alone: how long that close
+    takes depends on the kernel's grace periods."""
     made: list[float] = []
     closed: list[float] = []
     with kvm.Kvm() as system:

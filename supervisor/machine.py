@@ -3,8 +3,9 @@
 A run makes its VM right after it spawns the plugin (supervisor/launch.py), before it imports
 structlog and the runner, rather than once those imports are made: closing a VM whose in-kernel
 irqchip was just made waits for the kernel to settle it (10 to 15 ms here), and a VM made that
-much earlier has mostly settled by the time a plugin that exits at once has ended (the PIT's
-grace periods may still make its close wait). Measured in docs/performance.md ("Start-up").
+much earlier has mostly settled by the time a plugin that exits at once has ended. The PIT's
+release may still wait (its interrupt reinjection is turned off then, which waits for grace
+periods of the kernel's). Measured in docs/performance.md ("Start-up").
 """
 
 from __future__ import annotations
