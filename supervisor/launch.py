@@ -20,7 +20,6 @@ import contextlib
 import os
 import signal
 import socket
-import struct
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,7 +97,6 @@ class Launch:
         self.sock: socket.socket | None = None
         self.cgroup: cgroups.PluginCgroup | None = None
         self.failure: outcome.Failure | None = None
-        self.latency_fd = -1
         self.machine: Machine | Exception | None = None
         self._closed = False
 
@@ -142,9 +140,6 @@ class Launch:
             for problem in self.cgroup.remove():
                 self.log.warning("cgroup_not_removed", error=problem)
             self.cgroup = None
-        if self.latency_fd >= 0:
-            os.close(self.latency_fd)
-            self.latency_fd = -1
         self.signals.close()
 
 
@@ -188,8 +183,6 @@ def begin(config: Config) -> Launch | int:
     pending = PendingRecords()
     launch = Launch(config, pending, signals)
     try:
-        if config.vm.low_latency:  # from before the plugin runs, as the VCPUs may run at once
-            launch.latency_fd = _hold_low_latency(pending)
         if not config.plugin.sandbox:
             tell(UNSANDBOXED_NOTICE)
         _start_plugin(launch)
@@ -273,20 +266,6 @@ class PendingRecords:
         records, self.records = self.records, []
         for level, event, fields in records:
             getattr(log, level)(event, **fields)
-
-
-def _hold_low_latency(log: Any) -> int:
-    """Ask the idle governor for shallow C-states while the fd stays open."""
-    fd = -1
-    try:
-        fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY | os.O_CLOEXEC)
-        os.write(fd, struct.pack("<i", 0))
-    except OSError as exc:
-        if fd >= 0:  # opened, but the request was refused: the fd would hold nothing
-            os.close(fd)
-        log.warning("low_latency_unavailable", error=str(exc))
-        return -1
-    return fd
 
 
 def _sandbox(cfg: Config) -> Sandbox | None:

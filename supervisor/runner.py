@@ -115,6 +115,7 @@ def _set_up(run: Run, take_machine: Callable[[], Machine] = open_machine) -> Non
         log_dir=cfg.log.dir,
         log_level=cfg.log.level,
         poll_ns=cfg.vm.poll_us * 1000,
+        low_latency=cfg.vm.low_latency,
         worker_user=worker_user,
     )
     run.closers.append(run.vcpus.shutdown)

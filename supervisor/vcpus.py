@@ -40,6 +40,7 @@ from vmsuper.shared.shm import SharedRegion
 from vmsuper.shared.shm_doorbell import Doorbell
 from vmsuper.supervisor import sandbox_user
 from vmsuper.supervisor.busy_board import board_path
+from vmsuper.supervisor.low_latency import LatencyHold
 from vmsuper.supervisor.poll_gate import PollGate
 from vmsuper.supervisor.runners import (
     RunnerExits,
@@ -158,11 +159,13 @@ class VcpuSet:
         log_dir: Path,
         log_level: str,
         poll_ns: int = 0,
+        low_latency: bool = False,
         worker_user: sandbox_user.PluginUser | None = None,
     ) -> None:
         """`poll_ns`: how long a worker and its runner poll for each other before they sleep
-        (0: never); `worker_user`: who the workers become (`workers_user()`; None: its
-        default)."""
+        (0: never); `low_latency`: hold /dev/cpu_dma_latency from `start` to `shutdown`
+        (supervisor/low_latency.py); `worker_user`: who the workers become (`workers_user()`;
+        None: its default)."""
         if not 1 <= count <= region.vcpus:
             raise ValueError(f"VCPU count {count} outside 1..{region.vcpus} (the shared region)")
         if transport not in TRANSPORTS:
@@ -186,6 +189,7 @@ class VcpuSet:
         self._log_dir = log_dir
         self._log_level = log_level
         self._log = logs.get_logger()
+        self._latency = LatencyHold() if low_latency else None
         self.started = False
         self._shut_down = False
         self._channels: list[_Channel] = []
@@ -249,6 +253,8 @@ class VcpuSet:
             raise VcpuSetError(
                 errno.EBUSY, f"cannot fork VCPU workers while other threads run: {others}"
             )
+        if self._latency is not None:  # before any VCPU runs: its Init exchange too
+            self._latency.take(self._log)
         try:
             for i in range(self.count):
                 vcpu = self._vm.create_vcpu(i)
@@ -263,6 +269,7 @@ class VcpuSet:
         except BaseException:
             self._kill_workers()
             self._release_vcpus()
+            self._release_latency()
             raise
         for channel in self._channels:
             channel.open_runner_end()
@@ -418,6 +425,7 @@ class VcpuSet:
             return
         self._shut_down = True
         self.poll_gate.close()
+        self._release_latency()  # the VCPUs are stopped from here on
         deadline = time.monotonic() + timeout
         self._stop_runners()
         for vcpu, pid in self._pids.items():
@@ -478,6 +486,10 @@ class VcpuSet:
         self._pidfds.clear()
         self._pids.clear()
         self._statuses.clear()
+
+    def _release_latency(self) -> None:
+        if self._latency is not None:
+            self._latency.release()
 
     def _release_vcpus(self) -> None:
         # The ctypes views (ours and the runners') export the mappings: drop them first.

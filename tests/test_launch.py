@@ -32,27 +32,6 @@ def _config(folder: Path) -> Config:
     return load_config(path)
 
 
-def _open_fds() -> set[int]:
-    return {int(name) for name in os.listdir("/proc/self/fd")}
-
-
-def test_a_refused_low_latency_request_is_logged_and_its_fd_closed(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    def refuse(fd: int, data: bytes) -> int:
-        assert os.readlink(f"/proc/self/fd/{fd}") == "/dev/cpu_dma_latency"
-        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-
-    log = _Log()
-    before = _open_fds()
-    with monkeypatch.context() as patched:
-        patched.setattr(launching.os, "write", refuse)
-        fd = launching._hold_low_latency(log)
-    assert fd == -1
-    assert log.warnings == [("low_latency_unavailable", {"error": "[Errno 22] Invalid argument"})]
-    assert _open_fds() <= before
-
-
 def test_pending_records_reach_the_log_in_order_once() -> None:
     """The first steps' records, kept until structlog is imported (`launch.begin`)."""
     pending = launching.PendingRecords()

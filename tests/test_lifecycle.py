@@ -214,16 +214,23 @@ def test_vmsuper_sigkill_takes_the_plugin_and_workers_with_it(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("low_latency", [True, False])
-def test_low_latency_holds_cpu_dma_latency_while_running(tmp_path: Path, low_latency: bool) -> None:
+def test_low_latency_holds_cpu_dma_latency_once_the_vcpus_start(
+    tmp_path: Path, low_latency: bool
+) -> None:
     body = """
-    fd_dir = f"/proc/{os.getppid()}/fd"
-    links = []
-    for name in os.listdir(fd_dir):
-        try:
-            links.append(os.readlink(f"{fd_dir}/{name}"))
-        except OSError:
-            pass
-    RESULTS["held"] = "/dev/cpu_dma_latency" in links
+    def held():
+        fd_dir = f"/proc/{os.getppid()}/fd"
+        links = []
+        for name in os.listdir(fd_dir):
+            try:
+                links.append(os.readlink(f"{fd_dir}/{name}"))
+            except OSError:
+                pass
+        return "/dev/cpu_dma_latency" in links
+
+    RESULTS["before_start"] = held()
+    call(req(start=pb.MainRequest.Start()))
+    RESULTS["after_start"] = held()
     report()
     """
     plugin = write_python_plugin(tmp_path, plugin_source(body))
@@ -231,4 +238,5 @@ def test_low_latency_holds_cpu_dma_latency_while_running(tmp_path: Path, low_lat
     spec = VmSpec(sandbox=False, low_latency=low_latency)
     result = VmRunner(tmp_path / "runs").run(plugin, spec)
     assert result.status == 0, result.stderr
-    assert json.loads(result.stdout.splitlines()[-1])["held"] is low_latency
+    seen = json.loads(result.stdout.splitlines()[-1])
+    assert seen == {"before_start": False, "after_start": low_latency}

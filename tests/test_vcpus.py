@@ -45,6 +45,7 @@ from vmsuper.shared.runtime import RUNTIME_VARIABLE
 from vmsuper.shared.shm import SharedRegion
 from vmsuper.supervisor import vcpus as vcpus_module
 from vmsuper.supervisor.busy_board import BusyBoard, board_path
+from vmsuper.supervisor.low_latency import LATENCY_FILE
 from vmsuper.supervisor.poll_gate import PollGate
 from vmsuper.supervisor.runners import KICK_SIGNAL
 from vmsuper.supervisor.vcpus import VcpuSet, VcpuSetError
@@ -99,7 +100,9 @@ class Machine:
         code = assemble(source, bits=bits, origin=LOAD)
         self.memory[LOAD : LOAD + len(code)] = code
 
-    def make_vcpus(self, count: int, transport: str, log_level: str = "info") -> VcpuSet:
+    def make_vcpus(
+        self, count: int, transport: str, log_level: str = "info", *, low_latency: bool = False
+    ) -> VcpuSet:
         assert self.vcpus is None
         self.vcpus = VcpuSet(
             self.vm,
@@ -110,6 +113,7 @@ class Machine:
             log_dir=self.log_dir,
             log_level=log_level,
             poll_ns=self.poll_ns,
+            low_latency=low_latency,
         )
         fds = self.vcpus.plugin_fds()
         per_vcpu = 1 if transport == "socket" else 2
@@ -399,6 +403,31 @@ def test_vcpus_poll_from_the_start_only_if_the_host_was_calm_while_the_vm_was_se
         vcpus.start()  # the first reading, before any VCPU polls; nobody ticks the gate here
         assert machine.region.mailbox(0).poll_ns == (50_000 if polling else 0)
         init(machine.ends[0], 0)
+    finally:
+        machine.close()
+
+
+def latency_held() -> bool:
+    """Whether this process holds /dev/cpu_dma_latency open (supervisor/low_latency.py)."""
+    links = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            links.append(os.readlink(f"/proc/self/fd/{name}"))
+    return LATENCY_FILE in links
+
+
+def test_low_latency_is_held_from_start_to_shutdown(tmp_path: Path) -> None:
+    machine = Machine(tmp_path / "logs")
+    try:
+        machine.load(HALT)
+        vcpus = machine.make_vcpus(1, "pipes", low_latency=True)
+        assert not latency_held()  # the plugin may take its time before Start
+        machine.ends[0].send(VcpuRequest(wait=VcpuRequest.Wait()))
+        vcpus.start()
+        assert latency_held()
+        init(machine.ends[0], 0)
+        vcpus.shutdown()
+        assert not latency_held()
     finally:
         machine.close()
 
