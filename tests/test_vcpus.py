@@ -407,12 +407,14 @@ def test_vcpus_poll_from_the_start_only_if_the_host_was_calm_while_the_vm_was_se
         machine.close()
 
 
-def latency_held() -> bool:
-    """Whether this process holds /dev/cpu_dma_latency open (supervisor/low_latency.py)."""
+def latency_held(pid: int | None = None) -> bool:
+    """Whether this process (or `pid`) holds /dev/cpu_dma_latency open
+    (supervisor/low_latency.py)."""
+    fd_dir = f"/proc/{pid or 'self'}/fd"
     links = []
-    for name in os.listdir("/proc/self/fd"):
+    for name in os.listdir(fd_dir):
         with contextlib.suppress(OSError):
-            links.append(os.readlink(f"/proc/self/fd/{name}"))
+            links.append(os.readlink(f"{fd_dir}/{name}"))
     return LATENCY_FILE in links
 
 
@@ -425,7 +427,8 @@ def test_low_latency_is_held_from_start_to_shutdown(tmp_path: Path) -> None:
         machine.ends[0].send(VcpuRequest(wait=VcpuRequest.Wait()))
         vcpus.start()
         assert latency_held()
-        init(machine.ends[0], 0)
+        init(machine.ends[0], 0)  # the worker is confined by now: its inherited copy is closed
+        assert not any(latency_held(pid) for pid in vcpus.worker_pids().values())
         vcpus.shutdown()
         assert not latency_held()
     finally:
