@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from held_fds import fds_on
 
 from vmsuper.supervisor import low_latency
 from vmsuper.supervisor.low_latency import LATENCY_FILE, LatencyHold
@@ -19,17 +20,6 @@ class _Log:
 
     def warning(self, event: str, **fields: object) -> None:
         self.warnings.append((event, fields))
-
-
-def _latency_fds() -> list[int]:
-    found = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}") == LATENCY_FILE:
-                found.append(int(name))
-        except OSError:  # the listing's own fd, closed by now
-            continue
-    return found
 
 
 def _host_target_us() -> int:
@@ -46,13 +36,13 @@ def test_the_request_holds_the_host_at_zero_until_released() -> None:
     if not os.access(LATENCY_FILE, os.W_OK):
         pytest.fail(f"{LATENCY_FILE} must be writable here (the suite runs as root)")
     hold, log = LatencyHold(), _Log()
-    assert not hold.held and _latency_fds() == []
+    assert not hold.held and fds_on(LATENCY_FILE) == 0
     assert hold.take(log) and hold.take(log)  # the second take keeps the first request
-    assert hold.held and len(_latency_fds()) == 1
+    assert hold.held and fds_on(LATENCY_FILE) == 1
     assert _host_target_us() == 0
     hold.release()
     hold.release()
-    assert not hold.held and _latency_fds() == []
+    assert not hold.held and fds_on(LATENCY_FILE) == 0
     assert log.warnings == []
 
 
@@ -65,7 +55,7 @@ def test_a_refused_request_is_logged_and_its_fd_closed(monkeypatch: pytest.Monke
     with monkeypatch.context() as patched:
         patched.setattr(low_latency.os, "write", refuse)
         assert hold.take(log) is False
-    assert not hold.held and _latency_fds() == []
+    assert not hold.held and fds_on(LATENCY_FILE) == 0
     assert log.warnings == [("low_latency_unavailable", {"error": "[Errno 22] Invalid argument"})]
 
 

@@ -35,6 +35,7 @@ from typing import Any, cast
 import psutil
 import pytest
 from engine_constants import engine_constant
+from held_fds import fds_on
 
 from vmsuper.shared import kvm, task_names, wire
 from vmsuper.shared.abi import RANGE_COUNTS, STATS, RunState
@@ -407,30 +408,19 @@ def test_vcpus_poll_from_the_start_only_if_the_host_was_calm_while_the_vm_was_se
         machine.close()
 
 
-def latency_held(pid: int | None = None) -> bool:
-    """Whether this process (or `pid`) holds /dev/cpu_dma_latency open
-    (supervisor/low_latency.py)."""
-    fd_dir = f"/proc/{pid or 'self'}/fd"
-    links = []
-    for name in os.listdir(fd_dir):
-        with contextlib.suppress(OSError):
-            links.append(os.readlink(f"{fd_dir}/{name}"))
-    return LATENCY_FILE in links
-
-
 def test_low_latency_is_held_from_start_to_shutdown(tmp_path: Path) -> None:
     machine = Machine(tmp_path / "logs")
     try:
         machine.load(HALT)
         vcpus = machine.make_vcpus(1, "pipes", low_latency=True)
-        assert not latency_held()  # the plugin may take its time before Start
+        assert not fds_on(LATENCY_FILE)  # the plugin may take its time before Start
         machine.ends[0].send(VcpuRequest(wait=VcpuRequest.Wait()))
         vcpus.start()
-        assert latency_held()
+        assert fds_on(LATENCY_FILE) == 1
         init(machine.ends[0], 0)  # the worker is confined by now: its inherited copy is closed
-        assert not any(latency_held(pid) for pid in vcpus.worker_pids().values())
+        assert not any(fds_on(LATENCY_FILE, pid) for pid in vcpus.worker_pids().values())
         vcpus.shutdown()
-        assert not latency_held()
+        assert not fds_on(LATENCY_FILE)
     finally:
         machine.close()
 
