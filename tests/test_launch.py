@@ -10,20 +10,13 @@ from typing import Any
 import psutil
 import pytest
 from held_fds import vm_fds
+from warning_log import WarningLog
 
 from vmsuper.shared import logs
 from vmsuper.supervisor import launch as launching
 from vmsuper.supervisor import machine, runner
 from vmsuper.supervisor.config import Config, load_config
 from vmsuper.supervisor.plugin_process import PluginProcess
-
-
-class _Log:
-    def __init__(self) -> None:
-        self.warnings: list[tuple[str, dict[str, object]]] = []
-
-    def warning(self, event: str, **fields: object) -> None:
-        self.warnings.append((event, fields))
 
 
 def _config(folder: Path) -> Config:
@@ -50,7 +43,7 @@ def test_pending_records_reach_the_log_in_order_once() -> None:
 @pytest.mark.kvm
 def test_the_launch_s_vm_is_the_set_up_s_to_close_once_taken(tmp_path: Path) -> None:
     before = vm_fds()
-    launch = launching.Launch(_config(tmp_path), _Log(), launching.StopSignals())
+    launch = launching.Launch(_config(tmp_path), WarningLog(), launching.StopSignals())
     launch.machine = machine.open_machine()
     taken = launch.take_machine()
     launch.close()
@@ -66,7 +59,7 @@ def test_the_launch_s_vm_is_the_set_up_s_to_close_once_taken(tmp_path: Path) -> 
 @pytest.mark.kvm
 def test_a_vm_the_set_up_never_took_is_closed_with_the_launch(tmp_path: Path) -> None:
     before = vm_fds()
-    launch = launching.Launch(_config(tmp_path), _Log(), launching.StopSignals())
+    launch = launching.Launch(_config(tmp_path), WarningLog(), launching.StopSignals())
     launch.machine = machine.open_machine()
     assert vm_fds() == before + 1
     launch.close()
@@ -83,7 +76,7 @@ def test_a_vm_that_could_not_be_made_fails_the_set_up_with_its_cause(
         patched.setattr(machine.kvm, "Kvm", refuse)
         with pytest.raises(machine.MachineError) as made:
             machine.open_machine()
-    launch = launching.Launch(_config(tmp_path), _Log(), launching.StopSignals())
+    launch = launching.Launch(_config(tmp_path), WarningLog(), launching.StopSignals())
     launch.machine = made.value
     with pytest.raises(machine.MachineError, match=r"^cannot open /dev/kvm: .*No such file"):
         launch.take_machine()
@@ -93,7 +86,7 @@ def test_a_vm_that_could_not_be_made_fails_the_set_up_with_its_cause(
     def take() -> machine.Machine:
         raise made.value
 
-    run = runner.Run(config=_config(tmp_path), log=_Log())
+    run = runner.Run(config=_config(tmp_path), log=WarningLog())
     with pytest.raises(runner.SetupError, match=r"^cannot open /dev/kvm: .*No such file"):
         runner._set_up(run, take)
     run.close()
@@ -103,7 +96,7 @@ def test_a_failure_of_vmsuper_s_own_making_the_vm_is_raised_where_the_set_up_tak
     tmp_path: Path,
 ) -> None:
     """As when the set-up made the VM: the run's generic handler reports it (a crash record)."""
-    launch = launching.Launch(_config(tmp_path), _Log(), launching.StopSignals())
+    launch = launching.Launch(_config(tmp_path), WarningLog(), launching.StopSignals())
     launch.machine = ZeroDivisionError("a bug in vmsuper")
     with pytest.raises(ZeroDivisionError, match="a bug in vmsuper"):
         launch.take_machine()

@@ -9,17 +9,10 @@ from pathlib import Path
 
 import pytest
 from held_fds import fds_on
+from warning_log import WarningLog
 
 from vmsuper.supervisor import low_latency
 from vmsuper.supervisor.low_latency import LATENCY_FILE, LatencyHold
-
-
-class _Log:
-    def __init__(self) -> None:
-        self.warnings: list[tuple[str, dict[str, object]]] = []
-
-    def warning(self, event: str, **fields: object) -> None:
-        self.warnings.append((event, fields))
 
 
 def _host_target_us() -> int:
@@ -35,7 +28,7 @@ def _host_target_us() -> int:
 def test_the_request_holds_the_host_at_zero_until_released() -> None:
     if not os.access(LATENCY_FILE, os.W_OK):
         pytest.fail(f"{LATENCY_FILE} must be writable here (the suite runs as root)")
-    hold, log = LatencyHold(), _Log()
+    hold, log = LatencyHold(), WarningLog()
     assert not hold.held and fds_on(LATENCY_FILE) == 0
     assert hold.take(log) and hold.take(log)  # the second take keeps the first request
     assert hold.held and fds_on(LATENCY_FILE) == 1
@@ -51,7 +44,7 @@ def test_a_refused_request_is_logged_and_its_fd_closed(monkeypatch: pytest.Monke
         assert os.readlink(f"/proc/self/fd/{fd}") == LATENCY_FILE
         raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
 
-    hold, log = LatencyHold(), _Log()
+    hold, log = LatencyHold(), WarningLog()
     with monkeypatch.context() as patched:
         patched.setattr(low_latency.os, "write", refuse)
         assert hold.take(log) is False
@@ -60,7 +53,7 @@ def test_a_refused_request_is_logged_and_its_fd_closed(monkeypatch: pytest.Monke
 
 
 def test_a_missing_file_is_logged_with_its_reason(tmp_path: Path) -> None:
-    hold, log = LatencyHold(str(tmp_path / "no-such-file")), _Log()
+    hold, log = LatencyHold(str(tmp_path / "no-such-file")), WarningLog()
     assert hold.take(log) is False
     assert not hold.held
     [(event, fields)] = log.warnings
