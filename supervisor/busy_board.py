@@ -137,7 +137,8 @@ class BusyBoard:
         oldest = self._clock() - self._stale_ns
         total = 0
         whole = len(page) - len(page) % SLOT.size  # a board cut short reads as that much
-        for index, (pid, busy, stamp) in enumerate(SLOT.iter_unpack(page[:whole])):
+        used = -(-len(page.rstrip(b"\0")) // SLOT.size) * SLOT.size  # slots past it are empty
+        for index, (pid, busy, stamp) in enumerate(SLOT.iter_unpack(page[: min(whole, used)])):
             if busy and pid and stamp >= oldest and index != self.slot:
                 total += busy
         return total
