@@ -26,8 +26,19 @@ is busy when its exits since the last reading, each worth a polling window, add 
 would outnumber the supervisor's CPUs, the window is 0 without a try: the VM runs as with
 `poll_us = 0`. Other VMs' busy VCPUs count too: each gate writes its VM's count to the user's
 board (supervisor/busy_board.py) and adds the other runs' counts to its own, so K one-VCPU VMs
-busy at once on fewer than 2K CPUs poll until their first or second reading at most, as a VM of
-K VCPUs does.
+busy at once on fewer than 2K CPUs stop polling once the others' counts are on the board, and
+one that starts while they are does not poll at all.
+
+A reading can count busy VCPUs only over an interval they spent exiting, and their first exits
+come when the plugin has started them, some milliseconds after the VCPUs start: until a reading
+whose interval began after their first exits, the VCPUs are starting (`QuietVcpus`). While
+they are, the gate takes every one of them for busy (room only if two pollers for each, with
+the other runs' busy VCPUs, fit the CPUs), and while that alone keeps polling off it reads every
+`FIRST_INTERVAL_S`: a VM whose VCPUs would fill the CPUs does not poll at its start, and one
+that has room after all polls from its first whole interval of exits, a few milliseconds in.
+Other VMs keep the usual pace: short intervals make the pressure's share a noisy figure, and
+the first exits of a lone VCPU, among its plugin's and the supervisor's start, would turn its
+polling off for a hold now and then.
 
 A VM whose VCPUs make no exits (stopped by the plugin, halted, or waiting on a device) has no
 hand-off to poll for, so a reading decides nothing for it; yet at 40 readings a second, many
@@ -61,6 +72,7 @@ __all__ = [
     "HOLD_MIN_S",
     "INTERVAL_S",
     "QUIET_MAX_S",
+    "STARTING_READINGS_MAX",
     "THRESHOLD",
     "BusyVcpus",
     "PollGate",
@@ -71,8 +83,12 @@ __all__ = [
 PRESSURE_FILE: Final = "/proc/pressure/cpu"
 INTERVAL_S: Final = 0.025
 FIRST_INTERVAL_S: Final = 0.005
-"""The first reading after the VCPUs start comes sooner: a host that became busy just as they
-started (or that their polling makes busy) has them poll for a few milliseconds only."""
+"""The readings come sooner while the VCPUs start: a host that became busy just as they started
+(or that their polling makes busy) has them poll for a few milliseconds only."""
+STARTING_READINGS_MAX: Final = 40
+"""At most this many readings take the VCPUs for starting (0.2 s of readings at
+FIRST_INTERVAL_S): VCPUs that compute without exits, or wait that long for their plugin, are
+then judged by their count like any others, at the usual pace."""
 THRESHOLD: Final = 0.5
 """Stall share above which polling stops: half the time, some task waited for a CPU."""
 BUSY_SHARE: Final = 0.5
@@ -167,19 +183,29 @@ class BusyVcpus:
             (count - before) * self.window_ns >= bar_ns
             for before, count in zip(last[1], exits, strict=True)
         )
-        self.room = self.count == 0 or 2 * (self.count + others) <= self.cpus
+        self.room = self.count == 0 or self.fits(self.count, others)
         return self.room
+
+    def fits(self, vcpus: int, others: int = 0) -> bool:
+        """Whether two pollers for each of `vcpus` busy VCPUs and `others` fit the CPUs."""
+        return 2 * (vcpus + others) <= self.cpus
 
 
 class QuietVcpus:
     """How long the next reading may wait, fed every VCPU's count of exits so far at each
     reading: INTERVAL_S while they exit; after the second reading in a row that finds no exit
-    since the one before, twice as long at each, up to QUIET_MAX_S (see the module doc). VCPUs
-    that have made no exit yet are starting, not quiet: their first exits may be a few readings
-    away on a busy host, and whether to poll for them is decided at the usual pace."""
+    since the one before, twice as long at each, up to QUIET_MAX_S (see the module doc).
+
+    VCPUs that had made no exit by the last reading are `starting`, not quiet: the interval
+    since then is not yet one of exits throughout, so the busy count it gives is not their
+    pace. `PollGate` takes each of them for busy, and reads them again after the wait
+    returned, FIRST_INTERVAL_S (STARTING_READINGS_MAX times at most), if that keeps them from
+    polling."""
 
     def __init__(self) -> None:
         self.quiet_readings = 0
+        self.starting = True
+        self._starting_readings = 0
         self._last: list[int] | None = None
 
     def update(self, exits: Sequence[int]) -> float:
@@ -189,7 +215,13 @@ class QuietVcpus:
             self.quiet_readings = min(self.quiet_readings + 1, 16)
         else:
             self.quiet_readings = 0
+        self.starting = (self._last is None or not any(self._last)) and (
+            self._starting_readings < STARTING_READINGS_MAX
+        )
+        self._starting_readings += self.starting
         self._last = counts
+        if self.starting:
+            return FIRST_INTERVAL_S
         if self.quiet_readings == 0:
             return INTERVAL_S
         return min(INTERVAL_S * 2 ** (self.quiet_readings - 1), QUIET_MAX_S)
@@ -258,18 +290,24 @@ class PollGate:
         now = self._clock()
         window = self.policy.update(now, stall)
         exits = self._exits() if self._exits is not None else None
+        wait, held_starting = 0.0, False
         if exits is not None:
             others = self._board.others() if self._board is not None else 0
-            if not self.busy.update(now, exits, others):
+            room = self.busy.update(now, exits, others)
+            wait = self.quiet.update(exits)
+            if self.quiet.starting:  # no whole interval of exits yet: every VCPU counts as busy
+                room = self.busy.fits(len(exits), others)
+                held_starting = not room and self.policy.polling
+            if not room:
                 window = 0
             if self._board is not None:
                 self._board.publish(self.busy.count)
         if window != self._window:
             self._set(window)
+        if held_starting:
+            return now + wait  # sooner: only the VCPUs' start holds polling off
         due = self.policy.next_reading(now)
-        if exits is not None:
-            due = max(due, now + self.quiet.update(exits))
-        return due
+        return due if exits is None else max(due, now + wait)
 
     def _set(self, window_ns: int) -> None:
         self._window = window_ns

@@ -17,6 +17,7 @@ from vmsuper.supervisor.poll_gate import (
     HOLD_MAX_S,
     HOLD_MIN_S,
     QUIET_MAX_S,
+    STARTING_READINGS_MAX,
     BusyVcpus,
     PollGate,
     PollPolicy,
@@ -25,6 +26,7 @@ from vmsuper.supervisor.poll_gate import (
 
 WINDOW = 50_000
 STEP = poll_gate.INTERVAL_S
+FIRST = poll_gate.FIRST_INTERVAL_S
 
 
 class Host:
@@ -244,7 +246,7 @@ def test_the_gate_stops_polling_while_the_vm_s_busy_vcpus_fill_the_cpus(
     region: SharedRegion, tmp_path: Path
 ) -> None:
     """However calm the host: the VM's own VCPUs would be what keeps it busy."""
-    pressure, host, counts = tmp_path / "cpu", Host(), [0, 0]
+    pressure, host, counts = tmp_path / "cpu", Host(), [1, 1]  # exits before: not starting
     gate, mailboxes = _gate(region, pressure, host, exits=lambda: counts, cpus=2)
     busy_exits = int(poll_gate.BUSY_SHARE * STEP * 1e9 / WINDOW) + 1
     try:
@@ -276,7 +278,7 @@ def test_the_gate_counts_the_busy_vcpus_other_runs_write_on_the_board(
 ) -> None:
     """Another run's busy VCPU (a board of the test's own, as another supervisor would write it)
     and this VM's one fill two CPUs; this VM's count goes on the board for the others."""
-    pressure, host, counts = tmp_path / "cpu", Host(), [0, 0]
+    pressure, host, counts = tmp_path / "cpu", Host(), [1, 0]  # exits before: not starting
     board_file = str(tmp_path / "runtime" / "busy-vcpus")
     gate, mailboxes = _gate(
         region, pressure, host, exits=lambda: counts, cpus=2, board_file=board_file
@@ -310,7 +312,7 @@ def test_a_gate_without_polling_has_no_board(region: SharedRegion, tmp_path: Pat
 
 def test_quiet_vcpus_are_read_less_and_less_often_until_one_exits() -> None:
     quiet = QuietVcpus()
-    assert quiet.update([5, 0]) == STEP  # the first reading: nothing to compare with
+    assert quiet.update([5, 0]) == FIRST  # the first reading, a baseline: the next one soon
     waits = [quiet.update([5, 0]) for _ in range(7)]
     assert waits == pytest.approx(
         [STEP, 2 * STEP, 4 * STEP, 8 * STEP, QUIET_MAX_S, QUIET_MAX_S, QUIET_MAX_S]
@@ -320,12 +322,122 @@ def test_quiet_vcpus_are_read_less_and_less_often_until_one_exits() -> None:
     assert quiet.update([5, 1]) == 2 * STEP
 
 
-def test_vcpus_that_have_not_exited_yet_are_starting_not_quiet() -> None:
+def test_vcpus_that_have_not_exited_yet_are_starting_and_read_sooner() -> None:
+    """Until a reading whose interval began after the first exits: FIRST_INTERVAL_S."""
     quiet = QuietVcpus()
-    assert [quiet.update([0, 0]) for _ in range(10)] == [STEP] * 10
-    assert quiet.update([1, 0]) == STEP
-    assert quiet.update([1, 0]) == STEP
-    assert quiet.update([1, 0]) == 2 * STEP
+    assert [quiet.update([0, 0]) for _ in range(10)] == [FIRST] * 10
+    assert quiet.starting
+    assert quiet.update([1, 0]) == FIRST  # its interval began before the first exit
+    assert quiet.starting
+    assert quiet.update([3, 0]) == STEP  # a whole interval of exits: the usual pace
+    assert not quiet.starting
+    assert quiet.update([3, 0]) == STEP  # then quiet as ever: not starting again
+    assert quiet.update([3, 0]) == 2 * STEP
+    assert not quiet.starting
+
+
+def test_vcpus_that_never_exit_are_read_sooner_for_a_bounded_time() -> None:
+    quiet = QuietVcpus()
+    waits = [quiet.update([0]) for _ in range(STARTING_READINGS_MAX + 5)]
+    assert waits == [FIRST] * STARTING_READINGS_MAX + [STEP] * 5
+    assert not quiet.starting
+    assert quiet.update([1]) == STEP  # the count is spent: the first exits change nothing
+
+
+def test_starting_vcpus_count_as_busy_and_are_read_sooner(
+    region: SharedRegion, tmp_path: Path
+) -> None:
+    """Two VCPUs on two CPUs do not poll at their start; once a whole interval of exits shows
+    one of them idle, they poll, and the readings go back to the usual pace."""
+    pressure, host, counts = tmp_path / "cpu", Host(), [0, 0]
+    gate, mailboxes = _gate(region, pressure, host, exits=lambda: counts, cpus=2)
+    busy_exits = int(poll_gate.BUSY_SHARE * FIRST * 1e9 / WINDOW) + 1  # over the bar
+    try:
+        assert [m.poll_ns for m in mailboxes] == [0, 0]  # before the VCPUs start
+        for step, (exits, wait, window) in enumerate(
+            [
+                (0, FIRST, 0),  # no exit yet
+                (busy_exits // 4, FIRST, 0),  # the first exits, part of an interval
+                (busy_exits, STEP, WINDOW),  # a whole interval: the second VCPU is idle
+            ],
+            start=1,
+        ):
+            host.advance(0.1, FIRST)
+            _pressure(pressure, host.stall_us)
+            counts[0] += exits
+            assert gate.tick() == pytest.approx(host.now + wait), step
+            assert [m.poll_ns for m in mailboxes] == [window, window], step
+    finally:
+        gate.close()
+
+
+def test_starting_vcpus_poll_where_the_cpus_leave_room_for_all(
+    region: SharedRegion, tmp_path: Path
+) -> None:
+    pressure, host, counts = tmp_path / "cpu", Host(), [0, 0]
+    gate, mailboxes = _gate(region, pressure, host, exits=lambda: counts, cpus=4)
+    try:
+        assert [m.poll_ns for m in mailboxes] == [WINDOW, WINDOW]
+        host.advance(0.1, FIRST)
+        _pressure(pressure, host.stall_us)
+        assert gate.tick() == pytest.approx(host.now + STEP)  # nothing held: the usual pace
+        assert [m.poll_ns for m in mailboxes] == [WINDOW, WINDOW]
+    finally:
+        gate.close()
+
+
+def _one_vcpu_gate(
+    region: SharedRegion, pressure: Path, host: Host, **kwargs: Any
+) -> tuple[PollGate, Mailbox]:
+    """A gate over one VCPU that has not exited yet, on two CPUs."""
+    _pressure(pressure, host.stall_us)
+    mailbox = region.mailbox(0)
+    gate = PollGate(
+        [mailbox],
+        WINDOW,
+        clock=lambda: host.now,
+        pressure_file=str(pressure),
+        exits=lambda: [0],
+        cpus=2,
+        **kwargs,
+    )
+    return gate, mailbox
+
+
+def test_a_starting_vm_does_not_poll_while_other_runs_fill_the_cpus(
+    region: SharedRegion, tmp_path: Path
+) -> None:
+    board_file = str(tmp_path / "runtime" / "busy-vcpus")
+    other = BusyBoard.open(board_file, stale_ns=10**9)
+    assert other is not None
+    other.publish(1)
+    pressure, host = tmp_path / "cpu", Host()
+    gate, mailbox = _one_vcpu_gate(region, pressure, host, board_file=board_file)
+    try:
+        assert mailbox.poll_ns == 0  # a busy VCPU elsewhere, and this one's two pollers
+        other.publish(0)
+        host.advance(0.1, FIRST)
+        _pressure(pressure, host.stall_us)
+        gate.tick()
+        assert mailbox.poll_ns == WINDOW
+    finally:
+        gate.close()
+        other.close()
+
+
+def test_a_gate_that_holds_polling_off_reads_starting_vcpus_at_the_hold_s_pace(
+    region: SharedRegion, tmp_path: Path
+) -> None:
+    pressure, host = tmp_path / "cpu", Host()
+    gate, mailbox = _one_vcpu_gate(region, pressure, host)
+    try:
+        assert mailbox.poll_ns == WINDOW  # one VCPU's two pollers fit two CPUs
+        host.advance(0.95, FIRST)  # a busy host: polling off before any exit
+        _pressure(pressure, host.stall_us)
+        assert gate.tick() == pytest.approx(host.now + HOLD_MIN_S - STEP)
+        assert mailbox.poll_ns == 0
+    finally:
+        gate.close()
 
 
 def test_the_gate_reads_a_quiet_vm_less_often_and_keeps_its_window(
