@@ -179,6 +179,15 @@ def _gate(
     return gate, mailboxes
 
 
+def _tick_after(
+    gate: PollGate, pressure: Path, host: Host, share: float, seconds: float
+) -> float | None:
+    """The gate's reading `seconds` on, `share` of them stalled."""
+    host.advance(share, seconds)
+    _pressure(pressure, host.stall_us)
+    return gate.tick()
+
+
 def test_the_gate_writes_every_vcpu_s_window_from_the_file(
     region: SharedRegion, tmp_path: Path
 ) -> None:
@@ -344,44 +353,31 @@ def test_vcpus_that_never_exit_are_read_sooner_for_a_bounded_time() -> None:
     assert quiet.update([1]) == STEP  # the count is spent: the first exits change nothing
 
 
-def test_starting_vcpus_count_as_busy_and_are_read_sooner(
-    region: SharedRegion, tmp_path: Path
+@pytest.mark.parametrize("cpus", [2, 4])
+def test_starting_vcpus_count_as_busy_and_are_read_sooner_while_that_holds_polling_off(
+    region: SharedRegion, tmp_path: Path, cpus: int
 ) -> None:
-    """Two VCPUs on two CPUs do not poll at their start; once a whole interval of exits shows
-    one of them idle, they poll, and the readings go back to the usual pace."""
+    """Two VCPUs on two CPUs do not poll at their start, and are read every FIRST_INTERVAL_S
+    until a whole interval of exits shows one of them idle; on four CPUs, room for all their
+    pollers, they poll from the start, read at the usual pace."""
     pressure, host, counts = tmp_path / "cpu", Host(), [0, 0]
-    gate, mailboxes = _gate(region, pressure, host, exits=lambda: counts, cpus=2)
+    gate, mailboxes = _gate(region, pressure, host, exits=lambda: counts, cpus=cpus)
     busy_exits = int(poll_gate.BUSY_SHARE * FIRST * 1e9 / WINDOW) + 1  # over the bar
+    held_wait, held_window = (FIRST, 0) if cpus == 2 else (STEP, WINDOW)
     try:
-        assert [m.poll_ns for m in mailboxes] == [0, 0]  # before the VCPUs start
+        assert [m.poll_ns for m in mailboxes] == [held_window] * 2  # before the VCPUs start
         for step, (exits, wait, window) in enumerate(
             [
-                (0, FIRST, 0),  # no exit yet
-                (busy_exits // 4, FIRST, 0),  # the first exits, part of an interval
+                (0, held_wait, held_window),  # no exit yet
+                (busy_exits // 4, held_wait, held_window),  # the first exits, part of an interval
                 (busy_exits, STEP, WINDOW),  # a whole interval: the second VCPU is idle
             ],
             start=1,
         ):
-            host.advance(0.1, FIRST)
-            _pressure(pressure, host.stall_us)
             counts[0] += exits
-            assert gate.tick() == pytest.approx(host.now + wait), step
+            due = _tick_after(gate, pressure, host, 0.1, FIRST)
+            assert due == pytest.approx(host.now + wait), step
             assert [m.poll_ns for m in mailboxes] == [window, window], step
-    finally:
-        gate.close()
-
-
-def test_starting_vcpus_poll_where_the_cpus_leave_room_for_all(
-    region: SharedRegion, tmp_path: Path
-) -> None:
-    pressure, host, counts = tmp_path / "cpu", Host(), [0, 0]
-    gate, mailboxes = _gate(region, pressure, host, exits=lambda: counts, cpus=4)
-    try:
-        assert [m.poll_ns for m in mailboxes] == [WINDOW, WINDOW]
-        host.advance(0.1, FIRST)
-        _pressure(pressure, host.stall_us)
-        assert gate.tick() == pytest.approx(host.now + STEP)  # nothing held: the usual pace
-        assert [m.poll_ns for m in mailboxes] == [WINDOW, WINDOW]
     finally:
         gate.close()
 
@@ -416,9 +412,7 @@ def test_a_starting_vm_does_not_poll_while_other_runs_fill_the_cpus(
     try:
         assert mailbox.poll_ns == 0  # a busy VCPU elsewhere, and this one's two pollers
         other.publish(0)
-        host.advance(0.1, FIRST)
-        _pressure(pressure, host.stall_us)
-        gate.tick()
+        _tick_after(gate, pressure, host, 0.1, FIRST)
         assert mailbox.poll_ns == WINDOW
     finally:
         gate.close()
@@ -432,9 +426,8 @@ def test_a_gate_that_holds_polling_off_reads_starting_vcpus_at_the_hold_s_pace(
     gate, mailbox = _one_vcpu_gate(region, pressure, host)
     try:
         assert mailbox.poll_ns == WINDOW  # one VCPU's two pollers fit two CPUs
-        host.advance(0.95, FIRST)  # a busy host: polling off before any exit
-        _pressure(pressure, host.stall_us)
-        assert gate.tick() == pytest.approx(host.now + HOLD_MIN_S - STEP)
+        due = _tick_after(gate, pressure, host, 0.95, FIRST)  # busy: off before any exit
+        assert due == pytest.approx(host.now + HOLD_MIN_S - STEP)
         assert mailbox.poll_ns == 0
     finally:
         gate.close()
