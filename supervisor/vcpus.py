@@ -263,7 +263,8 @@ class VcpuSet:
                 self._maps.append(mapping)
                 self._runs.append(run)
             # Before any VCPU polls: on a host that was busy while this VM was being set up
-            # (other VMs running, or starting with it), the VCPUs start without polling.
+            # (other VMs running, or starting with it), the VCPUs start without polling, as do
+            # VCPUs that would fill the CPUs were they all busy (supervisor/poll_gate.py).
             self.poll_gate.tick()
             self._fork_workers()
         except BaseException:
