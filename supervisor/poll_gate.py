@@ -172,10 +172,15 @@ class BusyVcpus:
         """The VM's busy VCPUs at the last reading."""
         self._last: tuple[float, list[int]] | None = None
 
-    def update(self, now: float, exits: Sequence[int], others: int = 0) -> bool:
+    def update(
+        self, now: float, exits: Sequence[int], others: int = 0, *, starting: bool = False
+    ) -> bool:
         """Whether there is room after a reading of every VCPU's exits so far at `now`, with
-        `others` busy VCPUs in other VMs."""
+        `others` busy VCPUs in other VMs; `starting` (see `QuietVcpus`): the interval is not
+        one of exits throughout, so every VCPU counts as busy."""
         last, self._last = self._last, (now, list(exits))
+        if starting:
+            self.room = self.window_ns == 0 or self.fits(len(exits), others)
         if self.window_ns == 0 or last is None or now <= last[0]:
             return self.room
         bar_ns = BUSY_SHARE * (now - last[0]) * 1e9
@@ -183,7 +188,8 @@ class BusyVcpus:
             (count - before) * self.window_ns >= bar_ns
             for before, count in zip(last[1], exits, strict=True)
         )
-        self.room = self.count == 0 or self.fits(self.count, others)
+        if not starting:
+            self.room = self.count == 0 or self.fits(self.count, others)
         return self.room
 
     def fits(self, vcpus: int, others: int = 0) -> bool:
@@ -198,9 +204,9 @@ class QuietVcpus:
 
     VCPUs that had made no exit by the last reading are `starting`, not quiet: the interval
     since then is not yet one of exits throughout, so the busy count it gives is not their
-    pace. `PollGate` takes each of them for busy, and reads them again after the wait
-    returned, FIRST_INTERVAL_S (STARTING_READINGS_MAX times at most), if that keeps them from
-    polling."""
+    pace. `BusyVcpus` takes each of them for busy then, and `PollGate` reads them again after
+    the wait returned, FIRST_INTERVAL_S (STARTING_READINGS_MAX times at most), if that keeps
+    them from polling."""
 
     def __init__(self) -> None:
         self.quiet_readings = 0
@@ -293,11 +299,9 @@ class PollGate:
         wait, held_starting = 0.0, False
         if exits is not None:
             others = self._board.others() if self._board is not None else 0
-            room = self.busy.update(now, exits, others)
             wait = self.quiet.update(exits)
-            if self.quiet.starting:  # no whole interval of exits yet: every VCPU counts as busy
-                room = self.busy.fits(len(exits), others)
-                held_starting = not room and self.policy.polling
+            room = self.busy.update(now, exits, others, starting=self.quiet.starting)
+            held_starting = self.quiet.starting and not room and self.policy.polling
             if not room:
                 window = 0
             if self._board is not None:
